@@ -1,0 +1,35 @@
+# Two commands that work on a fresh machine with Python 3 and make:
+#   make demo   -- 2-D end-to-end pi-Flow demo (exact teacher + learned teacher), prints a table
+#   make test   -- the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU PyTorch pinned for this repository's CI; GPU users: install your CUDA build of torch first,
+# then `pip install -e .` (the package itself accepts torch>=2.3).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test test-slow bench venv clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/piflow demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/policy_overhead.py
+
+clean:
+	rm -rf $(VENV) runs
