@@ -1,0 +1,179 @@
+"""GMFlow policy: a Gaussian mixture over x0 whose closed-form posterior mean gives the velocity anywhere below σ_src.
+
+The network predicts, at (x_src, σ_src), a u-space Gaussian mixture per "GM chunk" (one C-vector per latent pixel):
+K means, per-pixel log-weights shared over channels, and one isotropic log-std per sample. Converted once to x0-space
+(μ_k = x_src − σ_src·μ_u,k, shared variance v = s²σ_src²), the posterior q(x0 | x_t) for any later state x_t on the
+Markov chain x0 → x_t → x_src is again a Gaussian mixture in closed form (algorithm.md §2.2):
+
+    ρ = α/σ,  ζ = ρ_t² − ρ_s²,  ν = ρ_t·x_t/σ_t − ρ_s·x_src/σ_src,  D = max(v·ζ + 1, eps)
+    a'_k = a_k + (Σ_c μ_k,c ν_c − ½ ζ Σ_c μ_k,c²)/D,   x̂0 = Σ_k softmax(a')_k (μ_k + v ν)/D = (Σ_k w_k μ_k + v ν)/D.
+
+The last form (Σ_k w_k = 1) needs only two contractions over K per evaluation; Σ_c μ_k,c² is computed once.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from piflow.policies.base import Policy, as_batch_sigma, check_finite
+
+
+def gm_posterior_x0(means: Tensor, means_sq: Tensor, logits: Tensor, var: Tensor, zeta: Tensor, nu: Tensor,
+                    eps: float) -> Tensor:
+    """Posterior mean of the x0-space GM given the extra Gaussian evidence exp(−½ζ|x0|² + ν·x0).
+
+    means (B, K, C, *S), means_sq = Σ_c means² (B, K, 1, *S), logits (B, K, 1, *S), var/zeta (B, 1, 1, …),
+    nu (B, C, *S). Returns x̂0 (B, C, *S).
+    """
+    denom = (var.squeeze(1) * zeta.squeeze(1) + 1).clamp(min=eps)             # (B, 1, …)
+    dot = (means * nu.unsqueeze(1)).sum(dim=2, keepdim=True)                   # (B, K, 1, *S)
+    post_logits = logits + (dot - 0.5 * zeta * means_sq) / denom.unsqueeze(1)
+    weights = torch.softmax(post_logits, dim=1)
+    mixture_mean = (weights * means).sum(dim=1)                                # (B, C, *S)
+    return (mixture_mean + var.squeeze(1) * nu) / denom
+
+
+_posterior_impl: Callable[..., Tensor] = gm_posterior_x0
+
+
+def enable_compiled_posterior(enabled: bool = True, **compile_kwargs) -> bool:
+    """Use a `torch.compile`-fused posterior (fewer temporaries). Returns whether compilation is active.
+
+    Falls back to the plain PyTorch function when `torch.compile` is unavailable. Both give the same numbers up to
+    float32 rounding. Also enabled by the environment variable ``PIFLOW_COMPILE=1`` at import time.
+    """
+    global _posterior_impl
+    if not enabled:
+        _posterior_impl = gm_posterior_x0
+        return False
+    if not hasattr(torch, "compile"):
+        _posterior_impl = gm_posterior_x0
+        return False
+    compile_kwargs.setdefault("dynamic", False)
+    _posterior_impl = torch.compile(gm_posterior_x0, **compile_kwargs)
+    return True
+
+
+if os.environ.get("PIFLOW_COMPILE", "0") == "1":  # pragma: no cover - opt-in
+    enable_compiled_posterior(True)
+
+
+class GMFlowPolicy(Policy):
+    """Gaussian-mixture flow policy (algorithm.md §2.2).
+
+    Args:
+        means: u-space component means, (B, K, C, *spatial).
+        logstds: log of the u-space std s, broadcastable to (B, 1, 1, …) — one scalar per sample.
+        logweights: (B, K, 1, *spatial), log-softmaxed over K (one weight vector per GM chunk, shared over C).
+        x_src: the state the network saw, (B, C, *spatial).
+        sigma_src: its noise level, float or (B,), in (0, 1].
+        eps: clamp for σ and for the posterior denominator.
+    """
+
+    def __init__(self, means: Tensor, logstds: Tensor, logweights: Tensor, x_src: Tensor, sigma_src,
+                 eps: float = 1e-6):
+        if means.dim() < 3:
+            raise ValueError(f"means must have shape (B, K, C, *spatial), got {tuple(means.shape)}")
+        batch, num_components = means.shape[:2]
+        if x_src.shape != (batch, *means.shape[2:]):
+            raise ValueError(f"x_src must have shape (B, C, *spatial) = {(batch, *means.shape[2:])} to match means "
+                             f"{tuple(means.shape)}, got {tuple(x_src.shape)}")
+        expected_lw = (batch, num_components, 1, *means.shape[3:])
+        if logweights.shape != expected_lw:
+            raise ValueError(f"logweights must have shape (B, K, 1, *spatial) = {expected_lw}, "
+                             f"got {tuple(logweights.shape)}")
+        if logstds.numel() not in (1, batch):
+            raise ValueError(f"logstds must hold one value per sample (shape (B,) or (B, 1, …, 1) with B={batch}), "
+                             f"got shape {tuple(logstds.shape)}")
+        for tensor, name in ((means, "means"), (logstds, "logstds"), (logweights, "logweights"), (x_src, "x_src")):
+            check_finite(tensor.detach(), name)
+        ndim = means.dim()
+        sigma = as_batch_sigma(sigma_src, batch, x_src.dim(), x_src.device, name="sigma_src")
+        if bool((sigma <= 0).any()):
+            raise ValueError("sigma_src must be > 0 for a GMFlow policy")
+        x_src32 = x_src.float()
+        sigma_k = sigma.unsqueeze(1)                                               # (B, 1, 1, …)
+        logstd = logstds.float().reshape(-1).expand(batch).reshape(batch, *([1] * (ndim - 1)))
+        means_x0 = x_src32.unsqueeze(1) - sigma_k * means.float()
+        var = torch.exp(2 * logstd) * sigma_k ** 2
+        self._init_x0(means_x0, logweights.float(), var, x_src32, sigma, eps)
+
+    def _init_x0(self, means_x0: Tensor, logits: Tensor, var: Tensor, x_src: Tensor, sigma_src: Tensor,
+                 eps: float) -> None:
+        self.means = means_x0          # x0-space means (B, K, C, *S)
+        self.logits = logits           # (B, K, 1, *S)
+        self.var = var                 # shared x0-space variance (B, 1, 1, …)
+        self.x_src = x_src
+        self.sigma_src = sigma_src     # (B, 1, …)
+        self.eps = float(eps)
+        self.means_sq = means_x0.square().sum(dim=2, keepdim=True)
+
+    @classmethod
+    def from_x0(cls, means: Tensor, logits: Tensor, var: Tensor, x_src: Tensor, sigma_src: Tensor,
+                eps: float = 1e-6) -> "GMFlowPolicy":
+        """Build directly from the x0-space GM (means (B,K,C,*S), logits (B,K,1,*S), var (B,1,1,…))."""
+        policy = cls.__new__(cls)
+        policy._init_x0(means.float(), logits.float(), var.float(), x_src.float(),
+                        as_batch_sigma(sigma_src, x_src.shape[0], x_src.dim(), x_src.device, "sigma_src"), eps)
+        return policy
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[1]
+
+    def mixture_mean(self) -> Tensor:
+        """Mean of the x0-space GM itself, (B, C, *S): the x̂0 at (x_src, σ_src)."""
+        return (torch.softmax(self.logits, dim=1) * self.means).sum(dim=1)
+
+    def _x0(self, x_t: Tensor, sigma_t: Tensor) -> Tensor:
+        if torch.equal(sigma_t, self.sigma_src) and (x_t is self.x_src or torch.equal(x_t, self.x_src)):
+            return self.mixture_mean()
+        sigma_t = sigma_t.clamp(min=self.eps)
+        sigma_s = self.sigma_src.clamp(min=self.eps)
+        rho_t = (1 - sigma_t) / sigma_t
+        rho_s = (1 - sigma_s) / sigma_s
+        zeta = (rho_t.square() - rho_s.square()).unsqueeze(1)                     # (B, 1, 1, …)
+        nu = rho_t / sigma_t * x_t - rho_s / sigma_s * self.x_src                  # (B, C, *S)
+        args = (self.means, self.means_sq, self.logits, self.var, zeta, nu)
+        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            # Recompute in backward: keeps activation memory flat across many differentiable substeps.
+            return checkpoint(_posterior_impl, *args, self.eps, use_reentrant=False)
+        return _posterior_impl(*args, self.eps)
+
+    def detach(self) -> "GMFlowPolicy":
+        return self._replace(means=self.means.detach(), logits=self.logits.detach(), var=self.var.detach(),
+                             x_src=self.x_src.detach())
+
+    def _replace(self, **changes) -> "GMFlowPolicy":
+        policy = self.__class__.__new__(self.__class__)
+        fields = dict(means=self.means, logits=self.logits, var=self.var, x_src=self.x_src)
+        fields.update(changes)
+        policy._init_x0(fields["means"], fields["logits"], fields["var"], fields["x_src"], self.sigma_src, self.eps)
+        return policy
+
+    def dropout(self, p: float, generator: Optional[torch.Generator] = None) -> "GMFlowPolicy":
+        """GM dropout: drop each (sample, component) with probability p, never all components of a sample.
+
+        The mask is shared over channels and pixels; dropped logits become −∞. No-op for p ≤ 0 or p ≥ 1.
+        """
+        if not 0.0 < p < 1.0:
+            return self
+        batch, num_components = self.logits.shape[:2]
+        rand = torch.rand((batch, num_components), generator=generator,
+                          device=generator.device if generator is not None else "cpu")
+        drop = (rand < p).to(self.logits.device)
+        drop &= ~drop.all(dim=1, keepdim=True)
+        drop = drop.reshape(batch, num_components, *([1] * (self.logits.dim() - 2)))
+        return self._replace(logits=self.logits.masked_fill(drop, float("-inf")))
+
+    def temperature(self, temperature: float) -> "GMFlowPolicy":
+        """GM temperature T < 1 sharpens the x0-space mixture: a ← log_softmax(a/T), v ← v·T. T ≥ 1 is a no-op."""
+        temperature = float(temperature)
+        if temperature >= 1.0:
+            return self
+        temperature = max(temperature, self.eps)
+        return self._replace(logits=torch.log_softmax(self.logits / temperature, dim=1), var=self.var * temperature)
