@@ -1,0 +1,216 @@
+"""π-ID: policy-based imitation distillation (algorithm.md §4).
+
+The student, evaluated once at (x_src, σ_src), returns a policy. Its detached (dropout-perturbed) copy is rolled out
+to states inside the segment; the teacher's velocity at those states is the target for the grad-carrying policy's
+velocity (local, or averaged over a micro-window), with a plain ℓ2 loss.
+
+A *student* here is any callable ``student(x_src, sigma_src, cond) -> Policy`` (σ_src of shape (B,)), a *teacher* any
+callable ``teacher(x_t, sigma_t, cond) -> u``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+from piflow.policies.base import Policy, check_finite
+from piflow.policies.gmflow import GMFlowPolicy
+from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, average_velocity, rollout_tau
+from piflow.timewarp import warp
+
+Student = Callable[[Tensor, Tensor, Any], Policy]
+TeacherFn = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+def check_nfe(nfe: int) -> int:
+    if isinstance(nfe, bool) or int(nfe) != nfe or int(nfe) < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    return int(nfe)
+
+
+def check_final_step_size_scale(final_step_size_scale: float) -> float:
+    value = float(final_step_size_scale)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"final_step_size_scale must be a finite number > 0, got {final_step_size_scale}")
+    return value
+
+
+def segment_grid(nfe: int, final_step_size_scale: float = 1.0) -> list[float]:
+    """Raw-time segment starts, from 1 downward: 1, 1 − base, …, f·base with base = 1/(nfe − 1 + f)."""
+    nfe, scale = check_nfe(nfe), check_final_step_size_scale(final_step_size_scale)
+    base = 1.0 / (nfe - 1 + scale)
+    return [max(1.0 - i * base, 0.0) for i in range(nfe)]
+
+
+def teacher_ratio(iteration: int, num_decay_iters: int) -> float:
+    """Scheduled trajectory mixing ρ = 1 − min(iter, D)/D (0 when D ≤ 0): 1 = teacher path, 0 = on-policy."""
+    if num_decay_iters <= 0:
+        return 0.0
+    return 1.0 - min(max(iteration, 0), num_decay_iters) / num_decay_iters
+
+
+def sample_segments(batch_size: int, nfe: int, final_step_size_scale: float = 1.0, eps: float = 1e-4,
+                    generator: Optional[torch.Generator] = None, device: Union[str, torch.device] = "cpu"
+                    ) -> tuple[Tensor, Tensor]:
+    """Draw one training segment per sample, with probability proportional to its raw length (§4.1).
+
+    Returns (tau_src, segment_size), both float32 (B,): the segment's raw start time and raw length.
+    """
+    nfe, scale = check_nfe(nfe), check_final_step_size_scale(final_step_size_scale)
+    base = 1.0 / (nfe - 1 + scale)
+    tau = (1 - torch.rand(batch_size, generator=generator, device=device)).clamp(min=eps)
+    index = torch.ceil(tau / base + 1 - scale).clamp(1, nfe)
+    tau_src = ((index - 1 + scale) * base).clamp(eps, 1.0)
+    segment_size = torch.where(index == 1, scale * base, base)
+    return tau_src.float(), segment_size.float()
+
+
+def _sorted_spacings(batch: int, count: int, generator, device) -> Tensor:
+    """`count` uniform spacings of [0, 1] (sorted draws, differences with 0 and 1 appended): (B, count)."""
+    draws = torch.rand(batch, count - 1, generator=generator, device=device).sort(dim=1).values
+    edges = torch.cat([draws.new_zeros(batch, 1), draws, draws.new_ones(batch, 1)], dim=1)
+    return edges.diff(dim=1)
+
+
+class SegmentLoss(NamedTuple):
+    loss: Tensor                 # scalar
+    x_dst: Optional[Tensor]      # (B, C, *S) state at the segment end (detached policy), when asked for
+    sigma_teacher: Tensor        # (M·B,) noise levels where the teacher was queried (for logging)
+
+
+def piid_segment_loss(policy: Policy, teacher: TeacherFn, cond: Any, tau_src: Tensor, segment_size: Tensor, *,
+                      num_intermediate_states: int = 2, window_substeps: int = 0, teacher_ratio: float = 0.0,
+                      gm_dropout: float = 0.0, loss_scale: float = 3.0,
+                      total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, shift: float = 1.0, eps: float = 1e-4,
+                      return_x_dst: bool = False, generator: Optional[torch.Generator] = None) -> SegmentLoss:
+    """The π-ID loss of one segment per sample (§4.3).
+
+    Args:
+        policy: the student's grad-carrying policy built at (x_src, σ_src) — x_src/σ_src are read from it.
+        teacher: ``teacher(x_t, sigma_t (B,), cond) -> u``; queried under no_grad.
+        tau_src, segment_size: (B,) raw start time and raw length S of each sample's segment.
+        num_intermediate_states: M states per segment where the teacher is queried.
+        window_substeps: w; the learner velocity is averaged over Δ = w·δ raw time (micro-window), 0 = local.
+        teacher_ratio: ρ ∈ [0, 1]; fraction of each segment walked with teacher Euler steps (trajectory mixing).
+        gm_dropout: p for GM dropout on the detached rollout copy (GM policies only).
+        loss_scale: constant factor on ½·MSE (3 for ImageNet, 30 for FLUX/Qwen in the paper).
+    """
+    if num_intermediate_states < 1:
+        raise ValueError(f"num_intermediate_states must be >= 1, got {num_intermediate_states}")
+    if window_substeps < 0:
+        raise ValueError(f"window_substeps must be >= 0, got {window_substeps}")
+    if not 0.0 <= teacher_ratio <= 1.0:
+        raise ValueError(f"teacher_ratio must lie in [0, 1], got {teacher_ratio}")
+    if not 0.0 <= gm_dropout < 1.0:
+        raise ValueError(f"gm_dropout must lie in [0, 1), got {gm_dropout}")
+    if gm_dropout > 0 and not isinstance(policy, GMFlowPolicy):
+        raise ValueError("gm_dropout > 0 needs a GMFlow policy; set gm_dropout=0 for DX policies")
+    x_src = policy.x_src
+    batch, ndim, device = x_src.shape[0], x_src.dim(), x_src.device
+    shape = (batch,) + (1,) * (ndim - 1)
+    if tau_src.shape != (batch,) or segment_size.shape != (batch,):
+        raise ValueError(f"tau_src and segment_size must have shape (B,) = ({batch},), got "
+                         f"{tuple(tau_src.shape)} and {tuple(segment_size.shape)}")
+    tau_src = tau_src.to(device, torch.float32).reshape(shape)
+    seg = segment_size.to(device, torch.float32).reshape(shape)
+    count = num_intermediate_states
+
+    seg_substeps = torch.round(seg * total_substeps).clamp(min=1)
+    window = torch.minimum(window_substeps * seg / seg_substeps, seg)
+    span = seg - window                                               # room for the intermediate states
+    student_draws = (torch.rand(batch, count, generator=generator, device=device)
+                     * (1 - teacher_ratio) * span.reshape(batch, 1)).sort(dim=1).values
+    student_gaps = student_draws.diff(dim=1, prepend=student_draws.new_zeros(batch, 1))
+    teacher_gaps = _sorted_spacings(batch, count, generator, device) * teacher_ratio * span.reshape(batch, 1)
+
+    rollout_policy = policy.detach()
+    if gm_dropout > 0:
+        rollout_policy = rollout_policy.dropout(gm_dropout, generator=generator)
+
+    x, tau, sigma = x_src, tau_src, policy.sigma_src
+    predictions, targets, sigmas = [], [], []
+    for j in range(count):
+        tau_a = (tau - student_gaps[:, j].reshape(shape)).clamp(min=0)
+        tau_b = (tau_a - teacher_gaps[:, j].reshape(shape)).clamp(min=0)
+        with torch.no_grad():
+            x_a = rollout_tau(rollout_policy, x, tau, tau_a, total_substeps, shift, sigma_start=sigma)
+            sigma_a = warp(tau_a, shift)
+            u_target = teacher(x_a, sigma_a.reshape(batch), cond).float()
+        if u_target.shape != x_a.shape:
+            raise ValueError(f"teacher returned shape {tuple(u_target.shape)}, expected {tuple(x_a.shape)}")
+        u_pred = average_velocity(policy, x_a, tau_a, (tau_b - window).clamp(min=0), total_substeps, shift, eps,
+                                  sigma_a=sigma_a)
+        predictions.append(u_pred)
+        targets.append(u_target)
+        sigmas.append(sigma_a.reshape(batch))
+        sigma_b = warp(tau_b, shift)
+        x, tau, sigma = x_a + u_target * (sigma_b - sigma_a), tau_b, sigma_b
+
+    u_pred, u_target = torch.cat(predictions), torch.cat(targets)
+    per_sample = (u_pred - u_target).square().flatten(1).mean(dim=1)
+    loss = loss_scale * 0.5 * per_sample.mean()
+    x_dst = None
+    if return_x_dst:
+        with torch.no_grad():
+            x_dst = rollout_tau(rollout_policy, x, tau, (tau_src - seg).clamp(min=0), total_substeps, shift,
+                                sigma_start=sigma)
+    return SegmentLoss(loss, x_dst, torch.cat(sigmas))
+
+
+def forward_diffuse(x0: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+    """x_σ = (1 − σ)·x0 + σ·ε with σ of shape (B,)."""
+    sigma = sigma.to(x0.dtype).reshape(x0.shape[0], *([1] * (x0.dim() - 1)))
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def piid_loss(student: Student, teacher: TeacherFn, x0: Tensor, cond: Any = None, *, nfe: int,
+              final_step_size_scale: float = 1.0, shift: float = 1.0, eps: float = 1e-4,
+              generator: Optional[torch.Generator] = None, **segment_kwargs) -> SegmentLoss:
+    """Data-dependent π-ID (§4.2): random segment per sample, forward-diffused real data as x_src, one segment loss.
+
+    `segment_kwargs` go to `piid_segment_loss` (num_intermediate_states, window_substeps, teacher_ratio, gm_dropout,
+    loss_scale, total_substeps).
+    """
+    check_finite(x0, "x0")
+    batch = x0.shape[0]
+    tau_src, segment_size = sample_segments(batch, nfe, final_step_size_scale, eps, generator, x0.device)
+    sigma_src = warp(tau_src, shift)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_src = forward_diffuse(x0, sigma_src, noise)
+    policy = student(x_src, sigma_src, cond)
+    return piid_segment_loss(policy, teacher, cond, tau_src, segment_size, shift=shift, eps=eps,
+                             generator=generator, **segment_kwargs)
+
+
+def piid_data_free_loss(student: Student, teacher: TeacherFn, noise: Tensor, cond: Any = None, *, nfe: int,
+                        final_step_size_scale: float = 1.0, shift: float = 1.0, eps: float = 1e-4,
+                        backward: Union[bool, Callable[[Tensor], None]] = True,
+                        generator: Optional[torch.Generator] = None, **segment_kwargs) -> Tensor:
+    """Data-free multistep π-ID (§4.4): walk all nfe segments from pure noise along the student's own policy.
+
+    Step k's loss is weighted by its raw length S_k (Σ S_k = 1). With ``backward=True`` (or a callable such as
+    ``scaler.scale(l).backward``) each step is back-propagated immediately and its graph freed; the returned total
+    is then detached. With ``backward=False`` the graph-carrying sum is returned.
+    """
+    check_finite(noise, "noise")
+    starts = segment_grid(nfe, final_step_size_scale)
+    batch = noise.shape[0]
+    x = noise
+    total = noise.new_zeros((), dtype=torch.float32)
+    for k, tau in enumerate(starts):
+        seg = (starts[k] - starts[k + 1]) if k + 1 < len(starts) else starts[k]
+        tau_src = noise.new_full((batch,), tau, dtype=torch.float32)
+        seg_size = noise.new_full((batch,), seg, dtype=torch.float32)
+        policy = student(x, warp(tau_src, shift), cond)
+        out = piid_segment_loss(policy, teacher, cond, tau_src, seg_size, shift=shift, eps=eps,
+                                return_x_dst=True, generator=generator, **segment_kwargs)
+        step_loss = out.loss * seg
+        if backward is True:
+            step_loss.backward()
+        elif callable(backward):
+            backward(step_loss)
+        total = total + (step_loss if backward is False else step_loss.detach())
+        x = out.x_dst.to(noise.dtype)
+    return total
