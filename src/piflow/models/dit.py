@@ -1,0 +1,522 @@
+"""Class-conditional Diffusion Transformer (DiT, Peebles & Xie 2023) for images and videos.
+
+Layout
+------
+* Patchify: an image (B, C, H, W) is cut into non-overlapping p×p patches, token order row-major over the
+  (H/p, W/p) grid, each token's features laid out as (p_row, p_col, c) with the channel fastest. A video
+  (B, C, T, H, W) uses a temporal patch of 1: tokens are ordered frame-major (t, row, col). A Linear maps
+  p·p·C → hidden (equivalent to DiT's strided Conv).
+* Position embedding (fixed, not saved): 2-D sin-cos (hidden/2 features for the row index, hidden/2 for the
+  column index). For video, a 1-D sin-cos embedding of the frame index (hidden features) is *added* to the
+  2-D spatial one.
+* Conditioning c = timestep_mlp(sinusoid(t)) + class_emb(y), shape (B, hidden). The class table has
+  num_classes + 1 rows; row `num_classes` is the null class used for classifier-free guidance (and whenever
+  y is None). num_classes = 0 means unconditional (no table, y must be None).
+* Blocks: adaLN-Zero (shift/scale/gate for attention and MLP regressed from c), final layer = LayerNorm
+  (no affine) + adaLN shift/scale + `proj_out` Linear(hidden, p·p·C_out). Modulation linears and `proj_out`
+  start at zero, so an untrained model outputs exactly 0.
+
+The network receives t = σ · num_timesteps and predicts the rectified-flow velocity u = ε - x0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .embeddings import TimestepLike, as_timestep, timestep_embedding
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+DIT_PRESETS: Dict[str, Dict[str, int]] = {
+    "DiT-T": dict(hidden_size=64, depth=2, num_heads=2),
+    "DiT-S": dict(hidden_size=384, depth=12, num_heads=6),
+    "DiT-B": dict(hidden_size=768, depth=12, num_heads=12),
+    "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16),
+    "DiT-XL": dict(hidden_size=1152, depth=28, num_heads=16),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DiTConfig:
+    """Architecture of a DiT. Defaults are DiT-XL/2 on 32×32×4 latents with 1000 classes.
+
+    input_size: int S (image S×S), (H, W) (image) or (T, H, W) (video); H and W must be divisible by
+    patch_size. Output channels are 2·in_channels with learn_sigma, else in_channels.
+    """
+
+    in_channels: int = 4
+    input_size: Union[int, Tuple[int, ...]] = 32
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    frequency_embedding_size: int = 256
+
+    def __post_init__(self) -> None:
+        size = self.input_size
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        elif isinstance(size, (list, tuple)) and len(size) in (2, 3) and all(
+                isinstance(s, int) and not isinstance(s, bool) for s in size):
+            size = tuple(size)
+        else:
+            raise ValueError(f"input_size must be an int, (H, W) or (T, H, W) of ints, got {self.input_size!r}")
+        self.input_size = size
+        for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads",
+                     "frequency_embedding_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if any(s < 1 for s in size):
+            raise ValueError(f"input_size entries must be positive, got {size}")
+        if size[-1] % self.patch_size or size[-2] % self.patch_size:
+            raise ValueError(f"input_size (H, W) = {size[-2:]} must be divisible by patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size must be divisible by 4 (2-D sin-cos embedding), got {self.hidden_size}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
+        if not 0.0 <= self.class_dropout_prob <= 1.0:
+            raise ValueError(f"class_dropout_prob must lie in [0, 1], got {self.class_dropout_prob}")
+        self.learn_sigma = bool(self.learn_sigma)
+        self.mlp_ratio = float(self.mlp_ratio)
+        self.class_dropout_prob = float(self.class_dropout_prob)
+
+    # derived quantities
+    @property
+    def is_video(self) -> bool:
+        return len(self.input_size) == 3
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> Tuple[int, ...]:
+        """Token grid: (H/p, W/p) for images, (T, H/p, W/p) for videos."""
+        p = self.patch_size
+        return (*self.input_size[:-2], self.input_size[-2] // p, self.input_size[-1] // p)
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid_size)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["input_size"] = list(self.input_size)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "DiTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "DiTConfig":
+        """`name` is a key of DIT_PRESETS, optionally with a patch suffix ("DiT-B/2"); overrides win."""
+        base, _, patch = name.partition("/")
+        if base not in DIT_PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; expected one of {sorted(DIT_PRESETS)} "
+                             f"(optionally with '/<patch_size>')")
+        kwargs: Dict[str, Any] = dict(DIT_PRESETS[base])
+        if patch:
+            if not patch.isdigit() or int(patch) < 1:
+                raise ValueError(f"preset patch suffix must be a positive integer, got {name!r}")
+            kwargs["patch_size"] = int(patch)
+        kwargs.update(overrides)
+        return cls.from_dict(kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Position embeddings
+# ----------------------------------------------------------------------------------------------------------
+
+def sincos_embedding_1d(dim: int, positions: Tensor) -> Tensor:
+    """positions: (N,) -> (N, dim) float64 = [sin(pos·ω_k), cos(pos·ω_k)], ω_k = 10000^(-k/(dim/2))."""
+    if dim % 2:
+        raise ValueError(f"dim must be even, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_position_embedding(dim: int, grid_size: Sequence[int]) -> Tensor:
+    """Fixed sin-cos embedding of a (rows, cols) or (frames, rows, cols) token grid -> (L, dim) float32.
+
+    Spatial: half the features encode the row index, half the column index. Video: a 1-D embedding of the
+    frame index (dim features) is added. Token order matches `DiT.patchify` (frame-major, row-major).
+    """
+    rows, cols = grid_size[-2], grid_size[-1]
+    row_idx, col_idx = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    spatial = torch.cat([sincos_embedding_1d(dim // 2, row_idx.reshape(-1)),
+                         sincos_embedding_1d(dim // 2, col_idx.reshape(-1))], dim=1)        # (rows·cols, dim)
+    if len(grid_size) == 3:
+        temporal = sincos_embedding_1d(dim, torch.arange(grid_size[0]))                    # (T, dim)
+        spatial = (temporal[:, None, :] + spatial[None, :, :]).reshape(-1, dim)
+    return spatial.to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """x: (B, L, D); shift, scale: (B, 1, D)."""
+    return x * (1 + scale) + shift
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention with fused qkv, via scaled_dot_product_attention."""
+
+    def __init__(self, hidden_size: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, L, D) -> (B, L, D)."""
+        batch, length, dim = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each (B, heads, L, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, hidden_size: int, mlp_ratio: float) -> None:
+        super().__init__()
+        inner = int(hidden_size * mlp_ratio)
+        self.fc1 = nn.Linear(hidden_size, inner)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(inner, hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = _Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = _FeedForward(hidden_size, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x: (B, L, D) tokens, c: (B, D) conditioning -> (B, L, D)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
+        x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalModulation(nn.Module):
+    """LayerNorm (no affine) + adaLN shift/scale; `DiT.proj_out` is applied after it."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x: (B, L, D), c: (B, D) -> (B, L, D)."""
+        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
+        return _modulate(self.norm_final(x), shift, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DiT
+# ----------------------------------------------------------------------------------------------------------
+
+class DiT(nn.Module):
+    """Class-conditional DiT velocity network.
+
+    Build with `DiT(DiTConfig(...))`, `DiT(in_channels=..., input_size=..., ...)` (keyword args override the
+    given config's fields) or `DiT.from_preset("DiT-B/2", ...)`. `gradient_checkpointing` recomputes each
+    block in the backward pass (training only); it can also be toggled later via the attribute.
+    """
+
+    def __init__(self, config: Optional[DiTConfig] = None, *, gradient_checkpointing: bool = False,
+                 **config_kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = DiTConfig.from_dict(config_kwargs)
+        elif not isinstance(config, DiTConfig):
+            raise ValueError(f"config must be a DiTConfig or None, got {type(config).__name__}")
+        elif config_kwargs:
+            config = DiTConfig.from_dict({**dataclasses.asdict(config), **config_kwargs})
+        self.config = config
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+
+        hidden, p = config.hidden_size, config.patch_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = p
+        self.hidden_size = hidden
+        self.feature_dim = hidden
+        self.cond_dim = hidden
+        self.num_classes = config.num_classes
+        self.is_video = config.is_video
+        self.input_size = config.input_size
+        self.grid_size = config.grid_size
+        self.num_tokens = config.num_tokens
+
+        self.x_embedder = nn.Linear(p * p * config.in_channels, hidden)
+        self.t_embedder = nn.Sequential(nn.Linear(config.frequency_embedding_size, hidden), nn.SiLU(),
+                                        nn.Linear(hidden, hidden))
+        self.y_embedder = nn.Embedding(config.num_classes + 1, hidden) if config.num_classes > 0 else None
+        self.register_buffer("pos_embed", sincos_position_embedding(hidden, self.grid_size)[None],
+                             persistent=False)                                       # (1, L, hidden)
+        self.blocks = nn.ModuleList(DiTBlock(hidden, config.num_heads, config.mlp_ratio)
+                                    for _ in range(config.depth))
+        self.final_layer = FinalModulation(hidden)
+        self.proj_out = nn.Linear(hidden, p * p * self.out_channels)
+        self.initialize_weights()
+
+    # -- construction helpers -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str, *, gradient_checkpointing: bool = False, **overrides: Any) -> "DiT":
+        """E.g. `DiT.from_preset("DiT-B/2", in_channels=4, input_size=32, num_classes=1000)`."""
+        return cls(DiTConfig.from_preset(name, **overrides), gradient_checkpointing=gradient_checkpointing)
+
+    def initialize_weights(self) -> None:
+        """DiT init: Xavier-uniform linears with zero bias, N(0, 0.02) for the timestep MLP and class table,
+        zero adaLN modulation and zero `proj_out` (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for layer in (self.t_embedder[0], self.t_embedder[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    # -- labels ---------------------------------------------------------------------------------------------
+
+    @property
+    def null_class_index(self) -> int:
+        """Index of the null (unconditional) class row; equals num_classes."""
+        return self.num_classes
+
+    def drop_labels(self, y: Tensor, drop_prob: Optional[float] = None,
+                    generator: Optional[torch.Generator] = None) -> Tensor:
+        """Training-time classifier-free-guidance dropout: replace each label of y (B,) by the null class
+        with probability `drop_prob` (default `config.class_dropout_prob`). Returns a new (B,) tensor."""
+        if self.y_embedder is None:
+            raise ValueError("drop_labels needs a class-conditional model (num_classes > 0)")
+        if not torch.is_tensor(y) or y.dim() != 1:
+            raise ValueError(f"y must be an integer tensor of shape (B,), got "
+                             f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+        prob = self.config.class_dropout_prob if drop_prob is None else float(drop_prob)
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"drop_prob must lie in [0, 1], got {prob}")
+        if prob == 0.0:
+            return y.clone()
+        drop = torch.rand(y.shape, generator=generator,
+                          device=generator.device if generator is not None else y.device).to(y.device) < prob
+        return torch.where(drop, torch.full_like(y, self.null_class_index), y)
+
+    def _labels(self, y: Optional[Tensor], batch: int, device: torch.device) -> Optional[Tensor]:
+        if self.y_embedder is None:
+            if y is not None:
+                raise ValueError("y must be None for an unconditional DiT (num_classes=0)")
+            return None
+        if y is None:
+            return torch.full((batch,), self.null_class_index, dtype=torch.long, device=device)
+        if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dim() != 1 \
+                or y.shape[0] != batch:
+            desc = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"y must be an integer tensor of shape (B,) with B={batch}, got {desc}")
+        if batch > 0 and bool(((y < 0) | (y > self.num_classes)).any()):
+            raise ValueError(f"y must lie in [0, {self.num_classes}] (index {self.num_classes} = null class), "
+                             f"got min {int(y.min())}, max {int(y.max())}")
+        return y.to(device=device, dtype=torch.long)
+
+    # -- patches --------------------------------------------------------------------------------------------
+
+    def _check_spatial(self, x: Tensor, name: str) -> None:
+        dims = "(B, C, T, H, W)" if self.is_video else "(B, C, H, W)"
+        if not torch.is_tensor(x) or x.dim() != 2 + len(self.input_size) or tuple(x.shape[2:]) != self.input_size:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name} must have shape {dims} with spatial size {self.input_size}, got {shape}")
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, c, H, W) -> (B, L, p·p·c), or (B, c, T, H, W) -> (B, T·L_hw, p·p·c); any channel count c.
+
+        Token order: (frame,) row, col; per-token layout (p_row, p_col, c), channel fastest.
+        """
+        self._check_spatial(x, "x")
+        p = self.patch_size
+        batch, channels = x.shape[:2]
+        *lead, rows, cols = self.grid_size                      # lead = [] or [T]
+        x = x.reshape(batch, channels, *lead, rows, p, cols, p)
+        if self.is_video:
+            x = x.permute(0, 2, 3, 5, 4, 6, 1)                 # (B, T, rows, cols, p, p, c)
+        else:
+            x = x.permute(0, 2, 4, 3, 5, 1)                    # (B, rows, cols, p, p, c)
+        return x.reshape(batch, self.num_tokens, p * p * channels)
+
+    def unpatchify(self, tokens_out: Tensor, channels: int) -> Tensor:
+        """Inverse of `patchify`: (B, L, p·p·channels) -> (B, channels, H, W) or (B, channels, T, H, W)."""
+        p = self.patch_size
+        if int(channels) != channels or channels < 1:
+            raise ValueError(f"channels must be a positive integer, got {channels}")
+        if not torch.is_tensor(tokens_out) or tokens_out.dim() != 3 or tokens_out.shape[1] != self.num_tokens \
+                or tokens_out.shape[2] != p * p * channels:
+            shape = tuple(tokens_out.shape) if torch.is_tensor(tokens_out) else type(tokens_out).__name__
+            raise ValueError(f"tokens_out must have shape (B, {self.num_tokens}, {p * p * channels}) "
+                             f"(L, p*p*channels), got {shape}")
+        batch = tokens_out.shape[0]
+        *lead, rows, cols = self.grid_size
+        x = tokens_out.reshape(batch, *lead, rows, cols, p, p, channels)
+        if self.is_video:
+            x = x.permute(0, 6, 1, 2, 4, 3, 5)                 # (B, c, T, rows, p, cols, p)
+        else:
+            x = x.permute(0, 5, 1, 3, 2, 4)                    # (B, c, rows, p, cols, p)
+        return x.reshape(batch, channels, *self.input_size)
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    def condition_embedding(self, t: TimestepLike, y: Optional[Tensor], batch: int,
+                            device: torch.device) -> Tensor:
+        """c = timestep_mlp(sinusoid(t)) + class_emb(y) -> (B, hidden). y=None uses the null class."""
+        t = as_timestep(t, batch, device)
+        weight = self.t_embedder[0].weight
+        c = self.t_embedder(timestep_embedding(t, self.config.frequency_embedding_size).to(weight.dtype))
+        labels = self._labels(y, batch, device)
+        if labels is not None:
+            c = c + self.y_embedder(labels)
+        return c
+
+    def features(self, x: Tensor, t: TimestepLike, y: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) or (B, C, T, H, W); t: (B,) or float (σ · num_timesteps); y: (B,) int or None.
+
+        Returns (tokens (B, L, hidden) right before `proj_out`, cond_emb c (B, hidden)).
+        """
+        self._check_spatial(x, "x")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have {self.in_channels} channels, got shape {tuple(x.shape)}")
+        batch = x.shape[0]
+        c = self.condition_embedding(t, y, batch, x.device)
+        h = self.x_embedder(self.patchify(x).to(self.x_embedder.weight.dtype)) + self.pos_embed.to(c.dtype)
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            h = checkpoint(block, h, c, use_reentrant=False) if use_checkpoint else block(h, c)
+        return self.final_layer(h, c), c
+
+    def forward(self, x: Tensor, t: TimestepLike, y: Optional[Tensor] = None) -> Tensor:
+        """Velocity u = ε - x0 with the shape of x (2·C channels with learn_sigma)."""
+        tokens, _ = self.features(x, t, y)
+        return self.unpatchify(self.proj_out(tokens), self.out_channels)
+
+    # -- persistence ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
+        """Write config.json and model.safetensors into `save_directory` (created if needed), atomically."""
+        from safetensors.torch import save_file
+
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
+        text = json.dumps({"model_type": "DiT", **self.config.to_dict()}, indent=2, sort_keys=True) + "\n"
+        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def from_pretrained(cls, load_directory: Union[str, os.PathLike], *,
+                        map_location: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
+                        gradient_checkpointing: bool = False) -> "DiT":
+        """Load a model written by `save_pretrained`.
+
+        Raises FileNotFoundError if the directory or one of its files is missing, ValueError if the config is
+        invalid or the weights do not match it (missing/unexpected keys, wrong shapes). Parameters keep the
+        stored dtype unless `dtype` is given.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(load_directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"load_directory {str(directory)!r} does not exist or is not a directory")
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{name} not found in {str(directory)!r} (expected files written by "
+                                        f"DiT.save_pretrained: {CONFIG_NAME}, {WEIGHTS_NAME})")
+        try:
+            data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        if not isinstance(data, dict) or data.pop("model_type", "DiT") != "DiT":
+            raise ValueError(f"{directory / CONFIG_NAME} does not describe a DiT")
+        model = cls(DiTConfig.from_dict(data), gradient_checkpointing=gradient_checkpointing)
+
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [f"{k}: stored {tuple(state[k].shape)} vs config {tuple(v.shape)}"
+                      for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(f"weights in {directory / WEIGHTS_NAME} do not match {CONFIG_NAME}: "
+                             f"missing={missing[:5]}, unexpected={unexpected[:5]}, "
+                             f"shape mismatches={mismatched[:5]}")
+        stored_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+        if dtype is None and len(stored_dtypes) == 1:
+            model.to(stored_dtypes.pop())
+        model.to(torch.device(map_location))
+        model.load_state_dict(state, strict=True)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+
+def _atomic_write(final_path: Path, write: Any) -> None:
+    """Call write(tmp_path) on a temp file in the same directory, then os.replace it onto final_path."""
+    fd, tmp = tempfile.mkstemp(dir=final_path.parent, prefix=f".{final_path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, final_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

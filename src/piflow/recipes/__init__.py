@@ -1,0 +1,1 @@
+"""End-to-end recipes that glue data, models, training and evaluation (used by the CLI)."""

@@ -1,0 +1,92 @@
+"""Matplotlib figures for runs (Agg backend, PNG files)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curve(history: Sequence[dict], path: Path, title: str = "training loss") -> None:
+    plt = _pyplot()
+    iters = np.array([h["iter"] for h in history])
+    losses = np.array([h["loss"] for h in history])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(iters, losses, lw=0.6, alpha=0.4, label="loss")
+    if len(losses) >= 20:
+        window = max(len(losses) // 50, 5)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(iters[window - 1:], smooth, lw=1.5, label=f"moving avg ({window})")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sample_panels(panels: Sequence[tuple[str, np.ndarray]], path: Path, limit: float = 5.0,
+                       bins: int = 120) -> None:
+    """One 2-D histogram per (title, points (N, 2)) panel, side by side."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.1), squeeze=False)
+    for ax, (title, points) in zip(axes[0], panels):
+        ax.hist2d(points[:, 0], points[:, 1], bins=bins, range=[[-limit, limit], [-limit, limit]], cmap="magma")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_trajectories(teacher_paths: np.ndarray, student_paths: np.ndarray, path: Path,
+                      step_points: Optional[np.ndarray] = None, limit: float = 5.0,
+                      background: Optional[np.ndarray] = None) -> None:
+    """Teacher ODE paths vs policy rollouts, both (T, N, 2); `step_points` (nfe+1, N, 2) marks network calls."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    if background is not None:
+        ax.scatter(background[:, 0], background[:, 1], s=1, c="0.85")
+    for i in range(teacher_paths.shape[1]):
+        ax.plot(teacher_paths[:, i, 0], teacher_paths[:, i, 1], c="tab:blue", lw=1.2,
+                label="teacher ODE" if i == 0 else None)
+        ax.plot(student_paths[:, i, 0], student_paths[:, i, 1], c="tab:red", lw=1.0, ls="--",
+                label="student policy rollout" if i == 0 else None)
+    if step_points is not None:
+        ax.scatter(step_points[:, :, 0].ravel(), step_points[:, :, 1].ravel(), c="k", s=10, zorder=3,
+                   label="network evaluations")
+    ax.set_xlim(-limit, limit)
+    ax.set_ylim(-limit, limit)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_metric_vs_nfe(series: dict[str, dict[int, float]], path: Path, ylabel: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for label, values in series.items():
+        nfes = sorted(values)
+        ax.plot(nfes, [values[n] for n in nfes], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+"""One training loop for teachers and students: AdamW, linear warm-up, clipping with NaN/Inf skipping, power EMA,
+atomic checkpoints with automatic resume, tqdm progress, JSON-lines and (optional) TensorBoard logs."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from piflow.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from piflow.train.ema import PowerEMA
+
+LossFn = Callable[[int, torch.Generator], Union[Tensor, tuple[Tensor, bool]]]
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 1000
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_iters: int = 100          # linear warm-up from lr·1e-3
+    grad_clip: float = 50.0          # global norm; 0 disables
+    grad_clip_from: int = 100        # clipping starts at this iteration
+    ema_gamma: float = 7.0
+    ema_start: int = 100
+    checkpoint_every: int = 500      # 0: only at the end
+    log_every: int = 50
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite positive number, got {self.lr}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    ema: PowerEMA
+    history: list = field(default_factory=list)     # dicts: iter, loss, lr, grad_norm, skipped
+    resumed_from: Optional[int] = None
+
+
+def _tensorboard_writer(run_dir: Optional[Path]):
+    if run_dir is None:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optional[Union[str, Path]] = None,
+          desc: str = "train") -> TrainResult:
+    """Optimise the trainable parameters of `model` with `loss_fn(iteration, generator)`.
+
+    `loss_fn` returns a graph-carrying scalar loss, or ``(detached_loss, True)`` when it already back-propagated
+    (data-free π-ID). With `run_dir`, ``checkpoint.pt`` there is resumed automatically and rewritten atomically every
+    `checkpoint_every` iterations and at the end; losses go to ``train_log.jsonl``.
+    """
+    run_dir = Path(run_dir) if run_dir is not None else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    warmup = max(int(config.warmup_iters), 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: 1.0 if warmup == 0 else min(1.0, 1e-3 + (1 - 1e-3) * it / warmup))
+    ema = PowerEMA(model, config.ema_gamma, config.ema_start)
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, Any]] = []
+    start, resumed_from = 0, None
+    checkpoint_path = run_dir / "checkpoint.pt" if run_dir is not None else None
+    if checkpoint_path is not None and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        try:
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: {error}") from error
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = state.get("history", [])
+        start = resumed_from = int(state["step"])
+
+    def checkpoint(step: int) -> None:
+        if checkpoint_path is None:
+            return
+        save_checkpoint(checkpoint_path, {
+            "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(), "history": history, "config": asdict(config)})
+
+    writer = _tensorboard_writer(run_dir)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(run_dir / "train_log.jsonl", "a") if run_dir is not None else None
+    model.train()
+    bar = tqdm(range(start, config.iters), desc=desc, disable=not config.progress, initial=start, total=config.iters)
+    try:
+        for iteration in bar:
+            optimizer.zero_grad(set_to_none=True)
+            out = loss_fn(iteration, generator)
+            if isinstance(out, tuple):
+                loss, done = out
+            else:
+                loss, done = out, False
+            if not done:
+                loss.backward()
+            clip = config.grad_clip if (config.grad_clip > 0 and iteration >= config.grad_clip_from) else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            loss_value = float(loss.detach())
+            skipped = not math.isfinite(grad_norm) or not math.isfinite(loss_value)
+            if skipped:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                optimizer.step()
+            scheduler.step()
+            ema.update(model, iteration)
+            record = {"iter": iteration, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": grad_norm, "skipped": skipped}
+            history.append(record)
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+            if writer is not None:
+                for key in ("loss", "lr", "grad_norm"):
+                    writer.add_scalar(f"train/{key}", record[key], iteration)
+            if iteration % max(config.log_every, 1) == 0:
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+            if config.checkpoint_every > 0 and (iteration + 1) % config.checkpoint_every == 0:
+                if log_file is not None:
+                    log_file.flush()
+                checkpoint(iteration + 1)
+        checkpoint(config.iters)
+    finally:
+        if log_file is not None:
+            log_file.close()
+        if writer is not None:
+            writer.close()
+    return TrainResult(model, ema, history, resumed_from)
