@@ -6,6 +6,8 @@ import torch
 
 from piflow.timewarp import dynamic_shift, unwarp, warp
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SHIFTS = [0.25, 0.5, 1.0, 1.7, 3.0, 3.2, 10.0]
 
 

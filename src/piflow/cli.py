@@ -124,6 +124,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         print(f"piflow {args.command}: config error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:  # bad values caught by the library's own checks
+        print(f"piflow {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

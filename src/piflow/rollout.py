@@ -30,22 +30,18 @@ def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Ten
     lets the first substep hit the policy's exact source state. Returns x at warp(τ_end), float32 (B, C, *S).
     """
     x = x_start.float()
-    sigma = warp(tau_start, shift) if sigma_start is None else sigma_start
     counts = num_substeps(tau_start, tau_end, total_substeps)
     step = (tau_start - tau_end) / counts
     max_count = int(counts.max())
-    uniform = bool((counts == max_count).all())
+    # The whole σ schedule at once: sample i takes counts[i] substeps, then stays at τ_end (zero-length substeps
+    # leave x unchanged, so no masking is needed inside the loop).
+    index = torch.arange(max_count + 1, device=x.device, dtype=torch.float32).reshape(-1, *([1] * x.dim()))
+    taus = torch.where(index >= counts, tau_end, tau_start - index * step).clamp(min=0)
+    sigmas = warp(taus, shift)
+    if sigma_start is not None:
+        sigmas[0] = sigma_start
     for j in range(max_count):
-        last = counts == j + 1
-        tau_next = torch.where(last, tau_end, tau_start - (j + 1) * step).clamp(min=0)
-        sigma_next = warp(tau_next, shift)
-        x_next = x + policy._velocity(x, sigma) * (sigma_next - sigma)
-        if uniform:
-            x, sigma = x_next, sigma_next
-        else:
-            active = counts > j
-            x = torch.where(active, x_next, x)
-            sigma = torch.where(active, sigma_next, sigma)
+        x = policy._euler_step(x, sigmas[j], sigmas[j + 1])
     return x
 
 

@@ -4,6 +4,8 @@ import torch
 
 from piflow.policies.dx import DXPolicy
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _warp(tau, m):      # independent re-implementation of the shift warp (float64)
     return m * tau / (1 + (m - 1) * tau)

@@ -7,7 +7,8 @@ evaluated block by block, so memory stays O(chunk_size^2) even for N = M = 20000
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -74,9 +75,9 @@ def _as_pair(x: Tensor, y: Tensor, min_rows: int = 1) -> tuple[Tensor, Tensor]:
 
 
 def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------------------

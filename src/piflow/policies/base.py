@@ -69,6 +69,10 @@ class Policy:
         """u = (x_t − x̂0)/max(σ_t, eps) in float32; no validation (used inside rollouts)."""
         return (x_t - self._x0(x_t, sigma_t)) / sigma_t.clamp(min=self.eps)
 
+    def _euler_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        """One Euler substep x + π(x, σ)·(σ_next − σ) in float32 (policies may fuse it)."""
+        return x + self._velocity(x, sigma) * (sigma_next - sigma)
+
     def _check_state(self, x_t: Tensor, sigma_t: SigmaLike) -> tuple[Tensor, Tensor]:
         if x_t.shape != self.x_src.shape:
             raise ValueError(f"x_t must have the policy's state shape {tuple(self.x_src.shape)}, "

@@ -13,6 +13,7 @@ The last form (Σ_k w_k = 1) needs only two contractions over K per evaluation; 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -37,25 +38,47 @@ def gm_posterior_x0(means: Tensor, means_sq: Tensor, logits: Tensor, var: Tensor
     return (mixture_mean + var.squeeze(1) * nu) / denom
 
 
-_posterior_impl: Callable[..., Tensor] = gm_posterior_x0
+def gm_evidence(x_t: Tensor, sigma_t: Tensor, x_src: Tensor, sigma_src: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """ζ (B, 1, 1, …) and ν (B, C, *S) of the likelihood ratio N(x_t; α_t x0, σ_t²)/N(x_src; α_s x0, σ_s²)."""
+    sigma_t = sigma_t.clamp(min=eps)
+    sigma_s = sigma_src.clamp(min=eps)
+    rho_t = (1 - sigma_t) / sigma_t
+    rho_s = (1 - sigma_s) / sigma_s
+    zeta = (rho_t.square() - rho_s.square()).unsqueeze(1)
+    nu = rho_t / sigma_t * x_t - rho_s / sigma_s * x_src
+    return zeta, nu
+
+
+def gm_euler_substep(x: Tensor, sigma: Tensor, sigma_next: Tensor, means: Tensor, means_sq: Tensor, logits: Tensor,
+                     var: Tensor, x_src: Tensor, sigma_src: Tensor, eps: float) -> Tensor:
+    """One Euler substep x + π(x, σ)·(σ_next − σ) of a GMFlow policy (the unit that `torch.compile` fuses)."""
+    zeta, nu = gm_evidence(x, sigma, x_src, sigma_src, eps)
+    x0 = gm_posterior_x0(means, means_sq, logits, var, zeta, nu, eps)
+    return x + (x - x0) / sigma.clamp(min=eps) * (sigma_next - sigma)
+
+
+_compiled_substep: Optional[Callable[..., Tensor]] = None
 
 
 def enable_compiled_posterior(enabled: bool = True, **compile_kwargs) -> bool:
-    """Use a `torch.compile`-fused posterior (fewer temporaries). Returns whether compilation is active.
+    """Fuse no-grad GMFlow rollout substeps with `torch.compile` (few temporaries). Returns whether it is active.
 
-    Falls back to the plain PyTorch function when `torch.compile` is unavailable. Both give the same numbers up to
-    float32 rounding. Also enabled by the environment variable ``PIFLOW_COMPILE=1`` at import time.
+    Used for rollouts without autograd (the detached training rollouts and sampling); grad-carrying evaluations
+    always use plain PyTorch. If `torch.compile` is missing or compilation fails at the first call (e.g. no C++
+    compiler), piflow warns once and falls back to plain PyTorch, which gives the same numbers up to float32
+    rounding. Also enabled by the environment variable ``PIFLOW_COMPILE=1`` at import time.
     """
-    global _posterior_impl
-    if not enabled:
-        _posterior_impl = gm_posterior_x0
-        return False
-    if not hasattr(torch, "compile"):
-        _posterior_impl = gm_posterior_x0
+    global _compiled_substep
+    if not enabled or not hasattr(torch, "compile"):
+        _compiled_substep = None
         return False
     compile_kwargs.setdefault("dynamic", False)
-    _posterior_impl = torch.compile(gm_posterior_x0, **compile_kwargs)
+    _compiled_substep = torch.compile(gm_euler_substep, **compile_kwargs)
     return True
+
+
+def compiled_posterior_enabled() -> bool:
+    return _compiled_substep is not None
 
 
 if os.environ.get("PIFLOW_COMPILE", "0") == "1":  # pragma: no cover - opt-in
@@ -132,17 +155,24 @@ class GMFlowPolicy(Policy):
     def _x0(self, x_t: Tensor, sigma_t: Tensor) -> Tensor:
         if torch.equal(sigma_t, self.sigma_src) and (x_t is self.x_src or torch.equal(x_t, self.x_src)):
             return self.mixture_mean()
-        sigma_t = sigma_t.clamp(min=self.eps)
-        sigma_s = self.sigma_src.clamp(min=self.eps)
-        rho_t = (1 - sigma_t) / sigma_t
-        rho_s = (1 - sigma_s) / sigma_s
-        zeta = (rho_t.square() - rho_s.square()).unsqueeze(1)                     # (B, 1, 1, …)
-        nu = rho_t / sigma_t * x_t - rho_s / sigma_s * self.x_src                  # (B, C, *S)
+        zeta, nu = gm_evidence(x_t, sigma_t, self.x_src, self.sigma_src, self.eps)
         args = (self.means, self.means_sq, self.logits, self.var, zeta, nu)
         if torch.is_grad_enabled() and any(a.requires_grad for a in args):
             # Recompute in backward: keeps activation memory flat across many differentiable substeps.
-            return checkpoint(_posterior_impl, *args, self.eps, use_reentrant=False)
-        return _posterior_impl(*args, self.eps)
+            return checkpoint(gm_posterior_x0, *args, self.eps, use_reentrant=False)
+        return gm_posterior_x0(*args, self.eps)
+
+    def _euler_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+        global _compiled_substep
+        if _compiled_substep is not None and not (torch.is_grad_enabled() and self.means.requires_grad):
+            try:
+                return _compiled_substep(x, sigma, sigma_next, self.means, self.means_sq, self.logits, self.var,
+                                         self.x_src, self.sigma_src, self.eps)
+            except Exception as error:  # pragma: no cover - depends on the toolchain
+                warnings.warn(f"torch.compile of the GM substep failed ({type(error).__name__}: {error}); "
+                              "falling back to plain PyTorch", RuntimeWarning)
+                _compiled_substep = None
+        return super()._euler_step(x, sigma, sigma_next)
 
     def detach(self) -> "GMFlowPolicy":
         return self._replace(means=self.means.detach(), logits=self.logits.detach(), var=self.var.detach(),

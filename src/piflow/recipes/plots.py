@@ -36,7 +36,7 @@ def plot_loss_curve(history: Sequence[dict], path: Path, title: str = "training 
 
 
 def plot_sample_panels(panels: Sequence[tuple[str, np.ndarray]], path: Path, limit: float = 5.0,
-                       bins: int = 120) -> None:
+                       bins: int = 90) -> None:
     """One 2-D histogram per (title, points (N, 2)) panel, side by side."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.1), squeeze=False)

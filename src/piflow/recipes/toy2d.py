@@ -225,6 +225,8 @@ def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run
             label = f"student {pf.policy_kind} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")
             rows[label] = dict(_sample_metrics(samples, reference, ode, dataset), nfe=nfe)
             if nfe == pf.nfe:
+                if pf.nfe not in {int(s) for s in eval_cfg["teacher_steps"]}:
+                    panels.append((f"teacher Euler {nfe} NFE", euler_sample(teacher, noise, nfe).numpy()))
                 panels.append((f"π-Flow student {nfe} NFE", samples.numpy()))
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,45 @@
+"""Config loading: YAML + key=value overrides against defaults, with clear errors."""
+import pytest
+
+from piflow.config import ConfigError, load_config, parse_overrides
+
+DEFAULTS = {"dataset": "ring8", "distill": {"nfe": 2, "gm_dropout": 0.05, "data_free": False},
+            "eval": {"steps": [1, 2]}}
+
+
+def test_overrides_are_parsed_as_yaml_scalars():
+    assert parse_overrides(["distill.nfe=4", "dataset=moons", "eval.steps=[1,8]"]) == {
+        "distill": {"nfe": 4}, "dataset": "moons", "eval": {"steps": [1, 8]}}
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  nfe: 3\n  gm_dropout: 0\n")
+    config = load_config(DEFAULTS, path, ["distill.data_free=true"])
+    assert config["distill"] == {"nfe": 3, "gm_dropout": 0.0, "data_free": True}
+    assert isinstance(config["distill"]["gm_dropout"], float)
+    assert DEFAULTS["distill"]["nfe"] == 2  # defaults untouched
+
+
+@pytest.mark.parametrize("override, word", [
+    (["distill.nfee=4"], "distill.nfee"),
+    (["bogus=1"], "bogus"),
+    (["distill.nfe=four"], "distill.nfe"),
+    (["distill.nfe=2.5"], "distill.nfe"),
+    (["distill.data_free=1"], "distill.data_free"),
+    (["distill=3"], "distill"),
+    (["eval.steps=3"], "eval.steps"),
+    (["novalue"], "key=value"),
+])
+def test_bad_overrides_name_the_key(override, word):
+    with pytest.raises(ConfigError, match=word.replace(".", r"\.")):
+        load_config(DEFAULTS, None, override)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(DEFAULTS, tmp_path / "missing.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(DEFAULTS, bad)

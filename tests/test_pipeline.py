@@ -1,0 +1,110 @@
+"""Tests for piflow.pipeline.PiFlow with an MLP policy student on an exact Gaussian-mixture teacher."""
+import pytest
+import torch
+
+from piflow.models import MLPVelocityModel2D
+from piflow.models.students import PolicyStudent
+from piflow.pipeline import PiFlow
+from piflow.policies import DXPolicy, GMFlowPolicy
+from piflow.teachers import GaussianMixtureTeacher
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def make_teacher():
+    means = torch.tensor([[-1.2, 0.6], [1.0, 1.0], [0.4, -1.3]], dtype=torch.float64)
+    return GaussianMixtureTeacher(means, 0.35)
+
+
+def make_student(policy, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    net = MLPVelocityModel2D(hidden_size=64, num_layers=2)
+    extra = dict(num_components=4) if policy == "gmflow" else dict(num_nodes=3)
+    extra.update(kwargs)
+    return net, PolicyStudent(net, policy=policy, logstd_hidden=32, generator=torch.Generator().manual_seed(seed),
+                              **extra)
+
+
+@pytest.mark.parametrize("policy,kwargs", [("gmflow", dict(gm_dropout=0.05)), ("dx", dict()),
+                                           ("gmflow", dict(nfe=4, final_step_size_scale=0.5, shift=3.2,
+                                                           window_substeps=3, num_decay_iters=10))])
+def test_loss_is_finite_scalar_with_grad(policy, kwargs):
+    teacher = make_teacher()
+    _, student = make_student(policy)
+    pf = PiFlow(student, teacher, policy=policy, **{"nfe": 2, **kwargs})
+    x0 = teacher.sample(16, generator=torch.Generator().manual_seed(1))
+    loss = pf(x0, generator=torch.Generator().manual_seed(2))
+    assert loss.dim() == 0 and loss.requires_grad and bool(torch.isfinite(loss))
+    assert float(loss.detach()) > 0
+    loss.backward()
+    grads = [p.grad for p in student.head.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    # data-free loss back-propagates per step and returns a detached total
+    student.zero_grad(set_to_none=True)
+    total = pf.data_free_loss(torch.randn(8, 2, generator=torch.Generator().manual_seed(3)),
+                              generator=torch.Generator().manual_seed(4))
+    assert not total.requires_grad and bool(torch.isfinite(total)) and float(total) > 0
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in student.head.parameters())
+
+
+@pytest.mark.parametrize("policy,cls", [("gmflow", GMFlowPolicy), ("gm", GMFlowPolicy), ("dx", DXPolicy)])
+def test_student_policy_starts_at_the_teacher_network(policy, cls):
+    # init_from_teacher without bias noise: every component/node equals the copied network's velocity, so the
+    # policy velocity at the source state is the network's u(x, σ·S_t)
+    kind = "gmflow" if policy == "gm" else policy
+    net, student = make_student(kind, head_noise_std=0.0)
+    pf = PiFlow(student, make_teacher(), policy=policy, gm_dropout=0.0)
+    x = torch.randn(5, 2, generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([1.0, 0.8, 0.5, 0.3, 0.1])
+    p = pf.policy(x, sigma)
+    assert isinstance(p, cls)
+    with torch.no_grad():
+        torch.testing.assert_close(p.velocity(x, sigma), net(x, sigma * 1000), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+@pytest.mark.parametrize("nfe", [1, 3, 7])
+def test_sample_any_nfe(policy, nfe):
+    _, student = make_student(policy)
+    pf = PiFlow(student, make_teacher(), policy=policy, nfe=2, total_substeps=32)
+    noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(6))
+    out = pf.sample(noise, nfe=nfe)
+    assert out.shape == noise.shape and out.dtype == noise.dtype and bool(torch.isfinite(out).all())
+    assert not out.requires_grad
+
+
+def test_sample_default_nfe_trajectory():
+    _, student = make_student("gmflow")
+    pf = PiFlow(student, make_teacher(), nfe=3, total_substeps=16)
+    noise = torch.randn(4, 2)
+    out, traj = pf.sample(noise, return_trajectory=True, temperature="auto")
+    assert len(traj) == 4 and out.shape == noise.shape
+
+
+def test_configuration_errors():
+    _, student = make_student("gmflow")
+    teacher = make_teacher()
+    with pytest.raises(ValueError, match="policy"):
+        PiFlow(student, teacher, policy="flow")
+    with pytest.raises(ValueError, match="gm_dropout"):
+        PiFlow(student, teacher, policy="dx", gm_dropout=0.1)
+    with pytest.raises(ValueError, match="nfe"):
+        PiFlow(student, teacher, nfe=0)
+    with pytest.raises(ValueError):
+        PiFlow(student, teacher, final_step_size_scale=0.0)
+    # a GM student inside a PiFlow configured for DX policies
+    pf = PiFlow(student, teacher, policy="dx")
+    with pytest.raises((TypeError, ValueError)):
+        pf.policy(torch.randn(2, 2), torch.full((2,), 0.5))
+
+
+def test_dx_defaults_follow_the_segment_grid():
+    _, student = make_student("dx")
+    pf = PiFlow(student, make_teacher(), policy="dx", nfe=4, final_step_size_scale=0.5, shift=3.2)
+    assert pf.policy_kwargs["segment_size"] == pytest.approx(1 / 3.5)
+    assert pf.policy_kwargs["shift"] == pytest.approx(3.2)
+    pf1 = PiFlow(student, make_teacher(), policy="dx", nfe=1)
+    assert pf1.policy_kwargs["segment_size"] == pytest.approx(1.0)
+    p = pf.policy(torch.randn(3, 2), torch.full((3,), 0.9))
+    assert isinstance(p, DXPolicy) and p.segment_size == pytest.approx(1 / 3.5) and p.num_nodes == 3

@@ -1,0 +1,140 @@
+"""Training loop: power EMA, warm-up, NaN skipping, atomic checkpoints and exact resume."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from piflow.train import CheckpointError, PowerEMA, TrainConfig, load_checkpoint, save_checkpoint, train
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _regression_problem():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    target = torch.tensor([[1.0, -2.0, 0.5]])
+
+    def loss_fn(iteration, generator):
+        x = torch.randn(32, 3, generator=generator)
+        return (model(x) - x @ target.T).square().mean()
+
+    return model, loss_fn
+
+
+def test_power_ema_beta_and_update():
+    model = nn.Linear(2, 1, bias=False)
+    ema = PowerEMA(model, gamma=7, start_iter=10)
+    assert ema.beta(5) == 0.0
+    assert ema.beta(10) == 0.0                      # t = 1 → (1 − 1)^8
+    assert ema.beta(12) == pytest.approx((1 - 1 / 3) ** 8)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, 5)                             # before start: copy
+    assert torch.equal(ema.model.weight, model.weight)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, 12)
+    beta = (1 - 1 / 3) ** 8
+    assert torch.allclose(ema.model.weight, torch.full_like(model.weight, beta * 1 + (1 - beta) * 3))
+
+
+def test_training_reduces_loss_and_warms_up(tmp_path):
+    model, loss_fn = _regression_problem()
+    config = TrainConfig(iters=300, lr=0.05, warmup_iters=50, ema_start=10, progress=False, checkpoint_every=0)
+    result = train(model, loss_fn, config, tmp_path)
+    losses = [h["loss"] for h in result.history]
+    assert sum(losses[-20:]) / 20 < 1e-3 * sum(losses[:20]) / 20
+    assert result.history[0]["lr"] < 0.05 * 0.05 and result.history[-1]["lr"] == pytest.approx(0.05)
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "train_log.jsonl").is_file()
+
+
+def test_nonfinite_steps_are_skipped():
+    model, loss_fn = _regression_problem()
+    before = model.weight.detach().clone()
+
+    def nan_loss(iteration, generator):
+        return loss_fn(iteration, generator) * float("nan")
+
+    result = train(model, nan_loss, TrainConfig(iters=3, progress=False, checkpoint_every=0))
+    assert all(h["skipped"] for h in result.history)
+    assert torch.equal(model.weight, before)
+
+
+def test_resume_continues_with_identical_losses(tmp_path):
+    model, loss_fn = _regression_problem()
+    full = train(model, loss_fn, TrainConfig(iters=40, lr=0.01, warmup_iters=5, progress=False, checkpoint_every=0))
+    model, loss_fn = _regression_problem()
+    train(model, loss_fn, TrainConfig(iters=20, lr=0.01, warmup_iters=5, progress=False, checkpoint_every=10),
+          tmp_path)
+    model, loss_fn = _regression_problem()  # a fresh process would rebuild everything
+    resumed = train(model, loss_fn, TrainConfig(iters=40, lr=0.01, warmup_iters=5, progress=False,
+                                                checkpoint_every=10), tmp_path)
+    assert resumed.resumed_from == 20
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+
+
+def test_sigkill_mid_training_resumes_exactly(tmp_path):
+    """A run killed with SIGKILL resumes from its last checkpoint with the losses of an uninterrupted run."""
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys, torch
+        from torch import nn
+        from piflow.train import TrainConfig, train
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = nn.Linear(3, 1)
+        kill_at = int(sys.argv[2])
+        def loss_fn(iteration, generator):
+            if iteration == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            x = torch.randn(16, 3, generator=generator)
+            return (model(x) - x.sum(1, keepdim=True)).square().mean()
+        train(model, loss_fn, TrainConfig(iters=30, lr=0.01, warmup_iters=3, progress=False, checkpoint_every=5),
+              sys.argv[1])
+    """))
+    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "a"), "17"])
+    assert killed.returncode == -signal.SIGKILL
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["step"] == 15
+    subprocess.run([sys.executable, str(script), str(tmp_path / "a"), "-1"], check=True)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "b"), "-1"], check=True)
+    resumed = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["history"]
+    clean = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["history"]
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in clean]
+
+
+def test_corrupt_checkpoint_is_reported_and_never_overwritten(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 3, "payload": torch.arange(1000)})
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_checkpoint(path)
+    model, loss_fn = _regression_problem()
+    with pytest.raises(CheckpointError):
+        train(model, loss_fn, TrainConfig(iters=5, progress=False), tmp_path)
+    assert path.read_bytes() == good[: len(good) // 2]   # the loop did not overwrite it
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nothing.pt")
+
+
+def test_mismatched_checkpoint_gives_clear_error(tmp_path):
+    model, loss_fn = _regression_problem()
+    train(model, loss_fn, TrainConfig(iters=2, progress=False), tmp_path)
+    other = nn.Linear(4, 1)
+    with pytest.raises(CheckpointError, match="does not match"):
+        train(other, lambda it, g: other(torch.randn(2, 4)).sum(), TrainConfig(iters=4, progress=False), tmp_path)
+
+
+def test_bad_train_config():
+    with pytest.raises(ValueError, match="iters"):
+        TrainConfig(iters=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=math.nan)
