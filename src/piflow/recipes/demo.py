@@ -36,8 +36,8 @@ def _student_rows(metrics: dict) -> dict:
 def run_demo(run_dir: Path, quick: bool = False, verbose: bool = True) -> dict:
     torch.set_num_threads(1)  # tiny tensors: one thread avoids OpenMP overhead on small CPUs
     start = time.perf_counter()
-    iters = 60 if quick else 600
-    teacher_iters = 100 if quick else 2500
+    iters = 60 if quick else 500
+    teacher_iters = 100 if quick else 2000
     num_samples = 1000 if quick else 5000
     common = [f"train.iters={iters}", "train.progress=false", "train.checkpoint_every=0",
               f"eval.num_samples={num_samples}", "eval.teacher_steps=[]"]
