@@ -21,25 +21,19 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_default: Optional[
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.nfe=4")
 
 
-def _cmd_train_teacher(args) -> int:
+def _cmd_train(args) -> int:
+    """train-teacher and distill: resolve the config, run the recipe, print its table."""
     from piflow.config import load_config
     from piflow.recipes import toy2d
 
-    config = load_config(toy2d.TEACHER_DEFAULTS, args.config, args.overrides)
-    metrics = toy2d.train_teacher(config, Path(args.run_dir))
+    defaults, run, artifact = {
+        "train-teacher": (toy2d.TEACHER_DEFAULTS, toy2d.train_teacher, "teacher.safetensors"),
+        "distill": (toy2d.DISTILL_DEFAULTS, toy2d.distill, "student.safetensors"),
+    }[args.command]
+    config = load_config(defaults, args.config, args.overrides)
+    metrics = run(config, Path(args.run_dir))
     print(toy2d.format_table(metrics["rows"]))
-    print(f"teacher written to {Path(args.run_dir) / 'teacher.safetensors'}")
-    return 0
-
-
-def _cmd_distill(args) -> int:
-    from piflow.config import load_config
-    from piflow.recipes import toy2d
-
-    config = load_config(toy2d.DISTILL_DEFAULTS, args.config, args.overrides)
-    metrics = toy2d.distill(config, Path(args.run_dir))
-    print(toy2d.format_table(metrics["rows"]))
-    print(f"student written to {Path(args.run_dir) / 'student.safetensors'}")
+    print(f"{artifact} written to {args.run_dir}")
     return 0
 
 
@@ -93,11 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     teacher = sub.add_parser("train-teacher", help="train a 2-D flow-matching MLP teacher")
     _add_config_args(teacher, "runs/teacher")
-    teacher.set_defaults(func=_cmd_train_teacher)
+    teacher.set_defaults(func=_cmd_train)
 
     distill = sub.add_parser("distill", help="distil a teacher (exact GM or a teacher run) into a policy student")
     _add_config_args(distill, "runs/student")
-    distill.set_defaults(func=_cmd_distill)
+    distill.set_defaults(func=_cmd_train)
 
     sample = sub.add_parser("sample", help="sample a trained student (any NFE)")
     sample.add_argument("--run-dir", required=True, help="a finished `piflow distill` run")
