@@ -138,3 +138,17 @@ def test_bad_train_config():
         TrainConfig(lr=-1.0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=math.nan)
+
+
+def test_bf16_autocast_and_gradient_accumulation_train():
+    model, loss_fn = _regression_problem()
+    config = TrainConfig(iters=150, lr=0.05, warmup_iters=10, progress=False, checkpoint_every=0,
+                         mixed_precision="bf16", grad_accum_steps=2)
+    result = train(model, loss_fn, config)
+    losses = [h["loss"] for h in result.history]
+    assert sum(losses[-10:]) / 10 < 0.05 * sum(losses[:10]) / 10
+    assert model.weight.dtype == torch.float32          # master weights stay fp32
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        TrainConfig(grad_accum_steps=0)

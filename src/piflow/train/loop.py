@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from piflow.train import distributed
 from piflow.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from piflow.train.ema import PowerEMA
 
@@ -33,8 +34,14 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     progress: bool = True
+    grad_accum_steps: int = 1        # loss_fn is called this many times per iteration, each loss scaled 1/steps
+    mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses a GradScaler; CUDA only)
 
     def __post_init__(self):
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.iters < 1:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -65,9 +72,13 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
     """Optimise the trainable parameters of `model` with `loss_fn(iteration, generator)`.
 
     `loss_fn` returns a graph-carrying scalar loss, or ``(detached_loss, True)`` when it already back-propagated
-    (data-free π-ID). With `run_dir`, ``checkpoint.pt`` there is resumed automatically and rewritten atomically every
-    `checkpoint_every` iterations and at the end; losses go to ``train_log.jsonl``.
+    (data-free π-ID; it must then scale by 1/grad_accum_steps itself). It is called `grad_accum_steps` times per
+    iteration. With `run_dir`, ``checkpoint.pt`` there is resumed automatically and rewritten atomically every
+    `checkpoint_every` iterations and at the end (by rank 0); losses go to ``train_log.jsonl``.
+    Under torchrun (see `piflow.train.distributed`) every rank starts from rank 0's weights, draws its own data
+    (seed + rank) and gradients are averaged before clipping, so all ranks take identical optimizer steps.
     """
+    dist_info = distributed.current()
     run_dir = Path(run_dir) if run_dir is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -77,7 +88,12 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: 1.0 if warmup == 0 else min(1.0, 1e-3 + (1 - 1e-3) * it / warmup))
     ema = PowerEMA(model, config.ema_gamma, config.ema_start)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + dist_info.rank)
+    device_type = next(iter(params)).device.type
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    scaler = torch.amp.GradScaler(device_type) if config.mixed_precision == "fp16" else None
+    if dist_info.enabled:
+        distributed.broadcast_parameters(model)
     history: list[dict[str, Any]] = []
     start, resumed_from = 0, None
     checkpoint_path = run_dir / "checkpoint.pt" if run_dir is not None else None
@@ -96,34 +112,46 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
         start = resumed_from = int(state["step"])
 
     def checkpoint(step: int) -> None:
-        if checkpoint_path is None:
+        if checkpoint_path is None or not dist_info.is_main:
             return
         save_checkpoint(checkpoint_path, {
             "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(), "history": history, "config": asdict(config)})
 
-    writer = _tensorboard_writer(run_dir)
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(run_dir / "train_log.jsonl", "a") if run_dir is not None else None
+    main_dir = run_dir if dist_info.is_main else None
+    writer = _tensorboard_writer(main_dir)
+    if main_dir is not None:
+        main_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(main_dir / "train_log.jsonl", "a") if main_dir is not None else None
     model.train()
-    bar = tqdm(range(start, config.iters), desc=desc, disable=not config.progress, initial=start, total=config.iters)
+    bar = tqdm(range(start, config.iters), desc=desc, disable=not (config.progress and dist_info.is_main),
+               initial=start, total=config.iters)
+    accum = config.grad_accum_steps
     try:
         for iteration in bar:
             optimizer.zero_grad(set_to_none=True)
-            out = loss_fn(iteration, generator)
-            if isinstance(out, tuple):
-                loss, done = out
-            else:
-                loss, done = out, False
-            if not done:
-                loss.backward()
+            loss_value = 0.0
+            for _ in range(accum):
+                with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = loss_fn(iteration, generator)
+                loss, done = out if isinstance(out, tuple) else (out, False)
+                if not done:
+                    scaled = loss / accum
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_value += float(loss.detach()) / accum
+            if dist_info.enabled:
+                distributed.average_gradients(params)
+                loss_value = distributed.all_ranks_mean(loss_value)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             clip = config.grad_clip if (config.grad_clip > 0 and iteration >= config.grad_clip_from) else math.inf
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            loss_value = float(loss.detach())
             skipped = not math.isfinite(grad_norm) or not math.isfinite(loss_value)
-            if skipped:
+            if scaler is not None:
+                scaler.step(optimizer)          # skips non-finite steps itself and adapts the scale
+                scaler.update()
+            elif skipped:
                 optimizer.zero_grad(set_to_none=True)
             else:
                 optimizer.step()
