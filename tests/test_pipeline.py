@@ -99,6 +99,25 @@ def test_configuration_errors():
         pf.policy(torch.randn(2, 2), torch.full((2,), 0.5))
 
 
+def test_forward_passes_the_trajectory_mixing_ratio(monkeypatch):
+    import piflow.pipeline as pipeline_module
+    seen = []
+    original = pipeline_module.piid_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["teacher_ratio"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "piid_loss", spy)
+    teacher = make_teacher()
+    _, student = make_student("gmflow")
+    pf = PiFlow(student, teacher, nfe=2, num_decay_iters=8, total_substeps=16)
+    x0 = teacher.sample(4, generator=torch.Generator().manual_seed(7))
+    for it in (0, 2, 8, 100):
+        pf(x0, iteration=it)
+    assert seen == pytest.approx([1.0, 0.75, 0.0, 0.0])
+
+
 def test_dx_defaults_follow_the_segment_grid():
     _, student = make_student("dx")
     pf = PiFlow(student, make_teacher(), policy="dx", nfe=4, final_step_size_scale=0.5, shift=3.2)

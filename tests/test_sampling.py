@@ -183,6 +183,26 @@ def test_auto_temperature_rule_and_application():
         sample(student, noise, 2, temperature="hot")
 
 
+def test_student_is_evaluated_on_the_current_state():
+    # (the exact GM policy does not depend on its x_src, so check the loop with a recording student)
+    teacher = make_teacher()
+    inputs = []
+
+    def student(x, s, c):
+        inputs.append((x.clone(), s.clone(), c))
+        return teacher.policy(x, s)
+
+    noise = torch.randn(8, 2, generator=torch.Generator().manual_seed(7))
+    out, traj = sample(student, noise, 4, cond="label", shift=3.2, final_step_size_scale=0.5, total_substeps=16,
+                       return_trajectory=True)
+    sigmas = [1.0, 0.8889, 0.7059, 0.3478]
+    assert len(inputs) == 4
+    for (x, s, c), state, sigma in zip(inputs, traj[:-1], sigmas):
+        assert torch.equal(x, state) and c == "label"
+        torch.testing.assert_close(s, torch.full((8,), sigma), rtol=0, atol=5e-5)
+    assert not torch.equal(traj[1], traj[0])
+
+
 def test_sample_errors_and_stochastic_variant():
     teacher = make_teacher()
     noise = torch.randn(8, 2)

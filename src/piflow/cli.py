@@ -21,19 +21,35 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_default: Optional[
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.nfe=4")
 
 
-def _cmd_train(args) -> int:
-    """train-teacher and distill: resolve the config, run the recipe, print its table."""
-    from piflow.config import load_config
-    from piflow.recipes import toy2d
+def _dataset_name(args) -> Optional[str]:
+    """The `dataset` the run will use (last override wins over the config file), or None if unset."""
+    import yaml
 
-    defaults, run, artifact = {
-        "train-teacher": (toy2d.TEACHER_DEFAULTS, toy2d.train_teacher, "teacher.safetensors"),
-        "distill": (toy2d.DISTILL_DEFAULTS, toy2d.distill, "student.safetensors"),
-    }[args.command]
-    config = load_config(defaults, args.config, args.overrides)
-    metrics = run(config, Path(args.run_dir))
-    print(toy2d.format_table(metrics["rows"]))
-    print(f"{artifact} written to {args.run_dir}")
+    from piflow.config import parse_overrides
+
+    name = parse_overrides(args.overrides).get("dataset")
+    if name is None and args.config and Path(args.config).is_file():
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        name = loaded.get("dataset") if isinstance(loaded, dict) else None
+    return name
+
+
+def _cmd_train(args) -> int:
+    """train-teacher and distill: resolve the config, run the 2-D or image recipe, print its results."""
+    from piflow.config import load_config
+    from piflow.recipes import images, toy2d
+
+    if images.is_image_dataset(_dataset_name(args)):
+        defaults, run = {"train-teacher": (images.IMAGE_TEACHER_DEFAULTS, images.train_teacher),
+                         "distill": (images.IMAGE_DISTILL_DEFAULTS, images.distill)}[args.command]
+        metrics = run(load_config(defaults, args.config, args.overrides), Path(args.run_dir))
+        print(json.dumps(metrics, indent=2))
+    else:
+        defaults, run = {"train-teacher": (toy2d.TEACHER_DEFAULTS, toy2d.train_teacher),
+                         "distill": (toy2d.DISTILL_DEFAULTS, toy2d.distill)}[args.command]
+        metrics = run(load_config(defaults, args.config, args.overrides), Path(args.run_dir))
+        print(toy2d.format_table(metrics["rows"]))
+    print(f"results written to {args.run_dir}")
     return 0
 
 

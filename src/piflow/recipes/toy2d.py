@@ -32,7 +32,7 @@ NUM_TIMESTEPS = 1000.0
 
 TRAIN_DEFAULTS = dict(iters=1000, lr=1e-3, betas=[0.9, 0.95], weight_decay=0.0, warmup_iters=100, grad_clip=50.0,
                       grad_clip_from=100, ema_gamma=7.0, ema_start=100, checkpoint_every=500, log_every=50, seed=0,
-                      progress=True)
+                      progress=True, grad_accum_steps=1, mixed_precision="no")
 
 TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "checkerboard",
@@ -157,7 +157,9 @@ def distill(config: dict, run_dir: Path) -> dict:
     def loss_fn(iteration: int, generator: torch.Generator):
         if data_free:
             noise = torch.randn(batch, 2, generator=generator)
-            return pf.data_free_loss(noise, iteration=iteration, generator=generator), True
+            accum = int(config["train"]["grad_accum_steps"])
+            return pf.data_free_loss(noise, iteration=iteration, generator=generator,
+                                     backward=lambda l: (l / accum).backward()), True
         return pf(dataset.sample(batch, generator), iteration=iteration, generator=generator)
 
     start = time.perf_counter()

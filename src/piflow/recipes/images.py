@@ -1,0 +1,248 @@
+"""Image-scale π-Flow: class-conditional DiT teacher → GM/DX policy students (or an x0-regression baseline).
+
+Same run-directory conventions as the 2-D recipe: ``config.yaml``, ``checkpoint.pt`` (resumable), ``teacher/`` or
+``student.safetensors``, ``metrics.json`` and PNG sample grids.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from piflow.config import ConfigError, load_config, save_config
+from piflow.models import DiT
+from piflow.models.students import PolicyStudent
+from piflow.pipeline import PiFlow
+from piflow.recipes.toy2d import TRAIN_DEFAULTS, _save_safetensors, _write_json
+from piflow.sampling import euler_sample
+from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
+from piflow.timewarp import warp
+from piflow.train import TrainConfig, train
+
+NUM_TIMESTEPS = 1000.0
+IMAGE_DATASETS = ("digits", "fashion-mnist", "mnist", "image-folder", "latents")
+
+IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {
+    "dataset": "digits",
+    "data": {"root": None, "image_size": None},
+    "model": {"preset": "DiT-T", "patch_size": 2, "hidden_size": 128, "depth": 4, "num_heads": 4},
+    "flow_matching": {"batch_size": 128, "time_sampling": "logit_normal", "class_dropout": 0.1},
+    "train": dict(TRAIN_DEFAULTS, iters=3000, lr=5e-4, ema_start=200),
+    "eval": {"num_samples": 1000, "teacher_steps": [1, 2, 4, 8, 32], "guidance_scale": 1.0, "seed": 1234},
+}
+
+IMAGE_DISTILL_DEFAULTS: dict[str, Any] = {
+    "dataset": "digits",
+    "data": {"root": None, "image_size": None},
+    "teacher": "runs/teacher_digits",
+    "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid"},
+    "guidance": {"scale": 1.0, "interval": [0.0, 1.0]},
+    "distill": {"nfe": 4, "data_free": False, "final_step_size_scale": 1.0, "shift": 1.0,
+                "num_intermediate_states": 2, "window_substeps": 0, "gm_dropout": 0.05, "loss_scale": 3.0,
+                "num_decay_iters": 0, "total_substeps": 128, "batch_size": 64},
+    "train": dict(TRAIN_DEFAULTS, iters=1000, lr=2e-4, ema_start=100),
+    "eval": {"num_samples": 1000, "teacher_steps": [32], "student_nfe": [], "temperature": 1.0, "seed": 1234},
+}
+
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def is_image_dataset(name: Any) -> bool:
+    return isinstance(name, str) and name in IMAGE_DATASETS
+
+
+def load_dataset(config: dict, split: str = "train"):
+    from piflow.data import make_image_dataset
+
+    kwargs = {key: value for key, value in config["data"].items() if value is not None}
+    return make_image_dataset(config["dataset"], split=split, **kwargs)
+
+
+def build_teacher_model(config: dict, image_shape: tuple[int, ...], num_classes: int) -> DiT:
+    spec = config["model"]
+    return DiT.from_preset(spec["preset"], in_channels=image_shape[0], input_size=tuple(image_shape[1:]),
+                           patch_size=spec["patch_size"], hidden_size=spec["hidden_size"], depth=spec["depth"],
+                           num_heads=spec["num_heads"], num_classes=num_classes)
+
+
+def _sample_sigma(batch: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    if mode == "uniform":
+        return torch.rand(batch, generator=generator)
+    return torch.sigmoid(torch.randn(batch, generator=generator))
+
+
+def train_teacher(config: dict, run_dir: Path) -> dict:
+    """Rectified-flow matching of a class-conditional DiT with label dropout (for CFG)."""
+    fm = config["flow_matching"]
+    if fm["time_sampling"] not in TIME_SAMPLINGS:
+        raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {fm['time_sampling']!r}")
+    if not 0.0 <= fm["class_dropout"] < 1.0:
+        raise ConfigError(f"flow_matching.class_dropout must lie in [0, 1), got {fm['class_dropout']}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    dataset = load_dataset(config, "train")
+    images, labels = dataset.tensors()
+    model = build_teacher_model(config, tuple(images.shape[1:]), dataset.num_classes)
+    batch = int(fm["batch_size"])
+
+    def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
+        index = torch.randint(len(images), (batch,), generator=generator)
+        x0, y = images[index], labels[index]
+        drop = torch.rand(batch, generator=generator) < fm["class_dropout"]
+        y = torch.where(drop, torch.full_like(y, dataset.num_classes), y)
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = _sample_sigma(batch, fm["time_sampling"], generator)
+        s = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
+        u = model((1 - s) * x0 + s * noise, sigma * NUM_TIMESTEPS, y)
+        return (u.float() - (noise - x0)).square().mean()
+
+    start = time.perf_counter()
+    result = train(model, loss_fn, TrainConfig(**config["train"]), run_dir, desc="teacher")
+    seconds = time.perf_counter() - start
+    result.ema.model.save_pretrained(run_dir / "teacher")
+    from piflow.recipes import plots
+
+    plots.plot_loss_curve(result.history, run_dir / "loss.png", "teacher flow-matching loss")
+    teacher = make_teacher(result.ema.model, dataset.num_classes, config["eval"]["guidance_scale"])
+    gen = torch.Generator().manual_seed(config["eval"]["seed"])
+    noise, y = _eval_inputs(16, images.shape[1:], dataset.num_classes, gen)
+    grid = euler_sample(teacher, noise, 32, y)
+    save_image_grid(grid, run_dir / "samples.png", nrow=8)
+    metrics = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"]}
+    _write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def make_teacher(model: DiT, num_classes: int, guidance_scale: float = 1.0,
+                 interval: tuple[float, float] = (0.0, 1.0)):
+    model.eval().requires_grad_(False)
+    teacher = NetworkTeacher(model, NUM_TIMESTEPS)
+    if guidance_scale == 1.0:
+        return teacher
+    return ClassifierFreeGuidance(teacher, guidance_scale, num_classes, interval)
+
+
+def load_teacher(run: str) -> tuple[DiT, dict]:
+    run_dir = Path(run)
+    if not (run_dir / "teacher" / "config.json").is_file():
+        raise ConfigError(f"teacher must be a `piflow train-teacher` image run directory holding teacher/; "
+                          f"{run_dir} has none")
+    config = load_config(IMAGE_TEACHER_DEFAULTS, run_dir / "config.yaml")
+    return DiT.from_pretrained(run_dir / "teacher"), config
+
+
+def _eval_inputs(num: int, shape, num_classes: int, generator: torch.Generator):
+    noise = torch.randn(num, *shape, generator=generator)
+    labels = torch.arange(num) % num_classes
+    return noise, labels
+
+
+def build_student(config: dict, teacher_model: DiT) -> PolicyStudent:
+    spec = config["student"]
+    return PolicyStudent(teacher_model, spec["policy"], num_components=spec["num_components"],
+                         num_nodes=spec["num_nodes"], dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
+                         generator=torch.Generator().manual_seed(config["train"]["seed"]))
+
+
+def build_pipeline(config: dict, student: torch.nn.Module, teacher) -> PiFlow:
+    d = config["distill"]
+    policy = config["student"]["policy"]
+    return PiFlow(student, teacher, policy=policy, nfe=d["nfe"], final_step_size_scale=d["final_step_size_scale"],
+                  shift=d["shift"], num_intermediate_states=d["num_intermediate_states"],
+                  window_substeps=d["window_substeps"],
+                  gm_dropout=d["gm_dropout"] if policy in ("gm", "gmflow") else 0.0, loss_scale=d["loss_scale"],
+                  total_substeps=d["total_substeps"], num_decay_iters=d["num_decay_iters"],
+                  policy_kwargs={"mode": config["student"]["dx_mode"]} if policy == "dx" else None)
+
+
+def distill(config: dict, run_dir: Path) -> dict:
+    """π-ID distillation of a DiT teacher into a GM/DX DiT student (data-dependent or data-free)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    teacher_model, teacher_config = load_teacher(config["teacher"])
+    if teacher_config["dataset"] != config["dataset"]:
+        raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")
+    dataset = load_dataset(config, "train")
+    images, labels = dataset.tensors()
+    guidance = config["guidance"]
+    teacher = make_teacher(teacher_model, dataset.num_classes, guidance["scale"], tuple(guidance["interval"]))
+    student = build_student(config, teacher_model)
+    pf = build_pipeline(config, student, teacher)
+    batch = int(config["distill"]["batch_size"])
+    data_free = bool(config["distill"]["data_free"])
+    accum = int(config["train"]["grad_accum_steps"])
+
+    def loss_fn(iteration: int, generator: torch.Generator):
+        index = torch.randint(len(images), (batch,), generator=generator)
+        y = labels[index]
+        if data_free:
+            noise = torch.randn(batch, *images.shape[1:], generator=generator)
+            loss = pf.data_free_loss(noise, y, iteration=iteration, generator=generator,
+                                     backward=lambda l: (l / accum).backward())
+            return loss, True
+        return pf(images[index], y, iteration=iteration, generator=generator)
+
+    start = time.perf_counter()
+    result = train(student, loss_fn, TrainConfig(**config["train"]), run_dir, desc="distill")
+    seconds = time.perf_counter() - start
+    _save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
+    from piflow.recipes import plots
+
+    plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
+    pf_ema = build_pipeline(config, result.ema.model.eval(), teacher)
+    gen = torch.Generator().manual_seed(config["eval"]["seed"])
+    noise, y = _eval_inputs(32, images.shape[1:], dataset.num_classes, gen)
+    with torch.no_grad():
+        rows = [euler_sample(teacher, noise, 32, y), euler_sample(teacher, noise, pf.nfe, y),
+                pf_ema.sample(noise, cond=y, temperature=config["eval"]["temperature"])]
+    save_image_grid(torch.cat([r[:16] for r in rows]), run_dir / "samples.png", nrow=16)
+    metrics = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"],
+               "coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
+    _write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
+    config_path, weights = run_dir / "config.yaml", run_dir / "student.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        raise ConfigError(f"{run_dir} is not a finished distillation run (needs config.yaml and student.safetensors)")
+    config = load_config(IMAGE_DISTILL_DEFAULTS, config_path, overrides)
+    teacher_model, _ = load_teacher(config["teacher"])
+    student = build_student(config, teacher_model)
+    student.load_state_dict(load_file(str(weights)))
+    num_classes = teacher_model.config.num_classes
+    guidance = config["guidance"]
+    teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
+    return build_pipeline(config, student.eval(), teacher), config
+
+
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid (C = 1 or 3; other channel counts show channel 0)."""
+    from piflow.recipes.plots import _pyplot
+
+    images = images.detach().float().clamp(-1, 1).add(1).div(2)
+    if images.shape[1] not in (1, 3):
+        images = images[:, :1]
+    num, channels, height, width = images.shape
+    ncol = min(nrow, num)
+    nrows = (num + ncol - 1) // ncol
+    canvas = torch.ones(channels, nrows * (height + 1) + 1, ncol * (width + 1) + 1)
+    for i in range(num):
+        r, c = divmod(i, ncol)
+        canvas[:, 1 + r * (height + 1): 1 + r * (height + 1) + height,
+               1 + c * (width + 1): 1 + c * (width + 1) + width] = images[i]
+    array = canvas.permute(1, 2, 0).numpy()
+    plt = _pyplot()
+    scale = max(1, 400 // max(canvas.shape[1:]))
+    fig = plt.figure(figsize=(canvas.shape[2] * scale / 100, canvas.shape[1] * scale / 100), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.imshow(array[..., 0] if channels == 1 else array, cmap="gray" if channels == 1 else None,
+              interpolation="nearest", vmin=0, vmax=1)
+    ax.axis("off")
+    fig.savefig(path)
+    plt.close(fig)
