@@ -156,7 +156,7 @@ def rk4_sample(teacher: Callable[[Tensor, Tensor, Any], Tensor], noise: Tensor, 
     batch = noise.shape[0]
 
     def velocity(state: Tensor, sigma: float) -> Tensor:
-        return teacher(state, torch.full((batch,), sigma, dtype=torch.float32, device=state.device), cond).to(
+        return teacher(state, torch.full((batch,), sigma, dtype=state.dtype, device=state.device), cond).to(
             state.dtype)
 
     for i in range(num_steps):

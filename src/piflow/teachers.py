@@ -119,7 +119,7 @@ class GaussianMixtureTeacher:
             raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.data_shape))}), "
                              f"got {tuple(x_t.shape)}")
         check_finite(x_t, name)
-        sigma = as_batch_sigma(sigma_t, x_t.shape[0], x_t.dim(), x_t.device, name="sigma_t").double()
+        sigma = as_batch_sigma(sigma_t, x_t.shape[0], x_t.dim(), x_t.device, name="sigma_t", dtype=torch.float64)
         return x_t.double(), sigma
 
     def _components(self, x: Tensor, sigma: Tensor):

@@ -21,15 +21,16 @@ def check_finite(tensor: Tensor, name: str) -> None:
 
 
 def as_batch_sigma(sigma: SigmaLike, batch: int, ndim: int, device: torch.device, name: str = "sigma",
-                   check: bool = True, low: float = 0.0, high: float = 1.0) -> Tensor:
-    """Turn a float, 0-d, (B,) or (B, 1, …, 1) noise level/time into a float32 tensor of shape (B, 1, …, 1).
+                   check: bool = True, low: float = 0.0, high: float = 1.0,
+                   dtype: torch.dtype = torch.float32) -> Tensor:
+    """Turn a float, 0-d, (B,) or (B, 1, …, 1) noise level/time into a `dtype` tensor of shape (B, 1, …, 1).
 
     `ndim` is the number of dimensions of the matching x (B, C, *spatial). With `check`, values must be finite
     and lie in [low, high]; otherwise a ValueError names the argument.
     """
     if not torch.is_tensor(sigma):
-        sigma = torch.tensor(float(sigma))
-    sigma = sigma.to(device=device, dtype=torch.float32)
+        sigma = torch.tensor(float(sigma), dtype=torch.float64)
+    sigma = sigma.to(device=device, dtype=dtype)
     if sigma.dim() == 0:
         sigma = sigma.expand(batch)
     elif sigma.dim() == 1 or (sigma.dim() == ndim and all(s == 1 for s in sigma.shape[1:])):

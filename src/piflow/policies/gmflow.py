@@ -139,9 +139,11 @@ class GMFlowPolicy(Policy):
     def from_x0(cls, means: Tensor, logits: Tensor, var: Tensor, x_src: Tensor, sigma_src: Tensor,
                 eps: float = 1e-6) -> "GMFlowPolicy":
         """Build directly from the x0-space GM (means (B,K,C,*S), logits (B,K,1,*S), var (B,1,1,…))."""
+        sigma = as_batch_sigma(sigma_src, x_src.shape[0], x_src.dim(), x_src.device, "sigma_src")
+        if bool((sigma <= 0).any()):
+            raise ValueError("sigma_src must be > 0 for a GMFlow policy")
         policy = cls.__new__(cls)
-        policy._init_x0(means.float(), logits.float(), var.float(), x_src.float(),
-                        as_batch_sigma(sigma_src, x_src.shape[0], x_src.dim(), x_src.device, "sigma_src"), eps)
+        policy._init_x0(means.float(), logits.float(), var.float(), x_src.float(), sigma, eps)
         return policy
 
     @property

@@ -30,9 +30,9 @@ IMAGE_DATASETS = ("digits", "fashion-mnist", "mnist", "image-folder", "latents")
 IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
     "data": {"root": None, "image_size": None},
-    "model": {"preset": "DiT-T", "patch_size": 2, "hidden_size": 128, "depth": 4, "num_heads": 4},
-    "flow_matching": {"batch_size": 128, "time_sampling": "logit_normal", "class_dropout": 0.1},
-    "train": dict(TRAIN_DEFAULTS, iters=3000, lr=5e-4, ema_start=200),
+    "model": {"preset": "DiT-T", "patch_size": 2, "hidden_size": 96, "depth": 3, "num_heads": 4},
+    "flow_matching": {"batch_size": 64, "time_sampling": "logit_normal", "class_dropout": 0.1},
+    "train": dict(TRAIN_DEFAULTS, iters=2000, lr=1e-3, ema_start=200),
     "eval": {"num_samples": 1000, "teacher_steps": [1, 2, 4, 8, 32], "guidance_scale": 1.0, "seed": 1234},
 }
 
