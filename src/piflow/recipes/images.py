@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from piflow.config import ConfigError, load_config, save_config
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
+from piflow.piid import segment_grid
 from piflow.pipeline import PiFlow
 from piflow.recipes.toy2d import TRAIN_DEFAULTS, _save_safetensors, _write_json
 from piflow.sampling import euler_sample
@@ -44,7 +45,7 @@ IMAGE_DISTILL_DEFAULTS: dict[str, Any] = {
     "guidance": {"scale": 1.0, "interval": [0.0, 1.0]},
     "distill": {"nfe": 4, "data_free": False, "final_step_size_scale": 1.0, "shift": 1.0,
                 "num_intermediate_states": 2, "window_substeps": 0, "gm_dropout": 0.05, "loss_scale": 3.0,
-                "num_decay_iters": 0, "total_substeps": 128, "batch_size": 64},
+                "num_decay_iters": 0, "total_substeps": 128, "batch_size": 64, "x0_bank_size": 4096},
     "train": dict(TRAIN_DEFAULTS, iters=1000, lr=2e-4, ema_start=100),
     "eval": {"num_samples": 1000, "teacher_steps": [32], "student_nfe": [], "temperature": 1.0, "seed": 1234},
 }
@@ -142,16 +143,24 @@ def _eval_inputs(num: int, shape, num_classes: int, generator: torch.Generator):
     return noise, labels
 
 
+STUDENT_KINDS = ("gmflow", "dx", "x0")
+
+
 def build_student(config: dict, teacher_model: DiT) -> PolicyStudent:
+    """GM or DX policy student; "x0" is the x0-regression baseline: one constant x̂0 per step (a DX policy with a
+    single node, i.e. DDIM-style steps), same backbone and initialisation."""
     spec = config["student"]
-    return PolicyStudent(teacher_model, spec["policy"], num_components=spec["num_components"],
-                         num_nodes=spec["num_nodes"], dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
-                         generator=torch.Generator().manual_seed(config["train"]["seed"]))
+    if spec["policy"] not in STUDENT_KINDS:
+        raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {spec['policy']!r}")
+    x0_baseline = spec["policy"] == "x0"
+    return PolicyStudent(teacher_model, "dx" if x0_baseline else spec["policy"], num_components=spec["num_components"],
+                         num_nodes=1 if x0_baseline else spec["num_nodes"], dx_mode=spec["dx_mode"],
+                         num_timesteps=NUM_TIMESTEPS, generator=torch.Generator().manual_seed(config["train"]["seed"]))
 
 
 def build_pipeline(config: dict, student: torch.nn.Module, teacher) -> PiFlow:
     d = config["distill"]
-    policy = config["student"]["policy"]
+    policy = "dx" if config["student"]["policy"] == "x0" else config["student"]["policy"]
     return PiFlow(student, teacher, policy=policy, nfe=d["nfe"], final_step_size_scale=d["final_step_size_scale"],
                   shift=d["shift"], num_intermediate_states=d["num_intermediate_states"],
                   window_substeps=d["window_substeps"],
@@ -177,7 +186,12 @@ def distill(config: dict, run_dir: Path) -> dict:
     data_free = bool(config["distill"]["data_free"])
     accum = int(config["train"]["grad_accum_steps"])
 
-    def loss_fn(iteration: int, generator: torch.Generator):
+    if config["student"]["policy"] == "x0":
+        loss_fn = _x0_regression_loss(pf, teacher, images.shape[1:], labels, config)
+    else:
+        loss_fn = None
+
+    def pi_id_loss(iteration: int, generator: torch.Generator):
         index = torch.randint(len(images), (batch,), generator=generator)
         y = labels[index]
         if data_free:
@@ -188,7 +202,7 @@ def distill(config: dict, run_dir: Path) -> dict:
         return pf(images[index], y, iteration=iteration, generator=generator)
 
     start = time.perf_counter()
-    result = train(student, loss_fn, TrainConfig(**config["train"]), run_dir, desc="distill")
+    result = train(student, loss_fn or pi_id_loss, TrainConfig(**config["train"]), run_dir, desc="distill")
     seconds = time.perf_counter() - start
     _save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
     from piflow.recipes import plots
@@ -205,6 +219,49 @@ def distill(config: dict, run_dir: Path) -> dict:
                "coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
     _write_json(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def teacher_trajectories(teacher, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 32,
+                         batch_size: int = 512) -> torch.Tensor:
+    """Teacher Euler ODE states at σ = 1, 1 − 1/n, …, 0 from `noise`: (num_steps + 1, N, C, H, W)."""
+    chunks = []
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+    with torch.no_grad():
+        for start in range(0, len(noise), batch_size):
+            x, y = noise[start: start + batch_size], labels[start: start + batch_size]
+            states = [x]
+            for i in range(num_steps):
+                x = x + teacher(x, sigmas[i].expand(len(x)), y) * float(sigmas[i + 1] - sigmas[i])
+                states.append(x)
+            chunks.append(torch.stack(states))
+    return torch.cat(chunks, dim=1)
+
+
+def _x0_regression_loss(pf: PiFlow, teacher, image_shape, labels: torch.Tensor, config: dict):
+    """Baseline loss: regress the student's x̂0 at its own grid points on the teacher ODE onto the teacher's ODE
+    endpoint from the same noise (the "shortcut" x0 format), with the same budget as π-ID."""
+    num_steps = 32
+    grid = [round(t * num_steps) for t in segment_grid(pf.nfe, pf.final_step_size_scale)]
+    if pf.shift != 1.0 or any(abs(t * num_steps - round(t * num_steps)) > 1e-6
+                              for t in segment_grid(pf.nfe, pf.final_step_size_scale)):
+        raise ConfigError("the x0 baseline needs shift 1 and a segment grid on multiples of 1/32")
+    bank_size = int(config["distill"]["x0_bank_size"])
+    gen = torch.Generator().manual_seed(config["train"]["seed"] + 99)
+    noise = torch.randn(bank_size, *image_shape, generator=gen)
+    bank_labels = labels[torch.randint(len(labels), (bank_size,), generator=gen)]
+    states = teacher_trajectories(teacher, noise, bank_labels, num_steps)
+    indices = torch.tensor([num_steps - g for g in grid])           # state index of each grid point σ = g/32
+    batch = int(config["distill"]["batch_size"])
+
+    def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
+        rows = torch.randint(bank_size, (batch,), generator=generator)
+        step = indices[torch.randint(len(indices), (batch,), generator=generator)]
+        x = states[step, rows]
+        sigma = 1.0 - step.float() / num_steps
+        x0_pred = pf.policy(x, sigma, bank_labels[rows]).x0(x, sigma)
+        return 0.5 * (x0_pred - states[-1, rows]).square().flatten(1).mean(1).mean()
+
+    return loss_fn
 
 
 def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
@@ -238,7 +295,7 @@ def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
                1 + c * (width + 1): 1 + c * (width + 1) + width] = images[i]
     array = canvas.permute(1, 2, 0).numpy()
     plt = _pyplot()
-    scale = max(1, 400 // max(canvas.shape[1:]))
+    scale = max(1, 800 // max(canvas.shape[1:]))
     fig = plt.figure(figsize=(canvas.shape[2] * scale / 100, canvas.shape[1] * scale / 100), dpi=100)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(array[..., 0] if channels == 1 else array, cmap="gray" if channels == 1 else None,
