@@ -18,7 +18,6 @@ Everything is pure torch, computed in float64, and returned as Python floats:
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Optional
 
@@ -162,12 +161,18 @@ def frechet_distance_from_features(f1, f2) -> float:
 # Kernel distance
 # ----------------------------------------------------------------------------------------------------------
 
+def _polynomial_kernel(x: Tensor, y: Tensor, degree: int) -> Tensor:
+    """Kernel matrix (n, m) of k(a, b) = (a.b / D + 1)^degree between rows of x (n, D) and y (m, D)."""
+    kernel = x @ y.T
+    return kernel.div_(x.shape[1]).add_(1.0).pow_(degree)
+
+
 def _polynomial_mmd2(x: Tensor, y: Tensor, degree: int) -> Tensor:
     """Unbiased MMD^2 between x (m, D) and y (m, D) with k(a, b) = (a.b / D + 1)^degree (0-d tensor)."""
-    m, d = x.shape
-    k_xx = (x @ x.T / d + 1.0).pow(degree)
-    k_yy = (y @ y.T / d + 1.0).pow(degree)
-    k_xy = (x @ y.T / d + 1.0).pow(degree)
+    m = x.shape[0]
+    k_xx = _polynomial_kernel(x, x, degree)
+    k_yy = _polynomial_kernel(y, y, degree)
+    k_xy = _polynomial_kernel(x, y, degree)
     off_xx = (k_xx.sum() - k_xx.diagonal().sum()) / (m * (m - 1))
     off_yy = (k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
     return off_xx + off_yy - 2.0 * k_xy.mean()
@@ -204,8 +209,14 @@ def kernel_inception_distance(f1, f2, num_subsets: int = 100, subset_size: int =
 # ----------------------------------------------------------------------------------------------------------
 
 def _pairwise_distances(x: Tensor, y: Tensor) -> Tensor:
-    """Euclidean distances (n, m) between rows of x (n, D) and y (m, D), computed from differences (exact ties)."""
-    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    """Euclidean distances (n, m) between rows of x (n, D) and y (m, D), float64.
+
+    Uses ||a||^2 + ||b||^2 - 2 a.b (one matmul, ~8x faster than differences on CPU); the round-off is far
+    below any k-NN radius of distinct points.
+    """
+    squared = x.square().sum(dim=1, keepdim=True) + y.square().sum(dim=1)[None, :]
+    squared.addmm_(x, y.T, alpha=-2.0)
+    return squared.clamp_min_(0.0).sqrt_()
 
 
 def _knn_radii(x: Tensor, k: int, chunk: int) -> Tensor:
