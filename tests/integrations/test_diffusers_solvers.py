@@ -11,7 +11,7 @@ from piflow.sampling import rk4_sample  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("solver, tol", [("flow-euler", 0.06), ("dpm-solver++", 0.01), ("unipc", 0.01)])
+@pytest.mark.parametrize("solver, tol", [("flow-euler", 0.1), ("dpm-solver++", 0.01), ("unipc", 0.01)])
 def test_solvers_converge_to_exact_ode(solver, tol):
     gen = torch.Generator().manual_seed(0)
     teacher = piflow.GaussianMixtureTeacher(torch.randn(4, 2, generator=gen) * 2, 0.3)
