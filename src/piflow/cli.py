@@ -92,6 +92,16 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_toy_trajectory(args) -> int:
+    from piflow.recipes.toy_trajectory import run_toy_trajectory
+
+    metrics = run_toy_trajectory(Path(args.teacher), Path(args.run_dir), args.label, args.iters, args.components,
+                                 args.seed, args.snapshot_every)
+    print(json.dumps(metrics["rmse_vs_teacher_ode_by_iteration"], indent=2))
+    print(f"snapshots written to {Path(args.run_dir) / 'snapshots.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="piflow", description="π-Flow: few-step policy distillation (π-ID).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run-dir", required=True, help="a finished `piflow distill` run")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.student_nfe=[1,2,4,8]")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    toy = sub.add_parser("toy-trajectory", help="fit one static K=32 GM policy to a single teacher trajectory")
+    toy.add_argument("--teacher", required=True, help="an image `piflow train-teacher` run directory")
+    toy.add_argument("--run-dir", default="runs/toy_trajectory")
+    toy.add_argument("--label", type=int, default=3, help="class label of the trajectory")
+    toy.add_argument("--iters", type=int, default=2000)
+    toy.add_argument("--components", type=int, default=32)
+    toy.add_argument("--snapshot-every", type=int, default=250)
+    toy.add_argument("--seed", type=int, default=0)
+    toy.set_defaults(func=_cmd_toy_trajectory)
     return parser
 
 

@@ -18,3 +18,18 @@ __all__ = [
     "sliced_wasserstein2",
     "wasserstein2_1d",
 ]
+
+# Image metrics (the names above are the 2-D sample distances).
+from piflow.eval.features import (  # noqa: E402
+    FeatureClassifier, extract_features, load_feature_classifier, save_feature_classifier, train_feature_classifier,
+)
+from piflow.eval.image_metrics import (  # noqa: E402
+    class_histogram, class_histogram_tv, feature_statistics, frechet_distance, frechet_distance_from_features,
+    kernel_inception_distance, precision_recall_density_coverage,
+)
+
+__all__ += [
+    "FeatureClassifier", "extract_features", "load_feature_classifier", "save_feature_classifier",
+    "train_feature_classifier", "class_histogram", "class_histogram_tv", "feature_statistics", "frechet_distance",
+    "frechet_distance_from_features", "kernel_inception_distance", "precision_recall_density_coverage",
+]

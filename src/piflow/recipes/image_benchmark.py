@@ -1,0 +1,247 @@
+"""Image benchmark: teacher samplers, diffusers solvers, x0-regression and π-Flow students, in one table.
+
+Every method samples from the same noise/labels (seed set A). Metrics, all in the features of piflow's own
+classifier (trained on the dataset's training split — never called FID):
+* ``fd_real``: Fréchet distance to the real test images; ``fd_teacher``: to the teacher's 32-step Euler samples from
+  an independent seed set B (so the teacher's own 32-step row is the *noise floor*);
+* ``kid``: kernel distance to real test images (×1000); ``precision``/``recall``/``density``/``coverage`` (k = 5) vs
+  the real test images; ``label_accuracy``: fraction the classifier assigns to the conditioning class;
+  ``class_tv``: total variation of the predicted class histogram to the uniform label histogram;
+* ``coupling_rmse``: per-pixel RMSE to the teacher's 32-step sample from the same noise.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from piflow.config import load_config
+from piflow.eval.image_metrics import (class_histogram, class_histogram_tv, frechet_distance_from_features,
+                                       kernel_inception_distance, precision_recall_density_coverage)
+from piflow.recipes import images
+from piflow.sampling import euler_sample
+
+TEACHER_REFERENCE_STEPS = 32
+
+
+@dataclass
+class EvalContext:
+    feature_net: torch.nn.Module
+    real_features: Tensor
+    teacher_features_b: Tensor
+    teacher_samples_a: Tensor
+    noise_a: Tensor
+    labels_a: Tensor
+    num_classes: int
+
+    @torch.no_grad()
+    def features_and_logits(self, samples: Tensor, batch: int = 1000) -> tuple[Tensor, Tensor]:
+        feats, logits = [], []
+        for start in range(0, len(samples), batch):
+            chunk = samples[start: start + batch].float().clamp(-1, 1)
+            feats.append(self.feature_net.features(chunk))
+            logits.append(self.feature_net(chunk))
+        return torch.cat(feats), torch.cat(logits)
+
+    def metrics(self, samples: Tensor, paired: bool = True) -> dict[str, float]:
+        """All metrics of `samples`; with ``paired=False`` (e.g. real images) the label and coupling metrics,
+        which need samples generated from (noise_a, labels_a), are NaN."""
+        feats, logits = self.features_and_logits(samples)
+        prdc = precision_recall_density_coverage(self.real_features, feats, k=5)
+        predicted = logits.argmax(1)
+        kid = kernel_inception_distance(feats, self.real_features, num_subsets=20, subset_size=500)
+        nan = float("nan")
+        if not paired:
+            return {"fd_real": frechet_distance_from_features(feats, self.real_features),
+                    "fd_teacher": frechet_distance_from_features(feats, self.teacher_features_b),
+                    "kid_x1000": 1000 * kid["mean"], "kid_std_x1000": 1000 * kid["std"],
+                    **{key: float(value) for key, value in prdc.items()},
+                    "label_accuracy": nan, "class_tv": nan, "coupling_rmse": nan}
+        return {
+            "fd_real": frechet_distance_from_features(feats, self.real_features),
+            "fd_teacher": frechet_distance_from_features(feats, self.teacher_features_b),
+            "kid_x1000": 1000 * kid["mean"], "kid_std_x1000": 1000 * kid["std"],
+            **{key: float(value) for key, value in prdc.items()},
+            "label_accuracy": float((predicted == self.labels_a).float().mean()),
+            "class_tv": class_histogram_tv(class_histogram(predicted, self.num_classes),
+                                           class_histogram(self.labels_a, self.num_classes)),
+            "coupling_rmse": float((samples.float() - self.teacher_samples_a).square().mean().sqrt()),
+        }
+
+
+def balanced_labels(num: int, num_classes: int) -> Tensor:
+    return torch.arange(num) % num_classes
+
+
+def build_context(teacher: Callable, feature_net: torch.nn.Module, real_test: Tensor, image_shape, num_classes: int,
+                  num_samples: int, seed: int = 1234) -> EvalContext:
+    gen = torch.Generator().manual_seed(seed)
+    noise_a = torch.randn(num_samples, *image_shape, generator=gen)
+    noise_b = torch.randn(num_samples, *image_shape, generator=gen)
+    labels = balanced_labels(num_samples, num_classes)
+    teacher_a = euler_sample(teacher, noise_a, TEACHER_REFERENCE_STEPS, labels)
+    teacher_b = euler_sample(teacher, noise_b, TEACHER_REFERENCE_STEPS, labels)
+    context = EvalContext(feature_net.eval(), torch.empty(0), torch.empty(0), teacher_a, noise_a, labels, num_classes)
+    context.real_features = context.features_and_logits(real_test)[0]
+    context.teacher_features_b = context.features_and_logits(teacher_b)[0]
+    return context
+
+
+STUDENTS = [
+    # (name, overrides, sampling NFEs)
+    ("x0_nfe1", ["student.policy=x0", "distill.nfe=1"], [1]),
+    ("x0_nfe2", ["student.policy=x0", "distill.nfe=2"], [2]),
+    ("x0_nfe4", ["student.policy=x0", "distill.nfe=4"], [4]),
+    ("gm_k8_nfe1", ["student.num_components=8", "distill.nfe=1"], [1]),
+    ("gm_k8_nfe2", ["student.num_components=8", "distill.nfe=2"], [2]),
+    ("gm_k8_nfe4", ["student.num_components=8", "distill.nfe=4"], [4, 2, 8]),
+    ("gm_k32_nfe1", ["student.num_components=32", "distill.nfe=1"], [1]),
+    ("gm_k32_nfe2", ["student.num_components=32", "distill.nfe=2"], [2]),
+    ("gm_k32_nfe4", ["student.num_components=32", "distill.nfe=4"], [4]),
+    ("dx_n10_nfe2", ["student.policy=dx", "distill.nfe=2", "distill.window_substeps=3"], [2]),
+    ("dx_n10_nfe4", ["student.policy=dx", "distill.nfe=4", "distill.window_substeps=3"], [4]),
+    ("ablation_gm_k8_nfe2_no_dropout", ["student.num_components=8", "distill.nfe=2", "distill.gm_dropout=0"], [2]),
+    ("ablation_dx_n10_nfe2_window0", ["student.policy=dx", "distill.nfe=2", "distill.window_substeps=0"], [2]),
+]
+
+
+def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_samples: int = 1000,
+                  teacher_run: Optional[Path] = None, only: Optional[list[str]] = None,
+                  feature_epochs: int = 30, log: Callable[[str], None] = print) -> dict:
+    from piflow.eval.features import load_feature_classifier, save_feature_classifier, train_feature_classifier
+
+    start_time = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"dataset": dataset, "iters": iters, "num_samples": num_samples, "rows": {}}
+    teacher_run = teacher_run or run_dir / "teacher"
+    if not (teacher_run / "teacher" / "config.json").is_file():
+        log(f"[bench] training the teacher into {teacher_run}")
+        cfg = load_config(images.IMAGE_TEACHER_DEFAULTS, None, [f"dataset={dataset}", "train.progress=false"])
+        images.train_teacher(cfg, teacher_run)
+    teacher_model, teacher_cfg = images.load_teacher(str(teacher_run))
+    train_set = images.load_dataset(teacher_cfg, "train")
+    test_set = images.load_dataset(teacher_cfg, "test")
+    (train_x, train_y), (test_x, test_y) = train_set.tensors(), test_set.tensors()
+    num_classes = train_set.num_classes
+    teacher = images.make_teacher(teacher_model, num_classes)
+
+    feature_dir = run_dir / "feature_net"
+    if (feature_dir / "config.json").is_file():
+        feature_net, feature_metrics = load_feature_classifier(feature_dir)
+    else:
+        log("[bench] training the feature classifier")
+        feature_net, feature_metrics = train_feature_classifier(
+            train_x, train_y, num_classes, epochs=feature_epochs, batch_size=128, lr=2e-3, seed=0,
+            val_images=test_x, val_labels=test_y)
+        save_feature_classifier(feature_net, feature_dir, feature_metrics)
+    results["feature_net"] = feature_metrics
+    log(f"[bench] feature classifier validation accuracy {feature_metrics.get('val_accuracy')}")
+
+    real = test_x if len(test_x) >= 100 else train_x
+    context = build_context(teacher, feature_net, real, train_x.shape[1:], num_classes, num_samples)
+    rows = results["rows"]
+
+    def add(name: str, samples: Tensor, nfe: int, family: str, extra: Optional[dict] = None,
+            paired: bool = True) -> None:
+        rows[name] = dict(context.metrics(samples, paired), nfe=nfe, family=family, **(extra or {}))
+        log(f"[bench] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in rows[name].items()
+                                            if isinstance(v, float)))
+
+    add("real test images (reference)", real[:num_samples], 0, "reference", paired=False)
+    for steps in (1, 2, 4, 8, 32):
+        add(f"teacher Euler {steps}", euler_sample(teacher, context.noise_a, steps, context.labels_a), steps,
+            "teacher Euler")
+    try:
+        from piflow.integrations.diffusers_solvers import diffusers_sample
+
+        for solver in ("flow-euler", "dpm-solver++", "unipc"):
+            for steps in (2, 4, 8):
+                add(f"teacher {solver} {steps}", diffusers_sample(teacher, context.noise_a, steps, context.labels_a,
+                                                                  solver=solver), steps, f"teacher {solver}")
+    except ImportError:
+        log("[bench] diffusers not installed: solver baselines skipped")
+
+    for name, overrides, nfes in STUDENTS:
+        if only and name not in only:
+            continue
+        student_dir = run_dir / name
+        if not (student_dir / "student.safetensors").is_file():
+            log(f"[bench] distilling {name} ({iters} iterations)")
+            cfg = load_config(images.IMAGE_DISTILL_DEFAULTS, None, [
+                f"dataset={dataset}", f"teacher={teacher_run}", f"train.iters={iters}", "train.progress=false",
+                "train.checkpoint_every=0", *overrides])
+            images.distill(cfg, student_dir)
+        pf, cfg = images.load_student_pipeline(student_dir)
+        train_seconds = json.loads((student_dir / "metrics.json").read_text())["train_seconds"]
+        family = {"x0": "x0 regression", "dx": "DX"}.get(cfg["student"]["policy"],
+                                                         f"GM K={cfg['student']['num_components']}")
+        if name.startswith("ablation"):
+            family = "ablation"
+        for nfe in nfes:
+            samples = pf.sample(context.noise_a, nfe=nfe, cond=context.labels_a)
+            label = f"{name} @ {nfe} NFE" + (" (elastic)" if nfe != pf.nfe else "")
+            add(label, samples, nfe, family, {"train_seconds": train_seconds})
+
+    results["seconds"] = time.perf_counter() - start_time
+    results["goals"] = check_goals(rows)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "results.md").write_text(format_markdown(results))
+    plot_quality_vs_nfe(rows, run_dir / "fd_teacher_vs_nfe.png")
+    return results
+
+
+def check_goals(rows: dict) -> dict:
+    """The issue's goals, evaluated honestly on whatever rows exist."""
+    goals: dict[str, Any] = {}
+    floor = rows.get("teacher Euler 32", {}).get("fd_teacher")
+    gm4 = rows.get("gm_k8_nfe4 @ 4 NFE", {})
+    if gm4 and floor:
+        goals["gm4_fd_teacher_over_floor"] = gm4["fd_teacher"] / floor
+        goals["gm4_within_1.5x_floor"] = gm4["fd_teacher"] <= 1.5 * floor
+    dpm4 = rows.get("teacher dpm-solver++ 4", {})
+    if gm4 and dpm4:
+        goals["gm4_over_dpm4"] = gm4["fd_teacher"] / dpm4["fd_teacher"]
+        goals["gm4_at_most_half_dpm4"] = gm4["fd_teacher"] <= 0.5 * dpm4["fd_teacher"]
+    x04 = rows.get("x0_nfe4 @ 4 NFE", {})
+    if gm4 and x04:
+        goals["gm4_below_x0_4"] = gm4["fd_teacher"] < x04["fd_teacher"]
+    teacher = rows.get("teacher Euler 32", {})
+    if gm4 and teacher:
+        goals["gm4_recall_ratio"] = gm4["recall"] / max(teacher["recall"], 1e-12)
+        goals["gm4_coverage_ratio"] = gm4["coverage"] / max(teacher["coverage"], 1e-12)
+        goals["gm4_recall_coverage_at_least_0.95x"] = min(goals["gm4_recall_ratio"], goals["gm4_coverage_ratio"]) >= 0.95
+    return goals
+
+
+COLUMNS = [("nfe", "NFE", "{}"), ("fd_teacher", "FD-teacher ↓", "{:.3f}"), ("fd_real", "FD-real ↓", "{:.3f}"),
+           ("kid_x1000", "KID×1e3 ↓", "{:.1f}"), ("precision", "prec.", "{:.3f}"), ("recall", "recall", "{:.3f}"),
+           ("density", "dens.", "{:.3f}"), ("coverage", "cov.", "{:.3f}"), ("label_accuracy", "label acc.", "{:.3f}"),
+           ("coupling_rmse", "coupling RMSE ↓", "{:.4f}")]
+
+
+def format_markdown(results: dict) -> str:
+    lines = ["| method | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|" + "---:|" * len(COLUMNS)]
+    for name, row in results["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+    goals = results.get("goals", {})
+    if goals:
+        lines += ["", "Goals: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}"
+                                              for k, v in goals.items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality_vs_nfe(rows: dict, path: Path) -> None:
+    from piflow.recipes.plots import plot_metric_vs_nfe
+
+    series: dict[str, dict[int, float]] = {}
+    for name, row in rows.items():
+        if row["family"] in ("reference", "ablation") or "elastic" in name:
+            continue
+        series.setdefault(row["family"], {})[row["nfe"]] = row["fd_teacher"]
+    plot_metric_vs_nfe(series, path, "FD-teacher (classifier features)")
