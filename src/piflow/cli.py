@@ -93,7 +93,11 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_toy_trajectory(args) -> int:
+    import torch
+
     from piflow.recipes.toy_trajectory import run_toy_trajectory
+
+    torch.set_num_threads(1)  # one tiny GM: threading only adds overhead
 
     metrics = run_toy_trajectory(Path(args.teacher), Path(args.run_dir), args.label, args.iters, args.components,
                                  args.seed, args.snapshot_every)
