@@ -153,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: join the process group
+        from piflow.train.distributed import init_distributed
+
+        init_distributed()
     try:
         return args.func(args)
     except ConfigError as error:
