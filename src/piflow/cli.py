@@ -164,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as error:
         print(f"piflow {args.command}: config error: {error}", file=sys.stderr)
         return 2
-    except ValueError as error:  # bad values caught by the library's own checks
+    except (ValueError, FileNotFoundError, ImportError) as error:  # bad values, missing data or extras
         print(f"piflow {args.command}: error: {error}", file=sys.stderr)
         return 2
 

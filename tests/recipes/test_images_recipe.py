@@ -54,3 +54,47 @@ def test_image_config_errors(tmp_path, teacher_run, capsys):
     assert main(["train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=digits",
                  "flow_matching.class_dropout=1.5"]) == 2
     assert "class_dropout" in capsys.readouterr().err
+
+
+def test_bad_image_inputs_give_clear_errors(tmp_path, capsys):
+    # 7×7 images cannot be cut into 2×2 patches
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "a"), "dataset=digits", "data.image_size=7", *TINY]) == 2
+    assert "divisible by patch_size" in capsys.readouterr().err
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=image-folder",
+                 f"data.root={tmp_path / 'nothing'}", "data.image_size=8", *TINY]) == 2
+    assert "nothing" in capsys.readouterr().err            # the missing folder is named
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=image-folder", *TINY]) == 2
+    assert "data.root" in capsys.readouterr().err
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=mnist", f"data.root={tmp_path}",
+                 *TINY]) == 2
+    assert "MNIST" in capsys.readouterr().err
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "c"), "dataset=digits", "model.preset=DiT-Q", *TINY]) == 2
+    assert "DiT-Q" in capsys.readouterr().err
+
+
+def test_image_folder_and_latents_train(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    for label in ("cats", "dogs"):
+        (tmp_path / "folder" / label).mkdir(parents=True)
+        for i in range(4):
+            pixels = (np.random.default_rng(i).random((10, 12, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "folder" / label / f"{i}.png")
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "t_folder"), "dataset=image-folder",
+                 f"data.root={tmp_path / 'folder'}", "data.image_size=8", "train.iters=3",
+                 "flow_matching.batch_size=4", *TINY]) == 0
+    model, _ = images.load_teacher(str(tmp_path / "t_folder"))
+    assert model.config.in_channels == 3 and model.config.num_classes == 2
+
+    latents = np.random.default_rng(0).standard_normal((12, 4, 8, 8)).astype("float32")
+    np.save(tmp_path / "lat.npy", latents)
+    np.save(tmp_path / "lat_labels.npy", np.arange(12) % 3)
+    common = ["dataset=latents", f"data.root={tmp_path / 'lat.npy'}"]
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "t_lat"), *common, "train.iters=3",
+                 "flow_matching.batch_size=4", *TINY]) == 0
+    assert main(["distill", "--run-dir", str(tmp_path / "s_lat"), *common, f"teacher={tmp_path / 't_lat'}",
+                 "train.iters=2", "distill.batch_size=2", "distill.total_substeps=16", "train.progress=false",
+                 "train.checkpoint_every=0"]) == 0
+    pf, _ = images.load_student_pipeline(tmp_path / "s_lat")
+    assert pf.sample(torch.randn(2, 4, 8, 8), nfe=2, cond=torch.tensor([0, 2])).shape == (2, 4, 8, 8)

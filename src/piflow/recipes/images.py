@@ -58,10 +58,22 @@ def is_image_dataset(name: Any) -> bool:
 
 
 def load_dataset(config: dict, split: str = "train"):
+    """The configured dataset; `data.root` is the folder (IDX, image-folder) or the file (latents)."""
     from piflow.data import make_image_dataset
 
+    name = config["dataset"]
     kwargs = {key: value for key, value in config["data"].items() if value is not None}
-    return make_image_dataset(config["dataset"], split=split, **kwargs)
+    if name in ("image-folder", "latents"):
+        if "root" not in kwargs:
+            raise ConfigError(f"dataset={name} needs data.root (a {'folder' if name == 'image-folder' else 'file'})")
+        if name == "image-folder" and "image_size" not in kwargs:
+            raise ConfigError("dataset=image-folder needs data.image_size (images are resized and centre-cropped)")
+        if name == "latents":
+            kwargs["path"] = kwargs.pop("root")
+            kwargs.pop("image_size", None)
+        if split == "test":
+            split = "train"   # no built-in split: evaluation reuses the given data
+    return make_image_dataset(name, split=split, **kwargs)
 
 
 def build_teacher_model(config: dict, image_shape: tuple[int, ...], num_classes: int) -> DiT:
