@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Union
 
-import torch
 from torch import Tensor
 
 TimeLike = Union[Tensor, float]

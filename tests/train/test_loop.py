@@ -1,6 +1,5 @@
 """Training loop: power EMA, warm-up, NaN skipping, atomic checkpoints and exact resume."""
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -82,7 +81,7 @@ def test_resume_continues_with_identical_losses(tmp_path):
 def test_sigkill_mid_training_resumes_exactly(tmp_path):
     """A run killed with SIGKILL resumes from its last checkpoint with the losses of an uninterrupted run."""
     script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(textwrap.dedent("""
         import os, signal, sys, torch
         from torch import nn
         from piflow.train import TrainConfig, train

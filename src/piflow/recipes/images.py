@@ -5,12 +5,10 @@ Same run-directory conventions as the 2-D recipe: ``config.yaml``, ``checkpoint.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -19,10 +17,9 @@ from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.piid import segment_grid
 from piflow.pipeline import PiFlow
-from piflow.recipes.toy2d import TRAIN_DEFAULTS, _save_safetensors, _write_json
+from piflow.recipes.common import TRAIN_DEFAULTS, build_pipeline, save_safetensors, write_json
 from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
-from piflow.timewarp import warp
 from piflow.train import TrainConfig, train
 
 NUM_TIMESTEPS = 1000.0
@@ -127,7 +124,7 @@ def train_teacher(config: dict, run_dir: Path) -> dict:
     grid = euler_sample(teacher, noise, 32, y)
     save_image_grid(grid, run_dir / "samples.png", nrow=8)
     metrics = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"]}
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -170,17 +167,6 @@ def build_student(config: dict, teacher_model: DiT) -> PolicyStudent:
                          num_timesteps=NUM_TIMESTEPS, generator=torch.Generator().manual_seed(config["train"]["seed"]))
 
 
-def build_pipeline(config: dict, student: torch.nn.Module, teacher) -> PiFlow:
-    d = config["distill"]
-    policy = "dx" if config["student"]["policy"] == "x0" else config["student"]["policy"]
-    return PiFlow(student, teacher, policy=policy, nfe=d["nfe"], final_step_size_scale=d["final_step_size_scale"],
-                  shift=d["shift"], num_intermediate_states=d["num_intermediate_states"],
-                  window_substeps=d["window_substeps"],
-                  gm_dropout=d["gm_dropout"] if policy in ("gm", "gmflow") else 0.0, loss_scale=d["loss_scale"],
-                  total_substeps=d["total_substeps"], num_decay_iters=d["num_decay_iters"],
-                  policy_kwargs={"mode": config["student"]["dx_mode"]} if policy == "dx" else None)
-
-
 def distill(config: dict, run_dir: Path) -> dict:
     """π-ID distillation of a DiT teacher into a GM/DX DiT student (data-dependent or data-free)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +202,7 @@ def distill(config: dict, run_dir: Path) -> dict:
     start = time.perf_counter()
     result = train(student, loss_fn or pi_id_loss, TrainConfig(**config["train"]), run_dir, desc="distill")
     seconds = time.perf_counter() - start
-    _save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
+    save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
     from piflow.recipes import plots
 
     plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
@@ -229,7 +215,7 @@ def distill(config: dict, run_dir: Path) -> dict:
     save_image_grid(torch.cat([r[:16] for r in rows]), run_dir / "samples.png", nrow=16)
     metrics = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"],
                "coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 

@@ -5,14 +5,13 @@ Run directories hold ``config.yaml`` (resolved), ``checkpoint.pt`` (resumable tr
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from piflow.config import ConfigError, load_config, save_config
 from piflow.data import make_toy_dataset
@@ -25,14 +24,10 @@ from piflow.sampling import FlowMapSDEScheduler, euler_sample, rk4_sample
 from piflow.teachers import GaussianMixtureTeacher, NetworkTeacher
 from piflow.timewarp import unwarp, warp
 from piflow.train import TrainConfig, train
-from piflow.train.checkpoint import atomic_write
 from piflow.recipes import plots
+from piflow.recipes.common import TRAIN_DEFAULTS, build_pipeline, save_safetensors, write_json
 
 NUM_TIMESTEPS = 1000.0
-
-TRAIN_DEFAULTS = dict(iters=1000, lr=1e-3, betas=[0.9, 0.95], weight_decay=0.0, warmup_iters=100, grad_clip=50.0,
-                      grad_clip_from=100, ema_gamma=7.0, ema_start=100, checkpoint_every=500, log_every=50, seed=0,
-                      progress=True, grad_accum_steps=1, mixed_precision="no")
 
 TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "checkerboard",
@@ -82,13 +77,6 @@ def load_teacher(spec: str, dataset_name: str):
     return NetworkTeacher(model, NUM_TIMESTEPS), model
 
 
-def _save_safetensors(state: dict, path: Path) -> None:
-    from safetensors.torch import save as save_bytes
-
-    data = save_bytes({k: v.contiguous() for k, v in state.items()})
-    atomic_write(path, lambda handle: handle.write(data))
-
-
 def train_teacher(config: dict, run_dir: Path) -> dict:
     """Rectified-flow matching of an MLP on a 2-D dataset; writes teacher.safetensors and metrics."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,11 +100,11 @@ def train_teacher(config: dict, run_dir: Path) -> dict:
         return (u - (noise - x0)).square().mean()
 
     result = train(model, loss_fn, TrainConfig(**config["train"]), run_dir, desc="teacher")
-    _save_safetensors(result.ema.model.state_dict(), run_dir / "teacher.safetensors")
+    save_safetensors(result.ema.model.state_dict(), run_dir / "teacher.safetensors")
     plots.plot_loss_curve(result.history, run_dir / "loss.png", "teacher flow-matching loss")
     teacher = NetworkTeacher(result.ema.model, NUM_TIMESTEPS)
     metrics = evaluate_methods(teacher, None, dataset, config["eval"], run_dir)
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -130,17 +118,6 @@ def build_student(config: dict, teacher_model: Optional[torch.nn.Module]) -> Pol
     return PolicyStudent(base, spec["policy"], num_components=spec["num_components"], num_nodes=spec["num_nodes"],
                          dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS, init_from_teacher=init,
                          logstd_hidden=256, generator=torch.Generator().manual_seed(config["train"]["seed"]))
-
-
-def build_pipeline(config: dict, student: torch.nn.Module, teacher) -> PiFlow:
-    d = config["distill"]
-    policy = config["student"]["policy"]
-    return PiFlow(student, teacher, policy=policy, nfe=d["nfe"], final_step_size_scale=d["final_step_size_scale"],
-                  shift=d["shift"], num_intermediate_states=d["num_intermediate_states"],
-                  window_substeps=d["window_substeps"],
-                  gm_dropout=d["gm_dropout"] if policy in ("gm", "gmflow") else 0.0, loss_scale=d["loss_scale"],
-                  total_substeps=d["total_substeps"], num_decay_iters=d["num_decay_iters"],
-                  policy_kwargs={"mode": config["student"]["dx_mode"]} if policy == "dx" else None)
 
 
 def distill(config: dict, run_dir: Path) -> dict:
@@ -165,12 +142,12 @@ def distill(config: dict, run_dir: Path) -> dict:
     start = time.perf_counter()
     result = train(student, loss_fn, TrainConfig(**config["train"]), run_dir, desc="distill")
     train_seconds = time.perf_counter() - start
-    _save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
+    save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
     plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
     pf_ema = build_pipeline(config, result.ema.model, teacher)
     metrics = evaluate_methods(teacher, pf_ema, dataset, config["eval"], run_dir, config=config)
     metrics["train_seconds"] = train_seconds
-    _write_json(run_dir / "metrics.json", metrics)
+    write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
@@ -269,10 +246,6 @@ def _trajectory_figure(teacher, pf: PiFlow, dataset, path: Path, num_paths: int 
     student_path, points = policy_path(pf, noise, pf.nfe)
     background = dataset.sample(3000, torch.Generator().manual_seed(3)).numpy()
     plots.plot_trajectories(torch.stack(teacher_path).numpy(), student_path, path, points, background=background)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=2).encode()))
 
 
 def format_table(rows: dict[str, dict]) -> str:
