@@ -88,7 +88,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_demo(args) -> int:
     from piflow.recipes import demo
 
-    demo.run_demo(Path(args.run_dir), quick=args.quick)
+    demo.run_demo(Path(args.run_dir), quick=args.quick, train_teachers=args.train_teachers)
     return 0
 
 
@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="2-D end-to-end demo with exact answers; prints a comparison table")
     demo.add_argument("--run-dir", default="runs/demo")
-    demo.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
+    demo.add_argument("--quick", action="store_true", help="fewer iterations (smoke test; trains tiny teachers)")
+    demo.add_argument("--train-teachers", action="store_true",
+                      help="train the learned teachers instead of loading the bundled checkpoints")
     demo.set_defaults(func=_cmd_demo)
 
     teacher = sub.add_parser("train-teacher", help="train a 2-D flow-matching MLP teacher")
