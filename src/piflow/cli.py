@@ -53,30 +53,57 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _run_is_image(run_dir: Path) -> bool:
+    import yaml
+
+    from piflow.recipes.images import is_image_dataset
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ConfigError(f"{run_dir} is not a piflow run directory (no config.yaml)")
+    return is_image_dataset((yaml.safe_load(config_path.read_text()) or {}).get("dataset"))
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
     import torch
 
-    from piflow.recipes import plots, toy2d
+    from piflow.recipes import images, plots, toy2d
 
     run_dir = Path(args.run_dir)
-    pf, _ = toy2d.load_student_pipeline(run_dir, args.overrides)
+    image_run = _run_is_image(run_dir)
+    pf, _ = (images if image_run else toy2d).load_student_pipeline(run_dir, args.overrides)
     nfe = pf.nfe if args.nfe is None else args.nfe
-    noise = torch.randn(args.num_samples, 2, generator=torch.Generator().manual_seed(args.seed))
+    gen = torch.Generator().manual_seed(args.seed)
     temperature = args.temperature if args.temperature == "auto" else float(args.temperature)
-    samples = pf.sample(noise, nfe=nfe, temperature=temperature).numpy()
     out = Path(args.output) if args.output else run_dir / f"samples_nfe{nfe}.npy"
+    if image_run:
+        model_config = pf.student.backbone.config
+        num_classes = max(model_config.num_classes, 1)
+        noise = torch.randn(args.num_samples, model_config.in_channels, *model_config.input_size, generator=gen)
+        labels = (torch.full((args.num_samples,), args.label) if args.label is not None
+                  else torch.arange(args.num_samples) % num_classes)
+        samples = pf.sample(noise, nfe=nfe, cond=labels, temperature=temperature)
+        images.save_image_grid(samples[:100], out.with_suffix(".png"), nrow=10)
+        samples = samples.numpy()
+    else:
+        samples = pf.sample(torch.randn(args.num_samples, 2, generator=gen), nfe=nfe, temperature=temperature).numpy()
+        plots.plot_sample_panels([(f"student, {nfe} NFE", samples)], out.with_suffix(".png"))
     np.save(out, samples)
-    plots.plot_sample_panels([(f"student, {nfe} NFE", samples)], out.with_suffix(".png"))
     print(f"{len(samples)} samples written to {out} (and {out.with_suffix('.png')})")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from piflow.recipes import toy2d
     from piflow.data import make_toy_dataset
+    from piflow.recipes import toy2d
 
     run_dir = Path(args.run_dir)
+    if _run_is_image(run_dir):
+        from piflow.recipes.image_benchmark import evaluate_student_run, format_markdown
+
+        print(format_markdown(evaluate_student_run(run_dir, args.overrides)))
+        return 0
     pf, config = toy2d.load_student_pipeline(run_dir, args.overrides)
     teacher, _ = toy2d.load_teacher(config["teacher"], config["dataset"])
     metrics = toy2d.evaluate_methods(teacher, pf, make_toy_dataset(config["dataset"]), config["eval"], run_dir)
@@ -132,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--temperature", default="1.0", help="GM temperature on non-final steps, or 'auto'")
     sample.add_argument("--output", default=None, help=".npy output path")
+    sample.add_argument("--label", type=int, default=None, help="class label for image runs (default: all classes)")
     sample.add_argument("overrides", nargs="*", metavar="key=value")
     sample.set_defaults(func=_cmd_sample)
 

@@ -46,6 +46,14 @@ def test_distill_variants(tmp_path, teacher_run, extra):
     pf, _ = images.load_student_pipeline(run)
     x = pf.sample(torch.randn(3, 1, 8, 8), nfe=3, cond=torch.tensor([0, 1, 2]))
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    if "student.policy=gmflow" in extra:      # the CLI's sample and evaluate on image runs
+        assert main(["sample", "--run-dir", str(run), "--nfe", "2", "--num-samples", "12", "--label", "7"]) == 0
+        assert (run / "samples_nfe2.npy").is_file() and (run / "samples_nfe2.png").is_file()
+        assert main(["evaluate", "--run-dir", str(run), "eval.num_samples=40", "eval.teacher_steps=[1]",
+                     "eval.student_nfe=[1]"]) == 0
+        evaluation = json.loads((run / "evaluation.json").read_text())
+        assert {"teacher Euler 1", "teacher Euler 32", "student gmflow 4", "student gmflow 1 (elastic)"} <= set(
+            evaluation["rows"])
 
 
 def test_image_config_errors(tmp_path, teacher_run, capsys):

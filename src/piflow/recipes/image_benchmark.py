@@ -245,3 +245,42 @@ def plot_quality_vs_nfe(rows: dict, path: Path) -> None:
             continue
         series.setdefault(row["family"], {})[row["nfe"]] = row["fd_teacher"]
     plot_metric_vs_nfe(series, path, "FD-teacher (classifier features)")
+
+
+def feature_classifier_for(run_dir: Path, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                           num_classes: int, epochs: int = 30):
+    """Load the classifier cached in ``run_dir/feature_net`` or train (and cache) it on the training split."""
+    from piflow.eval.features import load_feature_classifier, save_feature_classifier, train_feature_classifier
+
+    feature_dir = run_dir / "feature_net"
+    if (feature_dir / "config.json").is_file():
+        return load_feature_classifier(feature_dir)
+    net, metrics = train_feature_classifier(train_x, train_y, num_classes, epochs=epochs, batch_size=128, lr=2e-3,
+                                            seed=0, val_images=test_x, val_labels=test_y)
+    save_feature_classifier(net, feature_dir, metrics)
+    return net, metrics
+
+
+def evaluate_student_run(run_dir: Path, overrides=()) -> dict:
+    """`piflow evaluate` for an image run: the student at its NFE (+ eval.student_nfe) and the teacher's Euler
+    sampler at eval.teacher_steps, all from the same noise, with the metrics of this module."""
+    pf, config = images.load_student_pipeline(run_dir, overrides)
+    train_x, train_y = images.load_dataset(config, "train").tensors()
+    test_x, test_y = images.load_dataset(config, "test").tensors()
+    num_classes = pf.student.backbone.config.num_classes       # the student's DiT is a copy of the teacher's
+    feature_net, feature_metrics = feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes)
+    eval_cfg = config["eval"]
+    context = build_context(pf.teacher, feature_net, test_x, train_x.shape[1:], num_classes,
+                            int(eval_cfg["num_samples"]), int(eval_cfg["seed"]))
+    rows = {}
+    for steps in sorted({*map(int, eval_cfg["teacher_steps"]), TEACHER_REFERENCE_STEPS}):
+        rows[f"teacher Euler {steps}"] = dict(
+            context.metrics(euler_sample(pf.teacher, context.noise_a, steps, context.labels_a)), nfe=steps,
+            family="teacher Euler")
+    for nfe in sorted({pf.nfe, *map(int, eval_cfg["student_nfe"])}):
+        samples = pf.sample(context.noise_a, nfe=nfe, cond=context.labels_a, temperature=eval_cfg["temperature"])
+        rows[f"student {config['student']['policy']} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")] = dict(
+            context.metrics(samples), nfe=nfe, family="student")
+    results = {"rows": rows, "feature_net": feature_metrics}
+    (run_dir / "evaluation.json").write_text(json.dumps(results, indent=2))
+    return results
