@@ -5,7 +5,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import piflow  # noqa: E402
-from piflow.integrations.diffusers_solvers import diffusers_sample, make_flow_scheduler  # noqa: E402
+from piflow.integrations.diffusers.solvers import diffusers_sample, make_flow_scheduler  # noqa: E402
 from piflow.sampling import rk4_sample  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")

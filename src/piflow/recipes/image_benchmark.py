@@ -157,7 +157,7 @@ def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_
         add(f"teacher Euler {steps}", euler_sample(teacher, context.noise_a, steps, context.labels_a), steps,
             "teacher Euler")
     try:
-        from piflow.integrations.diffusers_solvers import diffusers_sample
+        from piflow.integrations.diffusers.solvers import diffusers_sample
 
         for solver in ("flow-euler", "dpm-solver++", "unipc"):
             for steps in (2, 4, 8):
