@@ -112,7 +112,8 @@ STUDENTS = [
 
 def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_samples: int = 1000,
                   teacher_run: Optional[Path] = None, only: Optional[list[str]] = None,
-                  feature_epochs: int = 30, log: Callable[[str], None] = print) -> dict:
+                  feature_epochs: int = 30, feature_train_size: Optional[int] = None,
+                  teacher_overrides: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
     from piflow.eval.features import load_feature_classifier, save_feature_classifier, train_feature_classifier
 
     start_time = time.perf_counter()
@@ -121,7 +122,8 @@ def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_
     teacher_run = teacher_run or run_dir / "teacher"
     if not (teacher_run / "teacher" / "config.json").is_file():
         log(f"[bench] training the teacher into {teacher_run}")
-        cfg = load_config(images.IMAGE_TEACHER_DEFAULTS, None, [f"dataset={dataset}", "train.progress=false"])
+        cfg = load_config(images.IMAGE_TEACHER_DEFAULTS, None,
+                          [f"dataset={dataset}", "train.progress=false", *teacher_overrides])
         images.train_teacher(cfg, teacher_run)
     teacher_model, teacher_cfg = images.load_teacher(str(teacher_run))
     train_set = images.load_dataset(teacher_cfg, "train")
@@ -135,8 +137,10 @@ def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_
         feature_net, feature_metrics = load_feature_classifier(feature_dir)
     else:
         log("[bench] training the feature classifier")
+        count = len(train_x) if feature_train_size is None else min(feature_train_size, len(train_x))
+        subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:count]
         feature_net, feature_metrics = train_feature_classifier(
-            train_x, train_y, num_classes, epochs=feature_epochs, batch_size=128, lr=2e-3, seed=0,
+            train_x[subset], train_y[subset], num_classes, epochs=feature_epochs, batch_size=128, lr=2e-3, seed=0,
             val_images=test_x, val_labels=test_y)
         save_feature_classifier(feature_net, feature_dir, feature_metrics)
     results["feature_net"] = feature_metrics
