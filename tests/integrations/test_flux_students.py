@@ -74,3 +74,33 @@ def test_pi_id_step_trains_the_head_and_leaves_the_teacher_unchanged():
     with torch.no_grad():
         samples = pf.sample(torch.randn(2, 16, 8, 8), nfe=1, cond=cond(), temperature="auto")
     assert samples.shape == (2, 16, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_lora_student_shares_the_base_and_never_leaks_into_the_teacher():
+    pytest.importorskip("peft")
+    from piflow.integrations.diffusers.flux import add_student_lora
+
+    model = tiny_flux()
+    teacher = FluxTeacher(model)
+    x, sigma, c = torch.randn(2, 16, 8, 8), torch.tensor([0.8, 0.3]), cond()
+    u_before = teacher(x, sigma, c)
+    add_student_lora(model, rank=4)
+    student = FluxPolicyStudent(model, "gmflow", num_components=2, logstd_hidden=32, share_transformer=True)
+    names = {name for name, p in student.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in names) and any(n.startswith("head.") for n in names)
+    assert any(n.startswith("norm_out.") for n in names)
+    assert not any("attn" in n for n in names)                        # attention is never adapted
+    assert not any(n.startswith("transformer.proj_out") for n in names)  # nor the teacher's output layer
+    base = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    shared = {id(p) for p in model.parameters()}
+    assert sum(p.numel() for p in student.parameters() if id(p) not in shared) < base   # no second base copy
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    pf = PiFlow(student, teacher, nfe=2, total_substeps=16)
+    for _ in range(3):
+        optimizer.zero_grad()
+        pf(torch.randn(2, 16, 8, 8), c).backward()
+        optimizer.step()
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)   # LoRA trained
+    torch.testing.assert_close(teacher(x, sigma, c), u_before, atol=0, rtol=0)   # teacher bit-for-bit unchanged
+    student_means = student(x, sigma, c)["means"]
+    assert not torch.allclose(student_means[:, 0], u_before, atol=1e-4)         # the student did change

@@ -6,8 +6,12 @@ pipelines do). The student runs the transformer unchanged and reads the tokens t
 (K·64 means, K·4 log-weights per token, log-std MLP on the detached temb) or `DXHead` (N·64) replaces `proj_out`
 and is initialised from it. FLUX takes σ ∈ [0, 1] as its timestep (it multiplies by 1000 itself).
 
-Status: students, teacher wrapper and packing are implemented and tested on tiny random configs; LoRA/PEFT, weight
-tying, pipelines and adapter files are not yet (see the open issue).
+LoRA (§6.6): `add_student_lora` wraps the feed-forward and timestep-MLP layers with a PEFT adapter; a student built
+with ``share_transformer=True`` then shares every frozen base weight with the teacher (`FluxTeacher` runs the same
+module with adapters disabled and the original `norm_out`), while the student swaps in its own trainable `norm_out`.
+
+Status: students, teacher wrapper, packing and LoRA weight tying are implemented and tested on tiny random configs;
+pipelines, adapter files and FSDP are not yet (see the open issue).
 """
 from __future__ import annotations
 
@@ -21,6 +25,25 @@ from torch import Tensor, nn
 from piflow.heads import DXHead, GMHead
 
 PATCH = 2
+
+# §6.6 GM-FLUX LoRA targets: feed-forward layers and the timestep MLP, never attention. The single-stream blocks'
+# proj_out is listed per block so that the root proj_out (teacher output layer) is never wrapped.
+FLUX_LORA_TARGETS = (r".*(single_transformer_blocks\.\d+\.proj_out|proj_mlp|ff\.net\.0\.proj|ff\.net\.2|"
+                     r"ff_context\.net\.0\.proj|ff_context\.net\.2|timestep_embedder\.linear_1|"
+                     r"timestep_embedder\.linear_2)$")
+LORA_ADAPTER = "piflow"
+
+
+def add_student_lora(transformer: nn.Module, rank: int = 256, alpha: Optional[float] = None, dropout: float = 0.05,
+                     target_modules: str = FLUX_LORA_TARGETS, adapter_name: str = LORA_ADAPTER) -> None:
+    """Add a PEFT LoRA adapter (Gaussian A, zero B, so the output is unchanged) and freeze all base weights."""
+    try:
+        from peft import LoraConfig
+    except ImportError as error:  # pragma: no cover - optional dependency
+        raise ImportError("LoRA students need `pip install peft`") from error
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
+                                       init_lora_weights="gaussian", target_modules=target_modules), adapter_name)
 
 
 def pack_latents(latents: Tensor, patch: int = PATCH) -> Tensor:
@@ -81,15 +104,31 @@ def capture_final_features(transformer: nn.Module):
             handle.remove()
 
 
+@contextmanager
+def adapters_disabled(transformer: nn.Module):
+    """Run `transformer` as the base model (PEFT adapters off) inside the block; a no-op without adapters."""
+    has_adapters = bool(getattr(transformer, "_hf_peft_config_loaded", False))
+    if has_adapters:
+        transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        if has_adapters:
+            transformer.enable_adapters()
+
+
 class FluxTeacher:
-    """σ-space teacher around a FLUX transformer: ``teacher(latents (B,16,H,W), sigma (B,), cond) -> u``."""
+    """σ-space teacher around a FLUX transformer: ``teacher(latents (B,16,H,W), sigma (B,), cond) -> u``.
+
+    LoRA adapters that a shared student added are disabled for every teacher call."""
 
     def __init__(self, transformer: nn.Module):
         self.transformer = transformer
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
-        out = self.transformer(**_transformer_inputs(latents, sigma, cond), return_dict=False)[0]
+        with adapters_disabled(self.transformer):
+            out = self.transformer(**_transformer_inputs(latents, sigma, cond), return_dict=False)[0]
         return unpack_tokens(out, latents.shape[2], latents.shape[3]).to(latents.dtype)
 
 
@@ -108,6 +147,8 @@ class FluxPolicyStudent(nn.Module):
                  generator: Optional[torch.Generator] = None):
         super().__init__()
         self.transformer = transformer if share_transformer else copy.deepcopy(transformer)
+        # the student's own final norm (trainable, §6.6); swapped in only while the student runs
+        self.norm_out = copy.deepcopy(self.transformer.norm_out).requires_grad_(True)
         projection = self.transformer.proj_out
         self.latent_channels = latent_channels
         self.policy_kind = "gmflow" if policy in ("gm", "gmflow") else policy
@@ -133,8 +174,13 @@ class FluxPolicyStudent(nn.Module):
 
     def forward(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> dict:
         height, width = latents.shape[2:]
-        with capture_final_features(self.transformer) as captured:
-            self.transformer(**_transformer_inputs(latents, sigma, cond), return_dict=False)
+        teacher_norm = self.transformer.norm_out
+        self.transformer._modules["norm_out"] = self.norm_out
+        try:
+            with capture_final_features(self.transformer) as captured:
+                self.transformer(**_transformer_inputs(latents, sigma, cond), return_dict=False)
+        finally:
+            self.transformer._modules["norm_out"] = teacher_norm
         tokens, temb = captured["tokens"], captured["temb"]
         if self.policy_kind == "dx":
             return {"u_grid": self._unpack(self.head(tokens), height, width)}
