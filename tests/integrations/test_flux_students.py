@@ -104,3 +104,51 @@ def test_lora_student_shares_the_base_and_never_leaks_into_the_teacher():
     torch.testing.assert_close(teacher(x, sigma, c), u_before, atol=0, rtol=0)   # teacher bit-for-bit unchanged
     student_means = student(x, sigma, c)["means"]
     assert not torch.allclose(student_means[:, 0], u_before, atol=1e-4)         # the student did change
+
+
+def test_adapter_round_trip_is_bit_exact_and_bad_files_fail_clearly(tmp_path):
+    pytest.importorskip("peft")
+    import json
+
+    from piflow.integrations.diffusers.adapter import load_piflow_adapter, save_piflow_adapter
+    from piflow.integrations.diffusers.flux import add_student_lora
+
+    model = tiny_flux()
+    add_student_lora(model, rank=4)
+    student = FluxPolicyStudent(model, "gmflow", num_components=2, logstd_hidden=32, share_transformer=True)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    pf = PiFlow(student, FluxTeacher(model), nfe=2, total_substeps=16)
+    for _ in range(2):
+        optimizer.zero_grad()
+        pf(torch.randn(2, 16, 8, 8), cond()).backward()
+        optimizer.step()
+    student.eval()
+    save_piflow_adapter(student, tmp_path / "adapter")
+    x, sigma, c = torch.randn(2, 16, 8, 8), torch.tensor([1.0, 0.6]), cond()
+    expected = student(x, sigma, c)
+
+    fresh = load_piflow_adapter(tiny_flux(), tmp_path / "adapter").eval()   # same base weights, new objects
+    got = fresh(x, sigma, c)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+    config = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    assert config["_class_name"] == "GMFluxTransformer2DModel" and config["policy_config"]["type"] == "GMFlow"
+
+    weights = tmp_path / "adapter" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_piflow_adapter(tiny_flux(), tmp_path / "adapter")
+    weights.write_bytes(data)
+
+    import safetensors.torch as st
+
+    tensors = st.load_file(str(weights))
+    st.save_file(tensors, str(weights), metadata={"policy_config": json.dumps({"type": "GMFlow"})})
+    with pytest.raises(ValueError, match="num_components"):
+        load_piflow_adapter(tiny_flux(), tmp_path / "adapter")
+    st.save_file(tensors, str(weights), metadata={"policy_config": json.dumps({"type": "Flow"})})
+    with pytest.raises(ValueError, match="policy_config.type"):
+        load_piflow_adapter(tiny_flux(), tmp_path / "adapter")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_piflow_adapter(tiny_flux(), tmp_path / "nowhere")

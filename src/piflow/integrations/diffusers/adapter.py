@@ -1,0 +1,120 @@
+"""Save and load π-Flow FLUX students as adapter folders: the trainable tensors only, the base model stays shared.
+
+Layout (piflow adapter format v1):
+* ``config.json``: ``_class_name`` (``GMFluxTransformer2DModel`` / ``DXFluxTransformer2DModel``), ``base_class``,
+  ``policy_config`` and ``lora_config``;
+* ``diffusion_pytorch_model.safetensors``: ``head.*`` (policy head), ``norm_out.*`` (the student's final norm) and
+  ``lora.<module>.lora_A/B.weight`` (PEFT tensors with the adapter name stripped); its safetensors metadata repeats
+  ``policy_config`` as JSON ({"type": "GMFlow"|"DX", …}).
+Not verified against the adapters the paper's authors published (none can be downloaded here).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from piflow.integrations.diffusers.flux import LORA_ADAPTER, FluxPolicyStudent, add_student_lora
+from piflow.train.checkpoint import atomic_write
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+POLICY_TYPES = {"GMFlow": "gmflow", "DX": "dx"}
+
+
+def _policy_config(student: FluxPolicyStudent) -> dict:
+    head = student.head
+    if student.policy_kind == "gmflow":
+        hidden = [m for m in head.logstd_mlp if isinstance(m, torch.nn.Linear)][0].out_features
+        return {"type": "GMFlow", "num_components": head.num_components, "latent_channels": head.channels,
+                "logstd_hidden": hidden}
+    return {"type": "DX", "num_nodes": head.num_nodes, "mode": head.mode, "latent_channels": student.latent_channels}
+
+
+def save_piflow_adapter(student: FluxPolicyStudent, directory: Union[str, Path],
+                        adapter_name: str = LORA_ADAPTER) -> Path:
+    """Write the student's head, final norm and LoRA tensors (atomic writes) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"head.{k}": v for k, v in student.head.state_dict().items()}
+    tensors.update({f"norm_out.{k}": v for k, v in student.norm_out.state_dict().items()})
+    lora_config = None
+    peft_config = getattr(student.transformer, "peft_config", {}).get(adapter_name)
+    if peft_config is not None:
+        from peft import get_peft_model_state_dict
+
+        lora = get_peft_model_state_dict(student.transformer, adapter_name=adapter_name)
+        tensors.update({f"lora.{k}": v for k, v in lora.items()})
+        targets = peft_config.target_modules
+        lora_config = {"rank": peft_config.r, "alpha": peft_config.lora_alpha, "dropout": peft_config.lora_dropout,
+                       "target_modules": targets if isinstance(targets, str) else sorted(targets)}
+    policy_config = _policy_config(student)
+    data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                             metadata={"policy_config": json.dumps(policy_config), "format": "piflow-adapter-v1"})
+    atomic_write(directory / WEIGHTS, lambda handle: handle.write(data))
+    config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + "FluxTransformer2DModel",
+              "base_class": "FluxTransformer2DModel", "policy_config": policy_config, "lora_config": lora_config}
+    atomic_write(directory / "config.json", lambda handle: handle.write(json.dumps(config, indent=2).encode()))
+    return directory
+
+
+def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    config_path, weights_path = directory / "config.json", directory / WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter file {path} is missing")
+    config = json.loads(config_path.read_text())
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:
+        raise ValueError(f"adapter file {weights_path} is corrupt or truncated ({type(error).__name__}: {error})") \
+            from error
+    if "policy_config" not in metadata:
+        raise ValueError(f"adapter file {weights_path} has no policy_config metadata")
+    config["policy_config"] = json.loads(metadata["policy_config"])
+    return config, tensors
+
+
+def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], subfolder: Optional[str] = None,
+                        adapter_name: str = LORA_ADAPTER) -> FluxPolicyStudent:
+    """Attach a saved adapter to a FLUX `transformer` (shared, not copied) and return the student."""
+    directory = Path(path) / subfolder if subfolder else Path(path)
+    config, tensors = _read_adapter(directory)
+    policy = config["policy_config"]
+    kind = POLICY_TYPES.get(policy.get("type"))
+    if kind is None:
+        raise ValueError(f"policy_config.type must be one of {sorted(POLICY_TYPES)}, got {policy.get('type')!r}")
+    required = ("num_components", "latent_channels", "logstd_hidden") if kind == "gmflow" else (
+        "num_nodes", "mode", "latent_channels")
+    missing = [key for key in required if key not in policy]
+    if missing:
+        raise ValueError(f"policy_config is missing {missing} (needed for a {policy['type']} adapter)")
+    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+    if lora:
+        if config.get("lora_config") is None:
+            raise ValueError("adapter holds LoRA tensors but config.json has no lora_config")
+        lc = config["lora_config"]
+        add_student_lora(transformer, rank=lc["rank"], alpha=lc["alpha"], dropout=lc["dropout"],
+                         target_modules=lc["target_modules"], adapter_name=adapter_name)
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(transformer, lora, adapter_name=adapter_name)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"adapter LoRA tensors do not match this transformer: {unexpected[:4]}")
+    student = FluxPolicyStudent(transformer, kind, num_components=policy.get("num_components", 8),
+                                num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
+                                latent_channels=policy["latent_channels"],
+                                logstd_hidden=policy.get("logstd_hidden", 1024), share_transformer=True)
+    try:
+        student.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
+        student.norm_out.load_state_dict({k[len("norm_out."):]: v for k, v in tensors.items()
+                                          if k.startswith("norm_out.")})
+    except RuntimeError as error:
+        raise ValueError(f"adapter tensors do not match its policy_config / this transformer: {error}") from error
+    return student
