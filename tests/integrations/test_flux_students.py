@@ -5,7 +5,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from piflow import PiFlow  # noqa: E402
-from piflow.integrations.diffusers.flux import (FluxPolicyStudent, FluxTeacher, pack_latents,  # noqa: E402
+from piflow.integrations.diffusers.students import (FluxPolicyStudent, FluxTeacher, pack_latents,  # noqa: E402
                                                 unpack_tokens)
 from piflow.policies import GMFlowPolicy  # noqa: E402
 
@@ -78,7 +78,7 @@ def test_pi_id_step_trains_the_head_and_leaves_the_teacher_unchanged():
 
 def test_lora_student_shares_the_base_and_never_leaks_into_the_teacher():
     pytest.importorskip("peft")
-    from piflow.integrations.diffusers.flux import add_student_lora
+    from piflow.integrations.diffusers.students import add_student_lora
 
     model = tiny_flux()
     teacher = FluxTeacher(model)
@@ -111,7 +111,7 @@ def test_adapter_round_trip_is_bit_exact_and_bad_files_fail_clearly(tmp_path):
     import json
 
     from piflow.integrations.diffusers.adapter import load_piflow_adapter, save_piflow_adapter
-    from piflow.integrations.diffusers.flux import add_student_lora
+    from piflow.integrations.diffusers.students import add_student_lora
 
     model = tiny_flux()
     add_student_lora(model, rank=4)

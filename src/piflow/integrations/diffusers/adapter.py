@@ -1,8 +1,8 @@
-"""Save and load π-Flow FLUX students as adapter folders: the trainable tensors only, the base model stays shared.
+"""Save and load π-Flow FLUX/SD3 students as adapter folders: the trainable tensors only, the base model stays shared.
 
 Layout (piflow adapter format v1):
-* ``config.json``: ``_class_name`` (``GMFluxTransformer2DModel`` / ``DXFluxTransformer2DModel``), ``base_class``,
-  ``policy_config`` and ``lora_config``;
+* ``config.json``: ``_class_name`` (e.g. ``GMFluxTransformer2DModel``, ``DXSD3Transformer2DModel``), ``base_class``,
+  ``architecture``, ``policy_config`` and ``lora_config``;
 * ``diffusion_pytorch_model.safetensors``: ``head.*`` (policy head), ``norm_out.*`` (the student's final norm) and
   ``lora.<module>.lora_A/B.weight`` (PEFT tensors with the adapter name stripped); its safetensors metadata repeats
   ``policy_config`` as JSON ({"type": "GMFlow"|"DX", …}).
@@ -18,14 +18,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from piflow.integrations.diffusers.flux import LORA_ADAPTER, FluxPolicyStudent, add_student_lora
+from piflow.integrations.diffusers.students import LORA_ADAPTER, DiffusersPolicyStudent, add_student_lora
 from piflow.train.checkpoint import atomic_write
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 POLICY_TYPES = {"GMFlow": "gmflow", "DX": "dx"}
 
 
-def _policy_config(student: FluxPolicyStudent) -> dict:
+def _policy_config(student: DiffusersPolicyStudent) -> dict:
     head = student.head
     if student.policy_kind == "gmflow":
         hidden = [m for m in head.logstd_mlp if isinstance(m, torch.nn.Linear)][0].out_features
@@ -34,7 +34,7 @@ def _policy_config(student: FluxPolicyStudent) -> dict:
     return {"type": "DX", "num_nodes": head.num_nodes, "mode": head.mode, "latent_channels": student.latent_channels}
 
 
-def save_piflow_adapter(student: FluxPolicyStudent, directory: Union[str, Path],
+def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, Path],
                         adapter_name: str = LORA_ADAPTER) -> Path:
     """Write the student's head, final norm and LoRA tensors (atomic writes) into `directory`."""
     directory = Path(directory)
@@ -55,8 +55,9 @@ def save_piflow_adapter(student: FluxPolicyStudent, directory: Union[str, Path],
     data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                              metadata={"policy_config": json.dumps(policy_config), "format": "piflow-adapter-v1"})
     atomic_write(directory / WEIGHTS, lambda handle: handle.write(data))
-    config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + "FluxTransformer2DModel",
-              "base_class": "FluxTransformer2DModel", "policy_config": policy_config, "lora_config": lora_config}
+    base = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}[student.architecture.name]
+    config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + base, "base_class": base,
+              "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config}
     atomic_write(directory / "config.json", lambda handle: handle.write(json.dumps(config, indent=2).encode()))
     return directory
 
@@ -81,8 +82,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], subfolder: Optional[str] = None,
-                        adapter_name: str = LORA_ADAPTER) -> FluxPolicyStudent:
-    """Attach a saved adapter to a FLUX `transformer` (shared, not copied) and return the student."""
+                        adapter_name: str = LORA_ADAPTER) -> DiffusersPolicyStudent:
+    """Attach a saved adapter to a FLUX/SD3 `transformer` (shared, not copied) and return the student."""
     directory = Path(path) / subfolder if subfolder else Path(path)
     config, tensors = _read_adapter(directory)
     policy = config["policy_config"]
@@ -107,7 +108,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"adapter LoRA tensors do not match this transformer: {unexpected[:4]}")
-    student = FluxPolicyStudent(transformer, kind, num_components=policy.get("num_components", 8),
+    student = DiffusersPolicyStudent(transformer, kind, architecture=config.get("architecture", "flux"), num_components=policy.get("num_components", 8),
                                 num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
                                 latent_channels=policy["latent_channels"],
                                 logstd_hidden=policy.get("logstd_hidden", 1024), share_transformer=True)

@@ -1,10 +1,13 @@
-"""π-Flow students on diffusers' `FluxTransformer2DModel` (algorithm.md §6.3, §6.5), no weights changed in place.
+"""π-Flow students on diffusers transformers — `FluxTransformer2DModel` and `SD3Transformer2DModel` (algorithm.md
+§6.3, §6.5) — without changing the model's code.
 
-Latents (B, 16, H, W) are 2×2-packed into 64-channel tokens (channel index c·4 + row·2 + col, as the FLUX
-pipelines do). The student runs the transformer unchanged and reads the tokens that enter its final `proj_out`
-(after `norm_out`) and the conditioning embedding `temb` given to `norm_out`, through forward hooks; a `GMHead`
-(K·64 means, K·4 log-weights per token, log-std MLP on the detached temb) or `DXHead` (N·64) replaces `proj_out`
-and is initialised from it. FLUX takes σ ∈ [0, 1] as its timestep (it multiplies by 1000 itself).
+The student runs the transformer unchanged and reads, through forward hooks, the tokens that enter its final
+`proj_out` (after `norm_out`) and the conditioning embedding `temb` given to `norm_out`; a `GMHead` (K per-token
+copies of the projection's outputs, per-pixel log-weights, log-std MLP on the detached temb) or `DXHead` replaces
+`proj_out` and is initialised from it. An `Architecture` says how latents enter the model and how tokens map back:
+* FLUX: latents (B, 16, H, W) are 2×2-packed into 64-channel tokens (channel index c·4 + row·2 + col, as the FLUX
+  pipelines do); σ ∈ [0, 1] is the timestep (FLUX multiplies by 1000 itself); RoPE image ids are built here.
+* SD3: latents go in as they are (the model patchifies); tokens are (p, p, c)-ordered; timestep = σ·1000.
 
 LoRA (§6.6): `add_student_lora` wraps the feed-forward and timestep-MLP layers with a PEFT adapter; a student built
 with ``share_transformer=True`` then shares every frozen base weight with the teacher (`FluxTeacher` runs the same
@@ -17,7 +20,8 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +40,7 @@ LORA_ADAPTER = "piflow"
 
 def add_student_lora(transformer: nn.Module, rank: int = 256, alpha: Optional[float] = None, dropout: float = 0.05,
                      target_modules: str = FLUX_LORA_TARGETS, adapter_name: str = LORA_ADAPTER) -> None:
+    """`target_modules` defaults to the FLUX list; use ``ARCHITECTURES["sd3"].lora_targets`` for SD3."""
     """Add a PEFT LoRA adapter (Gaussian A, zero B, so the output is unchanged) and freeze all base weights."""
     try:
         from peft import LoraConfig
@@ -74,14 +79,61 @@ def image_ids(height: int, width: int, device=None, patch: int = PATCH) -> Tenso
     return ids.reshape(rows * cols, 3)
 
 
-def _transformer_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
-    if not isinstance(cond, dict) or "encoder_hidden_states" not in cond:
-        raise ValueError("cond must be a dict with encoder_hidden_states, pooled_projections, txt_ids "
-                         "(and guidance for guidance-distilled FLUX)")
-    inputs = dict(cond)
+def _check_cond(cond: Any, required: tuple[str, ...], name: str) -> dict:
+    if not isinstance(cond, dict) or any(key not in cond for key in required):
+        raise ValueError(f"cond must be a dict with {', '.join(required)} for {name}")
+    return dict(cond)
+
+
+def _flux_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
+    inputs = _check_cond(cond, ("encoder_hidden_states", "pooled_projections", "txt_ids"), "FLUX")
     inputs.update(hidden_states=pack_latents(latents), timestep=sigma.reshape(-1).to(latents.dtype),
                   img_ids=image_ids(latents.shape[2], latents.shape[3], latents.device))
     return inputs
+
+
+def _sd3_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
+    inputs = _check_cond(cond, ("encoder_hidden_states", "pooled_projections"), "SD3")
+    inputs.update(hidden_states=latents, timestep=sigma.reshape(-1).to(latents.dtype) * 1000)
+    return inputs
+
+
+def unpatchify_pqc(tokens: Tensor, height: int, width: int, patch: int) -> Tensor:
+    """SD3/DiT token layout (B, (H/p)(W/p), p·p·c) with (p_row, p_col, c) order → (B, c, H, W)."""
+    batch, length, features = tokens.shape
+    channels = features // patch ** 2
+    x = tokens.reshape(batch, height // patch, width // patch, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How a diffusers transformer family takes latents and lays out its output tokens."""
+
+    name: str
+    model_inputs: Callable[[Tensor, Tensor, dict], dict]           # (latents, σ (B,), cond) → forward kwargs
+    tokens_to_latents: Callable[[Tensor, int, int, int], Tensor]  # (tokens, H, W, patch) → (B, c, H, W)
+    layout: str                                                   # GMHead layout of a token's outputs
+    output_is_tokens: bool                                        # the model returns tokens (FLUX) or latents (SD3)
+    lora_targets: str
+
+
+FLUX = Architecture("flux", _flux_inputs, lambda t, h, w, p: unpack_tokens(t, h, w, p), "cp", True,
+                    FLUX_LORA_TARGETS)
+SD3 = Architecture("sd3", _sd3_inputs, unpatchify_pqc, "pc", False,
+                   r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|"
+                   r"timestep_embedder\.linear_1|timestep_embedder\.linear_2)$")
+ARCHITECTURES = {"flux": FLUX, "sd3": SD3}
+
+
+def _architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name]
+
+
+def _patch_size(transformer: nn.Module, architecture: Architecture) -> int:
+    return PATCH if architecture is FLUX else int(transformer.config.patch_size)
 
 
 @contextmanager
@@ -117,35 +169,56 @@ def adapters_disabled(transformer: nn.Module):
             transformer.enable_adapters()
 
 
-class FluxTeacher:
-    """σ-space teacher around a FLUX transformer: ``teacher(latents (B,16,H,W), sigma (B,), cond) -> u``.
+class DiffusersTeacher:
+    """σ-space teacher around a diffusers transformer: ``teacher(latents (B,C,H,W), sigma (B,), cond) -> u``.
 
     LoRA adapters that a shared student added are disabled for every teacher call."""
 
-    def __init__(self, transformer: nn.Module):
+    architecture = FLUX
+
+    def __init__(self, transformer: nn.Module, architecture: Optional[str] = None):
         self.transformer = transformer
+        if architecture is not None:
+            self.architecture = _architecture(architecture)
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        arch = self.architecture
         with adapters_disabled(self.transformer):
-            out = self.transformer(**_transformer_inputs(latents, sigma, cond), return_dict=False)[0]
-        return unpack_tokens(out, latents.shape[2], latents.shape[3]).to(latents.dtype)
+            out = self.transformer(**arch.model_inputs(latents, sigma, cond), return_dict=False)[0]
+        if arch.output_is_tokens:
+            out = arch.tokens_to_latents(out, latents.shape[2], latents.shape[3],
+                                         _patch_size(self.transformer, arch))
+        return out.to(latents.dtype)
 
 
-class FluxPolicyStudent(nn.Module):
-    """GM-FLUX / DX-FLUX student ``(latents, sigma, cond) -> dict`` of policy parameters.
+class FluxTeacher(DiffusersTeacher):
+    architecture = FLUX
+
+
+class SD3Teacher(DiffusersTeacher):
+    architecture = SD3
+
+
+class DiffusersPolicyStudent(nn.Module):
+    """GM / DX student ``(latents, sigma, cond) -> dict`` of policy parameters on a diffusers transformer.
 
     Args:
-        transformer: the FLUX transformer (deep-copied unless `share_transformer`; sharing is for LoRA setups where
+        transformer: the transformer (deep-copied unless `share_transformer`; sharing is for LoRA setups where
             the teacher is the same module with adapters disabled).
-        policy: "gmflow" (K components, one 16-channel GM per latent pixel) or "dx" (N nodes, grid/polynomial).
+        policy: "gmflow" (K components, one `latent_channels`-dim GM per latent pixel) or "dx" (N nodes).
+        latent_channels: the VAE latent channels C of one GM chunk (16 for FLUX/SD3, 4 in tiny tests).
     """
+
+    architecture = FLUX
 
     def __init__(self, transformer: nn.Module, policy: str = "gmflow", num_components: int = 8,
                  num_nodes: int = 10, dx_mode: str = "grid", latent_channels: int = 16,
                  head_noise_std: float = 0.05, logstd_hidden: int = 1024, share_transformer: bool = False,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, architecture: Optional[str] = None):
         super().__init__()
+        if architecture is not None:
+            self.architecture = _architecture(architecture)
         self.transformer = transformer if share_transformer else copy.deepcopy(transformer)
         # the student's own final norm (trainable, §6.6); swapped in only while the student runs
         self.norm_out = copy.deepcopy(self.transformer.norm_out).requires_grad_(True)
@@ -153,11 +226,14 @@ class FluxPolicyStudent(nn.Module):
         self.latent_channels = latent_channels
         self.policy_kind = "gmflow" if policy in ("gm", "gmflow") else policy
         in_dim, out_dim = projection.in_features, projection.out_features
-        if out_dim != latent_channels * PATCH ** 2:
-            raise ValueError(f"proj_out has {out_dim} outputs, expected latent_channels·4 = {latent_channels * 4}")
+        self.patch = _patch_size(self.transformer, self.architecture)
+        if out_dim != latent_channels * self.patch ** 2:
+            raise ValueError(f"proj_out has {out_dim} outputs, expected latent_channels·patch² = "
+                             f"{latent_channels * self.patch ** 2}")
+        cond_dim = self.transformer.norm_out.linear.in_features
         if self.policy_kind == "gmflow":
-            self.head = GMHead(in_dim, out_dim, num_components, cond_dim=in_dim, channels=latent_channels,
-                               logstd_hidden=logstd_hidden, layout="cp")
+            self.head = GMHead(in_dim, out_dim, num_components, cond_dim=cond_dim, channels=latent_channels,
+                               logstd_hidden=logstd_hidden, layout=self.architecture.layout)
             self.head.init_from_teacher(projection, noise_std=head_noise_std, generator=generator)
         elif self.policy_kind == "dx":
             self.head = DXHead(in_dim, out_dim, num_nodes, mode=dx_mode)
@@ -169,7 +245,7 @@ class FluxPolicyStudent(nn.Module):
         """(B, L, N, c·4) → (B, N, c, H, W)."""
         batch, length, num, features = per_token.shape
         flat = per_token.permute(0, 2, 1, 3).reshape(batch * num, length, features)
-        spatial = unpack_tokens(flat, height, width)
+        spatial = self.architecture.tokens_to_latents(flat, height, width, self.patch)
         return spatial.reshape(batch, num, *spatial.shape[1:])
 
     def forward(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> dict:
@@ -178,7 +254,7 @@ class FluxPolicyStudent(nn.Module):
         self.transformer._modules["norm_out"] = self.norm_out
         try:
             with capture_final_features(self.transformer) as captured:
-                self.transformer(**_transformer_inputs(latents, sigma, cond), return_dict=False)
+                self.transformer(**self.architecture.model_inputs(latents, sigma, cond), return_dict=False)
         finally:
             self.transformer._modules["norm_out"] = teacher_norm
         tokens, temb = captured["tokens"], captured["temb"]
@@ -187,3 +263,15 @@ class FluxPolicyStudent(nn.Module):
         out = self.head(tokens, temb)
         return {"means": self._unpack(out.means, height, width),
                 "logweights": self._unpack(out.logweights, height, width), "logstds": out.logstds}
+
+
+class FluxPolicyStudent(DiffusersPolicyStudent):
+    """GM-FLUX / DX-FLUX student (§6.3)."""
+
+    architecture = FLUX
+
+
+class SD3PolicyStudent(DiffusersPolicyStudent):
+    """GM / DX student on `SD3Transformer2DModel`."""
+
+    architecture = SD3
