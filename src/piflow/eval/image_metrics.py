@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from piflow.eval.distances import _as_points
+
 __all__ = [
     "feature_statistics",
     "frechet_distance",
@@ -55,14 +57,7 @@ def _as_tensor(x, name: str) -> Tensor:
 
 def _as_features(x, name: str, min_rows: int = 1) -> Tensor:
     """Return x as a finite float64 (N, D) tensor, or raise ValueError naming `name`."""
-    x = _as_tensor(x, name)
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, D), got shape {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one feature column, got shape {tuple(x.shape)}")
-    if x.shape[0] < min_rows:
-        raise ValueError(f"{name} must have at least {min_rows} row(s), got shape {tuple(x.shape)}")
-    x = x.to(torch.float64)
+    x = _as_points(x, name, min_rows)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
