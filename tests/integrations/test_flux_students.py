@@ -152,3 +152,32 @@ def test_adapter_round_trip_is_bit_exact_and_bad_files_fail_clearly(tmp_path):
         load_piflow_adapter(tiny_flux(), tmp_path / "adapter")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_piflow_adapter(tiny_flux(), tmp_path / "nowhere")
+
+
+def parameter_bytes(*modules):
+    """Bytes of the distinct parameter tensors of `modules` (shared tensors counted once)."""
+    seen = {}
+    for module in modules:
+        for param in module.parameters():
+            seen[id(param)] = param.numel() * param.element_size()
+    return sum(seen.values())
+
+
+def test_teacher_student_and_ema_share_one_base():
+    pytest.importorskip("peft")
+    from piflow.integrations.diffusers.students import add_student_lora
+    from piflow.train import PowerEMA
+
+    model = tiny_flux()
+    base = parameter_bytes(model)
+    add_student_lora(model, rank=4)
+    student = FluxPolicyStudent(model, "gmflow", num_components=2, logstd_hidden=32, share_transformer=True)
+    ema = PowerEMA(student)
+    trainable = sum(p.numel() * p.element_size() for p in student.parameters() if p.requires_grad)
+    total = parameter_bytes(model, student, ema.model)
+    # one frozen base for all three; only the trainable tensors (head, norm_out, LoRA) exist twice (student + EMA)
+    assert total == base + 2 * trainable
+    student_params = dict(student.named_parameters())
+    for name, param in ema.model.named_parameters():
+        tied = not student_params[name].requires_grad
+        assert (param is student_params[name]) == tied, name     # frozen base tied, trainable tensors copied

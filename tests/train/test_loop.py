@@ -151,3 +151,18 @@ def test_bf16_autocast_and_gradient_accumulation_train():
         TrainConfig(mixed_precision="fp8")
     with pytest.raises(ValueError, match="grad_accum_steps"):
         TrainConfig(grad_accum_steps=0)
+
+
+def test_ema_shares_frozen_parameters():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    model[0].requires_grad_(False)                     # a frozen "base"
+    ema = PowerEMA(model, gamma=7, start_iter=0)
+    assert ema.model[0].weight is model[0].weight      # tied, no second copy
+    assert ema.model[1].weight is not model[1].weight and not ema.model[1].weight.requires_grad
+    assert model[1].weight.requires_grad and not model[0].weight.requires_grad   # the model is left as it was
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+    ema.update(model, 5)
+    beta = (1 - 1 / 6) ** 8
+    expected = beta * (model[1].weight - 1.0) + (1 - beta) * model[1].weight
+    torch.testing.assert_close(ema.model[1].weight, expected)
