@@ -68,7 +68,7 @@ def test_lora_student_trains_keeps_the_teacher_and_round_trips(tmp_path):
     teacher = SD3Teacher(model)
     x, sigma, c = torch.randn(2, 4, 8, 8), torch.tensor([1.0, 0.5]), cond()
     u_before = teacher(x, sigma, c)
-    add_student_lora(model, rank=4, target_modules=ARCHITECTURES["sd3"].lora_targets)
+    add_student_lora(model, rank=4, target_modules=ARCHITECTURES["sd3"].lora_targets(model))
     student = SD3PolicyStudent(model, "gmflow", num_components=2, latent_channels=4, logstd_hidden=16,
                                share_transformer=True)
     assert not any("attn" in n for n, p in student.named_parameters() if p.requires_grad)

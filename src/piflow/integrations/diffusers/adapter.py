@@ -55,7 +55,8 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
     data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                              metadata={"policy_config": json.dumps(policy_config), "format": "piflow-adapter-v1"})
     atomic_write(directory / WEIGHTS, lambda handle: handle.write(data))
-    base = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel"}[student.architecture.name]
+    base = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
+            "qwen": "QwenImageTransformer2DModel"}[student.architecture.name]
     config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + base, "base_class": base,
               "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config}
     atomic_write(directory / "config.json", lambda handle: handle.write(json.dumps(config, indent=2).encode()))

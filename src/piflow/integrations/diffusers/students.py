@@ -1,5 +1,5 @@
-"""π-Flow students on diffusers transformers — `FluxTransformer2DModel` and `SD3Transformer2DModel` (algorithm.md
-§6.3, §6.5) — without changing the model's code.
+"""π-Flow students on diffusers transformers — `FluxTransformer2DModel`, `QwenImageTransformer2DModel` and
+`SD3Transformer2DModel` (algorithm.md §6.3–6.5) — without changing the model's code.
 
 The student runs the transformer unchanged and reads, through forward hooks, the tokens that enter its final
 `proj_out` (after `norm_out`) and the conditioning embedding `temb` given to `norm_out`; a `GMHead` (K per-token
@@ -7,6 +7,7 @@ copies of the projection's outputs, per-pixel log-weights, log-std MLP on the de
 `proj_out` and is initialised from it. An `Architecture` says how latents enter the model and how tokens map back:
 * FLUX: latents (B, 16, H, W) are 2×2-packed into 64-channel tokens (channel index c·4 + row·2 + col, as the FLUX
   pipelines do); σ ∈ [0, 1] is the timestep (FLUX multiplies by 1000 itself); RoPE image ids are built here.
+* Qwen-Image: the same packing, σ as timestep, `img_shapes` built here; cond holds the text embeddings and mask.
 * SD3: latents go in as they are (the model patchifies); tokens are (p, p, c)-ordered; timestep = σ·1000.
 
 LoRA (§6.6): `add_student_lora` wraps the feed-forward and timestep-MLP layers with a PEFT adapter; a student built
@@ -39,8 +40,8 @@ LORA_ADAPTER = "piflow"
 
 
 def add_student_lora(transformer: nn.Module, rank: int = 256, alpha: Optional[float] = None, dropout: float = 0.05,
-                     target_modules: str = FLUX_LORA_TARGETS, adapter_name: str = LORA_ADAPTER) -> None:
-    """`target_modules` defaults to the FLUX list; use ``ARCHITECTURES["sd3"].lora_targets`` for SD3."""
+                     target_modules: Any = FLUX_LORA_TARGETS, adapter_name: str = LORA_ADAPTER) -> None:
+    """`target_modules` defaults to the FLUX list; use ``ARCHITECTURES[name].lora_targets(transformer)`` otherwise."""
     """Add a PEFT LoRA adapter (Gaussian A, zero B, so the output is unchanged) and freeze all base weights."""
     try:
         from peft import LoraConfig
@@ -98,6 +99,31 @@ def _sd3_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
     return inputs
 
 
+def _qwen_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
+    inputs = _check_cond(cond, ("encoder_hidden_states", "encoder_hidden_states_mask"), "Qwen-Image")
+    rows, cols = latents.shape[2] // PATCH, latents.shape[3] // PATCH
+    inputs.update(hidden_states=pack_latents(latents), timestep=sigma.reshape(-1).to(latents.dtype),
+                  img_shapes=[[(1, rows, cols)]] * latents.shape[0])
+    return inputs
+
+
+def qwen_lora_targets(transformer: nn.Module) -> list[str]:
+    """§6.6 Qwen targets: image MLPs, the timestep MLP, and text MLPs of every block but the last (its text output
+    is unused, which would leave LoRA parameters without gradients)."""
+    names = []
+    last = len(transformer.transformer_blocks) - 1
+    for name, module in transformer.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.endswith(("img_mlp.net.0.proj", "img_mlp.net.2", "timestep_embedder.linear_1",
+                          "timestep_embedder.linear_2")):
+            names.append(name)
+        elif name.endswith(("txt_mlp.net.0.proj", "txt_mlp.net.2")) and not name.startswith(
+                f"transformer_blocks.{last}."):
+            names.append(name)
+    return names
+
+
 def unpatchify_pqc(tokens: Tensor, height: int, width: int, patch: int) -> Tensor:
     """SD3/DiT token layout (B, (H/p)(W/p), p·p·c) with (p_row, p_col, c) order → (B, c, H, W)."""
     batch, length, features = tokens.shape
@@ -115,15 +141,19 @@ class Architecture:
     tokens_to_latents: Callable[[Tensor, int, int, int], Tensor]  # (tokens, H, W, patch) → (B, c, H, W)
     layout: str                                                   # GMHead layout of a token's outputs
     output_is_tokens: bool                                        # the model returns tokens (FLUX) or latents (SD3)
-    lora_targets: str
+    lora_targets: Callable[[nn.Module], Any]                      # transformer → PEFT target_modules
+    packs_outside: bool = True                                    # 2×2 packing done here (FLUX, Qwen) or inside
 
 
+SD3_LORA_TARGETS = (r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|"
+                    r"timestep_embedder\.linear_1|timestep_embedder\.linear_2)$")
 FLUX = Architecture("flux", _flux_inputs, lambda t, h, w, p: unpack_tokens(t, h, w, p), "cp", True,
-                    FLUX_LORA_TARGETS)
-SD3 = Architecture("sd3", _sd3_inputs, unpatchify_pqc, "pc", False,
-                   r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|"
-                   r"timestep_embedder\.linear_1|timestep_embedder\.linear_2)$")
-ARCHITECTURES = {"flux": FLUX, "sd3": SD3}
+                    lambda transformer: FLUX_LORA_TARGETS)
+SD3 = Architecture("sd3", _sd3_inputs, unpatchify_pqc, "pc", False, lambda transformer: SD3_LORA_TARGETS,
+                   packs_outside=False)
+QWEN = Architecture("qwen", _qwen_inputs, lambda t, h, w, p: unpack_tokens(t, h, w, p), "cp", True,
+                    qwen_lora_targets)
+ARCHITECTURES = {"flux": FLUX, "sd3": SD3, "qwen": QWEN}
 
 
 def _architecture(name: str) -> Architecture:
@@ -133,7 +163,7 @@ def _architecture(name: str) -> Architecture:
 
 
 def _patch_size(transformer: nn.Module, architecture: Architecture) -> int:
-    return PATCH if architecture is FLUX else int(transformer.config.patch_size)
+    return PATCH if architecture.packs_outside else int(transformer.config.patch_size)
 
 
 @contextmanager
@@ -198,6 +228,10 @@ class FluxTeacher(DiffusersTeacher):
 
 class SD3Teacher(DiffusersTeacher):
     architecture = SD3
+
+
+class QwenImageTeacher(DiffusersTeacher):
+    architecture = QWEN
 
 
 class DiffusersPolicyStudent(nn.Module):
@@ -275,3 +309,9 @@ class SD3PolicyStudent(DiffusersPolicyStudent):
     """GM / DX student on `SD3Transformer2DModel`."""
 
     architecture = SD3
+
+
+class QwenImagePolicyStudent(DiffusersPolicyStudent):
+    """GM-Qwen / DX-Qwen student on `QwenImageTransformer2DModel` (§6.4)."""
+
+    architecture = QWEN
