@@ -181,3 +181,34 @@ def test_teacher_student_and_ema_share_one_base():
     for name, param in ema.model.named_parameters():
         tied = not student_params[name].requires_grad
         assert (param is student_params[name]) == tied, name     # frozen base tied, trainable tensors copied
+
+
+def test_combining_with_a_second_lora_via_set_adapters():
+    peft = pytest.importorskip("peft")
+    from piflow.integrations.diffusers.students import add_student_lora
+
+    model = tiny_flux()
+    teacher = FluxTeacher(model)
+    x, sigma, c = torch.randn(2, 16, 8, 8), torch.tensor([0.9, 0.5]), cond()
+    u_teacher = teacher(x, sigma, c)
+    add_student_lora(model, rank=4)
+    student = FluxPolicyStudent(model, "gmflow", num_components=2, logstd_hidden=32, share_transformer=True).eval()
+    with torch.no_grad():        # give the π-Flow LoRA some weight so its strength matters
+        for name, param in model.named_parameters():
+            if "lora_B.piflow" in name:
+                param.normal_(0, 0.02)
+    alone = student(x, sigma, c)["means"]
+    model.add_adapter(peft.LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                      target_modules=["ff.net.2"]), adapter_name="style")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B.style" in name:
+                param.normal_(0, 0.05)
+    model.set_adapters(["piflow", "style"], weights=[1.0, 0.7])
+    combined = student(x, sigma, c)["means"]
+    assert not torch.allclose(combined, alone)                      # the style LoRA is active
+    model.set_adapters(["piflow", "style"], weights=[1.0, 0.0])
+    torch.testing.assert_close(student(x, sigma, c)["means"], alone)  # strength 0 removes it exactly
+    model.set_adapters(["piflow"])
+    torch.testing.assert_close(student(x, sigma, c)["means"], alone)
+    torch.testing.assert_close(teacher(x, sigma, c), u_teacher, atol=0, rtol=0)   # teacher: all adapters off
