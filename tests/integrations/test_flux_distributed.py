@@ -1,6 +1,5 @@
 """torchrun, 2 CPU processes (gloo), tiny LoRA GM-FLUX student: ranks stay in sync and take the same π-ID update
 as one process on the same global batch (gradient accumulation over both shards)."""
-import socket
 import subprocess
 import sys
 import textwrap
@@ -46,17 +45,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def test_ddp_flux_student_matches_single_process(tmp_path):
+def test_ddp_flux_student_matches_single_process(tmp_path, free_port):
     script = tmp_path / "flux_ddp.py"
     script.write_text(SCRIPT)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                    "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path)], check=True,
+                    "127.0.0.1", "--master_port", str(free_port), str(script), str(tmp_path)], check=True,
                    timeout=300)
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=300)
     rank0, rank1 = torch.load(tmp_path / "rank0_world2.pt"), torch.load(tmp_path / "rank1_world2.pt")

@@ -1,5 +1,4 @@
 """torchrun with 2 CPU processes (gloo): ranks stay in sync and take the step of one process on the global batch."""
-import socket
 import subprocess
 import sys
 import textwrap
@@ -29,17 +28,12 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
-
-def test_two_process_training_matches_single_process(tmp_path):
+def test_two_process_training_matches_single_process(tmp_path, free_port):
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path)],
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port), str(script), str(tmp_path)],
                    check=True, timeout=240)
     # the single-process reference starts from the same weights as rank 0 (seed 123)
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, timeout=120)

@@ -6,12 +6,21 @@ from pathlib import Path
 
 import torch
 
+from piflow.config import ConfigError, load_config
 from piflow.pipeline import PiFlow
 from piflow.train.checkpoint import atomic_write
 
 TRAIN_DEFAULTS = dict(iters=1000, lr=1e-3, betas=[0.9, 0.95], weight_decay=0.0, warmup_iters=100, grad_clip=50.0,
                       grad_clip_from=100, ema_gamma=7.0, ema_start=100, checkpoint_every=500, log_every=50, seed=0,
                       progress=True, grad_accum_steps=1, mixed_precision="no")
+
+
+def finished_distill_run(run_dir: Path, defaults: dict, overrides=()) -> tuple[dict, Path]:
+    """(resolved config, student weights path) of a finished `piflow distill` run, or a ConfigError."""
+    config_path, weights = run_dir / "config.yaml", run_dir / "student.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        raise ConfigError(f"{run_dir} is not a finished distillation run (needs config.yaml and student.safetensors)")
+    return load_config(defaults, config_path, overrides), weights
 
 
 def build_pipeline(config: dict, student: torch.nn.Module, teacher) -> PiFlow:

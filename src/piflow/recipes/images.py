@@ -17,7 +17,8 @@ from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.piid import segment_grid
 from piflow.pipeline import PiFlow
-from piflow.recipes.common import TRAIN_DEFAULTS, build_pipeline, save_safetensors, write_json
+from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, finished_distill_run, save_safetensors,
+                                   write_json)
 from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
 from piflow.train import TrainConfig, train
@@ -263,10 +264,7 @@ def _x0_regression_loss(pf: PiFlow, teacher, image_shape, labels: torch.Tensor, 
 
 
 def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
-    config_path, weights = run_dir / "config.yaml", run_dir / "student.safetensors"
-    if not config_path.is_file() or not weights.is_file():
-        raise ConfigError(f"{run_dir} is not a finished distillation run (needs config.yaml and student.safetensors)")
-    config = load_config(IMAGE_DISTILL_DEFAULTS, config_path, overrides)
+    config, weights = finished_distill_run(run_dir, IMAGE_DISTILL_DEFAULTS, overrides)
     teacher_model, _ = load_teacher(config["teacher"])
     student = build_student(config, teacher_model)
     student.load_state_dict(load_file(str(weights)))

@@ -25,7 +25,8 @@ from piflow.teachers import GaussianMixtureTeacher, NetworkTeacher
 from piflow.timewarp import unwarp, warp
 from piflow.train import TrainConfig, train
 from piflow.recipes import plots
-from piflow.recipes.common import TRAIN_DEFAULTS, build_pipeline, save_safetensors, write_json
+from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, finished_distill_run, save_safetensors,
+                                   write_json)
 
 NUM_TIMESTEPS = 1000.0
 
@@ -145,17 +146,14 @@ def distill(config: dict, run_dir: Path) -> dict:
     save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
     plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
     pf_ema = build_pipeline(config, result.ema.model, teacher)
-    metrics = evaluate_methods(teacher, pf_ema, dataset, config["eval"], run_dir, config=config)
+    metrics = evaluate_methods(teacher, pf_ema, dataset, config["eval"], run_dir)
     metrics["train_seconds"] = train_seconds
     write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
 def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
-    config_path, weights = run_dir / "config.yaml", run_dir / "student.safetensors"
-    if not config_path.is_file() or not weights.is_file():
-        raise ConfigError(f"{run_dir} is not a finished distillation run (needs config.yaml and student.safetensors)")
-    config = load_config(DISTILL_DEFAULTS, config_path, overrides)
+    config, weights = finished_distill_run(run_dir, DISTILL_DEFAULTS, overrides)
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
     student = build_student(config, teacher_model)
     student.load_state_dict(load_file(str(weights)))
@@ -181,8 +179,7 @@ def _sample_metrics(samples: torch.Tensor, reference: torch.Tensor, ode: torch.T
     return row
 
 
-def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run_dir: Optional[Path] = None,
-                     config: Optional[dict] = None) -> dict:
+def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run_dir: Optional[Path] = None) -> dict:
     """Metrics of the teacher's Euler sampler at several NFE and (if given) of the student at its NFE(s)."""
     num = int(eval_cfg["num_samples"])
     gen = torch.Generator().manual_seed(int(eval_cfg["seed"]))
