@@ -5,7 +5,10 @@ Layout (piflow adapter format v1):
   ``architecture``, ``policy_config`` and ``lora_config``;
 * ``diffusion_pytorch_model.safetensors``: ``head.*`` (policy head), ``norm_out.*`` (the student's final norm) and
   ``lora.<module>.lora_A/B.weight`` (PEFT tensors with the adapter name stripped); its safetensors metadata repeats
-  ``policy_config`` as JSON ({"type": "GMFlow"|"DX", …}).
+  ``policy_config`` as JSON ({"type": "GMFlow"|"DX", …, plus the policy's own settings, e.g. DX ``segment_size`` and
+  ``shift``, which must keep their training values at any NFE, algorithm.md §5.3});
+* optional ``sampling`` in config.json: the training ``nfe``, ``shift`` and ``final_step_size_scale`` that the
+  pipelines use for their `FlowMapSDEScheduler` (defaults when absent: 4, 3.2, 0.5 — the T2I settings of §4.7).
 Not verified against the adapters the paper's authors published (none can be downloaded here).
 """
 from __future__ import annotations
@@ -23,20 +26,35 @@ from piflow.train.checkpoint import atomic_write
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 POLICY_TYPES = {"GMFlow": "gmflow", "DX": "dx"}
+STRUCTURE_KEYS = {"gmflow": ("num_components", "latent_channels", "logstd_hidden"),
+                  "dx": ("num_nodes", "mode", "latent_channels")}
+POLICY_KWARGS = {"gmflow": ("eps",), "dx": ("mode", "segment_size", "shift", "eps")}
+SAMPLING_DEFAULTS = {"nfe": 4, "shift": 3.2, "final_step_size_scale": 0.5}
 
 
 def _policy_config(student: DiffusersPolicyStudent) -> dict:
     head = student.head
     if student.policy_kind == "gmflow":
         hidden = [m for m in head.logstd_mlp if isinstance(m, torch.nn.Linear)][0].out_features
-        return {"type": "GMFlow", "num_components": head.num_components, "latent_channels": head.channels,
-                "logstd_hidden": hidden}
-    return {"type": "DX", "num_nodes": head.num_nodes, "mode": head.mode, "latent_channels": student.latent_channels}
+        config = {"type": "GMFlow", "num_components": head.num_components, "latent_channels": head.channels,
+                  "logstd_hidden": hidden}
+    else:
+        config = {"type": "DX", "num_nodes": head.num_nodes, "mode": head.mode,
+                  "latent_channels": student.latent_channels}
+    for key, value in student.policy_kwargs.items():
+        if key not in POLICY_KWARGS[student.policy_kind]:
+            raise ValueError(f"policy_kwargs key {key!r} is not a {config['type']} policy setting; expected one of "
+                             f"{POLICY_KWARGS[student.policy_kind]}")
+        config[key] = value
+    return config
 
 
 def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, Path],
-                        adapter_name: str = LORA_ADAPTER) -> Path:
-    """Write the student's head, final norm and LoRA tensors (atomic writes) into `directory`."""
+                        adapter_name: str = LORA_ADAPTER, sampling: Optional[dict] = None) -> Path:
+    """Write the student's head, final norm and LoRA tensors (atomic writes) into `directory`.
+
+    `student.policy_kwargs` (e.g. DX ``segment_size``/``shift``) go into ``policy_config``; `sampling`
+    ({"nfe", "shift", "final_step_size_scale"}, default `student.sampling`) into config.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"head.{k}": v for k, v in student.head.state_dict().items()}
@@ -58,9 +76,21 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
     base = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
             "qwen": "QwenImageTransformer2DModel"}[student.architecture.name]
     config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + base, "base_class": base,
-              "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config}
+              "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config,
+              "sampling": _check_sampling(sampling if sampling is not None else student.sampling)}
     atomic_write(directory / "config.json", lambda handle: handle.write(json.dumps(config, indent=2).encode()))
     return directory
+
+
+def _check_sampling(sampling: Optional[dict]) -> dict:
+    merged = dict(SAMPLING_DEFAULTS, **(sampling or {}))
+    unknown = sorted(set(merged) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"sampling has unknown keys {unknown}; expected {sorted(SAMPLING_DEFAULTS)}")
+    if int(merged["nfe"]) < 1 or float(merged["shift"]) <= 0 or not 0 < float(merged["final_step_size_scale"]) <= 1:
+        raise ValueError(f"sampling needs nfe >= 1, shift > 0 and 0 < final_step_size_scale <= 1, got {merged}")
+    return {"nfe": int(merged["nfe"]), "shift": float(merged["shift"]),
+            "final_step_size_scale": float(merged["final_step_size_scale"])}
 
 
 def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -91,11 +121,12 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     kind = POLICY_TYPES.get(policy.get("type"))
     if kind is None:
         raise ValueError(f"policy_config.type must be one of {sorted(POLICY_TYPES)}, got {policy.get('type')!r}")
-    required = ("num_components", "latent_channels", "logstd_hidden") if kind == "gmflow" else (
-        "num_nodes", "mode", "latent_channels")
-    missing = [key for key in required if key not in policy]
+    missing = [key for key in STRUCTURE_KEYS[kind] if key not in policy]
     if missing:
         raise ValueError(f"policy_config is missing {missing} (needed for a {policy['type']} adapter)")
+    sampling = _check_sampling(config.get("sampling"))
+    if adapter_name in (getattr(transformer, "peft_config", None) or {}):
+        transformer.delete_adapters(adapter_name)   # loading again replaces the adapter of that name
     lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
     if lora:
         if config.get("lora_config") is None:
@@ -112,7 +143,9 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     student = DiffusersPolicyStudent(transformer, kind, architecture=config.get("architecture", "flux"), num_components=policy.get("num_components", 8),
                                 num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
                                 latent_channels=policy["latent_channels"],
-                                logstd_hidden=policy.get("logstd_hidden", 1024), share_transformer=True)
+                                logstd_hidden=policy.get("logstd_hidden", 1024), share_transformer=True,
+                                policy_kwargs={k: policy[k] for k in POLICY_KWARGS[kind] if k in policy},
+                                sampling=sampling)
     try:
         student.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         student.norm_out.load_state_dict({k[len("norm_out."):]: v for k, v in tensors.items()

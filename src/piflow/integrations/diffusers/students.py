@@ -14,8 +14,7 @@ LoRA (§6.6): `add_student_lora` wraps the feed-forward and timestep-MLP layers 
 with ``share_transformer=True`` then shares every frozen base weight with the teacher (`FluxTeacher` runs the same
 module with adapters disabled and the original `norm_out`), while the student swaps in its own trainable `norm_out`.
 
-Status: students, teacher wrapper, packing and LoRA weight tying are implemented and tested on tiny random configs;
-pipelines, adapter files and FSDP are not yet (see the open issue).
+Adapter files: `piflow.integrations.diffusers.adapter`; pipelines: `piflow.integrations.diffusers.pipelines`.
 """
 from __future__ import annotations
 
@@ -242,6 +241,9 @@ class DiffusersPolicyStudent(nn.Module):
             the teacher is the same module with adapters disabled).
         policy: "gmflow" (K components, one `latent_channels`-dim GM per latent pixel) or "dx" (N nodes).
         latent_channels: the VAE latent channels C of one GM chunk (16 for FLUX/SD3, 4 in tiny tests).
+        policy_kwargs: settings of the policy built from the outputs (GM ``eps``; DX ``mode``, ``segment_size``,
+            ``shift`` — keep the training values), saved in the adapter's ``policy_config``.
+        sampling: the training ``nfe``, ``shift``, ``final_step_size_scale``, saved with the adapter for pipelines.
     """
 
     architecture = FLUX
@@ -249,8 +251,11 @@ class DiffusersPolicyStudent(nn.Module):
     def __init__(self, transformer: nn.Module, policy: str = "gmflow", num_components: int = 8,
                  num_nodes: int = 10, dx_mode: str = "grid", latent_channels: int = 16,
                  head_noise_std: float = 0.05, logstd_hidden: int = 1024, share_transformer: bool = False,
-                 generator: Optional[torch.Generator] = None, architecture: Optional[str] = None):
+                 generator: Optional[torch.Generator] = None, architecture: Optional[str] = None,
+                 policy_kwargs: Optional[dict] = None, sampling: Optional[dict] = None):
         super().__init__()
+        self.policy_kwargs = dict(policy_kwargs or {})
+        self.sampling = dict(sampling or {})
         if architecture is not None:
             self.architecture = _architecture(architecture)
         self.transformer = transformer if share_transformer else copy.deepcopy(transformer)

@@ -1,0 +1,282 @@
+"""Few-step π-Flow pipelines that subclass the stock diffusers pipelines (algorithm.md §5.2–5.4).
+
+`PiFluxPipeline`, `PiSD3Pipeline` and `PiQwenImagePipeline` keep everything of `FluxPipeline`,
+`StableDiffusion3Pipeline` and `QwenImagePipeline` — components, `from_pretrained`, text encoding, LoRA loading,
+offloading, VAE decoding — and replace the denoising loop: each of the `num_inference_steps` steps evaluates the
+student once, rolls its policy out with `total_substeps` Euler substeps per unit of raw time to the scheduler's
+``sigmas_dst[i]`` and lets `FlowMapSDEScheduler.step` map the result to the next grid point.
+
+    pipe = PiFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
+    pipe.load_piflow_adapter("path/to/gmflux_adapter")          # or a student trained in this process:
+    # pipe.set_piflow_student(student)
+    image = pipe("a photo of a cat", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+
+The stock scheduler is replaced by a `FlowMapSDEScheduler` built from its config with the adapter's training shift
+(3.2) and final step-size scale (0.5), dynamic shifting off. Any `num_inference_steps` ≥ 1 works for GM students
+(elastic inference); DX students keep their training grid. The GM temperature on non-final steps is 'auto'
+(clamp(0.1·(nfe − 1), 0, 1)) or a number. The student takes no CFG (guidance is distilled in); FLUX students get
+the distilled-guidance scalar `guidance_scale` (3.5) as their input like the teacher did.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor
+
+from piflow.integrations.diffusers.adapter import SAMPLING_DEFAULTS, load_piflow_adapter
+from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler
+from piflow.integrations.diffusers.students import LORA_ADAPTER, DiffusersPolicyStudent
+from piflow.piid import segment_grid
+from piflow.policies import GMFlowPolicy, make_policy
+from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
+from piflow.sampling import auto_temperature
+
+
+class PiFlowPipelineMixin:
+    """The π-Flow sampling loop and adapter handling shared by the three pipelines."""
+
+    architecture_name = "flux"
+    piflow_student: Optional[DiffusersPolicyStudent] = None
+
+    def _use_policy_scheduler(self, sampling: Optional[dict] = None) -> None:
+        """Swap in a `FlowMapSDEScheduler` from the current scheduler's config and the student's sampling settings."""
+        settings = dict(SAMPLING_DEFAULTS, **(sampling or {}))
+        scheduler = FlowMapSDEScheduler.from_config(
+            self.scheduler.config, shift=settings["shift"], use_dynamic_shifting=False,
+            final_step_size_scale=settings["final_step_size_scale"])
+        self.register_modules(scheduler=scheduler)
+
+    def set_piflow_student(self, student: DiffusersPolicyStudent) -> DiffusersPolicyStudent:
+        """Use `student` (which must run `self.transformer`, e.g. a LoRA student built with share_transformer=True)."""
+        if not isinstance(student, DiffusersPolicyStudent):
+            raise TypeError(f"student must be a DiffusersPolicyStudent, got {type(student).__name__}")
+        if student.architecture.name != self.architecture_name:
+            raise ValueError(f"a {student.architecture.name!r} student cannot drive a {type(self).__name__} "
+                             f"(expects {self.architecture_name!r})")
+        if student.transformer is not self.transformer:
+            self.register_modules(transformer=student.transformer)
+        self.piflow_student = student
+        self._use_policy_scheduler(student.sampling)
+        return student
+
+    def load_piflow_adapter(self, path_or_dir: Union[str, Path], subfolder: Optional[str] = None,
+                            adapter_name: Optional[str] = None) -> DiffusersPolicyStudent:
+        """Attach a saved π-Flow adapter (head, final norm, LoRA) to `self.transformer` (shared, not copied).
+
+        Loading again replaces the adapter of the same name. The LoRA part is a named PEFT adapter, so
+        ``pipe.set_adapters([name, "style"], adapter_weights=[1.0, 0.8])`` combines it with other LoRAs."""
+        student = load_piflow_adapter(self.transformer, path_or_dir, subfolder=subfolder,
+                                      adapter_name=adapter_name or LORA_ADAPTER)
+        return self.set_piflow_student(student)
+
+    def _require_student(self) -> DiffusersPolicyStudent:
+        student = self.piflow_student
+        if student is None:
+            raise RuntimeError(f"{type(self).__name__} has no π-Flow student: call pipe.load_piflow_adapter(path) "
+                               "or pipe.set_piflow_student(student) first")
+        parameter = next(self.transformer.parameters())
+        # the head and final norm run in the base dtype/device (§5.4); the policy itself is built in float32
+        for module in (student.head, student.norm_out):
+            module.to(device=parameter.device, dtype=parameter.dtype)
+        return student
+
+    def _student_policy(self, student: DiffusersPolicyStudent, x: Tensor, sigma: Tensor, cond: dict, nfe: int):
+        dtype = next(self.transformer.parameters()).dtype
+        out = student(x.to(dtype), sigma, cond)
+        kwargs = dict(student.policy_kwargs)
+        if student.policy_kind == "dx":
+            train = dict(SAMPLING_DEFAULTS, **student.sampling)
+            grid = segment_grid(int(train["nfe"]), float(train["final_step_size_scale"]))
+            kwargs.setdefault("segment_size", 1.0 - grid[1] if len(grid) > 1 else 1.0)
+            kwargs.setdefault("shift", float(train["shift"]))
+        return make_policy(student.policy_kind, **{k: v.float() for k, v in out.items()}, x_src=x,
+                           sigma_src=sigma, **kwargs)
+
+    def _policy_denoise(self, noise: Tensor, cond: dict, num_inference_steps: int,
+                        temperature: Union[float, str], generator: Optional[torch.Generator],
+                        image_seq_len: Optional[int], total_substeps: int,
+                        callback_on_step_end: Optional[Callable] = None) -> Tensor:
+        """noise (B, C, H, W) at σ = 1 → latents at σ = 0 (float32), `num_inference_steps` student evaluations."""
+        student = self._require_student()
+        if not isinstance(self.scheduler, FlowMapSDEScheduler):
+            self._use_policy_scheduler(student.sampling)
+        scheduler = self.scheduler
+        scheduler.set_timesteps(num_inference_steps, device=noise.device, image_seq_len=image_seq_len)
+        nfe = scheduler.num_inference_steps
+        if temperature == "auto":
+            temperature = auto_temperature(nfe)
+        elif isinstance(temperature, str) or not float(temperature) >= 0:
+            raise ValueError(f"temperature must be a number >= 0 or 'auto', got {temperature!r}")
+        x = noise.float()
+        batch = x.shape[0]
+        self._num_timesteps = nfe
+        with self.progress_bar(total=nfe) as progress_bar:
+            for i, timestep in enumerate(scheduler.timesteps):
+                sigma = scheduler.sigmas[i].expand(batch)
+                policy = self._student_policy(student, x, sigma, cond, nfe)
+                if isinstance(policy, GMFlowPolicy) and i < nfe - 1:
+                    policy = policy.temperature(float(temperature))
+                x_dst = rollout(policy, x, sigma, scheduler.sigmas_dst[i].expand(batch), total_substeps,
+                                scheduler.shift_in_use)
+                x = scheduler.step(x_dst, timestep, generator=generator, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, timestep, {"latents": x}) or {}
+                    x = outputs.get("latents", x)
+                progress_bar.update()
+        return x
+
+    def _noise(self, shape: tuple[int, ...], latents: Optional[Tensor], generator, device) -> Tensor:
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"latents must have shape {tuple(shape)} (B, C, H, W) at σ = 1, "
+                                 f"got {tuple(latents.shape)}")
+            return latents.to(device=device, dtype=torch.float32)
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+    @staticmethod
+    def _batch_size(prompt, prompt_embeds: Optional[Tensor]) -> int:
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give `prompt` or `prompt_embeds`")
+        if prompt is None:
+            return prompt_embeds.shape[0]
+        return 1 if isinstance(prompt, str) else len(prompt)
+
+    def _finish(self, image: Any, output_class: type, return_dict: bool):
+        self.maybe_free_model_hooks()
+        return output_class(images=image) if return_dict else (image,)
+
+
+class PiFluxPipeline(PiFlowPipelineMixin, FluxPipeline):
+    """`FluxPipeline` with a GM-FLUX / DX-FLUX student (§6.3): 1–8 steps instead of 28–50."""
+
+    architecture_name = "flux"
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str], None] = None, prompt_2: Union[str, list[str], None] = None,
+                 height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: int = 4,
+                 guidance_scale: float = 3.5, temperature: Union[float, str] = "auto",
+                 num_images_per_prompt: int = 1, generator: Optional[torch.Generator] = None,
+                 latents: Optional[Tensor] = None, prompt_embeds: Optional[Tensor] = None,
+                 pooled_prompt_embeds: Optional[Tensor] = None, output_type: str = "pil", return_dict: bool = True,
+                 max_sequence_length: int = 512, total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
+                 callback_on_step_end: Optional[Callable] = None):
+        """Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1."""
+        from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds, max_sequence_length=max_sequence_length)
+        batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        device = self._execution_device
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
+        latent_h, latent_w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (
+            self.vae_scale_factor * 2))
+        channels = self.transformer.config.in_channels // 4
+        noise = self._noise((batch, channels, latent_h, latent_w), latents, generator, device)
+        cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds,
+                "txt_ids": text_ids}
+        if self.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
+        x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
+                                 (latent_h // 2) * (latent_w // 2), total_substeps, callback_on_step_end)
+        if output_type == "latent":
+            return self._finish(x, FluxPipelineOutput, return_dict)
+        x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(x.to(self.vae.dtype), return_dict=False)[0]
+        return self._finish(self.image_processor.postprocess(image, output_type=output_type), FluxPipelineOutput,
+                            return_dict)
+
+
+class PiSD3Pipeline(PiFlowPipelineMixin, StableDiffusion3Pipeline):
+    """`StableDiffusion3Pipeline` with a GM / DX student on `SD3Transformer2DModel`."""
+
+    architecture_name = "sd3"
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str], None] = None, prompt_2: Union[str, list[str], None] = None,
+                 prompt_3: Union[str, list[str], None] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: int = 4,
+                 temperature: Union[float, str] = "auto", num_images_per_prompt: int = 1,
+                 generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
+                 prompt_embeds: Optional[Tensor] = None, pooled_prompt_embeds: Optional[Tensor] = None,
+                 output_type: str = "pil", return_dict: bool = True, max_sequence_length: int = 256,
+                 total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, callback_on_step_end: Optional[Callable] = None):
+        """Generate images; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
+
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, prompt_2, prompt_3, height, width, prompt_embeds=prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds, max_sequence_length=max_sequence_length)
+        batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        device = self._execution_device
+        prompt_embeds, _, pooled_prompt_embeds, _ = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, device=device,
+            num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=False,
+            prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            max_sequence_length=max_sequence_length)
+        latent_h, latent_w = int(height) // self.vae_scale_factor, int(width) // self.vae_scale_factor
+        noise = self._noise((batch, self.transformer.config.in_channels, latent_h, latent_w), latents, generator,
+                            device)
+        cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
+        patch = self.transformer.config.patch_size
+        x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
+                                 (latent_h // patch) * (latent_w // patch), total_substeps, callback_on_step_end)
+        if output_type == "latent":
+            return self._finish(x, StableDiffusion3PipelineOutput, return_dict)
+        x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(x.to(self.vae.dtype), return_dict=False)[0]
+        return self._finish(self.image_processor.postprocess(image, output_type=output_type),
+                            StableDiffusion3PipelineOutput, return_dict)
+
+
+class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
+    """`QwenImagePipeline` with a GM-Qwen / DX-Qwen student (§6.4); no true CFG at inference (distilled in)."""
+
+    architecture_name = "qwen"
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str], None] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: int = 4, temperature: Union[float, str] = "auto",
+                 num_images_per_prompt: int = 1, generator: Optional[torch.Generator] = None,
+                 latents: Optional[Tensor] = None, prompt_embeds: Optional[Tensor] = None,
+                 prompt_embeds_mask: Optional[Tensor] = None, output_type: str = "pil", return_dict: bool = True,
+                 max_sequence_length: int = 512, total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
+                 callback_on_step_end: Optional[Callable] = None):
+        """Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1."""
+        from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
+
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
+                          max_sequence_length=max_sequence_length)
+        batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        device = self._execution_device
+        prompt_embeds, prompt_embeds_mask = self.encode_prompt(
+            prompt=prompt, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask, device=device,
+            num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
+        latent_h, latent_w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (
+            self.vae_scale_factor * 2))
+        channels = self.transformer.config.in_channels // 4
+        noise = self._noise((batch, channels, latent_h, latent_w), latents, generator, device)
+        cond = {"encoder_hidden_states": prompt_embeds, "encoder_hidden_states_mask": prompt_embeds_mask}
+        x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
+                                 (latent_h // 2) * (latent_w // 2), total_substeps, callback_on_step_end)
+        if output_type == "latent":
+            return self._finish(x, QwenImagePipelineOutput, return_dict)
+        x = x[:, :, None].to(self.vae.dtype)                              # (B, C, 1, H, W): one video frame
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x)
+        std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(x)
+        image = self.vae.decode(x * std + mean, return_dict=False)[0][:, :, 0]
+        return self._finish(self.image_processor.postprocess(image, output_type=output_type), QwenImagePipelineOutput,
+                            return_dict)
+
+
+PIPELINES = {"flux": PiFluxPipeline, "sd3": PiSD3Pipeline, "qwen": PiQwenImagePipeline}

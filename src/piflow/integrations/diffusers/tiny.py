@@ -1,0 +1,161 @@
+"""Tiny random-weight FLUX / SD3 / Qwen-Image pipelines built from scratch — no download, seconds on a CPU.
+
+They are the real diffusers classes (transformer, VAE, text encoders) at toy width, with byte-level BPE
+tokenizers built here, so every code path that runs the 12B/20B models (``from_pretrained``, text encoding, LoRA,
+adapters, pipelines, distillation) can be exercised offline, as diffusers' own tests do with tiny configs:
+
+    pipe = tiny_pipeline("flux")                 # a FluxPipeline with random weights
+    pipe.save_pretrained("runs/tiny-flux")       # a local checkpoint `from_pretrained` can load
+
+The weights are random: images are noise-like; use these for plumbing and for tests, not for quality.
+`latent_channels` is the VAE's latent channel count (16 in the real models, 4 here by default).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+BYTE_SPECIALS = ("<pad>", "<unk>", "<bos>", "<eos>")
+QWEN_SPECIALS = ("<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>")
+TEXT_WIDTH = 32
+
+
+def byte_level_tokenizer(model_max_length: int, specials: tuple[str, ...] = BYTE_SPECIALS,
+                         add_bos: bool = False, add_eos: bool = True):
+    """A `PreTrainedTokenizerFast` over the 256 byte symbols (no merges) plus `specials` = (pad, unk, bos, eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pad, unk, bos, eos = specials
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate([*specials, *alphabet])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    template = " ".join([*([bos] if add_bos else []), "$A", *([eos] if add_eos else [])])
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(token, vocab[token]) for token in (bos, eos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, pad_token=pad,
+                                   unk_token=unk, bos_token=bos, eos_token=eos,
+                                   additional_special_tokens=[t for t in specials if t not in (pad, unk, bos, eos)])
+
+
+def _clip_text_encoder(vocab_size: int, with_projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
+                            pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def _t5_encoder(vocab_size: int, width: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def _autoencoder_kl(latent_channels: int, seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=4, sample_size=32, scaling_factor=1.5,
+                         shift_factor=0.1, use_quant_conv=False, use_post_quant_conv=False).eval()
+
+
+def _randomise_output_layer(transformer: torch.nn.Module) -> torch.nn.Module:
+    """diffusers zero-initialises the final projection; random values make a tiny teacher's outputs informative."""
+    with torch.no_grad():
+        transformer.proj_out.weight.normal_(0, 0.05)
+        transformer.proj_out.bias.normal_(0, 0.05)
+    return transformer.eval()
+
+
+def _flux_components(latent_channels: int, seed: int) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1,
+                                         num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                         joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=TEXT_WIDTH,
+                                         guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    clip_tokenizer = byte_level_tokenizer(77, add_bos=True)
+    t5_tokenizer = byte_level_tokenizer(512)
+    return dict(transformer=_randomise_output_layer(transformer), vae=_autoencoder_kl(latent_channels, seed + 1),
+                text_encoder=_clip_text_encoder(len(clip_tokenizer), False, seed + 2), tokenizer=clip_tokenizer,
+                text_encoder_2=_t5_encoder(len(t5_tokenizer), TEXT_WIDTH, seed + 3), tokenizer_2=t5_tokenizer,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                          max_shift=1.15, base_image_seq_len=16,
+                                                          max_image_seq_len=256))
+
+
+def _sd3_components(latent_channels: int, seed: int) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=latent_channels, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=2 * TEXT_WIDTH,
+                                        caption_projection_dim=16, pooled_projection_dim=2 * TEXT_WIDTH,
+                                        out_channels=latent_channels, pos_embed_max_size=32)
+    clip = byte_level_tokenizer(77, add_bos=True)
+    t5 = byte_level_tokenizer(256)
+    return dict(transformer=_randomise_output_layer(transformer), vae=_autoencoder_kl(latent_channels, seed + 1),
+                text_encoder=_clip_text_encoder(len(clip), True, seed + 2), tokenizer=clip,
+                text_encoder_2=_clip_text_encoder(len(clip), True, seed + 3), tokenizer_2=clip,
+                text_encoder_3=_t5_encoder(len(t5), 2 * TEXT_WIDTH, seed + 4), tokenizer_3=t5,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def _qwen_components(latent_channels: int, seed: int) -> dict:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * latent_channels,
+                                              out_channels=latent_channels, num_layers=2, attention_head_dim=16,
+                                              num_attention_heads=2, joint_attention_dim=TEXT_WIDTH,
+                                              axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=latent_channels, dim_mult=[1, 2], num_res_blocks=1,
+                                 temperal_downsample=[False], latents_mean=[0.0] * latent_channels,
+                                 latents_std=[1.0] * latent_channels).eval()
+    tokenizer = byte_level_tokenizer(1024, QWEN_SPECIALS, add_eos=False)
+    torch.manual_seed(seed + 2)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2], "rope_type": "default"},
+                       rope_theta=10000.0, bos_token_id=0, eos_token_id=3, pad_token_id=0)
+    config = Qwen2_5_VLConfig(text_config=text_config, vision_config=dict(
+        depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=TEXT_WIDTH),
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, bos_token_id=0, eos_token_id=3, pad_token_id=0)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return dict(transformer=_randomise_output_layer(transformer), vae=vae, text_encoder=text_encoder,
+                tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+COMPONENTS = {"flux": _flux_components, "sd3": _sd3_components, "qwen": _qwen_components}
+
+
+def tiny_components(architecture: str, latent_channels: int = 4, seed: int = 0) -> dict:
+    """The keyword arguments of the stock pipeline of `architecture` ("flux", "sd3", "qwen"), random weights."""
+    if architecture not in COMPONENTS:
+        raise ValueError(f"unknown architecture {architecture!r}; expected one of {sorted(COMPONENTS)}")
+    return COMPONENTS[architecture](latent_channels, seed)
+
+
+def tiny_pipeline(architecture: str, pipeline_class: Optional[type] = None, latent_channels: int = 4, seed: int = 0):
+    """A stock diffusers pipeline (FluxPipeline, StableDiffusion3Pipeline, QwenImagePipeline) or `pipeline_class`
+    built from `tiny_components`."""
+    if pipeline_class is None:
+        import diffusers
+
+        pipeline_class = getattr(diffusers, {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
+                                             "qwen": "QwenImagePipeline"}[architecture])
+    return pipeline_class(**tiny_components(architecture, latent_channels, seed))
