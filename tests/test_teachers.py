@@ -256,3 +256,24 @@ def test_network_teacher_converts_sigma_to_timesteps():
     assert seen["training"] is False
     assert not u.requires_grad
     torch.testing.assert_close(u, 2 + sigma[:, None] * 1000 * torch.ones(3, 2))
+
+
+def test_unbatched_guidance_makes_two_calls_and_equals_the_batched_one():
+    toy = ToyConditional()
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(7))
+    sigma, cond = torch.tensor([0.3, 0.5, 0.9]), torch.tensor([0.5, 2.0, 3.0])
+    batched = ClassifierFreeGuidance(toy, 2.5, null_cond=torch.tensor([-1.0]), interval=(0.0, 0.6))(x, sigma, cond)
+    toy.calls.clear()
+    two_calls = ClassifierFreeGuidance(toy, 2.5, null_cond=torch.tensor([-1.0]), interval=(0.0, 0.6),
+                                       batched=False)(x, sigma, cond)
+    assert len(toy.calls) == 2 and toy.calls[1][2].tolist() == [-1.0] * 3   # batch-1 null expanded
+    torch.testing.assert_close(two_calls, batched)
+
+    def masked_teacher(x, sigma, cond):   # conditions of different lengths and an optional mask
+        assert cond["mask"] is None or cond["mask"].shape == cond["embeds"].shape
+        return cond["embeds"].sum(dim=1, keepdim=True) * x
+
+    null = {"embeds": torch.zeros(1, 2), "mask": None}
+    text = {"embeds": torch.ones(3, 5), "mask": torch.ones(3, 5)}
+    u = ClassifierFreeGuidance(masked_teacher, 3.0, null, batched=False)(x, sigma, text)
+    torch.testing.assert_close(u, 5 * x * 3.0)

@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-from piflow.policies.base import Policy, check_finite
+from piflow.policies.base import Policy, check_finite, draw
 from piflow.policies.gmflow import GMFlowPolicy
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, average_velocity, rollout_tau
 from piflow.timewarp import warp
@@ -60,7 +60,7 @@ def sample_segments(batch_size: int, nfe: int, final_step_size_scale: float = 1.
     """
     nfe, scale = check_nfe(nfe), check_final_step_size_scale(final_step_size_scale)
     base = 1.0 / (nfe - 1 + scale)
-    tau = (1 - torch.rand(batch_size, generator=generator, device=device)).clamp(min=eps)
+    tau = (1 - draw("uniform", (batch_size,), generator, device)).clamp(min=eps)
     index = torch.ceil(tau / base + 1 - scale).clamp(1, nfe)
     tau_src = ((index - 1 + scale) * base).clamp(eps, 1.0)
     segment_size = torch.where(index == 1, scale * base, base)
@@ -69,7 +69,7 @@ def sample_segments(batch_size: int, nfe: int, final_step_size_scale: float = 1.
 
 def _sorted_spacings(batch: int, count: int, generator, device) -> Tensor:
     """`count` uniform spacings of [0, 1] (sorted draws, differences with 0 and 1 appended): (B, count)."""
-    draws = torch.rand(batch, count - 1, generator=generator, device=device).sort(dim=1).values
+    draws = draw("uniform", (batch, count - 1), generator, device).sort(dim=1).values
     edges = torch.cat([draws.new_zeros(batch, 1), draws, draws.new_ones(batch, 1)], dim=1)
     return edges.diff(dim=1)
 
@@ -120,7 +120,7 @@ def piid_segment_loss(policy: Policy, teacher: TeacherFn, cond: Any, tau_src: Te
     seg_substeps = torch.round(seg * total_substeps).clamp(min=1)
     window = torch.minimum(window_substeps * seg / seg_substeps, seg)
     span = seg - window                                               # room for the intermediate states
-    student_draws = (torch.rand(batch, count, generator=generator, device=device)
+    student_draws = (draw("uniform", (batch, count), generator, device)
                      * (1 - teacher_ratio) * span.reshape(batch, 1)).sort(dim=1).values
     student_gaps = student_draws.diff(dim=1, prepend=student_draws.new_zeros(batch, 1))
     teacher_gaps = _sorted_spacings(batch, count, generator, device) * teacher_ratio * span.reshape(batch, 1)
@@ -177,7 +177,7 @@ def piid_loss(student: Student, teacher: TeacherFn, x0: Tensor, cond: Any = None
     batch = x0.shape[0]
     tau_src, segment_size = sample_segments(batch, nfe, final_step_size_scale, eps, generator, x0.device)
     sigma_src = warp(tau_src, shift)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noise = draw("normal", x0.shape, generator, x0.device, x0.dtype)
     x_src = forward_diffuse(x0, sigma_src, noise)
     policy = student(x_src, sigma_src, cond)
     return piid_segment_loss(policy, teacher, cond, tau_src, segment_size, shift=shift, eps=eps,

@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from piflow.piid import check_nfe, segment_grid
-from piflow.policies.base import Policy, check_finite
+from piflow.policies.base import Policy, check_finite, draw
 from piflow.policies.gmflow import GMFlowPolicy
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
 from piflow.timewarp import warp
@@ -91,7 +91,7 @@ class FlowMapSDEScheduler:
         x = (1 - sigma_to + sigma_to * m) * x_dst.float()
         noise_scale = sigma_to * math.sqrt(max(1 - m * m, 0.0))
         if noise_scale > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            noise = draw("normal", x.shape, generator, x.device, torch.float32)
             x = x + noise_scale * noise
         return x.to(x_dst.dtype)
 

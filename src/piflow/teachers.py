@@ -47,6 +47,15 @@ def _concat_cond(uncond: Any, cond: Any, batch: int) -> Any:
     raise TypeError(f"cond must be a tensor or a dict of tensors for classifier-free guidance, got {type(cond)}")
 
 
+def _expand_cond(null: Any, batch: int) -> Any:
+    """A batch-1 (or batch-`batch`) condition expanded to `batch`; dicts recursively, None and non-tensors as is."""
+    if torch.is_tensor(null) and null.dim() > 0 and null.shape[0] == 1 and batch != 1:
+        return null.expand(batch, *null.shape[1:])
+    if isinstance(null, dict):
+        return {key: _expand_cond(value, batch) for key, value in null.items()}
+    return null
+
+
 class ClassifierFreeGuidance:
     """True CFG: u = u_c + (w − 1)(u_c − u_u), with w := 1 outside the guidance interval.
 
@@ -57,15 +66,18 @@ class ClassifierFreeGuidance:
             as `cond`; a Python number is broadcast like `cond`.
         interval: inclusive (σ_low, σ_high) where guidance applies, checked per sample (σ units: divide a t-unit
             interval by num_timesteps).
-    The batch is doubled as [uncond; cond] for one teacher call.
+        batched: double the batch as [uncond; cond] for one teacher call (default), or make two calls — for
+            conditions that cannot be concatenated (text embeddings of different lengths, optional masks); a
+            `null_cond` of batch 1 is then expanded, None entries pass through.
     """
 
     def __init__(self, teacher: Teacher, guidance_scale: float, null_cond: Any,
-                 interval: Sequence[float] = (0.0, 1.0)):
+                 interval: Sequence[float] = (0.0, 1.0), batched: bool = True):
         if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
             raise ValueError(f"interval must be (low, high) with 0 <= low <= high <= 1, got {interval}")
         self.teacher, self.guidance_scale, self.null_cond = teacher, float(guidance_scale), null_cond
         self.interval = (float(interval[0]), float(interval[1]))
+        self.batched = bool(batched)
 
     @torch.no_grad()
     def __call__(self, x_t: Tensor, sigma_t: Tensor, cond: Any = None) -> Tensor:
@@ -73,8 +85,12 @@ class ClassifierFreeGuidance:
             return self.teacher(x_t, sigma_t, cond)
         batch = x_t.shape[0]
         sigma = sigma_t.reshape(batch)
-        u_uncond, u_cond = self.teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]),
-                                        _concat_cond(self.null_cond, cond, batch)).chunk(2)
+        if self.batched:
+            u_uncond, u_cond = self.teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]),
+                                            _concat_cond(self.null_cond, cond, batch)).chunk(2)
+        else:
+            u_cond = self.teacher(x_t, sigma, cond)
+            u_uncond = self.teacher(x_t, sigma, _expand_cond(self.null_cond, batch))
         inside = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
         scale = torch.where(inside, self.guidance_scale, 1.0).to(u_cond.dtype)
         scale = scale.reshape(batch, *([1] * (x_t.dim() - 1)))

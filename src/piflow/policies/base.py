@@ -14,6 +14,14 @@ from torch import Tensor
 SigmaLike = Union[Tensor, float]
 
 
+def draw(kind: str, shape, generator, device, dtype=None) -> Tensor:
+    """``torch.rand`` ("uniform") or ``torch.randn`` ("normal") drawn on the generator's device and moved to
+    `device`, so a CPU generator drives GPU training reproducibly (without a generator: drawn on `device`)."""
+    source = generator.device if generator is not None else device
+    fn = torch.rand if kind == "uniform" else torch.randn
+    return fn(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
+
+
 def check_finite(tensor: Tensor, name: str) -> None:
     """Raise ValueError if `tensor` holds NaN or ±Inf."""
     if not bool(torch.isfinite(tensor).all()):

@@ -25,6 +25,9 @@ class PowerEMA:
         for param in self.model.parameters():
             if id(param) not in frozen:
                 param.requires_grad_(False)
+        # names of the shared (frozen) parameters: not part of the EMA's own state
+        self.shared_names = {name for name, param in self.model.named_parameters(remove_duplicate=False)
+                             if id(param) in frozen}
 
     def beta(self, iteration: int) -> float:
         if iteration < self.start_iter:
@@ -46,8 +49,31 @@ class PowerEMA:
             ema_buffer.copy_(buffer)
 
     def state_dict(self) -> dict:
-        return {"gamma": self.gamma, "start_iter": self.start_iter, "model": self.model.state_dict()}
+        """The EMA's own tensors: averaged parameters and buffers, not the frozen weights it shares."""
+        own = {k: v for k, v in self.model.state_dict().items() if k not in self.shared_names}
+        return {"gamma": self.gamma, "start_iter": self.start_iter, "model": own}
 
     def load_state_dict(self, state: dict) -> None:
         self.gamma, self.start_iter = float(state["gamma"]), int(state["start_iter"])
-        self.model.load_state_dict(state["model"])
+        load_partial_state(self.model, state["model"], self.shared_names)
+
+
+def trainable_state_dict(model: nn.Module) -> dict:
+    """`model.state_dict()` without frozen parameters (they come from the base model, never from a checkpoint)."""
+    frozen = frozen_parameter_names(model)
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def frozen_parameter_names(model: nn.Module) -> set:
+    return {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
+
+
+def load_partial_state(model: nn.Module, state: dict, skipped: set) -> None:
+    """Load `state` into `model`, which must cover exactly the model's state keys minus `skipped` (shapes checked);
+    a RuntimeError names the missing or unexpected keys."""
+    expected = set(model.state_dict()) - set(skipped)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise RuntimeError(f"state does not match the model: missing keys {missing[:5]}, unexpected keys "
+                           f"{unexpected[:5]}")
+    model.load_state_dict(state, strict=False)

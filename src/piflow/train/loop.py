@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from piflow.train import distributed
 from piflow.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from piflow.train.ema import PowerEMA
+from piflow.train.ema import PowerEMA, frozen_parameter_names, load_partial_state, trainable_state_dict
 
 LossFn = Callable[[int, torch.Generator], Union[Tensor, tuple[Tensor, bool]]]
 
@@ -74,7 +74,8 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
     `loss_fn` returns a graph-carrying scalar loss, or ``(detached_loss, True)`` when it already back-propagated
     (data-free π-ID; it must then scale by 1/grad_accum_steps itself). It is called `grad_accum_steps` times per
     iteration. With `run_dir`, ``checkpoint.pt`` there is resumed automatically and rewritten atomically every
-    `checkpoint_every` iterations and at the end (by rank 0); losses go to ``train_log.jsonl``.
+    `checkpoint_every` iterations and at the end (by rank 0); losses go to ``train_log.jsonl``. Checkpoints hold the
+    trainable parameters, buffers, EMA, optimizer, scheduler and RNG states — never frozen (base) weights.
     Under torchrun (see `piflow.train.distributed`) every rank starts from rank 0's weights, draws its own data
     (seed + rank) and gradients are averaged before clipping, so all ranks take identical optimizer steps.
     """
@@ -100,7 +101,7 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
     if checkpoint_path is not None and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         try:
-            model.load_state_dict(state["model"])
+            load_partial_state(model, state["model"], frozen_parameter_names(model))
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, KeyError, ValueError) as error:
@@ -115,7 +116,7 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
         if checkpoint_path is None or not dist_info.is_main:
             return
         save_checkpoint(checkpoint_path, {
-            "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "model": trainable_state_dict(model), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(), "history": history, "config": asdict(config)})
 

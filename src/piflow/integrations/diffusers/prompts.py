@@ -1,0 +1,180 @@
+"""Text conditions for distillation: a prompt file, prompt embeddings encoded on the fly by a pipeline's text
+encoders, or pre-computed into a cache of sharded safetensors (``piflow encode-prompts``).
+
+Every source returns, per prompt, a dict of tensors without the batch dimension:
+* FLUX: ``encoder_hidden_states`` (L, D) (T5), ``pooled_projections`` (D',) (CLIP);
+* SD3: ``encoder_hidden_states`` (L, D) (CLIP ⊕ T5), ``pooled_projections`` (D',);
+* Qwen-Image: ``encoder_hidden_states`` (L_i, D), the valid tokens only (lengths differ between prompts).
+`collate_text` pads and batches them into the `cond` dict the students and teachers take.
+
+Cache layout: ``index.json`` (architecture, num_prompts, shard file names, prompts per shard, max_sequence_length),
+``shard-00000.safetensors`` … holding ``<prompt index>.<name>`` tensors, ``null.safetensors`` (the negative /
+empty prompt, used by classifier-free guidance) and ``prompts.txt`` (the prompts, one per line). Written atomically,
+shard by shard, so an interrupted encoding resumes at the first missing shard.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from piflow.train.checkpoint import atomic_write
+
+
+def read_prompt_file(path: Union[str, Path]) -> list[str]:
+    """Prompts of a text file, one per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in prompts if line and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, architecture: str, prompts: Sequence[str], max_sequence_length: int = 512,
+                   batch_size: int = 8) -> list[dict[str, Tensor]]:
+    """Encode `prompts` with the text encoders of a diffusers pipeline; per-prompt dicts of CPU tensors."""
+    results: list[dict[str, Tensor]] = []
+    device = pipe._execution_device
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        if architecture == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device,
+                                                   max_sequence_length=max_sequence_length)
+            items = [{"encoder_hidden_states": e, "pooled_projections": p} for e, p in zip(embeds, pooled)]
+        elif architecture == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=max_sequence_length)
+            items = [{"encoder_hidden_states": e, "pooled_projections": p} for e, p in zip(embeds, pooled)]
+        elif architecture == "qwen":
+            embeds, mask = pipe.encode_prompt(prompt=chunk, device=device, max_sequence_length=max_sequence_length)
+            lengths = [embeds.shape[1]] * len(chunk) if mask is None else mask.sum(dim=1).tolist()
+            items = [{"encoder_hidden_states": e[:int(n)]} for e, n in zip(embeds, lengths)]
+        else:
+            raise ValueError(f"unknown architecture {architecture!r}; expected 'flux', 'sd3' or 'qwen'")
+        results.extend({k: v.detach().cpu().contiguous() for k, v in item.items()} for item in items)
+    return results
+
+
+def collate_text(items: Sequence[dict[str, Tensor]], architecture: str, device=None, dtype=None) -> dict:
+    """Batch per-prompt dicts into a model `cond`: pads Qwen embeddings (with a mask), adds FLUX ``txt_ids``."""
+    if not items:
+        raise ValueError("collate_text needs at least one prompt")
+    embeds = [item["encoder_hidden_states"] for item in items]
+    length = max(e.shape[0] for e in embeds)
+    padded = torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e in embeds])
+    cond: dict[str, Any] = {"encoder_hidden_states": padded.to(device=device, dtype=dtype)}
+    if architecture in ("flux", "sd3"):
+        cond["pooled_projections"] = torch.stack([item["pooled_projections"] for item in items]).to(
+            device=device, dtype=dtype)
+    if architecture == "flux":
+        cond["txt_ids"] = torch.zeros(length, 3, device=device, dtype=dtype)
+    if architecture == "qwen":
+        mask = torch.stack([torch.arange(length) < e.shape[0] for e in embeds]).long()
+        cond["encoder_hidden_states_mask"] = mask.to(device)
+    return cond
+
+
+class EncodedPrompts:
+    """Prompt embeddings computed now by `pipe`'s text encoders and kept in memory (small prompt sets)."""
+
+    def __init__(self, pipe: Any, architecture: str, prompts: Sequence[str], negative_prompt: str = "",
+                 max_sequence_length: int = 512):
+        self.architecture = architecture
+        self.prompts = list(prompts)
+        self.items = encode_prompts(pipe, architecture, self.prompts, max_sequence_length)
+        self.null_item = encode_prompts(pipe, architecture, [negative_prompt], max_sequence_length)[0]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return self.items[index]
+
+    def null(self) -> dict[str, Tensor]:
+        return self.null_item
+
+
+def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], directory: Union[str, Path],
+                       negative_prompt: str = "", shard_size: int = 1000, max_sequence_length: int = 512,
+                       progress: bool = True) -> Path:
+    """Encode `prompts` into `directory` (sharded safetensors, see the module docstring); resumable."""
+    from safetensors.torch import save as safetensors_bytes
+    from tqdm.auto import tqdm
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    num_shards = (len(prompts) + shard_size - 1) // shard_size
+    names = [f"shard-{i:05d}.safetensors" for i in range(num_shards)]
+
+    def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+        data = safetensors_bytes(tensors)
+        atomic_write(path, lambda handle: handle.write(data))
+
+    for shard, name in enumerate(tqdm(names, desc="encoding prompts", disable=not progress)):
+        if (directory / name).is_file():
+            continue
+        start = shard * shard_size
+        items = encode_prompts(pipe, architecture, prompts[start:start + shard_size], max_sequence_length)
+        write_tensors(directory / name, {f"{start + i}.{k}": v for i, item in enumerate(items)
+                                         for k, v in item.items()})
+    null = encode_prompts(pipe, architecture, [negative_prompt], max_sequence_length)[0]
+    write_tensors(directory / "null.safetensors", null)
+    atomic_write(directory / "prompts.txt", lambda handle: handle.write("\n".join(prompts).encode("utf-8")))
+    index = {"format": "piflow-prompt-cache-v1", "architecture": architecture, "num_prompts": len(prompts),
+             "shard_size": shard_size, "shards": names, "negative_prompt": negative_prompt,
+             "max_sequence_length": max_sequence_length}
+    atomic_write(directory / "index.json", lambda handle: handle.write(json.dumps(index, indent=2).encode()))
+    return directory
+
+
+class PromptEmbeddingCache:
+    """Random access to a cache written by `write_prompt_cache` (shards are opened lazily)."""
+
+    def __init__(self, directory: Union[str, Path], architecture: Optional[str] = None):
+        self.directory = Path(directory)
+        index_path = self.directory / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{self.directory} is not a prompt cache (no index.json); write one with "
+                                    "`piflow encode-prompts`")
+        self.index = json.loads(index_path.read_text())
+        self.architecture = self.index["architecture"]
+        if architecture is not None and architecture != self.architecture:
+            raise ValueError(f"prompt cache {self.directory} was encoded for {self.architecture!r}, "
+                             f"not {architecture!r}")
+        missing = [name for name in self.index["shards"] if not (self.directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"prompt cache {self.directory} misses shards {missing[:3]}")
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return int(self.index["num_prompts"])
+
+    def _shard(self, shard: int):
+        from safetensors import safe_open
+
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.directory / self.index["shards"][shard]), framework="pt")
+        return self._handles[shard]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"prompt index {index} out of range [0, {len(self)})")
+        handle = self._shard(index // int(self.index["shard_size"]))
+        prefix = f"{index}."
+        return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+
+    def null(self) -> dict[str, Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.directory / "null.safetensors"))
