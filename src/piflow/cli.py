@@ -1,4 +1,4 @@
-"""The `piflow` command line: demo, train-teacher, distill, sample, evaluate.
+"""The `piflow` command line: demo, train-teacher, distill, sample, evaluate, toy-trajectory, encode-prompts, export.
 
 Every command takes ``--config FILE`` (YAML) and ``key=value`` overrides (dotted keys, e.g. ``distill.nfe=4``) and
 writes its resolved config, metrics JSON and figures into its run directory (``--run-dir``).
@@ -21,25 +21,33 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_default: Optional[
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.nfe=4")
 
 
-def _dataset_name(args) -> Optional[str]:
-    """The `dataset` the run will use (last override wins over the config file), or None if unset."""
+def _config_value(args, key: str):
+    """A top-level config value the run will use (last override wins over the config file), or None if unset."""
     import yaml
 
     from piflow.config import parse_overrides
 
-    name = parse_overrides(args.overrides).get("dataset")
-    if name is None and args.config and Path(args.config).is_file():
+    value = parse_overrides(args.overrides).get(key)
+    if value is None and args.config and Path(args.config).is_file():
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        name = loaded.get("dataset") if isinstance(loaded, dict) else None
-    return name
+        value = loaded.get(key) if isinstance(loaded, dict) else None
+    return value
 
 
 def _cmd_train(args) -> int:
-    """train-teacher and distill: resolve the config, run the 2-D or image recipe, print its results."""
+    """train-teacher and distill: resolve the config, run the 2-D, image or text-to-image recipe."""
     from piflow.config import load_config
     from piflow.recipes import images, toy2d
 
-    if images.is_image_dataset(_dataset_name(args)):
+    if _config_value(args, "pipeline") is not None:   # a diffusers text-to-image base model
+        if args.command != "distill":
+            raise ConfigError("text-to-image teachers are diffusers pipelines: use `piflow distill pipeline=...`")
+        from piflow.recipes.text_to_image import T2I_DISTILL_DEFAULTS, distill_text_to_image
+
+        metrics = distill_text_to_image(load_config(T2I_DISTILL_DEFAULTS, args.config, args.overrides),
+                                        Path(args.run_dir))
+        print(json.dumps(metrics, indent=2))
+    elif images.is_image_dataset(_config_value(args, "dataset")):
         defaults, run = {"train-teacher": (images.IMAGE_TEACHER_DEFAULTS, images.train_teacher),
                          "distill": (images.IMAGE_DISTILL_DEFAULTS, images.distill)}[args.command]
         metrics = run(load_config(defaults, args.config, args.overrides), Path(args.run_dir))
@@ -53,7 +61,8 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _run_is_image(run_dir: Path) -> bool:
+def _run_kind(run_dir: Path) -> str:
+    """"t2i", "image" or "2d" from a run directory's config.yaml."""
     import yaml
 
     from piflow.recipes.images import is_image_dataset
@@ -61,7 +70,34 @@ def _run_is_image(run_dir: Path) -> bool:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise ConfigError(f"{run_dir} is not a piflow run directory (no config.yaml)")
-    return is_image_dataset((yaml.safe_load(config_path.read_text()) or {}).get("dataset"))
+    config = yaml.safe_load(config_path.read_text()) or {}
+    if config.get("pipeline") is not None:
+        return "t2i"
+    return "image" if is_image_dataset(config.get("dataset")) else "2d"
+
+
+def _run_is_image(run_dir: Path) -> bool:
+    kind = _run_kind(run_dir)
+    if kind == "t2i":
+        raise ConfigError(f"{run_dir} is a text-to-image run: sample it with `piflow sample --run-dir "
+                          f"{run_dir} --prompt ...` or load {run_dir / 'adapter'} into a Pi*Pipeline")
+    return kind == "image"
+
+
+def _sample_text_to_image(args, run_dir: Path) -> int:
+    import torch
+
+    from piflow.recipes.text_to_image import sample_run
+
+    if not args.prompt:
+        raise ConfigError("text-to-image runs need --prompt \"...\" (repeatable)")
+    temperature = args.temperature if args.temperature == "auto" else float(args.temperature)
+    out = Path(args.output) if args.output else run_dir / "samples"
+    paths = sample_run(run_dir, args.prompt, out, nfe=args.nfe, num_images=args.num_samples,
+                       generator=torch.Generator().manual_seed(args.seed), temperature=temperature,
+                       overrides=args.overrides)
+    print(f"{len(paths)} images written to {out}")
+    return 0
 
 
 def _cmd_sample(args) -> int:
@@ -71,6 +107,8 @@ def _cmd_sample(args) -> int:
     from piflow.recipes import images, plots, toy2d
 
     run_dir = Path(args.run_dir)
+    if _run_kind(run_dir) == "t2i":
+        return _sample_text_to_image(args, run_dir)
     image_run = _run_is_image(run_dir)
     pf, _ = (images if image_run else toy2d).load_student_pipeline(run_dir, args.overrides)
     nfe = pf.nfe if args.nfe is None else args.nfe
@@ -133,6 +171,36 @@ def _cmd_toy_trajectory(args) -> int:
     return 0
 
 
+def _cmd_encode_prompts(args) -> int:
+    import diffusers
+    import torch
+
+    from piflow.integrations.diffusers.prompts import read_prompt_file, write_prompt_cache
+    from piflow.recipes.text_to_image import DTYPES, TRANSFORMER_ARCHITECTURES
+
+    dtype = DTYPES[args.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, transformer=None, vae=None, torch_dtype=dtype)
+    pipe.to(device)
+    transformer_class = diffusers.DiffusionPipeline.load_config(args.pipeline)["transformer"][1]
+    architecture = TRANSFORMER_ARCHITECTURES.get(transformer_class)
+    if architecture is None:
+        raise ConfigError(f"{args.pipeline}: transformer class {transformer_class} is not supported")
+    prompts = read_prompt_file(args.prompts)
+    out = write_prompt_cache(pipe, architecture, prompts, args.out, args.negative_prompt, args.shard_size,
+                             args.max_sequence_length)
+    print(f"{len(prompts)} prompt embeddings ({architecture}) written to {out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from piflow.recipes.text_to_image import export_adapter
+
+    out = export_adapter(Path(args.run_dir), Path(args.out) if args.out else None, use_ema=not args.raw)
+    print(f"adapter written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="piflow", description="π-Flow: few-step policy distillation (π-ID).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", default="1.0", help="GM temperature on non-final steps, or 'auto'")
     sample.add_argument("--output", default=None, help=".npy output path")
     sample.add_argument("--label", type=int, default=None, help="class label for image runs (default: all classes)")
+    sample.add_argument("--prompt", action="append", default=[], help="text-to-image runs: a prompt (repeatable)")
     sample.add_argument("overrides", nargs="*", metavar="key=value")
     sample.set_defaults(func=_cmd_sample)
 
@@ -177,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--snapshot-every", type=int, default=250)
     toy.add_argument("--seed", type=int, default=0)
     toy.set_defaults(func=_cmd_toy_trajectory)
+
+    encode = sub.add_parser("encode-prompts", help="pre-compute prompt embeddings (sharded safetensors cache)")
+    encode.add_argument("--pipeline", required=True, help="local folder or hub id of the diffusers pipeline")
+    encode.add_argument("--prompts", required=True, help="prompt file, one per line")
+    encode.add_argument("--out", required=True, help="cache folder (resumable)")
+    encode.add_argument("--negative-prompt", default="", help="cached as the unconditional prompt for CFG")
+    encode.add_argument("--shard-size", type=int, default=1000)
+    encode.add_argument("--max-sequence-length", type=int, default=512)
+    encode.add_argument("--dtype", default="fp32", choices=sorted(["bf16", "fp16", "fp32"]))
+    encode.set_defaults(func=_cmd_encode_prompts)
+
+    export = sub.add_parser("export", help="turn a text-to-image run's checkpoint into a piflow adapter folder")
+    export.add_argument("--run-dir", required=True, help="a `piflow distill pipeline=...` run (finished or not)")
+    export.add_argument("--out", default=None, help="adapter folder (default: <run-dir>/adapter)")
+    export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

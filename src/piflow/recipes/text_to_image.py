@@ -325,3 +325,37 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     (output / "export.json").write_text(json.dumps({"run_dir": str(run_dir), "step": int(state["step"]),
                                                     "weights": "ema" if use_ema else "raw"}, indent=2))
     return output
+
+
+@torch.no_grad()
+def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[int] = None, num_images: int = 1,
+               generator: Optional[torch.Generator] = None, temperature: Any = "auto", overrides=()) -> list[Path]:
+    """Generate PNGs for `prompts` with a finished run's adapter in the π-Flow pipeline of its base model."""
+    import diffusers
+
+    from piflow.config import load_config
+    from piflow.integrations.diffusers.pipelines import PIPELINES
+
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "config.json").is_file():
+        raise ConfigError(f"{run_dir} has no adapter yet (finish the run or `piflow export --run-dir {run_dir}`)")
+    config = load_config(T2I_DISTILL_DEFAULTS, run_dir / "config.yaml", overrides)
+    architecture = json.loads((adapter / "config.json").read_text())["architecture"]
+    device = _device()
+    pipe = PIPELINES[architecture].from_pretrained(config["pipeline"], torch_dtype=_dtype(config["dtype"], device))
+    pipe.to(device)
+    pipe.load_piflow_adapter(adapter)
+    height, width = (int(v) for v in config["resolution"])
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    images = pipe(list(prompts), height=height, width=width, num_images_per_prompt=num_images,
+                  num_inference_steps=nfe or pipe.piflow_student.sampling.get("nfe", 4), temperature=temperature,
+                  generator=generator).images
+    paths = []
+    for index, image in enumerate(images):
+        path = output / f"{index // num_images:03d}_{index % num_images:02d}.png"
+        image.save(path)
+        paths.append(path)
+    (output / "prompts.json").write_text(json.dumps(list(prompts), indent=2))
+    return paths

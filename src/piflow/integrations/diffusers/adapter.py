@@ -114,7 +114,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], subfolder: Optional[str] = None,
                         adapter_name: str = LORA_ADAPTER) -> DiffusersPolicyStudent:
-    """Attach a saved adapter to a FLUX/SD3 `transformer` (shared, not copied) and return the student."""
+    """Attach a saved adapter to a FLUX/SD3/Qwen-Image `transformer` (shared, not copied) and return the student
+    in eval mode (call ``.train()`` to fine-tune it further)."""
     directory = Path(path) / subfolder if subfolder else Path(path)
     config, tensors = _read_adapter(directory)
     policy = config["policy_config"]
@@ -152,4 +153,4 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
                                           if k.startswith("norm_out.")})
     except RuntimeError as error:
         raise ValueError(f"adapter tensors do not match its policy_config / this transformer: {error}") from error
-    return student
+    return student.eval()

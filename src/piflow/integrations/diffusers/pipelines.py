@@ -114,12 +114,23 @@ class PiFlowPipelineMixin:
         x = noise.float()
         batch = x.shape[0]
         self._num_timesteps = nfe
+        was_training = student.training
+        student.eval()          # LoRA dropout off; the previous mode is restored afterwards
+        try:
+            return self._policy_loop(student, x, cond, scheduler, nfe, float(temperature), generator,
+                                     total_substeps, callback_on_step_end)
+        finally:
+            student.train(was_training)
+
+    def _policy_loop(self, student, x: Tensor, cond: dict, scheduler, nfe: int, temperature: float, generator,
+                     total_substeps: int, callback_on_step_end: Optional[Callable]) -> Tensor:
+        batch = x.shape[0]
         with self.progress_bar(total=nfe) as progress_bar:
             for i, timestep in enumerate(scheduler.timesteps):
                 sigma = scheduler.sigmas[i].expand(batch)
                 policy = self._student_policy(student, x, sigma, cond, nfe)
                 if isinstance(policy, GMFlowPolicy) and i < nfe - 1:
-                    policy = policy.temperature(float(temperature))
+                    policy = policy.temperature(temperature)
                 x_dst = rollout(policy, x, sigma, scheduler.sigmas_dst[i].expand(batch), total_substeps,
                                 scheduler.shift_in_use)
                 x = scheduler.step(x_dst, timestep, generator=generator, return_dict=False)[0]

@@ -1,0 +1,136 @@
+"""PiFlux/PiSD3/PiQwenImage pipelines on tiny from-scratch pipelines (real tokenizers → text encoders → transformer
+→ VAE): the pipeline loop equals the core sampler, adapters round-trip through `from_pretrained`, LoRAs combine."""
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from piflow import PiFlow  # noqa: E402
+from piflow.integrations.diffusers.adapter import WEIGHTS, save_piflow_adapter  # noqa: E402
+from piflow.integrations.diffusers.pipelines import PIPELINES  # noqa: E402
+from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
+from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler  # noqa: E402
+from piflow.integrations.diffusers.students import (ARCHITECTURES, DiffusersPolicyStudent,  # noqa: E402
+                                                    DiffusersTeacher, add_student_lora)
+from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ARCHS = ["flux", "sd3", "qwen"]
+SIZE = 32            # pixels; latents 16×16
+PROMPTS = ["a red cat", "two blue birds on a wire"]
+
+
+def lora_student(pipe, architecture, policy, seed=0):
+    add_student_lora(pipe.transformer, rank=4, target_modules=ARCHITECTURES[architecture].lora_targets(pipe.transformer))
+    with torch.no_grad():   # PEFT starts B at 0: give the LoRA a visible effect
+        for name, param in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
+    sampling = {"nfe": 4, "shift": 3.2, "final_step_size_scale": 0.5}
+    kwargs = {"mode": "grid", "segment_size": 1 / 3.5, "shift": 3.2} if policy == "dx" else {}
+    return DiffusersPolicyStudent(pipe.transformer, policy, num_components=2, num_nodes=3, latent_channels=4,
+                                  logstd_hidden=16, share_transformer=True, architecture=architecture,
+                                  policy_kwargs=kwargs, sampling=sampling,
+                                  generator=torch.Generator().manual_seed(seed)).eval()
+
+
+def run(pipe, steps, seed=0, **kwargs):
+    return pipe(PROMPTS, height=SIZE, width=SIZE, num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def text_cond(pipe, architecture):
+    length = 256 if architecture == "sd3" else 512       # the pipelines' default max_sequence_length
+    cond = collate_text(encode_prompts(pipe, architecture, PROMPTS, max_sequence_length=length), architecture)
+    if architecture == "flux":
+        cond["guidance"] = torch.full((len(PROMPTS),), 3.5)
+    return cond
+
+
+@pytest.mark.parametrize("architecture", ARCHS)
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy):
+    pipe = tiny_pipeline(architecture, PIPELINES[architecture])
+    pipe.set_progress_bar_config(disable=True)
+    student = lora_student(pipe, architecture, policy)
+    pipe.set_piflow_student(student)
+    assert isinstance(pipe.scheduler, FlowMapSDEScheduler) and pipe.scheduler.config.shift == 3.2
+    latents = run(pipe, 4, output_type="latent")
+    assert latents.shape == (2, 4, 16, 16)
+    # the same noise and text condition through the core sampling loop (independent of the pipeline code)
+    noise = diffusers.utils.torch_utils.randn_tensor((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    pf = PiFlow(student, None, policy=policy, nfe=4, final_step_size_scale=0.5, shift=3.2,
+                policy_kwargs=student.policy_kwargs)
+    expected = pf.sample(noise, nfe=4, cond=text_cond(pipe, architecture), temperature="auto")
+    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    for steps in (1, 4):
+        images = run(pipe, steps, output_type="np")
+        assert images.shape == (2, SIZE, SIZE, 3) and images.min() >= 0 and images.max() <= 1
+
+
+@pytest.mark.parametrize("architecture", ARCHS)
+def test_adapter_round_trip_through_from_pretrained_and_lora_combination(architecture, tmp_path):
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline(architecture, PIPELINES[architecture])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "base")          # a local checkpoint of the base model (before LoRA)
+    base_u = DiffusersTeacher(pipe.transformer, architecture)
+    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([0.9, 0.3])
+    cond = text_cond(pipe, architecture)
+    teacher_before = base_u(x, sigma, cond)
+    student = lora_student(pipe, architecture, "gmflow")
+    pipe.set_piflow_student(student)
+    expected = run(pipe, 2, output_type="latent")
+    save_piflow_adapter(student, tmp_path / "adapter")
+
+    fresh = PIPELINES[architecture].from_pretrained(tmp_path / "base")
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_piflow_adapter(tmp_path / "adapter")
+    assert torch.equal(run(fresh, 2, output_type="latent"), expected)            # bit-for-bit
+    # the teacher (adapters disabled) is the untouched base
+    torch.testing.assert_close(DiffusersTeacher(fresh.transformer, architecture)(x, sigma, cond), teacher_before,
+                               atol=0, rtol=0)
+    # a second LoRA through the pipeline's set_adapters, with per-adapter strengths
+    fresh.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+                                             target_modules=["to_q", "to_v"]), "style")   # attention, like styles
+    with torch.no_grad():
+        for name, param in fresh.transformer.named_parameters():
+            if "lora_B.style" in name:
+                param.normal_(0, 0.05, generator=torch.Generator().manual_seed(9))
+    fresh.set_adapters(["piflow", "style"], adapter_weights=[1.0, 0.0])
+    assert torch.equal(run(fresh, 2, output_type="latent"), expected)
+    fresh.set_adapters(["piflow", "style"], adapter_weights=[1.0, 0.8])
+    styled = run(fresh, 2, output_type="latent")
+    assert torch.isfinite(styled).all() and not torch.allclose(styled, expected)
+
+
+def test_pipeline_errors_are_clear(tmp_path):
+    pipe = tiny_pipeline("flux", PIPELINES["flux"])
+    with pytest.raises(RuntimeError, match="load_piflow_adapter"):
+        run(pipe, 1)
+    student = lora_student(pipe, "flux", "gmflow")
+    pipe.set_piflow_student(student)
+    with pytest.raises(ValueError, match="temperature"):
+        run(pipe, 2, temperature="hot")
+    with pytest.raises(ValueError, match="latents must have shape"):
+        run(pipe, 1, latents=torch.randn(2, 4, 8, 8))
+    sd3 = tiny_pipeline("sd3", PIPELINES["sd3"])
+    with pytest.raises(ValueError, match="cannot drive"):
+        sd3.set_piflow_student(student)
+    save_piflow_adapter(student, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        tiny_pipeline("flux", PIPELINES["flux"]).load_piflow_adapter(tmp_path / "adapter")
+
+
+def test_guidance_input_reaches_the_flux_student():
+    pipe = tiny_pipeline("flux", PIPELINES["flux"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_piflow_student(lora_student(pipe, "flux", "gmflow"))
+    low, high = run(pipe, 1, guidance_scale=1.0, output_type="latent"), run(pipe, 1, guidance_scale=5.0,
+                                                                            output_type="latent")
+    assert not torch.allclose(low, high)

@@ -1,0 +1,140 @@
+"""Text-to-image distillation end to end on tiny from-scratch pipelines saved to disk (the `from_pretrained` path):
+`piflow distill pipeline=…` → adapter → `piflow export` / `piflow sample`, prompt caches, resume, config errors."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from piflow import PiFlow  # noqa: E402
+from piflow.cli import main  # noqa: E402
+from piflow.config import ConfigError, load_config  # noqa: E402
+from piflow.integrations.diffusers.adapter import WEIGHTS  # noqa: E402
+from piflow.integrations.diffusers.pipelines import PIPELINES  # noqa: E402
+from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
+from piflow.integrations.diffusers.students import DiffusersTeacher  # noqa: E402
+from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
+from piflow.recipes.text_to_image import (T2I_DISTILL_DEFAULTS, build_lora_student,  # noqa: E402
+                                          distill_text_to_image, make_text_teacher)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+LR = 1e-4           # the paper's T2I learning rate
+TINY = ["resolution=[32,32]", "max_sequence_length=32", "student.lora_rank=4", "student.logstd_hidden=16",
+        "student.num_components=2", "student.num_nodes=3", "distill.total_substeps=16", "train.warmup_iters=0",
+        "train.progress=false", "eval.nfe=[1,4]", "eval.prompts=[a cat]"]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    paths = {}
+    for architecture in ("flux", "sd3", "qwen"):
+        paths[architecture] = root / architecture
+        tiny_pipeline(architecture).save_pretrained(paths[architecture])
+    prompts = root / "prompts.txt"
+    prompts.write_text("# training prompts\na red cat\n\na blue bird on a wire\na green tree in fog\n")
+    paths["prompts"] = prompts
+    return paths
+
+
+def assert_same_tensors(actual: dict, expected: dict) -> None:
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[k], expected[k]) for k in expected)
+
+
+def config_for(bases, architecture, *extra):
+    return load_config(T2I_DISTILL_DEFAULTS, None, [f"pipeline={bases[architecture]}", f"prompts={bases['prompts']}",
+                                                   *TINY, *extra])
+
+
+@pytest.mark.parametrize("architecture", ["flux", "sd3", "qwen"])
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_pi_id_steps_lower_the_loss_and_leave_the_teacher_unchanged(bases, architecture, policy):
+    config = config_for(bases, architecture, f"student.policy={policy}")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(bases[architecture])
+    transformer = pipe.transformer.requires_grad_(False)
+    items = encode_prompts(pipe, architecture, ["a red cat", "a blue bird"], max_sequence_length=32)
+    cond = collate_text(items, architecture)
+    if architecture == "flux":
+        cond["guidance"] = torch.full((2,), 3.5)
+    null = collate_text(encode_prompts(pipe, architecture, [""], max_sequence_length=32), architecture)
+    teacher = make_text_teacher(transformer, architecture, config, null)
+    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([0.8, 0.4])
+    before = DiffusersTeacher(transformer, architecture)(x, sigma, cond)
+    student = build_lora_student(config, transformer, architecture, latent_channels=4)
+    d = config["distill"]
+    pf = PiFlow(student, teacher, policy=policy, nfe=4, final_step_size_scale=0.5, shift=3.2,
+                num_intermediate_states=d["num_intermediate_states"], window_substeps=3,
+                gm_dropout=0.1 if policy == "gmflow" else 0.0, loss_scale=30.0, total_substeps=16)
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=LR)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(12):      # the same batch and segment draws every step: the loss must go down
+        optimizer.zero_grad()
+        losses.append(float(pf.data_free_loss(noise, cond, generator=torch.Generator().manual_seed(2))))
+        optimizer.step()
+    assert losses[-1] < 0.7 * losses[0], losses
+    after = DiffusersTeacher(transformer, architecture)(x, sigma, cond)
+    assert torch.equal(before, after)      # LoRA never leaks into the teacher
+
+
+@pytest.mark.parametrize("architecture", ["flux", "qwen"])
+def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["distill", "--run-dir", str(run_dir), f"pipeline={bases[architecture]}", f"prompts={bases['prompts']}",
+            *TINY, "train.iters=4", "train.checkpoint_every=2"]
+    assert main(args) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["architecture"] == architecture and metrics["iters"] == 4
+    assert (run_dir / "samples.png").is_file() and (run_dir / "adapter" / "config.json").is_file()
+    # the checkpoint holds no frozen base weight
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert all("lora" in k or k.startswith(("head.", "norm_out.")) for k in state["model"])
+    # resume: a finished run trains no further and gives the same adapter
+    adapter = load_file(run_dir / "adapter" / WEIGHTS)
+    assert main(args) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["iters"] == 4
+    assert_same_tensors(load_file(run_dir / "adapter" / WEIGHTS), adapter)
+    # export from the checkpoint equals the adapter the run wrote (both EMA)
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
+    assert_same_tensors(load_file(tmp_path / "exported" / WEIGHTS), adapter)
+    # sampling through the π-Flow pipeline of the base model
+    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--prompt", "a dog", "--nfe", "2",
+                 "--num-samples", "1", "--output", str(tmp_path / "images")]) == 0
+    assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == ["000_00.png", "001_00.png"]
+    capsys.readouterr()
+
+
+def test_prompt_cache_feeds_distillation_without_text_encoders(bases, tmp_path):
+    cache = tmp_path / "cache"
+    assert main(["encode-prompts", "--pipeline", str(bases["sd3"]), "--prompts", str(bases["prompts"]),
+                 "--out", str(cache), "--shard-size", "2", "--max-sequence-length", "32"]) == 0
+    index = json.loads((cache / "index.json").read_text())
+    assert index["num_prompts"] == 3 and len(index["shards"]) == 2 and index["architecture"] == "sd3"
+    metrics = distill_text_to_image(config_for(bases, "sd3", f"prompt_cache={cache}", "prompts=null",
+                                               "train.iters=2", "student.policy=dx"), tmp_path / "run")
+    assert metrics["iters"] == 2 and (tmp_path / "run" / "adapter" / "config.json").is_file()
+    policy_config = json.loads((tmp_path / "run" / "adapter" / "config.json").read_text())["policy_config"]
+    assert policy_config["type"] == "DX" and policy_config["segment_size"] == pytest.approx(1 / 3.5)
+    fresh = PIPELINES["sd3"].from_pretrained(bases["sd3"])
+    fresh.load_piflow_adapter(tmp_path / "run" / "adapter")
+    assert fresh.piflow_student.policy_kwargs["segment_size"] == pytest.approx(1 / 3.5)
+
+
+def test_text_to_image_config_errors(bases, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="prompts="):
+        distill_text_to_image(config_for(bases, "flux", "prompts=null"), tmp_path / "a")
+    with pytest.raises(ConfigError, match="divisible"):
+        distill_text_to_image(config_for(bases, "flux", "resolution=[30,32]"), tmp_path / "b")
+    with pytest.raises(ConfigError, match="gmflow' or 'dx"):
+        distill_text_to_image(config_for(bases, "flux", "student.policy=x0"), tmp_path / "c")
+    with pytest.raises(ConfigError, match="does not match the transformer"):
+        distill_text_to_image(config_for(bases, "flux", "architecture=qwen"), tmp_path / "d")
+    assert main(["distill", "--run-dir", str(tmp_path / "e"), f"pipeline={bases['flux']}", "student.bogus=1"]) == 2
+    assert "unknown config key" in capsys.readouterr().err
+    assert main(["export", "--run-dir", str(tmp_path / "nothing")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
