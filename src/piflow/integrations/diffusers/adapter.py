@@ -21,7 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from piflow.integrations.diffusers.students import LORA_ADAPTER, DiffusersPolicyStudent, add_student_lora
+from piflow.integrations.diffusers.students import (LORA_ADAPTER, DiffusersPolicyStudent, _architecture,
+                                                    add_student_lora)
 from piflow.train.checkpoint import atomic_write
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -73,8 +74,7 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
     data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                              metadata={"policy_config": json.dumps(policy_config), "format": "piflow-adapter-v1"})
     atomic_write(directory / WEIGHTS, lambda handle: handle.write(data))
-    base = {"flux": "FluxTransformer2DModel", "sd3": "SD3Transformer2DModel",
-            "qwen": "QwenImageTransformer2DModel"}[student.architecture.name]
+    base = student.architecture.base_class or type(student.transformer).__name__
     config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + base, "base_class": base,
               "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config,
               "sampling": _check_sampling(sampling if sampling is not None else student.sampling)}
@@ -126,6 +126,10 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     if missing:
         raise ValueError(f"policy_config is missing {missing} (needed for a {policy['type']} adapter)")
     sampling = _check_sampling(config.get("sampling"))
+    architecture = _architecture(config.get("architecture", "flux"))
+    expected_class = config.get("base_class") or architecture.base_class
+    if expected_class and type(transformer).__name__ != expected_class:
+        raise ValueError(f"adapter {directory} is for a {expected_class}, got a {type(transformer).__name__}")
     if adapter_name in (getattr(transformer, "peft_config", None) or {}):
         transformer.delete_adapters(adapter_name)   # loading again replaces the adapter of that name
     lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
@@ -141,12 +145,12 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ValueError(f"adapter LoRA tensors do not match this transformer: {unexpected[:4]}")
-    student = DiffusersPolicyStudent(transformer, kind, architecture=config.get("architecture", "flux"), num_components=policy.get("num_components", 8),
-                                num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
-                                latent_channels=policy["latent_channels"],
-                                logstd_hidden=policy.get("logstd_hidden", 1024), share_transformer=True,
-                                policy_kwargs={k: policy[k] for k in POLICY_KWARGS[kind] if k in policy},
-                                sampling=sampling)
+    student = DiffusersPolicyStudent(
+        transformer, kind, architecture=architecture, num_components=policy.get("num_components", 8),
+        num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
+        latent_channels=policy["latent_channels"], logstd_hidden=policy.get("logstd_hidden", 1024),
+        share_transformer=True, policy_kwargs={k: policy[k] for k in POLICY_KWARGS[kind] if k in policy},
+        sampling=sampling)
     try:
         student.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         student.norm_out.load_state_dict({k[len("norm_out."):]: v for k, v in tensors.items()

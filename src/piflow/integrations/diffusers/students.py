@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -133,7 +133,21 @@ def unpatchify_pqc(tokens: Tensor, height: int, width: int, patch: int) -> Tenso
 
 @dataclass(frozen=True)
 class Architecture:
-    """How a diffusers transformer family takes latents and lays out its output tokens."""
+    """How a transformer family takes latents and lays out its output tokens — the bring-your-own-teacher protocol.
+
+    A velocity transformer qualifies when it ends in ``final_norm(tokens, temb)`` (an adaptive norm conditioned on
+    the timestep/conditioning embedding, the module's attribute `final_norm`) followed by a linear
+    ``output_projection`` to per-token latent patches. Declare the rest here and `register_architecture` it:
+    * model_inputs(latents (B, C, H, W), σ (B,), cond dict) → forward kwargs (σ → the model's timestep units,
+      packing, position ids);
+    * tokens_to_latents(tokens (B, L, C·p²), H, W, p) → (B, C, H, W): how output tokens map back to latents;
+    * layout: "cp" (channel-major within a token, FLUX/Qwen packing) or "pc" (patch-major, SD3/DiT);
+    * output_is_tokens: the model returns tokens (unpatchify here) or latents (it unpatchifies itself);
+    * lora_targets(transformer) → PEFT target_modules (feed-forward and timestep MLPs, never attention, §6.6);
+    * packs_outside: the 2×2 packing happens in model_inputs (FLUX, Qwen: patch 2) or inside the model (SD3: the
+      model's ``config.patch_size``);
+    * base_class: the transformer class name written into adapter folders.
+    """
 
     name: str
     model_inputs: Callable[[Tensor, Tensor, dict], dict]           # (latents, σ (B,), cond) → forward kwargs
@@ -142,22 +156,36 @@ class Architecture:
     output_is_tokens: bool                                        # the model returns tokens (FLUX) or latents (SD3)
     lora_targets: Callable[[nn.Module], Any]                      # transformer → PEFT target_modules
     packs_outside: bool = True                                    # 2×2 packing done here (FLUX, Qwen) or inside
+    base_class: str = ""                                          # e.g. "FluxTransformer2DModel"
 
 
 SD3_LORA_TARGETS = (r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|"
                     r"timestep_embedder\.linear_1|timestep_embedder\.linear_2)$")
 FLUX = Architecture("flux", _flux_inputs, lambda t, h, w, p: unpack_tokens(t, h, w, p), "cp", True,
-                    lambda transformer: FLUX_LORA_TARGETS)
+                    lambda transformer: FLUX_LORA_TARGETS, base_class="FluxTransformer2DModel")
 SD3 = Architecture("sd3", _sd3_inputs, unpatchify_pqc, "pc", False, lambda transformer: SD3_LORA_TARGETS,
-                   packs_outside=False)
+                   packs_outside=False, base_class="SD3Transformer2DModel")
 QWEN = Architecture("qwen", _qwen_inputs, lambda t, h, w, p: unpack_tokens(t, h, w, p), "cp", True,
-                    qwen_lora_targets)
+                    qwen_lora_targets, base_class="QwenImageTransformer2DModel")
 ARCHITECTURES = {"flux": FLUX, "sd3": SD3, "qwen": QWEN}
 
 
-def _architecture(name: str) -> Architecture:
+def register_architecture(architecture: Architecture) -> Architecture:
+    """Make `architecture` known by name (students, teachers and `load_piflow_adapter` look it up)."""
+    if architecture.layout not in ("cp", "pc"):
+        raise ValueError(f"layout must be 'cp' or 'pc', got {architecture.layout!r}")
+    if not architecture.base_class:
+        raise ValueError("an Architecture needs base_class (the transformer class name) to be registered")
+    ARCHITECTURES[architecture.name] = architecture
+    return architecture
+
+
+def _architecture(name: Union[str, Architecture]) -> Architecture:
+    if isinstance(name, Architecture):
+        return name
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}")
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)} "
+                         "(register your own with register_architecture)")
     return ARCHITECTURES[name]
 
 
@@ -205,7 +233,7 @@ class DiffusersTeacher:
 
     architecture = FLUX
 
-    def __init__(self, transformer: nn.Module, architecture: Optional[str] = None):
+    def __init__(self, transformer: nn.Module, architecture: Union[str, Architecture, None] = None):
         self.transformer = transformer
         if architecture is not None:
             self.architecture = _architecture(architecture)
@@ -251,7 +279,7 @@ class DiffusersPolicyStudent(nn.Module):
     def __init__(self, transformer: nn.Module, policy: str = "gmflow", num_components: int = 8,
                  num_nodes: int = 10, dx_mode: str = "grid", latent_channels: int = 16,
                  head_noise_std: float = 0.05, logstd_hidden: int = 1024, share_transformer: bool = False,
-                 generator: Optional[torch.Generator] = None, architecture: Optional[str] = None,
+                 generator: Optional[torch.Generator] = None, architecture: Union[str, Architecture, None] = None,
                  policy_kwargs: Optional[dict] = None, sampling: Optional[dict] = None):
         super().__init__()
         self.policy_kwargs = dict(policy_kwargs or {})
