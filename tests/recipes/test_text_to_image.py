@@ -138,3 +138,25 @@ def test_text_to_image_config_errors(bases, tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
     assert main(["export", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_torchrun_fsdp_equals_ddp(bases, tmp_path, free_port):
+    """`piflow distill` under torchrun (2 CPU processes, gloo): FSDP2 (frozen base sharded) takes the same steps as
+    DDP (replicated base) — same data on each rank, same adapter up to float reassociation."""
+    import subprocess
+    import sys
+
+    adapters = {}
+    for offset, parallel in enumerate(["ddp", "fsdp"]):
+        run_dir = tmp_path / parallel
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(free_port + offset), "-m", "piflow.cli", "distill",
+                        "--run-dir", str(run_dir), f"pipeline={bases['flux']}", f"prompts={bases['prompts']}", *TINY,
+                        "train.iters=2", "distill.batch_size=1", "eval.prompts=[]", "student.lora_dropout=0.0",
+                        f"parallel={parallel}"], check=True, timeout=300, capture_output=True)
+        state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+        assert all("lora" in k or k.startswith(("head.", "norm_out.")) for k in state["model"])   # no base weights
+        adapters[parallel] = load_file(run_dir / "adapter" / WEIGHTS)
+    assert sorted(adapters["ddp"]) == sorted(adapters["fsdp"]) and any("lora_B" in k for k in adapters["ddp"])
+    for key, value in adapters["ddp"].items():
+        torch.testing.assert_close(adapters["fsdp"][key], value, atol=1e-7, rtol=1e-6)

@@ -33,6 +33,7 @@ T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "latents": None,              # data-dependent π-ID: latents (N, C, h, w) aligned with the prompts
     "resolution": [1024, 1024],   # training image size in pixels (height, width)
     "max_sequence_length": 512,
+    "parallel": "ddp",            # under torchrun: "ddp" (replicated base) or "fsdp" (FSDP2-sharded frozen base)
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid",
                 "logstd_hidden": 1024, "head_noise_std": 0.05, "lora_rank": 256, "lora_alpha": 256.0,
                 "lora_dropout": 0.05, "gradient_checkpointing": False},
@@ -218,9 +219,17 @@ def distill_text_to_image(config: dict, run_dir: Path) -> dict:
     prompts = prompt_source(config, pipe, architecture)
     null = _text_condition([prompts.null()], architecture, config, device, dtype)
     teacher = make_text_teacher(transformer, architecture, config, null)
+    torch.manual_seed(int(config["train"]["seed"]))     # LoRA A and head initialisation: reproducible runs
     student = build_lora_student(config, transformer, architecture, channels).to(device)
     pf = build_pipeline(config, student, teacher)
     student.policy_kwargs = {k: v for k, v in pf.policy_kwargs.items()} if pf.policy_kind == "dx" else {}
+    if config["parallel"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel must be 'ddp' or 'fsdp', got {config['parallel']!r}")
+    sharded = config["parallel"] == "fsdp" and distributed.current().enabled
+    if sharded:
+        from piflow.train.fsdp import shard_frozen_base
+
+        shard_frozen_base(transformer)
     latents = None if config["latents"] is None else _load_latents(config["latents"], len(prompts),
                                                                     (channels, latent_h, latent_w))
     batch = int(config["distill"]["batch_size"])
@@ -247,21 +256,24 @@ def distill_text_to_image(config: dict, run_dir: Path) -> dict:
                                "architecture": architecture, "iters": len(result.history),
                                "trainable_parameters": sum(p.numel() for p in student.parameters()
                                                            if p.requires_grad)}
-    if distributed.current().is_main:
-        ema_student = result.ema.model
+    is_main = distributed.current().is_main
+    with result.ema.averaged(student) as ema_student:
         ema_student.policy_kwargs, ema_student.sampling = student.policy_kwargs, student.sampling
-        save_piflow_adapter(ema_student, run_dir / "adapter")
+        if is_main:
+            save_piflow_adapter(ema_student, run_dir / "adapter")
+        if pipe is not None and config["eval"]["prompts"] and (is_main or sharded):   # FSDP: every rank gathers
+            path = save_sample_grid(pipe, ema_student, config, run_dir / "samples.png", write=is_main)
+            metrics["samples"] = str(path)
+    if is_main:
         from piflow.recipes import plots
 
         plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
-        if pipe is not None and config["eval"]["prompts"]:
-            metrics["samples"] = str(save_sample_grid(pipe, ema_student, config, run_dir / "samples.png"))
         write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
 @torch.no_grad()
-def save_sample_grid(pipe, student, config: dict, path: Path) -> Path:
+def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True) -> Path:
     """One row per eval NFE, one column per eval prompt, from the π-Flow pipeline of `pipe`'s class."""
     import numpy as np
 
@@ -279,6 +291,8 @@ def save_sample_grid(pipe, student, config: dict, path: Path) -> Path:
                          temperature=config["eval"]["temperature"], output_type="np",
                          generator=torch.Generator().manual_seed(int(config["eval"]["seed"]))).images
         rows.append(np.concatenate(list(images), axis=1))
+    if not write:
+        return path
     plt = _pyplot()
     grid = np.concatenate(rows, axis=0)
     fig = plt.figure(figsize=(2 * grid.shape[1] / height, 2 * grid.shape[0] / height))

@@ -49,9 +49,23 @@ def current() -> DistInfo:
 
 @torch.no_grad()
 def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
-    """Make every rank start from rank `src`'s parameters and buffers."""
+    """Make every rank start from rank `src`'s parameters and buffers (FSDP-sharded DTensors are skipped: each rank
+    holds its own shard of identical weights)."""
     for tensor in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(tensor.data, src)
+        if not is_sharded(tensor):
+            dist.broadcast(tensor.data, src)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor (a parameter sharded by FSDP2)."""
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
+
+
+def _reduction_device() -> torch.device:
+    """Where collectives on small host values run: the rank's GPU for NCCL, the CPU for gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", current().local_rank)
+    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -76,6 +90,6 @@ def all_ranks_mean(value: float) -> float:
     """Mean of a Python float over ranks (for logging)."""
     if not current().enabled:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=_reduction_device())
     dist.all_reduce(tensor)
     return float(tensor) / dist.get_world_size()

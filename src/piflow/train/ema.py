@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -16,10 +18,16 @@ class PowerEMA:
     its trainable tensors, not a second copy of the base.
     """
 
-    def __init__(self, model: nn.Module, gamma: float = 7.0, start_iter: int = 0):
+    def __init__(self, model: nn.Module, gamma: float = 7.0, start_iter: int = 0, copy_model: bool = True):
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma, self.start_iter = float(gamma), int(start_iter)
+        self.model: Optional[nn.Module] = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        if not copy_model:   # tensor mode (FSDP modules cannot be deep-copied): trainable tensors only
+            self.tensors = {name: param.detach().clone() for name, param in model.named_parameters()
+                            if param.requires_grad}
+            return
         frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
         self.model = copy.deepcopy(model, memo=dict(frozen)).eval()
         for param in self.model.parameters():
@@ -38,6 +46,14 @@ class PowerEMA:
     @torch.no_grad()
     def update(self, model: nn.Module, iteration: int) -> None:
         beta = self.beta(iteration)
+        if self.model is None:
+            for name, param in model.named_parameters():
+                if name in self.tensors:
+                    if beta > 0:
+                        self.tensors[name].lerp_(param.detach().to(self.tensors[name].dtype), 1 - beta)
+                    else:
+                        self.tensors[name].copy_(param.detach())
+            return
         for ema_param, param in zip(self.model.parameters(), model.parameters()):
             if ema_param is param:               # a shared frozen parameter
                 continue
@@ -50,12 +66,40 @@ class PowerEMA:
 
     def state_dict(self) -> dict:
         """The EMA's own tensors: averaged parameters and buffers, not the frozen weights it shares."""
+        if self.model is None:
+            return {"gamma": self.gamma, "start_iter": self.start_iter, "model": dict(self.tensors)}
         own = {k: v for k, v in self.model.state_dict().items() if k not in self.shared_names}
         return {"gamma": self.gamma, "start_iter": self.start_iter, "model": own}
 
     def load_state_dict(self, state: dict) -> None:
         self.gamma, self.start_iter = float(state["gamma"]), int(state["start_iter"])
+        if self.model is None:
+            if set(state["model"]) != set(self.tensors):
+                raise RuntimeError(f"EMA state does not match the model's trainable parameters: "
+                                   f"{sorted(set(state['model']) ^ set(self.tensors))[:5]}")
+            for name, value in state["model"].items():
+                self.tensors[name].copy_(value)
+            return
         load_partial_state(self.model, state["model"], self.shared_names)
+
+    @contextmanager
+    def averaged(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The EMA weights as a module: the EMA copy, or (tensor mode) `model` with the EMA tensors swapped into its
+        trainable parameters for the duration of the block."""
+        if self.model is not None:
+            yield self.model
+            return
+        params = dict(model.named_parameters())
+        backup = {name: params[name].detach().clone() for name in self.tensors}
+        with torch.no_grad():
+            for name, value in self.tensors.items():
+                params[name].copy_(value)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, value in backup.items():
+                    params[name].copy_(value)
 
 
 def trainable_state_dict(model: nn.Module) -> dict:

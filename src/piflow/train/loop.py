@@ -88,7 +88,9 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
     warmup = max(int(config.warmup_iters), 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: 1.0 if warmup == 0 else min(1.0, 1e-3 + (1 - 1e-3) * it / warmup))
-    ema = PowerEMA(model, config.ema_gamma, config.ema_start)
+    from piflow.train.fsdp import is_fsdp_module
+
+    ema = PowerEMA(model, config.ema_gamma, config.ema_start, copy_model=not is_fsdp_module(model))
     generator = torch.Generator().manual_seed(config.seed + dist_info.rank)
     device_type = next(iter(params)).device.type
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
