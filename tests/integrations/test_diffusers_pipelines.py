@@ -134,3 +134,42 @@ def test_guidance_input_reaches_the_flux_student():
     low, high = run(pipe, 1, guidance_scale=1.0, output_type="latent"), run(pipe, 1, guidance_scale=5.0,
                                                                             output_type="latent")
     assert not torch.allclose(low, high)
+
+
+def write_in_authors_layout(student, directory, class_name):
+    """Re-write our adapter in the layout of the authors' GMFlux/GMQwen/DX classes (algorithm.md §5.4, §6.3–6.6)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    ours = directory.parent / "ours"
+    save_piflow_adapter(student, ours)
+    renames = {"head.proj_means.": "proj_out_means.", "head.proj_logweights.": "proj_out_logweights.",
+               "head.logstd_mlp.": "proj_out_logstds.", "head.proj.": "proj_out.", "norm_out.": "norm_out.",
+               "lora.": ""}
+    tensors = {}
+    for key, value in load_file(ours / WEIGHTS).items():
+        prefix = next(p for p in renames if key.startswith(p))
+        tensors[renames[prefix] + key[len(prefix):]] = value
+    directory.mkdir()
+    kind = "GMFlow" if class_name.startswith("GM") else "DX"
+    save_file(tensors, directory / "diffusion_pytorch_model.safetensors",
+              metadata={"policy_config": json.dumps({"type": kind})})
+    (directory / "config.json").write_text(json.dumps({"_class_name": class_name, "num_gaussians": 2}))
+
+
+@pytest.mark.parametrize("architecture,policy,class_name", [("flux", "gmflow", "GMFluxTransformer2DModel"),
+                                                             ("qwen", "dx", "DXQwenImageTransformer2DModel")])
+def test_adapters_in_the_authors_layout_load(architecture, policy, class_name, tmp_path):
+    pipe = tiny_pipeline(architecture, PIPELINES[architecture])
+    pipe.set_progress_bar_config(disable=True)
+    student = lora_student(pipe, architecture, policy)
+    student.policy_kwargs = {}      # the authors' DX policy_config carries only its type here: defaults apply
+    pipe.set_piflow_student(student)
+    expected = run(pipe, 4, output_type="latent")
+    write_in_authors_layout(student, tmp_path / "authors", class_name)
+    fresh = tiny_pipeline(architecture, PIPELINES[architecture])
+    fresh.set_progress_bar_config(disable=True)
+    loaded = fresh.load_piflow_adapter(tmp_path / "authors")
+    assert loaded.policy_kind == policy and loaded.transformer.peft_config["piflow"].r == 4
+    assert torch.equal(run(fresh, 4, output_type="latent"), expected)

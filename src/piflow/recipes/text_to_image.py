@@ -345,8 +345,6 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
 def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[int] = None, num_images: int = 1,
                generator: Optional[torch.Generator] = None, temperature: Any = "auto", overrides=()) -> list[Path]:
     """Generate PNGs for `prompts` with a finished run's adapter in the π-Flow pipeline of its base model."""
-    import diffusers
-
     from piflow.config import load_config
     from piflow.integrations.diffusers.pipelines import PIPELINES
 

@@ -9,7 +9,11 @@ Layout (piflow adapter format v1):
   ``shift``, which must keep their training values at any NFE, algorithm.md §5.3});
 * optional ``sampling`` in config.json: the training ``nfe``, ``shift`` and ``final_step_size_scale`` that the
   pipelines use for their `FlowMapSDEScheduler` (defaults when absent: 4, 3.2, 0.5 — the T2I settings of §4.7).
-Not verified against the adapters the paper's authors published (none can be downloaded here).
+The authors' layout (algorithm.md §5.4, §6.3–6.6) is read too: ``_class_name`` GMFluxTransformer2DModel /
+GMQwenImageTransformer2DModel / DX…, tensors ``proj_out_means.*``, ``proj_out_logweights.*``, ``proj_out_logstds.*``
+(GM) or ``proj_out.*`` (DX), ``norm_out.*`` and PEFT LoRA tensors without an adapter name; the policy structure and
+LoRA rank are inferred from the tensor shapes. This is checked against files written in that layout here, not
+against a downloaded published adapter (none can be downloaded on this machine).
 """
 from __future__ import annotations
 
@@ -93,11 +97,82 @@ def _check_sampling(sampling: Optional[dict]) -> dict:
             "final_step_size_scale": float(merged["final_step_size_scale"])}
 
 
+OFFICIAL_CLASSES = {"GMFluxTransformer2DModel": ("flux", "gmflow"), "DXFluxTransformer2DModel": ("flux", "dx"),
+                    "GMQwenImageTransformer2DModel": ("qwen", "gmflow"),
+                    "DXQwenImageTransformer2DModel": ("qwen", "dx")}
+OFFICIAL_PREFIXES = {"proj_out_means.": "head.proj_means.", "proj_out_logweights.": "head.proj_logweights.",
+                     "proj_out_logstds.": "head.logstd_mlp.", "proj_out.": "head.proj.", "norm_out.": "norm_out."}
+
+
+def _is_official_layout(tensors: dict) -> bool:
+    return not any(key.startswith(("head.", "lora.")) for key in tensors)
+
+
+def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Module) -> tuple[dict, dict]:
+    """Rename the authors' adapter tensors to piflow's and complete the config from the tensor shapes."""
+    class_name = config.get("_class_name")
+    if class_name not in OFFICIAL_CLASSES:
+        raise ValueError(f"adapter config _class_name {class_name!r} is neither a piflow adapter nor one of "
+                         f"{sorted(OFFICIAL_CLASSES)}")
+    architecture, kind = OFFICIAL_CLASSES[class_name]
+    renamed, lora_modules, rank = {}, set(), None
+    for key, value in tensors.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            renamed[f"lora.{key}"] = value
+            if ".lora_A." in key:
+                lora_modules.add(key.split(".lora_A.")[0])
+                rank = int(value.shape[0])
+            continue
+        prefix = next((p for p in OFFICIAL_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"unexpected tensor {key!r} in a {class_name} adapter")
+        renamed[OFFICIAL_PREFIXES[prefix] + key[len(prefix):]] = value
+    policy = dict(config.get("policy_config", {}))
+    pixels = PATCH_PIXELS
+    try:
+        if kind == "gmflow":
+            num_components = int(renamed["head.proj_logweights.weight"].shape[0]) // pixels
+            linears = sorted({int(k.split(".")[2]) for k in renamed if k.startswith("head.logstd_mlp.")})
+            if len(linears) != 2:
+                raise ValueError(f"only 2-layer log-std MLPs are supported, this adapter has {len(linears)}")
+            policy.setdefault("num_components", num_components)
+            policy.setdefault("latent_channels",
+                              int(renamed["head.proj_means.weight"].shape[0]) // num_components // pixels)
+            policy.setdefault("logstd_hidden", int(renamed[f"head.logstd_mlp.{linears[0]}.weight"].shape[0]))
+        else:
+            out_dim = int(transformer.proj_out.out_features)
+            policy.setdefault("num_nodes", int(renamed["head.proj.weight"].shape[0]) // out_dim)
+            policy.setdefault("latent_channels", out_dim // pixels)
+            policy.setdefault("mode", "grid")
+    except KeyError as error:
+        raise ValueError(f"{class_name} adapter misses tensor {error}") from None
+    config = dict(config, architecture=architecture, base_class=ARCHITECTURE_BASES[architecture],
+                  policy_config=policy)
+    if lora_modules:
+        config["lora_config"] = {"rank": rank, "alpha": float(rank), "dropout": 0.0,
+                                 "target_modules": sorted(lora_modules)}
+    return config, renamed
+
+
+PATCH_PIXELS = 4           # 2×2 packed tokens (FLUX, Qwen-Image)
+ARCHITECTURE_BASES = {"flux": "FluxTransformer2DModel", "qwen": "QwenImageTransformer2DModel"}
+
+
+def _weights_file(directory: Path) -> Path:
+    if (directory / WEIGHTS).is_file():
+        return directory / WEIGHTS
+    candidates = sorted(directory.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    raise FileNotFoundError(f"adapter file {directory / WEIGHTS} is missing" + (
+        f" (and {len(candidates)} other .safetensors files make it ambiguous)" if candidates else ""))
+
+
 def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_path, weights_path = directory / "config.json", directory / WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"adapter file {path} is missing")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"adapter file {config_path} is missing")
+    weights_path = _weights_file(directory)
     config = json.loads(config_path.read_text())
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
@@ -118,6 +193,8 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     in eval mode (call ``.train()`` to fine-tune it further)."""
     directory = Path(path) / subfolder if subfolder else Path(path)
     config, tensors = _read_adapter(directory)
+    if _is_official_layout(tensors):
+        config, tensors = _from_official_layout(config, tensors, transformer)
     policy = config["policy_config"]
     kind = POLICY_TYPES.get(policy.get("type"))
     if kind is None:

@@ -112,7 +112,6 @@ class PiFlowPipelineMixin:
         elif isinstance(temperature, str) or not float(temperature) >= 0:
             raise ValueError(f"temperature must be a number >= 0 or 'auto', got {temperature!r}")
         x = noise.float()
-        batch = x.shape[0]
         self._num_timesteps = nfe
         was_training = student.training
         student.eval()          # LoRA dropout off; the previous mode is restored afterwards
