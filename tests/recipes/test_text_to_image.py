@@ -160,3 +160,16 @@ def test_torchrun_fsdp_equals_ddp(bases, tmp_path, free_port):
     assert sorted(adapters["ddp"]) == sorted(adapters["fsdp"]) and any("lora_B" in k for k in adapters["ddp"])
     for key, value in adapters["ddp"].items():
         torch.testing.assert_close(adapters["fsdp"][key], value, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name,architecture", [("gmflux_k8_4step", "flux"), ("dxflux_n10_4step", "flux"),
+                                               ("gmqwen_k8_4step", "qwen"), ("gmsd3_k8_4step", "sd3")])
+def test_shipped_configs_run(bases, tmp_path, name, architecture):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    config = load_config(T2I_DISTILL_DEFAULTS, path, [f"pipeline={bases[architecture]}",
+                                                      f"prompts={bases['prompts']}", *TINY, "train.iters=1",
+                                                      "eval.prompts=[]"])   # configs enable gradient checkpointing
+    metrics = distill_text_to_image(config, tmp_path / name)
+    assert metrics["iters"] == 1 and torch.isfinite(torch.tensor(metrics["final_loss"]))

@@ -37,8 +37,14 @@ def shard_frozen_base(transformer: nn.Module, blocks: Optional[Iterable[nn.Modul
                       reshard_after_forward: bool = True) -> nn.Module:
     """Shard `transformer`'s frozen parameters block by block over the default process group (call after the
     LoRA adapter and the student's trainable modules exist, before the optimizer is built)."""
-    from torch.distributed.fsdp import fully_shard
+    import inspect
 
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError as error:  # pragma: no cover - old torch
+        raise ImportError("parallel=fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6)") from error
+    if "ignored_params" not in inspect.signature(fully_shard).parameters:  # pragma: no cover - old torch
+        raise ImportError("parallel=fsdp needs a torch whose fully_shard takes ignored_params (tested with 2.13)")
     trainable = {param for param in transformer.parameters() if param.requires_grad}
     units = list(blocks) if blocks is not None else transformer_blocks(transformer)
     if not units:
