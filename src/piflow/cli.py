@@ -270,12 +270,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by torchrun: join the process group
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # started by torchrun: join the process group
         from piflow.train.distributed import init_distributed
 
         init_distributed()
     try:
-        return args.func(args)
+        code = args.func(args)
+        if distributed:
+            from piflow.train.distributed import shutdown
+
+            shutdown()
+        return code
     except ConfigError as error:
         print(f"piflow {args.command}: config error: {error}", file=sys.stderr)
         return 2

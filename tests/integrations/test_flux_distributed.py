@@ -53,6 +53,8 @@ SCRIPT = textwrap.dedent("""
     state = {k: v for k, v in student.state_dict().items() if "lora_" in k or k.startswith(("head.", "norm_out."))}
     state["sharded"] = torch.tensor(sharded)
     torch.save(state, f"{sys.argv[1]}/rank{info.rank}_world{info.world_size}.pt")
+    from piflow.train.distributed import shutdown
+    shutdown()
 """)
 
 

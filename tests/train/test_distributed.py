@@ -25,6 +25,8 @@ SCRIPT = textwrap.dedent("""
     train(model, loss_fn, TrainConfig(iters=6, lr=0.05, warmup_iters=0, progress=False, checkpoint_every=0,
                                       grad_accum_steps=accum))
     torch.save(model.state_dict(), f"{sys.argv[1]}/rank{info.rank}_world{info.world_size}.pt")
+    from piflow.train.distributed import shutdown
+    shutdown()
 """)
 
 
