@@ -173,3 +173,27 @@ def test_adapters_in_the_authors_layout_load(architecture, policy, class_name, t
     loaded = fresh.load_piflow_adapter(tmp_path / "authors")
     assert loaded.policy_kind == policy and loaded.transformer.peft_config["piflow"].r == 4
     assert torch.equal(run(fresh, 4, output_type="latent"), expected)
+
+
+def test_adapter_from_a_hub_id_or_subfolder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    pipe = tiny_pipeline("flux", PIPELINES["flux"])
+    student = lora_student(pipe, "flux", "gmflow")
+    save_piflow_adapter(student, tmp_path / "repo" / "gmflux_k8")
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None):      # what the Hub (or its cache) would return
+        calls.append((repo_id, allow_patterns))
+        if repo_id != "someone/pi-flux":
+            raise huggingface_hub.errors.RepositoryNotFoundError("404")
+        return str(tmp_path / "repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    fresh = tiny_pipeline("flux", PIPELINES["flux"])
+    fresh.load_piflow_adapter("someone/pi-flux", subfolder="gmflux_k8")
+    assert calls == [("someone/pi-flux", ["gmflux_k8/*"])]
+    fresh.load_piflow_adapter(tmp_path / "repo", subfolder="gmflux_k8")       # local folder: no Hub call
+    assert len(calls) == 1
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        fresh.load_piflow_adapter("nobody/missing")

@@ -173,3 +173,18 @@ def test_shipped_configs_run(bases, tmp_path, name, architecture):
                                                       "eval.prompts=[]"])   # configs enable gradient checkpointing
     metrics = distill_text_to_image(config, tmp_path / name)
     assert metrics["iters"] == 1 and torch.isfinite(torch.tensor(metrics["final_loss"]))
+
+
+@pytest.mark.parametrize("architecture", ["flux", "sd3", "qwen"])
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_distilled_adapter_samples_in_a_fresh_pipeline(bases, tmp_path, architecture, policy):
+    distill_text_to_image(config_for(bases, architecture, f"student.policy={policy}", "train.iters=2",
+                                     "eval.prompts=[]"), tmp_path / "run")
+    pipe = PIPELINES[architecture].from_pretrained(bases[architecture])
+    pipe.set_progress_bar_config(disable=True)
+    student = pipe.load_piflow_adapter(tmp_path / "run" / "adapter")
+    assert student.policy_kind == policy and student.sampling["nfe"] == 4
+    for steps in (1, 4):
+        images = pipe(["a red cat", "fog"], height=32, width=32, num_inference_steps=steps, output_type="np",
+                      generator=torch.Generator().manual_seed(0)).images
+        assert images.shape == (2, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(images)).all())

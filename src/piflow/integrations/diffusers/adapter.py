@@ -187,11 +187,27 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
+def resolve_adapter_dir(path_or_repo: Union[str, Path], subfolder: Optional[str] = None) -> Path:
+    """A local adapter folder, or a Hugging Face Hub repo id fetched (or found in the local cache) by
+    ``huggingface_hub.snapshot_download``."""
+    local = Path(path_or_repo)
+    if local.is_dir():
+        return local / subfolder if subfolder else local
+    try:
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(str(path_or_repo), allow_patterns=[f"{subfolder}/*"] if subfolder else None)
+    except Exception as error:
+        raise FileNotFoundError(f"adapter {path_or_repo!r} is not a local folder and could not be fetched from the "
+                                f"Hugging Face Hub ({type(error).__name__}: {error})") from error
+    return Path(root) / subfolder if subfolder else Path(root)
+
+
 def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], subfolder: Optional[str] = None,
                         adapter_name: str = LORA_ADAPTER) -> DiffusersPolicyStudent:
-    """Attach a saved adapter to a FLUX/SD3/Qwen-Image `transformer` (shared, not copied) and return the student
-    in eval mode (call ``.train()`` to fine-tune it further)."""
-    directory = Path(path) / subfolder if subfolder else Path(path)
+    """Attach a saved adapter (local folder or Hub repo id, optional `subfolder`) to a FLUX/SD3/Qwen-Image
+    `transformer` (shared, not copied) and return the student in eval mode (``.train()`` to fine-tune further)."""
+    directory = resolve_adapter_dir(path, subfolder)
     config, tensors = _read_adapter(directory)
     if _is_official_layout(tensors):
         config, tensors = _from_official_layout(config, tensors, transformer)
