@@ -93,7 +93,7 @@ def _sample_text_to_image(args, run_dir: Path) -> int:
         raise ConfigError("text-to-image runs need --prompt \"...\" (repeatable)")
     temperature = args.temperature if args.temperature == "auto" else float(args.temperature)
     out = Path(args.output) if args.output else run_dir / "samples"
-    paths = sample_run(run_dir, args.prompt, out, nfe=args.nfe, num_images=args.num_samples,
+    paths = sample_run(run_dir, args.prompt, out, nfe=args.nfe, num_images=args.num_samples or 1,
                        generator=torch.Generator().manual_seed(args.seed), temperature=temperature,
                        overrides=args.overrides)
     print(f"{len(paths)} images written to {out}")
@@ -110,6 +110,7 @@ def _cmd_sample(args) -> int:
     if _run_kind(run_dir) == "t2i":
         return _sample_text_to_image(args, run_dir)
     image_run = _run_is_image(run_dir)
+    args.num_samples = args.num_samples or 5000
     pf, _ = (images if image_run else toy2d).load_student_pipeline(run_dir, args.overrides)
     nfe = pf.nfe if args.nfe is None else args.nfe
     gen = torch.Generator().manual_seed(args.seed)
@@ -223,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample a trained student (any NFE)")
     sample.add_argument("--run-dir", required=True, help="a finished `piflow distill` run")
     sample.add_argument("--nfe", type=int, default=None, help="number of steps (default: the training NFE)")
-    sample.add_argument("--num-samples", type=int, default=5000)
+    sample.add_argument("--num-samples", type=int, default=None,
+                        help="samples (2-D/image runs, default 5000) or images per prompt (text-to-image, default 1)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--temperature", default="1.0", help="GM temperature on non-final steps, or 'auto'")
     sample.add_argument("--output", default=None, help=".npy output path")
