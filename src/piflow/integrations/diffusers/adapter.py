@@ -18,6 +18,7 @@ against a downloaded published adapter (none can be downloaded on this machine).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -193,6 +194,9 @@ def resolve_adapter_dir(path_or_repo: Union[str, Path], subfolder: Optional[str]
     local = Path(path_or_repo)
     if local.is_dir():
         return local / subfolder if subfolder else local
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)) or local.parent.is_dir() and str(local.parent) != ".":
+        raise FileNotFoundError(f"adapter folder {local} does not exist (it should hold config.json and "
+                                f"{WEIGHTS}); a Hub repo id looks like 'namespace/name'")
     try:
         from huggingface_hub import snapshot_download
 
