@@ -177,17 +177,14 @@ def _cmd_encode_prompts(args) -> int:
     import torch
 
     from piflow.integrations.diffusers.prompts import read_prompt_file, write_prompt_cache
-    from piflow.recipes.text_to_image import DTYPES, TRANSFORMER_ARCHITECTURES
+    from piflow.recipes.text_to_image import DTYPES, pipeline_architecture
 
-    dtype = DTYPES[args.dtype]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, transformer=None, vae=None, torch_dtype=dtype)
-    pipe.to(device)
-    transformer_class = diffusers.DiffusionPipeline.load_config(args.pipeline)["transformer"][1]
-    architecture = TRANSFORMER_ARCHITECTURES.get(transformer_class)
-    if architecture is None:
-        raise ConfigError(f"{args.pipeline}: transformer class {transformer_class} is not supported")
+    architecture = pipeline_architecture(args.pipeline)          # checked before anything heavy is loaded
     prompts = read_prompt_file(args.prompts)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = diffusers.DiffusionPipeline.from_pretrained(args.pipeline, transformer=None, vae=None,
+                                                       torch_dtype=DTYPES[args.dtype])
+    pipe.to(device)
     out = write_prompt_cache(pipe, architecture, prompts, args.out, args.negative_prompt, args.shard_size,
                              args.max_sequence_length)
     print(f"{len(prompts)} prompt embeddings ({architecture}) written to {out}")

@@ -44,6 +44,12 @@ def segment_grid(nfe: int, final_step_size_scale: float = 1.0) -> list[float]:
     return [max(1.0 - i * base, 0.0) for i in range(nfe)]
 
 
+def dx_segment_size(nfe: int, final_step_size_scale: float = 1.0) -> float:
+    """Raw-time length of one (non-final) segment, 1/(nfe − 1 + f); the whole [0, 1] for nfe = 1: the DX default."""
+    grid = segment_grid(nfe, final_step_size_scale)
+    return 1.0 - grid[1] if len(grid) > 1 else 1.0
+
+
 def teacher_ratio(iteration: int, num_decay_iters: int) -> float:
     """Scheduled trajectory mixing ρ = 1 − min(iter, D)/D (0 when D ≤ 0): 1 = teacher path, 0 = on-policy."""
     if num_decay_iters <= 0:

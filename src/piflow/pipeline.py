@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from piflow.piid import (check_final_step_size_scale, check_nfe, piid_data_free_loss, piid_loss, segment_grid,
+from piflow.piid import (check_final_step_size_scale, check_nfe, dx_segment_size, piid_data_free_loss, piid_loss,
                          teacher_ratio)
 from piflow.policies import DXPolicy, GMFlowPolicy, Policy, make_policy
 from piflow.sampling import HLike, sample
@@ -60,8 +60,7 @@ class PiFlow(nn.Module):
         self.num_decay_iters = int(num_decay_iters)
         self.policy_kwargs = dict(policy_kwargs or {})
         if kind == "dx":
-            grid = segment_grid(self.nfe, self.final_step_size_scale)
-            self.policy_kwargs.setdefault("segment_size", 1.0 - grid[1] if self.nfe > 1 else 1.0)
+            self.policy_kwargs.setdefault("segment_size", dx_segment_size(self.nfe, self.final_step_size_scale))
             self.policy_kwargs.setdefault("shift", self.shift)
 
     def policy(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Policy:

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from piflow.policies.base import draw
+
 from .embeddings import TimestepLike, as_timestep, timestep_embedding
 
 CONFIG_NAME = "config.json"
@@ -352,8 +354,7 @@ class DiT(nn.Module):
             raise ValueError(f"drop_prob must lie in [0, 1], got {prob}")
         if prob == 0.0:
             return y.clone()
-        drop = torch.rand(y.shape, generator=generator,
-                          device=generator.device if generator is not None else y.device).to(y.device) < prob
+        drop = draw("uniform", y.shape, generator, y.device) < prob
         return torch.where(drop, torch.full_like(y, self.null_class_index), y)
 
     def _labels(self, y: Optional[Tensor], batch: int, device: torch.device) -> Optional[Tensor]:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from piflow.policies.base import Policy, as_batch_sigma, check_finite
+from piflow.policies.base import Policy, as_batch_sigma, check_finite, draw
 
 
 def gm_posterior_x0(means: Tensor, means_sq: Tensor, logits: Tensor, var: Tensor, zeta: Tensor, nu: Tensor,
@@ -195,9 +195,7 @@ class GMFlowPolicy(Policy):
         if not 0.0 < p < 1.0:
             return self
         batch, num_components = self.logits.shape[:2]
-        rand = torch.rand((batch, num_components), generator=generator,
-                          device=generator.device if generator is not None else "cpu")
-        drop = (rand < p).to(self.logits.device)
+        drop = draw("uniform", (batch, num_components), generator, self.logits.device) < p
         drop &= ~drop.all(dim=1, keepdim=True)
         drop = drop.reshape(batch, num_components, *([1] * (self.logits.dim() - 2)))
         return self._replace(logits=self.logits.masked_fill(drop, float("-inf")))

@@ -78,6 +78,15 @@ def _model_index(path: str) -> dict:
     return DiffusionPipeline.load_config(path)
 
 
+def pipeline_architecture(path: str) -> str:
+    """"flux", "sd3" or "qwen" from a diffusers pipeline's model_index.json (nothing is loaded)."""
+    transformer_class = _model_index(path)["transformer"][1]
+    if transformer_class not in TRANSFORMER_ARCHITECTURES:
+        raise ConfigError(f"{path}: transformer class {transformer_class} is not supported; expected one of "
+                          f"{sorted(TRANSFORMER_ARCHITECTURES)} (see the bring-your-own-teacher guide)")
+    return TRANSFORMER_ARCHITECTURES[transformer_class]
+
+
 def architecture_of(transformer: torch.nn.Module) -> str:
     name = type(transformer).__name__
     if name not in TRANSFORMER_ARCHITECTURES:
@@ -104,19 +113,20 @@ def latent_geometry(path: str, architecture: str, transformer, resolution) -> tu
     return channels, height // factor, width // factor
 
 
-def load_base(config: dict, device: torch.device, dtype: torch.dtype):
-    """(pipeline or None, transformer): the whole pipeline when prompts are encoded here, else the transformer."""
+def load_base(config: dict, device: torch.device, dtype: torch.dtype, transformer_only: bool = False):
+    """(pipeline or None, frozen transformer): only the transformer when prompts come from a cache (or
+    `transformer_only`), else the whole pipeline, whose text encoders encode the prompts here."""
     import diffusers
 
     path = config["pipeline"]
-    if config["prompt_cache"] is not None:
+    if transformer_only or config["prompt_cache"] is not None:
         transformer_class = _model_index(path)["transformer"][1]
         transformer = getattr(diffusers, transformer_class).from_pretrained(path, subfolder="transformer",
                                                                             torch_dtype=dtype)
-        return None, transformer.to(device)
+        return None, transformer.to(device).requires_grad_(False)
     pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
     pipe.to(device)
-    return pipe, pipe.transformer
+    return pipe, pipe.transformer.requires_grad_(False)
 
 
 def prompt_source(config: dict, pipe, architecture: str):
@@ -174,6 +184,21 @@ def build_lora_student(config: dict, transformer, architecture: str, latent_chan
     return student
 
 
+def lora_student_pipeline(config: dict, transformer, teacher):
+    """(PiFlow around a new LoRA student of `transformer`, architecture, latent (C, h, w)) for a T2I config; the
+    student's policy settings are the pipeline's, so adapters keep them."""
+    architecture = architecture_of(transformer)
+    if config["architecture"] not in ("auto", architecture):
+        raise ConfigError(f"architecture={config['architecture']!r} does not match the transformer "
+                          f"({type(transformer).__name__})")
+    geometry = latent_geometry(config["pipeline"], architecture, transformer, config["resolution"])
+    torch.manual_seed(int(config["train"]["seed"]))     # LoRA A and head initialisation: reproducible runs
+    student = build_lora_student(config, transformer, architecture, geometry[0])
+    pf = build_pipeline(config, student, teacher)
+    student.policy_kwargs = dict(pf.policy_kwargs)
+    return pf, architecture, geometry
+
+
 def _text_condition(items, architecture: str, config: dict, device, dtype) -> dict:
     from piflow.integrations.diffusers.prompts import collate_text
 
@@ -209,20 +234,11 @@ def distill_text_to_image(config: dict, run_dir: Path) -> dict:
     device = _device()
     dtype = _dtype(config["dtype"], device)
     pipe, transformer = load_base(config, device, dtype)
-    transformer.requires_grad_(False)
-    architecture = architecture_of(transformer) if config["architecture"] == "auto" else config["architecture"]
-    if architecture != architecture_of(transformer):
-        raise ConfigError(f"architecture={architecture!r} does not match the transformer "
-                          f"({type(transformer).__name__})")
-    channels, latent_h, latent_w = latent_geometry(config["pipeline"], architecture, transformer,
-                                                   config["resolution"])
+    pf, architecture, (channels, latent_h, latent_w) = lora_student_pipeline(config, transformer, teacher=None)
+    student = pf.student.to(device)
     prompts = prompt_source(config, pipe, architecture)
     null = _text_condition([prompts.null()], architecture, config, device, dtype)
-    teacher = make_text_teacher(transformer, architecture, config, null)
-    torch.manual_seed(int(config["train"]["seed"]))     # LoRA A and head initialisation: reproducible runs
-    student = build_lora_student(config, transformer, architecture, channels).to(device)
-    pf = build_pipeline(config, student, teacher)
-    student.policy_kwargs = {k: v for k, v in pf.policy_kwargs.items()} if pf.policy_kind == "dx" else {}
+    pf.teacher = make_text_teacher(transformer, architecture, config, null)
     if config["parallel"] not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be 'ddp' or 'fsdp', got {config['parallel']!r}")
     sharded = config["parallel"] == "fsdp" and distributed.current().enabled
@@ -257,8 +273,7 @@ def distill_text_to_image(config: dict, run_dir: Path) -> dict:
                                "trainable_parameters": sum(p.numel() for p in student.parameters()
                                                            if p.requires_grad)}
     is_main = distributed.current().is_main
-    with result.ema.averaged(student) as ema_student:
-        ema_student.policy_kwargs, ema_student.sampling = student.policy_kwargs, student.sampling
+    with result.ema.averaged(student) as ema_student:   # carries the student's policy_kwargs and sampling
         if is_main:
             save_piflow_adapter(ema_student, run_dir / "adapter")
         if pipe is not None and config["eval"]["prompts"] and (is_main or sharded):   # FSDP: every rank gathers
@@ -309,7 +324,7 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     from piflow.config import load_config
     from piflow.integrations.diffusers.adapter import save_piflow_adapter
     from piflow.train.checkpoint import load_checkpoint
-    from piflow.train.ema import load_partial_state
+    from piflow.train.ema import frozen_parameter_names, load_partial_state
 
     run_dir = Path(run_dir)
     config_path, checkpoint_path = run_dir / "config.yaml", run_dir / "checkpoint.pt"
@@ -320,18 +335,11 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     state = load_checkpoint(checkpoint_path)
     device = torch.device("cpu")
     dtype = _dtype(config["dtype"], device)
-    export_config = dict(config, prompt_cache=config["prompt_cache"] or "unused")   # transformer only
-    _, transformer = load_base(export_config, device, dtype)
-    transformer.requires_grad_(False)
-    architecture = architecture_of(transformer)
-    channels, _, _ = latent_geometry(config["pipeline"], architecture, transformer, config["resolution"])
-    student = build_lora_student(config, transformer, architecture, channels)
-    pf = build_pipeline(config, student, teacher=None)
-    student.policy_kwargs = dict(pf.policy_kwargs) if pf.policy_kind == "dx" else {}
+    _, transformer = load_base(config, device, dtype, transformer_only=True)
+    student = lora_student_pipeline(config, transformer, teacher=None)[0].student
     weights = state["ema"]["model"] if use_ema else state["model"]
-    frozen = {n for n, p in student.named_parameters(remove_duplicate=False) if not p.requires_grad}
     try:
-        load_partial_state(student, weights, frozen)
+        load_partial_state(student, weights, frozen_parameter_names(student))
     except RuntimeError as error:
         raise ConfigError(f"checkpoint {checkpoint_path} does not match the run's config: {error}") from error
     output = Path(output) if output is not None else run_dir / "adapter"

@@ -118,8 +118,8 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
         if checkpoint_path is None or not dist_info.is_main:
             return
         save_checkpoint(checkpoint_path, {
-            "step": step, "model": trainable_state_dict(model), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+            "step": step, "model": trainable_state_dict(model), "ema": ema.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(), "history": history, "config": asdict(config)})
 
     main_dir = run_dir if dist_info.is_main else None

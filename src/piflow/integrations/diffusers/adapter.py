@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from piflow.integrations.diffusers.students import (LORA_ADAPTER, DiffusersPolicyStudent, _architecture,
+from piflow.integrations.diffusers.students import (LORA_ADAPTER, PATCH, DiffusersPolicyStudent, _architecture,
                                                     add_student_lora)
 from piflow.train.checkpoint import atomic_write
 
@@ -129,7 +129,7 @@ def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Mod
             raise ValueError(f"unexpected tensor {key!r} in a {class_name} adapter")
         renamed[OFFICIAL_PREFIXES[prefix] + key[len(prefix):]] = value
     policy = dict(config.get("policy_config", {}))
-    pixels = PATCH_PIXELS
+    pixels = PATCH ** 2                    # 2×2-packed tokens (FLUX, Qwen-Image)
     try:
         if kind == "gmflow":
             num_components = int(renamed["head.proj_logweights.weight"].shape[0]) // pixels
@@ -147,16 +147,12 @@ def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Mod
             policy.setdefault("mode", "grid")
     except KeyError as error:
         raise ValueError(f"{class_name} adapter misses tensor {error}") from None
-    config = dict(config, architecture=architecture, base_class=ARCHITECTURE_BASES[architecture],
+    config = dict(config, architecture=architecture, base_class=_architecture(architecture).base_class,
                   policy_config=policy)
     if lora_modules:
         config["lora_config"] = {"rank": rank, "alpha": float(rank), "dropout": 0.0,
                                  "target_modules": sorted(lora_modules)}
     return config, renamed
-
-
-PATCH_PIXELS = 4           # 2×2 packed tokens (FLUX, Qwen-Image)
-ARCHITECTURE_BASES = {"flux": "FluxTransformer2DModel", "qwen": "QwenImageTransformer2DModel"}
 
 
 def _weights_file(directory: Path) -> Path:

@@ -30,7 +30,7 @@ from torch import Tensor
 from piflow.integrations.diffusers.adapter import SAMPLING_DEFAULTS, load_piflow_adapter
 from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler
 from piflow.integrations.diffusers.students import LORA_ADAPTER, DiffusersPolicyStudent
-from piflow.piid import segment_grid
+from piflow.piid import dx_segment_size
 from piflow.policies import GMFlowPolicy, make_policy
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
 from piflow.sampling import auto_temperature
@@ -84,14 +84,13 @@ class PiFlowPipelineMixin:
             module.to(device=parameter.device, dtype=parameter.dtype)
         return student
 
-    def _student_policy(self, student: DiffusersPolicyStudent, x: Tensor, sigma: Tensor, cond: dict, nfe: int):
+    def _student_policy(self, student: DiffusersPolicyStudent, x: Tensor, sigma: Tensor, cond: dict):
         dtype = next(self.transformer.parameters()).dtype
         out = student(x.to(dtype), sigma, cond)
         kwargs = dict(student.policy_kwargs)
-        if student.policy_kind == "dx":
+        if student.policy_kind == "dx":   # an adapter without its DX settings: those of its training schedule
             train = dict(SAMPLING_DEFAULTS, **student.sampling)
-            grid = segment_grid(int(train["nfe"]), float(train["final_step_size_scale"]))
-            kwargs.setdefault("segment_size", 1.0 - grid[1] if len(grid) > 1 else 1.0)
+            kwargs.setdefault("segment_size", dx_segment_size(int(train["nfe"]), float(train["final_step_size_scale"])))
             kwargs.setdefault("shift", float(train["shift"]))
         return make_policy(student.policy_kind, **{k: v.float() for k, v in out.items()}, x_src=x,
                            sigma_src=sigma, **kwargs)
@@ -127,7 +126,7 @@ class PiFlowPipelineMixin:
         with self.progress_bar(total=nfe) as progress_bar:
             for i, timestep in enumerate(scheduler.timesteps):
                 sigma = scheduler.sigmas[i].expand(batch)
-                policy = self._student_policy(student, x, sigma, cond, nfe)
+                policy = self._student_policy(student, x, sigma, cond)
                 if isinstance(policy, GMFlowPolicy) and i < nfe - 1:
                     policy = policy.temperature(temperature)
                 x_dst = rollout(policy, x, sigma, scheduler.sigmas_dst[i].expand(batch), total_substeps,
@@ -146,6 +145,15 @@ class PiFlowPipelineMixin:
                                  f"got {tuple(latents.shape)}")
             return latents.to(device=device, dtype=torch.float32)
         return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+
+    def _packed_noise(self, batch: int, height: int, width: int, latents: Optional[Tensor], generator,
+                      device) -> tuple[Tensor, int]:
+        """Noise (B, C, H/v, W/v) for the 2×2-packed families (FLUX, Qwen-Image) and its token count."""
+        latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        channels = self.transformer.config.in_channels // 4
+        noise = self._noise((batch, channels, latent_h, latent_w), latents, generator, device)
+        return noise, (latent_h // 2) * (latent_w // 2)
 
     @staticmethod
     def _batch_size(prompt, prompt_embeds: Optional[Tensor]) -> int:
@@ -186,16 +194,13 @@ class PiFluxPipeline(PiFlowPipelineMixin, FluxPipeline):
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
-        latent_h, latent_w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (
-            self.vae_scale_factor * 2))
-        channels = self.transformer.config.in_channels // 4
-        noise = self._noise((batch, channels, latent_h, latent_w), latents, generator, device)
+        noise, num_tokens = self._packed_noise(batch, height, width, latents, generator, device)
         cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds,
                 "txt_ids": text_ids}
         if self.transformer.config.guidance_embeds:
             cond["guidance"] = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
         x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
-                                 (latent_h // 2) * (latent_w // 2), total_substeps, callback_on_step_end)
+                                 num_tokens, total_substeps, callback_on_step_end)
         if output_type == "latent":
             return self._finish(x, FluxPipelineOutput, return_dict)
         x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
@@ -272,13 +277,10 @@ class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
         prompt_embeds, prompt_embeds_mask = self.encode_prompt(
             prompt=prompt, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask, device=device,
             num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length)
-        latent_h, latent_w = 2 * (int(height) // (self.vae_scale_factor * 2)), 2 * (int(width) // (
-            self.vae_scale_factor * 2))
-        channels = self.transformer.config.in_channels // 4
-        noise = self._noise((batch, channels, latent_h, latent_w), latents, generator, device)
+        noise, num_tokens = self._packed_noise(batch, height, width, latents, generator, device)
         cond = {"encoder_hidden_states": prompt_embeds, "encoder_hidden_states_mask": prompt_embeds_mask}
         x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
-                                 (latent_h // 2) * (latent_w // 2), total_substeps, callback_on_step_end)
+                                 num_tokens, total_substeps, callback_on_step_end)
         if output_type == "latent":
             return self._finish(x, QwenImagePipelineOutput, return_dict)
         x = x[:, :, None].to(self.vae.dtype)                              # (B, C, 1, H, W): one video frame
