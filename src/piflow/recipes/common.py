@@ -15,6 +15,12 @@ TRAIN_DEFAULTS = dict(iters=1000, lr=1e-3, betas=[0.9, 0.95], weight_decay=0.0, 
                       progress=True, grad_accum_steps=1, mixed_precision="no")
 
 
+def seed_initialisation(config: dict) -> None:
+    """Seed torch's global generator with ``train.seed`` before a recipe builds its networks, so that weight
+    initialisation (nn.Linear defaults, Xavier, LoRA A) and hence whole runs are reproducible."""
+    torch.manual_seed(int(config["train"]["seed"]))
+
+
 def finished_distill_run(run_dir: Path, defaults: dict, overrides=()) -> tuple[dict, Path]:
     """(resolved config, student weights path) of a finished `piflow distill` run, or a ConfigError."""
     config_path, weights = run_dir / "config.yaml", run_dir / "student.safetensors"

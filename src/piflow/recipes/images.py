@@ -18,7 +18,7 @@ from piflow.models.students import PolicyStudent
 from piflow.piid import segment_grid
 from piflow.pipeline import PiFlow
 from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, finished_distill_run, save_safetensors,
-                                   write_json)
+                                   seed_initialisation, write_json)
 from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
 from piflow.train import TrainConfig, train
@@ -98,6 +98,7 @@ def train_teacher(config: dict, run_dir: Path) -> dict:
     save_config(config, run_dir / "config.yaml")
     dataset = load_dataset(config, "train")
     images, labels = dataset.tensors()
+    seed_initialisation(config)
     model = build_teacher_model(config, tuple(images.shape[1:]), dataset.num_classes)
     batch = int(fm["batch_size"])
 
@@ -163,6 +164,7 @@ def build_student(config: dict, teacher_model: DiT) -> PolicyStudent:
     if spec["policy"] not in STUDENT_KINDS:
         raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {spec['policy']!r}")
     x0_baseline = spec["policy"] == "x0"
+    seed_initialisation(config)
     return PolicyStudent(teacher_model, "dx" if x0_baseline else spec["policy"], num_components=spec["num_components"],
                          num_nodes=1 if x0_baseline else spec["num_nodes"], dx_mode=spec["dx_mode"],
                          num_timesteps=NUM_TIMESTEPS, generator=torch.Generator().manual_seed(config["train"]["seed"]))

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from piflow.config import ConfigError, save_config
-from piflow.recipes.common import TRAIN_DEFAULTS, build_pipeline, write_json
+from piflow.recipes.common import TRAIN_DEFAULTS, build_pipeline, seed_initialisation, write_json
 
 T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "pipeline": None,             # local folder or hub id of the base diffusers pipeline
@@ -192,7 +192,7 @@ def lora_student_pipeline(config: dict, transformer, teacher):
         raise ConfigError(f"architecture={config['architecture']!r} does not match the transformer "
                           f"({type(transformer).__name__})")
     geometry = latent_geometry(config["pipeline"], architecture, transformer, config["resolution"])
-    torch.manual_seed(int(config["train"]["seed"]))     # LoRA A and head initialisation: reproducible runs
+    seed_initialisation(config)                         # LoRA A and head initialisation: reproducible runs
     student = build_lora_student(config, transformer, architecture, geometry[0])
     pf = build_pipeline(config, student, teacher)
     student.policy_kwargs = dict(pf.policy_kwargs)

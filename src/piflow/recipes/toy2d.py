@@ -26,7 +26,7 @@ from piflow.timewarp import unwarp, warp
 from piflow.train import TrainConfig, train
 from piflow.recipes import plots
 from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, finished_distill_run, save_safetensors,
-                                   write_json)
+                                   seed_initialisation, write_json)
 
 NUM_TIMESTEPS = 1000.0
 
@@ -86,6 +86,7 @@ def train_teacher(config: dict, run_dir: Path) -> dict:
     fm = config["flow_matching"]
     if fm["time_sampling"] not in TIME_SAMPLINGS:
         raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {fm['time_sampling']!r}")
+    seed_initialisation(config)
     model = MLPVelocityModel2D(hidden_size=config["model"]["hidden_size"], num_layers=config["model"]["num_layers"])
     batch = int(fm["batch_size"])
 
@@ -112,6 +113,7 @@ def train_teacher(config: dict, run_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------- students
 def build_student(config: dict, teacher_model: Optional[torch.nn.Module]) -> PolicyStudent:
     spec = config["student"]
+    seed_initialisation(config)
     if teacher_model is not None:
         base, init = teacher_model, True
     else:
