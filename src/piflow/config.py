@@ -11,9 +11,9 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from piflow.errors import ConfigError
 
-class ConfigError(ValueError):
-    """Unknown key, wrong type or malformed override."""
+__all__ = ["ConfigError", "load_config", "parse_overrides", "save_config"]
 
 
 def _merge(base: dict, update: Mapping, prefix: str = "") -> dict:
@@ -63,7 +63,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML (quote strings that contain ':' "
+                              f"or brackets)") from None
     return result
 
 
@@ -74,8 +78,11 @@ def load_config(defaults: dict, path: Optional[Union[str, Path]] = None, overrid
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        with open(path) as handle:
-            loaded = yaml.safe_load(handle) or {}
+        try:
+            with open(path) as handle:
+                loaded = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         _merge(config, loaded)

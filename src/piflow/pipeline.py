@@ -17,6 +17,7 @@ from piflow.policies import DXPolicy, GMFlowPolicy, Policy, make_policy
 from piflow.sampling import HLike, sample
 
 POLICY_KINDS = {"gmflow": GMFlowPolicy, "dx": DXPolicy}
+POLICY_OUTPUTS = {"gmflow": frozenset({"means", "logstds", "logweights"}), "dx": frozenset({"u_grid"})}
 
 
 class PiFlow(nn.Module):
@@ -73,6 +74,11 @@ class PiFlow(nn.Module):
             return out
         if not isinstance(out, dict):
             raise TypeError(f"student must return a Policy or a dict of policy parameters, got {type(out).__name__}")
+        if not POLICY_OUTPUTS[self.policy_kind] <= set(out):
+            other = next((kind for kind, keys in POLICY_OUTPUTS.items() if keys <= set(out)), None)
+            hint = (f"a {other} student: build PiFlow with policy={other!r}" if other is not None else
+                    f"expected {sorted(POLICY_OUTPUTS[self.policy_kind])}")
+            raise ValueError(f"PiFlow(policy={self.policy_kind!r}) got student outputs {sorted(out)}, i.e. {hint}")
         return make_policy(self.policy_kind, **out, x_src=x, sigma_src=sigma, **self.policy_kwargs)
 
     def forward(self, x0: Tensor, cond: Any = None, iteration: int = 0,

@@ -26,6 +26,19 @@ def auto_temperature(nfe: int) -> float:
     return min(max(0.1 * (nfe - 1), 0.0), 1.0)
 
 
+def resolve_temperature(temperature: Union[float, str], nfe: int) -> float:
+    """The GM temperature to use at `nfe` steps: a number >= 0 as given, or 'auto' (`auto_temperature`); anything
+    else (negative, NaN, another string) is a ValueError naming the argument."""
+    if temperature == "auto":
+        return auto_temperature(nfe)
+    if isinstance(temperature, str) or isinstance(temperature, bool):
+        raise ValueError(f"temperature must be a number >= 0 or 'auto', got {temperature!r}")
+    value = float(temperature)
+    if not value >= 0 or math.isinf(value):
+        raise ValueError(f"temperature must be a finite number >= 0 or 'auto', got {temperature!r}")
+    return value
+
+
 class FlowMapSDEScheduler:
     """Step schedule of a few-step policy sampler.
 
@@ -105,16 +118,13 @@ def sample(student: Callable[[Tensor, Tensor, Any], Policy], noise: Tensor, nfe:
     Args:
         student: ``student(x, sigma (B,), cond) -> Policy``.
         noise: (B, C, *spatial) initial noise at σ = 1.
-        temperature: GM temperature on non-final steps (float, or 'auto' = clamp(0.1·(nfe − 1), 0, 1)).
+        temperature: GM temperature on non-final steps (a number >= 0, or 'auto' = clamp(0.1·(nfe − 1), 0, 1)).
     Returns x at σ = 0 (dtype of `noise`), or (x, [states at every grid point]) with `return_trajectory`.
     """
     check_finite(noise, "noise")
     scheduler = FlowMapSDEScheduler(shift, final_step_size_scale, h)
     scheduler.set_timesteps(nfe, device=noise.device)
-    if temperature == "auto":
-        temperature = auto_temperature(scheduler.num_inference_steps)
-    elif isinstance(temperature, str):
-        raise ValueError(f"temperature must be a number or 'auto', got {temperature!r}")
+    temperature = resolve_temperature(temperature, scheduler.num_inference_steps)
     x = noise
     batch = noise.shape[0]
     trajectory = [x]

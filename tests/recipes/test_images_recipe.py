@@ -51,7 +51,7 @@ def test_distill_variants(tmp_path, teacher_run, extra):
         assert (run / "samples_nfe2.npy").is_file() and (run / "samples_nfe2.png").is_file()
         assert main(["evaluate", "--run-dir", str(run), "eval.num_samples=40", "eval.teacher_steps=[1]",
                      "eval.student_nfe=[1]"]) == 0
-        evaluation = json.loads((run / "evaluation.json").read_text())
+        evaluation = json.loads((run / "metrics.json").read_text())
         assert {"teacher Euler 1", "teacher Euler 32", "student gmflow 4", "student gmflow 1 (elastic)"} <= set(
             evaluation["rows"])
 

@@ -4,7 +4,10 @@ import json
 
 import pytest
 import torch
+
 from safetensors.torch import load_file
+
+from piflow.train import load_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -92,7 +95,7 @@ def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, cap
     assert metrics["architecture"] == architecture and metrics["iters"] == 4
     assert (run_dir / "samples.png").is_file() and (run_dir / "adapter" / "config.json").is_file()
     # the checkpoint holds no frozen base weight
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(run_dir / "checkpoint.safetensors")
     assert all("lora" in k or k.startswith(("head.", "norm_out.")) for k in state["model"])
     # resume: a finished run trains no further and gives the same adapter
     adapter = load_file(run_dir / "adapter" / WEIGHTS)
@@ -154,7 +157,7 @@ def test_torchrun_fsdp_equals_ddp(bases, tmp_path, free_port):
                         "--run-dir", str(run_dir), f"pipeline={bases['flux']}", f"prompts={bases['prompts']}", *TINY,
                         "train.iters=2", "distill.batch_size=1", "eval.prompts=[]", "student.lora_dropout=0.0",
                         f"parallel={parallel}"], check=True, timeout=300, capture_output=True)
-        state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+        state = load_checkpoint(run_dir / "checkpoint.safetensors")
         assert all("lora" in k or k.startswith(("head.", "norm_out.")) for k in state["model"])   # no base weights
         adapters[parallel] = load_file(run_dir / "adapter" / WEIGHTS)
     assert sorted(adapters["ddp"]) == sorted(adapters["fsdp"]) and any("lora_B" in k for k in adapters["ddp"])

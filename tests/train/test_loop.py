@@ -50,7 +50,7 @@ def test_training_reduces_loss_and_warms_up(tmp_path):
     losses = [h["loss"] for h in result.history]
     assert sum(losses[-20:]) / 20 < 1e-3 * sum(losses[:20]) / 20
     assert result.history[0]["lr"] < 0.05 * 0.05 and result.history[-1]["lr"] == pytest.approx(0.05)
-    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "train_log.jsonl").is_file()
+    assert (tmp_path / "checkpoint.safetensors").is_file() and (tmp_path / "train_log.jsonl").is_file()
 
 
 def test_nonfinite_steps_are_skipped():
@@ -99,16 +99,16 @@ def test_sigkill_mid_training_resumes_exactly(tmp_path):
     """))
     killed = subprocess.run([sys.executable, str(script), str(tmp_path / "a"), "17"])
     assert killed.returncode == -signal.SIGKILL
-    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")["step"] == 15
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")["step"] == 15
     subprocess.run([sys.executable, str(script), str(tmp_path / "a"), "-1"], check=True)
     subprocess.run([sys.executable, str(script), str(tmp_path / "b"), "-1"], check=True)
-    resumed = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["history"]
-    clean = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["history"]
+    resumed = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")["history"]
+    clean = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")["history"]
     assert [h["loss"] for h in resumed] == [h["loss"] for h in clean]
 
 
 def test_corrupt_checkpoint_is_reported_and_never_overwritten(tmp_path):
-    path = tmp_path / "checkpoint.pt"
+    path = tmp_path / "checkpoint.safetensors"
     save_checkpoint(path, {"step": 3, "payload": torch.arange(1000)})
     good = path.read_bytes()
     path.write_bytes(good[: len(good) // 2])

@@ -83,12 +83,29 @@ def _check_split(split: object, allowed: Sequence[str]) -> str:
     return str(split)
 
 
+def _check_finite_items(array: np.ndarray, name: str, chunk_bytes: int = 64 * 2**20) -> None:
+    """ValueError naming the first item (index along axis 0) of `array` that holds NaN or ±Inf; one chunked pass,
+    so memory-mapped files are not read into memory at once."""
+    item_bytes = max(int(np.prod(array.shape[1:])) * array.dtype.itemsize, 1)
+    step = max(chunk_bytes // item_bytes, 1)
+    for start in range(0, array.shape[0], step):
+        block = np.asarray(array[start:start + step])
+        finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            index = start + int(np.argmin(finite))
+            from piflow.errors import DataError
+
+            raise DataError(f"{name} hold NaN or Inf values (first bad item: index {index})")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # ImageDataset: the common in-memory container
 # ----------------------------------------------------------------------------------------------------------------
 
 class ImageDataset(Dataset):
     """Class-conditional image dataset held in memory (or memory-mapped).
+
+    Floating-point images are checked once for NaN/Inf (a `piflow.errors.DataError` names the first bad index).
 
     Images are stored in their raw units (e.g. uint8 0..255) and scaled on access:
     `image = (raw - low) / (high - low) * 2 - 1` for `value_range=(low, high)`; `value_range=None` means no
@@ -107,6 +124,8 @@ class ImageDataset(Dataset):
         class_names: tuple of K names, or None.
     """
 
+    _items_name = "images"
+
     def __init__(self, images: np.ndarray | Tensor, labels: np.ndarray | Tensor | Sequence[int] | None = None, *,
                  num_classes: int | None = None, class_names: Sequence[str] | None = None,
                  value_range: tuple[float, float] | None = None) -> None:
@@ -119,6 +138,8 @@ class ImageDataset(Dataset):
             raise ValueError(f"images must have shape (N, C, H, W) with N >= 1, got shape {tuple(images.shape)}")
         if not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
             raise ValueError(f"images must have an integer or floating dtype, got {images.dtype}")
+        if np.issubdtype(images.dtype, np.floating):
+            _check_finite_items(images, self._items_name)
         self._images = images
         self._labels = self._validate_labels(labels, images.shape[0])
         self._set_metadata(tuple(int(s) for s in images.shape[1:]), self._labels, num_classes, class_names)
@@ -588,12 +609,15 @@ class ImageFolderDataset(ImageDataset):
 # ----------------------------------------------------------------------------------------------------------------
 
 class LatentDataset(ImageDataset):
-    """Pre-computed latents (e.g. VAE encodings), returned unscaled as float32 (C, H, W).
+    """Pre-computed latents (e.g. VAE encodings), returned unscaled as float32 (C, H, W); latents holding NaN/Inf
+    are refused with the file and the first bad index.
 
     Sources: a `.npy` array (N, C, H, W) with optional labels in the sibling `<stem>_labels.npy`, or a
     `.safetensors` file with key "latents" (N, C, H, W) and optional "labels" (N,). Without labels every item
     has label 0. `.npy` files are memory-mapped when `mmap=True`.
     """
+
+    _items_name = "latents"
 
     def __init__(self, path: str | os.PathLike, num_classes: int | None = None, mmap: bool = True) -> None:
         self.path = Path(path)
@@ -613,7 +637,9 @@ class LatentDataset(ImageDataset):
         try:
             super().__init__(latents, labels, num_classes=num_classes, value_range=None)
         except ValueError as error:
-            raise ValueError(f"{self.path}: {error}") from None
+            from piflow.errors import DataError
+
+            raise DataError(f"{self.path}: {error}") from None
 
     @staticmethod
     def _load_npy(path: Path, mmap: bool) -> np.ndarray:

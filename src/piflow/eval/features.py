@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from piflow.train.checkpoint import atomic_write
+from piflow.files import atomic_write, dumps_json
 
 __all__ = [
     "FeatureClassifier",
@@ -331,8 +331,7 @@ def extract_features(model: FeatureClassifier, images: Tensor, batch_size: int =
 # ----------------------------------------------------------------------------------------------------------
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(path, (dumps_json(data, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def save_feature_classifier(model: FeatureClassifier, directory: Union[str, Path],
@@ -360,7 +359,7 @@ def save_feature_classifier(model: FeatureClassifier, directory: Union[str, Path
     directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     data = safetensors_bytes(state, metadata={"format": FEATURE_CLASSIFIER_FORMAT})
-    atomic_write(directory / WEIGHTS_NAME, lambda handle: handle.write(data))
+    atomic_write(directory / WEIGHTS_NAME, data)
     config = {"format": FEATURE_CLASSIFIER_FORMAT, "version": _FORMAT_VERSION, **model.config()}
     _write_json(directory / CONFIG_NAME, config)
     _write_json(directory / METRICS_NAME, metrics)
@@ -386,8 +385,7 @@ def load_feature_classifier(directory: Union[str, Path],
     Raises FileNotFoundError when the directory or one of its three files is missing, and ValueError when the
     config is not a piflow feature classifier or the weights do not match it.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from piflow.files import load_safetensors
 
     if not isinstance(directory, (str, Path)):
         raise ValueError(f"directory must be a str or Path, got {type(directory).__name__}")
@@ -410,10 +408,7 @@ def load_feature_classifier(directory: Union[str, Path],
         model = FeatureClassifier(**kwargs)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{directory / CONFIG_NAME} has invalid model settings: {error}") from None
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{weights_path} is not a readable safetensors file ({error})") from None
+    state = load_safetensors(weights_path, "feature classifier weights")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -454,14 +453,13 @@ class DiT(nn.Module):
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write config.json and model.safetensors into `save_directory` (created if needed), atomically."""
-        from safetensors.torch import save_file
+        from piflow.files import save_safetensors, write_json
 
         directory = Path(save_directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(state, path, metadata={"format": "pt"}))
-        text = json.dumps({"model_type": "DiT", **self.config.to_dict()}, indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text, encoding="utf-8"))
+        save_safetensors(directory / WEIGHTS_NAME, state, metadata={"format": "pt"})
+        write_json(directory / CONFIG_NAME, {"model_type": "DiT", **self.config.to_dict()}, sort_keys=True)
 
     @classmethod
     def from_pretrained(cls, load_directory: Union[str, os.PathLike], *,
@@ -473,7 +471,7 @@ class DiT(nn.Module):
         invalid or the weights do not match it (missing/unexpected keys, wrong shapes). Parameters keep the
         stored dtype unless `dtype` is given.
         """
-        from safetensors.torch import load_file
+        from piflow.files import load_safetensors
 
         directory = Path(load_directory)
         if not directory.is_dir():
@@ -490,7 +488,7 @@ class DiT(nn.Module):
             raise ValueError(f"{directory / CONFIG_NAME} does not describe a DiT")
         model = cls(DiTConfig.from_dict(data), gradient_checkpointing=gradient_checkpointing)
 
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location))
+        state = load_safetensors(directory / WEIGHTS_NAME, "DiT weights", device=str(map_location))
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -508,16 +506,3 @@ class DiT(nn.Module):
         if dtype is not None:
             model.to(dtype)
         return model
-
-
-def _atomic_write(final_path: Path, write: Any) -> None:
-    """Call write(tmp_path) on a temp file in the same directory, then os.replace it onto final_path."""
-    fd, tmp = tempfile.mkstemp(dir=final_path.parent, prefix=f".{final_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, final_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

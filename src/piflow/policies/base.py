@@ -83,9 +83,11 @@ class Policy:
         return x + self._velocity(x, sigma) * (sigma_next - sigma)
 
     def _check_state(self, x_t: Tensor, sigma_t: SigmaLike) -> tuple[Tensor, Tensor]:
+        """Checks of the public `x0`/`velocity` (the rollouts call the unchecked `_x0`/`_velocity` per substep)."""
         if x_t.shape != self.x_src.shape:
             raise ValueError(f"x_t must have the policy's state shape {tuple(self.x_src.shape)}, "
                              f"got {tuple(x_t.shape)}")
+        check_finite(x_t.detach(), "x_t")
         sigma = as_batch_sigma(sigma_t, x_t.shape[0], x_t.dim(), x_t.device, name="sigma_t")
         return x_t.float(), sigma
 

@@ -203,6 +203,8 @@ class GMFlowPolicy(Policy):
     def temperature(self, temperature: float) -> "GMFlowPolicy":
         """GM temperature T < 1 sharpens the x0-space mixture: a ← log_softmax(a/T), v ← v·T. T ≥ 1 is a no-op."""
         temperature = float(temperature)
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
         if temperature >= 1.0:
             return self
         temperature = max(temperature, self.eps)

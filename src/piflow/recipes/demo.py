@@ -9,7 +9,6 @@ Writes summary.json and summary.md in the run directory and prints the tables.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from piflow.config import load_config
 from piflow.data import make_toy_dataset
+from piflow.files import atomic_write, write_json
 from piflow.recipes import toy2d
 
 EXACT_STUDENTS = [
@@ -77,7 +77,11 @@ def _digits_part(run_dir: Path, quick: bool, train_teachers: bool, verbose: bool
         rows[f"student gmflow {nfe} [gm_k8_nfe{nfe}]"] = dict(context.metrics(samples), nfe=nfe,
                                                               train_seconds=round(metrics["train_seconds"], 1))
         grid.append(samples[:20])
-    images.save_image_grid(torch.cat(grid), run_dir / "teacher32_vs_student1_vs_student4.png", nrow=20)
+    from piflow.recipes.plots import plot_image_rows
+
+    plot_image_rows([(label, row) for label, row in zip(
+        ("teacher Euler, 32 NFE", "GM student, 1 NFE", "GM student, 4 NFE"), grid)],
+        run_dir / "teacher32_vs_student1_vs_student4.png", ncol=20, title="same noise and class in each column")
     header = ("| method | NFE | FD-teacher ↓ | FD-real ↓ | recall | coverage | label acc. | coupling RMSE ↓ |\n"
               "|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [header] + [f"| {name} | {r['nfe']} | {r['fd_teacher']:.3f} | {r['fd_real']:.3f} | {r['recall']:.3f} | "
@@ -144,8 +148,8 @@ def run_demo(run_dir: Path, quick: bool = False, verbose: bool = True, train_tea
     summary["seconds"] = time.perf_counter() - start
     summary["quick"] = quick
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    (run_dir / "summary.md").write_text("\n".join(tables))
+    write_json(run_dir / "summary.json", summary)
+    atomic_write(run_dir / "summary.md", "\n".join(tables).encode("utf-8"))
     if verbose:
         print(f"[demo] done in {summary['seconds']:.0f} s; figures and metrics under {run_dir}/")
     return summary

@@ -23,6 +23,7 @@ from torch import Tensor
 from piflow.config import load_config
 from piflow.eval.image_metrics import (class_histogram, class_histogram_tv, frechet_distance_from_features,
                                        kernel_inception_distance, precision_recall_density_coverage)
+from piflow.files import write_json
 from piflow.recipes import images
 from piflow.sampling import euler_sample
 
@@ -193,7 +194,7 @@ def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_
 
     results["seconds"] = time.perf_counter() - start_time
     results["goals"] = check_goals(rows)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(format_markdown(results))
     plot_quality_vs_nfe(rows, run_dir / "fd_teacher_vs_nfe.png")
     return results
@@ -285,6 +286,4 @@ def evaluate_student_run(run_dir: Path, overrides=()) -> dict:
         samples = pf.sample(context.noise_a, nfe=nfe, cond=context.labels_a, temperature=eval_cfg["temperature"])
         rows[f"student {config['student']['policy']} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")] = dict(
             context.metrics(samples), nfe=nfe, family="student")
-    results = {"rows": rows, "feature_net": feature_metrics}
-    (run_dir / "evaluation.json").write_text(json.dumps(results, indent=2))
-    return results
+    return {"rows": rows, "feature_net": feature_metrics}

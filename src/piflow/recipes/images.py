@@ -10,21 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from piflow.config import ConfigError, load_config, save_config
+from piflow.config import ConfigError, load_config
+from piflow.data.images import IMAGE_DATASET_NAMES
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.piid import segment_grid
 from piflow.pipeline import PiFlow
-from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, finished_distill_run, save_safetensors,
-                                   seed_initialisation, write_json)
+from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_dataset, finished_distill_run,
+                                   load_weights, save_safetensors, seed_initialisation, start_run, train_config,
+                                   write_json)
 from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
-from piflow.train import TrainConfig, train
+from piflow.train import train
 
 NUM_TIMESTEPS = 1000.0
-IMAGE_DATASETS = ("digits", "fashion-mnist", "mnist", "image-folder", "latents")
+IMAGE_DATASETS = IMAGE_DATASET_NAMES
 
 IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
@@ -60,6 +61,7 @@ def load_dataset(config: dict, split: str = "train"):
     from piflow.data import make_image_dataset
 
     name = config["dataset"]
+    check_dataset(name, IMAGE_DATASETS)
     kwargs = {key: value for key, value in config["data"].items() if value is not None}
     if name in ("image-folder", "latents"):
         if "root" not in kwargs:
@@ -87,19 +89,24 @@ def _sample_sigma(batch: int, mode: str, generator: torch.Generator) -> torch.Te
     return torch.sigmoid(torch.randn(batch, generator=generator))
 
 
-def train_teacher(config: dict, run_dir: Path) -> dict:
+def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """Rectified-flow matching of a class-conditional DiT with label dropout (for CFG)."""
     fm = config["flow_matching"]
     if fm["time_sampling"] not in TIME_SAMPLINGS:
         raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {fm['time_sampling']!r}")
     if not 0.0 <= fm["class_dropout"] < 1.0:
         raise ConfigError(f"flow_matching.class_dropout must lie in [0, 1), got {fm['class_dropout']}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
     dataset = load_dataset(config, "train")
     images, labels = dataset.tensors()
     seed_initialisation(config)
     model = build_teacher_model(config, tuple(images.shape[1:]), dataset.num_classes)
+    settings = train_config(config)
+    with start_run(run_dir, config, "train-teacher", allow_config_change):
+        return _train_teacher(config, run_dir, dataset, images, labels, model, settings)
+
+
+def _train_teacher(config: dict, run_dir: Path, dataset, images, labels, model: DiT, settings) -> dict:
+    fm = config["flow_matching"]
     batch = int(fm["batch_size"])
 
     def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
@@ -114,7 +121,7 @@ def train_teacher(config: dict, run_dir: Path) -> dict:
         return (u.float() - (noise - x0)).square().mean()
 
     start = time.perf_counter()
-    result = train(model, loss_fn, TrainConfig(**config["train"]), run_dir, desc="teacher")
+    result = train(model, loss_fn, settings, run_dir, desc="teacher")
     seconds = time.perf_counter() - start
     result.ema.model.save_pretrained(run_dir / "teacher")
     from piflow.recipes import plots
@@ -124,7 +131,7 @@ def train_teacher(config: dict, run_dir: Path) -> dict:
     gen = torch.Generator().manual_seed(config["eval"]["seed"])
     noise, y = _eval_inputs(16, images.shape[1:], dataset.num_classes, gen)
     grid = euler_sample(teacher, noise, 32, y)
-    save_image_grid(grid, run_dir / "samples.png", nrow=8)
+    save_image_grid(grid, run_dir / "samples.png", nrow=8, label="teacher Euler, 32 NFE (classes 0, 1, 2, …)")
     metrics = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"]}
     write_json(run_dir / "metrics.json", metrics)
     return metrics
@@ -170,10 +177,8 @@ def build_student(config: dict, teacher_model: DiT) -> PolicyStudent:
                          num_timesteps=NUM_TIMESTEPS, generator=torch.Generator().manual_seed(config["train"]["seed"]))
 
 
-def distill(config: dict, run_dir: Path) -> dict:
+def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """π-ID distillation of a DiT teacher into a GM/DX DiT student (data-dependent or data-free)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
     teacher_model, teacher_config = load_teacher(config["teacher"])
     if teacher_config["dataset"] != config["dataset"]:
         raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")
@@ -183,14 +188,17 @@ def distill(config: dict, run_dir: Path) -> dict:
     teacher = make_teacher(teacher_model, dataset.num_classes, guidance["scale"], tuple(guidance["interval"]))
     student = build_student(config, teacher_model)
     pf = build_pipeline(config, student, teacher)
+    if config["student"]["policy"] == "x0":
+        _x0_grid(pf)                                  # validates the baseline's settings
+    settings = train_config(config)
+    with start_run(run_dir, config, "distill", allow_config_change):
+        return _distill(config, run_dir, dataset, images, labels, teacher, student, pf, settings)
+
+
+def _distill(config: dict, run_dir: Path, dataset, images, labels, teacher, student, pf: PiFlow, settings) -> dict:
     batch = int(config["distill"]["batch_size"])
     data_free = bool(config["distill"]["data_free"])
     accum = int(config["train"]["grad_accum_steps"])
-
-    if config["student"]["policy"] == "x0":
-        loss_fn = _x0_regression_loss(pf, teacher, images.shape[1:], labels, config)
-    else:
-        loss_fn = None
 
     def pi_id_loss(iteration: int, generator: torch.Generator):
         index = torch.randint(len(images), (batch,), generator=generator)
@@ -202,8 +210,12 @@ def distill(config: dict, run_dir: Path) -> dict:
             return loss, True
         return pf(images[index], y, iteration=iteration, generator=generator)
 
+    if config["student"]["policy"] == "x0":
+        loss_fn = _x0_regression_loss(pf, teacher, images.shape[1:], labels, config)
+    else:
+        loss_fn = pi_id_loss
     start = time.perf_counter()
-    result = train(student, loss_fn or pi_id_loss, TrainConfig(**config["train"]), run_dir, desc="distill")
+    result = train(student, loss_fn, settings, run_dir, desc="distill")
     seconds = time.perf_counter() - start
     save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
     from piflow.recipes import plots
@@ -215,7 +227,10 @@ def distill(config: dict, run_dir: Path) -> dict:
     with torch.no_grad():
         rows = [euler_sample(teacher, noise, 32, y), euler_sample(teacher, noise, pf.nfe, y),
                 pf_ema.sample(noise, cond=y, temperature=config["eval"]["temperature"])]
-    save_image_grid(torch.cat([r[:16] for r in rows]), run_dir / "samples.png", nrow=16)
+    kind = {"gmflow": "GM", "dx": "DX", "x0": "x0-regression"}[config["student"]["policy"]]
+    labels_text = ["teacher Euler, 32 NFE", f"teacher Euler, {pf.nfe} NFE", f"{kind} student, {pf.nfe} NFE"]
+    plots.plot_image_rows([(text, r[:16]) for text, r in zip(labels_text, rows)], run_dir / "samples.png",
+                          title="same noise and class in each column (classes 0, 1, 2, …)")
     metrics = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"],
                "coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
     write_json(run_dir / "metrics.json", metrics)
@@ -238,29 +253,79 @@ def teacher_trajectories(teacher, noise: torch.Tensor, labels: torch.Tensor, num
     return torch.cat(chunks, dim=1)
 
 
+X0_BANK_STEPS = 32
+
+
+def _x0_grid(pf: PiFlow) -> list[int]:
+    """The x0 baseline's grid points in units of 1/32 (a `ConfigError` unless shift = 1 and they are whole)."""
+    raw = segment_grid(pf.nfe, pf.final_step_size_scale)
+    if pf.shift != 1.0 or any(abs(t * X0_BANK_STEPS - round(t * X0_BANK_STEPS)) > 1e-6 for t in raw):
+        raise ConfigError("the x0 baseline (student.policy=x0) needs distill.shift=1 and a segment grid on multiples "
+                          "of 1/32 (distill.nfe and distill.final_step_size_scale)")
+    return [round(t * X0_BANK_STEPS) for t in raw]
+
+
+def cache_dir() -> Path:
+    """piflow's cache folder: ``$PIFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/piflow``, else ``~/.cache/piflow``."""
+    import os
+
+    if os.environ.get("PIFLOW_CACHE_DIR"):
+        return Path(os.environ["PIFLOW_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "piflow"
+
+
+def _x0_bank(teacher, config: dict, image_shape, labels: torch.Tensor, indices: list[int]):
+    """(states at the grid points (G, N, C, H, W), ODE endpoints (N, C, H, W), labels (N,)) of the teacher's
+    32-step Euler trajectories from a seeded noise bank — computed once per teacher and settings, then read from
+    the cache (``cache_dir()/x0_bank``; safetensors, keyed by a hash of the teacher's files and every input)."""
+    import hashlib
+
+    from piflow.files import load_safetensors, save_safetensors
+
+    bank_size = int(config["distill"]["x0_bank_size"])
+    seed = int(config["train"]["seed"]) + 99
+    key = hashlib.sha256()
+    for path in sorted((Path(config["teacher"]) / "teacher").iterdir()):
+        if path.is_file():
+            key.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    key.update(repr((bank_size, seed, X0_BANK_STEPS, indices, tuple(image_shape), config["guidance"]["scale"],
+                     list(config["guidance"]["interval"]))).encode())
+    key.update(labels.numpy().tobytes())
+    path = cache_dir() / "x0_bank" / f"{key.hexdigest()[:32]}.safetensors"
+    if path.is_file():
+        try:
+            bank = load_safetensors(path, "x0-baseline cache")
+            return bank["states"], bank["endpoints"], bank["labels"]
+        except (ValueError, KeyError):
+            pass                                      # a damaged cache entry is recomputed and replaced
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(bank_size, *image_shape, generator=gen)
+    bank_labels = labels[torch.randint(len(labels), (bank_size,), generator=gen)]
+    trajectories = teacher_trajectories(teacher, noise, bank_labels, X0_BANK_STEPS)
+    states, endpoints = trajectories[torch.tensor(indices)].contiguous(), trajectories[-1].contiguous()
+    try:
+        save_safetensors(path, {"states": states, "endpoints": endpoints, "labels": bank_labels})
+    except OSError as error:                          # an unwritable cache only costs time
+        print(f"piflow: warning: could not cache the x0-baseline bank ({error})")
+    return states, endpoints, bank_labels
+
+
 def _x0_regression_loss(pf: PiFlow, teacher, image_shape, labels: torch.Tensor, config: dict):
     """Baseline loss: regress the student's x̂0 at its own grid points on the teacher ODE onto the teacher's ODE
     endpoint from the same noise (the "shortcut" x0 format), with the same budget as π-ID."""
-    num_steps = 32
-    grid = [round(t * num_steps) for t in segment_grid(pf.nfe, pf.final_step_size_scale)]
-    if pf.shift != 1.0 or any(abs(t * num_steps - round(t * num_steps)) > 1e-6
-                              for t in segment_grid(pf.nfe, pf.final_step_size_scale)):
-        raise ConfigError("the x0 baseline needs shift 1 and a segment grid on multiples of 1/32")
-    bank_size = int(config["distill"]["x0_bank_size"])
-    gen = torch.Generator().manual_seed(config["train"]["seed"] + 99)
-    noise = torch.randn(bank_size, *image_shape, generator=gen)
-    bank_labels = labels[torch.randint(len(labels), (bank_size,), generator=gen)]
-    states = teacher_trajectories(teacher, noise, bank_labels, num_steps)
-    indices = torch.tensor([num_steps - g for g in grid])           # state index of each grid point σ = g/32
+    grid = _x0_grid(pf)
+    indices = [X0_BANK_STEPS - g for g in grid]                        # state index of each grid point σ = g/32
+    states, endpoints, bank_labels = _x0_bank(teacher, config, image_shape, labels, indices)
+    sigmas = torch.tensor([g / X0_BANK_STEPS for g in grid])
     batch = int(config["distill"]["batch_size"])
 
     def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
-        rows = torch.randint(bank_size, (batch,), generator=generator)
-        step = indices[torch.randint(len(indices), (batch,), generator=generator)]
-        x = states[step, rows]
-        sigma = 1.0 - step.float() / num_steps
+        rows = torch.randint(len(endpoints), (batch,), generator=generator)
+        point = torch.randint(len(indices), (batch,), generator=generator)
+        x = states[point, rows]
+        sigma = sigmas[point]
         x0_pred = pf.policy(x, sigma, bank_labels[rows]).x0(x, sigma)
-        return 0.5 * (x0_pred - states[-1, rows]).square().flatten(1).mean(1).mean()
+        return 0.5 * (x0_pred - endpoints[rows]).square().flatten(1).mean(1).mean()
 
     return loss_fn
 
@@ -269,35 +334,15 @@ def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
     config, weights = finished_distill_run(run_dir, IMAGE_DISTILL_DEFAULTS, overrides)
     teacher_model, _ = load_teacher(config["teacher"])
     student = build_student(config, teacher_model)
-    student.load_state_dict(load_file(str(weights)))
+    load_weights(student, weights, "student weights")
     num_classes = teacher_model.config.num_classes
     guidance = config["guidance"]
     teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
     return build_pipeline(config, student.eval(), teacher), config
 
 
-def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
-    """Save (N, C, H, W) images in [-1, 1] as one PNG grid (C = 1 or 3; other channel counts show channel 0)."""
-    from piflow.recipes.plots import _pyplot
+def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, label: str = "") -> None:
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid under `label` (C = 1 or 3; otherwise channel 0)."""
+    from piflow.recipes.plots import plot_image_rows
 
-    images = images.detach().float().clamp(-1, 1).add(1).div(2)
-    if images.shape[1] not in (1, 3):
-        images = images[:, :1]
-    num, channels, height, width = images.shape
-    ncol = min(nrow, num)
-    nrows = (num + ncol - 1) // ncol
-    canvas = torch.ones(channels, nrows * (height + 1) + 1, ncol * (width + 1) + 1)
-    for i in range(num):
-        r, c = divmod(i, ncol)
-        canvas[:, 1 + r * (height + 1): 1 + r * (height + 1) + height,
-               1 + c * (width + 1): 1 + c * (width + 1) + width] = images[i]
-    array = canvas.permute(1, 2, 0).numpy()
-    plt = _pyplot()
-    scale = max(1, 800 // max(canvas.shape[1:]))
-    fig = plt.figure(figsize=(canvas.shape[2] * scale / 100, canvas.shape[1] * scale / 100), dpi=100)
-    ax = fig.add_axes([0, 0, 1, 1])
-    ax.imshow(array[..., 0] if channels == 1 else array, cmap="gray" if channels == 1 else None,
-              interpolation="nearest", vmin=0, vmax=1)
-    ax.axis("off")
-    fig.savefig(path)
-    plt.close(fig)
+    plot_image_rows([(label, images)], path, ncol=nrow)

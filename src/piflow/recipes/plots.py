@@ -38,16 +38,18 @@ def plot_loss_curve(history: Sequence[dict], path: Path, title: str = "training 
 def plot_sample_panels(panels: Sequence[tuple[str, np.ndarray]], path: Path, limit: float = 5.0,
                        bins: int = 90) -> None:
     """One 2-D histogram per (title, points (N, 2)) panel, side by side."""
+    import textwrap
+
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.1), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4), squeeze=False)
     for ax, (title, points) in zip(axes[0], panels):
         ax.hist2d(points[:, 0], points[:, 1], bins=bins, range=[[-limit, limit], [-limit, limit]], cmap="magma")
-        ax.set_title(title, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(title, 28)), fontsize=9)   # wrapped: long titles are never clipped
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -89,4 +91,45 @@ def plot_metric_vs_nfe(series: dict[str, dict[int, float]], path: Path, ylabel: 
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _image_canvas(images, ncol: int) -> np.ndarray:
+    """(N, C, H, W) images in [-1, 1] → one (rows·(H+1)+1, ncol·(W+1)+1, C) array in [0, 1] with 1-pixel gaps."""
+    images = images.detach().float().clamp(-1, 1).add(1).div(2).cpu()
+    if images.shape[1] not in (1, 3):
+        images = images[:, :1]                        # other channel counts (latents): channel 0
+    num, channels, height, width = images.shape
+    ncol = max(min(ncol, num), 1)
+    nrows = (num + ncol - 1) // ncol
+    canvas = np.ones((nrows * (height + 1) + 1, ncol * (width + 1) + 1, channels), dtype=np.float32)
+    for i in range(num):
+        r, c = divmod(i, ncol)
+        canvas[1 + r * (height + 1): 1 + r * (height + 1) + height,
+               1 + c * (width + 1): 1 + c * (width + 1) + width] = images[i].permute(1, 2, 0).numpy()
+    return canvas
+
+
+def plot_image_rows(rows: Sequence[tuple[str, "object"]], path: Path, ncol: int = 16,
+                    title: Optional[str] = None) -> None:
+    """One labelled block per (label, images (N, C, H, W) in [-1, 1]) — e.g. "teacher Euler, 32 NFE" over
+    "π-Flow student, 4 NFE" — each wrapped at `ncol` images per line; C = 1 or 3 (otherwise channel 0 is shown)."""
+    plt = _pyplot()
+    canvases = [_image_canvas(images, ncol) for _, images in rows]
+    width = max(c.shape[1] for c in canvases)
+    scale = min(max(6.0 / width, 0.02), 0.25)                   # inches per pixel: readable, not huge
+    heights = [c.shape[0] for c in canvases]
+    fig, axes = plt.subplots(len(rows), 1, squeeze=False, gridspec_kw={"height_ratios": heights},
+                             figsize=(width * scale + 1.6, sum(heights) * scale + 0.35 * len(rows) + 0.4))
+    for ax, (label, _), canvas in zip(axes[:, 0], rows, canvases):
+        gray = canvas.shape[2] == 1
+        ax.imshow(canvas[..., 0] if gray else canvas, cmap="gray" if gray else None, vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(label, fontsize=9, loc="left")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -8,7 +8,8 @@
   scaled as the pipeline's transformer sees them, aligned with the prompt file) is given.
 * Prompts from a prompt file (encoded on the fly by the pipeline's text encoders, kept in memory) or a cache from
   ``piflow encode-prompts`` (then only the transformer is loaded).
-* Run directory: ``config.yaml``, ``checkpoint.pt`` (trainable tensors + EMA + optimizer; resumed automatically),
+* Run directory: ``config.yaml``, ``checkpoint.safetensors`` (trainable tensors + EMA + optimizer; resumed
+  automatically),
   ``train_log.jsonl``, TensorBoard scalars, ``loss.png``, ``adapter/`` (EMA student, piflow adapter format),
   ``samples.png`` (when the VAE is loaded) and ``metrics.json``. Under torchrun, data-parallel over ranks.
 """
@@ -21,8 +22,10 @@ from typing import Any, Optional
 
 import torch
 
-from piflow.config import ConfigError, save_config
-from piflow.recipes.common import TRAIN_DEFAULTS, build_pipeline, seed_initialisation, write_json
+from piflow.config import ConfigError
+from piflow.errors import require
+from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, seed_initialisation, start_run, train_config,
+                                   write_json)
 
 T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "pipeline": None,             # local folder or hub id of the base diffusers pipeline
@@ -72,10 +75,25 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _model_index(path: str) -> dict:
-    from diffusers import DiffusionPipeline
+SAFE_LIBRARIES = ("diffusers", "transformers")
 
-    return DiffusionPipeline.load_config(path)
+
+def _model_index(path: str) -> dict:
+    """A pipeline's model_index.json, checked so that loading it cannot import code from the pipeline folder: every
+    component must come from diffusers or transformers (diffusers would otherwise import a module that ships with
+    the pipeline)."""
+    DiffusionPipeline = require("diffusers", "text-to-image pipelines").DiffusionPipeline
+    try:
+        index = DiffusionPipeline.load_config(path)
+    except Exception as error:      # not a folder/repo with model_index.json, bad JSON, offline hub
+        raise ConfigError(f"pipeline={path!r} is not a diffusers pipeline folder or reachable Hub repo "
+                          f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+    for name, value in index.items():
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None \
+                and value[0] not in SAFE_LIBRARIES:
+            raise ConfigError(f"pipeline {path}: component {name!r} comes from {value[0]!r}; piflow loads only "
+                              f"components of {list(SAFE_LIBRARIES)} (custom code in a pipeline folder would run)")
+    return index
 
 
 def pipeline_architecture(path: str) -> str:
@@ -113,6 +131,17 @@ def latent_geometry(path: str, architecture: str, transformer, resolution) -> tu
     return channels, height // factor, width // factor
 
 
+def _from_pretrained(cls, path: str, **kwargs):
+    """``cls.from_pretrained(path, use_safetensors=True, ...)``: weights are read from safetensors only (never from
+    pickled ``.bin`` files); a pipeline without them is a one-line `ConfigError`."""
+    _model_index(path)
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise ConfigError(f"cannot load {cls.__name__} from {path} with safetensors weights (piflow never loads "
+                          f"pickled .bin weights): {' '.join(str(error).split())[:300]}") from None
+
+
 def load_base(config: dict, device: torch.device, dtype: torch.dtype, transformer_only: bool = False):
     """(pipeline or None, frozen transformer): only the transformer when prompts come from a cache (or
     `transformer_only`), else the whole pipeline, whose text encoders encode the prompts here."""
@@ -121,10 +150,10 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
     path = config["pipeline"]
     if transformer_only or config["prompt_cache"] is not None:
         transformer_class = _model_index(path)["transformer"][1]
-        transformer = getattr(diffusers, transformer_class).from_pretrained(path, subfolder="transformer",
-                                                                            torch_dtype=dtype)
+        transformer = _from_pretrained(getattr(diffusers, transformer_class), path, subfolder="transformer",
+                                       torch_dtype=dtype)
         return None, transformer.to(device).requires_grad_(False)
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = _from_pretrained(diffusers.DiffusionPipeline, path, torch_dtype=dtype)
     pipe.to(device)
     return pipe, pipe.transformer.requires_grad_(False)
 
@@ -221,26 +250,31 @@ def _load_latents(path: str, count: int, shape: tuple[int, int, int]) -> torch.T
     return latents
 
 
-def distill_text_to_image(config: dict, run_dir: Path) -> dict:
-    """Run (or resume) a text-to-image π-ID distillation; returns metrics (also written to metrics.json)."""
-    from piflow.integrations.diffusers.adapter import save_piflow_adapter
-    from piflow.train import distributed
-    from piflow.train.loop import TrainConfig, train
-
+def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
+    """Run (or resume) a text-to-image π-ID distillation; returns metrics (also written to metrics.json).
+    Everything (base pipeline, prompts, latents, settings) is loaded and checked before the run directory is
+    touched."""
     if not is_text_to_image(config):
         raise ConfigError("pipeline=<local folder or hub id of a FLUX/SD3/Qwen-Image diffusers pipeline> is required")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
+    require("diffusers", "text-to-image distillation")
+    require("peft", "text-to-image distillation")
+    if config["parallel"] not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel must be 'ddp' or 'fsdp', got {config['parallel']!r}")
+    from piflow.train import distributed
+    from piflow.train.loop import train
+
     device = _device()
     dtype = _dtype(config["dtype"], device)
+    train_section = dict(config["train"])
+    if train_section["mixed_precision"] == "no" and dtype in (torch.bfloat16, torch.float16):
+        train_section["mixed_precision"] = "bf16" if dtype == torch.bfloat16 else "fp16"
+    settings = train_config({"train": train_section})
     pipe, transformer = load_base(config, device, dtype)
     pf, architecture, (channels, latent_h, latent_w) = lora_student_pipeline(config, transformer, teacher=None)
     student = pf.student.to(device)
     prompts = prompt_source(config, pipe, architecture)
     null = _text_condition([prompts.null()], architecture, config, device, dtype)
     pf.teacher = make_text_teacher(transformer, architecture, config, null)
-    if config["parallel"] not in ("ddp", "fsdp"):
-        raise ConfigError(f"parallel must be 'ddp' or 'fsdp', got {config['parallel']!r}")
     sharded = config["parallel"] == "fsdp" and distributed.current().enabled
     if sharded:
         from piflow.train.fsdp import shard_frozen_base
@@ -252,39 +286,39 @@ def distill_text_to_image(config: dict, run_dir: Path) -> dict:
     accum = int(config["train"]["grad_accum_steps"])
     data_free = bool(config["distill"]["data_free"]) and latents is None
 
-    def loss_fn(iteration: int, generator: torch.Generator):
-        index = torch.randint(len(prompts), (batch,), generator=generator)
-        cond = _text_condition([prompts[int(i)] for i in index], architecture, config, device, dtype)
-        if data_free:
-            noise = torch.randn(batch, channels, latent_h, latent_w, generator=generator).to(device)
-            loss = pf.data_free_loss(noise, cond, iteration=iteration, generator=generator,
-                                     backward=lambda value: (value / accum).backward())
-            return loss, True
-        return pf(latents[index].to(device), cond, iteration=iteration, generator=generator)
+    with start_run(run_dir, config, "distill", allow_config_change):
+        def loss_fn(iteration: int, generator: torch.Generator):
+            index = torch.randint(len(prompts), (batch,), generator=generator)
+            cond = _text_condition([prompts[int(i)] for i in index], architecture, config, device, dtype)
+            if data_free:
+                noise = torch.randn(batch, channels, latent_h, latent_w, generator=generator).to(device)
+                loss = pf.data_free_loss(noise, cond, iteration=iteration, generator=generator,
+                                         backward=lambda value: (value / accum).backward())
+                return loss, True
+            return pf(latents[index].to(device), cond, iteration=iteration, generator=generator)
 
-    train_config = dict(config["train"])
-    if train_config["mixed_precision"] == "no" and dtype in (torch.bfloat16, torch.float16):
-        train_config["mixed_precision"] = "bf16" if dtype == torch.bfloat16 else "fp16"
-    start = time.perf_counter()
-    result = train(student, loss_fn, TrainConfig(**train_config), run_dir, desc="distill")
-    seconds = time.perf_counter() - start
-    metrics: dict[str, Any] = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"],
-                               "architecture": architecture, "iters": len(result.history),
-                               "trainable_parameters": sum(p.numel() for p in student.parameters()
-                                                           if p.requires_grad)}
-    is_main = distributed.current().is_main
-    with result.ema.averaged(student) as ema_student:   # carries the student's policy_kwargs and sampling
+        start = time.perf_counter()
+        result = train(student, loss_fn, settings, run_dir, desc="distill")
+        seconds = time.perf_counter() - start
+        metrics: dict[str, Any] = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"],
+                                   "architecture": architecture, "iters": len(result.history),
+                                   "trainable_parameters": sum(p.numel() for p in student.parameters()
+                                                               if p.requires_grad)}
+        from piflow.integrations.diffusers.adapter import save_piflow_adapter
+
+        is_main = distributed.current().is_main
+        with result.ema.averaged(student) as ema_student:   # carries the student's policy_kwargs and sampling
+            if is_main:
+                save_piflow_adapter(ema_student, run_dir / "adapter")
+            if pipe is not None and config["eval"]["prompts"] and (is_main or sharded):   # FSDP: all ranks gather
+                path = save_sample_grid(pipe, ema_student, config, run_dir / "samples.png", write=is_main)
+                metrics["samples"] = str(path)
         if is_main:
-            save_piflow_adapter(ema_student, run_dir / "adapter")
-        if pipe is not None and config["eval"]["prompts"] and (is_main or sharded):   # FSDP: every rank gathers
-            path = save_sample_grid(pipe, ema_student, config, run_dir / "samples.png", write=is_main)
-            metrics["samples"] = str(path)
-    if is_main:
-        from piflow.recipes import plots
+            from piflow.recipes import plots
 
-        plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
-        write_json(run_dir / "metrics.json", metrics)
-    return metrics
+            plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
+            write_json(run_dir / "metrics.json", metrics)
+        return metrics
 
 
 @torch.no_grad()
@@ -320,17 +354,18 @@ def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True
 
 
 def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool = True) -> Path:
-    """Turn a (possibly unfinished) run's ``checkpoint.pt`` into an adapter folder (EMA weights by default)."""
+    """Turn a (possibly unfinished) run's checkpoint into an adapter folder (EMA weights by default)."""
     from piflow.config import load_config
     from piflow.integrations.diffusers.adapter import save_piflow_adapter
-    from piflow.train.checkpoint import load_checkpoint
+    from piflow.train.checkpoint import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, CheckpointError, load_checkpoint
     from piflow.train.ema import frozen_parameter_names, load_partial_state
 
     run_dir = Path(run_dir)
-    config_path, checkpoint_path = run_dir / "config.yaml", run_dir / "checkpoint.pt"
-    if not config_path.is_file() or not checkpoint_path.is_file():
+    config_path, checkpoint_path = run_dir / "config.yaml", run_dir / CHECKPOINT_NAME
+    has_checkpoint = checkpoint_path.is_file() or (run_dir / LEGACY_CHECKPOINT_NAME).is_file()
+    if not config_path.is_file() or not has_checkpoint:
         raise ConfigError(f"{run_dir} is not a text-to-image distillation run with a checkpoint "
-                          "(needs config.yaml and checkpoint.pt)")
+                          f"(needs config.yaml and {CHECKPOINT_NAME})")
     config = load_config(T2I_DISTILL_DEFAULTS, config_path)
     state = load_checkpoint(checkpoint_path)
     device = torch.device("cpu")
@@ -340,12 +375,12 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     weights = state["ema"]["model"] if use_ema else state["model"]
     try:
         load_partial_state(student, weights, frozen_parameter_names(student))
-    except RuntimeError as error:
-        raise ConfigError(f"checkpoint {checkpoint_path} does not match the run's config: {error}") from error
+    except (RuntimeError, KeyError) as error:
+        raise CheckpointError(f"checkpoint {checkpoint_path} does not match the run's config: {error}") from None
     output = Path(output) if output is not None else run_dir / "adapter"
     save_piflow_adapter(student, output)
-    (output / "export.json").write_text(json.dumps({"run_dir": str(run_dir), "step": int(state["step"]),
-                                                    "weights": "ema" if use_ema else "raw"}, indent=2))
+    write_json(output / "export.json", {"run_dir": str(run_dir), "step": int(state["step"]),
+                                        "weights": "ema" if use_ema else "raw"})
     return output
 
 
@@ -363,7 +398,7 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
     config = load_config(T2I_DISTILL_DEFAULTS, run_dir / "config.yaml", overrides)
     architecture = json.loads((adapter / "config.json").read_text())["architecture"]
     device = _device()
-    pipe = PIPELINES[architecture].from_pretrained(config["pipeline"], torch_dtype=_dtype(config["dtype"], device))
+    pipe = _from_pretrained(PIPELINES[architecture], config["pipeline"], torch_dtype=_dtype(config["dtype"], device))
     pipe.to(device)
     pipe.load_piflow_adapter(adapter)
     height, width = (int(v) for v in config["resolution"])
@@ -377,5 +412,5 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
         path = output / f"{index // num_images:03d}_{index % num_images:02d}.png"
         image.save(path)
         paths.append(path)
-    (output / "prompts.json").write_text(json.dumps(list(prompts), indent=2))
+    write_json(output / "prompts.json", list(prompts))
     return paths

@@ -11,9 +11,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from piflow.config import ConfigError, load_config, save_config
+from piflow.config import ConfigError, load_config
 from piflow.data import make_toy_dataset
 from piflow.eval import coupling_error, energy_distance, mode_statistics, sliced_wasserstein2
 from piflow.models import MLPVelocityModel2D
@@ -23,10 +22,11 @@ from piflow.rollout import rollout
 from piflow.sampling import FlowMapSDEScheduler, euler_sample, rk4_sample
 from piflow.teachers import GaussianMixtureTeacher, NetworkTeacher
 from piflow.timewarp import unwarp, warp
-from piflow.train import TrainConfig, train
+from piflow.train import train
 from piflow.recipes import plots
-from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, finished_distill_run, save_safetensors,
-                                   seed_initialisation, write_json)
+from piflow.data import TOY_DATASET_NAMES
+from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_dataset, finished_distill_run, load_weights,
+                                   save_safetensors, seed_initialisation, start_run, train_config, write_json)
 
 NUM_TIMESTEPS = 1000.0
 
@@ -55,9 +55,18 @@ TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 # --------------------------------------------------------------------------------------------- teachers
+def load_dataset(name: str):
+    """The 2-D toy dataset `name`; any other name is a `ConfigError` listing every dataset piflow knows."""
+    check_dataset(name)
+    if name not in TOY_DATASET_NAMES:
+        raise ConfigError(f"dataset {name!r} is an image dataset; this is the 2-D recipe (2-D datasets: "
+                          f"{list(TOY_DATASET_NAMES)})")
+    return make_toy_dataset(name)
+
+
 def load_teacher(spec: str, dataset_name: str):
     """'exact' → GaussianMixtureTeacher of a mixture dataset; otherwise a teacher run directory."""
-    dataset = make_toy_dataset(dataset_name)
+    dataset = load_dataset(dataset_name)
     if spec == "exact":
         if dataset.mixture is None:
             raise ConfigError(f"teacher=exact needs a Gaussian-mixture dataset (ring8, grid25), got {dataset_name!r}")
@@ -73,19 +82,24 @@ def load_teacher(spec: str, dataset_name: str):
         raise ConfigError(f"teacher in {run} was trained on {teacher_cfg['dataset']!r}, but dataset={dataset_name!r}")
     model = MLPVelocityModel2D(hidden_size=teacher_cfg["model"]["hidden_size"],
                                num_layers=teacher_cfg["model"]["num_layers"])
-    model.load_state_dict(load_file(str(weights)))
+    load_weights(model, weights, "teacher weights")
     model.eval().requires_grad_(False)
     return NetworkTeacher(model, NUM_TIMESTEPS), model
 
 
-def train_teacher(config: dict, run_dir: Path) -> dict:
+def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """Rectified-flow matching of an MLP on a 2-D dataset; writes teacher.safetensors and metrics."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    dataset = make_toy_dataset(config["dataset"])
+    dataset = load_dataset(config["dataset"])
     fm = config["flow_matching"]
     if fm["time_sampling"] not in TIME_SAMPLINGS:
         raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {fm['time_sampling']!r}")
+    settings = train_config(config)
+    with start_run(run_dir, config, "train-teacher", allow_config_change):
+        return _train_teacher(config, run_dir, dataset, settings)
+
+
+def _train_teacher(config: dict, run_dir: Path, dataset, train_settings) -> dict:
+    fm = config["flow_matching"]
     seed_initialisation(config)
     model = MLPVelocityModel2D(hidden_size=config["model"]["hidden_size"], num_layers=config["model"]["num_layers"])
     batch = int(fm["batch_size"])
@@ -101,7 +115,7 @@ def train_teacher(config: dict, run_dir: Path) -> dict:
         u = model(x_t, sigma * NUM_TIMESTEPS)
         return (u - (noise - x0)).square().mean()
 
-    result = train(model, loss_fn, TrainConfig(**config["train"]), run_dir, desc="teacher")
+    result = train(model, loss_fn, train_settings, run_dir, desc="teacher")
     save_safetensors(result.ema.model.state_dict(), run_dir / "teacher.safetensors")
     plots.plot_loss_curve(result.history, run_dir / "loss.png", "teacher flow-matching loss")
     teacher = NetworkTeacher(result.ema.model, NUM_TIMESTEPS)
@@ -123,14 +137,18 @@ def build_student(config: dict, teacher_model: Optional[torch.nn.Module]) -> Pol
                          logstd_hidden=256, generator=torch.Generator().manual_seed(config["train"]["seed"]))
 
 
-def distill(config: dict, run_dir: Path) -> dict:
+def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """π-ID distillation of a 2-D teacher into an MLP policy student; writes student.safetensors and metrics."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    dataset = make_toy_dataset(config["dataset"])
+    dataset = load_dataset(config["dataset"])
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
     student = build_student(config, teacher_model)
     pf = build_pipeline(config, student, teacher)
+    settings = train_config(config)
+    with start_run(run_dir, config, "distill", allow_config_change):
+        return _distill(config, run_dir, dataset, teacher, student, pf, settings)
+
+
+def _distill(config: dict, run_dir: Path, dataset, teacher, student, pf: PiFlow, settings) -> dict:
     batch = int(config["distill"]["batch_size"])
     data_free = bool(config["distill"]["data_free"])
 
@@ -143,7 +161,7 @@ def distill(config: dict, run_dir: Path) -> dict:
         return pf(dataset.sample(batch, generator), iteration=iteration, generator=generator)
 
     start = time.perf_counter()
-    result = train(student, loss_fn, TrainConfig(**config["train"]), run_dir, desc="distill")
+    result = train(student, loss_fn, settings, run_dir, desc="distill")
     train_seconds = time.perf_counter() - start
     save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
     plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
@@ -158,7 +176,7 @@ def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
     config, weights = finished_distill_run(run_dir, DISTILL_DEFAULTS, overrides)
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
     student = build_student(config, teacher_model)
-    student.load_state_dict(load_file(str(weights)))
+    load_weights(student, weights, "student weights")
     student.eval()
     return build_pipeline(config, student, teacher), config
 

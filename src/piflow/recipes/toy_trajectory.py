@@ -7,14 +7,14 @@ Shows that a K = 32 GM policy can follow a whole teacher trajectory from one eva
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from piflow.files import write_json
 from piflow.policies import GMFlowPolicy
+from piflow.progress import progress_bar
 from piflow.rollout import rollout
 from piflow.sampling import euler_sample
 
@@ -37,7 +37,8 @@ def fit_static_policy(teacher, noise: torch.Tensor, cond, num_components: int = 
         return GMFlowPolicy(means, logstd, torch.log_softmax(logits, dim=1), noise, 1.0)
 
     snapshots, history = [], []
-    for iteration in tqdm(range(iters + 1), disable=not progress, desc="toy trajectory"):
+    bar = progress_bar(iters, "toy trajectory", enabled=progress)
+    for iteration in range(iters + 1):
         if iteration % snapshot_every == 0 or iteration == iters:
             with torch.no_grad():
                 snapshots.append((iteration, rollout(policy(), noise, 1.0, 0.0, total_substeps)))
@@ -56,6 +57,8 @@ def fit_static_policy(teacher, noise: torch.Tensor, cond, num_components: int = 
         loss.backward()
         optimizer.step()
         history.append(float(loss.detach()))
+        bar.update(1)
+    bar.close()
     return {"means": means.detach(), "logits": logits.detach(), "logstd": logstd.detach()}, snapshots, history
 
 
@@ -76,12 +79,14 @@ def run_toy_trajectory(teacher_run: Path, run_dir: Path, label: int = 3, iters: 
                                               snapshot_every=snapshot_every)
     run_dir.mkdir(parents=True, exist_ok=True)
     images.save_image_grid(torch.cat([reference] + [x for _, x in snapshots]), run_dir / "snapshots.png",
-                           nrow=len(snapshots) + 1)
+                           nrow=len(snapshots) + 1,
+                           label="teacher ODE (128 Euler steps), then the policy rollout at iterations "
+                                 + ", ".join(str(it) for it, _ in snapshots))
     plots.plot_loss_curve([{"iter": i, "loss": v} for i, v in enumerate(history)], run_dir / "loss.png",
                           "static GM policy: π-ID loss")
     errors = {it: float((x - reference).square().mean().sqrt()) for it, x in snapshots}
     metrics = {"label": label, "num_components": num_components, "iters": iters,
                "rmse_vs_teacher_ode_by_iteration": errors,
                "note": "snapshots.png: teacher ODE (128 Euler steps) first, then the policy rollout at each snapshot"}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(run_dir / "metrics.json", metrics)
     return metrics

@@ -1,49 +1,180 @@
-"""Atomic checkpoints: written to a temporary file in the same folder, fsynced, then renamed over the old one."""
+"""Training checkpoints that never execute code: tensors in safetensors, the rest as JSON in its header.
+
+A training state (model and EMA tensors, optimizer and scheduler state dicts, RNG states, step, history) is a tree
+of dicts, lists, tuples, numbers, strings, None and tensors. `save_checkpoint` stores every tensor under its path
+in the tree (``model/blocks.0.weight``, ``optimizer/state/0/exp_avg``) and the tree itself, with tensors replaced by
+references, as strict JSON in the safetensors metadata (key ``piflow_state``). Loading reads only tensor bytes and
+JSON, so a crafted file cannot run code (unlike `torch.load` of a pickle). Non-string dict keys (the optimizer's
+integer parameter ids), tuples and non-finite floats are tagged so that the loaded tree equals the saved one.
+Writes are atomic (temporary file, fsync, rename).
+
+piflow ≤ 0.1 wrote ``checkpoint.pt`` pickles; they are refused with a message. `convert_legacy_checkpoint` (CLI:
+``piflow convert-checkpoint``) turns one you trust into the safe format through PyTorch's restricted
+``weights_only`` unpickler (torch ≥ 2.6, whose unpickler has no known code-execution hole).
+"""
 from __future__ import annotations
 
-import os
-import tempfile
+import json
+import math
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
+from piflow.errors import CheckpointError
+from piflow.files import atomic_write, dumps_json
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or does not match the model."""
+CHECKPOINT_NAME = "checkpoint.safetensors"
+LEGACY_CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT = "piflow-checkpoint-v2"
+_STATE_KEY = "piflow_state"
+
+__all__ = ["CHECKPOINT_NAME", "LEGACY_CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint",
+           "convert_legacy_checkpoint", "encode_state", "decode_state"]
 
 
-def atomic_write(path: Union[str, Path], write_fn) -> None:
-    """Call ``write_fn(file_object)`` on a temp file next to `path`, then atomically replace `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write_fn(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+def encode_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON-able tree, {tensor key: tensor}) for a state tree; raises TypeError for other leaf types."""
+    tensors: dict[str, torch.Tensor] = {}
+    same_tensor: dict[tuple, str] = {}      # (storage, offset, shape, stride, dtype) → key: tied tensors
+    storages: set[int] = set()
+
+    def tensor_ref(value: torch.Tensor, path: str) -> dict:
+        key = path or "tensor"
+        if key in tensors:
+            raise ValueError(f"two tensors map to the checkpoint key {key!r}")
+        value = value.detach().cpu()
+        if value.numel():
+            storage = value.untyped_storage().data_ptr()
+            identity = (storage, value.storage_offset(), tuple(value.shape), value.stride(), value.dtype)
+            if identity in same_tensor:           # a tied tensor: stored once, referenced twice
+                return {"$tensor": same_tensor[identity]}
+            same_tensor[identity] = key
+            if storage in storages or not value.is_contiguous():
+                value = value.contiguous().clone()   # safetensors refuses overlapping memory
+            storages.add(storage)
+        tensors[key] = value
+        return {"$tensor": key}
+
+    def encode(value: Any, path: str) -> Any:
+        if torch.is_tensor(value):
+            return tensor_ref(value, path)
+        if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else {"$float": repr(value)}
+        if isinstance(value, tuple):
+            return {"$tuple": [encode(item, f"{path}/{i}") for i, item in enumerate(value)]}
+        if isinstance(value, list):
+            return [encode(item, f"{path}/{i}") for i, item in enumerate(value)]
+        if isinstance(value, dict):
+            plain = all(isinstance(k, str) and not k.startswith("$") for k in value)
+            if plain:
+                return {k: encode(v, f"{path}/{k}" if path else k) for k, v in value.items()}
+            return {"$dict": [[encode(k, f"{path}/key{i}"), encode(v, f"{path}/{k}" if path else str(k))]
+                              for i, (k, v) in enumerate(value.items())]}
+        raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint (at {path or 'the top level'})")
+
+    return encode(state, ""), tensors
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `encode_state`."""
+    if isinstance(tree, list):
+        return [decode_state(item, tensors) for item in tree]
+    if isinstance(tree, dict):
+        if len(tree) == 1:
+            (tag, body), = tree.items()
+            if tag == "$tensor":
+                if body not in tensors:
+                    raise CheckpointError(f"the checkpoint's state refers to a missing tensor {body!r}")
+                return tensors[body]
+            if tag == "$float":
+                return float(body)
+            if tag == "$tuple":
+                return tuple(decode_state(item, tensors) for item in body)
+            if tag == "$dict":
+                return {decode_state(k, tensors): decode_state(v, tensors) for k, v in body}
+        return {key: decode_state(value, tensors) for key, value in tree.items()}
+    return tree
 
 
 def save_checkpoint(path: Union[str, Path], state: dict[str, Any]) -> None:
-    """Save `state` (tensors, state dicts, RNG states, step) atomically: a crash never leaves a half-written file."""
-    atomic_write(path, lambda handle: torch.save(state, handle))
+    """Save a training state atomically in the safe format (see the module docstring)."""
+    from safetensors.torch import save
+
+    tree, tensors = encode_state(state)
+    data = save(tensors, metadata={"format": FORMAT, _STATE_KEY: dumps_json(tree, indent=None)})
+    atomic_write(path, data)
+
+
+def _legacy_message(path: Path) -> str:
+    return (f"checkpoint {path} is in piflow's old pickle format, which piflow no longer loads because unpickling "
+            f"a file can run arbitrary code; if you trust its origin, convert it with `piflow convert-checkpoint "
+            f"{path}` (writes {path.with_name(CHECKPOINT_NAME)})")
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint`, with a clear error if it is missing or unreadable."""
+    """Load a checkpoint written by `save_checkpoint`; a missing, corrupt, legacy or foreign file raises a
+    `CheckpointError` naming it. Nothing in the file is executed."""
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
+        if path.name == CHECKPOINT_NAME and path.with_name(LEGACY_CHECKPOINT_NAME).is_file():
+            raise CheckpointError(_legacy_message(path.with_name(LEGACY_CHECKPOINT_NAME)))
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if _is_pickle(path):
+        raise CheckpointError(_legacy_message(path))
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # truncated zip, pickle garbage, …
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {error})") from error
+        with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT or _STATE_KEY not in metadata:
+                raise CheckpointError(f"checkpoint {path} is a safetensors file but not a piflow training "
+                                      f"checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        state = decode_state(json.loads(metadata[_STATE_KEY]), tensors)
+    except CheckpointError:
+        raise
+    except Exception as error:      # truncated file, bad header, bad JSON
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {text}); "
+                              f"delete it to start over or restore it from a copy") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a piflow training checkpoint (no 'step' entry)")
     return state
+
+
+def _is_pickle(path: Path) -> bool:
+    """True for files torch.save / pickle wrote: a zip archive (torch ≥ 1.6) or a raw pickle stream."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def convert_legacy_checkpoint(path: Union[str, Path]) -> Path:
+    """Convert a piflow ≤ 0.1 ``checkpoint.pt`` into ``checkpoint.safetensors`` next to it (the old file is kept).
+
+    Uses ``torch.load(weights_only=True)``, which unpickles only tensors and plain containers and refuses any other
+    object; on torch < 2.6 that unpickler had a known code-execution hole (CVE-2025-32434), so it is refused there.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / LEGACY_CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 6):
+        raise CheckpointError(f"converting {path} needs torch >= 2.6 (its restricted unpickler); this is torch "
+                              f"{torch.__version__}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be converted: it is corrupt or holds objects other than "
+                              f"tensors and plain containers ({type(error).__name__}: {text})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a piflow training checkpoint (no 'step' entry)")
+    target = path.with_name(CHECKPOINT_NAME)
+    save_checkpoint(target, state)
+    return target

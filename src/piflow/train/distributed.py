@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -100,3 +101,21 @@ def all_ranks_mean(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=_reduction_device())
     dist.all_reduce(tensor)
     return float(tensor) / dist.get_world_size()
+
+
+def raise_if_main_failed(error: Optional[BaseException]) -> None:
+    """Collective: rank 0 passes the error it hit (or None), every rank raises it (non-zero ranks as the same
+    `UserError` class with the same message, or a RuntimeError), so that no rank waits for a rank that gave up."""
+    if not current().enabled:
+        return
+    from piflow import errors
+
+    payload = [None if error is None else (type(error).__name__, str(error))]
+    dist.broadcast_object_list(payload, src=0)
+    if payload[0] is None or current().is_main:
+        return
+    name, message = payload[0]
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.UserError)):
+        cls = RuntimeError
+    raise cls(f"rank 0 failed: {message}")

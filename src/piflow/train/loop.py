@@ -1,19 +1,24 @@
-"""One training loop for teachers and students: AdamW, linear warm-up, clipping with NaN/Inf skipping, power EMA,
-atomic checkpoints with automatic resume, tqdm progress, JSON-lines and (optional) TensorBoard logs."""
+"""One training loop for teachers and students: AdamW, linear warm-up, clipping with NaN/Inf skipping (and a stop
+after too many in a row), power EMA, safe atomic checkpoints with automatic resume, a run-directory lock, progress
+that reads well without a terminal, strict-JSON-lines and (optional) TensorBoard logs."""
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from contextlib import ExitStack
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from piflow.errors import TrainingDivergedError
+from piflow.files import atomic_write, json_line, remove_stale_temporary_files
+from piflow.progress import progress_bar
 from piflow.train import distributed
-from piflow.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from piflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from piflow.train.run_dir import run_lock
 from piflow.train.ema import PowerEMA, frozen_parameter_names, load_partial_state, trainable_state_dict
 
 LossFn = Callable[[int, torch.Generator], Union[Tensor, tuple[Tensor, bool]]]
@@ -30,14 +35,27 @@ class TrainConfig:
     grad_clip_from: int = 100        # clipping starts at this iteration
     ema_gamma: float = 7.0
     ema_start: int = 100
-    checkpoint_every: int = 500      # 0: only at the end
-    log_every: int = 50
+    checkpoint_every: Optional[int] = None   # None: auto = clamp(iters // 10, 1, 500); 0: only at the end
+    log_every: int = 50              # window of the running-mean loss shown by the progress bar
     seed: int = 0
     progress: bool = True
     grad_accum_steps: int = 1        # loss_fn is called this many times per iteration, each loss scaled 1/steps
     mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses a GradScaler; CUDA only)
+    max_skipped_steps: int = 5       # stop after this many consecutive non-finite (skipped) steps; 0: never
 
     def __post_init__(self):
+        for name in ("iters", "warmup_iters", "grad_clip_from", "ema_start", "log_every", "seed", "grad_accum_steps",
+                     "max_skipped_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"train.{name} must be an integer, got {value!r}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or isinstance(self.checkpoint_every, bool)
+                                                  or self.checkpoint_every < 0):
+            raise ValueError(f"train.checkpoint_every must be an integer >= 0 or null (auto), got "
+                             f"{self.checkpoint_every!r}")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -47,6 +65,13 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite positive number, got {self.lr}")
         self.betas = tuple(self.betas)
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Iterations between checkpoints (0: only at the end); auto: a tenth of the run, at most 500."""
+        if self.checkpoint_every is not None:
+            return int(self.checkpoint_every)
+        return min(max(self.iters // 10, 1), 500)
 
 
 @dataclass
@@ -73,14 +98,27 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
 
     `loss_fn` returns a graph-carrying scalar loss, or ``(detached_loss, True)`` when it already back-propagated
     (data-free π-ID; it must then scale by 1/grad_accum_steps itself). It is called `grad_accum_steps` times per
-    iteration. With `run_dir`, ``checkpoint.pt`` there is resumed automatically and rewritten atomically every
-    `checkpoint_every` iterations and at the end (by rank 0); losses go to ``train_log.jsonl``. Checkpoints hold the
-    trainable parameters, buffers, EMA, optimizer, scheduler and RNG states — never frozen (base) weights.
+    iteration. With `run_dir` (locked against other processes for the duration), ``checkpoint.safetensors`` there
+    is resumed automatically and rewritten atomically every `checkpoint_interval` iterations and at the end (by
+    rank 0); losses go to ``train_log.jsonl`` (strict JSON, one line per iteration, cut back to the checkpoint's
+    step on resume). Checkpoints hold the trainable parameters, buffers, EMA, optimizer, scheduler, GradScaler and
+    RNG states — never frozen (base) weights. A step whose loss or gradient norm is NaN/Inf is skipped; after
+    `max_skipped_steps` in a row a `TrainingDivergedError` stops training and the last checkpoint is kept.
     Under torchrun (see `piflow.train.distributed`) every rank starts from rank 0's weights, draws its own data
     (seed + rank) and gradients are averaged before clipping, so all ranks take identical optimizer steps.
     """
     dist_info = distributed.current()
     run_dir = Path(run_dir) if run_dir is not None else None
+    with ExitStack() as stack:
+        if run_dir is not None and dist_info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(run_lock(run_dir))
+            remove_stale_temporary_files(run_dir)
+        return _train(model, loss_fn, config, run_dir, desc, dist_info)
+
+
+def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optional[Path], desc: str,
+           dist_info: distributed.DistInfo) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -99,18 +137,21 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
         distributed.broadcast_parameters(model)
     history: list[dict[str, Any]] = []
     start, resumed_from = 0, None
-    checkpoint_path = run_dir / "checkpoint.pt" if run_dir is not None else None
-    if checkpoint_path is not None and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+    checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
+    if checkpoint_path is not None and (checkpoint_path.exists() or checkpoint_path.with_suffix(".pt").exists()):
+        state = load_checkpoint(checkpoint_path)      # a legacy checkpoint.pt alone is refused with a message
         try:
             load_partial_state(model, state["model"], frozen_parameter_names(model))
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: {error}") from error
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: "
+                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
         history = state.get("history", [])
         start = resumed_from = int(state["step"])
 
@@ -119,20 +160,22 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
             return
         save_checkpoint(checkpoint_path, {
             "step": step, "model": trainable_state_dict(model), "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(), "history": history, "config": asdict(config)})
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+            "config": asdict(config),
+            "grad_scaler": scaler.state_dict() if scaler is not None else None})
 
     main_dir = run_dir if dist_info.is_main else None
     writer = _tensorboard_writer(main_dir)
-    if main_dir is not None:
-        main_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(main_dir / "train_log.jsonl", "a") if main_dir is not None else None
+    log_file = _open_log(main_dir / "train_log.jsonl", start) if main_dir is not None else None
     model.train()
-    bar = tqdm(range(start, config.iters), desc=desc, disable=not (config.progress and dist_info.is_main),
-               initial=start, total=config.iters)
+    bar = progress_bar(config.iters, desc, initial=start, enabled=config.progress and dist_info.is_main)
     accum = config.grad_accum_steps
+    interval = config.checkpoint_interval
+    recent: list[float] = []
+    skipped_in_a_row = 0
     try:
-        for iteration in bar:
+        for iteration in range(start, config.iters):
             optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
             for _ in range(accum):
@@ -164,20 +207,60 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
                       "grad_norm": grad_norm, "skipped": skipped}
             history.append(record)
             if log_file is not None:
-                log_file.write(json.dumps(record) + "\n")
+                log_file.write(json_line(record))
             if writer is not None:
                 for key in ("loss", "lr", "grad_norm"):
                     writer.add_scalar(f"train/{key}", record[key], iteration)
-            if iteration % max(config.log_every, 1) == 0:
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
-            if config.checkpoint_every > 0 and (iteration + 1) % config.checkpoint_every == 0:
+            # a gradient overflow under fp16 is the GradScaler's business; a non-finite loss is never normal
+            bad = not math.isfinite(loss_value) or (skipped and scaler is None)
+            skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
+            if config.max_skipped_steps and skipped_in_a_row >= config.max_skipped_steps:
+                kept = (f"the last checkpoint (step {_checkpoint_step(checkpoint_path)}) is kept"
+                        if checkpoint_path is not None and checkpoint_path.exists() else "no checkpoint was written")
+                raise TrainingDivergedError(
+                    f"{desc}: {skipped_in_a_row} consecutive steps (iterations {iteration - skipped_in_a_row + 1}–"
+                    f"{iteration}) had a NaN/Inf loss or gradient and were skipped, so training stopped; {kept}. "
+                    f"Check the data and the teacher for NaN/Inf, or lower train.lr "
+                    f"(train.max_skipped_steps sets the limit)")
+            if math.isfinite(loss_value):
+                recent = (recent + [loss_value])[-max(config.log_every, 1):]
+            if recent:
+                bar.set_postfix_str(f"loss {sum(recent) / len(recent):.4g}")
+            bar.update(1)
+            if interval > 0 and (iteration + 1) % interval == 0 and iteration + 1 < config.iters \
+                    and skipped_in_a_row == 0:        # never checkpoint in the middle of a run of skipped steps
                 if log_file is not None:
                     log_file.flush()
                 checkpoint(iteration + 1)
+        if log_file is not None:
+            log_file.flush()
         checkpoint(config.iters)
     finally:
+        bar.close()
         if log_file is not None:
             log_file.close()
         if writer is not None:
             writer.close()
     return TrainResult(model, ema, history, resumed_from)
+
+
+def _checkpoint_step(path: Path) -> Any:
+    try:
+        return load_checkpoint(path)["step"]
+    except CheckpointError:
+        return "?"
+
+
+def _open_log(path: Path, start: int):
+    """The JSON-lines log opened for appending after its records of iterations < `start` (later ones, written
+    after the checkpoint that is being resumed, are dropped so that no iteration appears twice)."""
+    kept = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                if int(json.loads(line)["iter"]) < start:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue                    # a torn last line from a kill mid-write
+    atomic_write(path, "".join(kept).encode("utf-8"))
+    return open(path, "a", encoding="utf-8")

@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from piflow.integrations.diffusers.students import (LORA_ADAPTER, PATCH, DiffusersPolicyStudent, _architecture,
                                                     add_student_lora)
-from piflow.train.checkpoint import atomic_write
+from piflow.files import atomic_write, read_json, write_json
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 POLICY_TYPES = {"GMFlow": "gmflow", "DX": "dx"}
@@ -78,12 +78,12 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
     policy_config = _policy_config(student)
     data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                              metadata={"policy_config": json.dumps(policy_config), "format": "piflow-adapter-v1"})
-    atomic_write(directory / WEIGHTS, lambda handle: handle.write(data))
+    atomic_write(directory / WEIGHTS, data)
     base = student.architecture.base_class or type(student.transformer).__name__
     config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + base, "base_class": base,
               "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config,
               "sampling": _check_sampling(sampling if sampling is not None else student.sampling)}
-    atomic_write(directory / "config.json", lambda handle: handle.write(json.dumps(config, indent=2).encode()))
+    write_json(directory / "config.json", config)
     return directory
 
 
@@ -170,7 +170,9 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if not config_path.is_file():
         raise FileNotFoundError(f"adapter file {config_path} is missing")
     weights_path = _weights_file(directory)
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "adapter config")
+    if not isinstance(config, dict):
+        raise ValueError(f"adapter config {config_path} must hold a JSON object")
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -33,7 +33,7 @@ from piflow.integrations.diffusers.students import LORA_ADAPTER, DiffusersPolicy
 from piflow.piid import dx_segment_size
 from piflow.policies import GMFlowPolicy, make_policy
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
-from piflow.sampling import auto_temperature
+from piflow.sampling import resolve_temperature
 
 
 class PiFlowPipelineMixin:
@@ -106,10 +106,7 @@ class PiFlowPipelineMixin:
         scheduler = self.scheduler
         scheduler.set_timesteps(num_inference_steps, device=noise.device, image_seq_len=image_seq_len)
         nfe = scheduler.num_inference_steps
-        if temperature == "auto":
-            temperature = auto_temperature(nfe)
-        elif isinstance(temperature, str) or not float(temperature) >= 0:
-            raise ValueError(f"temperature must be a number >= 0 or 'auto', got {temperature!r}")
+        temperature = resolve_temperature(temperature, nfe)
         x = noise.float()
         self._num_timesteps = nfe
         was_training = student.training

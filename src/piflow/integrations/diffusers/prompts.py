@@ -14,14 +14,14 @@ shard by shard, so an interrupted encoding resumes at the first missing shard.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from piflow.train.checkpoint import atomic_write
+from piflow.errors import DataError
+from piflow.files import atomic_write, read_json, write_json
 
 
 def read_prompt_file(path: Union[str, Path]) -> list[str]:
@@ -89,8 +89,11 @@ class EncodedPrompts:
                  max_sequence_length: int = 512):
         self.architecture = architecture
         self.prompts = list(prompts)
-        self.items = encode_prompts(pipe, architecture, self.prompts, max_sequence_length)
-        self.null_item = encode_prompts(pipe, architecture, [negative_prompt], max_sequence_length)[0]
+        self.items = [_checked(item, f"embedding of prompt {i} ({prompt[:40]!r})") for i, (prompt, item) in
+                      enumerate(zip(self.prompts, encode_prompts(pipe, architecture, self.prompts,
+                                                                 max_sequence_length)))]
+        self.null_item = _checked(encode_prompts(pipe, architecture, [negative_prompt], max_sequence_length)[0],
+                                  "embedding of the negative prompt")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -117,8 +120,7 @@ def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], dir
     names = [f"shard-{i:05d}.safetensors" for i in range(num_shards)]
 
     def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
-        data = safetensors_bytes(tensors)
-        atomic_write(path, lambda handle: handle.write(data))
+        atomic_write(path, safetensors_bytes(tensors))
 
     for shard, name in enumerate(tqdm(names, desc="encoding prompts", disable=not progress)):
         if (directory / name).is_file():
@@ -129,11 +131,11 @@ def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], dir
                                          for k, v in item.items()})
     null = encode_prompts(pipe, architecture, [negative_prompt], max_sequence_length)[0]
     write_tensors(directory / "null.safetensors", null)
-    atomic_write(directory / "prompts.txt", lambda handle: handle.write("\n".join(prompts).encode("utf-8")))
+    atomic_write(directory / "prompts.txt", "\n".join(prompts).encode("utf-8"))
     index = {"format": "piflow-prompt-cache-v1", "architecture": architecture, "num_prompts": len(prompts),
              "shard_size": shard_size, "shards": names, "negative_prompt": negative_prompt,
              "max_sequence_length": max_sequence_length}
-    atomic_write(directory / "index.json", lambda handle: handle.write(json.dumps(index, indent=2).encode()))
+    write_json(directory / "index.json", index)
     return directory
 
 
@@ -146,7 +148,12 @@ class PromptEmbeddingCache:
         if not index_path.is_file():
             raise FileNotFoundError(f"{self.directory} is not a prompt cache (no index.json); write one with "
                                     "`piflow encode-prompts`")
-        self.index = json.loads(index_path.read_text())
+        self.index = read_json(index_path, "prompt cache index")
+        required = ("architecture", "num_prompts", "shard_size", "shards")
+        missing_keys = [k for k in required if not isinstance(self.index, dict) or k not in self.index]
+        if missing_keys:
+            raise DataError(f"prompt cache index {index_path} is not a piflow prompt cache index (missing "
+                            f"{missing_keys}); rewrite it with `piflow encode-prompts`")
         self.architecture = self.index["architecture"]
         if architecture is not None and architecture != self.architecture:
             raise ValueError(f"prompt cache {self.directory} was encoded for {self.architecture!r}, "
@@ -163,18 +170,40 @@ class PromptEmbeddingCache:
         from safetensors import safe_open
 
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.directory / self.index["shards"][shard]), framework="pt")
+            path = self.directory / self.index["shards"][shard]
+            try:
+                self._handles[shard] = safe_open(str(path), framework="pt")
+            except Exception as error:     # SafetensorError: truncated or not safetensors
+                raise DataError(f"prompt cache shard {path} is corrupt or truncated ({type(error).__name__}); "
+                                f"delete it and rerun `piflow encode-prompts` to rewrite it") from None
         return self._handles[shard]
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"prompt index {index} out of range [0, {len(self)})")
-        handle = self._shard(index // int(self.index["shard_size"]))
+        shard = index // int(self.index["shard_size"])
+        handle = self._shard(shard)
         prefix = f"{index}."
-        return {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+        item = {key[len(prefix):]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)}
+        where = f"prompt cache shard {self.directory / self.index['shards'][shard]}"
+        if not item:
+            raise DataError(f"{where} holds no embeddings for prompt {index}")
+        return _checked(item, f"{where}, prompt {index}")
 
     def null(self) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
+        from piflow.files import load_safetensors
 
-        return load_file(str(self.directory / "null.safetensors"))
+        path = self.directory / "null.safetensors"
+        try:
+            return _checked(load_safetensors(path, "prompt cache file"), str(path))
+        except (ValueError, FileNotFoundError) as error:
+            raise DataError(str(error)) from None
+
+
+def _checked(item: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """`item` if every tensor is finite, else a `DataError` naming `where` and the tensor."""
+    for name, tensor in item.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DataError(f"{where}: {name} holds NaN or Inf values")
+    return item

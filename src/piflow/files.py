@@ -1,0 +1,157 @@
+"""Writing and reading piflow's files safely: atomic writes, strict JSON, safetensors.
+
+* `atomic_write` writes to a temporary file next to the target, fsyncs it and renames it over the target, so a
+  crash, a full disk or a kill at any moment leaves either the old file or the new one — never a mix. A failed
+  write (e.g. ``ENOSPC``) removes the temporary file and raises an `OSError` that says the target is unchanged.
+* `write_json` / `json_line` write strict JSON (RFC 8259): NaN and ±Inf, which Python's `json` would write as the
+  invalid tokens ``NaN``/``Infinity``, become ``null``.
+* Nothing here unpickles: tensors are read from safetensors, everything else from JSON or YAML (safe loader).
+
+Fault injection (tests only): with ``PIFLOW_TEST_KILL_AT="<point>:<file name>:<n>"`` the process SIGKILLs itself
+the n-th time (1-based) it reaches `<point>` while writing a file of that name — ``write-partial`` (half of the
+bytes written to the temporary file) or ``write-before-rename`` (temporary file complete and synced, not yet
+renamed), e.g. ``write-partial:checkpoint.safetensors:2``. Unset, `fault_point` is one environment lookup per file
+write. Files are created with the permissions the umask allows (not mkstemp's private 0600).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+_FAULT_COUNTS: dict[str, int] = {}
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL here if ``PIFLOW_TEST_KILL_AT`` asks for it (see the module docstring)."""
+    spec = os.environ.get("PIFLOW_TEST_KILL_AT")
+    if not spec:
+        return
+    point, _, count = spec.rpartition(":")
+    if point != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(count):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def atomic_write(path: PathLike, data: Union[bytes, Callable[[Any], None]]) -> None:
+    """Write `data` (bytes, or a function that writes to a binary file object) to `path` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                view = memoryview(data)
+                half = len(view) // 2
+                handle.write(view[:half])
+                handle.flush()
+                fault_point(f"write-partial:{path.name}")
+                handle.write(view[half:])
+            else:
+                data(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        fault_point(f"write-before-rename:{path.name}")
+        os.replace(tmp_name, path)
+    except OSError as error:
+        _remove_quietly(tmp_name)
+        state = "was left unchanged" if path.exists() else "was not created"
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}; {path} {state}") from error
+    except BaseException:
+        _remove_quietly(tmp_name)
+        raise
+
+
+def remove_stale_temporary_files(directory: PathLike) -> list[Path]:
+    """Delete the temporary files that `atomic_write`s killed mid-write left in `directory` (call only while
+    holding the directory's lock, so that no live writer owns them); returns what was removed."""
+    removed = []
+    for path in Path(directory).glob(".*.tmp"):
+        if path.is_file():
+            _remove_quietly(str(path))
+            removed.append(path)
+    return removed
+
+
+def _remove_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
+
+
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (recursively through dicts, lists and tuples)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def dumps_json(data: Any, indent: Optional[int] = 2, sort_keys: bool = False) -> str:
+    """Strict JSON text of `data` (non-finite floats → null)."""
+    return json.dumps(strict_json(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+def write_json(path: PathLike, data: Any, sort_keys: bool = False) -> None:
+    """Write `data` to `path` as strict JSON, atomically."""
+    atomic_write(path, (dumps_json(data, sort_keys=sort_keys) + "\n").encode("utf-8"))
+
+
+def json_line(record: dict) -> str:
+    """One strict-JSON line (for ``.jsonl`` logs), newline included."""
+    return dumps_json(record, indent=None) + "\n"
+
+
+def read_json(path: PathLike, what: str = "file") -> Any:
+    """Parse a JSON file; a missing or invalid file raises FileNotFoundError / ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error})") from None
+
+
+def save_safetensors(path: PathLike, tensors: dict, metadata: Optional[dict[str, str]] = None) -> None:
+    """Write a dict of tensors as a safetensors file, atomically (tensors are made contiguous and moved to CPU)."""
+    from safetensors.torch import save
+
+    atomic_write(path, save({key: value.detach().contiguous().cpu() for key, value in tensors.items()},
+                            metadata=metadata))
+
+
+def load_safetensors(path: PathLike, what: str = "weights file", device: str = "cpu") -> dict:
+    """Read a safetensors file (never executes code); a missing or corrupt file raises FileNotFoundError /
+    ValueError naming it."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as error:      # SafetensorError, OSError, … : a file that is not safetensors
+        raise ValueError(f"{what} {path} is not a readable safetensors file ({type(error).__name__}: "
+                         f"{_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

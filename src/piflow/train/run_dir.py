@@ -1,0 +1,240 @@
+"""Run directories: one writer at a time, and a saved config that a later command cannot silently replace.
+
+* `run_lock(directory)` holds an exclusive lock on ``<directory>/.piflow.lock`` (``flock``: released by the kernel
+  when the holder exits, however it exits) and writes the holder's PID, host and start time into it. A second
+  process gets a `RunDirError` at once naming the holder. A lock file whose holder is gone is *stale*: it is taken
+  over with a warning. Re-entrant within a process (a recipe and the training loop it calls share it).
+* `start_run(directory, config, command)` validates the directory, takes the lock and, when the directory already
+  holds a run (a checkpoint or results), compares the new config with the saved ``config.yaml``: a difference in
+  any setting that changes results is refused with the list of differing keys, unless ``allow_config_change``,
+  which records the change in ``run.json``. `RESULT_NEUTRAL_KEYS` (logging, progress, checkpoint cadence) may
+  differ freely. Nothing is written before these checks pass.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+from piflow.errors import RunDirError
+from piflow.files import atomic_write, read_json, write_json
+from piflow.train.checkpoint import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME
+
+LOCK_NAME = ".piflow.lock"
+RUN_RECORD = "run.json"
+CONFIG_NAME = "config.yaml"
+# settings that cannot change what a run computes: they may differ between a run and its resumption
+RESULT_NEUTRAL_KEYS = frozenset({"train.progress", "train.log_every", "train.checkpoint_every",
+                                 "train.max_skipped_steps"})
+
+_HELD: dict[str, list] = {}        # resolved lock path → [file descriptor, depth]
+
+
+def _lock_info() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:])[:500]}
+
+
+def _read_holder(fd: int) -> Optional[dict]:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    if not text:
+        return None
+    try:
+        holder = json.loads(text)
+        return holder if isinstance(holder, dict) else {"raw": text}
+    except json.JSONDecodeError:
+        return {"raw": text[:200]}
+
+
+def _describe(holder: Optional[dict]) -> str:
+    if not holder:
+        return "another process"
+    if "pid" not in holder:
+        return f"another process ({holder.get('raw', '?')})"
+    return (f"PID {holder['pid']} on host {holder.get('host', '?')} (since {holder.get('since', '?')}: "
+            f"{holder.get('command', '?')})")
+
+
+def _try_exclusive(fd: int) -> Optional[bool]:
+    """True: locked; False: held by another process; None: this platform/filesystem has no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:                # e.g. ENOLCK / EOPNOTSUPP on some network filesystems
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(directory: Path) -> Iterator[None]:
+    """Hold the run directory's lock for the duration of the block (see the module docstring)."""
+    directory = Path(directory)
+    path = directory / LOCK_NAME
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise RunDirError(f"cannot lock run directory {directory}: {error.strerror or error}") from None
+    try:
+        locked = _try_exclusive(fd)
+        holder = _read_holder(fd)
+        if locked is False:
+            raise RunDirError(f"run directory {directory} is in use by {_describe(holder)}; wait for that command "
+                              f"to finish or use another --run-dir")
+        if locked is None and holder and holder.get("host") == socket.gethostname() \
+                and isinstance(holder.get("pid"), int) and _pid_alive(holder["pid"]):
+            raise RunDirError(f"run directory {directory} is in use by {_describe(holder)} (no file locking here: "
+                              f"if that process is gone, delete {path})")
+        if holder:
+            print(f"piflow: warning: {path} was left by {_describe(holder)}, which no longer holds it (stale lock); "
+                  f"taking it over", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, (json.dumps(_lock_info()) + "\n").encode("utf-8"))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        try:
+            os.ftruncate(fd, 0)      # empty = free; the file stays so that no two processes lock different inodes
+        finally:
+            os.close(fd)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        out: dict[str, Any] = {}
+        for key, value in config.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: config}
+
+
+def config_differences(old: dict, new: dict, neutral: frozenset = RESULT_NEUTRAL_KEYS) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for the settings that differ, result-neutral keys left out."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    missing = object()
+    changes = {}
+    for key in sorted(set(flat_old) | set(flat_new)):
+        a, b = flat_old.get(key, missing), flat_new.get(key, missing)
+        if key in neutral or _same(a, b):
+            continue
+        changes[key] = (None if a is missing else a, None if b is missing else b)
+    return changes
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
+
+
+def has_results(directory: Path) -> bool:
+    """True when the directory holds training state or results that a config change would misdescribe."""
+    return any((directory / name).exists() for name in (CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, "metrics.json"))
+
+
+def check_run_dir(directory: Path, option: str = "--run-dir") -> None:
+    """A one-line `RunDirError` if `directory` exists but is not a directory."""
+    if directory.exists() and not directory.is_dir():
+        raise RunDirError(f"{option} {directory} exists and is not a directory")
+
+
+def _prepare(directory: Path, config: dict, command: str, allow_config_change: bool) -> None:
+    record_path, config_path = directory / RUN_RECORD, directory / CONFIG_NAME
+    record = read_json(record_path, "run record") if record_path.is_file() else {}
+    if record.get("command") not in (None, command):
+        raise RunDirError(f"{directory} holds a `piflow {record['command']}` run, not a `piflow {command}` run; "
+                          f"use another --run-dir")
+    changes: dict[str, tuple] = {}
+    if config_path.is_file() and has_results(directory):
+        try:
+            saved = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise RunDirError(f"{config_path} is not valid YAML ({str(error).splitlines()[0]})") from None
+        changes = config_differences(saved, config)
+        if changes and not allow_config_change:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in
+                               ((k, *v) for k, v in changes.items()))
+            raise RunDirError(f"{directory} holds a run made with a different config ({listed}); use another "
+                              f"--run-dir, or pass --allow-config-change to continue this run with the new "
+                              f"settings (recorded in {record_path})")
+    record = dict(record, command=command, format="piflow-run-v1")
+    record.setdefault("created", time.strftime("%Y-%m-%d %H:%M:%S"))
+    if changes:
+        record.setdefault("config_changes", []).append(
+            {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "changes": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}})
+    atomic_write(config_path, yaml.safe_dump(config, sort_keys=False).encode("utf-8"))
+    write_json(record_path, record)
+
+
+@contextmanager
+def start_run(directory: Path, config: dict, command: str, allow_config_change: bool = False) -> Iterator[Path]:
+    """Validate and lock `directory`, check `config` against a saved run's, then write ``config.yaml`` and
+    ``run.json``; yields the directory with the lock held. Under torchrun only rank 0 touches the directory, and
+    if it fails every rank raises the same error."""
+    from piflow.train import distributed
+
+    directory = Path(directory)
+    info = distributed.current()
+    if not info.is_main:
+        distributed.raise_if_main_failed(None)
+        yield directory
+        return
+    stack = ExitStack()
+    try:
+        check_run_dir(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise RunDirError(f"cannot create run directory {directory}: {error.strerror or error}") from None
+        stack.enter_context(run_lock(directory))
+        _prepare(directory, config, command, allow_config_change)
+    except BaseException as error:
+        stack.close()
+        if info.enabled:
+            distributed.raise_if_main_failed(error)
+        raise
+    if info.enabled:
+        distributed.raise_if_main_failed(None)
+    with stack:
+        yield directory
