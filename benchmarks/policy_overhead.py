@@ -10,13 +10,13 @@ and, where available, fused with `torch.compile` ("compiled"); both must give th
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 
 import torch
 
+from piflow.files import write_json
 from piflow.models import DiT
 from piflow.policies import GMFlowPolicy, gmflow
 from piflow.rollout import rollout
@@ -91,8 +91,7 @@ def main() -> None:
             results["rows"][-1]["max_abs_diff_vs_eager"] = diff
     gmflow.enable_compiled_posterior(False)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

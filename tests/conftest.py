@@ -1,8 +1,13 @@
 """Shared pytest fixtures."""
+import os
 import socket
+import tempfile
 
 import pytest
 import torch
+
+# piflow's caches (the x0-baseline trajectory bank) go to a throw-away folder, not the user's ~/.cache
+os.environ.setdefault("PIFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="piflow-test-cache-"))
 
 
 @pytest.fixture(scope="module")

@@ -43,3 +43,14 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(DEFAULTS, bad)
+
+
+def test_exponent_numbers_without_a_dot():
+    """YAML 1.1 reads `1e-3` as a string; numeric keys accept it (and reject words)."""
+    from piflow.config import ConfigError, load_config
+
+    defaults = {"lr": 1.0, "iters": 10}
+    assert load_config(defaults, None, ["lr=1e-3", "iters=1e3"]) == {"lr": 1e-3, "iters": 1000}
+    for bad in ("lr=fast", "iters=1.5", "iters=inf", "iters=nan"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(defaults, None, [bad])

@@ -34,17 +34,12 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_default: Optional[
 
 def _config_value(args, key: str):
     """A top-level config value the run will use (last override wins over the config file), or None if unset."""
-    import yaml
-
     from piflow.config import parse_overrides
+    from piflow.files import read_yaml
 
     value = parse_overrides(args.overrides).get(key)
     if value is None and args.config and Path(args.config).is_file():
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {args.config} is not valid YAML ({' '.join(str(error).split())})") \
-                from None
+        loaded = read_yaml(args.config)
         value = loaded.get(key) if isinstance(loaded, dict) else None
     return value
 
@@ -84,8 +79,7 @@ def _cmd_train(args) -> int:
 
 def _run_kind(run_dir: Path) -> str:
     """"t2i", "image" or "2d" from a run directory's config.yaml."""
-    import yaml
-
+    from piflow.files import read_yaml
     from piflow.recipes.images import is_image_dataset
     from piflow.train.run_dir import check_run_dir
 
@@ -93,10 +87,7 @@ def _run_kind(run_dir: Path) -> str:
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise RunDirError(f"{run_dir} is not a piflow run directory (no config.yaml)")
-    try:
-        config = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{config_path} is not valid YAML ({' '.join(str(error).split())})") from None
+    config = read_yaml(config_path, "the run's config")
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} must hold a mapping")
     if config.get("pipeline") is not None:

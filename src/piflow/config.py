@@ -6,12 +6,14 @@ scalars (``distill.nfe=4``, ``train.lr=1e-3``, ``eval.teacher_steps=[1,2,4]``).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
 from piflow.errors import ConfigError
+from piflow.files import read_yaml
 
 __all__ = ["ConfigError", "load_config", "parse_overrides", "save_config"]
 
@@ -40,11 +42,16 @@ def _coerce(default: Any, value: Any, path: str) -> Any:
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, (int, float)) and isinstance(value, str):
-        raise ConfigError(f"config key {path!r} must be a number, got {value!r}")
+        try:                      # YAML 1.1 reads 1e-3 (no dot) as a string: accept what Python reads as a number
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"config key {path!r} must be a number, got {value!r}") from None
+        if isinstance(default, float):
+            return value
     if isinstance(default, list) and not isinstance(value, list):
         raise ConfigError(f"config key {path!r} must be a list, got {value!r}")
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        if value != int(value):
+        if not math.isfinite(value) or value != int(value):
             raise ConfigError(f"config key {path!r} must be an integer, got {value!r}")
         return int(value)
     return value
@@ -75,14 +82,7 @@ def load_config(defaults: dict, path: Optional[Union[str, Path]] = None, overrid
     """defaults ← YAML file ← overrides; returns a new dict."""
     config = copy.deepcopy(defaults)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            with open(path) as handle:
-                loaded = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML ({' '.join(str(error).split())})") from None
+        loaded = read_yaml(path)
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         _merge(config, loaded)

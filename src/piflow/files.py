@@ -129,6 +129,22 @@ def read_json(path: PathLike, what: str = "file") -> Any:
         raise ValueError(f"{what} {path} is not valid JSON ({error})") from None
 
 
+def read_yaml(path: PathLike, what: str = "config file") -> Any:
+    """Parse a YAML file with the safe loader (no Python objects); a missing, undecodable or invalid file raises a
+    `ConfigError` naming it. An empty file is an empty mapping."""
+    import yaml
+
+    from piflow.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{what} {path} is not valid YAML ({' '.join(str(error).split())[:200]})") from None
+
+
 def save_safetensors(path: PathLike, tensors: dict, metadata: Optional[dict[str, str]] = None) -> None:
     """Write a dict of tensors as a safetensors file, atomically (tensors are made contiguous and moved to CPU)."""
     from safetensors.torch import save

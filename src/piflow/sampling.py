@@ -10,11 +10,11 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from piflow.piid import check_nfe, segment_grid
 from piflow.policies.base import Policy, check_finite, draw
 from piflow.policies.gmflow import GMFlowPolicy
+from piflow.progress import progress_bar
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
 from piflow.timewarp import warp
 
@@ -128,7 +128,8 @@ def sample(student: Callable[[Tensor, Tensor, Any], Policy], noise: Tensor, nfe:
     x = noise
     batch = noise.shape[0]
     trajectory = [x]
-    for i in tqdm(range(scheduler.num_inference_steps), disable=not progress, desc="sampling"):
+    bar = progress_bar(scheduler.num_inference_steps, "sampling", enabled=progress)
+    for i in range(scheduler.num_inference_steps):
         sigma_src = scheduler.sigmas[i].expand(batch)
         policy = student(x, sigma_src, cond)
         if isinstance(policy, GMFlowPolicy) and i < scheduler.num_inference_steps - 1:
@@ -136,6 +137,8 @@ def sample(student: Callable[[Tensor, Tensor, Any], Policy], noise: Tensor, nfe:
         x_dst = rollout(policy, x, sigma_src, scheduler.sigmas_dst[i].expand(batch), total_substeps, shift)
         x = scheduler.step(x_dst, i, generator)
         trajectory.append(x)
+        bar.update(1)
+    bar.close()
     return (x, trajectory) if return_trajectory else x
 
 

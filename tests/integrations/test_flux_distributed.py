@@ -59,6 +59,7 @@ SCRIPT = textwrap.dedent("""
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_distributed_flux_student_matches_single_process(tmp_path, free_port, mode):
     script = tmp_path / "flux_ddp.py"

@@ -106,3 +106,28 @@ def test_image_folder_and_latents_train(tmp_path):
                  "train.checkpoint_every=0"]) == 0
     pf, _ = images.load_student_pipeline(tmp_path / "s_lat")
     assert pf.sample(torch.randn(2, 4, 8, 8), nfe=2, cond=torch.tensor([0, 2])).shape == (2, 4, 8, 8)
+
+
+def test_x0_baseline_bank_is_cached_per_teacher(tmp_path, teacher_run, monkeypatch):
+    """The x0-regression baseline's teacher trajectories are computed once per teacher and settings: a second run
+    reads them from the cache (it never calls the teacher sampler) and trains identically."""
+    monkeypatch.setenv("PIFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["dataset=digits", f"teacher={teacher_run}", "student.policy=x0", "train.iters=3", "distill.batch_size=4",
+            "distill.x0_bank_size=16", "distill.total_substeps=16", "train.progress=false", "train.checkpoint_every=0"]
+    assert main(["distill", "--run-dir", str(tmp_path / "a"), *args]) == 0
+    cached = list((tmp_path / "cache" / "x0_bank").glob("*.safetensors"))
+    assert len(cached) == 1
+
+    def no_trajectories(*args, **kwargs):
+        raise AssertionError("the bank should come from the cache")
+
+    monkeypatch.setattr(images, "teacher_trajectories", no_trajectories)
+    assert main(["distill", "--run-dir", str(tmp_path / "b"), *args]) == 0
+    first = [json.loads(line)["loss"] for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    second = [json.loads(line)["loss"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert first == second
+    # other settings (bank size) make another cache entry
+    monkeypatch.undo()
+    monkeypatch.setenv("PIFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["distill", "--run-dir", str(tmp_path / "c"), *args, "distill.x0_bank_size=8"]) == 0
+    assert len(list((tmp_path / "cache" / "x0_bank").glob("*.safetensors"))) == 2

@@ -143,6 +143,7 @@ def test_text_to_image_config_errors(bases, tmp_path, capsys):
     assert "checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp_equals_ddp(bases, tmp_path, free_port):
     """`piflow distill` under torchrun (2 CPU processes, gloo): FSDP2 (frozen base sharded) takes the same steps as
     DDP (replicated base) — same data on each rank, same adapter up to float reassociation."""

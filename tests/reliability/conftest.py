@@ -30,6 +30,34 @@ def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.Complete
                           timeout=timeout, env=cli_env(**env))
 
 
+class InProcess:
+    """`piflow.cli.main(ARGS)` in this process (fast: no interpreter start-up), with the result shaped like a
+    `subprocess.CompletedProcess` (returncode, stdout, stderr) for `assert_one_line_error`."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess:
+        import torch
+
+        from piflow.cli import main
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)                       # the numbers of a one-thread subprocess run
+        self.capsys.readouterr()
+        try:
+            code = main(list(args))
+        finally:
+            torch.set_num_threads(threads)
+        out = self.capsys.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+@pytest.fixture
+def cli(capsys) -> InProcess:
+    return InProcess(capsys)
+
+
 def strict_json_load(path: Path):
     """json.load that refuses the non-standard NaN/Infinity tokens."""
     def refuse(token):

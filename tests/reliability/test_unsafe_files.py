@@ -25,12 +25,13 @@ def marker(tmp_path) -> Path:
 
 @pytest.mark.parametrize("torch_format", [False, True])
 @pytest.mark.parametrize("name", ["checkpoint.safetensors", "checkpoint.pt"])
-def test_crafted_checkpoint_is_refused_on_resume(tmp_path, marker, name, torch_format):
-    """A crafted file in the checkpoint's place (new name, or the legacy checkpoint.pt) stops `piflow distill`."""
+def test_crafted_checkpoint_is_refused_on_resume(tmp_path, marker, name, torch_format, cli):
+    """A crafted file in the checkpoint's place (new name, or the legacy checkpoint.pt) stops `piflow distill`
+    (in a real process for the legacy name, in this one otherwise)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / name).write_bytes(crafted_pickle(marker, torch_format))
-    result = run_cli("distill", "--run-dir", str(run_dir), *TINY_2D)
+    result = (run_cli if name == "checkpoint.pt" else cli)("distill", "--run-dir", str(run_dir), *TINY_2D)
     assert_one_line_error(result, "distill", "old pickle format", "piflow convert-checkpoint")
 
 
@@ -77,12 +78,12 @@ def test_legacy_checkpoint_converts_and_resumes_exactly(tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in clean.history]
 
 
-def test_crafted_checkpoint_is_refused_by_export(tmp_path, marker):
+def test_crafted_checkpoint_is_refused_by_export(tmp_path, marker, cli):
     run_dir = tmp_path / "t2i"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(f"pipeline: {tmp_path / 'no-pipeline'}\n")
     (run_dir / "checkpoint.safetensors").write_bytes(crafted_pickle(marker, torch_format=True))
-    result = run_cli("export", "--run-dir", str(run_dir))
+    result = cli("export", "--run-dir", str(run_dir))
     assert_one_line_error(result, "export", "old pickle format")
 
 
@@ -94,16 +95,16 @@ def _teacher_2d(tmp_path: Path) -> Path:
     return teacher
 
 
-def test_crafted_teacher_weights_are_refused(tmp_path, marker):
+def test_crafted_teacher_weights_are_refused(tmp_path, marker, cli):
     teacher = _teacher_2d(tmp_path)
     (teacher / "teacher.safetensors").write_bytes(crafted_pickle(marker))
-    result = run_cli("distill", "--run-dir", str(tmp_path / "student"), "dataset=checkerboard",
+    result = cli("distill", "--run-dir", str(tmp_path / "student"), "dataset=checkerboard",
                      f"teacher={teacher}", *TINY_2D[2:])
     assert_one_line_error(result, "distill", "teacher.safetensors", "not a readable safetensors file")
     assert not (tmp_path / "student").exists()           # validated before anything was written
 
 
-def test_crafted_dit_weights_are_refused(tmp_path, marker):
+def test_crafted_dit_weights_are_refused(tmp_path, marker, cli):
     from piflow.models import DiT
     from piflow.recipes.demo import ASSETS
 
@@ -112,19 +113,19 @@ def test_crafted_dit_weights_are_refused(tmp_path, marker):
     (teacher / "teacher" / "model.safetensors").write_bytes(crafted_pickle(marker, torch_format=True))
     with pytest.raises(ValueError, match="model.safetensors"):
         DiT.from_pretrained(teacher / "teacher")
-    result = run_cli("distill", "--run-dir", str(tmp_path / "student"), "dataset=digits", f"teacher={teacher}")
+    result = cli("distill", "--run-dir", str(tmp_path / "student"), "dataset=digits", f"teacher={teacher}")
     assert_one_line_error(result, "distill", "model.safetensors")
 
 
-def test_crafted_student_weights_are_refused_by_sample(tmp_path, marker, finished_run):
+def test_crafted_student_weights_are_refused_by_sample(tmp_path, marker, finished_run, cli):
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     (run_dir / "student.safetensors").write_bytes(crafted_pickle(marker))
-    result = run_cli("sample", "--run-dir", str(run_dir), "--num-samples", "10")
+    result = cli("sample", "--run-dir", str(run_dir), "--num-samples", "10")
     assert_one_line_error(result, "sample", "student.safetensors")
 
 
-def test_crafted_latents_are_refused(tmp_path, marker):
+def test_crafted_latents_are_refused(tmp_path, marker, cli):
     """Latents as a pickled object array in a .npy file, or a pickle named .safetensors."""
     from piflow.data import LatentDataset
 
@@ -137,20 +138,20 @@ def test_crafted_latents_are_refused(tmp_path, marker):
     for path in (npy, fake):
         with pytest.raises(ValueError, match=str(path.name)):
             LatentDataset(path)
-        result = run_cli("train-teacher", "--run-dir", str(tmp_path / "run"), "dataset=latents", f"data.root={path}")
+        result = cli("train-teacher", "--run-dir", str(tmp_path / "run"), "dataset=latents", f"data.root={path}")
         assert_one_line_error(result, "train-teacher", path.name)
     assert not (tmp_path / "run").exists()
 
 
-def test_crafted_yaml_is_refused(tmp_path, marker, finished_run):
+def test_crafted_yaml_is_refused(tmp_path, marker, finished_run, cli):
     """YAML is read with the safe loader: a python/object tag is an error, not a call."""
     evil = f"!!python/object/apply:os.system ['touch {marker}']\n"
     config = tmp_path / "config.yaml"
     config.write_text(f"dataset: ring8\nteacher: {evil}")
-    result = run_cli("distill", "-c", str(config), "--run-dir", str(tmp_path / "run"))
+    result = cli("distill", "-c", str(config), "--run-dir", str(tmp_path / "run"))
     assert_one_line_error(result, "distill", "not valid YAML")
     run_dir = tmp_path / "copy"
     shutil.copytree(finished_run, run_dir)
     (run_dir / "config.yaml").write_text(f"dataset: ring8\nteacher: {evil}")
-    result = run_cli("sample", "--run-dir", str(run_dir))
+    result = cli("sample", "--run-dir", str(run_dir))
     assert_one_line_error(result, "sample", "not valid YAML")

@@ -166,3 +166,28 @@ def test_ema_shares_frozen_parameters():
     beta = (1 - 1 / 6) ** 8
     expected = beta * (model[1].weight - 1.0) + (1 - beta) * model[1].weight
     torch.testing.assert_close(ema.model[1].weight, expected)
+
+
+def test_default_checkpoint_cadence_suits_short_and_long_runs():
+    """Auto cadence: a tenth of the run (so a 200-iteration run stopped near its end keeps 180 iterations), at most
+    every 500; 0 still means only at the end."""
+    assert TrainConfig(iters=200).checkpoint_interval == 20
+    assert TrainConfig(iters=5).checkpoint_interval == 1
+    assert TrainConfig(iters=100_000).checkpoint_interval == 500
+    assert TrainConfig(iters=200, checkpoint_every=0).checkpoint_interval == 0
+    for bad in (-1, 2.5, "often"):
+        with pytest.raises(ValueError, match="checkpoint_every"):
+            TrainConfig(checkpoint_every=bad)
+
+
+def test_short_run_killed_near_its_end_keeps_most_of_its_work(tmp_path):
+    model, loss_fn = _regression_problem()
+
+    def dies_at_195(iteration, generator):
+        if iteration == 195:
+            raise KeyboardInterrupt
+        return loss_fn(iteration, generator)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, dies_at_195, TrainConfig(iters=200, progress=False), tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors")["step"] == 180

@@ -257,15 +257,11 @@ def train_feature_classifier(images: Tensor, labels: Tensor, num_classes: int, e
         return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    epoch_iter = range(epochs)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from piflow.progress import progress_bar
 
-        bar = tqdm(epoch_iter, desc="feature classifier", unit="epoch")
-        epoch_iter = bar
+    bar = progress_bar(epochs, "feature classifier (epochs)", enabled=progress)
     epoch_loss = float("nan")
-    for _ in epoch_iter:
+    for _ in range(epochs):
         order = torch.randperm(images.shape[0], generator=generator).to(device)
         total, seen = 0.0, 0
         for start in range(0, images.shape[0], batch_size):
@@ -279,8 +275,9 @@ def train_feature_classifier(images: Tensor, labels: Tensor, num_classes: int, e
             total += float(loss.detach()) * index.shape[0]
             seen += index.shape[0]
         epoch_loss = total / seen
-        if bar is not None:
-            bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        bar.set_postfix_str(f"loss {epoch_loss:.4f}")
+        bar.update(1)
+    bar.close()
     model.eval().requires_grad_(False)
     eval_batch = max(batch_size, 512)
     metrics: dict[str, Any] = {

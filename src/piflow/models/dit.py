@@ -21,7 +21,6 @@ The network receives t = σ · num_timesteps and predicts the rectified-flow vel
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -471,7 +470,7 @@ class DiT(nn.Module):
         invalid or the weights do not match it (missing/unexpected keys, wrong shapes). Parameters keep the
         stored dtype unless `dtype` is given.
         """
-        from piflow.files import load_safetensors
+        from piflow.files import load_safetensors, read_json
 
         directory = Path(load_directory)
         if not directory.is_dir():
@@ -480,10 +479,7 @@ class DiT(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{name} not found in {str(directory)!r} (expected files written by "
                                         f"DiT.save_pretrained: {CONFIG_NAME}, {WEIGHTS_NAME})")
-        try:
-            data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{directory / CONFIG_NAME} is not valid JSON: {err}") from err
+        data = read_json(directory / CONFIG_NAME, "DiT config")
         if not isinstance(data, dict) or data.pop("model_type", "DiT") != "DiT":
             raise ValueError(f"{directory / CONFIG_NAME} does not describe a DiT")
         model = cls(DiTConfig.from_dict(data), gradient_checkpointing=gradient_checkpointing)

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from piflow.errors import RunDirError
-from piflow.files import atomic_write, read_json, write_json
+from piflow.files import atomic_write, read_json, read_yaml, write_json
 from piflow.train.checkpoint import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME
 
 LOCK_NAME = ".piflow.lock"
@@ -186,10 +186,7 @@ def _prepare(directory: Path, config: dict, command: str, allow_config_change: b
                           f"use another --run-dir")
     changes: dict[str, tuple] = {}
     if config_path.is_file() and has_results(directory):
-        try:
-            saved = yaml.safe_load(config_path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise RunDirError(f"{config_path} is not valid YAML ({str(error).splitlines()[0]})") from None
+        saved = read_yaml(config_path, "the run's config")
         changes = config_differences(saved, config)
         if changes and not allow_config_change:
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in

@@ -110,7 +110,8 @@ def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], dir
                        progress: bool = True) -> Path:
     """Encode `prompts` into `directory` (sharded safetensors, see the module docstring); resumable."""
     from safetensors.torch import save as safetensors_bytes
-    from tqdm.auto import tqdm
+
+    from piflow.progress import progress_bar
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -122,13 +123,15 @@ def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], dir
     def write_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
         atomic_write(path, safetensors_bytes(tensors))
 
-    for shard, name in enumerate(tqdm(names, desc="encoding prompts", disable=not progress)):
-        if (directory / name).is_file():
-            continue
-        start = shard * shard_size
-        items = encode_prompts(pipe, architecture, prompts[start:start + shard_size], max_sequence_length)
-        write_tensors(directory / name, {f"{start + i}.{k}": v for i, item in enumerate(items)
-                                         for k, v in item.items()})
+    bar = progress_bar(len(names), "encoding prompts (shards)", enabled=progress)
+    for shard, name in enumerate(names):
+        if not (directory / name).is_file():          # written shards are kept: an interrupted run resumes
+            start = shard * shard_size
+            items = encode_prompts(pipe, architecture, prompts[start:start + shard_size], max_sequence_length)
+            write_tensors(directory / name, {f"{start + i}.{k}": v for i, item in enumerate(items)
+                                             for k, v in item.items()})
+        bar.update(1)
+    bar.close()
     null = encode_prompts(pipe, architecture, [negative_prompt], max_sequence_length)[0]
     write_tensors(directory / "null.safetensors", null)
     atomic_write(directory / "prompts.txt", "\n".join(prompts).encode("utf-8"))

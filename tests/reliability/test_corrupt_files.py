@@ -1,0 +1,193 @@
+"""Truncated or corrupt files of every kind piflow reads: a one-line error naming the file (exit status 2 from the
+CLI, a `ValueError`/`UserError` from the library) — never a traceback, never a silently wrong result."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from piflow.cli import main
+from piflow.train.checkpoint import save_checkpoint
+
+from .conftest import TINY_2D
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def cli_error(capsys, *args: str) -> str:
+    """Run the CLI in this process; it must fail with status 2 and one stderr line, which is returned."""
+    code = main(list(args))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, (code, lines)
+    assert lines[0].startswith(f"piflow {args[0]}: ")
+    return lines[0]
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def garble(path: Path) -> None:
+    path.write_bytes(b"\x00\xff garbage \x13\x37" * 7)
+
+
+@pytest.fixture
+def run_copy(tmp_path, finished_run) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("damage", [truncate, garble])
+def test_damaged_checkpoint(capsys, run_copy, damage):
+    damage(run_copy / "checkpoint.safetensors")
+    line = cli_error(capsys, "distill", "--run-dir", str(run_copy), *TINY_2D)
+    assert "checkpoint.safetensors" in line and ("corrupt or truncated" in line or "not a piflow" in line)
+
+
+def test_foreign_safetensors_as_checkpoint(capsys, run_copy):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(run_copy / "checkpoint.safetensors"))
+    assert "not a piflow training checkpoint" in cli_error(capsys, "distill", "--run-dir", str(run_copy), *TINY_2D)
+
+
+def test_checkpoint_of_another_model(capsys, run_copy):
+    save_checkpoint(run_copy / "checkpoint.safetensors", {"step": 3, "model": {"w": torch.zeros(2)}, "ema": {}})
+    line = cli_error(capsys, "distill", "--run-dir", str(run_copy), *TINY_2D)
+    assert "does not match this model" in line
+
+
+@pytest.mark.parametrize("name", ["student.safetensors"])
+@pytest.mark.parametrize("damage", [truncate, garble])
+def test_damaged_student_weights(capsys, run_copy, name, damage):
+    damage(run_copy / name)
+    assert name in cli_error(capsys, "sample", "--run-dir", str(run_copy), "--num-samples", "4")
+
+
+@pytest.mark.parametrize("text,fragment", [("dataset: [unclosed\n", "not valid YAML"), ("- a list\n", "mapping"),
+                                           ("dataset: ring8\nstudent: {bogus_key: 1}\n", "bogus_key")])
+def test_damaged_run_config(capsys, run_copy, text, fragment):
+    (run_copy / "config.yaml").write_text(text)
+    assert fragment in cli_error(capsys, "sample", "--run-dir", str(run_copy), "--num-samples", "4")
+
+
+def test_damaged_run_record_and_metrics(capsys, run_copy):
+    garble(run_copy / "metrics.json")
+    assert "metrics.json" in cli_error(capsys, "evaluate", "--run-dir", str(run_copy), "eval.num_samples=50")
+    garble(run_copy / "run.json")
+    assert "run.json" in cli_error(capsys, "distill", "--run-dir", str(run_copy), *TINY_2D)
+
+
+def test_torn_log_line_and_garbage_lock_file_are_recovered(capsys, run_copy):
+    """A kill mid-line leaves a torn last log line, and a lock file may hold garbage: both are recovered from."""
+    with open(run_copy / "train_log.jsonl", "a") as handle:
+        handle.write('{"iter": 30, "lo')
+    (run_copy / ".piflow.lock").write_bytes(b"\x00garbage")
+    assert main(["distill", "--run-dir", str(run_copy), *TINY_2D]) == 0
+    assert "stale lock" in capsys.readouterr().err
+    iters = [json.loads(line)["iter"] for line in (run_copy / "train_log.jsonl").read_text().splitlines()]
+    assert iters == list(range(30))
+
+
+@pytest.fixture
+def teacher_2d(tmp_path) -> Path:
+    from piflow.recipes.demo import ASSETS
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(ASSETS / "checkerboard_mlp", teacher)
+    return teacher
+
+
+@pytest.mark.parametrize("name,damage", [("teacher.safetensors", truncate), ("teacher.safetensors", garble),
+                                         ("config.yaml", garble)])
+def test_damaged_2d_teacher(capsys, tmp_path, teacher_2d, name, damage):
+    damage(teacher_2d / name)
+    line = cli_error(capsys, "distill", "--run-dir", str(tmp_path / "student"), "dataset=checkerboard",
+                     f"teacher={teacher_2d}", *TINY_2D[2:])
+    assert name in line
+    assert not (tmp_path / "student").exists()
+
+
+@pytest.fixture
+def teacher_dit(tmp_path) -> Path:
+    from piflow.recipes.demo import ASSETS
+
+    teacher = tmp_path / "digits_dit"
+    shutil.copytree(ASSETS / "digits_dit", teacher)
+    return teacher
+
+
+@pytest.mark.parametrize("name,damage", [("teacher/model.safetensors", truncate), ("teacher/config.json", garble),
+                                         ("teacher/config.json", truncate)])
+def test_damaged_dit_teacher(capsys, tmp_path, teacher_dit, name, damage):
+    damage(teacher_dit / name)
+    line = cli_error(capsys, "distill", "--run-dir", str(tmp_path / "student"), "dataset=digits",
+                     f"teacher={teacher_dit}")
+    assert Path(name).name in line
+    assert not (tmp_path / "student").exists()
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+@pytest.mark.parametrize("damage", [truncate, garble])
+def test_damaged_latents(capsys, tmp_path, suffix, damage):
+    from safetensors.torch import save_file
+
+    path = tmp_path / f"latents{suffix}"
+    latents = np.zeros((64, 4, 4, 4), dtype=np.float32)
+    np.save(path, latents) if suffix == ".npy" else save_file({"latents": torch.from_numpy(latents)}, str(path))
+    damage(path)
+    line = cli_error(capsys, "train-teacher", "--run-dir", str(tmp_path / "run"), "dataset=latents",
+                     f"data.root={path}")
+    assert path.name in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_idx_and_image_files(capsys, tmp_path):
+    from piflow.data import write_idx
+
+    root = tmp_path / "mnist"
+    root.mkdir()
+    write_idx(root / "train-images-idx3-ubyte", np.zeros((10, 28, 28), dtype=np.uint8))
+    write_idx(root / "train-labels-idx1-ubyte", np.zeros(10, dtype=np.uint8))
+    truncate(root / "train-images-idx3-ubyte")
+    line = cli_error(capsys, "train-teacher", "--run-dir", str(tmp_path / "a"), "dataset=mnist", f"data.root={root}")
+    assert "train-images-idx3-ubyte" in line and "truncated" in line
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    line = cli_error(capsys, "train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=image-folder",
+                     f"data.root={folder}", "data.image_size=8")
+    assert "broken.png" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_missing_or_empty_inputs(capsys, tmp_path):
+    assert "does not exist" in cli_error(capsys, "distill", "-c", str(tmp_path / "none.yaml"),
+                                         "--run-dir", str(tmp_path / "r"))
+    assert "no config.yaml" in cli_error(capsys, "sample", "--run-dir", str(tmp_path))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    (tmp_path / "prompts.txt").write_text("# only a comment\n")
+    from piflow.integrations.diffusers.prompts import read_prompt_file
+
+    with pytest.raises(ValueError, match="holds no prompts"):
+        read_prompt_file(tmp_path / "prompts.txt")
+
+
+def test_damaged_feature_classifier(tmp_path):
+    from piflow.eval.features import FeatureClassifier, load_feature_classifier, save_feature_classifier
+
+    directory = save_feature_classifier(FeatureClassifier(in_channels=1, num_classes=3, feature_dim=8, widths=(4, 8),
+                                                          groups=2), tmp_path / "fc", {"val_accuracy": 0.5})
+    for name in ("model.safetensors", "config.json"):
+        copy = tmp_path / f"copy_{name}"
+        shutil.copytree(directory, copy)
+        truncate(copy / name)
+        with pytest.raises(ValueError, match=name.split(".")[0]):
+            load_feature_classifier(copy)

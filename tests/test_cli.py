@@ -1,0 +1,116 @@
+"""The command line: help text for every option, batched sampling, evaluate updating metrics.json, one-line errors."""
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from piflow.cli import build_parser, main
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TINY_2D = ["dataset=ring8", "teacher=exact", "student.hidden_size=32", "student.num_layers=2",
+           "student.num_components=4", "distill.batch_size=32", "distill.total_substeps=16", "train.iters=20",
+           "train.warmup_iters=5", "train.ema_start=5", "eval.num_samples=100", "eval.teacher_steps=[]",
+           "train.progress=false"]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_subcommand_and_option_has_help(capsys):
+    parser = build_parser()
+    commands = _subparsers(parser)
+    helps = {a.dest: a.help for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+             for a in a._choices_actions}
+    assert set(helps) == set(commands) and all(helps.values())
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"piflow {name} {action.option_strings or action.dest} has no help text"
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: piflow " + name in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def run_2d(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    import torch
+
+    torch.set_num_threads(1)
+    assert main(["distill", "--run-dir", str(run_dir), *TINY_2D]) == 0
+    return run_dir
+
+
+def test_sample_in_batches_equals_one_batch(run_2d, tmp_path, capsys):
+    one = tmp_path / "one.npy"
+    assert main(["sample", "--run-dir", str(run_2d), "--num-samples", "50", "--output", str(one)]) == 0
+    message = capsys.readouterr().out
+    assert "not clipped" in message and "data coordinates" in message    # the value range is stated
+    many = tmp_path / "many.npy"
+    assert main(["sample", "--run-dir", str(run_2d), "--num-samples", "50", "--batch-size", "7",
+                 "--output", str(many)]) == 0
+    a, b = np.load(one), np.load(many)
+    assert a.shape == (50, 2) and a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert (tmp_path / "many.png").is_file()
+
+
+@pytest.mark.parametrize("args,fragment", [(["--temperature", "-1"], "--temperature"),
+                                           (["--temperature", "warm"], "--temperature"),
+                                           (["--nfe", "0"], "--nfe"), (["--batch-size", "0"], "--batch-size"),
+                                           (["--output", "x.txt"], ".npy")])
+def test_sample_rejects_bad_options_in_one_line(run_2d, capsys, args, fragment):
+    assert main(["sample", "--run-dir", str(run_2d), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0]
+
+
+def test_evaluate_adds_rows_to_metrics_and_keeps_the_training_figures(run_2d, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_2d, run_dir)
+    before = json.loads((run_dir / "metrics.json").read_text())
+    figure = (run_dir / "samples.png").read_bytes()
+    assert main(["evaluate", "--run-dir", str(run_dir), "eval.student_nfe=[1]", "eval.num_samples=100"]) == 0
+    after = json.loads((run_dir / "metrics.json").read_text())
+    assert set(before["rows"]) < set(after["rows"]) and "student gmflow 1 (elastic)" in after["rows"]
+    assert after["train_seconds"] == before["train_seconds"]
+    assert after["evaluate"]["overrides"] == ["eval.student_nfe=[1]", "eval.num_samples=100"]
+    assert (run_dir / "samples.png").read_bytes() == figure
+    assert (run_dir / "evaluation" / "samples.png").is_file()
+    assert "rows added to" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys, monkeypatch, tmp_path):
+    assert main(["distill", "--run-dir", str(tmp_path / "r"), "distill.nfe=oops"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    import piflow.recipes.toy2d as toy2d
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(toy2d, "distill", broken)
+    with pytest.raises(KeyError):
+        main(["distill", "--run-dir", str(tmp_path / "r"), *TINY_2D])
+
+
+def test_traceback_on_request(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PIFLOW_TRACEBACK", "1")
+    assert main(["distill", "--run-dir", str(tmp_path / "r"), "dataset=nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("piflow distill: config error:")
+
+
+def test_missing_extra_names_the_pip_extra(monkeypatch):
+    import sys
+
+    from piflow.errors import MissingExtraError, require
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)        # as if not installed
+    with pytest.raises(MissingExtraError, match=r"pip install 'piflow\[diffusers\]'"):
+        require("diffusers", "text-to-image distillation")
