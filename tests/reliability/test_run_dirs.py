@@ -161,13 +161,13 @@ def test_second_writer_exits_at_once_naming_the_first(tmp_path):
     assert not (run_dir / "config.yaml").exists()           # the second process wrote nothing
 
 
-def test_stale_lock_is_taken_over(tmp_path):
+def test_stale_lock_is_taken_over(tmp_path, cli):
     """A lock file left by a killed process (content, but no kernel lock behind it) is taken over with a warning."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / LOCK_NAME).write_text(json.dumps({"pid": 999999, "host": "elsewhere", "since": "then",
                                                  "command": "piflow distill"}))
-    result = run_cli("distill", "--run-dir", str(run_dir), *TINY_2D)
+    result = cli("distill", "--run-dir", str(run_dir), *TINY_2D)
     assert result.returncode == 0, result.stderr
     assert "stale lock" in result.stderr and "PID 999999" in result.stderr
 
