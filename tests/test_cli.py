@@ -79,6 +79,7 @@ def test_evaluate_adds_rows_to_metrics_and_keeps_the_training_figures(run_2d, tm
     assert main(["evaluate", "--run-dir", str(run_dir), "eval.student_nfe=[1]", "eval.num_samples=100"]) == 0
     after = json.loads((run_dir / "metrics.json").read_text())
     assert set(before["rows"]) < set(after["rows"]) and "student gmflow 1 (elastic)" in after["rows"]
+    assert after["rows"]["student gmflow 1 (elastic)"]["num_samples"] == 100          # what the row is based on
     assert after["train_seconds"] == before["train_seconds"]
     assert after["evaluate"]["overrides"] == ["eval.student_nfe=[1]", "eval.num_samples=100"]
     assert (run_dir / "samples.png").read_bytes() == figure

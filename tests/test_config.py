@@ -54,3 +54,48 @@ def test_exponent_numbers_without_a_dot():
     for bad in ("lr=fast", "iters=1.5", "iters=inf", "iters=nan"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(defaults, None, [bad])
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("distill.nfe=true", "must be a number"), ("distill.nfe=[1,2]", "single value"),
+    ("distill.gm_dropout={a: 1}", "single value"), ("eval.steps=3", "must be a list"),
+    ("dataset=5", "must be a string"), ("distill=5", "must be a mapping")])
+def test_values_are_checked_against_the_defaults_types(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(DEFAULTS, None, [override])
+
+
+def test_file_values_do_not_change_the_type_an_override_is_checked_against(tmp_path):
+    """A config file that (wrongly) sets a number key to true does not make `key=32` a type error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("distill: {nfe: 3}\n")
+    assert load_config(DEFAULTS, path, ["distill.nfe=4"])["distill"]["nfe"] == 4
+    path.write_text("distill: {nfe: yes}\n")
+    with pytest.raises(ConfigError, match="distill.nfe"):
+        load_config(DEFAULTS, path, ["distill.nfe=4"])
+
+
+def test_conflicting_and_deep_overrides():
+    with pytest.raises(ConfigError, match="conflicts"):
+        parse_overrides(["train=5", "train.iters=3"])
+    with pytest.raises(ConfigError, match="conflicts"):
+        parse_overrides(["train.iters=3", "train=5"])
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_overrides(["train..iters=3"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_overrides(["a=" + "[" * 3000 + "]" * 3000])
+
+
+def test_number_or_auto_settings():
+    defaults = {"t": 1.0, "u": "auto"}
+    assert load_config(defaults, None, ["t=auto", "u=0.5"]) == {"t": "auto", "u": 0.5}
+
+
+def test_config_files_are_safe_and_unambiguous(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset: ring8\ndataset: moons\n")
+    with pytest.raises(ConfigError, match="duplicate key 'dataset'"):
+        load_config(DEFAULTS, path)
+    path.write_text("dataset: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(DEFAULTS, path)

@@ -147,13 +147,19 @@ def _cmd_sample(args) -> int:
     for name in ("--nfe", "--num-samples", "--batch-size"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
     if _run_kind(run_dir) == "t2i":
+        if args.label is not None:
+            raise ConfigError("--label applies to class-conditional image runs; text-to-image runs take --prompt")
         return _sample_text_to_image(args, run_dir)
+    if args.prompt:
+        raise ConfigError(f"--prompt applies to text-to-image runs; {run_dir} is a 2-D or image run")
     image_run = _run_is_image(run_dir)
+    if args.label is not None and not image_run:
+        raise ConfigError(f"--label applies to class-conditional image runs; {run_dir} is a 2-D run")
     temperature = _temperature(args.temperature)
     num_samples = args.num_samples or 5000
     out = Path(args.output) if args.output else None
-    if out is not None and out.suffix != ".npy":
-        raise ConfigError(f"--output must name a .npy file, got {out}")
+    if out is not None and (out.suffix != ".npy" or out.is_dir() or out.with_suffix(".png").is_dir()):
+        raise ConfigError(f"--output must name a .npy file (not a folder), got {out}")
     pf, _ = (images if image_run else toy2d).load_student_pipeline(run_dir, args.overrides)
     nfe = pf.nfe if args.nfe is None else args.nfe
     out = out or run_dir / f"samples_nfe{nfe}.npy"
@@ -214,12 +220,26 @@ def _cmd_evaluate(args) -> int:
             table = toy2d.format_table(results["rows"])
         metrics_path = run_dir / "metrics.json"
         metrics = read_json(metrics_path, "metrics file") if metrics_path.is_file() else {}
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("rows", {}), dict):
+            raise ConfigError(f"metrics file {metrics_path} is not a piflow metrics file (a JSON object with rows)")
+        num_samples = config_eval_samples(run_dir, args.overrides)
+        for row in results["rows"].values():
+            row["num_samples"] = num_samples                            # what each re-measured row is based on
         metrics.setdefault("rows", {}).update(results["rows"])          # new rows added, re-measured rows replaced
         metrics["evaluate"] = {"overrides": list(args.overrides), **{k: v for k, v in results.items() if k != "rows"}}
         write_json(metrics_path, metrics)
     print(table)
     print(f"rows added to {metrics_path}" + ("" if image_run else f"; figures in {figures}/"))
     return 0
+
+
+def config_eval_samples(run_dir: Path, overrides) -> int:
+    """eval.num_samples of a 2-D or image run's config with the command's overrides."""
+    from piflow.config import parse_overrides
+    from piflow.files import read_yaml
+
+    value = parse_overrides(overrides).get("eval", {}).get("num_samples")
+    return int(value if value is not None else read_yaml(run_dir / "config.yaml")["eval"]["num_samples"])
 
 
 def _cmd_demo(args) -> int:
@@ -276,9 +296,13 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_convert_checkpoint(args) -> int:
-    from piflow.train.checkpoint import convert_legacy_checkpoint
+    from piflow.train.checkpoint import LEGACY_CHECKPOINT_NAME, convert_legacy_checkpoint
+    from piflow.train.run_dir import run_lock
 
-    target = convert_legacy_checkpoint(Path(args.path))
+    path = Path(args.path)
+    path = path / LEGACY_CHECKPOINT_NAME if path.is_dir() else path
+    with run_lock(path.parent):                  # not while a run in that directory is writing its checkpoint
+        target = convert_legacy_checkpoint(path)
     print(f"converted {args.path} to {target}; the old file is kept (delete it once the run resumes)")
     return 0
 
@@ -375,8 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
+    """The error's message on one line; OSErrors as "<reason>: <file>" without the "[Errno N]" prefix."""
+    if isinstance(error, OSError) and not isinstance(error, UserError) and error.strerror:
+        text = error.strerror + (f": {error.filename}" if error.filename else "")
+    else:
+        text = str(error)
+    return " ".join(text.split()) or type(error).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,43 +18,70 @@ from piflow.files import read_yaml
 __all__ = ["ConfigError", "load_config", "parse_overrides", "save_config"]
 
 
-def _merge(base: dict, update: Mapping, prefix: str = "") -> dict:
+def _merge(base: dict, update: Mapping, template: Mapping, prefix: str = "") -> dict:
+    """Merge `update` into `base` key by key; values are checked against the type of the *defaults* (`template`)."""
     for key, value in update.items():
         path = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(base)}")
-        if isinstance(base[key], dict):
+        if isinstance(template[key], dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {value!r}")
-            _merge(base[key], value, path + ".")
+            _merge(base[key], value, template[key], path + ".")
         else:
-            base[key] = _coerce(base[key], value, path)
+            base[key] = _coerce(template[key], value, path)
     return base
 
 
 def _coerce(default: Any, value: Any, path: str) -> Any:
-    if default is None or value is None:
+    """`value` as the type of `default` (numbers from strings like 1e-3, ints from whole floats), or a ConfigError
+    naming the key. A default of None takes any scalar or list (the recipe checks it)."""
+    if value is None:
         return value
+    if value == "auto" and isinstance(default, (int, float)) and not isinstance(default, bool):
+        return value                        # number-or-'auto' settings (GM temperature); the recipe checks them
+    if default == "auto" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, Mapping):
+        raise ConfigError(f"config key {path!r} takes a single value, got the mapping {dict(value)!r}")
+    if default is None:
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {path!r} must be a list, got {value!r}")
+        return value
+    if isinstance(value, list):
+        raise ConfigError(f"config key {path!r} takes a single value, got the list {value!r}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"config key {path!r} must be true/false, got {value!r}")
         return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, (int, float)) and isinstance(value, str):
-        try:                      # YAML 1.1 reads 1e-3 (no dot) as a string: accept what Python reads as a number
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"config key {path!r} must be a number, got {value!r}") from None
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool):          # YAML reads yes/no/on/off as booleans: never a number here
+            raise ConfigError(f"config key {path!r} must be a number, got {value!r}")
+        if isinstance(value, str):           # YAML 1.1 reads 1e-3 (no dot) as a string: accept Python's numbers
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"config key {path!r} must be a number, got {value!r}") from None
         if isinstance(default, float):
-            return value
-    if isinstance(default, list) and not isinstance(value, list):
-        raise ConfigError(f"config key {path!r} must be a list, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        if not math.isfinite(value) or value != int(value):
-            raise ConfigError(f"config key {path!r} must be an integer, got {value!r}")
-        return int(value)
+            return float(value)
+        if isinstance(value, float):
+            if not math.isfinite(value) or value != int(value):
+                raise ConfigError(f"config key {path!r} must be an integer, got {value!r}")
+            return int(value)
+        return value
+    if isinstance(default, str) and not isinstance(value, (str, bool)):   # bool: YAML's reading of no/off
+        raise ConfigError(f"config key {path!r} must be a string, got {value!r}")
     return value
+
+
+def _load_yaml_scalar(raw: str, item: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except (yaml.YAMLError, RecursionError):
+        raise ConfigError(f"override {item!r}: the value is not valid YAML (quote strings that contain ':' "
+                          f"or brackets)") from None
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict:
@@ -68,13 +95,16 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
             raise ConfigError(f"override {item!r} has an empty key")
         node = result
         parts = key.split(".")
-        for part in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        try:
-            node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML (quote strings that contain ':' "
-                              f"or brackets)") from None
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override that set "
+                                  f"{'.'.join(parts[:depth + 1])!r} to a single value")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override {item!r} conflicts with earlier overrides of keys inside {key!r}")
+        node[parts[-1]] = _load_yaml_scalar(raw, item)
     return result
 
 
@@ -85,8 +115,8 @@ def load_config(defaults: dict, path: Optional[Union[str, Path]] = None, overrid
         loaded = read_yaml(path)
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        _merge(config, loaded)
-    return _merge(config, parse_overrides(overrides))
+        _merge(config, loaded, defaults)
+    return _merge(config, parse_overrides(overrides), defaults)
 
 
 def save_config(config: dict, path: Union[str, Path]) -> None:

@@ -129,9 +129,27 @@ def read_json(path: PathLike, what: str = "file") -> Any:
         raise ValueError(f"{what} {path} is not valid JSON ({error})") from None
 
 
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+    import yaml
+
+    class UniqueKeySafeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeySafeLoader
+
+
 def read_yaml(path: PathLike, what: str = "config file") -> Any:
-    """Parse a YAML file with the safe loader (no Python objects); a missing, undecodable or invalid file raises a
-    `ConfigError` naming it. An empty file is an empty mapping."""
+    """Parse a YAML file with the safe loader (no Python objects, no duplicate keys); a missing, undecodable or
+    invalid file raises a `ConfigError` naming it. An empty file is an empty mapping."""
     import yaml
 
     from piflow.errors import ConfigError
@@ -140,9 +158,11 @@ def read_yaml(path: PathLike, what: str = "config file") -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{what} {path} is not valid YAML ({' '.join(str(error).split())[:200]})") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} is nested too deeply to be a config") from None
 
 
 def save_safetensors(path: PathLike, tensors: dict, metadata: Optional[dict[str, str]] = None) -> None:
@@ -166,6 +186,16 @@ def load_safetensors(path: PathLike, what: str = "weights file", device: str = "
     except Exception as error:      # SafetensorError, OSError, … : a file that is not safetensors
         raise ValueError(f"{what} {path} is not a readable safetensors file ({type(error).__name__}: "
                          f"{_first_line(error)})") from None
+
+
+def first_non_finite(tensors: dict) -> Optional[str]:
+    """The name of the first floating-point tensor holding NaN or ±Inf, or None."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def _first_line(error: BaseException) -> str:

@@ -6,6 +6,7 @@ configured policy. The teacher is any ``teacher(x_t, sigma_t, cond) -> u``.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -17,6 +18,22 @@ from piflow.policies import DXPolicy, GMFlowPolicy, Policy, make_policy
 from piflow.sampling import HLike, sample
 
 POLICY_KINDS = {"gmflow": GMFlowPolicy, "dx": DXPolicy}
+
+
+def _integer(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _number(name: str, value: Any, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return float(value)
 POLICY_OUTPUTS = {"gmflow": frozenset({"means", "logstds", "logweights"}), "dx": frozenset({"u_grid"})}
 
 
@@ -45,6 +62,14 @@ class PiFlow(nn.Module):
             kind = "gmflow"
         if kind not in POLICY_KINDS:
             raise ValueError(f"unknown policy {policy!r}; expected one of {sorted(POLICY_KINDS)}")
+        for name, value, low in (("num_intermediate_states", num_intermediate_states, 1),
+                                 ("window_substeps", window_substeps, 0), ("total_substeps", total_substeps, 1),
+                                 ("num_decay_iters", num_decay_iters, 0)):
+            _integer(name, value, low)
+        _number("loss_scale", loss_scale, 0.0, low_open=True)
+        _number("shift", shift, 0.0, low_open=True)
+        if gm_dropout is not None:
+            _number("gm_dropout", gm_dropout, 0.0, 1.0, high_open=True)
         self.student = student
         self.teacher = teacher
         self.policy_kind = kind

@@ -58,9 +58,25 @@ def test_foreign_safetensors_as_checkpoint(capsys, run_copy):
 
 
 def test_checkpoint_of_another_model(capsys, run_copy):
-    save_checkpoint(run_copy / "checkpoint.safetensors", {"step": 3, "model": {"w": torch.zeros(2)}, "ema": {}})
+    from piflow.train import load_checkpoint
+
+    state = load_checkpoint(run_copy / "checkpoint.safetensors")
+    save_checkpoint(run_copy / "checkpoint.safetensors", dict(state, model={"w": torch.zeros(2)}))
     line = cli_error(capsys, "distill", "--run-dir", str(run_copy), *TINY_2D)
-    assert "does not match this model" in line
+    assert "does not match this model" in line and "missing keys" in line
+
+
+@pytest.mark.parametrize("change,fragment", [({"step": "abc"}, "invalid step"), ({"step": -5}, "invalid step"),
+                                             ({"step": 99}, "beyond train.iters"), ({"history": 5}, "history"),
+                                             ({"history": [{"loss": 1.0}]}, "history")])
+def test_checkpoint_with_a_tampered_state(capsys, run_copy, change, fragment):
+    from piflow.train import load_checkpoint
+
+    state = load_checkpoint(run_copy / "checkpoint.safetensors")
+    save_checkpoint(run_copy / "checkpoint.safetensors", dict(state, **change))
+    before = (run_copy / "checkpoint.safetensors").read_bytes()
+    assert fragment in cli_error(capsys, "distill", "--run-dir", str(run_copy), *TINY_2D)
+    assert (run_copy / "checkpoint.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("name", ["student.safetensors"])
@@ -95,40 +111,23 @@ def test_torn_log_line_and_garbage_lock_file_are_recovered(capsys, run_copy):
     assert iters == list(range(30))
 
 
-@pytest.fixture
-def teacher_2d(tmp_path) -> Path:
+TEACHER_CASES = [("checkerboard_mlp", "teacher.safetensors", truncate),
+                 ("checkerboard_mlp", "teacher.safetensors", garble), ("checkerboard_mlp", "config.yaml", garble),
+                 ("digits_dit", "teacher/model.safetensors", truncate),
+                 ("digits_dit", "teacher/config.json", garble), ("digits_dit", "teacher/config.json", truncate)]
+
+
+@pytest.mark.parametrize("asset,name,damage", TEACHER_CASES)
+def test_damaged_teacher(capsys, tmp_path, asset, name, damage):
+    """A bundled teacher (2-D MLP or digits DiT) copied and damaged: distilling from it fails before the student's
+    run directory exists."""
     from piflow.recipes.demo import ASSETS
 
-    teacher = tmp_path / "teacher"
-    shutil.copytree(ASSETS / "checkerboard_mlp", teacher)
-    return teacher
-
-
-@pytest.mark.parametrize("name,damage", [("teacher.safetensors", truncate), ("teacher.safetensors", garble),
-                                         ("config.yaml", garble)])
-def test_damaged_2d_teacher(capsys, tmp_path, teacher_2d, name, damage):
-    damage(teacher_2d / name)
-    line = cli_error(capsys, "distill", "--run-dir", str(tmp_path / "student"), "dataset=checkerboard",
-                     f"teacher={teacher_2d}", *TINY_2D[2:])
-    assert name in line
-    assert not (tmp_path / "student").exists()
-
-
-@pytest.fixture
-def teacher_dit(tmp_path) -> Path:
-    from piflow.recipes.demo import ASSETS
-
-    teacher = tmp_path / "digits_dit"
-    shutil.copytree(ASSETS / "digits_dit", teacher)
-    return teacher
-
-
-@pytest.mark.parametrize("name,damage", [("teacher/model.safetensors", truncate), ("teacher/config.json", garble),
-                                         ("teacher/config.json", truncate)])
-def test_damaged_dit_teacher(capsys, tmp_path, teacher_dit, name, damage):
-    damage(teacher_dit / name)
-    line = cli_error(capsys, "distill", "--run-dir", str(tmp_path / "student"), "dataset=digits",
-                     f"teacher={teacher_dit}")
+    teacher = tmp_path / asset
+    shutil.copytree(ASSETS / asset, teacher)
+    damage(teacher / name)
+    dataset = ["dataset=checkerboard", *TINY_2D[2:]] if asset == "checkerboard_mlp" else ["dataset=digits"]
+    line = cli_error(capsys, "distill", "--run-dir", str(tmp_path / "student"), f"teacher={teacher}", *dataset)
     assert Path(name).name in line
     assert not (tmp_path / "student").exists()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +151,45 @@ def test_non_finite_teacher_outputs_fail_loudly():
     with pytest.raises(TrainingDivergedError):
         train(student, lambda it, g: pf(torch.randn(16, 2, generator=g), generator=g),
               TrainConfig(iters=10, progress=False, checkpoint_every=0, max_skipped_steps=3))
+
+
+def test_diverged_weights_stop_with_the_reason(tmp_path, cli):
+    """A learning rate that blows the weights up makes the student's policy parameters NaN (a `NonFiniteError`
+    inside the loss): counted as skipped steps, so the run stops with exit status 3 and the reason."""
+    result = cli("distill", "--run-dir", str(tmp_path / "run"), *TINY_2D, "train.lr=1e6", "train.warmup_iters=0",
+                 "train.grad_clip=0")
+    line = assert_one_line_error(result, "distill", "consecutive steps", "non-finite", code=3)
+    assert "train.lr" in line
+
+
+def test_teacher_weights_with_nan_are_refused(tmp_path, cli):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from piflow.recipes.demo import ASSETS
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(ASSETS / "checkerboard_mlp", teacher)
+    state = load_file(str(teacher / "teacher.safetensors"))
+    name = sorted(state)[0]
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(teacher / "teacher.safetensors"))
+    result = cli("distill", "--run-dir", str(tmp_path / "run"), "dataset=checkerboard", f"teacher={teacher}",
+                 *TINY_2D[2:])
+    assert_one_line_error(result, "distill", "teacher.safetensors", name, "NaN or Inf")
+    assert not (tmp_path / "run").exists()
+
+
+def test_skipped_steps_do_not_advance_the_learning_rate_schedule():
+    model, loss_fn = _linear_problem(nan_from=1000)
+    skip = {3, 4}
+
+    def sometimes_nan(iteration, generator):
+        loss = loss_fn(iteration, generator)
+        return loss * float("nan") if iteration in skip else loss
+
+    result = train(model, sometimes_nan, TrainConfig(iters=8, lr=1.0, warmup_iters=10, progress=False,
+                                                     checkpoint_every=0))
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[2] == lrs[3] == lrs[4] < lrs[5]          # frozen while skipping, then the warm-up goes on

@@ -205,3 +205,73 @@ def test_torchrun_ranks_fail_together_on_a_bad_run_dir(tmp_path, free_port):
     errors = [line for line in result.stderr.splitlines() if line.startswith("piflow distill: error:")]
     assert len(errors) == 2 and all("is not a directory" in line for line in errors), result.stderr[-3000:]
     assert blocker.read_text() == "x"
+
+
+def test_lock_file_symlink_is_refused_and_its_target_untouched(tmp_path, cli):
+    """A `.piflow.lock` planted as a link to another file must not truncate (or print) that file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT DATA")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_NAME).symlink_to(victim)
+    line = assert_one_line_error(cli("distill", "--run-dir", str(run_dir), *TINY_2D), "distill", "symbolic link")
+    assert "IMPORTANT" not in line and victim.read_text() == "IMPORTANT DATA"
+    (run_dir / LOCK_NAME).unlink()
+    (run_dir / LOCK_NAME).write_text("IMPORTANT DATA that is not lock information")
+    result = cli("distill", "--run-dir", str(run_dir), *TINY_2D)
+    assert result.returncode == 0 and "unreadable lock information" in result.stderr
+    assert "IMPORTANT" not in result.stderr
+
+
+def test_allowed_config_change_that_does_not_fit_the_checkpoint_changes_nothing(run_copy, cli):
+    """The saved config is rewritten only once the checkpoint has loaded into the new model: an allowed change of
+    the student's width fails on the checkpoint and leaves the run as it was."""
+    before = _snapshot(run_copy)
+    args = [o for o in TINY_2D if not o.startswith("student.hidden_size")]
+    result = cli("distill", "--run-dir", str(run_copy), "--allow-config-change", *args, "student.hidden_size=64")
+    assert_one_line_error(result, "distill", "does not match this model")
+    assert _snapshot(run_copy) == before
+    assert cli("sample", "--run-dir", str(run_copy), "--num-samples", "8").returncode == 0
+
+
+def test_convert_checkpoint_never_overwrites_a_newer_checkpoint(run_copy, cli):
+    import torch
+
+    from piflow.train import load_checkpoint
+
+    state = load_checkpoint(run_copy / "checkpoint.safetensors")
+    torch.save(dict(state, step=5, history=state["history"][:5]), run_copy / "checkpoint.pt")
+    before = (run_copy / "checkpoint.safetensors").read_bytes()
+    assert_one_line_error(cli("convert-checkpoint", str(run_copy / "checkpoint.pt")), "convert-checkpoint",
+                          "already exists")
+    assert (run_copy / "checkpoint.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("args,fragment", [(["--label", "3"], "--label applies"), (["--prompt", "a cat"], "--prompt"),
+                                           (["--output", "DIR.npy"], "not a folder")])
+def test_sample_options_that_do_not_apply_are_errors(run_copy, cli, tmp_path, args, fragment):
+    if "DIR.npy" in args:
+        (tmp_path / "DIR.npy").mkdir()
+        args = ["--output", str(tmp_path / "DIR.npy")]
+    assert_one_line_error(cli("sample", "--run-dir", str(run_copy), *args), "sample", fragment)
+    assert not (tmp_path / "DIR.png").exists()
+
+
+def test_unfinished_run_is_named_as_such(tmp_path, cli):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("dataset: ring8\n")
+    line = assert_one_line_error(cli("sample", "--run-dir", str(run_dir)), "sample", "not a finished distillation run")
+    assert "config error" not in line
+
+
+def test_export_refuses_to_write_an_adapter_over_a_run_directory(tmp_path, cli):
+    run_dir = tmp_path / "t2i"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("pipeline: /nowhere\n")
+    (run_dir / "checkpoint.safetensors").write_bytes(b"not read")
+    for out in (run_dir, tmp_path):
+        (tmp_path / "config.yaml").write_text("x: 1\n")
+        assert_one_line_error(cli("export", "--run-dir", str(run_dir), "--out", str(out)), "export",
+                              "must be an adapter folder")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.safetensors", "config.yaml"]

@@ -61,7 +61,11 @@ def test_legacy_checkpoint_converts_and_resumes_exactly(tmp_path):
     def problem():
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1)
-        return model, lambda it, g: (model(x := torch.randn(8, 3, generator=g)) - x.sum(1, keepdim=True)).square().mean()
+        def loss_fn(iteration, generator):
+            x = torch.randn(8, 3, generator=generator)
+            return (model(x) - x.sum(1, keepdim=True)).square().mean()
+
+        return model, loss_fn
 
     config = dict(iters=20, lr=0.01, warmup_iters=2, progress=False)
     clean = train(*problem(), TrainConfig(**config, checkpoint_every=0))

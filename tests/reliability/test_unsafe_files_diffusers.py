@@ -45,11 +45,33 @@ def test_crafted_prompt_cache_is_refused(tmp_path, marker):
                                       "shards": ["shard-00000.safetensors"]})
     (cache / "shard-00000.safetensors").write_bytes(crafted_pickle(marker, torch_format=True))
     (cache / "null.safetensors").write_bytes(crafted_pickle(marker))
-    prompts = PromptEmbeddingCache(cache, "flux")
     with pytest.raises(DataError, match="shard-00000"):
-        prompts[0]
+        PromptEmbeddingCache(cache, "flux")              # every shard header is read when the cache is opened
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"0.encoder_hidden_states": torch.zeros(3, 4), "0.pooled_projections": torch.zeros(4)},
+              str(cache / "shard-00000.safetensors"))
+    prompts = PromptEmbeddingCache(cache, "flux")
+    assert prompts[0]["encoder_hidden_states"].shape == (3, 4)
     with pytest.raises(DataError, match="null.safetensors"):
         prompts.null()
+
+
+@pytest.mark.parametrize("index,fragment", [({"shard_size": 0}, "shard_size"), ({"num_prompts": "x"}, "num_prompts"),
+                                            ({"shards": ["../../../etc/passwd"]}, "inside the cache folder"),
+                                            ({"num_prompts": 5}, "must list")])
+def test_prompt_cache_index_is_checked_when_opened(tmp_path, index, fragment):
+    from piflow.errors import DataError
+    from piflow.files import write_json
+    from piflow.integrations.diffusers.prompts import PromptEmbeddingCache
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_json(cache / "index.json", dict({"architecture": "flux", "num_prompts": 1, "shard_size": 1,
+                                           "shards": ["shard-00000.safetensors"]}, **index))
+    with pytest.raises(DataError, match=fragment):
+        PromptEmbeddingCache(cache, "flux")
 
 
 def test_pickled_pipeline_weights_are_never_loaded(tmp_path, marker, tiny_flux):
@@ -85,3 +107,18 @@ def marker(tmp_path) -> Path:
     path = tmp_path / "PWNED"
     yield path
     assert not path.exists(), "a crafted pickle was executed"
+
+
+def test_pipeline_with_a_nested_pipeline_component_is_refused(tmp_path, tiny_flux):
+    """A component that is itself a pipeline (whose own weights could be pickles) is refused."""
+    from piflow.config import ConfigError
+    from piflow.recipes.text_to_image import pipeline_architecture
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny_flux, pipe)
+    shutil.copytree(tiny_flux, pipe / "feature_extractor")
+    index = json.loads((pipe / "model_index.json").read_text())
+    index["feature_extractor"] = ["diffusers", "FluxPipeline"]
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match="nested pipelines"):
+        pipeline_architecture(str(pipe))

@@ -56,8 +56,38 @@ def test_the_header_is_plain_json(tmp_path):
     with safe_open(str(tmp_path / "c.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
         assert sorted(handle.keys()) == ["w"]
-    tree = json.loads(metadata["piflow_state"], parse_constant=lambda token: pytest.fail(token))
-    assert tree == {"step": 1, "loss": {"$float": "nan"}, "w": {"$tensor": "w"}}
+    record = json.loads(metadata["piflow_checkpoint"], parse_constant=lambda token: pytest.fail(token))
+    assert record == {"format": "piflow-checkpoint-v2",
+                      "state": {"step": 1, "loss": {"$float": "nan"}, "w": {"$tensor": "w"}}}
+
+
+def test_header_lengths_that_start_like_a_pickle_still_load(tmp_path):
+    """The first byte of a safetensors file is the low byte of its header length; 0x80 (a pickle's first byte)
+    must not make a valid checkpoint look like a legacy pickle."""
+    from safetensors.torch import load_file  # noqa: F401  (the format under test)
+
+    found = 0
+    for size in range(1, 400):
+        path = tmp_path / "c.safetensors"
+        save_checkpoint(path, {"step": 1, "note": "x" * size, "w": torch.zeros(1)})
+        if path.read_bytes()[0] == 0x80:
+            found += 1
+            assert load_checkpoint(path)["note"] == "x" * size
+    assert found >= 2
+
+
+def test_same_state_same_bytes(tmp_path):
+    """The metadata is one key, so the bytes do not depend on a hash-map order (checked across processes)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from piflow.train.checkpoint import save_checkpoint; "
+            "save_checkpoint(sys.argv[1], {'step': 1, 'w': torch.zeros(2), 'h': [{'loss': 0.5}]})")
+    blobs = set()
+    for i in range(4):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
 
 
 def test_unsupported_values_and_broken_references():

@@ -470,7 +470,7 @@ class DiT(nn.Module):
         invalid or the weights do not match it (missing/unexpected keys, wrong shapes). Parameters keep the
         stored dtype unless `dtype` is given.
         """
-        from piflow.files import load_safetensors, read_json
+        from piflow.files import first_non_finite, load_safetensors, read_json
 
         directory = Path(load_directory)
         if not directory.is_dir():
@@ -482,9 +482,15 @@ class DiT(nn.Module):
         data = read_json(directory / CONFIG_NAME, "DiT config")
         if not isinstance(data, dict) or data.pop("model_type", "DiT") != "DiT":
             raise ValueError(f"{directory / CONFIG_NAME} does not describe a DiT")
-        model = cls(DiTConfig.from_dict(data), gradient_checkpointing=gradient_checkpointing)
+        try:
+            model = cls(DiTConfig.from_dict(data), gradient_checkpointing=gradient_checkpointing)
+        except (TypeError, ValueError) as error:   # wrong value types or ranges in the file
+            raise ValueError(f"{directory / CONFIG_NAME} does not describe a valid DiT ({error})") from None
 
         state = load_safetensors(directory / WEIGHTS_NAME, "DiT weights", device=str(map_location))
+        bad = first_non_finite(state)
+        if bad is not None:
+            raise ValueError(f"weights in {directory / WEIGHTS_NAME}: tensor {bad!r} holds NaN or Inf values")
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

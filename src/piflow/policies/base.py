@@ -22,10 +22,14 @@ def draw(kind: str, shape, generator, device, dtype=None) -> Tensor:
     return fn(tuple(shape), generator=generator, device=source, dtype=dtype).to(device)
 
 
+class NonFiniteError(ValueError):
+    """An input or a policy parameter holds NaN or ±Inf (during training: usually diverged weights)."""
+
+
 def check_finite(tensor: Tensor, name: str) -> None:
-    """Raise ValueError if `tensor` holds NaN or ±Inf."""
+    """Raise `NonFiniteError` (a ValueError) if `tensor` holds NaN or ±Inf."""
     if not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
+        raise NonFiniteError(f"{name} contains non-finite values (NaN or Inf)")
 
 
 def as_batch_sigma(sigma: SigmaLike, batch: int, ndim: int, device: torch.device, name: str = "sigma",

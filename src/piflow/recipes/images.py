@@ -101,11 +101,11 @@ def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False
     seed_initialisation(config)
     model = build_teacher_model(config, tuple(images.shape[1:]), dataset.num_classes)
     settings = train_config(config)
-    with start_run(run_dir, config, "train-teacher", allow_config_change):
-        return _train_teacher(config, run_dir, dataset, images, labels, model, settings)
+    with start_run(run_dir, config, "train-teacher", allow_config_change) as run:
+        return _train_teacher(config, run_dir, dataset, images, labels, model, settings, run)
 
 
-def _train_teacher(config: dict, run_dir: Path, dataset, images, labels, model: DiT, settings) -> dict:
+def _train_teacher(config: dict, run_dir: Path, dataset, images, labels, model: DiT, settings, run) -> dict:
     fm = config["flow_matching"]
     batch = int(fm["batch_size"])
 
@@ -121,7 +121,7 @@ def _train_teacher(config: dict, run_dir: Path, dataset, images, labels, model: 
         return (u.float() - (noise - x0)).square().mean()
 
     start = time.perf_counter()
-    result = train(model, loss_fn, settings, run_dir, desc="teacher")
+    result = train(model, loss_fn, settings, run_dir, desc="teacher", on_start=run.commit)
     seconds = time.perf_counter() - start
     result.ema.model.save_pretrained(run_dir / "teacher")
     from piflow.recipes import plots
@@ -191,11 +191,12 @@ def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> d
     if config["student"]["policy"] == "x0":
         _x0_grid(pf)                                  # validates the baseline's settings
     settings = train_config(config)
-    with start_run(run_dir, config, "distill", allow_config_change):
-        return _distill(config, run_dir, dataset, images, labels, teacher, student, pf, settings)
+    with start_run(run_dir, config, "distill", allow_config_change) as run:
+        return _distill(config, run_dir, dataset, images, labels, teacher, student, pf, settings, run)
 
 
-def _distill(config: dict, run_dir: Path, dataset, images, labels, teacher, student, pf: PiFlow, settings) -> dict:
+def _distill(config: dict, run_dir: Path, dataset, images, labels, teacher, student, pf: PiFlow, settings,
+             run) -> dict:
     batch = int(config["distill"]["batch_size"])
     data_free = bool(config["distill"]["data_free"])
     accum = int(config["train"]["grad_accum_steps"])
@@ -215,7 +216,7 @@ def _distill(config: dict, run_dir: Path, dataset, images, labels, teacher, stud
     else:
         loss_fn = pi_id_loss
     start = time.perf_counter()
-    result = train(student, loss_fn, settings, run_dir, desc="distill")
+    result = train(student, loss_fn, settings, run_dir, desc="distill", on_start=run.commit)
     seconds = time.perf_counter() - start
     save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
     from piflow.recipes import plots

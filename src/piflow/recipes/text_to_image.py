@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -89,10 +88,14 @@ def _model_index(path: str) -> dict:
         raise ConfigError(f"pipeline={path!r} is not a diffusers pipeline folder or reachable Hub repo "
                           f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
     for name, value in index.items():
-        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] is not None \
-                and value[0] not in SAFE_LIBRARIES:
+        if not (isinstance(value, (list, tuple)) and len(value) == 2) or value[0] is None:
+            continue
+        if value[0] not in SAFE_LIBRARIES:
             raise ConfigError(f"pipeline {path}: component {name!r} comes from {value[0]!r}; piflow loads only "
                               f"components of {list(SAFE_LIBRARIES)} (custom code in a pipeline folder would run)")
+        if str(value[1]).endswith("Pipeline") or (Path(path) / str(name) / "model_index.json").is_file():
+            raise ConfigError(f"pipeline {path}: component {name!r} is itself a pipeline; piflow does not load "
+                              f"nested pipelines (their weights would escape these checks)")
     return index
 
 
@@ -286,7 +289,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     accum = int(config["train"]["grad_accum_steps"])
     data_free = bool(config["distill"]["data_free"]) and latents is None
 
-    with start_run(run_dir, config, "distill", allow_config_change):
+    with start_run(run_dir, config, "distill", allow_config_change) as run:
         def loss_fn(iteration: int, generator: torch.Generator):
             index = torch.randint(len(prompts), (batch,), generator=generator)
             cond = _text_condition([prompts[int(i)] for i in index], architecture, config, device, dtype)
@@ -298,7 +301,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
             return pf(latents[index].to(device), cond, iteration=iteration, generator=generator)
 
         start = time.perf_counter()
-        result = train(student, loss_fn, settings, run_dir, desc="distill")
+        result = train(student, loss_fn, settings, run_dir, desc="distill", on_start=run.commit)
         seconds = time.perf_counter() - start
         metrics: dict[str, Any] = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"],
                                    "architecture": architecture, "iters": len(result.history),
@@ -366,6 +369,10 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     if not config_path.is_file() or not has_checkpoint:
         raise ConfigError(f"{run_dir} is not a text-to-image distillation run with a checkpoint "
                           f"(needs config.yaml and {CHECKPOINT_NAME})")
+    output = Path(output) if output is not None else run_dir / "adapter"
+    if output.resolve() == run_dir.resolve() or (output / "config.yaml").exists() or output.is_file():
+        raise ConfigError(f"--out {output} must be an adapter folder, not a run directory or a file "
+                          f"(default: {run_dir / 'adapter'})")
     config = load_config(T2I_DISTILL_DEFAULTS, config_path)
     state = load_checkpoint(checkpoint_path)
     device = torch.device("cpu")
@@ -377,7 +384,6 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
         load_partial_state(student, weights, frozen_parameter_names(student))
     except (RuntimeError, KeyError) as error:
         raise CheckpointError(f"checkpoint {checkpoint_path} does not match the run's config: {error}") from None
-    output = Path(output) if output is not None else run_dir / "adapter"
     save_piflow_adapter(student, output)
     write_json(output / "export.json", {"run_dir": str(run_dir), "step": int(state["step"]),
                                         "weights": "ema" if use_ema else "raw"})
@@ -389,6 +395,7 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
                generator: Optional[torch.Generator] = None, temperature: Any = "auto", overrides=()) -> list[Path]:
     """Generate PNGs for `prompts` with a finished run's adapter in the π-Flow pipeline of its base model."""
     from piflow.config import load_config
+    from piflow.files import read_json
     from piflow.integrations.diffusers.pipelines import PIPELINES
 
     run_dir = Path(run_dir)
@@ -396,7 +403,11 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
     if not (adapter / "config.json").is_file():
         raise ConfigError(f"{run_dir} has no adapter yet (finish the run or `piflow export --run-dir {run_dir}`)")
     config = load_config(T2I_DISTILL_DEFAULTS, run_dir / "config.yaml", overrides)
-    architecture = json.loads((adapter / "config.json").read_text())["architecture"]
+    adapter_config = read_json(adapter / "config.json", "adapter config")
+    architecture = adapter_config.get("architecture") if isinstance(adapter_config, dict) else None
+    if architecture not in PIPELINES:
+        raise ConfigError(f"adapter config {adapter / 'config.json'} must name its architecture, one of "
+                          f"{sorted(PIPELINES)}; got {architecture!r}")
     device = _device()
     pipe = _from_pretrained(PIPELINES[architecture], config["pipeline"], torch_dtype=_dtype(config["dtype"], device))
     pipe.to(device)

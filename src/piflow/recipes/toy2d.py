@@ -94,11 +94,11 @@ def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False
     if fm["time_sampling"] not in TIME_SAMPLINGS:
         raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {fm['time_sampling']!r}")
     settings = train_config(config)
-    with start_run(run_dir, config, "train-teacher", allow_config_change):
-        return _train_teacher(config, run_dir, dataset, settings)
+    with start_run(run_dir, config, "train-teacher", allow_config_change) as run:
+        return _train_teacher(config, run_dir, dataset, settings, run)
 
 
-def _train_teacher(config: dict, run_dir: Path, dataset, train_settings) -> dict:
+def _train_teacher(config: dict, run_dir: Path, dataset, train_settings, run) -> dict:
     fm = config["flow_matching"]
     seed_initialisation(config)
     model = MLPVelocityModel2D(hidden_size=config["model"]["hidden_size"], num_layers=config["model"]["num_layers"])
@@ -115,7 +115,7 @@ def _train_teacher(config: dict, run_dir: Path, dataset, train_settings) -> dict
         u = model(x_t, sigma * NUM_TIMESTEPS)
         return (u - (noise - x0)).square().mean()
 
-    result = train(model, loss_fn, train_settings, run_dir, desc="teacher")
+    result = train(model, loss_fn, train_settings, run_dir, desc="teacher", on_start=run.commit)
     save_safetensors(result.ema.model.state_dict(), run_dir / "teacher.safetensors")
     plots.plot_loss_curve(result.history, run_dir / "loss.png", "teacher flow-matching loss")
     teacher = NetworkTeacher(result.ema.model, NUM_TIMESTEPS)
@@ -144,11 +144,11 @@ def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> d
     student = build_student(config, teacher_model)
     pf = build_pipeline(config, student, teacher)
     settings = train_config(config)
-    with start_run(run_dir, config, "distill", allow_config_change):
-        return _distill(config, run_dir, dataset, teacher, student, pf, settings)
+    with start_run(run_dir, config, "distill", allow_config_change) as run:
+        return _distill(config, run_dir, dataset, teacher, student, pf, settings, run)
 
 
-def _distill(config: dict, run_dir: Path, dataset, teacher, student, pf: PiFlow, settings) -> dict:
+def _distill(config: dict, run_dir: Path, dataset, teacher, student, pf: PiFlow, settings, run) -> dict:
     batch = int(config["distill"]["batch_size"])
     data_free = bool(config["distill"]["data_free"])
 
@@ -161,7 +161,7 @@ def _distill(config: dict, run_dir: Path, dataset, teacher, student, pf: PiFlow,
         return pf(dataset.sample(batch, generator), iteration=iteration, generator=generator)
 
     start = time.perf_counter()
-    result = train(student, loss_fn, settings, run_dir, desc="distill")
+    result = train(student, loss_fn, settings, run_dir, desc="distill", on_start=run.commit)
     train_seconds = time.perf_counter() - start
     save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
     plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")

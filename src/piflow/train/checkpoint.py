@@ -3,7 +3,8 @@
 A training state (model and EMA tensors, optimizer and scheduler state dicts, RNG states, step, history) is a tree
 of dicts, lists, tuples, numbers, strings, None and tensors. `save_checkpoint` stores every tensor under its path
 in the tree (``model/blocks.0.weight``, ``optimizer/state/0/exp_avg``) and the tree itself, with tensors replaced by
-references, as strict JSON in the safetensors metadata (key ``piflow_state``). Loading reads only tensor bytes and
+references, as strict JSON in the safetensors metadata (the one key ``piflow_checkpoint``: ``{"format", "state"}``;
+one key, so that the same state always gives the same bytes). Loading reads only tensor bytes and
 JSON, so a crafted file cannot run code (unlike `torch.load` of a pickle). Non-string dict keys (the optimizer's
 integer parameter ids), tuples and non-finite floats are tagged so that the loaded tree equals the saved one.
 Writes are atomic (temporary file, fsync, rename).
@@ -27,7 +28,7 @@ from piflow.files import atomic_write, dumps_json
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LEGACY_CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "piflow-checkpoint-v2"
-_STATE_KEY = "piflow_state"
+_STATE_KEY = "piflow_checkpoint"      # the only metadata key (safetensors orders several keys at random)
 
 __all__ = ["CHECKPOINT_NAME", "LEGACY_CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint",
            "convert_legacy_checkpoint", "encode_state", "decode_state"]
@@ -104,7 +105,7 @@ def save_checkpoint(path: Union[str, Path], state: dict[str, Any]) -> None:
     from safetensors.torch import save
 
     tree, tensors = encode_state(state)
-    data = save(tensors, metadata={"format": FORMAT, _STATE_KEY: dumps_json(tree, indent=None)})
+    data = save(tensors, metadata={_STATE_KEY: dumps_json({"format": FORMAT, "state": tree}, indent=None)})
     atomic_write(path, data)
 
 
@@ -124,16 +125,18 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         if path.name == CHECKPOINT_NAME and path.with_name(LEGACY_CHECKPOINT_NAME).is_file():
             raise CheckpointError(_legacy_message(path.with_name(LEGACY_CHECKPOINT_NAME)))
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if _is_pickle(path):
+    if not _looks_like_safetensors(path) and _is_pickle(path):
         raise CheckpointError(_legacy_message(path))
     try:
         with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
             metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT or _STATE_KEY not in metadata:
+            record = json.loads(metadata[_STATE_KEY]) if _STATE_KEY in metadata else {}
+            if not isinstance(record, dict) or record.get("format") != FORMAT or "state" not in record:
+                found = record.get("format") if isinstance(record, dict) else None
                 raise CheckpointError(f"checkpoint {path} is a safetensors file but not a piflow training "
-                                      f"checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
+                                      f"checkpoint (format {found!r}, expected {FORMAT!r})")
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        state = decode_state(json.loads(metadata[_STATE_KEY]), tensors)
+        state = decode_state(record["state"], tensors)
     except CheckpointError:
         raise
     except Exception as error:      # truncated file, bad header, bad JSON
@@ -145,11 +148,20 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     return state
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length that fits the file, then '{'."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+
+
 def _is_pickle(path: Path) -> bool:
-    """True for files torch.save / pickle wrote: a zip archive (torch ≥ 1.6) or a raw pickle stream."""
+    """True for files torch.save / pickle wrote: a zip archive (torch ≥ 1.6) or a pickle stream (protocol 2–5)."""
     with open(path, "rb") as handle:
         head = handle.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                                    b"\x05"))
 
 
 def convert_legacy_checkpoint(path: Union[str, Path]) -> Path:
@@ -163,6 +175,10 @@ def convert_legacy_checkpoint(path: Union[str, Path]) -> Path:
         path = path / LEGACY_CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.with_name(CHECKPOINT_NAME).exists():
+        raise CheckpointError(f"{path.with_name(CHECKPOINT_NAME)} already exists (a newer checkpoint, written since "
+                              f"the run resumed?); refusing to overwrite it with {path} — delete it first if you "
+                              f"really mean to")
     version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
     if version < (2, 6):
         raise CheckpointError(f"converting {path} needs torch >= 2.6 (its restricted unpickler); this is torch "

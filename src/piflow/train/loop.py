@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from piflow.errors import TrainingDivergedError
 from piflow.files import atomic_write, json_line, remove_stale_temporary_files
+from piflow.policies.base import NonFiniteError
 from piflow.progress import progress_bar
 from piflow.train import distributed
 from piflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
@@ -40,10 +41,12 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     grad_accum_steps: int = 1        # loss_fn is called this many times per iteration, each loss scaled 1/steps
-    mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses a GradScaler; CUDA only)
+    mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses a GradScaler)
     max_skipped_steps: int = 5       # stop after this many consecutive non-finite (skipped) steps; 0: never
 
     def __post_init__(self):
+        if self.mixed_precision is False:          # YAML 1.1 reads `mixed_precision: no` as false
+            self.mixed_precision = "no"
         for name in ("iters", "warmup_iters", "grad_clip_from", "ema_start", "log_every", "seed", "grad_accum_steps",
                      "max_skipped_steps"):
             value = getattr(self, name)
@@ -54,16 +57,26 @@ class TrainConfig:
                                                   or self.checkpoint_every < 0):
             raise ValueError(f"train.checkpoint_every must be an integer >= 0 or null (auto), got "
                              f"{self.checkpoint_every!r}")
-        if self.max_skipped_steps < 0:
-            raise ValueError(f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        for name in ("warmup_iters", "grad_clip_from", "ema_start", "seed", "max_skipped_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("iters", "log_every", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name, positive in (("lr", True), ("weight_decay", False), ("grad_clip", False), ("ema_gamma", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                raise ValueError(f"train.{name} must be a finite number {'> 0' if positive else '>= 0'}, got "
+                                 f"{value!r}")
+        betas = self.betas
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"train.betas must be two numbers in [0, 1), got {betas!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if self.iters < 1:
-            raise ValueError(f"iters must be >= 1, got {self.iters}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite positive number, got {self.lr}")
+            raise ValueError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"train.progress must be true/false, got {self.progress!r}")
         self.betas = tuple(self.betas)
 
     @property
@@ -93,7 +106,7 @@ def _tensorboard_writer(run_dir: Optional[Path]):
 
 
 def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optional[Union[str, Path]] = None,
-          desc: str = "train") -> TrainResult:
+          desc: str = "train", on_start: Optional[Callable[[], None]] = None) -> TrainResult:
     """Optimise the trainable parameters of `model` with `loss_fn(iteration, generator)`.
 
     `loss_fn` returns a graph-carrying scalar loss, or ``(detached_loss, True)`` when it already back-propagated
@@ -102,8 +115,12 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
     is resumed automatically and rewritten atomically every `checkpoint_interval` iterations and at the end (by
     rank 0); losses go to ``train_log.jsonl`` (strict JSON, one line per iteration, cut back to the checkpoint's
     step on resume). Checkpoints hold the trainable parameters, buffers, EMA, optimizer, scheduler, GradScaler and
-    RNG states — never frozen (base) weights. A step whose loss or gradient norm is NaN/Inf is skipped; after
-    `max_skipped_steps` in a row a `TrainingDivergedError` stops training and the last checkpoint is kept.
+    RNG states — never frozen (base) weights. A step whose loss or gradient norm is NaN/Inf (or whose loss function
+    raised `NonFiniteError`: NaN policy parameters from diverged weights) is skipped without advancing the
+    learning-rate schedule; after `max_skipped_steps` in a row a `TrainingDivergedError` stops training and the
+    last checkpoint is kept.
+    `on_start` is called once the checkpoint (if any) has been loaded into the model, before the first iteration
+    (the recipes write the run's config there: see `piflow.train.run_dir.Run.commit`).
     Under torchrun (see `piflow.train.distributed`) every rank starts from rank 0's weights, draws its own data
     (seed + rank) and gradients are averaged before clipping, so all ranks take identical optimizer steps.
     """
@@ -114,11 +131,11 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
             run_dir.mkdir(parents=True, exist_ok=True)
             stack.enter_context(run_lock(run_dir))
             remove_stale_temporary_files(run_dir)
-        return _train(model, loss_fn, config, run_dir, desc, dist_info)
+        return _train(model, loss_fn, config, run_dir, desc, dist_info, on_start)
 
 
 def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optional[Path], desc: str,
-           dist_info: distributed.DistInfo) -> TrainResult:
+           dist_info: distributed.DistInfo, on_start: Optional[Callable[[], None]]) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -140,6 +157,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
     if checkpoint_path is not None and (checkpoint_path.exists() or checkpoint_path.with_suffix(".pt").exists()):
         state = load_checkpoint(checkpoint_path)      # a legacy checkpoint.pt alone is refused with a message
+        _check_resumable(state, checkpoint_path, config)
         try:
             load_partial_state(model, state["model"], frozen_parameter_names(model))
             ema.load_state_dict(state["ema"])
@@ -150,13 +168,19 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
         except (RuntimeError, KeyError, ValueError, TypeError) as error:
-            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: "
-                                  f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+            detail = " ".join(str(error).split())[:400] or type(error).__name__
+            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: {detail}") \
+                from None
         history = state.get("history", [])
         start = resumed_from = int(state["step"])
 
+    last_checkpoint = [start if resumed_from is not None else None]
+
     def checkpoint(step: int) -> None:
-        if checkpoint_path is None or not dist_info.is_main:
+        if checkpoint_path is None:
+            return
+        last_checkpoint[0] = step                     # rank 0 writes it for every rank
+        if not dist_info.is_main:
             return
         save_checkpoint(checkpoint_path, {
             "step": step, "model": trainable_state_dict(model), "ema": ema.state_dict(),
@@ -165,6 +189,8 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             "config": asdict(config),
             "grad_scaler": scaler.state_dict() if scaler is not None else None})
 
+    if on_start is not None:
+        on_start()
     main_dir = run_dir if dist_info.is_main else None
     writer = _tensorboard_writer(main_dir)
     log_file = _open_log(main_dir / "train_log.jsonl", start) if main_dir is not None else None
@@ -174,18 +200,25 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     interval = config.checkpoint_interval
     recent: list[float] = []
     skipped_in_a_row = 0
+    non_finite_reason = ""
     try:
         for iteration in range(start, config.iters):
             optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
-            for _ in range(accum):
-                with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    out = loss_fn(iteration, generator)
-                loss, done = out if isinstance(out, tuple) else (out, False)
-                if not done:
-                    scaled = loss / accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_value += float(loss.detach()) / accum
+            try:
+                for _ in range(accum):
+                    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        out = loss_fn(iteration, generator)
+                    loss, done = out if isinstance(out, tuple) else (out, False)
+                    if not done:
+                        scaled = loss / accum
+                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    loss_value += float(loss.detach()) / accum
+            except NonFiniteError as error:   # NaN policy parameters or states: a non-finite step like any other
+                non_finite_reason = str(error)
+                loss_value = math.nan
+                for param in params:        # NaN gradients, so that every rank agrees to skip this step
+                    param.grad = torch.full_like(param, math.nan)
             if dist_info.enabled:
                 distributed.average_gradients(params)
                 loss_value = distributed.all_ranks_mean(loss_value)
@@ -201,7 +234,8 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
                 optimizer.zero_grad(set_to_none=True)
             else:
                 optimizer.step()
-            scheduler.step()
+            if not skipped:                     # a skipped step does not advance the learning-rate schedule
+                scheduler.step()
             ema.update(model, iteration)
             record = {"iter": iteration, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "skipped": skipped}
@@ -214,13 +248,16 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             # a gradient overflow under fp16 is the GradScaler's business; a non-finite loss is never normal
             bad = not math.isfinite(loss_value) or (skipped and scaler is None)
             skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
+            if not bad:
+                non_finite_reason = ""
             if config.max_skipped_steps and skipped_in_a_row >= config.max_skipped_steps:
-                kept = (f"the last checkpoint (step {_checkpoint_step(checkpoint_path)}) is kept"
-                        if checkpoint_path is not None and checkpoint_path.exists() else "no checkpoint was written")
+                kept = (f"the last checkpoint (step {last_checkpoint[0]}) is kept" if last_checkpoint[0] is not None
+                        else "no checkpoint was written")
+                reason = f" (last: {non_finite_reason})" if non_finite_reason else ""
                 raise TrainingDivergedError(
                     f"{desc}: {skipped_in_a_row} consecutive steps (iterations {iteration - skipped_in_a_row + 1}–"
-                    f"{iteration}) had a NaN/Inf loss or gradient and were skipped, so training stopped; {kept}. "
-                    f"Check the data and the teacher for NaN/Inf, or lower train.lr "
+                    f"{iteration}) had a NaN/Inf loss or gradient and were skipped{reason}, so training stopped; "
+                    f"{kept}. Check the data and the teacher for NaN/Inf, or lower train.lr "
                     f"(train.max_skipped_steps sets the limit)")
             if math.isfinite(loss_value):
                 recent = (recent + [loss_value])[-max(config.log_every, 1):]
@@ -244,11 +281,20 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     return TrainResult(model, ema, history, resumed_from)
 
 
-def _checkpoint_step(path: Path) -> Any:
-    try:
-        return load_checkpoint(path)["step"]
-    except CheckpointError:
-        return "?"
+def _check_resumable(state: dict, path: Path, config: TrainConfig) -> None:
+    """A `CheckpointError` unless the checkpoint's step and history are what the loop writes, within this run."""
+    step, history = state.get("step"), state.get("history", [])
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"checkpoint {path} has an invalid step {step!r}")
+    if step > config.iters:
+        raise CheckpointError(f"checkpoint {path} is at step {step}, beyond train.iters={config.iters}; raise "
+                              f"train.iters (with --allow-config-change) or use another run directory")
+    if not isinstance(history, list) or len(history) != step or not all(
+            isinstance(record, dict) and "loss" in record for record in history):
+        raise CheckpointError(f"checkpoint {path} has an invalid history (expected {step} per-iteration records)")
+    for key in ("model", "ema", "optimizer", "scheduler", "generator", "torch_rng"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} has no {key!r} entry")
 
 
 def _open_log(path: Path, start: int):

@@ -43,24 +43,24 @@ def _lock_info() -> dict:
 
 
 def _read_holder(fd: int) -> Optional[dict]:
+    """The lock file's JSON (None if empty, {} if unreadable)."""
     os.lseek(fd, 0, os.SEEK_SET)
     text = os.read(fd, 4096).decode("utf-8", "replace").strip()
     if not text:
         return None
     try:
         holder = json.loads(text)
-        return holder if isinstance(holder, dict) else {"raw": text}
     except json.JSONDecodeError:
-        return {"raw": text[:200]}
+        holder = None
+    return holder if isinstance(holder, dict) else {}
 
 
 def _describe(holder: Optional[dict]) -> str:
-    if not holder:
-        return "another process"
-    if "pid" not in holder:
-        return f"another process ({holder.get('raw', '?')})"
-    return (f"PID {holder['pid']} on host {holder.get('host', '?')} (since {holder.get('since', '?')}: "
-            f"{holder.get('command', '?')})")
+    """Who holds the lock, from the fields piflow writes (never the raw file content)."""
+    if not holder or "pid" not in holder:
+        return "another process (unreadable lock information)"
+    fields = {key: " ".join(str(holder.get(key, "?")).split())[:200] for key in ("pid", "host", "since", "command")}
+    return f"PID {fields['pid']} on host {fields['host']} (since {fields['since']}: {fields['command']})"
 
 
 def _try_exclusive(fd: int) -> Optional[bool]:
@@ -101,10 +101,16 @@ def run_lock(directory: Path) -> Iterator[None]:
         finally:
             _HELD[key][1] -= 1
         return
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if path.is_symlink():
+        raise RunDirError(f"{path} is a symbolic link; piflow refuses to lock (and so to truncate) what it points "
+                          f"to: delete it")
+    try:              # O_NOFOLLOW: a link planted between the check and the open is refused too
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as error:
-        raise RunDirError(f"cannot lock run directory {directory}: {error.strerror or error}") from None
+        raise RunDirError(f"cannot lock run directory {directory}: {error.strerror or error} ({path})") from None
+    if not os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)) or not os.path.isfile(path):
+        os.close(fd)
+        raise RunDirError(f"{path} is not a regular file; delete it")
     try:
         locked = _try_exclusive(fd)
         holder = _read_holder(fd)
@@ -115,7 +121,7 @@ def run_lock(directory: Path) -> Iterator[None]:
                 and isinstance(holder.get("pid"), int) and _pid_alive(holder["pid"]):
             raise RunDirError(f"run directory {directory} is in use by {_describe(holder)} (no file locking here: "
                               f"if that process is gone, delete {path})")
-        if holder:
+        if holder is not None:                     # something was written there and nobody holds it any more
             print(f"piflow: warning: {path} was left by {_describe(holder)}, which no longer holds it (stale lock); "
                   f"taking it over", file=sys.stderr)
         os.ftruncate(fd, 0)
@@ -178,15 +184,40 @@ def check_run_dir(directory: Path, option: str = "--run-dir") -> None:
         raise RunDirError(f"{option} {directory} exists and is not a directory")
 
 
-def _prepare(directory: Path, config: dict, command: str, allow_config_change: bool) -> None:
+class Run:
+    """A started run: the checks have passed and the lock is held; `commit` writes ``config.yaml`` and ``run.json``.
+
+    The training loop commits once it has loaded (and so validated against the model) the run's checkpoint, so that
+    a command that fails before that — an allowed config change that does not fit the checkpoint, a full disk —
+    leaves the saved config describing the checkpoint it was trained with. Non-zero torchrun ranks get a `Run`
+    whose `commit` does nothing."""
+
+    def __init__(self, directory: Path, config: Optional[dict] = None, record: Optional[dict] = None):
+        self.directory, self._config, self._record = Path(directory), config, record
+
+    def commit(self) -> None:
+        if self._config is None:
+            return
+        config, record, self._config = self._config, self._record, None
+        atomic_write(self.directory / CONFIG_NAME, yaml.safe_dump(config, sort_keys=False).encode("utf-8"))
+        write_json(self.directory / RUN_RECORD, record)
+
+
+def _prepare(directory: Path, config: dict, command: str, allow_config_change: bool) -> Run:
+    """All checks of `start_run` (nothing is written); returns the `Run` whose commit writes the config."""
     record_path, config_path = directory / RUN_RECORD, directory / CONFIG_NAME
     record = read_json(record_path, "run record") if record_path.is_file() else {}
+    if not isinstance(record, dict) or not isinstance(record.get("config_changes", []), list):
+        raise RunDirError(f"run record {record_path} is not a piflow run record (a JSON object); delete it if this "
+                          f"directory holds no run you need")
     if record.get("command") not in (None, command):
         raise RunDirError(f"{directory} holds a `piflow {record['command']}` run, not a `piflow {command}` run; "
                           f"use another --run-dir")
     changes: dict[str, tuple] = {}
     if config_path.is_file() and has_results(directory):
         saved = read_yaml(config_path, "the run's config")
+        if not isinstance(saved, dict):
+            raise RunDirError(f"the run's config {config_path} must hold a mapping")
         changes = config_differences(saved, config)
         if changes and not allow_config_change:
             listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in
@@ -197,25 +228,25 @@ def _prepare(directory: Path, config: dict, command: str, allow_config_change: b
     record = dict(record, command=command, format="piflow-run-v1")
     record.setdefault("created", time.strftime("%Y-%m-%d %H:%M:%S"))
     if changes:
-        record.setdefault("config_changes", []).append(
+        record["config_changes"] = list(record.get("config_changes", [])) + [
             {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "changes": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}})
-    atomic_write(config_path, yaml.safe_dump(config, sort_keys=False).encode("utf-8"))
-    write_json(record_path, record)
+             "changes": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}}]
+    return Run(directory, config, record)
 
 
 @contextmanager
-def start_run(directory: Path, config: dict, command: str, allow_config_change: bool = False) -> Iterator[Path]:
-    """Validate and lock `directory`, check `config` against a saved run's, then write ``config.yaml`` and
-    ``run.json``; yields the directory with the lock held. Under torchrun only rank 0 touches the directory, and
-    if it fails every rank raises the same error."""
+def start_run(directory: Path, config: dict, command: str, allow_config_change: bool = False) -> Iterator[Run]:
+    """Validate and lock `directory` and check `config` against a saved run's; yields a `Run` with the lock held.
+    Its `commit` (called by the training loop once the checkpoint has loaded, and at the end of the block if it
+    ended without an error) writes ``config.yaml`` and ``run.json``. Under torchrun only rank 0 touches the
+    directory, and if it fails every rank raises the same error."""
     from piflow.train import distributed
 
     directory = Path(directory)
     info = distributed.current()
     if not info.is_main:
         distributed.raise_if_main_failed(None)
-        yield directory
+        yield Run(directory)
         return
     stack = ExitStack()
     try:
@@ -225,7 +256,7 @@ def start_run(directory: Path, config: dict, command: str, allow_config_change: 
         except OSError as error:
             raise RunDirError(f"cannot create run directory {directory}: {error.strerror or error}") from None
         stack.enter_context(run_lock(directory))
-        _prepare(directory, config, command, allow_config_change)
+        run = _prepare(directory, config, command, allow_config_change)
     except BaseException as error:
         stack.close()
         if info.enabled:
@@ -234,4 +265,5 @@ def start_run(directory: Path, config: dict, command: str, allow_config_change: 
     if info.enabled:
         distributed.raise_if_main_failed(None)
     with stack:
-        yield directory
+        yield run
+        run.commit()

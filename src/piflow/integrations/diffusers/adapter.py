@@ -87,12 +87,39 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
     return directory
 
 
+def _check_lora_config(lora_config, directory: Path) -> dict:
+    """config.json's lora_config with its types checked (a ValueError names the field)."""
+    where = f"adapter {directory / 'config.json'}: lora_config"
+    if not isinstance(lora_config, dict):
+        raise ValueError(f"{where} must be a JSON object")
+    for key in ("rank", "alpha", "dropout", "target_modules"):
+        if key not in lora_config:
+            raise ValueError(f"{where} is missing {key!r}")
+    rank, alpha, dropout, targets = (lora_config[k] for k in ("rank", "alpha", "dropout", "target_modules"))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{where}.rank must be an integer >= 1, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{where}.alpha must be a number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{where}.dropout must be a number in [0, 1), got {dropout!r}")
+    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{where}.target_modules must be a string or a list of strings, got {targets!r}")
+    return lora_config
+
+
 def _check_sampling(sampling: Optional[dict]) -> dict:
+    if sampling is not None and not isinstance(sampling, dict):
+        raise ValueError(f"sampling must be a mapping of {sorted(SAMPLING_DEFAULTS)}, got {sampling!r}")
     merged = dict(SAMPLING_DEFAULTS, **(sampling or {}))
     unknown = sorted(set(merged) - set(SAMPLING_DEFAULTS))
     if unknown:
         raise ValueError(f"sampling has unknown keys {unknown}; expected {sorted(SAMPLING_DEFAULTS)}")
-    if int(merged["nfe"]) < 1 or float(merged["shift"]) <= 0 or not 0 < float(merged["final_step_size_scale"]) <= 1:
+    try:
+        ok = (int(merged["nfe"]) >= 1 and float(merged["shift"]) > 0
+              and 0 < float(merged["final_step_size_scale"]) <= 1)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError(f"sampling needs nfe >= 1, shift > 0 and 0 < final_step_size_scale <= 1, got {merged}")
     return {"nfe": int(merged["nfe"]), "shift": float(merged["shift"]),
             "final_step_size_scale": float(merged["final_step_size_scale"])}
@@ -182,7 +209,13 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             from error
     if "policy_config" not in metadata:
         raise ValueError(f"adapter file {weights_path} has no policy_config metadata")
-    config["policy_config"] = json.loads(metadata["policy_config"])
+    try:
+        config["policy_config"] = json.loads(metadata["policy_config"])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"adapter file {weights_path}: its policy_config metadata is not valid JSON ({error})") \
+            from None
+    if not isinstance(config["policy_config"], dict):
+        raise ValueError(f"adapter file {weights_path}: policy_config must be a JSON object")
     return config, tensors
 
 
@@ -231,7 +264,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     if lora:
         if config.get("lora_config") is None:
             raise ValueError("adapter holds LoRA tensors but config.json has no lora_config")
-        lc = config["lora_config"]
+        lc = _check_lora_config(config["lora_config"], directory)
         add_student_lora(transformer, rank=lc["rank"], alpha=lc["alpha"], dropout=lc["dropout"],
                          target_modules=lc["target_modules"], adapter_name=adapter_name)
         from peft import set_peft_model_state_dict

@@ -143,7 +143,9 @@ def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], dir
 
 
 class PromptEmbeddingCache:
-    """Random access to a cache written by `write_prompt_cache` (shards are opened lazily)."""
+    """Random access to a cache written by `write_prompt_cache`. The index and every shard's header are checked when
+    the cache is opened; the embeddings themselves are checked for NaN/Inf when read (a `DataError` names the
+    shard and prompt)."""
 
     def __init__(self, directory: Union[str, Path], architecture: Optional[str] = None):
         self.directory = Path(directory)
@@ -157,6 +159,7 @@ class PromptEmbeddingCache:
         if missing_keys:
             raise DataError(f"prompt cache index {index_path} is not a piflow prompt cache index (missing "
                             f"{missing_keys}); rewrite it with `piflow encode-prompts`")
+        self._check_index(index_path)
         self.architecture = self.index["architecture"]
         if architecture is not None and architecture != self.architecture:
             raise ValueError(f"prompt cache {self.directory} was encoded for {self.architecture!r}, "
@@ -165,6 +168,29 @@ class PromptEmbeddingCache:
         if missing:
             raise FileNotFoundError(f"prompt cache {self.directory} misses shards {missing[:3]}")
         self._handles: dict[int, Any] = {}
+        for shard in range(len(self.index["shards"])):    # every shard's header, now: not mid-training
+            expected = range(shard * self.index["shard_size"],
+                             min((shard + 1) * self.index["shard_size"], self.index["num_prompts"]))
+            present = {int(key.split(".", 1)[0]) for key in self._shard(shard).keys() if key.split(".", 1)[0].isdigit()}
+            if not set(expected) <= present:
+                raise DataError(f"prompt cache shard {self.directory / self.index['shards'][shard]} lacks the "
+                                f"embeddings of prompts {sorted(set(expected) - present)[:3]}")
+
+    def _check_index(self, index_path: Path) -> None:
+        """Types and consistency of index.json; shard names must be plain file names inside the cache folder."""
+        index = self.index
+        count, size, shards = index["num_prompts"], index["shard_size"], index["shards"]
+        for key, value in (("num_prompts", count), ("shard_size", size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"prompt cache index {index_path}: {key} must be an integer >= 1, got {value!r}")
+        if not isinstance(shards, list) or len(shards) != -(-count // size):
+            raise DataError(f"prompt cache index {index_path}: shards must list {-(-count // size)} files "
+                            f"({count} prompts, {size} per shard)")
+        for name in shards:
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") \
+                    or not name.endswith(".safetensors"):
+                raise DataError(f"prompt cache index {index_path}: shard {name!r} must be a .safetensors file name "
+                                f"inside the cache folder")
 
     def __len__(self) -> int:
         return int(self.index["num_prompts"])
