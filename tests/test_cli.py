@@ -76,12 +76,12 @@ def test_evaluate_adds_rows_to_metrics_and_keeps_the_training_figures(run_2d, tm
     shutil.copytree(run_2d, run_dir)
     before = json.loads((run_dir / "metrics.json").read_text())
     figure = (run_dir / "samples.png").read_bytes()
-    assert main(["evaluate", "--run-dir", str(run_dir), "eval.student_nfe=[1]", "eval.num_samples=100"]) == 0
+    assert main(["evaluate", "--run-dir", str(run_dir), "eval.student_nfe=[1]", "eval.num_samples=1e2"]) == 0
     after = json.loads((run_dir / "metrics.json").read_text())
     assert set(before["rows"]) < set(after["rows"]) and "student gmflow 1 (elastic)" in after["rows"]
     assert after["rows"]["student gmflow 1 (elastic)"]["num_samples"] == 100          # what the row is based on
     assert after["train_seconds"] == before["train_seconds"]
-    assert after["evaluate"]["overrides"] == ["eval.student_nfe=[1]", "eval.num_samples=100"]
+    assert after["evaluate"]["overrides"] == ["eval.student_nfe=[1]", "eval.num_samples=1e2"]
     assert (run_dir / "samples.png").read_bytes() == figure
     assert (run_dir / "evaluation" / "samples.png").is_file()
     assert "rows added to" in capsys.readouterr().out

@@ -99,3 +99,10 @@ def test_config_files_are_safe_and_unambiguous(tmp_path):
     path.write_text("dataset: !!python/object/apply:os.getcwd []\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(DEFAULTS, path)
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {nfe: 3, gm_dropout: 0.1}\n")
+    path.write_text("distill: {<<: {nfe: 3, gm_dropout: 0.1}, nfe: 5}\n")
+    assert load_config(DEFAULTS, path)["distill"] == {"nfe": 5, "gm_dropout": 0.1, "data_free": False}

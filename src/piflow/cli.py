@@ -184,15 +184,15 @@ def _cmd_sample(args) -> int:
         bar.update(len(chunks[-1]))
     bar.close()
     samples = torch.cat(chunks)
+    from piflow.files import atomic_write
+
     out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda handle: np.save(handle, samples.numpy()))        # the data first, then the preview
     if image_run:
         title = f"π-Flow student, {nfe} NFE" + (f", class {args.label}" if args.label is not None else "")
         images.save_image_grid(samples[:100], out.with_suffix(".png"), nrow=10, label=title)
     else:
         plots.plot_sample_panels([(f"student, {nfe} NFE", samples.numpy())], out.with_suffix(".png"))
-    from piflow.files import atomic_write
-
-    atomic_write(out, lambda handle: np.save(handle, samples.numpy()))
     print(f"{len(samples)} samples of shape {tuple(samples.shape[1:])} written to {out} (float32; {SAMPLE_VALUES}) "
           f"and a preview to {out.with_suffix('.png')}")
     return 0
@@ -203,9 +203,14 @@ def _cmd_evaluate(args) -> int:
     from piflow.recipes import toy2d
     from piflow.train.run_dir import run_lock
 
+    from piflow.config import load_config
+    from piflow.recipes import images
+
     run_dir = Path(args.run_dir)
     image_run = _run_is_image(run_dir)
     figures = run_dir / "evaluation"
+    defaults = images.IMAGE_DISTILL_DEFAULTS if image_run else toy2d.DISTILL_DEFAULTS
+    num_samples = load_config(defaults, run_dir / "config.yaml", args.overrides)["eval"]["num_samples"]
     with run_lock(run_dir):
         if image_run:
             from piflow.recipes.image_benchmark import evaluate_student_run, format_markdown
@@ -222,7 +227,6 @@ def _cmd_evaluate(args) -> int:
         metrics = read_json(metrics_path, "metrics file") if metrics_path.is_file() else {}
         if not isinstance(metrics, dict) or not isinstance(metrics.get("rows", {}), dict):
             raise ConfigError(f"metrics file {metrics_path} is not a piflow metrics file (a JSON object with rows)")
-        num_samples = config_eval_samples(run_dir, args.overrides)
         for row in results["rows"].values():
             row["num_samples"] = num_samples                            # what each re-measured row is based on
         metrics.setdefault("rows", {}).update(results["rows"])          # new rows added, re-measured rows replaced
@@ -231,15 +235,6 @@ def _cmd_evaluate(args) -> int:
     print(table)
     print(f"rows added to {metrics_path}" + ("" if image_run else f"; figures in {figures}/"))
     return 0
-
-
-def config_eval_samples(run_dir: Path, overrides) -> int:
-    """eval.num_samples of a 2-D or image run's config with the command's overrides."""
-    from piflow.config import parse_overrides
-    from piflow.files import read_yaml
-
-    value = parse_overrides(overrides).get("eval", {}).get("num_samples")
-    return int(value if value is not None else read_yaml(run_dir / "config.yaml")["eval"]["num_samples"])
 
 
 def _cmd_demo(args) -> int:

@@ -31,8 +31,11 @@ def _number(name: str, value: Any, low: float, high: float = math.inf, low_open:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+        if math.isinf(high):
+            interval = f"{'>' if low_open else '>='} {low}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number {interval}, got {value!r}")
     return float(value)
 POLICY_OUTPUTS = {"gmflow": frozenset({"means", "logstds", "logweights"}), "dx": frozenset({"u_grid"})}
 

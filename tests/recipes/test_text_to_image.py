@@ -141,6 +141,12 @@ def test_text_to_image_config_errors(bases, tmp_path, capsys):
     assert "unknown config key" in capsys.readouterr().err
     assert main(["export", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert "checkpoint" in capsys.readouterr().err
+    for bad, fragment in (("eval.nfe=[0]", "eval.nfe"), ("eval.temperature=-1", "eval.temperature"),
+                          ("max_sequence_length=0", "max_sequence_length"), ("resolution=[32]", "resolution"),
+                          ("student.lora_rank=0", "lora_rank")):
+        with pytest.raises(ConfigError, match=fragment):     # checked before the base pipeline is loaded
+            distill_text_to_image(config_for(bases, "flux", bad), tmp_path / "f")
+        assert not (tmp_path / "f").exists()
 
 
 @pytest.mark.slow

@@ -190,3 +190,23 @@ def test_damaged_feature_classifier(tmp_path):
         truncate(copy / name)
         with pytest.raises(ValueError, match=name.split(".")[0]):
             load_feature_classifier(copy)
+
+
+@pytest.mark.parametrize("change,fragment", [({"optimizer": 5}, "optimizer"), ({"scheduler": 5}, "scheduler"),
+                                             ({"generator": 5}, "generator")])
+def test_checkpoint_with_wrong_state_types(capsys, run_copy, change, fragment):
+    from piflow.train import load_checkpoint
+
+    state = load_checkpoint(run_copy / "checkpoint.safetensors")
+    save_checkpoint(run_copy / "checkpoint.safetensors", dict(state, **change))
+    assert fragment in cli_error(capsys, "distill", "--run-dir", str(run_copy), *TINY_2D)
+
+
+def test_checkpoint_history_without_iterations(capsys, run_copy):
+    from piflow.train import load_checkpoint
+
+    state = load_checkpoint(run_copy / "checkpoint.safetensors")
+    save_checkpoint(run_copy / "checkpoint.safetensors", dict(state, history=[{"loss": 1.0}] * state["step"]))
+    before = (run_copy / "student.safetensors").read_bytes()
+    assert "history" in cli_error(capsys, "distill", "--run-dir", str(run_copy), *TINY_2D)
+    assert (run_copy / "student.safetensors").read_bytes() == before

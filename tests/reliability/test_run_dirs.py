@@ -273,5 +273,40 @@ def test_export_refuses_to_write_an_adapter_over_a_run_directory(tmp_path, cli):
     for out in (run_dir, tmp_path):
         (tmp_path / "config.yaml").write_text("x: 1\n")
         assert_one_line_error(cli("export", "--run-dir", str(run_dir), "--out", str(out)), "export",
-                              "must be an adapter folder")
+                              "not a run directory")
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.safetensors", "config.yaml"]
+
+
+def test_lock_file_hard_link_is_refused(tmp_path, cli):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("IMPORTANT DATA")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.link(victim, run_dir / LOCK_NAME)
+    assert_one_line_error(cli("distill", "--run-dir", str(run_dir), *TINY_2D), "distill", "a link?")
+    assert victim.read_text() == "IMPORTANT DATA"
+
+
+def test_export_never_writes_into_a_foreign_folder(tmp_path, cli):
+    """An existing folder with other contents (e.g. a pipeline's transformer/) is refused; a new or empty folder
+    or a previous piflow adapter is fine (checked before anything is loaded)."""
+    run_dir = tmp_path / "t2i"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("pipeline: /nowhere\n")
+    (run_dir / "checkpoint.safetensors").write_bytes(b"not read")
+    foreign = tmp_path / "transformer"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
+    assert_one_line_error(cli("export", "--run-dir", str(run_dir), "--out", str(foreign)), "export",
+                          "must be a new or empty folder")
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+
+
+@pytest.mark.parametrize("override", ["student.num_components=0", "student.hidden_size=0", "eval.num_samples=0",
+                                      "eval.student_nfe=[0]", "eval.temperature=-1", "distill.total_substeps=0",
+                                      "distill.loss_scale=.inf", "train.betas=[0.9]", "train.grad_clip=.nan"])
+def test_every_setting_is_checked_before_the_run_directory_exists(tmp_path, cli, override):
+    line = assert_one_line_error(cli("distill", "--run-dir", str(tmp_path / "run"), *TINY_2D, override), "distill",
+                                 override.split("=")[0].split(".")[-1])
+    assert "config error" in line
+    assert not (tmp_path / "run").exists()

@@ -122,3 +122,21 @@ def test_pipeline_with_a_nested_pipeline_component_is_refused(tmp_path, tiny_flu
     (pipe / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ConfigError, match="nested pipelines"):
         pipeline_architecture(str(pipe))
+
+
+def test_prompt_cache_with_a_missing_embedding_is_refused_when_opened(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from piflow.errors import DataError
+    from piflow.files import write_json
+    from piflow.integrations.diffusers.prompts import PromptEmbeddingCache
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    write_json(cache / "index.json", {"architecture": "flux", "num_prompts": 2, "shard_size": 2,
+                                      "shards": ["shard-00000.safetensors"]})
+    save_file({"0.encoder_hidden_states": torch.zeros(3, 4), "0.pooled_projections": torch.zeros(4),
+               "1.encoder_hidden_states": torch.zeros(3, 4)}, str(cache / "shard-00000.safetensors"))
+    with pytest.raises(DataError, match=r"lacks \['pooled_projections'\] of prompt 1"):
+        PromptEmbeddingCache(cache, "flux")

@@ -31,7 +31,9 @@ def train_config(config: dict) -> TrainConfig:
 # settings no constructor checks before training starts (evaluation runs after it): checked up front by
 # `check_settings`, wherever a recipe's config has them
 POSITIVE_INTEGERS = ("distill.batch_size", "distill.x0_bank_size", "flow_matching.batch_size", "eval.num_samples",
-                     "max_sequence_length")
+                     "max_sequence_length", "student.num_components", "student.num_nodes", "student.hidden_size",
+                     "student.num_layers", "student.logstd_hidden", "student.lora_rank", "model.hidden_size",
+                     "model.num_layers", "model.depth", "model.num_heads", "model.patch_size")
 STEP_LISTS = ("eval.teacher_steps", "eval.student_nfe", "eval.nfe")
 TEMPERATURES = ("eval.temperature",)
 
@@ -72,6 +74,13 @@ def check_settings(config: dict) -> None:
                 resolve_temperature(value, 1)
             except (ValueError, TypeError):
                 raise ConfigError(f"{key} must be a number >= 0 or 'auto', got {value!r}") from None
+    resolution = _lookup(config, "resolution")
+    if resolution is not _MISSING and not (isinstance(resolution, list) and len(resolution) == 2
+                                           and all(_is_int(v) and v >= 1 for v in resolution)):
+        raise ConfigError(f"resolution must be [height, width] in pixels, got {resolution!r}")
+    prompts = _lookup(config, "eval.prompts")
+    if prompts is not _MISSING and not (isinstance(prompts, list) and all(isinstance(v, str) for v in prompts)):
+        raise ConfigError(f"eval.prompts must be a list of strings, got {prompts!r}")
     seed = _lookup(config, "eval.seed")
     if seed is not _MISSING and not (_is_int(seed) and seed >= 0):
         raise ConfigError(f"eval.seed must be an integer >= 0, got {seed!r}")

@@ -17,9 +17,9 @@ from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.piid import segment_grid
 from piflow.pipeline import PiFlow
-from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_dataset, finished_distill_run,
-                                   load_weights, save_safetensors, seed_initialisation, start_run, train_config,
-                                   write_json)
+from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_dataset, check_settings,
+                                   finished_distill_run, load_weights, save_safetensors, seed_initialisation,
+                                   start_run, train_config, write_json)
 from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
 from piflow.train import train
@@ -91,6 +91,7 @@ def _sample_sigma(batch: int, mode: str, generator: torch.Generator) -> torch.Te
 
 def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """Rectified-flow matching of a class-conditional DiT with label dropout (for CFG)."""
+    check_settings(config)
     fm = config["flow_matching"]
     if fm["time_sampling"] not in TIME_SAMPLINGS:
         raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {fm['time_sampling']!r}")
@@ -179,6 +180,7 @@ def build_student(config: dict, teacher_model: DiT) -> PolicyStudent:
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """π-ID distillation of a DiT teacher into a GM/DX DiT student (data-dependent or data-free)."""
+    check_settings(config)
     teacher_model, teacher_config = load_teacher(config["teacher"])
     if teacher_config["dataset"] != config["dataset"]:
         raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")

@@ -23,8 +23,8 @@ import torch
 
 from piflow.config import ConfigError
 from piflow.errors import require
-from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, seed_initialisation, start_run, train_config,
-                                   write_json)
+from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_settings, seed_initialisation, start_run,
+                                   train_config, write_json)
 
 T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "pipeline": None,             # local folder or hub id of the base diffusers pipeline
@@ -271,6 +271,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     train_section = dict(config["train"])
     if train_section["mixed_precision"] == "no" and dtype in (torch.bfloat16, torch.float16):
         train_section["mixed_precision"] = "bf16" if dtype == torch.bfloat16 else "fp16"
+    check_settings(config)
     settings = train_config({"train": train_section})
     pipe, transformer = load_base(config, device, dtype)
     pf, architecture, (channels, latent_h, latent_w) = lora_student_pipeline(config, transformer, teacher=None)
@@ -356,6 +357,16 @@ def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True
     return path
 
 
+def _is_piflow_adapter(directory: Path) -> bool:
+    from piflow.files import read_json
+
+    try:
+        config = read_json(directory / "config.json", "adapter config")
+    except (FileNotFoundError, ValueError):
+        return False
+    return isinstance(config, dict) and "policy_config" in config and "architecture" in config
+
+
 def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool = True) -> Path:
     """Turn a (possibly unfinished) run's checkpoint into an adapter folder (EMA weights by default)."""
     from piflow.config import load_config
@@ -370,9 +381,11 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
         raise ConfigError(f"{run_dir} is not a text-to-image distillation run with a checkpoint "
                           f"(needs config.yaml and {CHECKPOINT_NAME})")
     output = Path(output) if output is not None else run_dir / "adapter"
-    if output.resolve() == run_dir.resolve() or (output / "config.yaml").exists() or output.is_file():
-        raise ConfigError(f"--out {output} must be an adapter folder, not a run directory or a file "
-                          f"(default: {run_dir / 'adapter'})")
+    if output.resolve() == run_dir.resolve() or (output / "config.yaml").exists() or output.is_file() or (
+            output.is_dir() and any(output.iterdir()) and not (output / "export.json").is_file()
+            and not _is_piflow_adapter(output)):
+        raise ConfigError(f"--out {output} must be a new or empty folder or a previous piflow adapter, not a run "
+                          f"directory, a file or another folder with contents (default: {run_dir / 'adapter'})")
     config = load_config(T2I_DISTILL_DEFAULTS, config_path)
     state = load_checkpoint(checkpoint_path)
     device = torch.device("cpu")

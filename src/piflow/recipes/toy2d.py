@@ -25,8 +25,9 @@ from piflow.timewarp import unwarp, warp
 from piflow.train import train
 from piflow.recipes import plots
 from piflow.data import TOY_DATASET_NAMES
-from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_dataset, finished_distill_run, load_weights,
-                                   save_safetensors, seed_initialisation, start_run, train_config, write_json)
+from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_dataset, check_settings,
+                                   finished_distill_run, load_weights, save_safetensors, seed_initialisation,
+                                   start_run, train_config, write_json)
 
 NUM_TIMESTEPS = 1000.0
 
@@ -89,6 +90,7 @@ def load_teacher(spec: str, dataset_name: str):
 
 def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """Rectified-flow matching of an MLP on a 2-D dataset; writes teacher.safetensors and metrics."""
+    check_settings(config)
     dataset = load_dataset(config["dataset"])
     fm = config["flow_matching"]
     if fm["time_sampling"] not in TIME_SAMPLINGS:
@@ -139,6 +141,7 @@ def build_student(config: dict, teacher_model: Optional[torch.nn.Module]) -> Pol
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """π-ID distillation of a 2-D teacher into an MLP policy student; writes student.safetensors and metrics."""
+    check_settings(config)
     dataset = load_dataset(config["dataset"])
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
     student = build_student(config, teacher_model)

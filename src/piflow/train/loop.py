@@ -167,8 +167,9 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
                 scaler.load_state_dict(state["grad_scaler"])
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as error:
-            detail = " ".join(str(error).split())[:400] or type(error).__name__
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+            detail = " ".join(str(error).split()) or type(error).__name__
+            detail = detail if len(detail) <= 400 else detail[:400] + " …"
             raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: {detail}") \
                 from None
         history = state.get("history", [])
@@ -290,11 +291,15 @@ def _check_resumable(state: dict, path: Path, config: TrainConfig) -> None:
         raise CheckpointError(f"checkpoint {path} is at step {step}, beyond train.iters={config.iters}; raise "
                               f"train.iters (with --allow-config-change) or use another run directory")
     if not isinstance(history, list) or len(history) != step or not all(
-            isinstance(record, dict) and "loss" in record for record in history):
+            isinstance(record, dict) and record.get("iter") == i and "loss" in record
+            for i, record in enumerate(history)):
         raise CheckpointError(f"checkpoint {path} has an invalid history (expected {step} per-iteration records)")
-    for key in ("model", "ema", "optimizer", "scheduler", "generator", "torch_rng"):
-        if key not in state:
-            raise CheckpointError(f"checkpoint {path} has no {key!r} entry")
+    for key in ("model", "ema", "optimizer", "scheduler"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"checkpoint {path} has no {key!r} state (a mapping)")
+    for key in ("generator", "torch_rng"):
+        if not torch.is_tensor(state.get(key)):
+            raise CheckpointError(f"checkpoint {path} has no {key!r} RNG state (a tensor)")
 
 
 def _open_log(path: Path, start: int):

@@ -108,9 +108,12 @@ def run_lock(directory: Path) -> Iterator[None]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as error:
         raise RunDirError(f"cannot lock run directory {directory}: {error.strerror or error} ({path})") from None
-    if not os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False)) or not os.path.isfile(path):
+    info = os.fstat(fd)
+    if not os.path.samestat(info, os.stat(path, follow_symlinks=False)) or not os.path.isfile(path) \
+            or info.st_nlink > 1:
         os.close(fd)
-        raise RunDirError(f"{path} is not a regular file; delete it")
+        raise RunDirError(f"{path} is not a regular file of its own (a link?); piflow refuses to truncate it: "
+                          f"delete it")
     try:
         locked = _try_exclusive(fd)
         holder = _read_holder(fd)

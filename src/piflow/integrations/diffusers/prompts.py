@@ -142,6 +142,10 @@ def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], dir
     return directory
 
 
+EMBEDDING_NAMES = {"flux": ("encoder_hidden_states", "pooled_projections"),
+                   "sd3": ("encoder_hidden_states", "pooled_projections"), "qwen": ("encoder_hidden_states",)}
+
+
 class PromptEmbeddingCache:
     """Random access to a cache written by `write_prompt_cache`. The index and every shard's header are checked when
     the cache is opened; the embeddings themselves are checked for NaN/Inf when read (a `DataError` names the
@@ -168,13 +172,19 @@ class PromptEmbeddingCache:
         if missing:
             raise FileNotFoundError(f"prompt cache {self.directory} misses shards {missing[:3]}")
         self._handles: dict[int, Any] = {}
+        required = set(EMBEDDING_NAMES.get(self.architecture, ("encoder_hidden_states",)))
         for shard in range(len(self.index["shards"])):    # every shard's header, now: not mid-training
-            expected = range(shard * self.index["shard_size"],
-                             min((shard + 1) * self.index["shard_size"], self.index["num_prompts"]))
-            present = {int(key.split(".", 1)[0]) for key in self._shard(shard).keys() if key.split(".", 1)[0].isdigit()}
-            if not set(expected) <= present:
-                raise DataError(f"prompt cache shard {self.directory / self.index['shards'][shard]} lacks the "
-                                f"embeddings of prompts {sorted(set(expected) - present)[:3]}")
+            names: dict[int, set] = {}
+            for key in self._shard(shard).keys():
+                prefix, _, name = key.partition(".")
+                if prefix.isdigit():
+                    names.setdefault(int(prefix), set()).add(name)
+            start = shard * self.index["shard_size"]
+            for prompt in range(start, min(start + self.index["shard_size"], self.index["num_prompts"])):
+                lacking = sorted(required - names.get(prompt, set()))
+                if lacking:
+                    raise DataError(f"prompt cache shard {self.directory / self.index['shards'][shard]} lacks "
+                                    f"{lacking} of prompt {prompt}; rewrite the cache with `piflow encode-prompts`")
 
     def _check_index(self, index_path: Path) -> None:
         """Types and consistency of index.json; shard names must be plain file names inside the cache folder."""
