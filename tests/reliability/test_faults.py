@@ -40,10 +40,11 @@ def assert_same_run(run_dir: Path, clean: Path) -> None:
 
 
 _slow = pytest.mark.slow
-KILL_POINTS = ["write-partial:checkpoint.safetensors:2", "write-before-rename:checkpoint.safetensors:3",
+KILL_POINTS = ["write-partial:checkpoint.safetensors:2",
+               pytest.param("write-before-rename:checkpoint.safetensors:3", marks=_slow),
                pytest.param("write-before-rename:checkpoint.safetensors:6", marks=_slow),     # the final checkpoint
                pytest.param("write-partial:student.safetensors:1", marks=_slow),
-               "write-partial:train_log.jsonl:1",
+               pytest.param("write-partial:train_log.jsonl:1", marks=_slow),
                pytest.param("write-before-rename:config.yaml:1", marks=_slow),
                pytest.param("write-partial:metrics.json:1", marks=_slow)]
 

@@ -172,6 +172,7 @@ def test_stale_lock_is_taken_over(tmp_path, cli):
     assert "stale lock" in result.stderr and "PID 999999" in result.stderr
 
 
+@pytest.mark.slow
 def test_killed_holder_leaves_a_stale_lock(tmp_path):
     """SIGKILL the lock holder: the next run proceeds (the kernel released the lock with the process)."""
     run_dir, go = tmp_path / "run", tmp_path / "never"

@@ -110,9 +110,12 @@ def save_checkpoint(path: Union[str, Path], state: dict[str, Any]) -> None:
 
 
 def _legacy_message(path: Path) -> str:
+    legacy = path.with_name(LEGACY_CHECKPOINT_NAME)
+    how = (f"convert it with `piflow convert-checkpoint {legacy}` (writes {legacy.with_name(CHECKPOINT_NAME)})"
+           if path == legacy else
+           f"rename it to {legacy} and convert it with `piflow convert-checkpoint {legacy}`")
     return (f"checkpoint {path} is in piflow's old pickle format, which piflow no longer loads because unpickling "
-            f"a file can run arbitrary code; if you trust its origin, convert it with `piflow convert-checkpoint "
-            f"{path}` (writes {path.with_name(CHECKPOINT_NAME)})")
+            f"a file can run arbitrary code; if you trust its origin, {how}")
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict[str, Any]:
