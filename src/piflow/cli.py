@@ -104,21 +104,23 @@ def _run_is_image(run_dir: Path) -> bool:
 
 
 def _temperature(value: str):
-    """--temperature: 'auto' or a number >= 0."""
-    if value == "auto":
-        return value
+    """--temperature: 'auto' or a number >= 0, checked by the sampler's own rule (`resolve_temperature`)."""
+    from piflow.sampling import resolve_temperature
+
     try:
-        temperature = float(value)
+        temperature = value if value == "auto" else float(value)
+        resolve_temperature(temperature, 1)
     except ValueError:
         raise ConfigError(f"--temperature must be a number >= 0 or 'auto', got {value!r}") from None
-    if not temperature >= 0:
-        raise ConfigError(f"--temperature must be a number >= 0 or 'auto', got {value!r}")
     return temperature
 
 
-def _positive(name: str, value: Optional[int]) -> None:
-    if value is not None and value < 1:
-        raise ConfigError(f"{name} must be >= 1, got {value}")
+def _positive(args, *options: str) -> None:
+    """A `ConfigError` for the first of the integer `options` (e.g. "--nfe") that is given and < 1."""
+    for option in options:
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be >= 1, got {value}")
 
 
 def _sample_text_to_image(args, run_dir: Path) -> int:
@@ -144,8 +146,7 @@ def _cmd_sample(args) -> int:
     from piflow.recipes import images, plots, toy2d
 
     run_dir = Path(args.run_dir)
-    for name in ("--nfe", "--num-samples", "--batch-size"):
-        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    _positive(args, "--nfe", "--num-samples", "--batch-size")
     if _run_kind(run_dir) == "t2i":
         if args.label is not None:
             raise ConfigError("--label applies to class-conditional image runs; text-to-image runs take --prompt")
@@ -199,12 +200,10 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from piflow.files import read_json, write_json
-    from piflow.recipes import toy2d
-    from piflow.train.run_dir import run_lock
-
     from piflow.config import load_config
-    from piflow.recipes import images
+    from piflow.files import read_json, write_json
+    from piflow.recipes import images, toy2d
+    from piflow.train.run_dir import run_lock
 
     run_dir = Path(args.run_dir)
     image_run = _run_is_image(run_dir)
@@ -250,8 +249,7 @@ def _cmd_toy_trajectory(args) -> int:
 
     from piflow.recipes.toy_trajectory import run_toy_trajectory
 
-    for name in ("--iters", "--components", "--snapshot-every"):
-        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    _positive(args, "--iters", "--components", "--snapshot-every")
     torch.set_num_threads(1)  # one tiny GM: threading only adds overhead
     metrics = run_toy_trajectory(Path(args.teacher), Path(args.run_dir), args.label, args.iters, args.components,
                                  args.seed, args.snapshot_every)
@@ -268,8 +266,7 @@ def _cmd_encode_prompts(args) -> int:
     from piflow.recipes.text_to_image import DTYPES, _from_pretrained, pipeline_architecture
 
     diffusers = require("diffusers", "piflow encode-prompts")
-    _positive("--shard-size", args.shard_size)
-    _positive("--max-sequence-length", args.max_sequence_length)
+    _positive(args, "--shard-size", "--max-sequence-length")
     architecture = pipeline_architecture(args.pipeline)          # checked before anything heavy is loaded
     prompts = read_prompt_file(args.prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -395,11 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(error: BaseException) -> str:
     """The error's message on one line; OSErrors as "<reason>: <file>" without the "[Errno N]" prefix."""
+    from piflow.files import one_line
+
     if isinstance(error, OSError) and not isinstance(error, UserError) and error.strerror:
-        text = error.strerror + (f": {error.filename}" if error.filename else "")
-    else:
-        text = str(error)
-    return " ".join(text.split()) or type(error).__name__
+        return one_line(error.strerror + (f": {error.filename}" if error.filename else ""))
+    return one_line(error)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

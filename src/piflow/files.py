@@ -162,7 +162,7 @@ def read_yaml(path: PathLike, what: str = "config file") -> Any:
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{what} {path} is not valid YAML ({' '.join(str(error).split())[:200]})") from None
+        raise ConfigError(f"{what} {path} is not valid YAML ({one_line(error, 200)})") from None
     except RecursionError:
         raise ConfigError(f"{what} {path} is nested too deeply to be a config") from None
 
@@ -187,7 +187,7 @@ def load_safetensors(path: PathLike, what: str = "weights file", device: str = "
         return load_file(str(path), device=str(device))
     except Exception as error:      # SafetensorError, OSError, … : a file that is not safetensors
         raise ValueError(f"{what} {path} is not a readable safetensors file ({type(error).__name__}: "
-                         f"{_first_line(error)})") from None
+                         f"{first_line(error)})") from None
 
 
 def first_non_finite(tensors: dict) -> Optional[str]:
@@ -200,6 +200,14 @@ def first_non_finite(tensors: dict) -> Optional[str]:
     return None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name if it has none)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def one_line(value: Any, limit: Optional[int] = None) -> str:
+    """`str(value)` with all whitespace runs collapsed to single spaces (an error's type name if that is empty),
+    cut to `limit` characters with " …" — for one-line error messages that quote another library's message."""
+    text = " ".join(str(value).split()) or (type(value).__name__ if isinstance(value, BaseException) else "")
+    return text if limit is None or len(text) <= limit else text[:limit] + " …"

@@ -650,13 +650,9 @@ class LatentDataset(ImageDataset):
 
     @staticmethod
     def _load_safetensors(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from piflow.files import load_safetensors
 
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable .safetensors file ({error})") from None
+        tensors = load_safetensors(path, "latent file")
         if "latents" not in tensors:
             raise ValueError(f"{path}: expected key 'latents' (and optional 'labels'), found keys {sorted(tensors)}")
 

@@ -19,9 +19,8 @@ TRAIN_DEFAULTS = dict(iters=1000, lr=1e-3, betas=[0.9, 0.95], weight_decay=0.0, 
 
 
 def train_config(config: dict) -> TrainConfig:
-    """The `TrainConfig` of a recipe config's ``train`` section, after `check_settings` of the rest; a bad value is
-    a `ConfigError` naming it."""
-    check_settings(config)
+    """The `TrainConfig` of a recipe config's ``train`` section; a bad value is a `ConfigError` naming it (the rest
+    of the config is `check_settings`' job, which every recipe calls first)."""
     try:
         return TrainConfig(**config["train"])
     except ValueError as error:
@@ -136,7 +135,7 @@ def load_weights(module: torch.nn.Module, path: Path, what: str = "weights file"
     """Load a safetensors state dict into `module` (strict); a corrupt file or one that does not fit the module
     (e.g. edited config.yaml) is a one-line `CheckpointError` naming the file."""
     from piflow.errors import CheckpointError
-    from piflow.files import first_non_finite, load_safetensors
+    from piflow.files import first_non_finite, load_safetensors, one_line
 
     try:
         state = load_safetensors(path, what)
@@ -148,7 +147,6 @@ def load_weights(module: torch.nn.Module, path: Path, what: str = "weights file"
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
-        detail = " ".join(str(error).split())[:300]
-        raise CheckpointError(f"{what} {path} does not match the model its config.yaml describes ({detail})") \
-            from None
+        raise CheckpointError(f"{what} {path} does not match the model its config.yaml describes "
+                              f"({one_line(error, 300)})") from None
     return module

@@ -23,6 +23,7 @@ import torch
 
 from piflow.config import ConfigError
 from piflow.errors import require
+from piflow.files import one_line
 from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_settings, seed_initialisation, start_run,
                                    train_config, write_json)
 
@@ -86,7 +87,7 @@ def _model_index(path: str) -> dict:
         index = DiffusionPipeline.load_config(path)
     except Exception as error:      # not a folder/repo with model_index.json, bad JSON, offline hub
         raise ConfigError(f"pipeline={path!r} is not a diffusers pipeline folder or reachable Hub repo "
-                          f"({type(error).__name__}: {' '.join(str(error).split())[:200]})") from None
+                          f"({type(error).__name__}: {one_line(error, 200)})") from None
     for name, value in index.items():
         if not (isinstance(value, (list, tuple)) and len(value) == 2) or value[0] is None:
             continue
@@ -140,9 +141,9 @@ def _from_pretrained(cls, path: str, **kwargs):
     _model_index(path)
     try:
         return cls.from_pretrained(path, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as error:
+    except (OSError, ValueError) as error:
         raise ConfigError(f"cannot load {cls.__name__} from {path} with safetensors weights (piflow never loads "
-                          f"pickled .bin weights): {' '.join(str(error).split())[:300]}") from None
+                          f"pickled .bin weights): {one_line(error, 300)}") from None
 
 
 def load_base(config: dict, device: torch.device, dtype: torch.dtype, transformer_only: bool = False):

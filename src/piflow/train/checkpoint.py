@@ -23,7 +23,7 @@ from typing import Any, Union
 import torch
 
 from piflow.errors import CheckpointError
-from piflow.files import atomic_write, dumps_json
+from piflow.files import atomic_write, dumps_json, first_line
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LEGACY_CHECKPOINT_NAME = "checkpoint.pt"
@@ -143,8 +143,8 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     except CheckpointError:
         raise
     except Exception as error:      # truncated file, bad header, bad JSON
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {text}); "
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: "
+                              f"{first_line(error)}); "
                               f"delete it to start over or restore it from a copy") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"checkpoint {path} is not a piflow training checkpoint (no 'step' entry)")
@@ -189,9 +189,8 @@ def convert_legacy_checkpoint(path: Union[str, Path]) -> Path:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint {path} cannot be converted: it is corrupt or holds objects other than "
-                              f"tensors and plain containers ({type(error).__name__}: {text})") from None
+                              f"tensors and plain containers ({type(error).__name__}: {first_line(error)})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a piflow training checkpoint (no 'step' entry)")
     target = path.with_name(CHECKPOINT_NAME)

@@ -14,11 +14,12 @@ import torch
 from torch import Tensor, nn
 
 from piflow.errors import TrainingDivergedError
-from piflow.files import atomic_write, json_line, remove_stale_temporary_files
+from piflow.files import atomic_write, json_line, one_line, remove_stale_temporary_files
 from piflow.policies.base import NonFiniteError
 from piflow.progress import progress_bar
 from piflow.train import distributed
-from piflow.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, save_checkpoint
+from piflow.train.checkpoint import (CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, CheckpointError, load_checkpoint,
+                                     save_checkpoint)
 from piflow.train.run_dir import run_lock
 from piflow.train.ema import PowerEMA, frozen_parameter_names, load_partial_state, trainable_state_dict
 
@@ -155,7 +156,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     history: list[dict[str, Any]] = []
     start, resumed_from = 0, None
     checkpoint_path = run_dir / CHECKPOINT_NAME if run_dir is not None else None
-    if checkpoint_path is not None and (checkpoint_path.exists() or checkpoint_path.with_suffix(".pt").exists()):
+    if checkpoint_path is not None and (checkpoint_path.exists() or (run_dir / LEGACY_CHECKPOINT_NAME).exists()):
         state = load_checkpoint(checkpoint_path)      # a legacy checkpoint.pt alone is refused with a message
         _check_resumable(state, checkpoint_path, config)
         try:
@@ -168,19 +169,18 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
-            detail = " ".join(str(error).split()) or type(error).__name__
-            detail = detail if len(detail) <= 400 else detail[:400] + " …"
-            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: {detail}") \
-                from None
+            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: "
+                                  f"{one_line(error, 400)}") from None
         history = state.get("history", [])
         start = resumed_from = int(state["step"])
 
-    last_checkpoint = [start if resumed_from is not None else None]
+    last_checkpoint = start if resumed_from is not None else None
 
     def checkpoint(step: int) -> None:
+        nonlocal last_checkpoint
         if checkpoint_path is None:
             return
-        last_checkpoint[0] = step                     # rank 0 writes it for every rank
+        last_checkpoint = step                        # rank 0 writes it for every rank
         if not dist_info.is_main:
             return
         save_checkpoint(checkpoint_path, {
@@ -252,7 +252,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             if not bad:
                 non_finite_reason = ""
             if config.max_skipped_steps and skipped_in_a_row >= config.max_skipped_steps:
-                kept = (f"the last checkpoint (step {last_checkpoint[0]}) is kept" if last_checkpoint[0] is not None
+                kept = (f"the last checkpoint (step {last_checkpoint}) is kept" if last_checkpoint is not None
                         else "no checkpoint was written")
                 reason = f" (last: {non_finite_reason})" if non_finite_reason else ""
                 raise TrainingDivergedError(

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from piflow.errors import RunDirError
-from piflow.files import atomic_write, read_json, read_yaml, write_json
+from piflow.files import atomic_write, one_line, read_json, read_yaml, write_json
 from piflow.train.checkpoint import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME
 
 LOCK_NAME = ".piflow.lock"
@@ -34,7 +34,7 @@ CONFIG_NAME = "config.yaml"
 RESULT_NEUTRAL_KEYS = frozenset({"train.progress", "train.log_every", "train.checkpoint_every",
                                  "train.max_skipped_steps"})
 
-_HELD: dict[str, list] = {}        # resolved lock path → [file descriptor, depth]
+_HELD: dict[str, int] = {}         # resolved lock path → file descriptor of the lock this process holds
 
 
 def _lock_info() -> dict:
@@ -59,7 +59,7 @@ def _describe(holder: Optional[dict]) -> str:
     """Who holds the lock, from the fields piflow writes (never the raw file content)."""
     if not holder or "pid" not in holder:
         return "another process (unreadable lock information)"
-    fields = {key: " ".join(str(holder.get(key, "?")).split())[:200] for key in ("pid", "host", "since", "command")}
+    fields = {key: one_line(holder.get(key, "?"), 200) for key in ("pid", "host", "since", "command")}
     return f"PID {fields['pid']} on host {fields['host']} (since {fields['since']}: {fields['command']})"
 
 
@@ -94,12 +94,8 @@ def run_lock(directory: Path) -> Iterator[None]:
     directory = Path(directory)
     path = directory / LOCK_NAME
     key = str(path.resolve())
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[key][1] -= 1
+    if key in _HELD:                   # already held by this process (a recipe, then its training loop)
+        yield
         return
     if path.is_symlink():
         raise RunDirError(f"{path} is a symbolic link; piflow refuses to lock (and so to truncate) what it points "
@@ -134,7 +130,7 @@ def run_lock(directory: Path) -> Iterator[None]:
     except BaseException:
         os.close(fd)
         raise
-    _HELD[key] = [fd, 1]
+    _HELD[key] = fd
     try:
         yield
     finally:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from piflow.errors import DataError
-from piflow.files import atomic_write, read_json, write_json
+from piflow.files import atomic_write, first_non_finite, read_json, write_json
 
 
 def read_prompt_file(path: Union[str, Path]) -> list[str]:
@@ -242,7 +242,7 @@ class PromptEmbeddingCache:
 
 def _checked(item: dict[str, Tensor], where: str) -> dict[str, Tensor]:
     """`item` if every tensor is finite, else a `DataError` naming `where` and the tensor."""
-    for name, tensor in item.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DataError(f"{where}: {name} holds NaN or Inf values")
+    bad = first_non_finite(item)
+    if bad is not None:
+        raise DataError(f"{where}: {bad} holds NaN or Inf values")
     return item
