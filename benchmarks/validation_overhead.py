@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 
 from piflow.files import write_json
-from piflow.pipeline import PiFlow
+from piflow.model import PiFlow
 from piflow.recipes import images
 from piflow.recipes.demo import ASSETS
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from piflow import PiFlow
+from piflow import PiFlow, PiIDSettings
 from piflow.integrations.diffusers.adapter import load_piflow_adapter, save_piflow_adapter
 from piflow.integrations.diffusers.students import (Architecture, DiffusersPolicyStudent, DiffusersTeacher,
                                                     add_student_lora, register_architecture, unpatchify_pqc)
@@ -59,13 +59,13 @@ def main(argv=None) -> dict:
     text = {"encoder_hidden_states": torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))}
     teacher = DiffusersTeacher(transformer, AURAFLOW)          # the base model; LoRA is disabled for its calls
     add_student_lora(transformer, rank=8, target_modules=AURAFLOW.lora_targets(transformer))
+    settings = PiIDSettings(policy=args.policy, nfe=4, final_step_size_scale=0.5, shift=3.2, num_intermediate_states=2,
+                            window_substeps=3, policy_dropout=0.1 if args.policy == "gmflow" else 0.0,
+                            loss_scale=30.0, total_substeps=32)
     student = DiffusersPolicyStudent(transformer, args.policy, num_components=4, num_nodes=6, latent_channels=4,
                                      logstd_hidden=32, share_transformer=True, architecture=AURAFLOW,
-                                     sampling={"nfe": 4, "shift": 3.2, "final_step_size_scale": 0.5})
-    pf = PiFlow(student, teacher, policy=args.policy, nfe=4, final_step_size_scale=0.5, shift=3.2,
-                num_intermediate_states=2, window_substeps=3, gm_dropout=0.1 if args.policy == "gmflow" else 0.0,
-                loss_scale=30.0, total_substeps=32)
-    student.policy_kwargs = dict(pf.policy_kwargs) if args.policy == "dx" else {}
+                                     settings=settings)     # the adapter saves the settings with the weights
+    pf = PiFlow(student, teacher, settings)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     losses = []
@@ -76,8 +76,7 @@ def main(argv=None) -> dict:
     save_piflow_adapter(student.eval(), args.out)
 
     fresh = load_piflow_adapter(tiny_auraflow(), args.out)       # a new copy of the base + the adapter
-    fresh_pf = PiFlow(fresh, None, policy=args.policy, nfe=4, final_step_size_scale=0.5, shift=3.2,
-                      total_substeps=32, policy_kwargs=fresh.policy_kwargs)
+    fresh_pf = PiFlow(fresh, None, fresh.settings, policy_kwargs=fresh.policy_kwargs)    # sampling only
     with torch.no_grad():
         samples = fresh_pf.sample(noise, cond=text, temperature="auto")
         reference = pf.sample(noise, cond=text, temperature="auto")

@@ -36,7 +36,7 @@ def test_training_progress_shows_a_running_loss(capsys):
     model = torch.nn.Linear(2, 1)
     losses = []
 
-    def loss_fn(iteration, generator):
+    def loss_fn(iteration, generator, backward):
         loss = model(torch.randn(8, 2, generator=generator)).square().mean()
         losses.append(float(loss.detach()))
         return loss

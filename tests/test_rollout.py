@@ -41,9 +41,11 @@ def _segments(nfe, f):
     return list(zip(starts, ends))
 
 
+# n = ceil(Δτ·128) (the authors' current rounding): 4 NFE, f = 0.5 → Δτ = 1/3.5 (36.57 → 37) and 0.5/3.5
+# (18.29 → 19); 8 NFE → 1/7.5 (17.07 → 18) and 0.5/7.5 (8.53 → 9); whole numbers stay as they are
 @pytest.mark.parametrize("nfe,f,shift,expected", [
-    (4, 0.5, 3.2, [37, 37, 37, 18]),
-    (8, 0.5, 3.2, [17] * 7 + [9]),
+    (4, 0.5, 3.2, [37, 37, 37, 19]),
+    (8, 0.5, 3.2, [18] * 7 + [9]),
     (1, 1.0, 1.0, [128]),
     (2, 1.0, 1.0, [64, 64]),
 ])
@@ -242,3 +244,10 @@ def test_rollout_errors():
         rollout(policy, x, 1.2, 0.1)
     with pytest.raises(ValueError, match="sigma_dst"):
         rollout(policy, x, 0.8, -0.1)
+
+
+def test_substep_count_ignores_float_round_off():
+    # Δτ·T a hair above a whole number (float32 round-off) must not add a nearly empty substep; a real excess does
+    tau = torch.tensor([0.75 + 0.25, 0.5 + 1e-7, 0.3])
+    counts = num_substeps(tau, tau - torch.tensor([0.25, 0.25, 0.25]) - torch.tensor([0.0, 0.0, 0.01]), 128)
+    assert counts.tolist() == [32, 32, 34]

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from piflow.policies.gmflow import GMFlowPolicy
-from piflow.sampling import FlowMapSDEScheduler, auto_temperature, euler_sample, rk4_sample, sample
+from piflow.sampling import FlowMapSDESchedule, euler_sample, rk4_sample, sample
+from piflow.schedule import auto_temperature
 from piflow.teachers import GaussianMixtureTeacher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -17,7 +18,7 @@ def make_teacher():
 
 
 def test_scheduler_grid_flux_4_nfe():
-    sched = FlowMapSDEScheduler(shift=3.2, final_step_size_scale=0.5, num_train_timesteps=1.0)
+    sched = FlowMapSDESchedule(shift=3.2, final_step_size_scale=0.5, num_train_timesteps=1.0)
     sched.set_timesteps(4)
     expected = torch.tensor([1.0, 0.8889, 0.7059, 0.3478, 0.0])
     torch.testing.assert_close(sched.sigmas, expected, rtol=0, atol=5e-5)
@@ -30,7 +31,7 @@ def test_scheduler_grid_flux_4_nfe():
 
 
 def test_scheduler_grid_imagenet_2_nfe():
-    sched = FlowMapSDEScheduler(shift=1.0, final_step_size_scale=1.0, num_train_timesteps=1000.0)
+    sched = FlowMapSDESchedule(shift=1.0, final_step_size_scale=1.0, num_train_timesteps=1000.0)
     sched.set_timesteps(2)
     torch.testing.assert_close(sched.sigmas, torch.tensor([1.0, 0.5, 0.0]))
     torch.testing.assert_close(sched.timesteps, torch.tensor([1000.0, 500.0]))
@@ -38,7 +39,7 @@ def test_scheduler_grid_imagenet_2_nfe():
 
 
 def test_h_zero_step_is_identity():
-    sched = FlowMapSDEScheduler(shift=3.2, final_step_size_scale=0.5, h=0.0)
+    sched = FlowMapSDESchedule(shift=3.2, final_step_size_scale=0.5, h=0.0)
     sched.set_timesteps(4)
     x = torch.randn(5, 3)
     for i in range(4):
@@ -47,11 +48,11 @@ def test_h_zero_step_is_identity():
     with pytest.raises(ValueError):
         sched.step(x, 4)
     with pytest.raises(RuntimeError):
-        FlowMapSDEScheduler().step(x, 0)
+        FlowMapSDESchedule().step(x, 0)
 
 
 def test_h_inf_renoises_from_zero():
-    sched = FlowMapSDEScheduler(shift=3.2, final_step_size_scale=0.5, h="inf")
+    sched = FlowMapSDESchedule(shift=3.2, final_step_size_scale=0.5, h="inf")
     sched.set_timesteps(4)
     assert bool((sched.sigmas_dst == 0).all())
     n = 200_000
@@ -71,7 +72,7 @@ def test_h_inf_renoises_from_zero():
 
 @pytest.mark.parametrize("h", [0.3, 0.7, 1.0, 2.0])
 def test_intermediate_h_preserves_marginals(h):
-    sched = FlowMapSDEScheduler(shift=3.2, final_step_size_scale=0.5, h=h)
+    sched = FlowMapSDESchedule(shift=3.2, final_step_size_scale=0.5, h=h)
     sched.set_timesteps(4)
     n = 200_000
     x0 = 1.3
@@ -94,13 +95,13 @@ def test_intermediate_h_preserves_marginals(h):
 
 def test_scheduler_validation():
     with pytest.raises(ValueError):
-        FlowMapSDEScheduler(h=-1.0)
+        FlowMapSDESchedule(h=-1.0)
     with pytest.raises(ValueError):
-        FlowMapSDEScheduler(h="infinity")
+        FlowMapSDESchedule(h="infinity")
     with pytest.raises(ValueError):
-        FlowMapSDEScheduler(shift=0.0)
+        FlowMapSDESchedule(shift=0.0)
     with pytest.raises(ValueError):
-        FlowMapSDEScheduler().set_timesteps(0)
+        FlowMapSDESchedule().set_timesteps(0)
 
 
 def exact_student(teacher):

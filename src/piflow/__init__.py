@@ -1,10 +1,11 @@
 """piflow: π-Flow (policy-based few-step generation via imitation distillation) in plain PyTorch."""
 from piflow.heads import DXHead, GMHead
 from piflow.piid import piid_data_free_loss, piid_loss, piid_segment_loss, sample_segments
-from piflow.pipeline import PiFlow
+from piflow.model import PiFlow
 from piflow.policies import DXPolicy, GMFlowPolicy, Policy
 from piflow.rollout import average_velocity, rollout
-from piflow.sampling import FlowMapSDEScheduler, euler_sample, sample
+from piflow.sampling import FlowMapSDESchedule, euler_sample, sample
+from piflow.settings import PiIDSettings
 from piflow.teachers import ClassifierFreeGuidance, GaussianMixtureTeacher, NetworkTeacher
 from piflow.timewarp import dynamic_shift, unwarp, warp
 
@@ -12,7 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PiFlow", "GMFlowPolicy", "DXPolicy", "Policy", "GMHead", "DXHead", "rollout", "average_velocity",
-    "piid_loss", "piid_segment_loss", "piid_data_free_loss", "sample_segments", "FlowMapSDEScheduler", "sample",
+    "piid_loss", "piid_segment_loss", "piid_data_free_loss", "sample_segments", "FlowMapSDESchedule", "sample",
+    "PiIDSettings",
     "euler_sample", "GaussianMixtureTeacher", "NetworkTeacher", "ClassifierFreeGuidance", "warp", "unwarp",
     "dynamic_shift", "__version__",
 ]

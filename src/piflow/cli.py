@@ -3,8 +3,10 @@ convert-checkpoint.
 
 Every training command takes ``--config FILE`` (YAML) and ``key=value`` overrides (dotted keys, e.g.
 ``distill.nfe=4``) and writes its resolved config, metrics JSON and figures into its run directory (``--run-dir``).
-A problem with the input (config, data, files, run directory, missing extras) is printed as one line and exits with
-status 2 (3 when training diverged); set ``PIFLOW_TRACEBACK=1`` to see the traceback too. Bugs keep their traceback.
+A problem with the input (config, data, files, run directory, missing extras: a `piflow.errors.UserError`) or the
+environment (missing or unwritable files, a full disk) is printed as one line and exits with status 2 (3 when
+training diverged); set ``PIFLOW_TRACEBACK=1`` to see the traceback too. Anything else is a bug and keeps its
+traceback. ``PIFLOW_COMPILE=1`` turns on the fused (torch.compile) GM rollout substeps.
 """
 from __future__ import annotations
 
@@ -32,47 +34,56 @@ def _add_config_args(parser: argparse.ArgumentParser, run_dir_default: Optional[
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.nfe=4")
 
 
-def _config_value(args, key: str):
-    """A top-level config value the run will use (last override wins over the config file), or None if unset."""
-    from piflow.config import parse_overrides
+def _resolve_training_config(args) -> tuple[str, dict]:
+    """(recipe, resolved config) of train-teacher / distill: the YAML file is read once; its ``pipeline`` and
+    ``dataset`` (an override wins) pick the recipe — text-to-image, image or 2-D — whose defaults resolve it."""
+    from piflow.config import load_config, parse_overrides
     from piflow.files import read_yaml
-
-    value = parse_overrides(args.overrides).get(key)
-    if value is None and args.config and Path(args.config).is_file():
-        loaded = read_yaml(args.config)
-        value = loaded.get(key) if isinstance(loaded, dict) else None
-    return value
-
-
-def _cmd_train(args) -> int:
-    """train-teacher and distill: resolve the config, run the 2-D, image or text-to-image recipe."""
-    from piflow.config import load_config
     from piflow.recipes import images, toy2d
     from piflow.recipes.common import check_dataset
 
-    run_dir = Path(args.run_dir)
-    if _config_value(args, "pipeline") is not None:   # a diffusers text-to-image base model
+    loaded = read_yaml(args.config) if args.config else {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {args.config} must hold a mapping at the top level")
+    overrides = parse_overrides(args.overrides)
+
+    def chosen(key: str):
+        return overrides[key] if key in overrides else loaded.get(key)
+
+    if chosen("pipeline") is not None:                  # a diffusers text-to-image base model
         if args.command != "distill":
             raise ConfigError("text-to-image teachers are diffusers pipelines: use `piflow distill pipeline=...`")
-        from piflow.recipes.text_to_image import T2I_DISTILL_DEFAULTS, distill_text_to_image
+        from piflow.recipes.text_to_image import T2I_DISTILL_DEFAULTS
 
-        metrics = distill_text_to_image(load_config(T2I_DISTILL_DEFAULTS, args.config, args.overrides), run_dir,
-                                        args.allow_config_change)
-        print(json.dumps(metrics, indent=2))
-        print(f"results written to {run_dir}")
-        return 0
-    defaults = toy2d.TEACHER_DEFAULTS if args.command == "train-teacher" else toy2d.DISTILL_DEFAULTS
-    dataset = _config_value(args, "dataset") or defaults["dataset"]
-    check_dataset(dataset)
-    if images.is_image_dataset(dataset):
-        defaults, run = {"train-teacher": (images.IMAGE_TEACHER_DEFAULTS, images.train_teacher),
-                         "distill": (images.IMAGE_DISTILL_DEFAULTS, images.distill)}[args.command]
-        metrics = run(load_config(defaults, args.config, args.overrides), run_dir, args.allow_config_change)
-        print(json.dumps(metrics, indent=2))
+        recipe, defaults = "t2i", T2I_DISTILL_DEFAULTS
     else:
-        run = toy2d.train_teacher if args.command == "train-teacher" else toy2d.distill
-        metrics = run(load_config(defaults, args.config, args.overrides), run_dir, args.allow_config_change)
-        print(toy2d.format_table(metrics["rows"]))
+        toy_defaults = toy2d.TEACHER_DEFAULTS if args.command == "train-teacher" else toy2d.DISTILL_DEFAULTS
+        dataset = chosen("dataset") or toy_defaults["dataset"]
+        check_dataset(dataset)
+        if images.is_image_dataset(dataset):
+            recipe = "image"
+            defaults = images.IMAGE_TEACHER_DEFAULTS if args.command == "train-teacher" else \
+                images.IMAGE_DISTILL_DEFAULTS
+        else:
+            recipe, defaults = "2d", toy_defaults
+    return recipe, load_config(defaults, loaded, args.overrides)
+
+
+def _cmd_train(args) -> int:
+    """train-teacher and distill: resolve the config once, then run the 2-D, image or text-to-image recipe."""
+    from piflow.recipes import images, toy2d
+
+    recipe, config = _resolve_training_config(args)
+    run_dir = Path(args.run_dir)
+    if recipe == "t2i":
+        from piflow.recipes.text_to_image import distill_text_to_image
+
+        run = distill_text_to_image
+    else:
+        module = images if recipe == "image" else toy2d
+        run = module.train_teacher if args.command == "train-teacher" else module.distill
+    metrics = run(config, run_dir, args.allow_config_change)
+    print(toy2d.format_table(metrics["rows"]) if recipe == "2d" else json.dumps(metrics, indent=2))
     print(f"results written to {run_dir}")
     return 0
 
@@ -161,7 +172,7 @@ def _cmd_sample(args) -> int:
     out = Path(args.output) if args.output else None
     if out is not None and (out.suffix != ".npy" or out.is_dir() or out.with_suffix(".png").is_dir()):
         raise ConfigError(f"--output must name a .npy file (not a folder), got {out}")
-    pf, _ = (images if image_run else toy2d).load_student_pipeline(run_dir, args.overrides)
+    pf, _ = (images if image_run else toy2d).load_student(run_dir, args.overrides)
     nfe = pf.nfe if args.nfe is None else args.nfe
     out = out or run_dir / f"samples_nfe{nfe}.npy"
     gen = torch.Generator().manual_seed(args.seed)
@@ -217,7 +228,7 @@ def _cmd_evaluate(args) -> int:
             results = evaluate_student_run(run_dir, args.overrides)
             table = format_markdown(results)
         else:
-            pf, config = toy2d.load_student_pipeline(run_dir, args.overrides)
+            pf, config = toy2d.load_student(run_dir, args.overrides)
             teacher, _ = toy2d.load_teacher(config["teacher"], config["dataset"])
             results = toy2d.evaluate_methods(teacher, pf, toy2d.load_dataset(config["dataset"]), config["eval"],
                                              figures)
@@ -263,14 +274,14 @@ def _cmd_encode_prompts(args) -> int:
 
     from piflow.errors import require
     from piflow.integrations.diffusers.prompts import read_prompt_file, write_prompt_cache
-    from piflow.recipes.text_to_image import DTYPES, _from_pretrained, pipeline_architecture
+    from piflow.recipes.diffusers_base import DTYPES, from_pretrained, pipeline_architecture
 
     diffusers = require("diffusers", "piflow encode-prompts")
     _positive(args, "--shard-size", "--max-sequence-length")
     architecture = pipeline_architecture(args.pipeline)          # checked before anything heavy is loaded
     prompts = read_prompt_file(args.prompts)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = _from_pretrained(diffusers.DiffusionPipeline, args.pipeline, transformer=None, vae=None,
+    pipe = from_pretrained(diffusers.DiffusionPipeline, args.pipeline, transformer=None, vae=None,
                             torch_dtype=DTYPES[args.dtype])
     pipe.to(device)
     out = write_prompt_cache(pipe, architecture, prompts, args.out, args.negative_prompt, args.shard_size,
@@ -407,15 +418,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from piflow.train.distributed import init_distributed
 
         init_distributed()
+    if os.environ.get("PIFLOW_COMPILE") == "1":         # opt-in: fused GM rollout substeps (torch.compile)
+        from piflow.policies.gmflow import enable_compiled_posterior
+
+        enable_compiled_posterior(True)
+    succeeded = False
     try:
         code = args.func(args)
-        if distributed:
-            from piflow.train.distributed import shutdown
-
-            shutdown()
+        succeeded = True
         return code
-    except (UserError, ValueError, FileNotFoundError, ImportError, OSError) as error:
-        # user errors: bad config or values, bad or missing files, missing extras, unwritable or full disks
+    except (UserError, OSError) as error:
+        # user errors (bad config or values, bad files, run directories, missing extras: `UserError`) and the
+        # environment's (missing or unwritable files, full disks: OSError); anything else is a bug: traceback
         if os.environ.get("PIFLOW_TRACEBACK"):
             import traceback
 
@@ -427,6 +441,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"piflow {args.command}: interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+    finally:
+        if distributed:                             # leave the process group whatever happened
+            from piflow.train.distributed import shutdown
+
+            shutdown(wait_for_others=succeeded)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ scalars (``distill.nfe=4``, ``train.lr=1e-3``, ``eval.teacher_steps=[1,2,4]``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
@@ -15,12 +17,56 @@ import yaml
 from piflow.errors import ConfigError
 from piflow.files import read_yaml
 
-__all__ = ["ConfigError", "load_config", "parse_overrides", "save_config"]
+__all__ = ["ConfigError", "Optional_", "dataclass_defaults", "load_config", "parse_overrides", "save_config"]
+
+KEY_ALIASES = {"gm_dropout": "policy_dropout"}       # older key names, still accepted (renamed on load)
+
+
+@dataclasses.dataclass(frozen=True)
+class Optional_:
+    """A default of None that still type-checks overrides: ``"root": Optional_(str)`` takes null or a string."""
+
+    kind: type
+
+    @property
+    def example(self) -> Any:
+        return {int: 0, float: 0.0, str: "", list: [], bool: False}[self.kind]
+
+
+def dataclass_defaults(cls, **overrides) -> dict:
+    """A config section from a dataclass's defaults (the single source of those defaults) with `overrides`;
+    ``Optional[X] = None`` fields become `Optional_(X)`, tuples lists (YAML has no tuples)."""
+    hints = typing.get_type_hints(cls)
+    section = {}
+    for field in dataclasses.fields(cls):
+        value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if value is None:
+            args = [a for a in typing.get_args(hints[field.name]) if a is not type(None)]
+            value = Optional_(args[0] if args and isinstance(args[0], type) else str)
+        elif isinstance(value, tuple):
+            value = list(value)
+        section[field.name] = value
+    unknown = sorted(set(overrides) - set(section))
+    if unknown:
+        raise KeyError(f"{cls.__name__} has no fields {unknown}")
+    section.update(overrides)
+    return section
+
+
+def _plain(defaults: Any) -> Any:
+    """The defaults with every `Optional_` replaced by None (what a resolved config holds)."""
+    if isinstance(defaults, dict):
+        return {key: _plain(value) for key, value in defaults.items()}
+    if isinstance(defaults, Optional_):
+        return None
+    return copy.deepcopy(defaults)
 
 
 def _merge(base: dict, update: Mapping, template: Mapping, prefix: str = "") -> dict:
     """Merge `update` into `base` key by key; values are checked against the type of the *defaults* (`template`)."""
     for key, value in update.items():
+        if key not in base and KEY_ALIASES.get(key) in base and KEY_ALIASES[key] not in update:
+            key = KEY_ALIASES[key]
         path = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(base)}")
@@ -35,9 +81,12 @@ def _merge(base: dict, update: Mapping, template: Mapping, prefix: str = "") -> 
 
 def _coerce(default: Any, value: Any, path: str) -> Any:
     """`value` as the type of `default` (numbers from strings like 1e-3, ints from whole floats), or a ConfigError
-    naming the key. A default of None takes any scalar or list (the recipe checks it)."""
+    naming the key. A default of None takes any scalar or list (the recipe checks it); an `Optional_(kind)`
+    default takes None or a value of that kind."""
     if value is None:
         return value
+    if isinstance(default, Optional_):
+        return _coerce(default.example, value, path)
     if value == "auto" and isinstance(default, (int, float)) and not isinstance(default, bool):
         return value                        # number-or-'auto' settings (GM temperature); the recipe checks them
     if default == "auto" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -108,11 +157,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     return result
 
 
-def load_config(defaults: dict, path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = ()) -> dict:
-    """defaults ← YAML file ← overrides; returns a new dict."""
-    config = copy.deepcopy(defaults)
+def load_config(defaults: dict, path: Union[str, Path, Mapping, None] = None, overrides: Iterable[str] = ()) -> dict:
+    """defaults ← YAML file (a path, or its already-read mapping) ← overrides; returns a new dict."""
+    config = _plain(defaults)
     if path is not None:
-        loaded = read_yaml(path)
+        loaded = path if isinstance(path, Mapping) else read_yaml(path)
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         _merge(config, loaded, defaults)

@@ -23,6 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
+from piflow.errors import DataError
+
 PathLike = Union[str, os.PathLike]
 
 _FAULT_COUNTS: dict[str, int] = {}
@@ -126,7 +128,7 @@ def read_json(path: PathLike, what: str = "file") -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{what} {path} is not valid JSON ({error})") from None
+        raise DataError(f"{what} {path} is not valid JSON ({error})") from None
 
 
 def _unique_key_loader():
@@ -186,7 +188,7 @@ def load_safetensors(path: PathLike, what: str = "weights file", device: str = "
     try:
         return load_file(str(path), device=str(device))
     except Exception as error:      # SafetensorError, OSError, … : a file that is not safetensors
-        raise ValueError(f"{what} {path} is not a readable safetensors file ({type(error).__name__}: "
+        raise DataError(f"{what} {path} is not a readable safetensors file ({type(error).__name__}: "
                          f"{first_line(error)})") from None
 
 

@@ -144,3 +144,32 @@ class DXHead(nn.Module):
         if features.shape[-1] != self.in_dim:
             raise ValueError(f"features must end with in_dim={self.in_dim}, got shape {tuple(features.shape)}")
         return self.proj(features).reshape(*features.shape[:-1], self.num_nodes, self.out_dim)
+
+
+def make_policy_head(policy: str, in_dim: int, out_dim: int, *, channels: int, cond_dim: int,
+                     num_components: int = 8, num_nodes: int = 10, dx_mode: str = "grid", logstd_hidden: int = 1024,
+                     layout: str = "pc", teacher_projection: Optional[nn.Linear] = None, noise_std: float = 0.05,
+                     generator: Optional[torch.Generator] = None) -> nn.Module:
+    """The policy head of a student (the one factory used by every student class).
+
+    Args:
+        policy: "gmflow" (alias "gm": a `GMHead` with `num_components`, `logstd_hidden`, `layout`) or "dx" (a
+            `DXHead` with `num_nodes` and `dx_mode`).
+        in_dim, out_dim: feature size and outputs per position of the teacher projection (out_dim = P·channels).
+        channels: C of one GM chunk. cond_dim: size of the conditioning embedding (GM log-std MLP input).
+        teacher_projection: the teacher's output layer; when given the head is initialised from it (GM: K copies
+            plus bias noise of std `noise_std` drawn from `generator`), else the no-teacher initialisation.
+    """
+    from piflow.settings import policy_kind
+
+    kind = policy_kind(policy)
+    if kind == "gmflow":
+        head = GMHead(in_dim, out_dim, num_components, cond_dim, channels=channels, logstd_hidden=logstd_hidden,
+                      layout=layout)
+        if teacher_projection is not None:
+            head.init_from_teacher(teacher_projection, noise_std=noise_std, generator=generator)
+        return head
+    head = DXHead(in_dim, out_dim, num_nodes, mode=dx_mode)
+    if teacher_projection is not None:
+        head.init_from_teacher(teacher_projection)
+    return head

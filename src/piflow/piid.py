@@ -9,52 +9,20 @@ callable ``teacher(x_t, sigma_t, cond) -> u``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-from piflow.policies.base import Policy, check_finite, draw
-from piflow.policies.gmflow import GMFlowPolicy
-from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, average_velocity, rollout_tau
+from piflow.checks import check_finite, draw
+from piflow.policies.base import Policy
+from piflow.rollout import average_velocity, rollout_tau
+from piflow.schedule import check_final_step_size_scale, check_nfe, segment_grid
+from piflow.settings import PiIDSettings
 from piflow.timewarp import warp
 
 Student = Callable[[Tensor, Tensor, Any], Policy]
 TeacherFn = Callable[[Tensor, Tensor, Any], Tensor]
-
-
-def check_nfe(nfe: int) -> int:
-    if isinstance(nfe, bool) or int(nfe) != nfe or int(nfe) < 1:
-        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
-    return int(nfe)
-
-
-def check_final_step_size_scale(final_step_size_scale: float) -> float:
-    value = float(final_step_size_scale)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"final_step_size_scale must be a finite number > 0, got {final_step_size_scale}")
-    return value
-
-
-def segment_grid(nfe: int, final_step_size_scale: float = 1.0) -> list[float]:
-    """Raw-time segment starts, from 1 downward: 1, 1 − base, …, f·base with base = 1/(nfe − 1 + f)."""
-    nfe, scale = check_nfe(nfe), check_final_step_size_scale(final_step_size_scale)
-    base = 1.0 / (nfe - 1 + scale)
-    return [max(1.0 - i * base, 0.0) for i in range(nfe)]
-
-
-def dx_segment_size(nfe: int, final_step_size_scale: float = 1.0) -> float:
-    """Raw-time length of one (non-final) segment, 1/(nfe − 1 + f); the whole [0, 1] for nfe = 1: the DX default."""
-    grid = segment_grid(nfe, final_step_size_scale)
-    return 1.0 - grid[1] if len(grid) > 1 else 1.0
-
-
-def teacher_ratio(iteration: int, num_decay_iters: int) -> float:
-    """Scheduled trajectory mixing ρ = 1 − min(iter, D)/D (0 when D ≤ 0): 1 = teacher path, 0 = on-policy."""
-    if num_decay_iters <= 0:
-        return 0.0
-    return 1.0 - min(max(iteration, 0), num_decay_iters) / num_decay_iters
 
 
 def sample_segments(batch_size: int, nfe: int, final_step_size_scale: float = 1.0, eps: float = 1e-4,
@@ -86,10 +54,8 @@ class SegmentLoss(NamedTuple):
     sigma_teacher: Tensor        # (M·B,) noise levels where the teacher was queried (for logging)
 
 
-def piid_segment_loss(policy: Policy, teacher: TeacherFn, cond: Any, tau_src: Tensor, segment_size: Tensor, *,
-                      num_intermediate_states: int = 2, window_substeps: int = 0, teacher_ratio: float = 0.0,
-                      gm_dropout: float = 0.0, loss_scale: float = 3.0,
-                      total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, shift: float = 1.0, eps: float = 1e-4,
+def piid_segment_loss(policy: Policy, teacher: TeacherFn, cond: Any, tau_src: Tensor, segment_size: Tensor,
+                      settings: PiIDSettings, *, teacher_ratio: float = 0.0, eps: float = 1e-4,
                       return_x_dst: bool = False, generator: Optional[torch.Generator] = None) -> SegmentLoss:
     """The π-ID loss of one segment per sample (§4.3).
 
@@ -97,22 +63,14 @@ def piid_segment_loss(policy: Policy, teacher: TeacherFn, cond: Any, tau_src: Te
         policy: the student's grad-carrying policy built at (x_src, σ_src) — x_src/σ_src are read from it.
         teacher: ``teacher(x_t, sigma_t (B,), cond) -> u``; queried under no_grad.
         tau_src, segment_size: (B,) raw start time and raw length S of each sample's segment.
-        num_intermediate_states: M states per segment where the teacher is queried.
-        window_substeps: w; the learner velocity is averaged over Δ = w·δ raw time (micro-window), 0 = local.
+        settings: read here are num_intermediate_states (M teacher queries), window_substeps (w; the learner
+            velocity is averaged over Δ = w·δ raw time, 0 = local), policy_dropout (on the detached rollout copy),
+            loss_scale (factor on ½·MSE), total_substeps and shift.
         teacher_ratio: ρ ∈ [0, 1]; fraction of each segment walked with teacher Euler steps (trajectory mixing).
-        gm_dropout: p for GM dropout on the detached rollout copy (GM policies only).
-        loss_scale: constant factor on ½·MSE (3 for ImageNet, 30 for FLUX/Qwen in the paper).
     """
-    if num_intermediate_states < 1:
-        raise ValueError(f"num_intermediate_states must be >= 1, got {num_intermediate_states}")
-    if window_substeps < 0:
-        raise ValueError(f"window_substeps must be >= 0, got {window_substeps}")
     if not 0.0 <= teacher_ratio <= 1.0:
         raise ValueError(f"teacher_ratio must lie in [0, 1], got {teacher_ratio}")
-    if not 0.0 <= gm_dropout < 1.0:
-        raise ValueError(f"gm_dropout must lie in [0, 1), got {gm_dropout}")
-    if gm_dropout > 0 and not isinstance(policy, GMFlowPolicy):
-        raise ValueError("gm_dropout > 0 needs a GMFlow policy; set gm_dropout=0 for DX policies")
+    count, total_substeps, shift = settings.num_intermediate_states, settings.total_substeps, settings.shift
     x_src = policy.x_src
     batch, ndim, device = x_src.shape[0], x_src.dim(), x_src.device
     shape = (batch,) + (1,) * (ndim - 1)
@@ -121,10 +79,9 @@ def piid_segment_loss(policy: Policy, teacher: TeacherFn, cond: Any, tau_src: Te
                          f"{tuple(tau_src.shape)} and {tuple(segment_size.shape)}")
     tau_src = tau_src.to(device, torch.float32).reshape(shape)
     seg = segment_size.to(device, torch.float32).reshape(shape)
-    count = num_intermediate_states
 
     seg_substeps = torch.round(seg * total_substeps).clamp(min=1)
-    window = torch.minimum(window_substeps * seg / seg_substeps, seg)
+    window = torch.minimum(settings.window_substeps * seg / seg_substeps, seg)
     span = seg - window                                               # room for the intermediate states
     student_draws = (draw("uniform", (batch, count), generator, device)
                      * (1 - teacher_ratio) * span.reshape(batch, 1)).sort(dim=1).values
@@ -132,8 +89,8 @@ def piid_segment_loss(policy: Policy, teacher: TeacherFn, cond: Any, tau_src: Te
     teacher_gaps = _sorted_spacings(batch, count, generator, device) * teacher_ratio * span.reshape(batch, 1)
 
     rollout_policy = policy.detach()
-    if gm_dropout > 0:
-        rollout_policy = rollout_policy.dropout(gm_dropout, generator=generator)
+    if settings.policy_dropout > 0:
+        rollout_policy = rollout_policy.dropout(settings.policy_dropout, generator=generator)
 
     x, tau, sigma = x_src, tau_src, policy.sigma_src
     predictions, targets, sigmas = [], [], []
@@ -156,7 +113,7 @@ def piid_segment_loss(policy: Policy, teacher: TeacherFn, cond: Any, tau_src: Te
 
     u_pred, u_target = torch.cat(predictions), torch.cat(targets)
     per_sample = (u_pred - u_target).square().flatten(1).mean(dim=1)
-    loss = loss_scale * 0.5 * per_sample.mean()
+    loss = settings.loss_scale * 0.5 * per_sample.mean()
     x_dst = None
     if return_x_dst:
         with torch.no_grad():
@@ -171,37 +128,36 @@ def forward_diffuse(x0: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
     return (1 - sigma) * x0 + sigma * noise
 
 
-def piid_loss(student: Student, teacher: TeacherFn, x0: Tensor, cond: Any = None, *, nfe: int,
-              final_step_size_scale: float = 1.0, shift: float = 1.0, eps: float = 1e-4,
-              generator: Optional[torch.Generator] = None, **segment_kwargs) -> SegmentLoss:
-    """Data-dependent π-ID (§4.2): random segment per sample, forward-diffused real data as x_src, one segment loss.
-
-    `segment_kwargs` go to `piid_segment_loss` (num_intermediate_states, window_substeps, teacher_ratio, gm_dropout,
-    loss_scale, total_substeps).
-    """
+def piid_loss(student: Student, teacher: TeacherFn, x0: Tensor, cond: Any, settings: PiIDSettings, *,
+              iteration: int = 0, eps: float = 1e-4, generator: Optional[torch.Generator] = None) -> SegmentLoss:
+    """Data-dependent π-ID (§4.2): random segment per sample, forward-diffused real data as x_src, one segment loss
+    (trajectory mixing at `iteration` of the settings' schedule)."""
     check_finite(x0, "x0")
     batch = x0.shape[0]
-    tau_src, segment_size = sample_segments(batch, nfe, final_step_size_scale, eps, generator, x0.device)
-    sigma_src = warp(tau_src, shift)
+    tau_src, segment_size = sample_segments(batch, settings.nfe, settings.final_step_size_scale, eps, generator,
+                                            x0.device)
+    sigma_src = warp(tau_src, settings.shift)
     noise = draw("normal", x0.shape, generator, x0.device, x0.dtype)
     x_src = forward_diffuse(x0, sigma_src, noise)
     policy = student(x_src, sigma_src, cond)
-    return piid_segment_loss(policy, teacher, cond, tau_src, segment_size, shift=shift, eps=eps,
-                             generator=generator, **segment_kwargs)
+    return piid_segment_loss(policy, teacher, cond, tau_src, segment_size, settings,
+                             teacher_ratio=settings.teacher_ratio(iteration), eps=eps, generator=generator)
 
 
-def piid_data_free_loss(student: Student, teacher: TeacherFn, noise: Tensor, cond: Any = None, *, nfe: int,
-                        final_step_size_scale: float = 1.0, shift: float = 1.0, eps: float = 1e-4,
-                        backward: Union[bool, Callable[[Tensor], None]] = True,
-                        generator: Optional[torch.Generator] = None, **segment_kwargs) -> Tensor:
+def piid_data_free_loss(student: Student, teacher: TeacherFn, noise: Tensor, cond: Any, settings: PiIDSettings, *,
+                        iteration: int = 0, backward: Optional[Callable[[Tensor], None]] = Tensor.backward,
+                        eps: float = 1e-4,
+                        generator: Optional[torch.Generator] = None) -> Tensor:
     """Data-free multistep π-ID (§4.4): walk all nfe segments from pure noise along the student's own policy.
 
-    Step k's loss is weighted by its raw length S_k (Σ S_k = 1). With ``backward=True`` (or a callable such as
-    ``scaler.scale(l).backward``) each step is back-propagated immediately and its graph freed; the returned total
-    is then detached. With ``backward=False`` the graph-carrying sum is returned.
+    Step k's loss is weighted by its raw length S_k (Σ S_k = 1). Each step is back-propagated immediately with
+    `backward` (default ``Tensor.backward``; the training loop passes its own, which applies gradient-accumulation
+    and fp16 loss scaling) and its graph freed, and the detached total is returned; ``backward=None`` returns the
+    graph-carrying sum instead.
     """
     check_finite(noise, "noise")
-    starts = segment_grid(nfe, final_step_size_scale)
+    starts = segment_grid(settings.nfe, settings.final_step_size_scale)
+    ratio = settings.teacher_ratio(iteration)
     batch = noise.shape[0]
     x = noise
     total = noise.new_zeros((), dtype=torch.float32)
@@ -209,14 +165,13 @@ def piid_data_free_loss(student: Student, teacher: TeacherFn, noise: Tensor, con
         seg = (starts[k] - starts[k + 1]) if k + 1 < len(starts) else starts[k]
         tau_src = noise.new_full((batch,), tau, dtype=torch.float32)
         seg_size = noise.new_full((batch,), seg, dtype=torch.float32)
-        policy = student(x, warp(tau_src, shift), cond)
-        out = piid_segment_loss(policy, teacher, cond, tau_src, seg_size, shift=shift, eps=eps,
-                                return_x_dst=True, generator=generator, **segment_kwargs)
+        policy = student(x, warp(tau_src, settings.shift), cond)
+        out = piid_segment_loss(policy, teacher, cond, tau_src, seg_size, settings, teacher_ratio=ratio, eps=eps,
+                                return_x_dst=True, generator=generator)
         step_loss = out.loss * seg
-        if backward is True:
-            step_loss.backward()
-        elif callable(backward):
+        if backward is not None:
             backward(step_loss)
-        total = total + (step_loss if backward is False else step_loss.detach())
+            step_loss = step_loss.detach()
+        total = total + step_loss
         x = out.x_dst.to(noise.dtype)
     return total

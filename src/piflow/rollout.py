@@ -1,7 +1,9 @@
 """Policy rollout: many cheap Euler substeps of a policy, uniform in raw time τ (algorithm.md §3).
 
-A segment of raw length Δτ gets n = max(round(Δτ·total_substeps), 1) substeps of size Δτ/n, so the substep size is
-≈ 1/total_substeps whatever the segment; every sample takes exactly its own n substeps (per-sample masking).
+A segment of raw length Δτ gets n = max(ceil(Δτ·total_substeps), 1) substeps of size Δτ/n (the authors' current
+rounding, algorithm.md §14), so no substep is longer than 1/total_substeps; every sample takes exactly its own n
+substeps (per-sample masking). piflow subtracts a tolerance of 1e-4 substeps before the ceiling, so that float32
+round-off in Δτ (e.g. 0.25·128 = 32.000004) never adds a nearly empty substep; the authors' code has no tolerance.
 """
 from __future__ import annotations
 
@@ -10,15 +12,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from piflow.policies.base import Policy, SigmaLike, as_batch_sigma, check_finite
+from piflow.checks import SigmaLike, as_batch_sigma, check_finite
+from piflow.policies.base import Policy
 from piflow.timewarp import unwarp, warp
 
 DEFAULT_TOTAL_SUBSTEPS = 128
 
 
+SUBSTEP_TOLERANCE = 1e-4
+
+
 def num_substeps(tau_start: Tensor, tau_end: Tensor, total_substeps: int) -> Tensor:
-    """Per-sample substep counts n = max(round((τ_start − τ_end)·total_substeps), 1) (long tensor, same shape)."""
-    return torch.round((tau_start - tau_end) * total_substeps).clamp(min=1).long()
+    """Per-sample substep counts n = max(ceil((τ_start − τ_end)·total_substeps − 1e-4), 1) (long, same shape)."""
+    return torch.ceil((tau_start - tau_end) * total_substeps - SUBSTEP_TOLERANCE).clamp(min=1).long()
 
 
 def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Tensor,
@@ -41,7 +47,7 @@ def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Ten
     if sigma_start is not None:
         sigmas[0] = sigma_start
     for j in range(max_count):
-        x = policy._euler_step(x, sigmas[j], sigmas[j + 1])
+        x = policy.euler_substep(x, sigmas[j], sigmas[j + 1])
     return x
 
 
@@ -86,7 +92,7 @@ def average_velocity(policy: Policy, x_a: Tensor, tau_a: Tensor, tau_b: Tensor,
     sigma_a = warp(tau_a, shift) if sigma_a is None else sigma_a
     small = torch.round((tau_a - tau_b) * total_substeps) < 2
     num_small = int(small.sum())
-    local = policy._velocity(x_a, sigma_a) if num_small > 0 else None
+    local = policy.velocity_unchecked(x_a, sigma_a) if num_small > 0 else None
     if num_small == small.numel():
         return local
     x_b = rollout_tau(policy, x_a, tau_a, tau_b, total_substeps, shift, sigma_start=sigma_a)

@@ -1,46 +1,31 @@
-"""Few-step sampling: the FlowMapSDE scheduler (algorithm.md §5.1) and the policy sampling loop (§5.2).
+"""Few-step sampling: the FlowMapSDE step schedule (algorithm.md §5.1), the one policy sampling loop (§5.2) and
+the teacher's own ODE samplers (Euler, RK4, the Euler trajectory recorder) used as references and baselines.
 
-Each step evaluates the student once at (x, σ_i), rolls its policy out to σ_dst,i and lets the scheduler map the
-result to the next grid point (identity for h = 0). Any NFE ≥ 1 works at test time (elastic inference).
+Each step evaluates the student once at (x, σ_i), rolls its policy out to σ_dst,i and lets the schedule map the
+result to the next grid point (identity for h = 0). Any NFE ≥ 1 works at test time (elastic inference). The diffusers
+pipelines run this same loop (`sample`) with their scheduler's schedule.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from piflow.piid import check_nfe, segment_grid
-from piflow.policies.base import Policy, check_finite, draw
-from piflow.policies.gmflow import GMFlowPolicy
+from piflow.checks import check_finite, draw
+from piflow.policies.base import Policy
 from piflow.progress import progress_bar
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
+from piflow.schedule import check_nfe, check_raw_times, resolve_temperature, segment_grid
 from piflow.timewarp import warp
 
 HLike = Union[float, str]
+PolicyFn = Callable[[Tensor, Tensor, Any], Policy]
 
 
-def auto_temperature(nfe: int) -> float:
-    """The pipelines' 'auto' GM temperature: clamp(0.1·(nfe − 1), 0, 1)."""
-    return min(max(0.1 * (nfe - 1), 0.0), 1.0)
-
-
-def resolve_temperature(temperature: Union[float, str], nfe: int) -> float:
-    """The GM temperature to use at `nfe` steps: a number >= 0 as given, or 'auto' (`auto_temperature`); anything
-    else (negative, NaN, another string) is a ValueError naming the argument."""
-    if temperature == "auto":
-        return auto_temperature(nfe)
-    if isinstance(temperature, str) or isinstance(temperature, bool):
-        raise ValueError(f"temperature must be a number >= 0 or 'auto', got {temperature!r}")
-    value = float(temperature)
-    if not value >= 0 or math.isinf(value):
-        raise ValueError(f"temperature must be a finite number >= 0 or 'auto', got {temperature!r}")
-    return value
-
-
-class FlowMapSDEScheduler:
-    """Step schedule of a few-step policy sampler.
+class FlowMapSDESchedule:
+    """Step schedule of a few-step policy sampler (the math behind the diffusers `FlowMapSDEScheduler`).
 
     Args:
         shift: time warp m (σ = warp(τ)).
@@ -48,8 +33,8 @@ class FlowMapSDEScheduler:
         h: stochasticity; 0 = deterministic flow map (identity step), 'inf' = roll out to σ = 0 then re-noise,
            in between an SDE with the same marginals.
         num_train_timesteps: S_t, the factor between σ and the network timestep (`timesteps = σ·S_t`).
-    After `set_timesteps(nfe)`: `sigmas` (nfe + 1,) ending with 0, `sigmas_dst` (nfe,) where each step's rollout
-    stops, `timesteps` = sigmas[:-1]·S_t, `timesteps_dst`.
+    After `set_timesteps(nfe)` or `set_timesteps(sigmas=[…])`: `sigmas` (nfe + 1,) ending with 0, `sigmas_dst`
+    (nfe,) where each step's rollout stops, `timesteps` = sigmas[:-1]·S_t, `timesteps_dst`.
     """
 
     def __init__(self, shift: float = 1.0, final_step_size_scale: float = 1.0, h: HLike = 0.0,
@@ -67,9 +52,22 @@ class FlowMapSDEScheduler:
         self.eps = eps
         self.num_inference_steps: Optional[int] = None
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = "cpu") -> None:
-        nfe = check_nfe(num_inference_steps)
-        raw = torch.tensor(segment_grid(nfe, self.final_step_size_scale), dtype=torch.float64)
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                      sigmas: Optional[Sequence[float]] = None) -> None:
+        """The grid of `num_inference_steps` steps (raw segment starts 1, …, f·base, warped by `shift`), or of an
+        explicit list `sigmas` of raw times (strictly decreasing in (0, 1], warped by `shift` like the authors'
+        sampler; a final 0 is appended; `num_inference_steps`, if given, must equal its length)."""
+        if sigmas is not None:
+            raw_list = check_raw_times(sigmas)
+            if num_inference_steps is not None and check_nfe(num_inference_steps) != len(raw_list):
+                raise ValueError(f"num_inference_steps ({num_inference_steps}) must equal len(sigmas) "
+                                 f"({len(raw_list)})")
+        elif num_inference_steps is None:
+            raise ValueError("give num_inference_steps or sigmas")
+        else:
+            raw_list = segment_grid(check_nfe(num_inference_steps), self.final_step_size_scale)
+        nfe = len(raw_list)
+        raw = torch.tensor(raw_list, dtype=torch.float64)
         sigmas = torch.cat([warp(raw, self.shift), raw.new_zeros(1)])
         sigma_src, sigma_to = sigmas[:-1], sigmas[1:]
         alpha_src, alpha_to = 1 - sigma_src, 1 - sigma_to
@@ -109,33 +107,49 @@ class FlowMapSDEScheduler:
         return x.to(x_dst.dtype)
 
 
-def sample(student: Callable[[Tensor, Tensor, Any], Policy], noise: Tensor, nfe: int, cond: Any = None, *,
-           shift: float = 1.0, final_step_size_scale: float = 1.0, h: HLike = 0.0,
-           temperature: Union[float, str] = 1.0, total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
-           generator: Optional[torch.Generator] = None, return_trajectory: bool = False, progress: bool = False):
-    """Sample with a policy student in `nfe` network evaluations.
+def sample(policy_fn: PolicyFn, noise: Tensor, nfe: Optional[int] = None, cond: Any = None, *,
+           sigmas: Optional[Sequence[float]] = None, shift: float = 1.0, final_step_size_scale: float = 1.0,
+           h: HLike = 0.0, schedule: Optional[FlowMapSDESchedule] = None, temperature: Union[float, str] = 1.0,
+           total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, generator: Optional[torch.Generator] = None,
+           on_step: Optional[Callable[[int, Tensor], Optional[Tensor]]] = None, return_trajectory: bool = False,
+           progress: bool = False):
+    """Sample with a policy student in `nfe` network evaluations (the only few-step loop in piflow).
 
     Args:
-        student: ``student(x, sigma (B,), cond) -> Policy``.
-        noise: (B, C, *spatial) initial noise at σ = 1.
+        policy_fn: ``policy_fn(x, sigma (B,), cond) -> Policy``: one student evaluation turned into its policy
+            (e.g. `PiFlow.policy`, or a pipeline's student + `policy_from_outputs`).
+        noise: (B, C, *spatial) Gaussian noise ε. The start state is σ_0·ε (ε itself for the default σ_0 = 1).
+        nfe / sigmas: the number of steps of the default grid, or an explicit list of raw times (see
+            `FlowMapSDESchedule.set_timesteps`). `shift`, `final_step_size_scale`, `h` build the schedule, unless
+            `schedule` (a `FlowMapSDESchedule` after `set_timesteps`, e.g. a pipeline's with dynamic shift) is given.
         temperature: GM temperature on non-final steps (a number >= 0, or 'auto' = clamp(0.1·(nfe − 1), 0, 1)).
-    Returns x at σ = 0 (dtype of `noise`), or (x, [states at every grid point]) with `return_trajectory`.
+        on_step: called as ``on_step(i, x)`` after step i; a returned tensor replaces x (diffusers callbacks).
+    Returns x at σ = 0 (float32 if a `schedule` is given, else the dtype of `noise`), or (x, [states at every grid
+    point]) with `return_trajectory`.
     """
     check_finite(noise, "noise")
-    scheduler = FlowMapSDEScheduler(shift, final_step_size_scale, h)
-    scheduler.set_timesteps(nfe, device=noise.device)
-    temperature = resolve_temperature(temperature, scheduler.num_inference_steps)
-    x = noise
+    if schedule is None:
+        schedule = FlowMapSDESchedule(shift, final_step_size_scale, h)
+        schedule.set_timesteps(nfe, device=noise.device, sigmas=sigmas)
+    elif schedule.num_inference_steps is None:
+        raise ValueError("schedule: call set_timesteps before passing it to sample")
+    steps = schedule.num_inference_steps
+    temperature = resolve_temperature(temperature, steps)
     batch = noise.shape[0]
+    start = float(schedule.sigmas[0])
+    x = noise if start == 1.0 else noise * start
     trajectory = [x]
-    bar = progress_bar(scheduler.num_inference_steps, "sampling", enabled=progress)
-    for i in range(scheduler.num_inference_steps):
-        sigma_src = scheduler.sigmas[i].expand(batch)
-        policy = student(x, sigma_src, cond)
-        if isinstance(policy, GMFlowPolicy) and i < scheduler.num_inference_steps - 1:
-            policy = policy.temperature(float(temperature))
-        x_dst = rollout(policy, x, sigma_src, scheduler.sigmas_dst[i].expand(batch), total_substeps, shift)
-        x = scheduler.step(x_dst, i, generator)
+    bar = progress_bar(steps, "sampling", enabled=progress)
+    for i in range(steps):
+        sigma_src = schedule.sigmas[i].expand(batch)
+        policy = policy_fn(x, sigma_src, cond)
+        if i < steps - 1:
+            policy = policy.temperature(temperature)
+        x_dst = rollout(policy, x, sigma_src, schedule.sigmas_dst[i].expand(batch), total_substeps, schedule.shift)
+        x = schedule.step(x_dst, i, generator)
+        if on_step is not None:
+            replaced = on_step(i, x)
+            x = x if replaced is None else replaced
         trajectory.append(x)
         bar.update(1)
     bar.close()
@@ -147,17 +161,39 @@ def _sigma_grid(num_steps: int, shift: float, device) -> Tensor:
     return warp(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).to(device)
 
 
+def _euler_states(teacher: Callable[[Tensor, Tensor, Any], Tensor], noise: Tensor, num_steps: int, cond: Any,
+                  shift: float):
+    """The teacher's Euler ODE states at σ_0 = 1, σ_1, …, σ_n = 0 (uniform in raw time), one at a time."""
+    sigmas = _sigma_grid(num_steps, shift, noise.device)
+    x = noise
+    batch = noise.shape[0]
+    yield x
+    for i in range(num_steps):
+        sigma = sigmas[i].to(torch.float32).expand(batch)
+        x = x + teacher(x, sigma, cond).to(x.dtype) * float(sigmas[i + 1] - sigmas[i])
+        yield x
+
+
 @torch.no_grad()
 def euler_sample(teacher: Callable[[Tensor, Tensor, Any], Tensor], noise: Tensor, num_steps: int, cond: Any = None,
                  shift: float = 1.0) -> Tensor:
     """The teacher's own Euler ODE sampler: `num_steps` evaluations, uniform in raw time."""
-    sigmas = _sigma_grid(num_steps, shift, noise.device)
-    x = noise
-    batch = noise.shape[0]
-    for i in range(num_steps):
-        sigma = sigmas[i].to(torch.float32).expand(batch)
-        x = x + teacher(x, sigma, cond).to(x.dtype) * float(sigmas[i + 1] - sigmas[i])
+    for x in _euler_states(teacher, noise, num_steps, cond, shift):
+        pass
     return x
+
+
+@torch.no_grad()
+def euler_trajectory(teacher: Callable[[Tensor, Tensor, Any], Tensor], noise: Tensor, num_steps: int,
+                     cond: Any = None, shift: float = 1.0, batch_size: Optional[int] = None) -> Tensor:
+    """Every state of `euler_sample`: (num_steps + 1, B, C, *spatial), σ from 1 to 0. With `batch_size`, the noise
+    (and a tensor `cond` along with it) is run in chunks of that many samples."""
+    step = noise.shape[0] if batch_size is None else batch_size
+    chunks = []
+    for start in range(0, noise.shape[0], step):
+        part = cond[start:start + step] if torch.is_tensor(cond) else cond
+        chunks.append(torch.stack(list(_euler_states(teacher, noise[start:start + step], num_steps, part, shift))))
+    return torch.cat(chunks, dim=1)
 
 
 @torch.no_grad()

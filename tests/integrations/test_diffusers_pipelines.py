@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from piflow.settings import PiIDSettings
+
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -28,11 +30,11 @@ def lora_student(pipe, architecture, policy, seed=0):
         for name, param in pipe.transformer.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
-    sampling = {"nfe": 4, "shift": 3.2, "final_step_size_scale": 0.5}
+    settings = PiIDSettings(policy=policy, nfe=4, shift=3.2, final_step_size_scale=0.5)
     kwargs = {"mode": "grid", "segment_size": 1 / 3.5, "shift": 3.2} if policy == "dx" else {}
     return DiffusersPolicyStudent(pipe.transformer, policy, num_components=2, num_nodes=3, latent_channels=4,
                                   logstd_hidden=16, share_transformer=True, architecture=architecture,
-                                  policy_kwargs=kwargs, sampling=sampling,
+                                  policy_kwargs=kwargs, settings=settings,
                                   generator=torch.Generator().manual_seed(seed)).eval()
 
 
@@ -65,6 +67,12 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
                 policy_kwargs=student.policy_kwargs)
     expected = pf.sample(noise, nfe=4, cond=text_cond(pipe, architecture), temperature="auto")
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    # an explicit step list (raw times, warped by the shift) runs through the same loop
+    sigmas = [1.0, 0.6, 0.25]
+    listed = run(pipe, None, output_type="latent", sigmas=sigmas)
+    assert pipe.scheduler.num_inference_steps == 3
+    expected = pf.sample(noise, sigmas=sigmas, cond=text_cond(pipe, architecture), temperature="auto")
+    torch.testing.assert_close(listed, expected, atol=1e-5, rtol=1e-5)
     for steps in (1, 4):
         images = run(pipe, steps, output_type="np")
         assert images.shape == (2, SIZE, SIZE, 3) and images.min() >= 0 and images.max() <= 1

@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent("""
     cond = {"encoder_hidden_states": torch.randn(2, 5, 32, generator=g), "pooled_projections": torch.randn(2, 16,
             generator=g), "txt_ids": torch.zeros(5, 3), "guidance": torch.full((2,), 3.5)}
     calls = [0]
-    def loss_fn(iteration, generator):
+    def loss_fn(iteration, generator, backward):
         shard = info.rank if info.enabled else calls[0] % 2
         calls[0] += 1
         shard_gen = torch.Generator().manual_seed(1000 * iteration + shard)   # same randomness in both setups

@@ -4,7 +4,7 @@ import torch
 
 from piflow.models import DiT, MLPVelocityModel2D
 from piflow.models.students import PolicyStudent
-from piflow.pipeline import PiFlow
+from piflow.model import PiFlow
 from piflow.policies import DXPolicy, GMFlowPolicy
 
 pytestmark = pytest.mark.usefixtures("single_thread")

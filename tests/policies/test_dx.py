@@ -138,3 +138,41 @@ def test_errors():
         policy.velocity(x_src[:, :, :1], 0.3)
     with pytest.raises(ValueError, match="sigma_t"):
         policy.velocity(x_src, -0.2)
+
+
+def test_dropout_reinterpolates_dropped_grid_nodes():
+    # every kept node stays; a dropped node lies on the straight line between its nearest kept neighbours (the
+    # nearest kept node at the ends); the whole grid is never dropped
+    torch.manual_seed(0)
+    B, N = 64, 6
+    policy = DXPolicy(torch.randn(B, N, 3), torch.randn(B, 3), 0.8)
+    dropped = policy.dropout(0.5, generator=torch.Generator().manual_seed(1))
+    grid, new = policy.x0_grid, dropped.x0_grid
+    changed = 0
+    for b in range(B):
+        same = [n for n in range(N) if torch.equal(grid[b, n], new[b, n])]
+        assert same, "at least one node is kept"
+        for n in range(N):
+            left = max([k for k in same if k <= n], default=None)
+            right = min([k for k in same if k >= n], default=None)
+            if left is None or right is None:
+                expected = grid[b, right if left is None else left]
+            elif left == right:
+                expected = grid[b, n]
+            else:
+                w = (n - left) / (right - left)
+                expected = (1 - w) * grid[b, left] + w * grid[b, right]
+            torch.testing.assert_close(new[b, n], expected)
+        changed += len(same) < N
+    assert changed > B // 2                                   # p = 0.5 drops something in most samples
+    assert policy.dropout(0.0) is policy and policy.dropout(1.0) is policy
+    assert DXPolicy(torch.randn(2, 1, 3), torch.randn(2, 3), 0.5).dropout(0.5).num_nodes == 1
+
+
+def test_dropout_of_a_polynomial_policy_keeps_the_source_prediction():
+    policy = DXPolicy(torch.randn(16, 4, 2), torch.randn(16, 2), 0.7, mode="polynomial")
+    dropped = policy.dropout(0.6, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(dropped.x0_grid[:, 0], policy.x0_grid[:, 0])
+    zeroed = (dropped.x0_grid[:, 1:] == 0).all(dim=-1)
+    kept = (dropped.x0_grid[:, 1:] == policy.x0_grid[:, 1:]).all(dim=-1)
+    assert bool((zeroed | kept).all()) and bool(zeroed.any())

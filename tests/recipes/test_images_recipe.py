@@ -43,7 +43,7 @@ def test_distill_variants(tmp_path, teacher_run, extra):
     assert main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
-    pf, _ = images.load_student_pipeline(run)
+    pf, _ = images.load_student(run)
     x = pf.sample(torch.randn(3, 1, 8, 8), nfe=3, cond=torch.tensor([0, 1, 2]))
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
     if "student.policy=gmflow" in extra:      # the CLI's sample and evaluate on image runs
@@ -104,7 +104,7 @@ def test_image_folder_and_latents_train(tmp_path):
     assert main(["distill", "--run-dir", str(tmp_path / "s_lat"), *common, f"teacher={tmp_path / 't_lat'}",
                  "train.iters=2", "distill.batch_size=2", "distill.total_substeps=16", "train.progress=false",
                  "train.checkpoint_every=0"]) == 0
-    pf, _ = images.load_student_pipeline(tmp_path / "s_lat")
+    pf, _ = images.load_student(tmp_path / "s_lat")
     assert pf.sample(torch.randn(2, 4, 8, 8), nfe=2, cond=torch.tensor([0, 2])).shape == (2, 4, 8, 8)
 
 
@@ -121,7 +121,7 @@ def test_x0_baseline_bank_is_cached_per_teacher(tmp_path, teacher_run, monkeypat
     def no_trajectories(*args, **kwargs):
         raise AssertionError("the bank should come from the cache")
 
-    monkeypatch.setattr(images, "teacher_trajectories", no_trajectories)
+    monkeypatch.setattr(images, "euler_trajectory", no_trajectories)
     assert main(["distill", "--run-dir", str(tmp_path / "b"), *args]) == 0
     first = [json.loads(line)["loss"] for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     second = [json.loads(line)["loss"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]

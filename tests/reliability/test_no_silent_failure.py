@@ -49,7 +49,7 @@ def _linear_problem(nan_from: int):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
 
-    def loss_fn(iteration, generator):
+    def loss_fn(iteration, generator, backward):
         x = torch.randn(8, 3, generator=generator)
         loss = (model(x) - x.sum(1, keepdim=True)).square().mean()
         return loss * float("nan") if iteration >= nan_from else loss
@@ -73,7 +73,7 @@ def test_isolated_skipped_steps_do_not_stop_training():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
 
-    def loss_fn(iteration, generator):
+    def loss_fn(iteration, generator, backward):
         loss = model(torch.randn(8, 3, generator=generator)).square().mean()
         return loss * float("nan") if iteration % 3 == 0 else loss          # never 2 in a row
 
@@ -149,7 +149,7 @@ def test_non_finite_teacher_outputs_fail_loudly():
                             init_from_teacher=False, logstd_hidden=8)
     pf = piflow.PiFlow(student, lambda x, s, c: torch.full_like(x, float("nan")), policy="gmflow", nfe=2)
     with pytest.raises(TrainingDivergedError):
-        train(student, lambda it, g: pf(torch.randn(16, 2, generator=g), generator=g),
+        train(student, lambda it, g, backward: pf(torch.randn(16, 2, generator=g), generator=g),
               TrainConfig(iters=10, progress=False, checkpoint_every=0, max_skipped_steps=3))
 
 
@@ -185,8 +185,8 @@ def test_skipped_steps_do_not_advance_the_learning_rate_schedule():
     model, loss_fn = _linear_problem(nan_from=1000)
     skip = {3, 4}
 
-    def sometimes_nan(iteration, generator):
-        loss = loss_fn(iteration, generator)
+    def sometimes_nan(iteration, generator, backward):
+        loss = loss_fn(iteration, generator, backward)
         return loss * float("nan") if iteration in skip else loss
 
     result = train(model, sometimes_nan, TrainConfig(iters=8, lr=1.0, warmup_iters=10, progress=False,

@@ -116,7 +116,7 @@ HOLDER = textwrap.dedent("""
     run_dir, go = Path(sys.argv[1]), Path(sys.argv[2])
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
-    def loss_fn(iteration, generator):
+    def loss_fn(iteration, generator, backward):
         if iteration == 3:
             (run_dir / "holding").write_text("1")
             while not go.exists():       # hold the lock until the test has tried a second writer

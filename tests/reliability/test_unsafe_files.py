@@ -42,7 +42,7 @@ def test_crafted_checkpoint_is_refused_by_the_library(tmp_path, marker):
         load_checkpoint(path)
     model = torch.nn.Linear(2, 1)
     with pytest.raises(CheckpointError):
-        train(model, lambda it, g: model(torch.ones(1, 2)).sum(), TrainConfig(iters=2, progress=False), tmp_path)
+        train(model, lambda it, g, backward: model(torch.ones(1, 2)).sum(), TrainConfig(iters=2, progress=False), tmp_path)
 
 
 @pytest.mark.parametrize("torch_format", [False, True])
@@ -61,7 +61,7 @@ def test_legacy_checkpoint_converts_and_resumes_exactly(tmp_path):
     def problem():
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 1)
-        def loss_fn(iteration, generator):
+        def loss_fn(iteration, generator, backward):
             x = torch.randn(8, 3, generator=generator)
             return (model(x) - x.sum(1, keepdim=True)).square().mean()
 

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
     data = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(0))
     calls = [0]
-    def loss_fn(iteration, generator):
+    def loss_fn(iteration, generator, backward):
         shard = info.rank if info.enabled else calls[0] % 2   # one process: both shards via accumulation
         calls[0] += 1
         x = data[shard] * (1 + iteration)

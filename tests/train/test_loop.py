@@ -19,7 +19,7 @@ def _regression_problem():
     model = nn.Linear(3, 1)
     target = torch.tensor([[1.0, -2.0, 0.5]])
 
-    def loss_fn(iteration, generator):
+    def loss_fn(iteration, generator, backward):
         x = torch.randn(32, 3, generator=generator)
         return (model(x) - x @ target.T).square().mean()
 
@@ -57,8 +57,8 @@ def test_nonfinite_steps_are_skipped():
     model, loss_fn = _regression_problem()
     before = model.weight.detach().clone()
 
-    def nan_loss(iteration, generator):
-        return loss_fn(iteration, generator) * float("nan")
+    def nan_loss(iteration, generator, backward):
+        return loss_fn(iteration, generator, backward) * float("nan")
 
     result = train(model, nan_loss, TrainConfig(iters=3, progress=False, checkpoint_every=0))
     assert all(h["skipped"] for h in result.history)
@@ -89,7 +89,7 @@ def test_sigkill_mid_training_resumes_exactly(tmp_path):
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
         kill_at = int(sys.argv[2])
-        def loss_fn(iteration, generator):
+        def loss_fn(iteration, generator, backward):
             if iteration == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             x = torch.randn(16, 3, generator=generator)
@@ -127,7 +127,7 @@ def test_mismatched_checkpoint_gives_clear_error(tmp_path):
     train(model, loss_fn, TrainConfig(iters=2, progress=False), tmp_path)
     other = nn.Linear(4, 1)
     with pytest.raises(CheckpointError, match="does not match"):
-        train(other, lambda it, g: other(torch.randn(2, 4)).sum(), TrainConfig(iters=4, progress=False), tmp_path)
+        train(other, lambda it, g, backward: other(torch.randn(2, 4)).sum(), TrainConfig(iters=4, progress=False), tmp_path)
 
 
 def test_bad_train_config():
@@ -183,11 +183,55 @@ def test_default_checkpoint_cadence_suits_short_and_long_runs():
 def test_short_run_killed_near_its_end_keeps_most_of_its_work(tmp_path):
     model, loss_fn = _regression_problem()
 
-    def dies_at_195(iteration, generator):
+    def dies_at_195(iteration, generator, backward):
         if iteration == 195:
             raise KeyboardInterrupt
-        return loss_fn(iteration, generator)
+        return loss_fn(iteration, generator, backward)
 
     with pytest.raises(KeyboardInterrupt):
         train(model, dies_at_195, TrainConfig(iters=200, progress=False), tmp_path)
     assert load_checkpoint(tmp_path / "checkpoint.safetensors")["step"] == 180
+
+
+@pytest.mark.parametrize("data_free", [True, False])
+def test_fp16_gives_the_fp32_update(data_free):
+    # The loop hands loss functions a `backward` that applies grad-accumulation and the fp16 GradScaler's scale;
+    # data-free π-ID calls it once per segment. Before, data-free losses were back-propagated unscaled and then
+    # unscaled again by the GradScaler (gradients 65536× too small): the fp16 update must equal the fp32 one.
+    from piflow.model import PiFlow
+    from piflow.models import MLPVelocityModel2D
+    from piflow.models.students import PolicyStudent
+    from piflow.teachers import GaussianMixtureTeacher
+
+    teacher = GaussianMixtureTeacher(torch.tensor([[-1.0, 0.5], [1.0, -0.5]]), 0.4)
+    updates, norms = {}, {}
+    for precision in ("no", "fp16"):
+        torch.manual_seed(0)
+        student = PolicyStudent(MLPVelocityModel2D(hidden_size=32, num_layers=2), num_components=2,
+                                logstd_hidden=16, generator=torch.Generator().manual_seed(0))
+        pf = PiFlow(student, teacher, nfe=2, total_substeps=16, policy_dropout=0.0)
+        before = [p.detach().clone() for p in student.parameters()]
+
+        def loss_fn(iteration, generator, backward):
+            x = torch.randn(16, 2, generator=generator)
+            if data_free:
+                return pf.data_free_loss(x, backward=backward, generator=generator)
+            return pf(teacher.sample(16, generator=generator), generator=generator)
+
+        config = TrainConfig(iters=1, lr=1e-3, warmup_iters=0, grad_clip=0.0, ema_start=0, progress=False,
+                             mixed_precision=precision, grad_accum_steps=2)
+        result = train(student, loss_fn, config)
+        assert not result.history[0]["skipped"]
+        norms[precision] = result.history[0]["grad_norm"]
+        updates[precision] = torch.cat([(p.detach() - b).flatten() for p, b in zip(student.parameters(), before)])
+    assert norms["fp16"] == pytest.approx(norms["no"], rel=0.05)
+    difference = (updates["fp16"] - updates["no"]).norm() / updates["no"].norm()
+    assert float(difference) < 0.2
+
+
+def test_loss_fn_protocol_errors():
+    model = nn.Linear(2, 1)
+    with pytest.raises(TypeError, match="backward"):
+        train(model, lambda it, g, backward: torch.tensor(1.0), TrainConfig(iters=1, progress=False))
+    with pytest.raises(TypeError, match="scalar"):
+        train(model, lambda it, g, backward: model(torch.ones(3, 2)), TrainConfig(iters=1, progress=False))

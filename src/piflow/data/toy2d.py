@@ -7,12 +7,13 @@ also carry their exact `GaussianMixture2D`, so that evaluation code can assign s
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from piflow.checks import is_int, positive_int
 
 __all__ = [
     "GaussianMixture2D",
@@ -31,18 +32,18 @@ def _check_generator(generator: torch.Generator | None) -> None:
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def _is_int(value: object) -> bool:
-    """True for Python/numpy integers, False for bools and everything else."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_num_samples(n: int) -> int:
-    if not _is_int(n) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     return int(n)
 
 
 def _positive_float(value: float, name: str) -> float:
+    """`value` as a float if it converts to a finite float > 0, else a ValueError naming `name`.
+
+    Kept local rather than `piflow.checks.positive_float`: it accepts anything `float()` takes (bools, numeric
+    strings, 0-d tensors) and says "positive finite float".
+    """
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -164,9 +165,7 @@ def _ring_mixture(radius: float = 4.0, std: float = 0.2, num_modes: int = 8,
     """K Gaussians evenly spaced on a circle, the first at angle 0 (on the +x axis)."""
     radius = _positive_float(radius, "radius")
     std = _positive_float(std, "std")
-    if not _is_int(num_modes) or num_modes < 1:
-        raise ValueError(f"num_modes must be a positive int, got {num_modes!r}")
-    num_modes = int(num_modes)
+    num_modes = positive_int(num_modes, "num_modes")
     angles = 2.0 * math.pi * torch.arange(num_modes, dtype=torch.float64) / num_modes
     means = radius * torch.stack([torch.cos(angles), torch.sin(angles)], dim=1)
     if weights is None:
@@ -178,9 +177,7 @@ def _ring_mixture(radius: float = 4.0, std: float = 0.2, num_modes: int = 8,
 
 def _grid_mixture(grid_size: int = 5, spacing: float = 2.0, std: float = 0.15) -> GaussianMixture2D:
     """grid_size x grid_size equally weighted Gaussians on a square grid centred at the origin."""
-    if not _is_int(grid_size) or grid_size < 1:
-        raise ValueError(f"grid_size must be a positive int, got {grid_size!r}")
-    grid_size = int(grid_size)
+    grid_size = positive_int(grid_size, "grid_size")
     spacing = _positive_float(spacing, "spacing")
     std = _positive_float(std, "std")
     coords = (torch.arange(grid_size, dtype=torch.float64) - (grid_size - 1) / 2.0) * spacing

@@ -7,15 +7,16 @@ evaluated block by block, so memory stays O(chunk_size^2) even for N = M = 20000
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from piflow.checks import positive_int
 from piflow.data.toy2d import GaussianMixture2D, assign_modes
 
 __all__ = [
+    "as_points",
     "wasserstein2_1d",
     "sliced_wasserstein2",
     "energy_distance",
@@ -35,8 +36,13 @@ _SLICED_ENTRY_BUDGET = 1 << 23
 # Input checks
 # ----------------------------------------------------------------------------------------------------------
 
-def _as_points(x: Tensor, name: str, min_rows: int = 1) -> Tensor:
-    """Return x as a detached float64 (N, D) tensor, or raise ValueError naming `name`."""
+def as_points(x: Tensor, name: str, min_rows: int = 1) -> Tensor:
+    """Return a point cloud x (N, D) as a detached float64 tensor, or raise a ValueError naming `name`.
+
+    Accepts a tensor or anything `torch.as_tensor` takes (arrays, nested lists). Requires exactly two
+    dimensions, D >= 1 columns, at least `min_rows` rows and a real (not complex or bool) dtype; the device is
+    kept. Shared by the sample distances here and the feature metrics in `piflow.eval.image_metrics`.
+    """
     if not torch.is_tensor(x):
         try:
             x = torch.as_tensor(x)
@@ -62,22 +68,16 @@ def _as_values(x: Tensor, name: str) -> Tensor:
             raise ValueError(f"{name} must be a (N,) tensor, got {type(x).__name__}") from None
     if x.dim() != 1:
         raise ValueError(f"{name} must have shape (N,), got shape {tuple(x.shape)}")
-    return _as_points(x[:, None], name)
+    return as_points(x[:, None], name)
 
 
 def _as_pair(x: Tensor, y: Tensor, min_rows: int = 1) -> tuple[Tensor, Tensor]:
     """Validate two point clouds with the same dimension D and put them on one device, float64."""
-    x = _as_points(x, "x", min_rows)
-    y = _as_points(y, "y", min_rows)
+    x = as_points(x, "x", min_rows)
+    y = as_points(y, "y", min_rows)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension D, got x {tuple(x.shape)} and y {tuple(y.shape)}")
     return x, y.to(x.device)
-
-
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -124,7 +124,7 @@ def sliced_wasserstein2(x: Tensor, y: Tensor, num_projections: int = 256,
     sorting when N == M, and on the merged quantile grid of the two empirical measures otherwise.
     """
     x, y = _as_pair(x, y)
-    num_projections = _positive_int(num_projections, "num_projections")
+    num_projections = positive_int(num_projections, "num_projections")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     dim = x.shape[1]
@@ -194,7 +194,7 @@ def energy_distance(x: Tensor, y: Tensor, chunk_size: int = 1024) -> float:
     Computed in (chunk_size x chunk_size) blocks, so memory is O(chunk_size^2).
     """
     x, y = _as_pair(x, y, min_rows=2)
-    chunk_size = _positive_int(chunk_size, "chunk_size")
+    chunk_size = positive_int(chunk_size, "chunk_size")
     x, y = _centred(x, y)
     n, m = x.shape[0], y.shape[0]
     cross = _pairwise_sum(x, y, _sqrt_in_place, same=False, chunk_size=chunk_size) / (n * m)
@@ -211,7 +211,7 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidths: Sequence[float] = DEFAULT_MMD_BAND
     diagonal. Computed in (chunk_size x chunk_size) blocks.
     """
     x, y = _as_pair(x, y, min_rows=2)
-    chunk_size = _positive_int(chunk_size, "chunk_size")
+    chunk_size = positive_int(chunk_size, "chunk_size")
     try:
         sigmas = [float(s) for s in bandwidths]
     except (TypeError, ValueError):
@@ -262,7 +262,7 @@ def mode_statistics(x: Tensor, mixture: GaussianMixture2D, min_fraction: float =
         raise ValueError(f"min_fraction must be a float in [0, 1], got {min_fraction!r}") from None
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction must be a float in [0, 1], got {min_fraction!r}")
-    x = _as_points(x, "x")
+    x = as_points(x, "x")
     if x.shape[1] != 2:
         raise ValueError(f"x must have shape (N, 2), got shape {tuple(x.shape)}")
     labels = assign_modes(x, mixture, max_sigmas=max_sigmas)
@@ -287,8 +287,8 @@ def mode_statistics(x: Tensor, mixture: GaussianMixture2D, min_fraction: float =
 
 def coupling_error(x: Tensor, y: Tensor) -> float:
     """Mean over rows of ||x_i - y_i||_2 for paired samples x, y (N, D) (e.g. generated from the same noise)."""
-    x = _as_points(x, "x")
-    y = _as_points(y, "y")
+    x = as_points(x, "x")
+    y = as_points(y, "y")
     if x.shape != y.shape:
         raise ValueError(f"x and y must have exactly the same shape, got x {tuple(x.shape)} and y {tuple(y.shape)}")
     return float((x - y.to(x.device)).norm(dim=1).mean())

@@ -18,13 +18,13 @@ Everything is pure torch, computed in float64, and returned as Python floats:
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from piflow.eval.distances import _as_points
+from piflow.checks import is_int, positive_int
+from piflow.eval.distances import as_points
 
 __all__ = [
     "feature_statistics",
@@ -57,7 +57,7 @@ def _as_tensor(x, name: str) -> Tensor:
 
 def _as_features(x, name: str, min_rows: int = 1) -> Tensor:
     """Return x as a finite float64 (N, D) tensor, or raise ValueError naming `name`."""
-    x = _as_points(x, name, min_rows)
+    x = as_points(x, name, min_rows)
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     return x
@@ -72,14 +72,8 @@ def _feature_pair(f1, f2, min_rows: int, names: tuple[str, str] = ("f1", "f2")) 
     return a, b.to(a.device)
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def _int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise ValueError(f"{name} must be an int, got {value!r}")
     return int(value)
 
@@ -183,9 +177,9 @@ def kernel_inception_distance(f1, f2, num_subsets: int = 100, subset_size: int =
     single subset). The mean can be slightly negative when the distributions are equal. Not Inception KID.
     """
     a, b = _feature_pair(f1, f2, min_rows=2)
-    num_subsets = _positive_int(num_subsets, "num_subsets")
-    subset_size = _positive_int(subset_size, "subset_size")
-    degree = _positive_int(degree, "degree")
+    num_subsets = positive_int(num_subsets, "num_subsets")
+    subset_size = positive_int(subset_size, "subset_size")
+    degree = positive_int(degree, "degree")
     seed = _int(seed, "seed")
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < 2:
@@ -235,8 +229,8 @@ def precision_recall_density_coverage(real_features, fake_features, k: int = 5,
     Needs N, M > k. Distances are computed in row blocks of `chunk_size`, so memory is O(chunk_size * max(N, M)).
     Returns a dict with keys ``precision``, ``recall``, ``density``, ``coverage``.
     """
-    k = _positive_int(k, "k")
-    chunk = _positive_int(chunk_size, "chunk_size")
+    k = positive_int(k, "k")
+    chunk = positive_int(chunk_size, "chunk_size")
     real, fake = _feature_pair(real_features, fake_features, min_rows=k + 1,
                                names=("real_features", "fake_features"))
     real_radii = _knn_radii(real, k, chunk)  # (N,)
@@ -270,7 +264,7 @@ def class_histogram(labels_or_logits, num_classes: int) -> Tensor:
 
     Logits are reduced with argmax. Labels must lie in [0, num_classes).
     """
-    num_classes = _positive_int(num_classes, "num_classes")
+    num_classes = positive_int(num_classes, "num_classes")
     x = _as_tensor(labels_or_logits, "labels_or_logits")
     if x.dim() == 2:
         if x.shape[1] != num_classes:

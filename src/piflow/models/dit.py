@@ -17,247 +17,42 @@ Layout
   start at zero, so an untrained model outputs exactly 0.
 
 The network receives t = σ · num_timesteps and predicts the rectified-flow velocity u = ε - x0.
+
+`DiTConfig` / `DIT_PRESETS` live in `dit_config`, the blocks and position embeddings in `dit_blocks`; both are
+re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from piflow.policies.base import draw
+from piflow.checks import draw
 
+from .dit_blocks import DiTBlock, FinalModulation, sincos_embedding_1d, sincos_position_embedding
+from .dit_config import DIT_PRESETS, DiTConfig
 from .embeddings import TimestepLike, as_timestep, timestep_embedding
+
+__all__ = [
+    "CONFIG_NAME",
+    "DIT_PRESETS",
+    "DiT",
+    "DiTBlock",
+    "DiTConfig",
+    "FinalModulation",
+    "WEIGHTS_NAME",
+    "sincos_embedding_1d",
+    "sincos_position_embedding",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-DIT_PRESETS: Dict[str, Dict[str, int]] = {
-    "DiT-T": dict(hidden_size=64, depth=2, num_heads=2),
-    "DiT-S": dict(hidden_size=384, depth=12, num_heads=6),
-    "DiT-B": dict(hidden_size=768, depth=12, num_heads=12),
-    "DiT-L": dict(hidden_size=1024, depth=24, num_heads=16),
-    "DiT-XL": dict(hidden_size=1152, depth=28, num_heads=16),
-}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------
-
-@dataclass
-class DiTConfig:
-    """Architecture of a DiT. Defaults are DiT-XL/2 on 32×32×4 latents with 1000 classes.
-
-    input_size: int S (image S×S), (H, W) (image) or (T, H, W) (video); H and W must be divisible by
-    patch_size. Output channels are 2·in_channels with learn_sigma, else in_channels.
-    """
-
-    in_channels: int = 4
-    input_size: Union[int, Tuple[int, ...]] = 32
-    patch_size: int = 2
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    class_dropout_prob: float = 0.1
-    learn_sigma: bool = False
-    frequency_embedding_size: int = 256
-
-    def __post_init__(self) -> None:
-        size = self.input_size
-        if isinstance(size, int) and not isinstance(size, bool):
-            size = (size, size)
-        elif isinstance(size, (list, tuple)) and len(size) in (2, 3) and all(
-                isinstance(s, int) and not isinstance(s, bool) for s in size):
-            size = tuple(size)
-        else:
-            raise ValueError(f"input_size must be an int, (H, W) or (T, H, W) of ints, got {self.input_size!r}")
-        self.input_size = size
-        for name in ("in_channels", "patch_size", "hidden_size", "depth", "num_heads",
-                     "frequency_embedding_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if any(s < 1 for s in size):
-            raise ValueError(f"input_size entries must be positive, got {size}")
-        if size[-1] % self.patch_size or size[-2] % self.patch_size:
-            raise ValueError(f"input_size (H, W) = {size[-2:]} must be divisible by patch_size={self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size must be divisible by 4 (2-D sin-cos embedding), got {self.hidden_size}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0, got {self.num_classes!r}")
-        if not 0.0 <= self.class_dropout_prob <= 1.0:
-            raise ValueError(f"class_dropout_prob must lie in [0, 1], got {self.class_dropout_prob}")
-        self.learn_sigma = bool(self.learn_sigma)
-        self.mlp_ratio = float(self.mlp_ratio)
-        self.class_dropout_prob = float(self.class_dropout_prob)
-
-    # derived quantities
-    @property
-    def is_video(self) -> bool:
-        return len(self.input_size) == 3
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-    @property
-    def grid_size(self) -> Tuple[int, ...]:
-        """Token grid: (H/p, W/p) for images, (T, H/p, W/p) for videos."""
-        p = self.patch_size
-        return (*self.input_size[:-2], self.input_size[-2] // p, self.input_size[-1] // p)
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.grid_size)
-
-    def to_dict(self) -> Dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["input_size"] = list(self.input_size)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "DiTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown DiTConfig fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "DiTConfig":
-        """`name` is a key of DIT_PRESETS, optionally with a patch suffix ("DiT-B/2"); overrides win."""
-        base, _, patch = name.partition("/")
-        if base not in DIT_PRESETS:
-            raise ValueError(f"unknown DiT preset {name!r}; expected one of {sorted(DIT_PRESETS)} "
-                             f"(optionally with '/<patch_size>')")
-        kwargs: Dict[str, Any] = dict(DIT_PRESETS[base])
-        if patch:
-            if not patch.isdigit() or int(patch) < 1:
-                raise ValueError(f"preset patch suffix must be a positive integer, got {name!r}")
-            kwargs["patch_size"] = int(patch)
-        kwargs.update(overrides)
-        return cls.from_dict(kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Position embeddings
-# ----------------------------------------------------------------------------------------------------------
-
-def sincos_embedding_1d(dim: int, positions: Tensor) -> Tensor:
-    """positions: (N,) -> (N, dim) float64 = [sin(pos·ω_k), cos(pos·ω_k)], ω_k = 10000^(-k/(dim/2))."""
-    if dim % 2:
-        raise ValueError(f"dim must be even, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
-    angles = positions.to(torch.float64)[:, None] * omega[None, :]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-
-
-def sincos_position_embedding(dim: int, grid_size: Sequence[int]) -> Tensor:
-    """Fixed sin-cos embedding of a (rows, cols) or (frames, rows, cols) token grid -> (L, dim) float32.
-
-    Spatial: half the features encode the row index, half the column index. Video: a 1-D embedding of the
-    frame index (dim features) is added. Token order matches `DiT.patchify` (frame-major, row-major).
-    """
-    rows, cols = grid_size[-2], grid_size[-1]
-    row_idx, col_idx = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    spatial = torch.cat([sincos_embedding_1d(dim // 2, row_idx.reshape(-1)),
-                         sincos_embedding_1d(dim // 2, col_idx.reshape(-1))], dim=1)        # (rows·cols, dim)
-    if len(grid_size) == 3:
-        temporal = sincos_embedding_1d(dim, torch.arange(grid_size[0]))                    # (T, dim)
-        spatial = (temporal[:, None, :] + spatial[None, :, :]).reshape(-1, dim)
-    return spatial.to(torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Building blocks
-# ----------------------------------------------------------------------------------------------------------
-
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x: (B, L, D); shift, scale: (B, 1, D)."""
-    return x * (1 + scale) + shift
-
-
-class _Attention(nn.Module):
-    """Multi-head self-attention with fused qkv, via scaled_dot_product_attention."""
-
-    def __init__(self, hidden_size: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        self.proj = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, L, D) -> (B, L, D)."""
-        batch, length, dim = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # each (B, heads, L, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
-
-
-class _FeedForward(nn.Module):
-    def __init__(self, hidden_size: int, mlp_ratio: float) -> None:
-        super().__init__()
-        inner = int(hidden_size * mlp_ratio)
-        self.fc1 = nn.Linear(hidden_size, inner)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(inner, hidden_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = _Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = _FeedForward(hidden_size, mlp_ratio)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x: (B, L, D) tokens, c: (B, D) conditioning -> (B, L, D)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c)[:, None, :].chunk(6, dim=-1)
-        x = x + gate_msa * self.attn(_modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp * self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
-
-
-class FinalModulation(nn.Module):
-    """LayerNorm (no affine) + adaLN shift/scale; `DiT.proj_out` is applied after it."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x: (B, L, D), c: (B, D) -> (B, L, D)."""
-        shift, scale = self.adaLN_modulation(c)[:, None, :].chunk(2, dim=-1)
-        return _modulate(self.norm_final(x), shift, scale)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# DiT
-# ----------------------------------------------------------------------------------------------------------
 
 class DiT(nn.Module):
     """Class-conditional DiT velocity network.

@@ -13,7 +13,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from piflow.heads import DXHead, GMHead
+from piflow.checks import as_batch_sigma
+from piflow.heads import make_policy_head
+from piflow.settings import policy_kind
 
 
 class PolicyStudent(nn.Module):
@@ -38,22 +40,16 @@ class PolicyStudent(nn.Module):
             raise TypeError("teacher_model must expose features(x, t, cond) and an nn.Linear proj_out")
         self.backbone = copy.deepcopy(teacher_model)
         del self.backbone.proj_out            # replaced by the head; keeps DDP free of unused parameters
-        self.policy_kind = "gmflow" if policy.lower() in ("gm", "gmflow") else policy.lower()
+        self.policy_kind = policy_kind(policy)
         self.num_timesteps = float(num_timesteps)
         in_dim, out_dim = projection.in_features, projection.out_features
         self.channels = int(getattr(teacher_model, "out_channels", getattr(teacher_model, "in_channels", out_dim)))
-        if self.policy_kind == "gmflow":
-            cond_dim = int(getattr(teacher_model, "cond_dim", in_dim))
-            self.head = GMHead(in_dim, out_dim, num_components, cond_dim, channels=self.channels,
-                               logstd_hidden=logstd_hidden)
-            if init_from_teacher:
-                self.head.init_from_teacher(projection, noise_std=head_noise_std, generator=generator)
-        elif self.policy_kind == "dx":
-            self.head = DXHead(in_dim, out_dim, num_nodes, mode=dx_mode)
-            if init_from_teacher:
-                self.head.init_from_teacher(projection)
-        else:
-            raise ValueError(f"unknown policy {policy!r}; expected 'gmflow' or 'dx'")
+        self.head = make_policy_head(
+            self.policy_kind, in_dim, out_dim, channels=self.channels,
+            cond_dim=int(getattr(teacher_model, "cond_dim", in_dim)), num_components=num_components,
+            num_nodes=num_nodes, dx_mode=dx_mode, logstd_hidden=logstd_hidden,
+            teacher_projection=projection if init_from_teacher else None, noise_std=head_noise_std,
+            generator=generator)
 
     def _to_spatial(self, per_position: Tensor, channels: int) -> Tensor:
         """(B, *positions, K, out) → (B, K, c, *spatial): vector data needs only a transpose, tokens unpatchify."""
@@ -65,8 +61,7 @@ class PolicyStudent(nn.Module):
         return spatial.reshape(batch, num, *spatial.shape[1:])
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> dict:
-        sigma = sigma.reshape(-1).expand(x.shape[0]) if torch.is_tensor(sigma) else torch.full(
-            (x.shape[0],), float(sigma), device=x.device)
+        sigma = as_batch_sigma(sigma, x.shape[0], 1, x.device, check=False)
         features, cond_emb = self.backbone.features(x, sigma * self.num_timesteps, cond)
         if self.policy_kind == "dx":
             return {"u_grid": self._to_spatial(self.head(features), self.channels)}

@@ -9,7 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from piflow.policies.base import Policy, as_batch_sigma, check_finite
+from typing import Optional
+
+from piflow.checks import as_batch_sigma, check_finite, draw
+from piflow.policies.base import Policy
 from piflow.timewarp import unwarp
 
 DX_MODES = ("grid", "polynomial")
@@ -79,7 +82,45 @@ class DXPolicy(Policy):
         return (1 - frac) * x0_lower + frac * x0_upper
 
     def detach(self) -> "DXPolicy":
+        policy = self._with_grid(self.x0_grid.detach())
+        policy.x_src = self.x_src.detach()
+        return policy
+
+    def dropout(self, p: float, generator: Optional[torch.Generator] = None) -> "DXPolicy":
+        """Policy dropout for DX (piflow's definition; the authors' DX policy has none, see docs/algorithm.md §14):
+        drop each (sample, node) with probability p, never all nodes of a sample.
+
+        Grid mode: a dropped node's x̂0 is re-interpolated linearly (in node index) from the nearest kept nodes on
+        either side (the nearest kept node at the ends), so the perturbed path still runs through the kept nodes.
+        Polynomial mode: dropped coefficients of order ≥ 1 become 0 (order 0, x̂0 at τ_src, is always kept).
+        No-op for p ≤ 0 or p ≥ 1, or a single node.
+        """
+        num = self.num_nodes
+        if not 0.0 < p < 1.0 or num == 1:
+            return self
+        batch = self.x0_grid.shape[0]
+        device = self.x0_grid.device
+        keep = draw("uniform", (batch, num), generator, device) >= p
+        if self.mode == "polynomial":
+            keep[:, 0] = True
+            mask = keep.reshape(batch, num, *([1] * (self.x0_grid.dim() - 2))).to(self.x0_grid.dtype)
+            return self._with_grid(self.x0_grid * mask)
+        keep |= ~keep.any(dim=1, keepdim=True)
+        index = torch.arange(num, device=device).expand(batch, num)
+        left = torch.where(keep, index, -1).cummax(dim=1).values
+        right = torch.where(keep, index, num).flip(1).cummin(dim=1).values.flip(1)
+        left = torch.where(left < 0, right, left)
+        right = torch.where(right >= num, left, right)
+        span = (right - left).clamp(min=1)
+        weight = ((index - left) / span).to(self.x0_grid.dtype)
+        shape = (batch, num, *([1] * (self.x0_grid.dim() - 2)))
+        expand = (batch, num, *self.x0_grid.shape[2:])
+        lower = self.x0_grid.gather(1, left.reshape(shape).expand(expand))
+        upper = self.x0_grid.gather(1, right.reshape(shape).expand(expand))
+        weight = weight.reshape(shape)
+        return self._with_grid((1 - weight) * lower + weight * upper)
+
+    def _with_grid(self, x0_grid: Tensor) -> "DXPolicy":
         policy = self.__class__.__new__(self.__class__)
-        policy._init(self.x0_grid.detach(), self.x_src.detach(), self.sigma_src, self.segment_size, self.shift,
-                     self.mode, self.eps)
+        policy._init(x0_grid, self.x_src, self.sigma_src, self.segment_size, self.shift, self.mode, self.eps)
         return policy

@@ -12,7 +12,6 @@ The last form (Σ_k w_k = 1) needs only two contractions over K per evaluation; 
 """
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Callable, Optional
 
@@ -20,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from piflow.policies.base import Policy, as_batch_sigma, check_finite, draw
+from piflow.checks import as_batch_sigma, check_finite, draw
+from piflow.policies.base import Policy
 
 
 def gm_posterior_x0(means: Tensor, means_sq: Tensor, logits: Tensor, var: Tensor, zeta: Tensor, nu: Tensor,
@@ -66,7 +66,7 @@ def enable_compiled_posterior(enabled: bool = True, **compile_kwargs) -> bool:
     Used for rollouts without autograd (the detached training rollouts and sampling); grad-carrying evaluations
     always use plain PyTorch. If `torch.compile` is missing or compilation fails at the first call (e.g. no C++
     compiler), piflow warns once and falls back to plain PyTorch, which gives the same numbers up to float32
-    rounding. Also enabled by the environment variable ``PIFLOW_COMPILE=1`` at import time.
+    rounding. The `piflow` command line calls it when the environment variable ``PIFLOW_COMPILE=1`` is set.
     """
     global _compiled_substep
     if not enabled or not hasattr(torch, "compile"):
@@ -79,10 +79,6 @@ def enable_compiled_posterior(enabled: bool = True, **compile_kwargs) -> bool:
 
 def compiled_posterior_enabled() -> bool:
     return _compiled_substep is not None
-
-
-if os.environ.get("PIFLOW_COMPILE", "0") == "1":  # pragma: no cover - opt-in
-    enable_compiled_posterior(True)
 
 
 class GMFlowPolicy(Policy):
@@ -164,7 +160,7 @@ class GMFlowPolicy(Policy):
             return checkpoint(gm_posterior_x0, *args, self.eps, use_reentrant=False)
         return gm_posterior_x0(*args, self.eps)
 
-    def _euler_step(self, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    def euler_substep(self, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
         global _compiled_substep
         if _compiled_substep is not None and not (torch.is_grad_enabled() and self.means.requires_grad):
             try:
@@ -174,7 +170,7 @@ class GMFlowPolicy(Policy):
                 warnings.warn(f"torch.compile of the GM substep failed ({type(error).__name__}: {error}); "
                               "falling back to plain PyTorch", RuntimeWarning)
                 _compiled_substep = None
-        return super()._euler_step(x, sigma, sigma_next)
+        return super().euler_substep(x, sigma, sigma_next)
 
     def detach(self) -> "GMFlowPolicy":
         return self._replace(means=self.means.detach(), logits=self.logits.detach(), var=self.var.detach(),

@@ -1,21 +1,62 @@
-"""Pieces shared by the 2-D, image and text-to-image recipes: training defaults, π-ID pipeline from a config, the
-run-directory protocol and atomic writers."""
+"""The skeleton every recipe runs (`run_recipe`: run directory, resolved config, training, weights, loss plot,
+metrics) and the pieces they share: config sections built from the typed defaults (`TrainConfig`, `PiIDSettings`),
+`PiFlow` from a config, the π-ID loss function of the training loop, up-front settings checks."""
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 
-from piflow.config import ConfigError, load_config
+from piflow.checks import is_int
+from piflow.config import ConfigError, dataclass_defaults, load_config
+from piflow.errors import UserError
+from piflow.files import one_line, write_json
 from piflow.files import save_safetensors as _save_safetensors
-from piflow.files import write_json  # noqa: F401  (re-exported for the recipes)
-from piflow.pipeline import PiFlow
+from piflow.model import PiFlow
+from piflow.settings import PiIDSettings
 from piflow.train import TrainConfig
-from piflow.train.run_dir import start_run  # noqa: F401  (re-exported for the recipes)
+from piflow.train.loop import LossFn, TrainResult, train
+from piflow.train.run_dir import start_run
 
-TRAIN_DEFAULTS = dict(iters=1000, lr=1e-3, betas=[0.9, 0.95], weight_decay=0.0, warmup_iters=100, grad_clip=50.0,
-                      grad_clip_from=100, ema_gamma=7.0, ema_start=100, checkpoint_every=None, log_every=50, seed=0,
-                      progress=True, grad_accum_steps=1, mixed_precision="no", max_skipped_steps=5)
+
+@contextmanager
+def config_values(section: str):
+    """Inside: a ValueError from a constructor that checks configured values (a model, a dataset, a student) is
+    turned into a one-line `ConfigError` naming `section`; errors of the training itself are not touched."""
+    try:
+        yield
+    except UserError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"{section} settings: {one_line(error)}") from None
+
+
+def train_defaults(**overrides) -> dict:
+    """The ``train`` config section: `TrainConfig`'s defaults (the single source) with a recipe's `overrides`."""
+    return dataclass_defaults(TrainConfig, **overrides)
+
+
+def distill_defaults(**overrides) -> dict:
+    """The ``distill`` config section: `PiIDSettings`' defaults (its policy comes from ``student.policy``), the
+    recipe keys ``data_free`` and ``batch_size``, and a recipe's `overrides`."""
+    section = dataclass_defaults(PiIDSettings)
+    del section["policy"]
+    section.update(data_free=False, batch_size=64)
+    section.update(overrides)
+    return section
+
+
+def piid_settings(config: dict, **overrides) -> PiIDSettings:
+    """`PiIDSettings` of a config (``distill`` section, policy = ``student.policy``; "x0" students are one-node DX);
+    a bad value is a `ConfigError` naming it."""
+    policy = config["student"]["policy"]
+    try:
+        return PiIDSettings.from_mapping(config["distill"], policy="dx" if policy == "x0" else policy, **overrides)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"distill/student settings: {error}") from None
 
 
 def train_config(config: dict) -> TrainConfig:
@@ -49,10 +90,6 @@ def _lookup(config: dict, dotted: str):
 _MISSING = object()
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_settings(config: dict) -> None:
     """A `ConfigError` naming the first bad batch size, sample count, step list or temperature, so that a run never
     trains to the end and then fails in its evaluation."""
@@ -60,11 +97,11 @@ def check_settings(config: dict) -> None:
 
     for key in POSITIVE_INTEGERS:
         value = _lookup(config, key)
-        if value is not _MISSING and not (_is_int(value) and value >= 1):
+        if value is not _MISSING and not (is_int(value) and value >= 1):
             raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
     for key in STEP_LISTS:
         value = _lookup(config, key)
-        if value is not _MISSING and not (isinstance(value, list) and all(_is_int(v) and v >= 1 for v in value)):
+        if value is not _MISSING and not (isinstance(value, list) and all(is_int(v) and v >= 1 for v in value)):
             raise ConfigError(f"{key} must be a list of integers >= 1, got {value!r}")
     for key in TEMPERATURES:
         value = _lookup(config, key)
@@ -75,13 +112,13 @@ def check_settings(config: dict) -> None:
                 raise ConfigError(f"{key} must be a number >= 0 or 'auto', got {value!r}") from None
     resolution = _lookup(config, "resolution")
     if resolution is not _MISSING and not (isinstance(resolution, list) and len(resolution) == 2
-                                           and all(_is_int(v) and v >= 1 for v in resolution)):
+                                           and all(is_int(v) and v >= 1 for v in resolution)):
         raise ConfigError(f"resolution must be [height, width] in pixels, got {resolution!r}")
     prompts = _lookup(config, "eval.prompts")
     if prompts is not _MISSING and not (isinstance(prompts, list) and all(isinstance(v, str) for v in prompts)):
         raise ConfigError(f"eval.prompts must be a list of strings, got {prompts!r}")
     seed = _lookup(config, "eval.seed")
-    if seed is not _MISSING and not (_is_int(seed) and seed >= 0):
+    if seed is not _MISSING and not (is_int(seed) and seed >= 0):
         raise ConfigError(f"eval.seed must be an integer >= 0, got {seed!r}")
 
 
@@ -112,19 +149,50 @@ def finished_distill_run(run_dir: Path, defaults: dict, overrides=()) -> tuple[d
     return load_config(defaults, config_path, overrides), weights
 
 
-def build_pipeline(config: dict, student: torch.nn.Module, teacher) -> PiFlow:
-    """`PiFlow` from a config's ``student``/``distill`` sections ("x0" students are one-node DX policies)."""
-    d = config["distill"]
-    policy = "dx" if config["student"]["policy"] == "x0" else config["student"]["policy"]
-    try:
-        return PiFlow(student, teacher, policy=policy, nfe=d["nfe"], final_step_size_scale=d["final_step_size_scale"],
-                      shift=d["shift"], num_intermediate_states=d["num_intermediate_states"],
-                      window_substeps=d["window_substeps"],
-                      gm_dropout=d["gm_dropout"] if policy in ("gm", "gmflow") else 0.0, loss_scale=d["loss_scale"],
-                      total_substeps=d["total_substeps"], num_decay_iters=d["num_decay_iters"],
-                      policy_kwargs={"mode": config["student"]["dx_mode"]} if policy == "dx" else None)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"distill/student settings: {error}") from None
+def build_piflow(config: dict, student: torch.nn.Module, teacher) -> PiFlow:
+    """`PiFlow` from a config's ``student``/``distill`` sections, complete with its teacher."""
+    dx_mode = config["student"].get("dx_mode", "grid")
+    settings = piid_settings(config)
+    return PiFlow(student, teacher, settings, policy_kwargs={"mode": dx_mode} if settings.policy == "dx" else None)
+
+
+def piid_loss_fn(pf: PiFlow, draw_batch: Callable[[torch.Generator], tuple[Any, Any]], batch_size: int,
+                 data_free: bool, noise_shape: tuple[int, ...], device: Any = "cpu") -> LossFn:
+    """The training loop's loss function of π-ID: ``draw_batch(generator) -> (x0, cond)`` per call; data-free
+    runs then draw noise (batch_size, *noise_shape) and back-propagate per segment with the loop's `backward`."""
+    def loss_fn(iteration: int, generator: torch.Generator, backward) -> torch.Tensor:
+        x0, cond = draw_batch(generator)
+        if data_free:
+            noise = torch.randn(batch_size, *noise_shape, generator=generator).to(device)
+            return pf.data_free_loss(noise, cond, iteration=iteration, backward=backward, generator=generator)
+        return pf(x0, cond, iteration=iteration, generator=generator)
+
+    return loss_fn
+
+
+def run_recipe(config: dict, run_dir: Path, command: str, allow_config_change: bool, model: torch.nn.Module,
+               loss_fn: LossFn, finish: Callable[[TrainResult], dict], loss_title: str,
+               train_section: Optional[dict] = None, is_main: bool = True) -> dict:
+    """The one run skeleton of `piflow train-teacher` and `piflow distill` (every recipe).
+
+    Starts (or resumes) the run directory `run_dir` (config.yaml written once training starts; a different config
+    is refused unless `allow_config_change`), trains `model` with `loss_fn` (``train`` section, or
+    `train_section`), then `finish(result)` saves the weights and evaluates (returns the metrics); the loss curve
+    goes to loss.png and the metrics, with ``train_seconds``, to metrics.json (by the main rank)."""
+    settings = train_config({"train": train_section if train_section is not None else config["train"]})
+    with start_run(run_dir, config, command, allow_config_change) as run:
+        start = time.perf_counter()
+        result = train(model, loss_fn, settings, run_dir, desc="teacher" if command == "train-teacher"
+                       else "distill", on_start=run.commit)
+        seconds = time.perf_counter() - start
+        metrics = dict(finish(result))
+        metrics.setdefault("train_seconds", seconds)
+        if is_main:
+            from piflow.recipes import plots
+
+            plots.plot_loss_curve(result.history, run_dir / "loss.png", loss_title)
+            write_json(run_dir / "metrics.json", metrics)
+        return metrics
 
 
 def save_safetensors(state: dict, path: Path) -> None:

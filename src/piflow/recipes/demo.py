@@ -72,7 +72,7 @@ def _digits_part(run_dir: Path, quick: bool, train_teachers: bool, verbose: bool
             "dataset=digits", f"teacher={teacher_run}", f"distill.nfe={nfe}", f"train.iters={20 if quick else 300}",
             "train.progress=false", "train.checkpoint_every=0"])
         metrics = images.distill(cfg, run_dir / f"gm_k8_nfe{nfe}")
-        pf, _ = images.load_student_pipeline(run_dir / f"gm_k8_nfe{nfe}")
+        pf, _ = images.load_student(run_dir / f"gm_k8_nfe{nfe}")
         samples = pf.sample(context.noise_a, nfe=nfe, cond=context.labels_a)
         rows[f"student gmflow {nfe} [gm_k8_nfe{nfe}]"] = dict(context.metrics(samples), nfe=nfe,
                                                               train_seconds=round(metrics["train_seconds"], 1))

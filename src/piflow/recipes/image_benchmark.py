@@ -181,7 +181,7 @@ def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_
                 f"dataset={dataset}", f"teacher={teacher_run}", f"train.iters={iters}", "train.progress=false",
                 "train.checkpoint_every=0", *overrides])
             images.distill(cfg, student_dir)
-        pf, cfg = images.load_student_pipeline(student_dir)
+        pf, cfg = images.load_student(student_dir)
         train_seconds = json.loads((student_dir / "metrics.json").read_text())["train_seconds"]
         family = {"x0": "x0 regression", "dx": "DX"}.get(cfg["student"]["policy"],
                                                          f"GM K={cfg['student']['num_components']}")
@@ -269,7 +269,7 @@ def feature_classifier_for(run_dir: Path, train_x: Tensor, train_y: Tensor, test
 def evaluate_student_run(run_dir: Path, overrides=()) -> dict:
     """`piflow evaluate` for an image run: the student at its NFE (+ eval.student_nfe) and the teacher's Euler
     sampler at eval.teacher_steps, all from the same noise, with the metrics of this module."""
-    pf, config = images.load_student_pipeline(run_dir, overrides)
+    pf, config = images.load_student(run_dir, overrides)
     train_x, train_y = images.load_dataset(config, "train").tensors()
     test_x, test_y = images.load_dataset(config, "test").tensors()
     num_classes = pf.student.backbone.config.num_classes       # the student's DiT is a copy of the teacher's

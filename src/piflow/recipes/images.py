@@ -5,7 +5,6 @@ Same run-directory conventions as the 2-D recipe: ``config.yaml``, ``checkpoint.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,42 +14,38 @@ from piflow.config import ConfigError, load_config
 from piflow.data.images import IMAGE_DATASET_NAMES
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
-from piflow.piid import segment_grid
-from piflow.pipeline import PiFlow
-from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_dataset, check_settings,
-                                   finished_distill_run, load_weights, save_safetensors, seed_initialisation,
-                                   start_run, train_config, write_json)
-from piflow.sampling import euler_sample
+from piflow.config import Optional_
+from piflow.model import PiFlow
+from piflow.recipes.common import (build_piflow, config_values, check_dataset, check_settings, distill_defaults,
+                                   finished_distill_run, load_weights, piid_loss_fn, run_recipe, save_safetensors,
+                                   seed_initialisation, train_defaults)
+from piflow.sampling import euler_sample, euler_trajectory
+from piflow.schedule import segment_grid
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
-from piflow.train import train
+from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 
 NUM_TIMESTEPS = 1000.0
 IMAGE_DATASETS = IMAGE_DATASET_NAMES
 
 IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
-    "data": {"root": None, "image_size": None},
+    "data": {"root": Optional_(str), "image_size": Optional_(int)},
     "model": {"preset": "DiT-T", "patch_size": 2, "hidden_size": 96, "depth": 3, "num_heads": 4},
     "flow_matching": {"batch_size": 64, "time_sampling": "logit_normal", "class_dropout": 0.1},
-    "train": dict(TRAIN_DEFAULTS, iters=2000, lr=1e-3, ema_start=200),
+    "train": train_defaults(iters=2000, ema_start=200),
     "eval": {"num_samples": 1000, "teacher_steps": [1, 2, 4, 8, 32], "guidance_scale": 1.0, "seed": 1234},
 }
 
 IMAGE_DISTILL_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
-    "data": {"root": None, "image_size": None},
+    "data": {"root": Optional_(str), "image_size": Optional_(int)},
     "teacher": "runs/teacher_digits",
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid"},
     "guidance": {"scale": 1.0, "interval": [0.0, 1.0]},
-    "distill": {"nfe": 4, "data_free": False, "final_step_size_scale": 1.0, "shift": 1.0,
-                "num_intermediate_states": 2, "window_substeps": 0, "gm_dropout": 0.05, "loss_scale": 3.0,
-                "num_decay_iters": 0, "total_substeps": 128, "batch_size": 64, "x0_bank_size": 4096},
-    "train": dict(TRAIN_DEFAULTS, iters=1000, lr=2e-4, ema_start=100),
+    "distill": distill_defaults(x0_bank_size=4096),
+    "train": train_defaults(lr=2e-4),
     "eval": {"num_samples": 1000, "teacher_steps": [32], "student_nfe": [], "temperature": 1.0, "seed": 1234},
 }
-
-TIME_SAMPLINGS = ("uniform", "logit_normal")
-
 
 def is_image_dataset(name: Any) -> bool:
     return isinstance(name, str) and name in IMAGE_DATASETS
@@ -73,69 +68,52 @@ def load_dataset(config: dict, split: str = "train"):
             kwargs.pop("image_size", None)
         if split == "test":
             split = "train"   # no built-in split: evaluation reuses the given data
-    return make_image_dataset(name, split=split, **kwargs)
+    with config_values("dataset/data"):
+        return make_image_dataset(name, split=split, **kwargs)
 
 
 def build_teacher_model(config: dict, image_shape: tuple[int, ...], num_classes: int) -> DiT:
     spec = config["model"]
-    return DiT.from_preset(spec["preset"], in_channels=image_shape[0], input_size=tuple(image_shape[1:]),
-                           patch_size=spec["patch_size"], hidden_size=spec["hidden_size"], depth=spec["depth"],
-                           num_heads=spec["num_heads"], num_classes=num_classes)
-
-
-def _sample_sigma(batch: int, mode: str, generator: torch.Generator) -> torch.Tensor:
-    if mode == "uniform":
-        return torch.rand(batch, generator=generator)
-    return torch.sigmoid(torch.randn(batch, generator=generator))
+    with config_values("model"):
+        return DiT.from_preset(spec["preset"], in_channels=image_shape[0], input_size=tuple(image_shape[1:]),
+                               patch_size=spec["patch_size"], hidden_size=spec["hidden_size"], depth=spec["depth"],
+                               num_heads=spec["num_heads"], num_classes=num_classes)
 
 
 def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """Rectified-flow matching of a class-conditional DiT with label dropout (for CFG)."""
     check_settings(config)
     fm = config["flow_matching"]
-    if fm["time_sampling"] not in TIME_SAMPLINGS:
-        raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {fm['time_sampling']!r}")
+    try:
+        check_time_sampling(fm["time_sampling"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if not 0.0 <= fm["class_dropout"] < 1.0:
         raise ConfigError(f"flow_matching.class_dropout must lie in [0, 1), got {fm['class_dropout']}")
     dataset = load_dataset(config, "train")
     images, labels = dataset.tensors()
     seed_initialisation(config)
     model = build_teacher_model(config, tuple(images.shape[1:]), dataset.num_classes)
-    settings = train_config(config)
-    with start_run(run_dir, config, "train-teacher", allow_config_change) as run:
-        return _train_teacher(config, run_dir, dataset, images, labels, model, settings, run)
-
-
-def _train_teacher(config: dict, run_dir: Path, dataset, images, labels, model: DiT, settings, run) -> dict:
-    fm = config["flow_matching"]
     batch = int(fm["batch_size"])
 
-    def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
+    def loss_fn(iteration: int, generator: torch.Generator, backward) -> torch.Tensor:
         index = torch.randint(len(images), (batch,), generator=generator)
-        x0, y = images[index], labels[index]
+        y = labels[index]
         drop = torch.rand(batch, generator=generator) < fm["class_dropout"]
         y = torch.where(drop, torch.full_like(y, dataset.num_classes), y)
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = _sample_sigma(batch, fm["time_sampling"], generator)
-        s = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
-        u = model((1 - s) * x0 + s * noise, sigma * NUM_TIMESTEPS, y)
-        return (u.float() - (noise - x0)).square().mean()
+        return flow_matching_loss(model, images[index], y, fm["time_sampling"], generator, NUM_TIMESTEPS)
 
-    start = time.perf_counter()
-    result = train(model, loss_fn, settings, run_dir, desc="teacher", on_start=run.commit)
-    seconds = time.perf_counter() - start
-    result.ema.model.save_pretrained(run_dir / "teacher")
-    from piflow.recipes import plots
+    def finish(result) -> dict:
+        result.ema.model.save_pretrained(run_dir / "teacher")
+        teacher = make_teacher(result.ema.model, dataset.num_classes, config["eval"]["guidance_scale"])
+        gen = torch.Generator().manual_seed(config["eval"]["seed"])
+        noise, y = _eval_inputs(16, images.shape[1:], dataset.num_classes, gen)
+        grid = euler_sample(teacher, noise, 32, y)
+        save_image_grid(grid, run_dir / "samples.png", nrow=8, label="teacher Euler, 32 NFE (classes 0, 1, 2, …)")
+        return {"final_loss": result.history[-1]["loss"]}
 
-    plots.plot_loss_curve(result.history, run_dir / "loss.png", "teacher flow-matching loss")
-    teacher = make_teacher(result.ema.model, dataset.num_classes, config["eval"]["guidance_scale"])
-    gen = torch.Generator().manual_seed(config["eval"]["seed"])
-    noise, y = _eval_inputs(16, images.shape[1:], dataset.num_classes, gen)
-    grid = euler_sample(teacher, noise, 32, y)
-    save_image_grid(grid, run_dir / "samples.png", nrow=8, label="teacher Euler, 32 NFE (classes 0, 1, 2, …)")
-    metrics = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"]}
-    write_json(run_dir / "metrics.json", metrics)
-    return metrics
+    return run_recipe(config, run_dir, "train-teacher", allow_config_change, model, loss_fn, finish,
+                      "teacher flow-matching loss")
 
 
 def make_teacher(model: DiT, num_classes: int, guidance_scale: float = 1.0,
@@ -173,13 +151,16 @@ def build_student(config: dict, teacher_model: DiT) -> PolicyStudent:
         raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {spec['policy']!r}")
     x0_baseline = spec["policy"] == "x0"
     seed_initialisation(config)
-    return PolicyStudent(teacher_model, "dx" if x0_baseline else spec["policy"], num_components=spec["num_components"],
-                         num_nodes=1 if x0_baseline else spec["num_nodes"], dx_mode=spec["dx_mode"],
-                         num_timesteps=NUM_TIMESTEPS, generator=torch.Generator().manual_seed(config["train"]["seed"]))
+    with config_values("student"):
+        return PolicyStudent(teacher_model, "dx" if x0_baseline else spec["policy"],
+                             num_components=spec["num_components"], num_nodes=1 if x0_baseline else spec["num_nodes"],
+                             dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
+                             generator=torch.Generator().manual_seed(config["train"]["seed"]))
 
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
-    """π-ID distillation of a DiT teacher into a GM/DX DiT student (data-dependent or data-free)."""
+    """π-ID distillation of a DiT teacher into a GM/DX DiT student (data-dependent or data-free), or the x0-regression
+    baseline (student.policy=x0)."""
     check_settings(config)
     teacher_model, teacher_config = load_teacher(config["teacher"])
     if teacher_config["dataset"] != config["dataset"]:
@@ -189,71 +170,37 @@ def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> d
     guidance = config["guidance"]
     teacher = make_teacher(teacher_model, dataset.num_classes, guidance["scale"], tuple(guidance["interval"]))
     student = build_student(config, teacher_model)
-    pf = build_pipeline(config, student, teacher)
-    if config["student"]["policy"] == "x0":
-        _x0_grid(pf)                                  # validates the baseline's settings
-    settings = train_config(config)
-    with start_run(run_dir, config, "distill", allow_config_change) as run:
-        return _distill(config, run_dir, dataset, images, labels, teacher, student, pf, settings, run)
-
-
-def _distill(config: dict, run_dir: Path, dataset, images, labels, teacher, student, pf: PiFlow, settings,
-             run) -> dict:
+    pf = build_piflow(config, student, teacher)
     batch = int(config["distill"]["batch_size"])
-    data_free = bool(config["distill"]["data_free"])
-    accum = int(config["train"]["grad_accum_steps"])
+    if config["student"]["policy"] == "x0":
+        _x0_grid(pf)                                  # validates the baseline's settings before the run starts
 
-    def pi_id_loss(iteration: int, generator: torch.Generator):
+    def draw(generator: torch.Generator):
         index = torch.randint(len(images), (batch,), generator=generator)
-        y = labels[index]
-        if data_free:
-            noise = torch.randn(batch, *images.shape[1:], generator=generator)
-            loss = pf.data_free_loss(noise, y, iteration=iteration, generator=generator,
-                                     backward=lambda l: (l / accum).backward())
-            return loss, True
-        return pf(images[index], y, iteration=iteration, generator=generator)
+        return images[index], labels[index]
+
+    def finish(result) -> dict:
+        save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
+        from piflow.recipes import plots
+
+        pf_ema = build_piflow(config, result.ema.model.eval(), teacher)
+        gen = torch.Generator().manual_seed(config["eval"]["seed"])
+        noise, y = _eval_inputs(32, images.shape[1:], dataset.num_classes, gen)
+        with torch.no_grad():
+            rows = [euler_sample(teacher, noise, 32, y), euler_sample(teacher, noise, pf.nfe, y),
+                    pf_ema.sample(noise, cond=y, temperature=config["eval"]["temperature"])]
+        kind = {"gmflow": "GM", "dx": "DX", "x0": "x0-regression"}[config["student"]["policy"]]
+        labels_text = ["teacher Euler, 32 NFE", f"teacher Euler, {pf.nfe} NFE", f"{kind} student, {pf.nfe} NFE"]
+        plots.plot_image_rows([(text, r[:16]) for text, r in zip(labels_text, rows)], run_dir / "samples.png",
+                              title="same noise and class in each column (classes 0, 1, 2, …)")
+        return {"final_loss": result.history[-1]["loss"],
+                "coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
 
     if config["student"]["policy"] == "x0":
         loss_fn = _x0_regression_loss(pf, teacher, images.shape[1:], labels, config)
     else:
-        loss_fn = pi_id_loss
-    start = time.perf_counter()
-    result = train(student, loss_fn, settings, run_dir, desc="distill", on_start=run.commit)
-    seconds = time.perf_counter() - start
-    save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
-    from piflow.recipes import plots
-
-    plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
-    pf_ema = build_pipeline(config, result.ema.model.eval(), teacher)
-    gen = torch.Generator().manual_seed(config["eval"]["seed"])
-    noise, y = _eval_inputs(32, images.shape[1:], dataset.num_classes, gen)
-    with torch.no_grad():
-        rows = [euler_sample(teacher, noise, 32, y), euler_sample(teacher, noise, pf.nfe, y),
-                pf_ema.sample(noise, cond=y, temperature=config["eval"]["temperature"])]
-    kind = {"gmflow": "GM", "dx": "DX", "x0": "x0-regression"}[config["student"]["policy"]]
-    labels_text = ["teacher Euler, 32 NFE", f"teacher Euler, {pf.nfe} NFE", f"{kind} student, {pf.nfe} NFE"]
-    plots.plot_image_rows([(text, r[:16]) for text, r in zip(labels_text, rows)], run_dir / "samples.png",
-                          title="same noise and class in each column (classes 0, 1, 2, …)")
-    metrics = {"train_seconds": seconds, "final_loss": result.history[-1]["loss"],
-               "coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
-    write_json(run_dir / "metrics.json", metrics)
-    return metrics
-
-
-def teacher_trajectories(teacher, noise: torch.Tensor, labels: torch.Tensor, num_steps: int = 32,
-                         batch_size: int = 512) -> torch.Tensor:
-    """Teacher Euler ODE states at σ = 1, 1 − 1/n, …, 0 from `noise`: (num_steps + 1, N, C, H, W)."""
-    chunks = []
-    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
-    with torch.no_grad():
-        for start in range(0, len(noise), batch_size):
-            x, y = noise[start: start + batch_size], labels[start: start + batch_size]
-            states = [x]
-            for i in range(num_steps):
-                x = x + teacher(x, sigmas[i].expand(len(x)), y) * float(sigmas[i + 1] - sigmas[i])
-                states.append(x)
-            chunks.append(torch.stack(states))
-    return torch.cat(chunks, dim=1)
+        loss_fn = piid_loss_fn(pf, draw, batch, bool(config["distill"]["data_free"]), tuple(images.shape[1:]))
+    return run_recipe(config, run_dir, "distill", allow_config_change, student, loss_fn, finish, "π-ID loss")
 
 
 X0_BANK_STEPS = 32
@@ -261,8 +208,8 @@ X0_BANK_STEPS = 32
 
 def _x0_grid(pf: PiFlow) -> list[int]:
     """The x0 baseline's grid points in units of 1/32 (a `ConfigError` unless shift = 1 and they are whole)."""
-    raw = segment_grid(pf.nfe, pf.final_step_size_scale)
-    if pf.shift != 1.0 or any(abs(t * X0_BANK_STEPS - round(t * X0_BANK_STEPS)) > 1e-6 for t in raw):
+    raw = segment_grid(pf.nfe, pf.settings.final_step_size_scale)
+    if pf.settings.shift != 1.0 or any(abs(t * X0_BANK_STEPS - round(t * X0_BANK_STEPS)) > 1e-6 for t in raw):
         raise ConfigError("the x0 baseline (student.policy=x0) needs distill.shift=1 and a segment grid on multiples "
                           "of 1/32 (distill.nfe and distill.final_step_size_scale)")
     return [round(t * X0_BANK_STEPS) for t in raw]
@@ -304,7 +251,7 @@ def _x0_bank(teacher, config: dict, image_shape, labels: torch.Tensor, indices: 
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(bank_size, *image_shape, generator=gen)
     bank_labels = labels[torch.randint(len(labels), (bank_size,), generator=gen)]
-    trajectories = teacher_trajectories(teacher, noise, bank_labels, X0_BANK_STEPS)
+    trajectories = euler_trajectory(teacher, noise, X0_BANK_STEPS, bank_labels, batch_size=512)
     states, endpoints = trajectories[torch.tensor(indices)].contiguous(), trajectories[-1].contiguous()
     try:
         save_safetensors(path, {"states": states, "endpoints": endpoints, "labels": bank_labels})
@@ -322,7 +269,7 @@ def _x0_regression_loss(pf: PiFlow, teacher, image_shape, labels: torch.Tensor, 
     sigmas = torch.tensor([g / X0_BANK_STEPS for g in grid])
     batch = int(config["distill"]["batch_size"])
 
-    def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
+    def loss_fn(iteration: int, generator: torch.Generator, backward) -> torch.Tensor:
         rows = torch.randint(len(endpoints), (batch,), generator=generator)
         point = torch.randint(len(indices), (batch,), generator=generator)
         x = states[point, rows]
@@ -333,7 +280,7 @@ def _x0_regression_loss(pf: PiFlow, teacher, image_shape, labels: torch.Tensor, 
     return loss_fn
 
 
-def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
+def load_student(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
     config, weights = finished_distill_run(run_dir, IMAGE_DISTILL_DEFAULTS, overrides)
     teacher_model, _ = load_teacher(config["teacher"])
     student = build_student(config, teacher_model)
@@ -341,7 +288,7 @@ def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
     num_classes = teacher_model.config.num_classes
     guidance = config["guidance"]
     teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
-    return build_pipeline(config, student.eval(), teacher), config
+    return build_piflow(config, student.eval(), teacher), config
 
 
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, label: str = "") -> None:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,7 +17,7 @@ def _pyplot():
 
 
 def plot_loss_curve(history: Sequence[dict], path: Path, title: str = "training loss") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     iters = np.array([h["iter"] for h in history])
     losses = np.array([h["loss"] for h in history])
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -40,7 +40,7 @@ def plot_sample_panels(panels: Sequence[tuple[str, np.ndarray]], path: Path, lim
     """One 2-D histogram per (title, points (N, 2)) panel, side by side."""
     import textwrap
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.4), squeeze=False)
     for ax, (title, points) in zip(axes[0], panels):
         ax.hist2d(points[:, 0], points[:, 1], bins=bins, range=[[-limit, limit], [-limit, limit]], cmap="magma")
@@ -57,7 +57,7 @@ def plot_trajectories(teacher_paths: np.ndarray, student_paths: np.ndarray, path
                       step_points: Optional[np.ndarray] = None, limit: float = 5.0,
                       background: Optional[np.ndarray] = None) -> None:
     """Teacher ODE paths vs policy rollouts, both (T, N, 2); `step_points` (nfe+1, N, 2) marks network calls."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     if background is not None:
         ax.scatter(background[:, 0], background[:, 1], s=1, c="0.85")
@@ -79,7 +79,7 @@ def plot_trajectories(teacher_paths: np.ndarray, student_paths: np.ndarray, path
 
 
 def plot_metric_vs_nfe(series: dict[str, dict[int, float]], path: Path, ylabel: str) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for label, values in series.items():
         nfes = sorted(values)
@@ -114,7 +114,7 @@ def plot_image_rows(rows: Sequence[tuple[str, "object"]], path: Path, ncol: int 
                     title: Optional[str] = None) -> None:
     """One labelled block per (label, images (N, C, H, W) in [-1, 1]) — e.g. "teacher Euler, 32 NFE" over
     "π-Flow student, 4 NFE" — each wrapped at `ncol` images per line; C = 1 or 3 (otherwise channel 0 is shown)."""
-    plt = _pyplot()
+    plt = pyplot()
     canvases = [_image_canvas(images, ncol) for _, images in rows]
     width = max(c.shape[1] for c in canvases)
     scale = min(max(6.0 / width, 0.02), 0.25)                   # inches per pixel: readable, not huge

@@ -5,7 +5,6 @@ Run directories hold ``config.yaml`` (resolved), ``checkpoint.pt`` (resumable tr
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,17 +16,17 @@ from piflow.data import make_toy_dataset
 from piflow.eval import coupling_error, energy_distance, mode_statistics, sliced_wasserstein2
 from piflow.models import MLPVelocityModel2D
 from piflow.models.students import PolicyStudent
-from piflow.pipeline import PiFlow
-from piflow.rollout import rollout
-from piflow.sampling import FlowMapSDEScheduler, euler_sample, rk4_sample
+from piflow.model import PiFlow
+from piflow.rollout import num_substeps, rollout
+from piflow.sampling import FlowMapSDESchedule, euler_sample, euler_trajectory, rk4_sample
 from piflow.teachers import GaussianMixtureTeacher, NetworkTeacher
 from piflow.timewarp import unwarp, warp
-from piflow.train import train
+from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 from piflow.recipes import plots
 from piflow.data import TOY_DATASET_NAMES
-from piflow.recipes.common import (TRAIN_DEFAULTS, build_pipeline, check_dataset, check_settings,
-                                   finished_distill_run, load_weights, save_safetensors, seed_initialisation,
-                                   start_run, train_config, write_json)
+from piflow.recipes.common import (build_piflow, config_values, check_dataset, check_settings, distill_defaults,
+                                   finished_distill_run, load_weights, piid_loss_fn, run_recipe, save_safetensors,
+                                   seed_initialisation, train_defaults)
 
 NUM_TIMESTEPS = 1000.0
 
@@ -35,7 +34,7 @@ TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "checkerboard",
     "model": {"hidden_size": 256, "num_layers": 4},
     "flow_matching": {"batch_size": 1024, "time_sampling": "uniform"},
-    "train": dict(TRAIN_DEFAULTS, iters=3000, lr=2e-3, ema_start=200),
+    "train": train_defaults(iters=3000, lr=2e-3, ema_start=200),
     "eval": {"num_samples": 5000, "teacher_steps": [1, 2, 4, 8, 128], "seed": 1234},
 }
 
@@ -44,16 +43,11 @@ DISTILL_DEFAULTS: dict[str, Any] = {
     "teacher": "exact",
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid", "hidden_size": 256,
                 "num_layers": 4},
-    "distill": {"nfe": 2, "data_free": False, "final_step_size_scale": 1.0, "shift": 1.0,
-                "num_intermediate_states": 2, "window_substeps": 0, "gm_dropout": 0.05, "loss_scale": 3.0,
-                "num_decay_iters": 0, "total_substeps": 128, "batch_size": 256},
-    "train": dict(TRAIN_DEFAULTS, iters=800, lr=1e-3),
+    "distill": distill_defaults(nfe=2, batch_size=256),
+    "train": train_defaults(iters=800),
     "eval": {"num_samples": 5000, "teacher_steps": [1, 2, 4, 8, 128], "student_nfe": [], "temperature": 1.0,
              "seed": 1234},
 }
-
-TIME_SAMPLINGS = ("uniform", "logit_normal")
-
 
 # --------------------------------------------------------------------------------------------- teachers
 def load_dataset(name: str):
@@ -93,37 +87,25 @@ def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False
     check_settings(config)
     dataset = load_dataset(config["dataset"])
     fm = config["flow_matching"]
-    if fm["time_sampling"] not in TIME_SAMPLINGS:
-        raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {fm['time_sampling']!r}")
-    settings = train_config(config)
-    with start_run(run_dir, config, "train-teacher", allow_config_change) as run:
-        return _train_teacher(config, run_dir, dataset, settings, run)
-
-
-def _train_teacher(config: dict, run_dir: Path, dataset, train_settings, run) -> dict:
-    fm = config["flow_matching"]
+    try:
+        check_time_sampling(fm["time_sampling"])
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     seed_initialisation(config)
     model = MLPVelocityModel2D(hidden_size=config["model"]["hidden_size"], num_layers=config["model"]["num_layers"])
     batch = int(fm["batch_size"])
 
-    def loss_fn(iteration: int, generator: torch.Generator) -> torch.Tensor:
-        x0 = dataset.sample(batch, generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        if fm["time_sampling"] == "uniform":
-            sigma = torch.rand(batch, generator=generator)
-        else:
-            sigma = torch.sigmoid(torch.randn(batch, generator=generator))
-        x_t = (1 - sigma[:, None]) * x0 + sigma[:, None] * noise
-        u = model(x_t, sigma * NUM_TIMESTEPS)
-        return (u - (noise - x0)).square().mean()
+    def loss_fn(iteration: int, generator: torch.Generator, backward) -> torch.Tensor:
+        return flow_matching_loss(lambda x, t, cond: model(x, t), dataset.sample(batch, generator), None,
+                                  fm["time_sampling"], generator, NUM_TIMESTEPS)
 
-    result = train(model, loss_fn, train_settings, run_dir, desc="teacher", on_start=run.commit)
-    save_safetensors(result.ema.model.state_dict(), run_dir / "teacher.safetensors")
-    plots.plot_loss_curve(result.history, run_dir / "loss.png", "teacher flow-matching loss")
-    teacher = NetworkTeacher(result.ema.model, NUM_TIMESTEPS)
-    metrics = evaluate_methods(teacher, None, dataset, config["eval"], run_dir)
-    write_json(run_dir / "metrics.json", metrics)
-    return metrics
+    def finish(result) -> dict:
+        save_safetensors(result.ema.model.state_dict(), run_dir / "teacher.safetensors")
+        return evaluate_methods(NetworkTeacher(result.ema.model, NUM_TIMESTEPS), None, dataset, config["eval"],
+                                run_dir)
+
+    return run_recipe(config, run_dir, "train-teacher", allow_config_change, model, loss_fn, finish,
+                      "teacher flow-matching loss")
 
 
 # --------------------------------------------------------------------------------------------- students
@@ -134,9 +116,11 @@ def build_student(config: dict, teacher_model: Optional[torch.nn.Module]) -> Pol
         base, init = teacher_model, True
     else:
         base, init = MLPVelocityModel2D(hidden_size=spec["hidden_size"], num_layers=spec["num_layers"]), False
-    return PolicyStudent(base, spec["policy"], num_components=spec["num_components"], num_nodes=spec["num_nodes"],
-                         dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS, init_from_teacher=init,
-                         logstd_hidden=256, generator=torch.Generator().manual_seed(config["train"]["seed"]))
+    with config_values("student"):
+        return PolicyStudent(base, spec["policy"], num_components=spec["num_components"],
+                             num_nodes=spec["num_nodes"], dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
+                             init_from_teacher=init, logstd_hidden=256,
+                             generator=torch.Generator().manual_seed(config["train"]["seed"]))
 
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
@@ -145,43 +129,28 @@ def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> d
     dataset = load_dataset(config["dataset"])
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
     student = build_student(config, teacher_model)
-    pf = build_pipeline(config, student, teacher)
-    settings = train_config(config)
-    with start_run(run_dir, config, "distill", allow_config_change) as run:
-        return _distill(config, run_dir, dataset, teacher, student, pf, settings, run)
-
-
-def _distill(config: dict, run_dir: Path, dataset, teacher, student, pf: PiFlow, settings, run) -> dict:
+    pf = build_piflow(config, student, teacher)
     batch = int(config["distill"]["batch_size"])
     data_free = bool(config["distill"]["data_free"])
+    draw = (lambda generator: (None, None)) if data_free else (lambda generator: (dataset.sample(batch, generator),
+                                                                                   None))
 
-    def loss_fn(iteration: int, generator: torch.Generator):
-        if data_free:
-            noise = torch.randn(batch, 2, generator=generator)
-            accum = int(config["train"]["grad_accum_steps"])
-            return pf.data_free_loss(noise, iteration=iteration, generator=generator,
-                                     backward=lambda l: (l / accum).backward()), True
-        return pf(dataset.sample(batch, generator), iteration=iteration, generator=generator)
+    def finish(result) -> dict:
+        save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
+        return evaluate_methods(teacher, build_piflow(config, result.ema.model, teacher), dataset, config["eval"],
+                                run_dir)
 
-    start = time.perf_counter()
-    result = train(student, loss_fn, settings, run_dir, desc="distill", on_start=run.commit)
-    train_seconds = time.perf_counter() - start
-    save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
-    plots.plot_loss_curve(result.history, run_dir / "loss.png", "π-ID loss")
-    pf_ema = build_pipeline(config, result.ema.model, teacher)
-    metrics = evaluate_methods(teacher, pf_ema, dataset, config["eval"], run_dir)
-    metrics["train_seconds"] = train_seconds
-    write_json(run_dir / "metrics.json", metrics)
-    return metrics
+    return run_recipe(config, run_dir, "distill", allow_config_change, student,
+                      piid_loss_fn(pf, draw, batch, data_free, (2,)), finish, "π-ID loss")
 
 
-def load_student_pipeline(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
+def load_student(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
     config, weights = finished_distill_run(run_dir, DISTILL_DEFAULTS, overrides)
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
     student = build_student(config, teacher_model)
     load_weights(student, weights, "student weights")
     student.eval()
-    return build_pipeline(config, student, teacher), config
+    return build_piflow(config, student, teacher), config
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -237,20 +206,21 @@ def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run
 
 def policy_path(pf: PiFlow, noise: torch.Tensor, nfe: int) -> tuple[np.ndarray, np.ndarray]:
     """The student's full substep path (T, N, 2) and its network-evaluation points (nfe + 1, N, 2)."""
-    scheduler = FlowMapSDEScheduler(pf.shift, pf.final_step_size_scale)
+    shift = pf.settings.shift
+    scheduler = FlowMapSDESchedule(shift, pf.settings.final_step_size_scale)
     scheduler.set_timesteps(nfe)
-    total = pf.segment_kwargs["total_substeps"]
+    total = pf.settings.total_substeps
     x, path, points = noise, [noise], [noise]
     with torch.no_grad():
         for i in range(nfe):
             sigma_src = float(scheduler.sigmas[i])
             policy = pf.policy(x, torch.full((x.shape[0],), sigma_src), None)
-            tau_src, tau_dst = unwarp(sigma_src, pf.shift), unwarp(float(scheduler.sigmas[i + 1]), pf.shift)
-            count = max(round((tau_src - tau_dst) * total), 1)
-            sigmas = [warp(tau_src - (tau_src - tau_dst) * j / count, pf.shift) for j in range(count + 1)]
+            tau_src, tau_dst = unwarp(sigma_src, shift), unwarp(float(scheduler.sigmas[i + 1]), shift)
+            count = int(num_substeps(torch.tensor(tau_src), torch.tensor(tau_dst), total))
+            sigmas = [warp(tau_src - (tau_src - tau_dst) * j / count, shift) for j in range(count + 1)]
             sigmas[0] = sigma_src
             for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
-                x = rollout(policy, x, s0, s1, total_substeps=total, shift=pf.shift)
+                x = rollout(policy, x, s0, s1, total_substeps=total, shift=shift)
                 path.append(x)
             points.append(x)
     return torch.stack(path).numpy(), torch.stack(points).numpy()
@@ -258,14 +228,10 @@ def policy_path(pf: PiFlow, noise: torch.Tensor, nfe: int) -> tuple[np.ndarray, 
 
 def _trajectory_figure(teacher, pf: PiFlow, dataset, path: Path, num_paths: int = 12) -> None:
     noise = torch.randn(num_paths, 2, generator=torch.Generator().manual_seed(7))
-    sigmas = torch.linspace(1, 0, 129)
-    x, teacher_path = noise, [noise]
-    for s0, s1 in zip(sigmas[:-1], sigmas[1:]):
-        x = x + teacher(x, s0.expand(num_paths), None) * (s1 - s0)
-        teacher_path.append(x)
+    teacher_path = euler_trajectory(teacher, noise, 128)
     student_path, points = policy_path(pf, noise, pf.nfe)
     background = dataset.sample(3000, torch.Generator().manual_seed(3)).numpy()
-    plots.plot_trajectories(torch.stack(teacher_path).numpy(), student_path, path, points, background=background)
+    plots.plot_trajectories(teacher_path.numpy(), student_path, path, points, background=background)
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from piflow.errors import ConfigError
 from piflow.files import write_json
 from piflow.policies import GMFlowPolicy
 from piflow.progress import progress_bar
@@ -69,7 +70,7 @@ def run_toy_trajectory(teacher_run: Path, run_dir: Path, label: int = 3, iters: 
     teacher_model, _ = images.load_teacher(str(teacher_run))
     num_classes = teacher_model.config.num_classes
     if not 0 <= label < max(num_classes, 1):
-        raise ValueError(f"label must lie in [0, {num_classes}), got {label}")
+        raise ConfigError(f"--label must lie in [0, {num_classes}), got {label}")
     teacher = images.make_teacher(teacher_model, num_classes)
     shape = (teacher_model.config.in_channels, *teacher_model.config.input_size)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed))

@@ -42,10 +42,12 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def shutdown() -> None:
-    """Leave the process group (all ranks together) so that no rank exits while others still talk to it."""
+def shutdown(wait_for_others: bool = True) -> None:
+    """Leave the process group: after a barrier (all ranks together, so that no rank exits while others still talk
+    to it), or at once after a failure (a barrier could wait forever for ranks that are still training)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()
 
 

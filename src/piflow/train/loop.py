@@ -23,7 +23,8 @@ from piflow.train.checkpoint import (CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, Ch
 from piflow.train.run_dir import run_lock
 from piflow.train.ema import PowerEMA, frozen_parameter_names, load_partial_state, trainable_state_dict
 
-LossFn = Callable[[int, torch.Generator], Union[Tensor, tuple[Tensor, bool]]]
+Backward = Callable[[Tensor], None]
+LossFn = Callable[[int, torch.Generator, Backward], Tensor]
 
 
 @dataclass
@@ -108,10 +109,13 @@ def _tensorboard_writer(run_dir: Optional[Path]):
 
 def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optional[Union[str, Path]] = None,
           desc: str = "train", on_start: Optional[Callable[[], None]] = None) -> TrainResult:
-    """Optimise the trainable parameters of `model` with `loss_fn(iteration, generator)`.
+    """Optimise the trainable parameters of `model` with `loss_fn(iteration, generator, backward)`.
 
-    `loss_fn` returns a graph-carrying scalar loss, or ``(detached_loss, True)`` when it already back-propagated
-    (data-free π-ID; it must then scale by 1/grad_accum_steps itself). It is called `grad_accum_steps` times per
+    `loss_fn` returns a scalar loss (for the log). A loss function that back-propagates in parts (data-free π-ID:
+    one backward per segment, so that each graph is freed at once) calls ``backward(part)`` for each part and returns
+    the detached total; otherwise the loop calls ``backward(loss)`` on the returned graph-carrying loss. `backward`
+    applies the 1/grad_accum_steps scaling and, under fp16, the GradScaler's loss scale, outside autocast.
+    `loss_fn` runs under autocast (bf16/fp16 when `mixed_precision` says so), `grad_accum_steps` times per
     iteration. With `run_dir` (locked against other processes for the duration), ``checkpoint.safetensors`` there
     is resumed automatically and rewritten atomically every `checkpoint_interval` iterations and at the end (by
     rank 0); losses go to ``train_log.jsonl`` (strict JSON, one line per iteration, cut back to the checkpoint's
@@ -202,18 +206,31 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     recent: list[float] = []
     skipped_in_a_row = 0
     non_finite_reason = ""
+    backward_calls = 0
+
+    def backward(loss: Tensor) -> None:
+        nonlocal backward_calls
+        backward_calls += 1
+        scaled = loss / accum
+        with torch.autocast(device_type, enabled=False):
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+
     try:
         for iteration in range(start, config.iters):
             optimizer.zero_grad(set_to_none=True)
             loss_value = 0.0
             try:
                 for _ in range(accum):
+                    calls_before = backward_calls
                     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = loss_fn(iteration, generator)
-                    loss, done = out if isinstance(out, tuple) else (out, False)
-                    if not done:
-                        scaled = loss / accum
-                        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                        loss = loss_fn(iteration, generator, backward)
+                    if not torch.is_tensor(loss) or loss.numel() != 1:
+                        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+                    if backward_calls == calls_before:
+                        if not loss.requires_grad:
+                            raise TypeError("loss_fn returned a loss without a graph and never called "
+                                            "backward(loss)")
+                        backward(loss)
                     loss_value += float(loss.detach()) / accum
             except NonFiniteError as error:   # NaN policy parameters or states: a non-finite step like any other
                 non_finite_reason = str(error)

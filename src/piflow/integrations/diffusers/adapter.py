@@ -7,8 +7,9 @@ Layout (piflow adapter format v1):
   ``lora.<module>.lora_A/B.weight`` (PEFT tensors with the adapter name stripped); its safetensors metadata repeats
   ``policy_config`` as JSON ({"type": "GMFlow"|"DX", …, plus the policy's own settings, e.g. DX ``segment_size`` and
   ``shift``, which must keep their training values at any NFE, algorithm.md §5.3});
-* optional ``sampling`` in config.json: the training ``nfe``, ``shift`` and ``final_step_size_scale`` that the
-  pipelines use for their `FlowMapSDEScheduler` (defaults when absent: 4, 3.2, 0.5 — the T2I settings of §4.7).
+* optional ``sampling`` in config.json: the training ``nfe``, ``shift``, ``final_step_size_scale`` and
+  ``total_substeps`` that the pipelines sample with (defaults when absent: 4, 3.2, 0.5, 128 — the T2I settings of
+  §4.7).
 The authors' layout (algorithm.md §5.4, §6.3–6.6) is read too: ``_class_name`` GMFluxTransformer2DModel /
 GMQwenImageTransformer2DModel / DX…, tensors ``proj_out_means.*``, ``proj_out_logweights.*``, ``proj_out_logstds.*``
 (GM) or ``proj_out.*`` (DX), ``norm_out.*`` and PEFT LoRA tensors without an adapter name; the policy structure and
@@ -26,16 +27,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from piflow.integrations.diffusers.students import (LORA_ADAPTER, PATCH, DiffusersPolicyStudent, _architecture,
+from piflow.integrations.diffusers.students import (LORA_ADAPTER, PATCH, TEXT_TO_IMAGE_SCHEDULE, DiffusersPolicyStudent, get_architecture,
                                                     add_student_lora)
 from piflow.files import atomic_write, read_json, write_json
+from piflow.settings import PiIDSettings
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 POLICY_TYPES = {"GMFlow": "gmflow", "DX": "dx"}
 STRUCTURE_KEYS = {"gmflow": ("num_components", "latent_channels", "logstd_hidden"),
                   "dx": ("num_nodes", "mode", "latent_channels")}
 POLICY_KWARGS = {"gmflow": ("eps",), "dx": ("mode", "segment_size", "shift", "eps")}
-SAMPLING_DEFAULTS = {"nfe": 4, "shift": 3.2, "final_step_size_scale": 0.5}
+SAMPLING_DEFAULTS = dict(TEXT_TO_IMAGE_SCHEDULE, total_substeps=128)
 
 
 def _policy_config(student: DiffusersPolicyStudent) -> dict:
@@ -47,7 +49,7 @@ def _policy_config(student: DiffusersPolicyStudent) -> dict:
     else:
         config = {"type": "DX", "num_nodes": head.num_nodes, "mode": head.mode,
                   "latent_channels": student.latent_channels}
-    for key, value in student.policy_kwargs.items():
+    for key, value in student.resolved_policy_kwargs().items():
         if key not in POLICY_KWARGS[student.policy_kind]:
             raise ValueError(f"policy_kwargs key {key!r} is not a {config['type']} policy setting; expected one of "
                              f"{POLICY_KWARGS[student.policy_kind]}")
@@ -59,8 +61,9 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
                         adapter_name: str = LORA_ADAPTER, sampling: Optional[dict] = None) -> Path:
     """Write the student's head, final norm and LoRA tensors (atomic writes) into `directory`.
 
-    `student.policy_kwargs` (e.g. DX ``segment_size``/``shift``) go into ``policy_config``; `sampling`
-    ({"nfe", "shift", "final_step_size_scale"}, default `student.sampling`) into config.json."""
+    The student's policy settings (`resolved_policy_kwargs`, e.g. DX ``segment_size``/``shift``) go into
+    ``policy_config``; `sampling` ({"nfe", "shift", "final_step_size_scale"}, default: the student's training
+    schedule, `student.sampling`) into config.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"head.{k}": v for k, v in student.head.state_dict().items()}
@@ -116,13 +119,15 @@ def _check_sampling(sampling: Optional[dict]) -> dict:
         raise ValueError(f"sampling has unknown keys {unknown}; expected {sorted(SAMPLING_DEFAULTS)}")
     try:
         ok = (int(merged["nfe"]) >= 1 and float(merged["shift"]) > 0
-              and 0 < float(merged["final_step_size_scale"]) <= 1)
+              and 0 < float(merged["final_step_size_scale"]) <= 1 and int(merged["total_substeps"]) >= 1)
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"sampling needs nfe >= 1, shift > 0 and 0 < final_step_size_scale <= 1, got {merged}")
+        raise ValueError(f"sampling needs nfe >= 1, shift > 0, 0 < final_step_size_scale <= 1 and "
+                         f"total_substeps >= 1, got {merged}")
     return {"nfe": int(merged["nfe"]), "shift": float(merged["shift"]),
-            "final_step_size_scale": float(merged["final_step_size_scale"])}
+            "final_step_size_scale": float(merged["final_step_size_scale"]),
+            "total_substeps": int(merged["total_substeps"])}
 
 
 OFFICIAL_CLASSES = {"GMFluxTransformer2DModel": ("flux", "gmflow"), "DXFluxTransformer2DModel": ("flux", "dx"),
@@ -174,7 +179,7 @@ def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Mod
             policy.setdefault("mode", "grid")
     except KeyError as error:
         raise ValueError(f"{class_name} adapter misses tensor {error}") from None
-    config = dict(config, architecture=architecture, base_class=_architecture(architecture).base_class,
+    config = dict(config, architecture=architecture, base_class=get_architecture(architecture).base_class,
                   policy_config=policy)
     if lora_modules:
         config["lora_config"] = {"rank": rank, "alpha": float(rank), "dropout": 0.0,
@@ -254,7 +259,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     if missing:
         raise ValueError(f"policy_config is missing {missing} (needed for a {policy['type']} adapter)")
     sampling = _check_sampling(config.get("sampling"))
-    architecture = _architecture(config.get("architecture", "flux"))
+    architecture = get_architecture(config.get("architecture", "flux"))
     expected_class = config.get("base_class") or architecture.base_class
     if expected_class and type(transformer).__name__ != expected_class:
         raise ValueError(f"adapter {directory} is for a {expected_class}, got a {type(transformer).__name__}")
@@ -278,7 +283,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
         latent_channels=policy["latent_channels"], logstd_hidden=policy.get("logstd_hidden", 1024),
         share_transformer=True, policy_kwargs={k: policy[k] for k in POLICY_KWARGS[kind] if k in policy},
-        sampling=sampling)
+        settings=PiIDSettings(policy=kind, **sampling))
     try:
         student.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         student.norm_out.load_state_dict({k[len("norm_out."):]: v for k, v in tensors.items()

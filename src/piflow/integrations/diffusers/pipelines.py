@@ -11,10 +11,12 @@ student once, rolls its policy out with `total_substeps` Euler substeps per unit
     # pipe.set_piflow_student(student)
     image = pipe("a photo of a cat", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
 
-The stock scheduler is replaced by a `FlowMapSDEScheduler` built from its config with the adapter's training shift
-(3.2) and final step-size scale (0.5), dynamic shifting off. Any `num_inference_steps` ≥ 1 works for GM students
-(elastic inference); DX students keep their training grid. The GM temperature on non-final steps is 'auto'
-(clamp(0.1·(nfe − 1), 0, 1)) or a number. The student takes no CFG (guidance is distilled in); FLUX students get
+The stock scheduler is replaced by a `FlowMapSDEScheduler` built from its config with the student's training shift
+(3.2) and final step-size scale (0.5), dynamic shifting off; `sigmas=[…]` (raw times, strictly decreasing in (0, 1])
+replaces the default grid, as in the authors' sampler. The loop itself is `piflow.sampling.sample`. Any
+`num_inference_steps` ≥ 1 works for GM students (elastic inference); DX students keep their training grid. The GM
+temperature on non-final steps is 'auto' (clamp(0.1·(nfe − 1), 0, 1)) or a number; `total_substeps` defaults to the
+student's training value. The student takes no CFG (guidance is distilled in); FLUX students get
 the distilled-guidance scalar `guidance_scale` (3.5) as their input like the teacher did.
 """
 from __future__ import annotations
@@ -27,13 +29,10 @@ from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from piflow.integrations.diffusers.adapter import SAMPLING_DEFAULTS, load_piflow_adapter
+from piflow.integrations.diffusers.adapter import load_piflow_adapter
 from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler
 from piflow.integrations.diffusers.students import LORA_ADAPTER, DiffusersPolicyStudent
-from piflow.piid import dx_segment_size
-from piflow.policies import GMFlowPolicy, make_policy
-from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
-from piflow.sampling import resolve_temperature
+from piflow.sampling import sample
 
 
 class PiFlowPipelineMixin:
@@ -42,12 +41,11 @@ class PiFlowPipelineMixin:
     architecture_name = "flux"
     piflow_student: Optional[DiffusersPolicyStudent] = None
 
-    def _use_policy_scheduler(self, sampling: Optional[dict] = None) -> None:
-        """Swap in a `FlowMapSDEScheduler` from the current scheduler's config and the student's sampling settings."""
-        settings = dict(SAMPLING_DEFAULTS, **(sampling or {}))
+    def _use_policy_scheduler(self, student: DiffusersPolicyStudent) -> None:
+        """Swap in a `FlowMapSDEScheduler` from the current scheduler's config and the student's training schedule."""
         scheduler = FlowMapSDEScheduler.from_config(
-            self.scheduler.config, shift=settings["shift"], use_dynamic_shifting=False,
-            final_step_size_scale=settings["final_step_size_scale"])
+            self.scheduler.config, shift=student.settings.shift, use_dynamic_shifting=False,
+            final_step_size_scale=student.settings.final_step_size_scale)
         self.register_modules(scheduler=scheduler)
 
     def set_piflow_student(self, student: DiffusersPolicyStudent) -> DiffusersPolicyStudent:
@@ -60,7 +58,7 @@ class PiFlowPipelineMixin:
         if student.transformer is not self.transformer:
             self.register_modules(transformer=student.transformer)
         self.piflow_student = student
-        self._use_policy_scheduler(student.sampling)
+        self._use_policy_scheduler(student)
         return student
 
     def load_piflow_adapter(self, path_or_dir: Union[str, Path], subfolder: Optional[str] = None,
@@ -84,56 +82,42 @@ class PiFlowPipelineMixin:
             module.to(device=parameter.device, dtype=parameter.dtype)
         return student
 
-    def _student_policy(self, student: DiffusersPolicyStudent, x: Tensor, sigma: Tensor, cond: dict):
-        dtype = next(self.transformer.parameters()).dtype
-        out = student(x.to(dtype), sigma, cond)
-        kwargs = dict(student.policy_kwargs)
-        if student.policy_kind == "dx":   # an adapter without its DX settings: those of its training schedule
-            train = dict(SAMPLING_DEFAULTS, **student.sampling)
-            kwargs.setdefault("segment_size", dx_segment_size(int(train["nfe"]), float(train["final_step_size_scale"])))
-            kwargs.setdefault("shift", float(train["shift"]))
-        return make_policy(student.policy_kind, **{k: v.float() for k, v in out.items()}, x_src=x,
-                           sigma_src=sigma, **kwargs)
-
-    def _policy_denoise(self, noise: Tensor, cond: dict, num_inference_steps: int,
+    def _policy_denoise(self, noise: Tensor, cond: dict, num_inference_steps: Optional[int],
                         temperature: Union[float, str], generator: Optional[torch.Generator],
-                        image_seq_len: Optional[int], total_substeps: int,
-                        callback_on_step_end: Optional[Callable] = None) -> Tensor:
-        """noise (B, C, H, W) at σ = 1 → latents at σ = 0 (float32), `num_inference_steps` student evaluations."""
+                        image_seq_len: Optional[int], total_substeps: Optional[int],
+                        callback_on_step_end: Optional[Callable] = None, sigmas: Optional[list] = None) -> Tensor:
+        """noise (B, C, H, W) → latents at σ = 0 (float32) with `piflow.sampling.sample` on this pipeline's
+        scheduler (`num_inference_steps` steps, or the raw times `sigmas`; one student evaluation per step)."""
         student = self._require_student()
         if not isinstance(self.scheduler, FlowMapSDEScheduler):
-            self._use_policy_scheduler(student.sampling)
+            self._use_policy_scheduler(student)
         scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps, device=noise.device, image_seq_len=image_seq_len)
+        scheduler.set_timesteps(num_inference_steps if sigmas is None else None, device=noise.device,
+                                image_seq_len=image_seq_len, sigmas=sigmas)
         nfe = scheduler.num_inference_steps
-        temperature = resolve_temperature(temperature, nfe)
-        x = noise.float()
         self._num_timesteps = nfe
+        dtype = next(self.transformer.parameters()).dtype
+
+        def policy_fn(x: Tensor, sigma: Tensor, cond: dict):
+            return student.policy(x.to(dtype), sigma, cond)
+
         was_training = student.training
         student.eval()          # LoRA dropout off; the previous mode is restored afterwards
         try:
-            return self._policy_loop(student, x, cond, scheduler, nfe, float(temperature), generator,
-                                     total_substeps, callback_on_step_end)
+            with self.progress_bar(total=nfe) as progress_bar:
+                def on_step(i: int, x: Tensor) -> Tensor:
+                    if callback_on_step_end is not None:
+                        outputs = callback_on_step_end(self, i, scheduler.timesteps[i], {"latents": x}) or {}
+                        x = outputs.get("latents", x)
+                    progress_bar.update()
+                    return x
+
+                return sample(policy_fn, noise.float(), cond=cond, schedule=scheduler.schedule,
+                              temperature=temperature, generator=generator, on_step=on_step,
+                              total_substeps=student.settings.total_substeps if total_substeps is None
+                              else total_substeps)
         finally:
             student.train(was_training)
-
-    def _policy_loop(self, student, x: Tensor, cond: dict, scheduler, nfe: int, temperature: float, generator,
-                     total_substeps: int, callback_on_step_end: Optional[Callable]) -> Tensor:
-        batch = x.shape[0]
-        with self.progress_bar(total=nfe) as progress_bar:
-            for i, timestep in enumerate(scheduler.timesteps):
-                sigma = scheduler.sigmas[i].expand(batch)
-                policy = self._student_policy(student, x, sigma, cond)
-                if isinstance(policy, GMFlowPolicy) and i < nfe - 1:
-                    policy = policy.temperature(temperature)
-                x_dst = rollout(policy, x, sigma, scheduler.sigmas_dst[i].expand(batch), total_substeps,
-                                scheduler.shift_in_use)
-                x = scheduler.step(x_dst, timestep, generator=generator, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, i, timestep, {"latents": x}) or {}
-                    x = outputs.get("latents", x)
-                progress_bar.update()
-        return x
 
     def _noise(self, shape: tuple[int, ...], latents: Optional[Tensor], generator, device) -> Tensor:
         if latents is not None:
@@ -177,8 +161,9 @@ class PiFluxPipeline(PiFlowPipelineMixin, FluxPipeline):
                  num_images_per_prompt: int = 1, generator: Optional[torch.Generator] = None,
                  latents: Optional[Tensor] = None, prompt_embeds: Optional[Tensor] = None,
                  pooled_prompt_embeds: Optional[Tensor] = None, output_type: str = "pil", return_dict: bool = True,
-                 max_sequence_length: int = 512, total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
-                 callback_on_step_end: Optional[Callable] = None):
+                 max_sequence_length: int = 512, total_substeps: Optional[int] = None,
+                 callback_on_step_end: Optional[Callable] = None,
+                 sigmas: Optional[list[float]] = None):
         """Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1."""
         from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
@@ -197,7 +182,8 @@ class PiFluxPipeline(PiFlowPipelineMixin, FluxPipeline):
         if self.transformer.config.guidance_embeds:
             cond["guidance"] = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
         x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
-                                 num_tokens, total_substeps, callback_on_step_end)
+                                 num_tokens, total_substeps, callback_on_step_end,
+                                 sigmas=sigmas)
         if output_type == "latent":
             return self._finish(x, FluxPipelineOutput, return_dict)
         x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
@@ -219,7 +205,8 @@ class PiSD3Pipeline(PiFlowPipelineMixin, StableDiffusion3Pipeline):
                  generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
                  prompt_embeds: Optional[Tensor] = None, pooled_prompt_embeds: Optional[Tensor] = None,
                  output_type: str = "pil", return_dict: bool = True, max_sequence_length: int = 256,
-                 total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, callback_on_step_end: Optional[Callable] = None):
+                 total_substeps: Optional[int] = None, callback_on_step_end: Optional[Callable] = None,
+                 sigmas: Optional[list[float]] = None):
         """Generate images; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 
@@ -240,7 +227,8 @@ class PiSD3Pipeline(PiFlowPipelineMixin, StableDiffusion3Pipeline):
         cond = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
         patch = self.transformer.config.patch_size
         x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
-                                 (latent_h // patch) * (latent_w // patch), total_substeps, callback_on_step_end)
+                                 (latent_h // patch) * (latent_w // patch), total_substeps, callback_on_step_end,
+                                 sigmas=sigmas)
         if output_type == "latent":
             return self._finish(x, StableDiffusion3PipelineOutput, return_dict)
         x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
@@ -260,8 +248,9 @@ class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
                  num_images_per_prompt: int = 1, generator: Optional[torch.Generator] = None,
                  latents: Optional[Tensor] = None, prompt_embeds: Optional[Tensor] = None,
                  prompt_embeds_mask: Optional[Tensor] = None, output_type: str = "pil", return_dict: bool = True,
-                 max_sequence_length: int = 512, total_substeps: int = DEFAULT_TOTAL_SUBSTEPS,
-                 callback_on_step_end: Optional[Callable] = None):
+                 max_sequence_length: int = 512, total_substeps: Optional[int] = None,
+                 callback_on_step_end: Optional[Callable] = None,
+                 sigmas: Optional[list[float]] = None):
         """Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1."""
         from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 
@@ -277,7 +266,8 @@ class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
         noise, num_tokens = self._packed_noise(batch, height, width, latents, generator, device)
         cond = {"encoder_hidden_states": prompt_embeds, "encoder_hidden_states_mask": prompt_embeds_mask}
         x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
-                                 num_tokens, total_substeps, callback_on_step_end)
+                                 num_tokens, total_substeps, callback_on_step_end,
+                                 sigmas=sigmas)
         if output_type == "latent":
             return self._finish(x, QwenImagePipelineOutput, return_dict)
         x = x[:, :, None].to(self.vae.dtype)                              # (B, C, 1, H, W): one video frame

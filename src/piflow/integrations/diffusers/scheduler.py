@@ -2,7 +2,7 @@
 
 It accepts the stock `FlowMatchEulerDiscreteScheduler` config (``FlowMapSDEScheduler.from_config(pipe.scheduler.config,
 final_step_size_scale=0.5)``), including its dynamic-shift settings, and delegates the math to
-`piflow.sampling.FlowMapSDEScheduler`. Unlike solver schedulers, `step` takes the policy-rolled-out state x_dst
+`piflow.sampling.FlowMapSDESchedule`. Unlike solver schedulers, `step` takes the policy-rolled-out state x_dst
 (at ``sigmas_dst[i]``) as `model_output` and maps it to the next grid point; with h = 0 it is the identity.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from piflow.sampling import FlowMapSDEScheduler as CoreScheduler
+from piflow.sampling import FlowMapSDESchedule
 from piflow.timewarp import dynamic_shift
 
 
@@ -32,7 +32,7 @@ class FlowMapSDEScheduler(SchedulerMixin, ConfigMixin):
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,
                  base_shift: float = 0.5, max_shift: float = 1.15, base_image_seq_len: int = 256,
                  max_image_seq_len: int = 4096, h: Union[float, str] = 0.0, final_step_size_scale: float = 1.0):
-        self._core: Optional[CoreScheduler] = None
+        self._core: Optional[FlowMapSDESchedule] = None
         self._step_index = 0
         self.timesteps = None
         self.sigmas = None
@@ -46,11 +46,13 @@ class FlowMapSDEScheduler(SchedulerMixin, ConfigMixin):
         return dynamic_shift(image_seq_len, self.config.base_image_seq_len, self.config.max_image_seq_len,
                              self.config.base_shift, self.config.max_shift)
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None,
-                      image_seq_len: Optional[int] = None) -> None:
-        core = CoreScheduler(self.shift_for(image_seq_len), self.config.final_step_size_scale, self.config.h,
-                             self.config.num_train_timesteps)
-        core.set_timesteps(num_inference_steps, device=device or "cpu")
+    def set_timesteps(self, num_inference_steps: Optional[int] = None,
+                      device: Union[str, torch.device, None] = None, image_seq_len: Optional[int] = None,
+                      sigmas: Optional[list] = None) -> None:
+        """`num_inference_steps` steps, or an explicit list of raw times `sigmas` (warped by the shift in use)."""
+        core = FlowMapSDESchedule(self.shift_for(image_seq_len), self.config.final_step_size_scale, self.config.h,
+                                  self.config.num_train_timesteps)
+        core.set_timesteps(num_inference_steps, device=device or "cpu", sigmas=sigmas)
         self._core = core
         self.num_inference_steps = core.num_inference_steps
         self.sigmas, self.sigmas_dst = core.sigmas, core.sigmas_dst
@@ -62,10 +64,16 @@ class FlowMapSDEScheduler(SchedulerMixin, ConfigMixin):
         return self._step_index
 
     @property
-    def shift_in_use(self) -> float:
+    def schedule(self) -> FlowMapSDESchedule:
+        """The `piflow.sampling.FlowMapSDESchedule` of the last `set_timesteps` (what `piflow.sampling.sample`
+        steps through)."""
         if self._core is None:
             raise RuntimeError("call set_timesteps first")
-        return self._core.shift
+        return self._core
+
+    @property
+    def shift_in_use(self) -> float:
+        return self.schedule.shift
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample

@@ -26,9 +26,12 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from piflow.heads import DXHead, GMHead
+from piflow.heads import make_policy_head
+from piflow.policies import policy_from_outputs, resolve_policy_kwargs
+from piflow.settings import PiIDSettings, policy_kind
 
 PATCH = 2
+TEXT_TO_IMAGE_SCHEDULE = {"nfe": 4, "shift": 3.2, "final_step_size_scale": 0.5}   # §4.7
 
 # §6.6 GM-FLUX LoRA targets: feed-forward layers and the timestep MLP, never attention. The single-stream blocks'
 # proj_out is listed per block so that the root proj_out (teacher output layer) is never wrapped.
@@ -180,7 +183,8 @@ def register_architecture(architecture: Architecture) -> Architecture:
     return architecture
 
 
-def _architecture(name: Union[str, Architecture]) -> Architecture:
+def get_architecture(name: Union[str, Architecture]) -> Architecture:
+    """The registered `Architecture` called `name` (an `Architecture` is returned as is)."""
     if isinstance(name, Architecture):
         return name
     if name not in ARCHITECTURES:
@@ -231,12 +235,9 @@ class DiffusersTeacher:
 
     LoRA adapters that a shared student added are disabled for every teacher call."""
 
-    architecture = FLUX
-
-    def __init__(self, transformer: nn.Module, architecture: Union[str, Architecture, None] = None):
+    def __init__(self, transformer: nn.Module, architecture: Union[str, Architecture] = "flux"):
         self.transformer = transformer
-        if architecture is not None:
-            self.architecture = _architecture(architecture)
+        self.architecture = get_architecture(architecture)
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
@@ -249,18 +250,6 @@ class DiffusersTeacher:
         return out.to(latents.dtype)
 
 
-class FluxTeacher(DiffusersTeacher):
-    architecture = FLUX
-
-
-class SD3Teacher(DiffusersTeacher):
-    architecture = SD3
-
-
-class QwenImageTeacher(DiffusersTeacher):
-    architecture = QWEN
-
-
 class DiffusersPolicyStudent(nn.Module):
     """GM / DX student ``(latents, sigma, cond) -> dict`` of policy parameters on a diffusers transformer.
 
@@ -269,44 +258,58 @@ class DiffusersPolicyStudent(nn.Module):
             the teacher is the same module with adapters disabled).
         policy: "gmflow" (K components, one `latent_channels`-dim GM per latent pixel) or "dx" (N nodes).
         latent_channels: the VAE latent channels C of one GM chunk (16 for FLUX/SD3, 4 in tiny tests).
+        architecture: "flux", "sd3", "qwen" or a registered `Architecture`.
+        settings: the π-ID settings it is (or was) trained with; pipelines sample on its schedule (nfe, shift,
+            final_step_size_scale, total_substeps) and adapters save it. Default: the text-to-image schedule of
+            §4.7 (4 NFE, shift 3.2, f 0.5).
         policy_kwargs: settings of the policy built from the outputs (GM ``eps``; DX ``mode``, ``segment_size``,
-            ``shift`` — keep the training values), saved in the adapter's ``policy_config``.
-        sampling: the training ``nfe``, ``shift``, ``final_step_size_scale``, saved with the adapter for pipelines.
+            ``shift`` — DX defaults come from `settings`), saved in the adapter's ``policy_config``.
     """
-
-    architecture = FLUX
 
     def __init__(self, transformer: nn.Module, policy: str = "gmflow", num_components: int = 8,
                  num_nodes: int = 10, dx_mode: str = "grid", latent_channels: int = 16,
                  head_noise_std: float = 0.05, logstd_hidden: int = 1024, share_transformer: bool = False,
-                 generator: Optional[torch.Generator] = None, architecture: Union[str, Architecture, None] = None,
-                 policy_kwargs: Optional[dict] = None, sampling: Optional[dict] = None):
+                 generator: Optional[torch.Generator] = None, architecture: Union[str, Architecture] = "flux",
+                 settings: Optional[PiIDSettings] = None, policy_kwargs: Optional[dict] = None):
         super().__init__()
+        self.policy_kind = policy_kind(policy)
+        self.settings = settings if settings is not None else PiIDSettings(
+            policy=self.policy_kind, **TEXT_TO_IMAGE_SCHEDULE)
+        if self.settings.policy != self.policy_kind:
+            raise ValueError(f"settings.policy={self.settings.policy!r} does not match policy={policy!r}")
         self.policy_kwargs = dict(policy_kwargs or {})
-        self.sampling = dict(sampling or {})
-        if architecture is not None:
-            self.architecture = _architecture(architecture)
+        self.architecture = get_architecture(architecture)
         self.transformer = transformer if share_transformer else copy.deepcopy(transformer)
         # the student's own final norm (trainable, §6.6); swapped in only while the student runs
         self.norm_out = copy.deepcopy(self.transformer.norm_out).requires_grad_(True)
         projection = self.transformer.proj_out
         self.latent_channels = latent_channels
-        self.policy_kind = "gmflow" if policy in ("gm", "gmflow") else policy
         in_dim, out_dim = projection.in_features, projection.out_features
         self.patch = _patch_size(self.transformer, self.architecture)
         if out_dim != latent_channels * self.patch ** 2:
             raise ValueError(f"proj_out has {out_dim} outputs, expected latent_channels·patch² = "
                              f"{latent_channels * self.patch ** 2}")
-        cond_dim = self.transformer.norm_out.linear.in_features
-        if self.policy_kind == "gmflow":
-            self.head = GMHead(in_dim, out_dim, num_components, cond_dim=cond_dim, channels=latent_channels,
-                               logstd_hidden=logstd_hidden, layout=self.architecture.layout)
-            self.head.init_from_teacher(projection, noise_std=head_noise_std, generator=generator)
-        elif self.policy_kind == "dx":
-            self.head = DXHead(in_dim, out_dim, num_nodes, mode=dx_mode)
-            self.head.init_from_teacher(projection)
-        else:
-            raise ValueError(f"unknown policy {policy!r}; expected 'gmflow' or 'dx'")
+        self.head = make_policy_head(
+            self.policy_kind, in_dim, out_dim, channels=latent_channels,
+            cond_dim=self.transformer.norm_out.linear.in_features, num_components=num_components,
+            num_nodes=num_nodes, dx_mode=dx_mode, logstd_hidden=logstd_hidden, layout=self.architecture.layout,
+            teacher_projection=projection, noise_std=head_noise_std, generator=generator)
+
+    @property
+    def sampling(self) -> dict:
+        """The training schedule (nfe, shift, final_step_size_scale, total_substeps) pipelines sample on."""
+        return self.settings.sampling
+
+    def resolved_policy_kwargs(self) -> dict:
+        """`policy_kwargs` with the DX defaults of the training schedule filled in (what adapters save)."""
+        s = self.settings
+        return resolve_policy_kwargs(self.policy_kind, self.policy_kwargs, nfe=s.nfe,
+                                     final_step_size_scale=s.final_step_size_scale, shift=s.shift)
+
+    def policy(self, latents: Tensor, sigma: Tensor, cond: Any = None):
+        """One evaluation at (latents, σ (B,)) as its policy (float32), on the student's own schedule."""
+        return policy_from_outputs(self(latents, sigma, cond), latents, sigma, self.policy_kind,
+                                   policy_kwargs=self.resolved_policy_kwargs())
 
     def _unpack(self, per_token: Tensor, height: int, width: int) -> Tensor:
         """(B, L, N, c·4) → (B, N, c, H, W)."""
@@ -332,19 +335,21 @@ class DiffusersPolicyStudent(nn.Module):
                 "logweights": self._unpack(out.logweights, height, width), "logstds": out.logstds}
 
 
-class FluxPolicyStudent(DiffusersPolicyStudent):
-    """GM-FLUX / DX-FLUX student (§6.3)."""
-
-    architecture = FLUX
-
-
-class SD3PolicyStudent(DiffusersPolicyStudent):
-    """GM / DX student on `SD3Transformer2DModel`."""
-
-    architecture = SD3
+def _bind_architecture(cls, architecture: Architecture, doc: str):
+    """A documented alias: ``FluxPolicyStudent(transformer, …)`` = ``cls(transformer, …, architecture="flux")``."""
+    def build(*args, **kwargs):
+        kwargs.setdefault("architecture", architecture)
+        return cls(*args, **kwargs)
+    build.__doc__ = doc
+    build.__name__ = build.__qualname__ = f"{architecture.base_class.replace('Transformer2DModel', '')}{cls.__name__}"
+    return build
 
 
-class QwenImagePolicyStudent(DiffusersPolicyStudent):
-    """GM-Qwen / DX-Qwen student on `QwenImageTransformer2DModel` (§6.4)."""
-
-    architecture = QWEN
+# Aliases kept for readability of user code; each builds the generic class with its architecture.
+FluxTeacher = _bind_architecture(DiffusersTeacher, FLUX, "`DiffusersTeacher` on a FLUX transformer.")
+SD3Teacher = _bind_architecture(DiffusersTeacher, SD3, "`DiffusersTeacher` on an SD3 transformer.")
+QwenImageTeacher = _bind_architecture(DiffusersTeacher, QWEN, "`DiffusersTeacher` on a Qwen-Image transformer.")
+FluxPolicyStudent = _bind_architecture(DiffusersPolicyStudent, FLUX, "GM-FLUX / DX-FLUX student (§6.3).")
+SD3PolicyStudent = _bind_architecture(DiffusersPolicyStudent, SD3, "GM / DX student on `SD3Transformer2DModel`.")
+QwenImagePolicyStudent = _bind_architecture(DiffusersPolicyStudent, QWEN,
+                                            "GM-Qwen / DX-Qwen student on `QwenImageTransformer2DModel` (§6.4).")

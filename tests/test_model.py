@@ -1,10 +1,10 @@
-"""Tests for piflow.pipeline.PiFlow with an MLP policy student on an exact Gaussian-mixture teacher."""
+"""Tests for piflow.model.PiFlow with an MLP policy student on an exact Gaussian-mixture teacher."""
 import pytest
 import torch
 
 from piflow.models import MLPVelocityModel2D
 from piflow.models.students import PolicyStudent
-from piflow.pipeline import PiFlow
+from piflow.model import PiFlow
 from piflow.policies import DXPolicy, GMFlowPolicy
 from piflow.teachers import GaussianMixtureTeacher
 
@@ -43,7 +43,7 @@ def test_loss_is_finite_scalar_with_grad(policy, kwargs):
     # data-free loss back-propagates per step and returns a detached total
     student.zero_grad(set_to_none=True)
     total = pf.data_free_loss(torch.randn(8, 2, generator=torch.Generator().manual_seed(3)),
-                              generator=torch.Generator().manual_seed(4))
+                              backward=torch.Tensor.backward, generator=torch.Generator().manual_seed(4))
     assert not total.requires_grad and bool(torch.isfinite(total)) and float(total) > 0
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in student.head.parameters())
 
@@ -63,15 +63,75 @@ def test_student_policy_starts_at_the_teacher_network(policy, cls):
         torch.testing.assert_close(p.velocity(x, sigma), net(x, sigma * 1000), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+class ExactGMStudent(torch.nn.Module):
+    """The exact GM teacher's own policy as the student (§7.3): sampling must reproduce the teacher ODE."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x, sigma, cond=None):
+        return self.teacher.policy(x, sigma)
+
+
+class ExactDXStudent(torch.nn.Module):
+    """A DX student whose x0 grid is the exact posterior mean along the exact ODE path of each segment."""
+
+    def __init__(self, teacher, nfe, num_nodes):
+        super().__init__()
+        self.teacher, self.nfe, self.num_nodes = teacher, nfe, num_nodes
+
+    def forward(self, x, sigma, cond=None):
+        from piflow.rollout import rollout
+        flow = self.teacher.policy(x, sigma)
+        tau_src = float(sigma[0])                                    # shift 1: raw time = σ
+        tau_end = max(tau_src - 1.0 / self.nfe, 0.0)
+        u_nodes = []
+        for n in range(self.num_nodes):                              # node 0 = segment end, N − 1 = τ_src
+            tau = tau_end + (tau_src - tau_end) * n / (self.num_nodes - 1)
+            x_tau = rollout(flow, x, sigma, torch.full_like(sigma, tau), total_substeps=1024)
+            x0 = flow.x0(x_tau, max(tau, 1e-4))
+            u_nodes.append((x - x0) / sigma[:, None])
+        return {"u_grid": torch.stack(u_nodes, dim=1)}
+
+
 @pytest.mark.parametrize("nfe", [1, 3, 7])
-def test_sample_any_nfe(policy, nfe):
-    _, student = make_student(policy)
-    pf = PiFlow(student, make_teacher(), policy=policy, nfe=2, total_substeps=32)
-    noise = torch.randn(6, 2, generator=torch.Generator().manual_seed(6))
+def test_exact_gm_student_samples_the_teacher_ode_at_any_nfe(nfe):
+    from piflow.sampling import rk4_sample
+    teacher = make_teacher()
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(6))
+    reference = rk4_sample(teacher, noise, 64)
+    pf = PiFlow(ExactGMStudent(teacher), teacher, nfe=2, total_substeps=256)
     out = pf.sample(noise, nfe=nfe)
-    assert out.shape == noise.shape and out.dtype == noise.dtype and bool(torch.isfinite(out).all())
-    assert not out.requires_grad
+    assert out.shape == noise.shape and out.dtype == noise.dtype and not out.requires_grad
+    err = (out - reference).norm(dim=1)
+    assert float(err.mean()) < 5e-3 and float(err.max()) < 5e-2
+    # a policy that is not the teacher's is measurably off the ODE (the check above can fail)
+    wrong = PiFlow(ExactGMStudent(GaussianMixtureTeacher(teacher.means * 1.1, 0.35)), teacher, nfe=2)
+    assert float((wrong.sample(noise, nfe=nfe) - reference).norm(dim=1).mean()) > 0.05
+
+
+def test_exact_dx_student_samples_the_teacher_ode():
+    from piflow.sampling import rk4_sample
+    teacher = make_teacher()
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(16))
+    reference = rk4_sample(teacher, noise, 64)
+    pf = PiFlow(ExactDXStudent(teacher, 2, 17), teacher, policy="dx", nfe=2, total_substeps=256)
+    err = (pf.sample(noise) - reference).norm(dim=1)
+    assert float(err.mean()) < 2e-2
+
+
+def test_explicit_sigmas_follow_the_given_raw_times():
+    # sigmas = raw times; the start state is σ_0·ε (authors' sampler) and the ODE from there is the reference
+    from piflow.sampling import rk4_sample
+    teacher = make_teacher()
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(26))
+    pf = PiFlow(ExactGMStudent(teacher), teacher, nfe=2, total_substeps=256)
+    out, trajectory = pf.sample(noise, sigmas=[1.0, 0.6, 0.2], return_trajectory=True)
+    assert len(trajectory) == 4
+    torch.testing.assert_close(out, rk4_sample(teacher, noise, 64), rtol=0, atol=5e-2)
+    with pytest.raises(ValueError, match="sigmas"):
+        pf.sample(noise, sigmas=[0.5, 0.7])
 
 
 def test_sample_default_nfe_trajectory():
@@ -87,8 +147,9 @@ def test_configuration_errors():
     teacher = make_teacher()
     with pytest.raises(ValueError, match="policy"):
         PiFlow(student, teacher, policy="flow")
-    with pytest.raises(ValueError, match="gm_dropout"):
-        PiFlow(student, teacher, policy="dx", gm_dropout=0.1)
+    with pytest.raises(ValueError, match="policy_dropout"):
+        PiFlow(student, teacher, policy="dx", gm_dropout=1.0)
+    assert PiFlow(student, teacher, policy="dx", gm_dropout=0.1).settings.policy_dropout == 0.1   # alias, any policy
     with pytest.raises(ValueError, match="nfe"):
         PiFlow(student, teacher, nfe=0)
     with pytest.raises(ValueError):
@@ -100,12 +161,12 @@ def test_configuration_errors():
 
 
 def test_forward_passes_the_trajectory_mixing_ratio(monkeypatch):
-    import piflow.pipeline as pipeline_module
+    import piflow.model as pipeline_module
     seen = []
     original = pipeline_module.piid_loss
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["teacher_ratio"])
+        seen.append(args[4].teacher_ratio(kwargs["iteration"]))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "piid_loss", spy)
@@ -121,9 +182,12 @@ def test_forward_passes_the_trajectory_mixing_ratio(monkeypatch):
 def test_dx_defaults_follow_the_segment_grid():
     _, student = make_student("dx")
     pf = PiFlow(student, make_teacher(), policy="dx", nfe=4, final_step_size_scale=0.5, shift=3.2)
-    assert pf.policy_kwargs["segment_size"] == pytest.approx(1 / 3.5)
-    assert pf.policy_kwargs["shift"] == pytest.approx(3.2)
-    pf1 = PiFlow(student, make_teacher(), policy="dx", nfe=1)
-    assert pf1.policy_kwargs["segment_size"] == pytest.approx(1.0)
     p = pf.policy(torch.randn(3, 2), torch.full((3,), 0.9))
     assert isinstance(p, DXPolicy) and p.segment_size == pytest.approx(1 / 3.5) and p.num_nodes == 3
+    assert p.shift == pytest.approx(3.2)
+    pf1 = PiFlow(student, make_teacher(), policy="dx", nfe=1)
+    assert pf1.policy(torch.randn(3, 2), torch.full((3,), 0.9)).segment_size == pytest.approx(1.0)
+    # explicit policy_kwargs win over the defaults
+    pf2 = PiFlow(student, make_teacher(), policy="dx", nfe=4, policy_kwargs={"segment_size": 0.5, "shift": 1.0})
+    p2 = pf2.policy(torch.randn(3, 2), torch.full((3,), 0.9))
+    assert p2.segment_size == 0.5 and p2.shift == 1.0

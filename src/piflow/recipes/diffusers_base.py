@@ -1,0 +1,118 @@
+"""Loading the base diffusers pipeline of a text-to-image run safely: components only from diffusers/transformers,
+weights only from safetensors, the architecture and latent geometry read from the pipeline's config files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from piflow.config import ConfigError
+from piflow.errors import require
+from piflow.files import one_line
+
+TRANSFORMER_ARCHITECTURES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+                             "QwenImageTransformer2DModel": "qwen"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_device() -> torch.device:
+    from piflow.train import distributed
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", distributed.current().local_rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+SAFE_LIBRARIES = ("diffusers", "transformers")
+
+
+def _model_index(path: str) -> dict:
+    """A pipeline's model_index.json, checked so that loading it cannot import code from the pipeline folder: every
+    component must come from diffusers or transformers (diffusers would otherwise import a module that ships with
+    the pipeline)."""
+    DiffusionPipeline = require("diffusers", "text-to-image pipelines").DiffusionPipeline
+    try:
+        index = DiffusionPipeline.load_config(path)
+    except Exception as error:      # not a folder/repo with model_index.json, bad JSON, offline hub
+        raise ConfigError(f"pipeline={path!r} is not a diffusers pipeline folder or reachable Hub repo "
+                          f"({type(error).__name__}: {one_line(error, 200)})") from None
+    for name, value in index.items():
+        if not (isinstance(value, (list, tuple)) and len(value) == 2) or value[0] is None:
+            continue
+        if value[0] not in SAFE_LIBRARIES:
+            raise ConfigError(f"pipeline {path}: component {name!r} comes from {value[0]!r}; piflow loads only "
+                              f"components of {list(SAFE_LIBRARIES)} (custom code in a pipeline folder would run)")
+        if str(value[1]).endswith("Pipeline") or (Path(path) / str(name) / "model_index.json").is_file():
+            raise ConfigError(f"pipeline {path}: component {name!r} is itself a pipeline; piflow does not load "
+                              f"nested pipelines (their weights would escape these checks)")
+    return index
+
+
+def pipeline_architecture(path: str) -> str:
+    """"flux", "sd3" or "qwen" from a diffusers pipeline's model_index.json (nothing is loaded)."""
+    transformer_class = _model_index(path)["transformer"][1]
+    if transformer_class not in TRANSFORMER_ARCHITECTURES:
+        raise ConfigError(f"{path}: transformer class {transformer_class} is not supported; expected one of "
+                          f"{sorted(TRANSFORMER_ARCHITECTURES)} (see the bring-your-own-teacher guide)")
+    return TRANSFORMER_ARCHITECTURES[transformer_class]
+
+
+def architecture_of(transformer: torch.nn.Module) -> str:
+    name = type(transformer).__name__
+    if name not in TRANSFORMER_ARCHITECTURES:
+        raise ConfigError(f"transformer class {name} is not supported; expected one of "
+                          f"{sorted(TRANSFORMER_ARCHITECTURES)} (see the bring-your-own-teacher guide)")
+    return TRANSFORMER_ARCHITECTURES[name]
+
+
+def latent_geometry(path: str, architecture: str, transformer, resolution) -> tuple[int, int, int]:
+    """(channels, height, width) of the latents the transformer sees for a `resolution` image."""
+    import diffusers
+
+    vae_class = _model_index(path).get("vae", [None, "AutoencoderKL"])[1]
+    vae_config = getattr(diffusers, vae_class).load_config(path, subfolder="vae")
+    if architecture == "qwen":
+        factor = 2 ** len(vae_config["temperal_downsample"])
+    else:
+        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    height, width = (int(v) for v in resolution)
+    multiple = factor * (1 if architecture == "sd3" else 2)
+    if height % multiple or width % multiple:
+        raise ConfigError(f"resolution {height}×{width} must be divisible by {multiple} for this pipeline")
+    channels = transformer.config.in_channels // (1 if architecture == "sd3" else 4)
+    return channels, height // factor, width // factor
+
+
+def from_pretrained(cls, path: str, **kwargs):
+    """``cls.from_pretrained(path, use_safetensors=True, ...)``: weights are read from safetensors only (never from
+    pickled ``.bin`` files); a pipeline without them is a one-line `ConfigError`."""
+    _model_index(path)
+    try:
+        return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"cannot load {cls.__name__} from {path} with safetensors weights (piflow never loads "
+                          f"pickled .bin weights): {one_line(error, 300)}") from None
+
+
+def load_base(config: dict, device: torch.device, dtype: torch.dtype, transformer_only: bool = False):
+    """(pipeline or None, frozen transformer): only the transformer when prompts come from a cache (or
+    `transformer_only`), else the whole pipeline, whose text encoders encode the prompts here."""
+    import diffusers
+
+    path = config["pipeline"]
+    if transformer_only or config["prompt_cache"] is not None:
+        transformer_class = _model_index(path)["transformer"][1]
+        transformer = from_pretrained(getattr(diffusers, transformer_class), path, subfolder="transformer",
+                                       torch_dtype=dtype)
+        return None, transformer.to(device).requires_grad_(False)
+    pipe = from_pretrained(diffusers.DiffusionPipeline, path, torch_dtype=dtype)
+    pipe.to(device)
+    return pipe, pipe.transformer.requires_grad_(False)

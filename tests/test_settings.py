@@ -1,0 +1,36 @@
+"""PiIDSettings: one typed object for the π-ID settings, with checks naming the field."""
+import pytest
+
+from piflow.settings import PiIDSettings, policy_kind
+
+
+def test_defaults_and_policy_dependent_dropout():
+    gm, dx = PiIDSettings(), PiIDSettings(policy="dx")
+    assert gm.policy == "gmflow" and gm.policy_dropout == 0.05 and dx.policy_dropout == 0.0
+    assert PiIDSettings(policy="gm").policy == "gmflow" and policy_kind("GMFlow") == "gmflow"
+    assert PiIDSettings(policy="dx", policy_dropout=0.2).policy_dropout == 0.2      # DX dropout too (§14)
+    assert gm.sampling == {"nfe": 4, "shift": 1.0, "final_step_size_scale": 1.0, "total_substeps": 128}
+
+
+def test_from_mapping_takes_known_keys_and_the_old_alias():
+    section = {"nfe": 2, "gm_dropout": 0.1, "batch_size": 64, "data_free": True, "shift": 3}
+    settings = PiIDSettings.from_mapping(section, policy="dx")
+    assert (settings.nfe, settings.policy_dropout, settings.shift, settings.policy) == (2, 0.1, 3.0, "dx")
+    assert isinstance(settings.shift, float)
+    assert PiIDSettings.from_mapping(settings.to_dict()) == settings
+
+
+@pytest.mark.parametrize("field,value", [("nfe", 0), ("nfe", 1.5), ("nfe", True), ("shift", 0.0),
+                                         ("final_step_size_scale", -1.0), ("num_intermediate_states", 0),
+                                         ("window_substeps", -1), ("policy_dropout", 1.0), ("loss_scale", 0),
+                                         ("total_substeps", 0), ("num_decay_iters", -1), ("policy", "flow"),
+                                         ("shift", "3")])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field if field != "policy" else "policy"):
+        PiIDSettings(**{field: value})
+
+
+def test_teacher_ratio_follows_the_schedule():
+    settings = PiIDSettings(num_decay_iters=10)
+    assert [settings.teacher_ratio(i) for i in (0, 5, 10, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    assert PiIDSettings().teacher_ratio(0) == 0.0
