@@ -106,3 +106,29 @@ def test_yaml_merge_keys_still_work(tmp_path):
     path.write_text("base: &b {nfe: 3, gm_dropout: 0.1}\n")
     path.write_text("distill: {<<: {nfe: 3, gm_dropout: 0.1}, nfe: 5}\n")
     assert load_config(DEFAULTS, path)["distill"] == {"nfe": 5, "gm_dropout": 0.1, "data_free": False}
+
+
+def test_typed_none_defaults_still_check_overrides():
+    # a default of None that names its type (Optional_) takes null or that type, nothing else
+    from piflow.config import Optional_, dataclass_defaults
+    from piflow.train import TrainConfig
+
+    defaults = {"data": {"root": Optional_(str), "image_size": Optional_(int)}, "train": dataclass_defaults(TrainConfig)}
+    assert isinstance(defaults["train"]["checkpoint_every"], Optional_)      # Optional[int] = None in TrainConfig
+    config = load_config(defaults, overrides=["data.image_size=8", "train.checkpoint_every=5"])
+    assert config["data"] == {"root": None, "image_size": 8} and config["train"]["checkpoint_every"] == 5
+    assert load_config(defaults)["train"]["checkpoint_every"] is None
+    for override, message in (("data.image_size=big", "must be a number"), ("data.image_size=2.5", "integer"),
+                              ("data.root=[a, b]", "single value"), ("train.checkpoint_every=yes", "number")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(defaults, overrides=[override])
+    assert load_config(defaults, overrides=["data.root=null"])["data"]["root"] is None
+    # the train section is TrainConfig's defaults (the single source), tuples as YAML lists
+    assert defaults["train"]["betas"] == [0.9, 0.95] and defaults["train"]["lr"] == TrainConfig().lr
+
+
+def test_old_key_names_are_accepted():
+    from piflow.config import Optional_
+
+    defaults = {"distill": {"nfe": 2, "policy_dropout": Optional_(float)}}
+    assert load_config(defaults, overrides=["distill.gm_dropout=0.1"])["distill"]["policy_dropout"] == 0.1

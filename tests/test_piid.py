@@ -91,10 +91,14 @@ def test_loss_vanishes_for_exact_policy(nfe, shift, f):
     teacher = make_teacher()
     g = torch.Generator().manual_seed(nfe)
     x0 = teacher.sample(64, generator=g)
-    out = piid_loss(exact_student(teacher), teacher, x0, None, S(nfe=nfe, final_step_size_scale=f, shift=shift, window_substeps=0, num_intermediate_states=3), generator=g)
+    out = piid_loss(exact_student(teacher), teacher, x0, None,
+                    S(nfe=nfe, final_step_size_scale=f, shift=shift, window_substeps=0, num_intermediate_states=3),
+                    generator=g)
     assert float(out.loss) < 1e-6
     assert out.sigma_teacher.shape == (3 * 64,)
-    bad = piid_loss(wrong_student(teacher), teacher, x0, None, S(nfe=nfe, final_step_size_scale=f, shift=shift, num_intermediate_states=3), generator=torch.Generator().manual_seed(nfe))
+    bad = piid_loss(wrong_student(teacher), teacher, x0, None,
+                    S(nfe=nfe, final_step_size_scale=f, shift=shift, num_intermediate_states=3),
+                    generator=torch.Generator().manual_seed(nfe))
     assert float(bad.loss) > 0.1
     # DX constant-x0 policy at the network output: wrong everywhere except the source state
     dx = piid_loss(lambda x, s, c: DXPolicy(teacher.velocity(x, s).unsqueeze(1), x, s), teacher, x0, None,
@@ -116,7 +120,8 @@ def test_loss_formula_and_gradients_reach_only_the_grad_policy():
     logstds = torch.full((B,), -1.0).requires_grad_(True)
     policy = GMFlowPolicy(means, logstds, torch.log_softmax(logits, 1), x_src, sigma_src)
     rec = RecordingTeacher(teacher)
-    out = piid_segment_loss(policy, rec, None, tau_src, seg, S(num_intermediate_states=3, loss_scale=3.0), generator=torch.Generator().manual_seed(4))
+    out = piid_segment_loss(policy, rec, None, tau_src, seg, S(num_intermediate_states=3, loss_scale=3.0),
+                            generator=torch.Generator().manual_seed(4))
     assert len(rec.calls) == 3
     for x, sigma, req, fn, grad_enabled in rec.calls:
         assert not req and fn is None and not grad_enabled         # teacher sees states computed without grad
@@ -147,7 +152,8 @@ def test_teacher_states_follow_detached_student_rollout():
     x_src = torch.randn(B, 2, generator=g) * 0.9
     policy = teacher.policy(x_src, sigma_src)
     rec = RecordingTeacher(teacher)
-    piid_segment_loss(policy, rec, None, sigma_src.clone(), torch.full((B,), 0.6), S(num_intermediate_states=4), generator=torch.Generator().manual_seed(6))
+    piid_segment_loss(policy, rec, None, sigma_src.clone(), torch.full((B,), 0.6), S(num_intermediate_states=4),
+                      generator=torch.Generator().manual_seed(6))
     sigmas = torch.stack([c[1] for c in rec.calls])                  # (M, B)
     assert bool((sigmas.diff(dim=0) <= 0).all())                     # sorted order statistics
     assert bool((sigmas <= 0.9).all()) and bool((sigmas >= 0.3 - 1e-6).all())
@@ -170,7 +176,8 @@ def test_teacher_ratio_one_walks_the_teacher_euler_path(shift):
     results = []
     for policy in (teacher.policy(x_src, sigma_src), wrong_student(teacher)(x_src, sigma_src, None)):
         rec = RecordingTeacher(teacher)
-        piid_segment_loss(policy, rec, None, tau_src, seg, S(num_intermediate_states=M, shift=shift), teacher_ratio=1.0, generator=torch.Generator().manual_seed(8))
+        piid_segment_loss(policy, rec, None, tau_src, seg, S(num_intermediate_states=M, shift=shift), teacher_ratio=1.0,
+                          generator=torch.Generator().manual_seed(8))
         xs = [c[0] for c in rec.calls]
         ss = [c[1] for c in rec.calls]
         torch.testing.assert_close(xs[0], x_src)                                 # first query at the source
@@ -204,7 +211,9 @@ def _as_policy(module):
 def test_data_free_loss_exact_policy_and_segment_weighting(nfe, f, shift, monkeypatch):
     teacher = make_teacher()
     noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(9))
-    total = piid_data_free_loss(exact_student(teacher), teacher, noise, None, S(nfe=nfe, final_step_size_scale=f, shift=shift), backward=None, generator=torch.Generator().manual_seed(10))
+    total = piid_data_free_loss(exact_student(teacher), teacher, noise, None,
+                                S(nfe=nfe, final_step_size_scale=f, shift=shift), backward=None,
+                                generator=torch.Generator().manual_seed(10))
     assert float(total) < 1e-6
     # segment-length weighting: total = Σ_k S_k·L_k, student evaluated at σ = warp(τ_k) on the segment grid
     seen, losses = [], []
@@ -220,7 +229,8 @@ def test_data_free_loss_exact_policy_and_segment_weighting(nfe, f, shift, monkey
         return wrong_student(teacher)(x, s, c)
 
     monkeypatch.setattr(piid_module, "piid_segment_loss", spy)
-    total = piid_data_free_loss(student, teacher, noise, None, S(nfe=nfe, final_step_size_scale=f, shift=shift), backward=None, generator=torch.Generator().manual_seed(11))
+    total = piid_data_free_loss(student, teacher, noise, None, S(nfe=nfe, final_step_size_scale=f, shift=shift),
+                                backward=None, generator=torch.Generator().manual_seed(11))
     base = 1.0 / (nfe - 1 + f)
     sizes = [base] * (nfe - 1) + [f * base]
     starts = [1.0 - k * base for k in range(nfe)]
@@ -243,7 +253,8 @@ def test_data_free_walks_the_students_own_trajectory(nfe, f, shift):
         inputs.append((x.clone(), s.clone()))
         return teacher.policy(x, s)
 
-    piid_data_free_loss(student, teacher, noise, None, S(nfe=nfe, final_step_size_scale=f, shift=shift), backward=None, generator=torch.Generator().manual_seed(61))
+    piid_data_free_loss(student, teacher, noise, None, S(nfe=nfe, final_step_size_scale=f, shift=shift), backward=None,
+                        generator=torch.Generator().manual_seed(61))
     assert len(inputs) == nfe and torch.equal(inputs[0][0], noise)
     flow = teacher.policy(noise, 1.0)
     for x, s in inputs[1:]:
@@ -259,12 +270,14 @@ def test_data_free_per_step_backward_equals_single_backward():
     module = _mlp_student()
     kwargs = dict(nfe=3, final_step_size_scale=0.5, shift=2.0, gm_dropout=0.2, window_substeps=2,
                   num_intermediate_states=2, loss_scale=3.0)
-    total_a = piid_data_free_loss(_as_policy(module), teacher, noise, None, S(**kwargs), backward=torch.Tensor.backward, generator=torch.Generator().manual_seed(13))
+    total_a = piid_data_free_loss(_as_policy(module), teacher, noise, None, S(**kwargs), backward=torch.Tensor.backward,
+                                  generator=torch.Generator().manual_seed(13))
     assert not total_a.requires_grad
     grads_a = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
     assert grads_a and any(float(g.abs().sum()) > 0 for g in grads_a.values())
     module.zero_grad(set_to_none=True)
-    total_b = piid_data_free_loss(_as_policy(module), teacher, noise, None, S(**kwargs), backward=None, generator=torch.Generator().manual_seed(13))
+    total_b = piid_data_free_loss(_as_policy(module), teacher, noise, None, S(**kwargs), backward=None,
+                                  generator=torch.Generator().manual_seed(13))
     assert total_b.requires_grad
     total_b.backward()
     torch.testing.assert_close(total_a, total_b.detach(), rtol=1e-5, atol=1e-8)
@@ -275,21 +288,26 @@ def test_data_free_per_step_backward_equals_single_backward():
     # a callable backward receives every step loss
     module.zero_grad(set_to_none=True)
     calls = []
-    piid_data_free_loss(_as_policy(module), teacher, noise, None, S(**kwargs), backward=lambda l: (calls.append(float(l.detach())), l.backward()), generator=torch.Generator().manual_seed(13))
+    piid_data_free_loss(_as_policy(module), teacher, noise, None, S(**kwargs),
+                        backward=lambda l: (calls.append(float(l.detach())), l.backward()),
+                        generator=torch.Generator().manual_seed(13))
     assert len(calls) == 3 and sum(calls) == pytest.approx(float(total_a), rel=1e-5)
 
 
 def test_loss_scale_is_linear():
     teacher = make_teacher()
     x0 = teacher.sample(32, generator=torch.Generator().manual_seed(14))
-    losses = [float(piid_loss(wrong_student(teacher), teacher, x0, None, S(nfe=2, loss_scale=scale), generator=torch.Generator().manual_seed(15)).loss) for scale in (1.0, 7.5)]
+    losses = [float(piid_loss(wrong_student(teacher), teacher, x0, None, S(nfe=2, loss_scale=scale),
+                              generator=torch.Generator().manual_seed(15)).loss) for scale in (1.0, 7.5)]
     assert losses[1] == pytest.approx(7.5 * losses[0], rel=1e-6)
 
 
 def test_window_loss_small_but_finite_for_exact_policy():
     teacher = make_teacher()
     x0 = teacher.sample(64, generator=torch.Generator().manual_seed(16))
-    out = piid_loss(exact_student(teacher), teacher, x0, None, S(nfe=4, final_step_size_scale=0.5, shift=3.2, window_substeps=3), generator=torch.Generator().manual_seed(17))
+    out = piid_loss(exact_student(teacher), teacher, x0, None,
+                    S(nfe=4, final_step_size_scale=0.5, shift=3.2, window_substeps=3),
+                    generator=torch.Generator().manual_seed(17))
     # the window-mean policy velocity differs from the instantaneous teacher velocity by O(window):
     # far above the ~1e-12 of local matching, far below a wrong policy
     assert 1e-5 < float(out.loss) < 1e-2
@@ -308,7 +326,9 @@ def test_window_prediction_is_the_mean_velocity_over_the_window(shift):
     x_src = torch.randn(B, 2, generator=g)
     policy = teacher.policy(x_src, sigma_src)
     rec = RecordingTeacher(teacher)
-    out = piid_segment_loss(policy, rec, None, tau_src, seg, S(num_intermediate_states=2, window_substeps=w, total_substeps=T, shift=shift), generator=torch.Generator().manual_seed(41))
+    out = piid_segment_loss(policy, rec, None, tau_src, seg,
+                            S(num_intermediate_states=2, window_substeps=w, total_substeps=T, shift=shift),
+                            generator=torch.Generator().manual_seed(41))
     delta = (w * seg / torch.round(seg * T)).reshape(B, 1)
     terms = []
     for x_a, s_a, *_ in rec.calls:
@@ -331,7 +351,9 @@ def test_forward_diffusion_of_the_data():
         return teacher.policy(x, s)
 
     x0 = torch.full((B, 2), c)
-    piid_loss(student, teacher, x0, None, S(nfe=4, final_step_size_scale=0.5, shift=shift, num_intermediate_states=1, total_substeps=16), generator=torch.Generator().manual_seed(50))
+    piid_loss(student, teacher, x0, None,
+              S(nfe=4, final_step_size_scale=0.5, shift=shift, num_intermediate_states=1, total_substeps=16),
+              generator=torch.Generator().manual_seed(50))
     x, s = seen[0]
     base = 1 / 3.5
     for tau in (0.5 * base, 1.5 * base, 2.5 * base, 1.0):
@@ -389,7 +411,9 @@ def test_teacher_ratio_one_reaches_the_window_start(window):
     policy = DXPolicy(u_net, x_src, sigma_src)
     x0_hat = x_src - sigma_src[:, None] * u_net[:, 0]
     rec = RecordingTeacher(teacher)
-    out = piid_segment_loss(policy, rec, None, tau_src, seg, S(num_intermediate_states=M, window_substeps=window, total_substeps=T, shift=shift), teacher_ratio=1.0, return_x_dst=True, generator=torch.Generator().manual_seed(31))
+    out = piid_segment_loss(policy, rec, None, tau_src, seg,
+                            S(num_intermediate_states=M, window_substeps=window, total_substeps=T, shift=shift),
+                            teacher_ratio=1.0, return_x_dst=True, generator=torch.Generator().manual_seed(31))
     x_last, s_last = rec.calls[-1][0].double(), rec.calls[-1][1].double()
     delta = window * seg.double() / torch.round(seg.double() * T)
     sigma_b = _warp(tau_src.double() - seg.double() + delta, shift)
@@ -417,7 +441,9 @@ def test_gm_dropout_perturbs_only_the_rollout_copy():
     logstds = torch.full((B,), -1.0, requires_grad=True)
     policy = GMFlowPolicy(means, logstds, torch.log_softmax(logits, 1), x_src, sigma_src)
     rec = RecordingTeacher(teacher)
-    out = piid_segment_loss(policy, rec, None, sigma_src.clone(), torch.full((B,), 0.8), S(num_intermediate_states=1, policy_dropout=0.5), generator=torch.Generator().manual_seed(21))
+    out = piid_segment_loss(policy, rec, None, sigma_src.clone(), torch.full((B,), 0.8),
+                            S(num_intermediate_states=1, policy_dropout=0.5),
+                            generator=torch.Generator().manual_seed(21))
     x_a, s_a = rec.calls[0][0], rec.calls[0][1]
     subsets = [list(c) for r in range(1, K + 1) for c in combinations(range(K), r)]
     proper = 0

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Union
 
 import yaml
 

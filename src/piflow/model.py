@@ -77,8 +77,8 @@ class PiFlow(nn.Module):
         """Data-free multistep π-ID from pure noise (B, C, *spatial): each step is back-propagated at once with
         `backward` (default ``Tensor.backward``; the training loop passes its own) and the detached total is
         returned; ``backward=None`` returns the graph-carrying total instead."""
-        return piid_data_free_loss(self.policy, self._require_teacher(), noise, cond, self.settings, iteration=iteration,
-                                   backward=backward, generator=generator)
+        return piid_data_free_loss(self.policy, self._require_teacher(), noise, cond, self.settings,
+                                   iteration=iteration, backward=backward, generator=generator)
 
     @torch.no_grad()
     def sample(self, noise: Tensor, nfe: Optional[int] = None, cond: Any = None, *,

@@ -12,7 +12,7 @@ from piflow.eval.features import (
     METRICS_NAME,
     WEIGHTS_NAME,
     FeatureClassifier,
-    _random_shift,
+    random_shift,
     extract_features,
     load_feature_classifier,
     save_feature_classifier,
@@ -106,8 +106,8 @@ def test_constructor_rejects_bad_arguments(kwargs, name):
 def test_random_shift_is_a_per_image_translation():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(6, 2, 8, 8)
-    assert torch.equal(_random_shift(x, 0, g), x)
-    shifted = _random_shift(x, 1, g)
+    assert torch.equal(random_shift(x, 0, g), x)
+    shifted = random_shift(x, 1, g)
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
     for i in range(x.shape[0]):
         candidates = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(3) for dx in range(3)]

@@ -49,6 +49,12 @@ def test_distill_variants(tmp_path, teacher_run, extra):
     if "student.policy=gmflow" in extra:      # the CLI's sample and evaluate on image runs
         assert main(["sample", "--run-dir", str(run), "--nfe", "2", "--num-samples", "12", "--label", "7"]) == 0
         assert (run / "samples_nfe2.npy").is_file() and (run / "samples_nfe2.png").is_file()
+        # a tiny (untrained) feature network where `evaluate` caches its own: metrics are plumbing here, and
+        # training the real one takes most of a minute (tests/eval checks the trained network)
+        from piflow.eval.features import FeatureClassifier, save_feature_classifier
+        torch.manual_seed(0)
+        save_feature_classifier(FeatureClassifier(1, 10, feature_dim=16, widths=(8, 16), groups=4),
+                                run / "feature_net", {"val_accuracy": None})
         assert main(["evaluate", "--run-dir", str(run), "eval.num_samples=40", "eval.teacher_steps=[1]",
                      "eval.student_nfe=[1]"]) == 0
         evaluation = json.loads((run / "metrics.json").read_text())

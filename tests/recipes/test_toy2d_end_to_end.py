@@ -14,6 +14,7 @@ from piflow.models.students import PolicyStudent
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.mark.slow                 # 15–20 s each: 150 training iterations
 @pytest.mark.parametrize("nfe, data_free", [(1, False), (2, True)])
 def test_short_distillation_beats_one_step_euler(nfe, data_free):
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ def assert_same_run(run_dir: Path, clean: Path) -> None:
 
 
 _slow = pytest.mark.slow
-KILL_POINTS = ["write-partial:checkpoint.safetensors:2",
+KILL_POINTS = [pytest.param("write-partial:checkpoint.safetensors:2", marks=_slow),   # each ~15 s: 2 runs
                pytest.param("write-before-rename:checkpoint.safetensors:3", marks=_slow),
                pytest.param("write-before-rename:checkpoint.safetensors:6", marks=_slow),     # the final checkpoint
                pytest.param("write-partial:student.safetensors:1", marks=_slow),

@@ -74,6 +74,7 @@ def test_prompt_cache_index_is_checked_when_opened(tmp_path, index, fragment):
         PromptEmbeddingCache(cache, "flux")
 
 
+@pytest.mark.slow                 # ~15 s: builds and saves a tiny pipeline with .bin weights
 def test_pickled_pipeline_weights_are_never_loaded(tmp_path, marker, tiny_flux):
     """A pipeline whose transformer ships only a pickled .bin is refused (piflow loads safetensors only)."""
     pipe = tmp_path / "pipe"

@@ -78,14 +78,16 @@ def test_header_lengths_that_start_like_a_pickle_still_load(tmp_path):
 
 def test_same_state_same_bytes(tmp_path):
     """The metadata is one key, so the bytes do not depend on a hash-map order (checked across processes)."""
+    import os
     import subprocess
     import sys
 
     code = ("import sys, torch; from piflow.train.checkpoint import save_checkpoint; "
             "save_checkpoint(sys.argv[1], {'step': 1, 'w': torch.zeros(2), 'h': [{'loss': 0.5}]})")
     blobs = set()
-    for i in range(4):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True)
+    for i in range(2):                # two processes with different string-hash seeds
+        env = dict(os.environ, PYTHONHASHSEED=str(i))
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True, env=env)
         blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
     assert len(blobs) == 1
 

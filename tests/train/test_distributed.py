@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 SCRIPT = textwrap.dedent("""
@@ -31,6 +32,7 @@ SCRIPT = textwrap.dedent("""
 
 
 
+@pytest.mark.slow                 # ~15 s: two torchrun processes, each importing torch
 def test_two_process_training_matches_single_process(tmp_path, free_port):
     script = tmp_path / "ddp.py"
     script.write_text(SCRIPT)

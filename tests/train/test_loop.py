@@ -78,6 +78,7 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
 
+@pytest.mark.slow                 # ~15 s: three training processes, each importing torch
 def test_sigkill_mid_training_resumes_exactly(tmp_path):
     """A run killed with SIGKILL resumes from its last checkpoint with the losses of an uninterrupted run."""
     script = tmp_path / "run.py"

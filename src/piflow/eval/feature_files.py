@@ -11,15 +11,6 @@ import torch
 from piflow.eval.feature_model import FeatureClassifier
 from piflow.files import atomic_write, dumps_json
 
-__all__ = [
-    "save_feature_classifier",
-    "load_feature_classifier",
-    "FEATURE_CLASSIFIER_FORMAT",
-    "CONFIG_NAME",
-    "WEIGHTS_NAME",
-    "METRICS_NAME",
-]
-
 FEATURE_CLASSIFIER_FORMAT = "piflow-feature-classifier"
 _FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"

@@ -28,7 +28,7 @@ def _check_labels(y: Any, name: str, count: int, num_classes: int) -> Tensor:
     return y.to(torch.int64)
 
 
-def _random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     """Shift each image of x (B, C, H, W) by its own random (dy, dx) in [-max_shift, max_shift] (edge padding)."""
     if max_shift == 0:
         return x
@@ -124,7 +124,7 @@ def train_feature_classifier(images: Tensor, labels: Tensor, num_classes: int, e
         total, seen = 0.0, 0
         for start in range(0, images.shape[0], batch_size):
             index = order[start:start + batch_size]
-            batch = _random_shift(images[index], int(max_shift), generator)
+            batch = random_shift(images[index], int(max_shift), generator)
             loss = F.cross_entropy(model(batch), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -25,7 +25,7 @@ from piflow.eval.feature_files import (
     save_feature_classifier,
 )
 from piflow.eval.feature_model import MIN_IMAGE_SIZE, FeatureClassifier, extract_features  # noqa: F401
-from piflow.eval.feature_training import _random_shift, train_feature_classifier  # noqa: F401 (tests use it)
+from piflow.eval.feature_training import random_shift, train_feature_classifier  # noqa: F401
 
 __all__ = [
     "FeatureClassifier",

@@ -6,7 +6,6 @@ are returned in the dtype of `x_t`.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from piflow.checks import (NonFiniteError, SigmaLike, as_batch_sigma, check_finite,  # noqa: F401 (re-exported)

@@ -106,7 +106,7 @@ STUDENTS = [
     ("gm_k32_nfe4", ["student.num_components=32", "distill.nfe=4"], [4]),
     ("dx_n10_nfe2", ["student.policy=dx", "distill.nfe=2", "distill.window_substeps=3"], [2]),
     ("dx_n10_nfe4", ["student.policy=dx", "distill.nfe=4", "distill.window_substeps=3"], [4]),
-    ("ablation_gm_k8_nfe2_no_dropout", ["student.num_components=8", "distill.nfe=2", "distill.gm_dropout=0"], [2]),
+    ("ablation_gm_k8_nfe2_no_dropout", ["student.num_components=8", "distill.nfe=2", "distill.policy_dropout=0"], [2]),
     ("ablation_dx_n10_nfe2_window0", ["student.policy=dx", "distill.nfe=2", "distill.window_substeps=0"], [2]),
 ]
 
@@ -115,8 +115,6 @@ def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_
                   teacher_run: Optional[Path] = None, only: Optional[list[str]] = None,
                   feature_epochs: int = 30, feature_train_size: Optional[int] = None,
                   teacher_overrides: tuple[str, ...] = (), log: Callable[[str], None] = print) -> dict:
-    from piflow.eval.features import load_feature_classifier, save_feature_classifier, train_feature_classifier
-
     start_time = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"dataset": dataset, "iters": iters, "num_samples": num_samples, "rows": {}}
@@ -133,17 +131,8 @@ def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_
     num_classes = train_set.num_classes
     teacher = images.make_teacher(teacher_model, num_classes)
 
-    feature_dir = run_dir / "feature_net"
-    if (feature_dir / "config.json").is_file():
-        feature_net, feature_metrics = load_feature_classifier(feature_dir)
-    else:
-        log("[bench] training the feature classifier")
-        count = len(train_x) if feature_train_size is None else min(feature_train_size, len(train_x))
-        subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:count]
-        feature_net, feature_metrics = train_feature_classifier(
-            train_x[subset], train_y[subset], num_classes, epochs=feature_epochs, batch_size=128, lr=2e-3, seed=0,
-            val_images=test_x, val_labels=test_y)
-        save_feature_classifier(feature_net, feature_dir, feature_metrics)
+    feature_net, feature_metrics = feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes,
+                                                          feature_epochs, feature_train_size, log)
     results["feature_net"] = feature_metrics
     log(f"[bench] feature classifier validation accuracy {feature_metrics.get('val_accuracy')}")
 
@@ -253,15 +242,20 @@ def plot_quality_vs_nfe(rows: dict, path: Path) -> None:
 
 
 def feature_classifier_for(run_dir: Path, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                           num_classes: int, epochs: int = 30):
-    """Load the classifier cached in ``run_dir/feature_net`` or train (and cache) it on the training split."""
+                           num_classes: int, epochs: int = 30, train_size: Optional[int] = None,
+                           log: Callable[[str], None] = lambda message: None):
+    """Load the classifier cached in ``run_dir/feature_net`` or train (and cache) it on the training split (or a
+    seeded subset of `train_size` images)."""
     from piflow.eval.features import load_feature_classifier, save_feature_classifier, train_feature_classifier
 
     feature_dir = run_dir / "feature_net"
     if (feature_dir / "config.json").is_file():
         return load_feature_classifier(feature_dir)
-    net, metrics = train_feature_classifier(train_x, train_y, num_classes, epochs=epochs, batch_size=128, lr=2e-3,
-                                            seed=0, val_images=test_x, val_labels=test_y)
+    log("[bench] training the feature classifier")
+    count = len(train_x) if train_size is None else min(train_size, len(train_x))
+    subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:count]
+    net, metrics = train_feature_classifier(train_x[subset], train_y[subset], num_classes, epochs=epochs,
+                                            batch_size=128, lr=2e-3, seed=0, val_images=test_x, val_labels=test_y)
     save_feature_classifier(net, feature_dir, metrics)
     return net, metrics
 

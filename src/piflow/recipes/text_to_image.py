@@ -89,7 +89,8 @@ def t2i_settings(config: dict):
     """The run's `PiIDSettings` (policy_dropout null: the text-to-image default of the policy)."""
     dropout = config["distill"]["policy_dropout"]
     kind = "gmflow" if config["student"]["policy"] in ("gm", "gmflow") else config["student"]["policy"]
-    return piid_settings(config, **({} if dropout is not None else {"policy_dropout": T2I_POLICY_DROPOUT.get(kind, 0.0)}))
+    default = {} if dropout is not None else {"policy_dropout": T2I_POLICY_DROPOUT.get(kind, 0.0)}
+    return piid_settings(config, **default)
 
 
 def build_lora_student(config: dict, transformer, architecture: str, latent_channels: int):
@@ -311,7 +312,8 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
         raise ConfigError(f"adapter config {adapter / 'config.json'} must name its architecture, one of "
                           f"{sorted(PIPELINES)}; got {architecture!r}")
     device = default_device()
-    pipe = from_pretrained(PIPELINES[architecture], config["pipeline"], torch_dtype=resolve_dtype(config["dtype"], device))
+    pipe = from_pretrained(PIPELINES[architecture], config["pipeline"],
+                           torch_dtype=resolve_dtype(config["dtype"], device))
     pipe.to(device)
     pipe.load_piflow_adapter(adapter)
     height, width = (int(v) for v in config["resolution"])

@@ -139,22 +139,109 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
         return _train(model, loss_fn, config, run_dir, desc, dist_info, on_start)
 
 
+class _Optimisation:
+    """Everything a step changes and a checkpoint holds: AdamW with linear warm-up, the power EMA, the data
+    generator, the fp16 GradScaler, and the loss functions' `backward`."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, dist_info: distributed.DistInfo):
+        from piflow.train.fsdp import is_fsdp_module
+
+        self.model, self.config, self.dist_info = model, config, dist_info
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
+                                           weight_decay=config.weight_decay)
+        warmup = max(int(config.warmup_iters), 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: 1.0 if warmup == 0 else min(1.0, 1e-3 + (1 - 1e-3) * it / warmup))
+        self.ema = PowerEMA(model, config.ema_gamma, config.ema_start, copy_model=not is_fsdp_module(model))
+        self.generator = torch.Generator().manual_seed(config.seed + dist_info.rank)
+        self.device_type = self.params[0].device.type
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+        self.scaler = torch.amp.GradScaler(self.device_type) if config.mixed_precision == "fp16" else None
+        self.backward_calls = 0
+
+    def backward(self, loss: Tensor) -> None:
+        """The `backward` handed to loss functions: 1/grad_accum_steps, the fp16 loss scale, outside autocast."""
+        self.backward_calls += 1
+        scaled = loss / self.config.grad_accum_steps
+        with torch.autocast(self.device_type, enabled=False):
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+
+    def state(self, step: int, history: list) -> dict:
+        return {"step": step, "model": trainable_state_dict(self.model), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+                "config": asdict(self.config),
+                "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load(self, state: dict, path: Path) -> None:
+        try:
+            load_partial_state(self.model, state["model"], frozen_parameter_names(self.model))
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("grad_scaler"):
+                self.scaler.load_state_dict(state["grad_scaler"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+            raise CheckpointError(f"checkpoint {path} does not match this model/config: "
+                                  f"{one_line(error, 400)}") from None
+
+    def gradients(self, loss_fn: LossFn, iteration: int) -> tuple[float, str]:
+        """Run `loss_fn` grad_accum_steps times (back-propagating each loss once); (mean loss, why it is NaN)."""
+        loss_value = 0.0
+        try:
+            for _ in range(self.config.grad_accum_steps):
+                calls_before = self.backward_calls
+                with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss = loss_fn(iteration, self.generator, self.backward)
+                if not torch.is_tensor(loss) or loss.numel() != 1:
+                    raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+                if self.backward_calls == calls_before:
+                    if not loss.requires_grad:
+                        raise TypeError("loss_fn returned a loss without a graph and never called backward(loss)")
+                    self.backward(loss)
+                loss_value += float(loss.detach()) / self.config.grad_accum_steps
+        except NonFiniteError as error:   # NaN policy parameters or states: a non-finite step like any other
+            for param in self.params:     # NaN gradients, so that every rank agrees to skip this step
+                param.grad = torch.full_like(param, math.nan)
+            return math.nan, str(error)
+        return loss_value, ""
+
+    def step(self, loss_fn: LossFn, iteration: int) -> tuple[dict, str]:
+        """One iteration: gradients (averaged over ranks), clipping, the optimizer step — skipped, without
+        advancing the learning-rate schedule, when the loss or the gradient norm is NaN/Inf — and the EMA."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value, reason = self.gradients(loss_fn, iteration)
+        if self.dist_info.enabled:
+            distributed.average_gradients(self.params)
+            loss_value = distributed.all_ranks_mean(loss_value)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        config = self.config
+        clip = config.grad_clip if (config.grad_clip > 0 and iteration >= config.grad_clip_from) else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        skipped = not math.isfinite(grad_norm) or not math.isfinite(loss_value)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)          # skips non-finite steps itself and adapts the scale
+            self.scaler.update()
+        elif skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        if not skipped:
+            self.scheduler.step()
+        self.ema.update(self.model, iteration)
+        return {"iter": iteration, "loss": loss_value, "lr": self.scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm, "skipped": skipped}, reason
+
+
 def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optional[Path], desc: str,
            dist_info: distributed.DistInfo, on_start: Optional[Callable[[], None]]) -> TrainResult:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    warmup = max(int(config.warmup_iters), 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: 1.0 if warmup == 0 else min(1.0, 1e-3 + (1 - 1e-3) * it / warmup))
-    from piflow.train.fsdp import is_fsdp_module
-
-    ema = PowerEMA(model, config.ema_gamma, config.ema_start, copy_model=not is_fsdp_module(model))
-    generator = torch.Generator().manual_seed(config.seed + dist_info.rank)
-    device_type = next(iter(params)).device.type
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
-    scaler = torch.amp.GradScaler(device_type) if config.mixed_precision == "fp16" else None
+    run = _Optimisation(model, config, dist_info)
     if dist_info.enabled:
         distributed.broadcast_parameters(model)
     history: list[dict[str, Any]] = []
@@ -163,21 +250,9 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     if checkpoint_path is not None and (checkpoint_path.exists() or (run_dir / LEGACY_CHECKPOINT_NAME).exists()):
         state = load_checkpoint(checkpoint_path)      # a legacy checkpoint.pt alone is refused with a message
         _check_resumable(state, checkpoint_path, config)
-        try:
-            load_partial_state(model, state["model"], frozen_parameter_names(model))
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("grad_scaler"):
-                scaler.load_state_dict(state["grad_scaler"])
-            generator.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
-            raise CheckpointError(f"checkpoint {checkpoint_path} does not match this model/config: "
-                                  f"{one_line(error, 400)}") from None
+        run.load(state, checkpoint_path)
         history = state.get("history", [])
         start = resumed_from = int(state["step"])
-
     last_checkpoint = start if resumed_from is not None else None
 
     def checkpoint(step: int) -> None:
@@ -185,14 +260,8 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
         if checkpoint_path is None:
             return
         last_checkpoint = step                        # rank 0 writes it for every rank
-        if not dist_info.is_main:
-            return
-        save_checkpoint(checkpoint_path, {
-            "step": step, "model": trainable_state_dict(model), "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
-            "config": asdict(config),
-            "grad_scaler": scaler.state_dict() if scaler is not None else None})
+        if dist_info.is_main:
+            save_checkpoint(checkpoint_path, run.state(step, history))
 
     if on_start is not None:
         on_start()
@@ -201,62 +270,11 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     log_file = _open_log(main_dir / "train_log.jsonl", start) if main_dir is not None else None
     model.train()
     bar = progress_bar(config.iters, desc, initial=start, enabled=config.progress and dist_info.is_main)
-    accum = config.grad_accum_steps
-    interval = config.checkpoint_interval
     recent: list[float] = []
-    skipped_in_a_row = 0
-    non_finite_reason = ""
-    backward_calls = 0
-
-    def backward(loss: Tensor) -> None:
-        nonlocal backward_calls
-        backward_calls += 1
-        scaled = loss / accum
-        with torch.autocast(device_type, enabled=False):
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-
+    skipped_in_a_row, non_finite_reason = 0, ""
     try:
         for iteration in range(start, config.iters):
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = 0.0
-            try:
-                for _ in range(accum):
-                    calls_before = backward_calls
-                    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss = loss_fn(iteration, generator, backward)
-                    if not torch.is_tensor(loss) or loss.numel() != 1:
-                        raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-                    if backward_calls == calls_before:
-                        if not loss.requires_grad:
-                            raise TypeError("loss_fn returned a loss without a graph and never called "
-                                            "backward(loss)")
-                        backward(loss)
-                    loss_value += float(loss.detach()) / accum
-            except NonFiniteError as error:   # NaN policy parameters or states: a non-finite step like any other
-                non_finite_reason = str(error)
-                loss_value = math.nan
-                for param in params:        # NaN gradients, so that every rank agrees to skip this step
-                    param.grad = torch.full_like(param, math.nan)
-            if dist_info.enabled:
-                distributed.average_gradients(params)
-                loss_value = distributed.all_ranks_mean(loss_value)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            clip = config.grad_clip if (config.grad_clip > 0 and iteration >= config.grad_clip_from) else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            skipped = not math.isfinite(grad_norm) or not math.isfinite(loss_value)
-            if scaler is not None:
-                scaler.step(optimizer)          # skips non-finite steps itself and adapts the scale
-                scaler.update()
-            elif skipped:
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                optimizer.step()
-            if not skipped:                     # a skipped step does not advance the learning-rate schedule
-                scheduler.step()
-            ema.update(model, iteration)
-            record = {"iter": iteration, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm, "skipped": skipped}
+            record, reason = run.step(loss_fn, iteration)
             history.append(record)
             if log_file is not None:
                 log_file.write(json_line(record))
@@ -264,24 +282,17 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
                 for key in ("loss", "lr", "grad_norm"):
                     writer.add_scalar(f"train/{key}", record[key], iteration)
             # a gradient overflow under fp16 is the GradScaler's business; a non-finite loss is never normal
-            bad = not math.isfinite(loss_value) or (skipped and scaler is None)
+            bad = not math.isfinite(record["loss"]) or (record["skipped"] and run.scaler is None)
             skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
-            if not bad:
-                non_finite_reason = ""
+            non_finite_reason = (reason or non_finite_reason) if bad else ""
             if config.max_skipped_steps and skipped_in_a_row >= config.max_skipped_steps:
-                kept = (f"the last checkpoint (step {last_checkpoint}) is kept" if last_checkpoint is not None
-                        else "no checkpoint was written")
-                reason = f" (last: {non_finite_reason})" if non_finite_reason else ""
-                raise TrainingDivergedError(
-                    f"{desc}: {skipped_in_a_row} consecutive steps (iterations {iteration - skipped_in_a_row + 1}–"
-                    f"{iteration}) had a NaN/Inf loss or gradient and were skipped{reason}, so training stopped; "
-                    f"{kept}. Check the data and the teacher for NaN/Inf, or lower train.lr "
-                    f"(train.max_skipped_steps sets the limit)")
-            if math.isfinite(loss_value):
-                recent = (recent + [loss_value])[-max(config.log_every, 1):]
+                raise _diverged(desc, skipped_in_a_row, iteration, non_finite_reason, last_checkpoint)
+            if math.isfinite(record["loss"]):
+                recent = (recent + [record["loss"]])[-max(config.log_every, 1):]
             if recent:
                 bar.set_postfix_str(f"loss {sum(recent) / len(recent):.4g}")
             bar.update(1)
+            interval = config.checkpoint_interval
             if interval > 0 and (iteration + 1) % interval == 0 and iteration + 1 < config.iters \
                     and skipped_in_a_row == 0:        # never checkpoint in the middle of a run of skipped steps
                 if log_file is not None:
@@ -296,7 +307,17 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             log_file.close()
         if writer is not None:
             writer.close()
-    return TrainResult(model, ema, history, resumed_from)
+    return TrainResult(model, run.ema, history, resumed_from)
+
+
+def _diverged(desc: str, count: int, iteration: int, reason: str, last_checkpoint: Optional[int]) -> Exception:
+    kept = (f"the last checkpoint (step {last_checkpoint}) is kept" if last_checkpoint is not None
+            else "no checkpoint was written")
+    reason = f" (last: {reason})" if reason else ""
+    return TrainingDivergedError(
+        f"{desc}: {count} consecutive steps (iterations {iteration - count + 1}–{iteration}) had a NaN/Inf loss or "
+        f"gradient and were skipped{reason}, so training stopped; {kept}. Check the data and the teacher for NaN/Inf, "
+        f"or lower train.lr (train.max_skipped_steps sets the limit)")
 
 
 def _check_resumable(state: dict, path: Path, config: TrainConfig) -> None:

@@ -7,6 +7,7 @@ Layout (piflow adapter format v1):
   ``lora.<module>.lora_A/B.weight`` (PEFT tensors with the adapter name stripped); its safetensors metadata repeats
   ``policy_config`` as JSON ({"type": "GMFlow"|"DX", …, plus the policy's own settings, e.g. DX ``segment_size`` and
   ``shift``, which must keep their training values at any NFE, algorithm.md §5.3});
+* ``piid_settings`` in config.json: the student's `PiIDSettings` (all π-ID settings it was trained with);
 * optional ``sampling`` in config.json: the training ``nfe``, ``shift``, ``final_step_size_scale`` and
   ``total_substeps`` that the pipelines sample with (defaults when absent: 4, 3.2, 0.5, 128 — the T2I settings of
   §4.7).
@@ -27,8 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from piflow.integrations.diffusers.students import (LORA_ADAPTER, PATCH, TEXT_TO_IMAGE_SCHEDULE, DiffusersPolicyStudent, get_architecture,
-                                                    add_student_lora)
+from piflow.integrations.diffusers.students import (LORA_ADAPTER, PATCH, TEXT_TO_IMAGE_SCHEDULE,
+                                                    DiffusersPolicyStudent, add_student_lora, get_architecture)
 from piflow.files import atomic_write, read_json, write_json
 from piflow.settings import PiIDSettings
 
@@ -85,7 +86,8 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
     base = student.architecture.base_class or type(student.transformer).__name__
     config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + base, "base_class": base,
               "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config,
-              "sampling": _check_sampling(sampling if sampling is not None else student.sampling)}
+              "sampling": _check_sampling(sampling if sampling is not None else student.sampling),
+              "piid_settings": student.settings.to_dict()}
     write_json(directory / "config.json", config)
     return directory
 
@@ -108,6 +110,18 @@ def _check_lora_config(lora_config, directory: Path) -> dict:
     if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise ValueError(f"{where}.target_modules must be a string or a list of strings, got {targets!r}")
     return lora_config
+
+
+def _settings(config: dict, kind: str, sampling: dict) -> PiIDSettings:
+    """The student's `PiIDSettings`: config.json's ``piid_settings`` (written since the settings object exists),
+    with the ``sampling`` schedule (which a user may edit, and older adapters carry alone) taking precedence."""
+    saved = config.get("piid_settings")
+    if saved is not None and not isinstance(saved, dict):
+        raise ValueError(f"adapter config.json: piid_settings must be a JSON object, got {saved!r}")
+    try:
+        return PiIDSettings.from_mapping(saved or {}, **dict(sampling, policy=kind))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"adapter config.json: bad piid_settings ({error})") from None
 
 
 def _check_sampling(sampling: Optional[dict]) -> dict:
@@ -283,7 +297,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
         latent_channels=policy["latent_channels"], logstd_hidden=policy.get("logstd_hidden", 1024),
         share_transformer=True, policy_kwargs={k: policy[k] for k in POLICY_KWARGS[kind] if k in policy},
-        settings=PiIDSettings(policy=kind, **sampling))
+        settings=_settings(config, kind, sampling))
     try:
         student.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
         student.norm_out.load_state_dict({k[len("norm_out."):]: v for k, v in tensors.items()

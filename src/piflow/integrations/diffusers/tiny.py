@@ -7,7 +7,10 @@ adapters, pipelines, distillation) can be exercised offline, as diffusers' own t
     pipe = tiny_pipeline("flux")                 # a FluxPipeline with random weights
     pipe.save_pretrained("runs/tiny-flux")       # a local checkpoint `from_pretrained` can load
 
-The weights are random: images are noise-like; use these for plumbing and for tests, not for quality.
+The weights are random: images are noise-like; use these for plumbing and for tests, not for quality. Besides the
+test suite, they are the offline smoke run of the text-to-image commands (docs/text_to_image.md): save one with
+``tiny_pipeline("flux").save_pretrained("runs/tiny-flux")`` and run ``piflow distill pipeline=runs/tiny-flux …``,
+``piflow export`` and ``piflow sample`` on it without a GPU or a download.
 `latent_channels` is the VAE's latent channel count (16 in the real models, 4 here by default).
 """
 from __future__ import annotations

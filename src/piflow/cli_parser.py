@@ -1,0 +1,110 @@
+"""The `piflow` command line's arguments: one sub-parser per command, each naming its handler in `piflow.cli`."""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+SAMPLE_VALUES = ("values are the student's outputs in data units, not clipped: images in about [-1, 1] "
+                 "(the training data's scale; latents for `latents` datasets), 2-D points in data coordinates")
+
+
+def _add_config_args(parser: argparse.ArgumentParser, run_dir_default: Optional[str]) -> None:
+    parser.add_argument("--config", "-c", default=None, help="YAML config file (defaults are built in)")
+    parser.add_argument("--run-dir", default=run_dir_default, required=run_dir_default is None,
+                        help="where config.yaml, checkpoint.safetensors, metrics.json and figures go; an existing run "
+                             "there is resumed (default: %(default)s)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume a run even though the config differs from the one it was started with "
+                             "(the change is recorded in run.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. distill.nfe=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="piflow", description="π-Flow: few-step policy distillation (π-ID).",
+        epilog="Errors in the input are printed as one line (exit status 2; 3 when training diverged); "
+               "PIFLOW_TRACEBACK=1 adds the traceback.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="2-D and digits end-to-end demo with exact answers; prints comparison tables")
+    demo.add_argument("--run-dir", default=None, help="output folder (default: runs/demo, or runs/demo_quick with "
+                                                      "--quick)")
+    demo.add_argument("--quick", action="store_true", help="fewer iterations (smoke test; trains tiny teachers)")
+    demo.add_argument("--train-teachers", action="store_true",
+                      help="train the learned teachers instead of loading the bundled checkpoints")
+    demo.set_defaults(handler="demo")
+
+    teacher = sub.add_parser("train-teacher", help="train a flow-matching teacher: 2-D MLP or class-conditional "
+                                                   "image DiT (by `dataset`)")
+    _add_config_args(teacher, "runs/teacher")
+    teacher.set_defaults(handler="train")
+
+    distill = sub.add_parser("distill", help="distil a teacher (exact GM, a teacher run, or a diffusers pipeline "
+                                             "with pipeline=...) into a policy student")
+    _add_config_args(distill, "runs/student")
+    distill.set_defaults(handler="train")
+
+    sample = sub.add_parser("sample", help="sample a finished student (any NFE): .npy + PNG preview, or PNGs for "
+                                           "text-to-image runs",
+                            description=f"Sample a finished `piflow distill` run. 2-D/image runs write a float32 "
+                                        f".npy ({SAMPLE_VALUES}) and a PNG preview; text-to-image runs write one PNG "
+                                        f"per image.")
+    sample.add_argument("--run-dir", required=True, help="a finished `piflow distill` run")
+    sample.add_argument("--nfe", type=int, default=None, help="number of steps (default: the training NFE)")
+    sample.add_argument("--num-samples", type=int, default=None,
+                        help="samples (2-D/image runs, default 5000) or images per prompt (text-to-image, default 1)")
+    sample.add_argument("--batch-size", type=int, default=None,
+                        help="2-D/image runs: samples generated at once (default: 256 for images, 5000 for 2-D); "
+                             "the samples do not depend on it")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
+    sample.add_argument("--temperature", default="1.0",
+                        help="GM temperature on non-final steps: a number >= 0, or 'auto' (default: %(default)s)")
+    sample.add_argument("--output", default=None,
+                        help="2-D/image runs: .npy output path (default: <run-dir>/samples_nfe<N>.npy); "
+                             "text-to-image: output folder (default: <run-dir>/samples)")
+    sample.add_argument("--label", type=int, default=None, help="class label for image runs (default: all classes)")
+    sample.add_argument("--prompt", action="append", default=[], help="text-to-image runs: a prompt (repeatable)")
+    sample.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides applied when loading the run, e.g. distill.total_substeps=256")
+    sample.set_defaults(handler="sample")
+
+    evaluate = sub.add_parser("evaluate", help="metrics of a student vs the teacher's Euler sampler (2-D and image "
+                                               "runs); rows are added to metrics.json")
+    evaluate.add_argument("--run-dir", required=True, help="a finished `piflow distill` run")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.student_nfe=[1,2,4,8]")
+    evaluate.set_defaults(handler="evaluate")
+
+    toy = sub.add_parser("toy-trajectory", help="fit one static K=32 GM policy to a single teacher trajectory")
+    toy.add_argument("--teacher", required=True, help="an image `piflow train-teacher` run directory")
+    toy.add_argument("--run-dir", default="runs/toy_trajectory", help="output folder (default: %(default)s)")
+    toy.add_argument("--label", type=int, default=3, help="class label of the trajectory (default: %(default)s)")
+    toy.add_argument("--iters", type=int, default=2000, help="optimisation steps (default: %(default)s)")
+    toy.add_argument("--components", type=int, default=32, help="GM components K (default: %(default)s)")
+    toy.add_argument("--snapshot-every", type=int, default=250,
+                     help="iterations between x0 snapshots in snapshots.png (default: %(default)s)")
+    toy.add_argument("--seed", type=int, default=0, help="seed of the noise and initialisation (default: %(default)s)")
+    toy.set_defaults(handler="toy_trajectory")
+
+    encode = sub.add_parser("encode-prompts", help="pre-compute prompt embeddings (sharded safetensors cache)")
+    encode.add_argument("--pipeline", required=True, help="local folder or hub id of the diffusers pipeline")
+    encode.add_argument("--prompts", required=True, help="prompt file, one per line")
+    encode.add_argument("--out", required=True, help="cache folder (resumable)")
+    encode.add_argument("--negative-prompt", default="", help="cached as the unconditional prompt for CFG")
+    encode.add_argument("--shard-size", type=int, default=1000, help="prompts per shard file (default: %(default)s)")
+    encode.add_argument("--max-sequence-length", type=int, default=512,
+                        help="text tokens kept per prompt (default: %(default)s)")
+    encode.add_argument("--dtype", default="fp32", choices=sorted(["bf16", "fp16", "fp32"]),
+                        help="dtype of the text encoders and the cached embeddings (default: %(default)s)")
+    encode.set_defaults(handler="encode_prompts")
+
+    export = sub.add_parser("export", help="turn a text-to-image run's checkpoint into a piflow adapter folder")
+    export.add_argument("--run-dir", required=True, help="a `piflow distill pipeline=...` run (finished or not)")
+    export.add_argument("--out", default=None, help="adapter folder (default: <run-dir>/adapter)")
+    export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    export.set_defaults(handler="export")
+
+    convert = sub.add_parser("convert-checkpoint",
+                             help="convert a checkpoint.pt written by piflow <= 0.1 (a pickle) into the safe format")
+    convert.add_argument("path", help="the checkpoint.pt file (or its run directory); only convert files you trust")
+    convert.set_defaults(handler="convert_checkpoint")
+    return parser
