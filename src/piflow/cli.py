@@ -101,7 +101,7 @@ def _run_is_image(run_dir: Path) -> bool:
 
 def _temperature(value: str):
     """--temperature: 'auto' or a number >= 0, checked by the sampler's own rule (`resolve_temperature`)."""
-    from piflow.sampling import resolve_temperature
+    from piflow.schedule import resolve_temperature
 
     try:
         temperature = value if value == "auto" else float(value)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from piflow.policies.base import SigmaLike, as_batch_sigma, check_finite
+from piflow.checks import SigmaLike, as_batch_sigma, check_finite
 from piflow.policies.gmflow import GMFlowPolicy
 
 

@@ -311,3 +311,13 @@ def test_every_setting_is_checked_before_the_run_directory_exists(tmp_path, cli,
                                  override.split("=")[0].split(".")[-1])
     assert "config error" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_renamed_and_added_keys_are_not_config_changes():
+    from piflow.train.run_dir import config_differences
+
+    old = {"distill": {"nfe": 2, "gm_dropout": 0.1}, "train": {"iters": 5}}
+    new = {"distill": {"nfe": 2, "policy_dropout": 0.1}, "train": {"iters": 5, "max_skipped_steps": None}}
+    assert config_differences(old, new) == {}
+    changed = dict(new, distill={"nfe": 2, "policy_dropout": 0.2})
+    assert config_differences(old, changed) == {"distill.policy_dropout": (0.1, 0.2)}

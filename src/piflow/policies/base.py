@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from piflow.checks import (NonFiniteError, SigmaLike, as_batch_sigma, check_finite,  # noqa: F401 (re-exported)
-                           draw)
+from piflow.checks import NonFiniteError, SigmaLike, as_batch_sigma, check_finite  # noqa: F401 (NonFiniteError:
+# importable from here as before piflow.checks existed)
 
 
 class Policy:

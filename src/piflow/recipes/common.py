@@ -93,7 +93,7 @@ _MISSING = object()
 def check_settings(config: dict) -> None:
     """A `ConfigError` naming the first bad batch size, sample count, step list or temperature, so that a run never
     trains to the end and then fails in its evaluation."""
-    from piflow.sampling import resolve_temperature
+    from piflow.schedule import resolve_temperature
 
     for key in POSITIVE_INTEGERS:
         value = _lookup(config, key)

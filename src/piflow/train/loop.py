@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from piflow.errors import TrainingDivergedError
 from piflow.files import atomic_write, json_line, one_line, remove_stale_temporary_files
-from piflow.policies.base import NonFiniteError
+from piflow.checks import NonFiniteError
 from piflow.progress import progress_bar
 from piflow.train import distributed
 from piflow.train.checkpoint import (CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, CheckpointError, load_checkpoint,

@@ -151,13 +151,27 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict, new: dict, neutral: frozenset = RESULT_NEUTRAL_KEYS) -> dict[str, tuple]:
-    """{dotted key: (old value, new value)} for the settings that differ, result-neutral keys left out."""
-    flat_old, flat_new = _flatten(old), _flatten(new)
+    """{dotted key: (old value, new value)} for the settings that differ, result-neutral keys left out. Keys renamed
+    since (`piflow.config.KEY_ALIASES`, e.g. gm_dropout) are compared under their new name, and a key that one side
+    lacks and the other holds as null (a setting added later whose null default keeps the old behaviour) is no
+    change."""
+    from piflow.config import KEY_ALIASES
+
+    def renamed(flat: dict) -> dict:
+        out = {}
+        for key, value in flat.items():
+            head, _, last = key.rpartition(".")
+            new_key = f"{head}.{KEY_ALIASES[last]}" if head and last in KEY_ALIASES else key
+            out.setdefault(new_key, value)
+        return out
+
+    flat_old, flat_new = renamed(_flatten(old)), renamed(_flatten(new))
     missing = object()
     changes = {}
     for key in sorted(set(flat_old) | set(flat_new)):
         a, b = flat_old.get(key, missing), flat_new.get(key, missing)
-        if key in neutral or _same(a, b):
+        absent_or_null = (a is missing and b is None) or (b is missing and a is None)
+        if key in neutral or _same(a, b) or absent_or_null:
             continue
         changes[key] = (None if a is missing else a, None if b is missing else b)
     return changes

@@ -136,6 +136,11 @@ class PiFlowPipelineMixin:
         noise = self._noise((batch, channels, latent_h, latent_w), latents, generator, device)
         return noise, (latent_h // 2) * (latent_w // 2)
 
+    def _image_size(self, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
+        """(height, width) in pixels; each defaults to the model's sample size, as in the stock pipelines."""
+        default = self.default_sample_size * self.vae_scale_factor
+        return height or default, width or default
+
     @staticmethod
     def _batch_size(prompt, prompt_embeds: Optional[Tensor]) -> int:
         if prompt is None and prompt_embeds is None:
@@ -167,8 +172,7 @@ class PiFluxPipeline(PiFlowPipelineMixin, FluxPipeline):
         """Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1."""
         from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._image_size(height, width)
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds, max_sequence_length=max_sequence_length)
         batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
@@ -210,8 +214,7 @@ class PiSD3Pipeline(PiFlowPipelineMixin, StableDiffusion3Pipeline):
         """Generate images; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._image_size(height, width)
         self.check_inputs(prompt, prompt_2, prompt_3, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds, max_sequence_length=max_sequence_length)
         batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
@@ -254,8 +257,7 @@ class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
         """Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1."""
         from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height, width = self._image_size(height, width)
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
                           max_sequence_length=max_sequence_length)
         batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
