@@ -113,7 +113,8 @@ def test_typed_none_defaults_still_check_overrides():
     from piflow.config import Optional_, dataclass_defaults
     from piflow.train import TrainConfig
 
-    defaults = {"data": {"root": Optional_(str), "image_size": Optional_(int)}, "train": dataclass_defaults(TrainConfig)}
+    defaults = {"data": {"root": Optional_(str), "image_size": Optional_(int)},
+                "train": dataclass_defaults(TrainConfig)}
     assert isinstance(defaults["train"]["checkpoint_every"], Optional_)      # Optional[int] = None in TrainConfig
     config = load_config(defaults, overrides=["data.image_size=8", "train.checkpoint_every=5"])
     assert config["data"] == {"root": None, "image_size": 8} and config["train"]["checkpoint_every"] == 5
@@ -132,3 +133,18 @@ def test_old_key_names_are_accepted():
 
     defaults = {"distill": {"nfe": 2, "policy_dropout": Optional_(float)}}
     assert load_config(defaults, overrides=["distill.gm_dropout=0.1"])["distill"]["policy_dropout"] == 0.1
+
+
+def test_old_configs_are_upgraded_with_their_old_meaning():
+    from piflow.config import Optional_, upgrade_config
+
+    defaults = {"student": {"policy": "gmflow"}, "distill": {"nfe": 2, "policy_dropout": Optional_(float)},
+                "data": {"root": Optional_(str)}}
+    # the recipes never applied gm_dropout to DX/x0 students: an old DX config means no dropout
+    assert upgrade_config({"student": {"policy": "dx"}, "distill": {"gm_dropout": 0.05}}, defaults)["distill"] == {
+        "policy_dropout": 0.0}
+    assert load_config(defaults, {"distill": {"gm_dropout": 0.1}})["distill"]["policy_dropout"] == 0.1
+    with pytest.raises(ConfigError, match="old name"):
+        load_config(defaults, {"distill": {"gm_dropout": 0.1, "policy_dropout": 0.2}})
+    with pytest.raises(ConfigError, match="string or null"):        # data.root=yes is never a path
+        load_config(defaults, overrides=["data.root=yes"])

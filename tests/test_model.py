@@ -149,7 +149,9 @@ def test_configuration_errors():
         PiFlow(student, teacher, policy="flow")
     with pytest.raises(ValueError, match="policy_dropout"):
         PiFlow(student, teacher, policy="dx", gm_dropout=1.0)
-    assert PiFlow(student, teacher, policy="dx", gm_dropout=0.1).settings.policy_dropout == 0.1   # alias, any policy
+    with pytest.raises(ValueError, match="gm_dropout applies to GMFlow"):     # the old name keeps its old meaning
+        PiFlow(student, teacher, policy="dx", gm_dropout=0.1)
+    assert PiFlow(student, teacher, policy="dx", policy_dropout=0.1).settings.policy_dropout == 0.1   # DX: new name
     with pytest.raises(ValueError, match="nfe"):
         PiFlow(student, teacher, nfe=0)
     with pytest.raises(ValueError):

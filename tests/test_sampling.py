@@ -225,3 +225,17 @@ def test_euler_sample_one_step():
     x1 = x + teacher(x, torch.ones(10)) * (s1 - 1)
     x2 = x1 + teacher(x1, torch.full((10,), s1)) * (0 - s1)
     torch.testing.assert_close(euler_sample(teacher, x, 2, shift=3.0), x2, rtol=0, atol=1e-12)
+
+
+def test_sample_takes_either_steps_or_a_prepared_schedule():
+    teacher_policy = lambda x, s, c: GMFlowPolicy(torch.zeros(x.shape[0], 1, 2), torch.zeros(x.shape[0]),  # noqa: E731
+                                                   torch.zeros(x.shape[0], 1, 1), x, s)
+    schedule = FlowMapSDESchedule(shift=3.2, final_step_size_scale=0.5)
+    noise = torch.randn(3, 2)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sample(teacher_policy, noise, schedule=schedule)
+    schedule.set_timesteps(4)
+    with pytest.raises(ValueError, match="not both"):
+        sample(teacher_policy, noise, 2, schedule=schedule)
+    out, trajectory = sample(teacher_policy, noise, schedule=schedule, return_trajectory=True)
+    assert len(trajectory) == 5 and out.dtype == noise.dtype

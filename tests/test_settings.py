@@ -14,8 +14,8 @@ def test_defaults_and_policy_dependent_dropout():
 
 def test_from_mapping_takes_known_keys_and_the_old_alias():
     section = {"nfe": 2, "gm_dropout": 0.1, "batch_size": 64, "data_free": True, "shift": 3}
-    settings = PiIDSettings.from_mapping(section, policy="dx")
-    assert (settings.nfe, settings.policy_dropout, settings.shift, settings.policy) == (2, 0.1, 3.0, "dx")
+    settings = PiIDSettings.from_mapping(section, policy="gm")
+    assert (settings.nfe, settings.policy_dropout, settings.shift, settings.policy) == (2, 0.1, 3.0, "gmflow")
     assert isinstance(settings.shift, float)
     assert PiIDSettings.from_mapping(settings.to_dict()) == settings
 
@@ -34,3 +34,11 @@ def test_teacher_ratio_follows_the_schedule():
     settings = PiIDSettings(num_decay_iters=10)
     assert [settings.teacher_ratio(i) for i in (0, 5, 10, 20)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
     assert PiIDSettings().teacher_ratio(0) == 0.0
+
+
+def test_the_old_name_keeps_its_old_meaning():
+    with pytest.raises(ValueError, match="only policy_dropout"):
+        PiIDSettings.from_mapping({"gm_dropout": 0.1, "policy_dropout": 0.2})
+    with pytest.raises(ValueError, match="GMFlow policies only"):
+        PiIDSettings.from_mapping({"gm_dropout": 0.1}, policy="dx")
+    assert PiIDSettings.from_mapping({"gm_dropout": 0.0}, policy="dx").policy_dropout == 0.0

@@ -17,9 +17,28 @@ import yaml
 from piflow.errors import ConfigError
 from piflow.files import read_yaml
 
-__all__ = ["ConfigError", "Optional_", "dataclass_defaults", "load_config", "parse_overrides", "save_config"]
+__all__ = ["ConfigError", "Optional_", "dataclass_defaults", "load_config", "parse_overrides", "save_config",
+           "upgrade_config"]
 
-KEY_ALIASES = {"gm_dropout": "policy_dropout"}       # older key names, still accepted (renamed on load)
+def upgrade_config(raw: Mapping, template: Mapping) -> dict:
+    """A config mapping (a YAML file's, a run's saved config.yaml, or parsed overrides) with keys of older piflow
+    versions rewritten for a `template` (the defaults, or the new config) that has the new keys, keeping their old
+    meaning: ``distill.gm_dropout`` (GM dropout; the recipes used 0 for DX and x0 students whatever it said) becomes
+    ``distill.policy_dropout`` (0 for a dx/x0 ``student.policy``)."""
+    config = dict(raw)
+    distill, new = config.get("distill"), template.get("distill")
+    if isinstance(distill, Mapping) and "gm_dropout" in distill and isinstance(new, Mapping) \
+            and "policy_dropout" in new and "gm_dropout" not in new:
+        distill = dict(distill)
+        if "policy_dropout" in distill:
+            raise ConfigError("distill.gm_dropout is the old name of distill.policy_dropout: give only "
+                              "policy_dropout")
+        value = distill.pop("gm_dropout")
+        student = config.get("student")
+        policy = student.get("policy") if isinstance(student, Mapping) else None
+        distill["policy_dropout"] = 0.0 if policy in ("dx", "x0") else value
+        config["distill"] = distill
+    return config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +84,6 @@ def _plain(defaults: Any) -> Any:
 def _merge(base: dict, update: Mapping, template: Mapping, prefix: str = "") -> dict:
     """Merge `update` into `base` key by key; values are checked against the type of the *defaults* (`template`)."""
     for key, value in update.items():
-        if key not in base and KEY_ALIASES.get(key) in base and KEY_ALIASES[key] not in update:
-            key = KEY_ALIASES[key]
         path = f"{prefix}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key {path!r}; valid keys here: {sorted(base)}")
@@ -86,6 +103,8 @@ def _coerce(default: Any, value: Any, path: str) -> Any:
     if value is None:
         return value
     if isinstance(default, Optional_):
+        if default.kind is str and isinstance(value, bool):       # yes/no/on/off are never a path or a name
+            raise ConfigError(f"config key {path!r} must be a string or null, got {value!r}")
         return _coerce(default.example, value, path)
     if value == "auto" and isinstance(default, (int, float)) and not isinstance(default, bool):
         return value                        # number-or-'auto' settings (GM temperature); the recipe checks them
@@ -164,8 +183,8 @@ def load_config(defaults: dict, path: Union[str, Path, Mapping, None] = None, ov
         loaded = path if isinstance(path, Mapping) else read_yaml(path)
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        _merge(config, loaded, defaults)
-    return _merge(config, parse_overrides(overrides), defaults)
+        _merge(config, upgrade_config(loaded, defaults), defaults)
+    return _merge(config, upgrade_config(parse_overrides(overrides), defaults), defaults)
 
 
 def save_config(config: dict, path: Union[str, Path]) -> None:

@@ -189,7 +189,7 @@ def load_safetensors(path: PathLike, what: str = "weights file", device: str = "
         return load_file(str(path), device=str(device))
     except Exception as error:      # SafetensorError, OSError, … : a file that is not safetensors
         raise DataError(f"{what} {path} is not a readable safetensors file ({type(error).__name__}: "
-                         f"{first_line(error)})") from None
+                        f"{first_line(error)})") from None
 
 
 def first_non_finite(tensors: dict) -> Optional[str]:

@@ -1,7 +1,7 @@
 """Policy rollout: many cheap Euler substeps of a policy, uniform in raw time τ (algorithm.md §3).
 
 A segment of raw length Δτ gets n = max(ceil(Δτ·total_substeps), 1) substeps of size Δτ/n (the authors' current
-rounding, algorithm.md §14), so no substep is longer than 1/total_substeps; every sample takes exactly its own n
+rounding, docs/algorithm.md §14), so no substep is longer than 1/total_substeps; every sample takes exactly its own n
 substeps (per-sample masking). piflow subtracts a tolerance of 1e-4 substeps before the ceiling, so that float32
 round-off in Δτ (e.g. 0.25·128 = 32.000004) never adds a nearly empty substep; the authors' code has no tolerance.
 """

@@ -124,8 +124,8 @@ def sample(policy_fn: PolicyFn, noise: Tensor, nfe: Optional[int] = None, cond: 
             `schedule` (a `FlowMapSDESchedule` after `set_timesteps`, e.g. a pipeline's with dynamic shift) is given.
         temperature: GM temperature on non-final steps (a number >= 0, or 'auto' = clamp(0.1·(nfe − 1), 0, 1)).
         on_step: called as ``on_step(i, x)`` after step i; a returned tensor replaces x (diffusers callbacks).
-    Returns x at σ = 0 (float32 if a `schedule` is given, else the dtype of `noise`), or (x, [states at every grid
-    point]) with `return_trajectory`.
+    Returns x at σ = 0 in the dtype of `noise`, or (x, [states at every grid point]) with `return_trajectory`.
+    With a `schedule`, `shift`, `final_step_size_scale` and `h` are the schedule's (the arguments are not used).
     """
     check_finite(noise, "noise")
     if schedule is None:
@@ -133,6 +133,8 @@ def sample(policy_fn: PolicyFn, noise: Tensor, nfe: Optional[int] = None, cond: 
         schedule.set_timesteps(nfe, device=noise.device, sigmas=sigmas)
     elif schedule.num_inference_steps is None:
         raise ValueError("schedule: call set_timesteps before passing it to sample")
+    elif nfe is not None or sigmas is not None:
+        raise ValueError("give nfe/sigmas or a schedule (whose set_timesteps fixed its steps), not both")
     steps = schedule.num_inference_steps
     temperature = resolve_temperature(temperature, steps)
     batch = noise.shape[0]

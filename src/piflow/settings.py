@@ -12,7 +12,7 @@ from piflow.schedule import check_final_step_size_scale, check_nfe, teacher_rati
 POLICY_KINDS = ("gmflow", "dx")
 POLICY_ALIASES = {"gm": "gmflow", "gmflow": "gmflow", "dx": "dx"}
 DEFAULT_POLICY_DROPOUT = {"gmflow": 0.05, "dx": 0.0}
-SETTING_ALIASES = {"gm_dropout": "policy_dropout"}     # older name, still accepted everywhere
+SETTING_ALIASES = {"gm_dropout": "policy_dropout"}     # the older name, GMFlow only (as it always was)
 
 
 def policy_kind(name: Any) -> str:
@@ -68,18 +68,19 @@ class PiIDSettings:
         ``gm_dropout``) are used, other keys (batch size, data_free, …) are ignored; `overrides` win."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {}
-        for key, value in mapping.items():
-            key = SETTING_ALIASES.get(key, key)
-            if key in names:
-                values[key] = value
-        values.update(overrides)
+        for key, value in dict(mapping, **overrides).items():
+            new_key = SETTING_ALIASES.get(key, key)
+            if new_key != key and new_key in mapping:
+                raise ValueError(f"{key} is the old name of {new_key}: give only {new_key}")
+            if new_key in names:
+                values[new_key] = value
+        if "gm_dropout" in mapping and policy_kind(values.get("policy", cls.policy)) != "gmflow" \
+                and values["policy_dropout"]:
+            raise ValueError("gm_dropout applies to GMFlow policies only; use policy_dropout for a DX policy")
         return cls(**values)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def replace(self, **changes) -> "PiIDSettings":
-        return dataclasses.replace(self, **changes)
 
     def teacher_ratio(self, iteration: int) -> float:
         """ρ at `iteration` of the trajectory-mixing schedule."""

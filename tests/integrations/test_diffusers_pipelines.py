@@ -69,8 +69,14 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
     # an explicit step list (raw times, warped by the shift) runs through the same loop
     sigmas = [1.0, 0.6, 0.25]
-    listed = run(pipe, None, output_type="latent", sigmas=sigmas)
-    assert pipe.scheduler.num_inference_steps == 3
+    seen = []
+
+    def callback(pipeline, i, timestep, outputs):
+        seen.append((i, pipeline.scheduler.step_index))      # step_index is up to date inside callbacks
+        return outputs
+
+    listed = run(pipe, None, output_type="latent", sigmas=sigmas, callback_on_step_end=callback)
+    assert pipe.scheduler.num_inference_steps == 3 and seen == [(0, 1), (1, 2), (2, 3)]
     expected = pf.sample(noise, sigmas=sigmas, cond=text_cond(pipe, architecture), temperature="auto")
     torch.testing.assert_close(listed, expected, atol=1e-5, rtol=1e-5)
     for steps in (1, 4):

@@ -321,3 +321,20 @@ def test_renamed_and_added_keys_are_not_config_changes():
     assert config_differences(old, new) == {}
     changed = dict(new, distill={"nfe": 2, "policy_dropout": 0.2})
     assert config_differences(old, changed) == {"distill.policy_dropout": (0.1, 0.2)}
+
+
+def test_runs_started_before_policy_dropout_resume_unchanged():
+    # configs written by the earlier code hold gm_dropout (always explicit; the recipes ignored it for DX); the
+    # recipes now record the resolved policy_dropout, so the same command resumes without a config change
+    from piflow.config import load_config
+    from piflow.recipes import toy2d
+    from piflow.recipes.common import as_run, piid_settings
+    from piflow.train.run_dir import config_differences
+
+    for policy, effective in (("gmflow", 0.05), ("dx", 0.0)):
+        new = load_config(toy2d.DISTILL_DEFAULTS, None, [f"student.policy={policy}"])
+        new = as_run(new, piid_settings(new))
+        assert new["distill"]["policy_dropout"] == effective
+        old = {**new, "distill": {**{k: v for k, v in new["distill"].items() if k != "policy_dropout"},
+                                  "gm_dropout": 0.05}}
+        assert config_differences(old, new) == {}

@@ -128,7 +128,8 @@ def test_mismatched_checkpoint_gives_clear_error(tmp_path):
     train(model, loss_fn, TrainConfig(iters=2, progress=False), tmp_path)
     other = nn.Linear(4, 1)
     with pytest.raises(CheckpointError, match="does not match"):
-        train(other, lambda it, g, backward: other(torch.randn(2, 4)).sum(), TrainConfig(iters=4, progress=False), tmp_path)
+        train(other, lambda it, g, backward: other(torch.randn(2, 4)).sum(), TrainConfig(iters=4, progress=False),
+              tmp_path)
 
 
 def test_bad_train_config():

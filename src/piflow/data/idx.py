@@ -77,7 +77,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     zero0, zero1, type_code, num_dims = data[0], data[1], data[2], data[3]
     if zero0 != 0 or zero1 != 0 or type_code not in _IDX_DTYPES or num_dims < 1:
         raise DataError(f"{path}: bad IDX magic number 0x{data[:4].hex()} (expected 0x0000TTDD with type code "
-                         f"TT in {sorted(f'0x{c:02X}' for c in _IDX_DTYPES)} and DD >= 1 dimensions)")
+                        f"TT in {sorted(f'0x{c:02X}' for c in _IDX_DTYPES)} and DD >= 1 dimensions)")
     header_size = 4 + 4 * num_dims
     if len(data) < header_size:
         raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, need {header_size} for {num_dims} dims)")
@@ -87,7 +87,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(data) != expected:
         problem = "truncated" if len(data) < expected else "over-long"
         raise DataError(f"{path}: {problem} IDX file: shape {shape} of {dtype.name} needs {expected} bytes, "
-                         f"got {len(data)}")
+                        f"got {len(data)}")
     array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=header_size)
     return array.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
 
@@ -163,7 +163,7 @@ def load_idx_dataset(root: str | os.PathLike | None = None, split: str = "train"
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(f"{images_path}: expected uint8 images of shape (N, H, W), got {images.dtype} "
-                         f"of shape {images.shape}")
+                        f"of shape {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataError(f"{labels_path}: expected {images.shape[0]} labels of shape (N,), got shape {labels.shape}")
     if labels.size and int(labels.max()) >= len(class_names):

@@ -184,7 +184,7 @@ class ImageDataset(Dataset):
                 raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
             if needed > max_bytes:
                 raise DataError(f"max_bytes={max_bytes}: the dataset needs {needed} bytes as float32 (N, C, H, W) "
-                                 f"images; pass a larger max_bytes (or None) or iterate with a DataLoader")
+                                f"images; pass a larger max_bytes (or None) or iterate with a DataLoader")
         return self._all_images(), self.labels
 
     def __repr__(self) -> str:

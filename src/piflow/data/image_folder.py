@@ -80,7 +80,7 @@ class ImageFolderDataset(ImageDataset):
         if any(per_class.values()):
             if top_files:
                 raise DataError(f"root {self.root} mixes class sub-folders with {len(top_files)} loose images "
-                                 f"(e.g. {top_files[0].name}); use either class sub-folders or a flat folder")
+                                f"(e.g. {top_files[0].name}); use either class sub-folders or a flat folder")
             empty = [name for name, files in per_class.items() if not files]
             if empty:
                 raise DataError(f"class folders without {'/'.join(self.extensions)} images in {self.root}: {empty}")
@@ -106,7 +106,7 @@ class ImageFolderDataset(ImageDataset):
         width, height = img.size
         if not self.center_crop and width != height:
             raise DataError(f"image {path} is {width}x{height}, but center_crop=False needs square images; "
-                             f"use center_crop=True")
+                            f"use center_crop=True")
         if (width, height) != (size, size):
             scale = size / min(width, height)
             new_size = (max(size, round(width * scale)), max(size, round(height * scale)))

@@ -59,6 +59,12 @@ def piid_settings(config: dict, **overrides) -> PiIDSettings:
         raise ConfigError(f"distill/student settings: {error}") from None
 
 
+def as_run(config: dict, settings: PiIDSettings) -> dict:
+    """The config as it is run: ``distill.policy_dropout`` resolved (null → the policy's default), so that the run's
+    config.yaml records the value used and a resume compares values, not defaults."""
+    return dict(config, distill=dict(config["distill"], policy_dropout=settings.policy_dropout))
+
+
 def train_config(config: dict) -> TrainConfig:
     """The `TrainConfig` of a recipe config's ``train`` section; a bad value is a `ConfigError` naming it (the rest
     of the config is `check_settings`' job, which every recipe calls first)."""

@@ -16,9 +16,9 @@ from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.config import Optional_
 from piflow.model import PiFlow
-from piflow.recipes.common import (build_piflow, config_values, check_dataset, check_settings, distill_defaults,
-                                   finished_distill_run, load_weights, piid_loss_fn, run_recipe, save_safetensors,
-                                   seed_initialisation, train_defaults)
+from piflow.recipes.common import (as_run, build_piflow, check_dataset, check_settings, config_values,
+                                   distill_defaults, finished_distill_run, load_weights, piid_loss_fn, piid_settings,
+                                   run_recipe, save_safetensors, seed_initialisation, train_defaults)
 from piflow.sampling import euler_sample, euler_trajectory
 from piflow.schedule import segment_grid
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
@@ -162,6 +162,9 @@ def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> d
     """π-ID distillation of a DiT teacher into a GM/DX DiT student (data-dependent or data-free), or the x0-regression
     baseline (student.policy=x0)."""
     check_settings(config)
+    if config["student"]["policy"] not in STUDENT_KINDS:
+        raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {config['student']['policy']!r}")
+    config = as_run(config, piid_settings(config))
     teacher_model, teacher_config = load_teacher(config["teacher"])
     if teacher_config["dataset"] != config["dataset"]:
         raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")

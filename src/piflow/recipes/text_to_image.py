@@ -23,8 +23,8 @@ import torch
 from piflow.config import ConfigError, Optional_
 from piflow.errors import require
 from piflow.model import PiFlow
-from piflow.recipes.common import (check_settings, distill_defaults, piid_loss_fn, piid_settings, run_recipe,
-                                   seed_initialisation, train_defaults, write_json)
+from piflow.recipes.common import (as_run, check_settings, distill_defaults, piid_loss_fn, piid_settings,
+                                   run_recipe, seed_initialisation, train_defaults, write_json)
 from piflow.recipes.diffusers_base import (DTYPES, TRANSFORMER_ARCHITECTURES, architecture_of,  # noqa: F401
                                            default_device, from_pretrained, latent_geometry, load_base,
                                            pipeline_architecture, resolve_dtype)
@@ -88,7 +88,9 @@ def make_text_teacher(transformer, architecture: str, config: dict, null_cond: d
 def t2i_settings(config: dict):
     """The run's `PiIDSettings` (policy_dropout null: the text-to-image default of the policy)."""
     dropout = config["distill"]["policy_dropout"]
-    kind = "gmflow" if config["student"]["policy"] in ("gm", "gmflow") else config["student"]["policy"]
+    kind = config["student"]["policy"]
+    if kind not in ("gmflow", "dx"):
+        raise ConfigError(f"student.policy must be 'gmflow' or 'dx' for text-to-image, got {kind!r}")
     default = {} if dropout is not None else {"policy_dropout": T2I_POLICY_DROPOUT.get(kind, 0.0)}
     return piid_settings(config, **default)
 
@@ -171,7 +173,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     if train_section["mixed_precision"] == "no" and dtype in (torch.bfloat16, torch.float16):
         train_section["mixed_precision"] = "bf16" if dtype == torch.bfloat16 else "fp16"
     check_settings(config)
-    t2i_settings(config)                                # a bad distill value fails before anything is loaded
+    config = as_run(config, t2i_settings(config))       # a bad distill value fails before anything is loaded
     pipe, transformer = load_base(config, device, dtype)
     student, architecture, (channels, latent_h, latent_w) = lora_student(config, transformer)
     student = student.to(device)

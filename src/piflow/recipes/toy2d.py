@@ -24,9 +24,9 @@ from piflow.timewarp import unwarp, warp
 from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 from piflow.recipes import plots
 from piflow.data import TOY_DATASET_NAMES
-from piflow.recipes.common import (build_piflow, config_values, check_dataset, check_settings, distill_defaults,
-                                   finished_distill_run, load_weights, piid_loss_fn, run_recipe, save_safetensors,
-                                   seed_initialisation, train_defaults)
+from piflow.recipes.common import (as_run, build_piflow, check_dataset, check_settings, config_values,
+                                   distill_defaults, finished_distill_run, load_weights, piid_loss_fn, piid_settings,
+                                   run_recipe, save_safetensors, seed_initialisation, train_defaults)
 
 NUM_TIMESTEPS = 1000.0
 
@@ -126,6 +126,7 @@ def build_student(config: dict, teacher_model: Optional[torch.nn.Module]) -> Pol
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """π-ID distillation of a 2-D teacher into an MLP policy student; writes student.safetensors and metrics."""
     check_settings(config)
+    config = as_run(config, piid_settings(config))
     dataset = load_dataset(config["dataset"])
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
     student = build_student(config, teacher_model)

@@ -151,21 +151,12 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict, new: dict, neutral: frozenset = RESULT_NEUTRAL_KEYS) -> dict[str, tuple]:
-    """{dotted key: (old value, new value)} for the settings that differ, result-neutral keys left out. Keys renamed
-    since (`piflow.config.KEY_ALIASES`, e.g. gm_dropout) are compared under their new name, and a key that one side
-    lacks and the other holds as null (a setting added later whose null default keeps the old behaviour) is no
-    change."""
-    from piflow.config import KEY_ALIASES
+    """{dotted key: (old value, new value)} for the settings that differ, result-neutral keys left out. A key that
+    one side lacks and the other holds as null (a setting added later whose null default keeps the old behaviour)
+    is no change; older key names are compared under their new names (`piflow.config.upgrade_config`)."""
+    from piflow.config import upgrade_config
 
-    def renamed(flat: dict) -> dict:
-        out = {}
-        for key, value in flat.items():
-            head, _, last = key.rpartition(".")
-            new_key = f"{head}.{KEY_ALIASES[last]}" if head and last in KEY_ALIASES else key
-            out.setdefault(new_key, value)
-        return out
-
-    flat_old, flat_new = renamed(_flatten(old)), renamed(_flatten(new))
+    flat_old, flat_new = _flatten(upgrade_config(old, new)), _flatten(new)
     missing = object()
     changes = {}
     for key in sorted(set(flat_old) | set(flat_new)):

@@ -30,6 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from piflow.integrations.diffusers.students import (LORA_ADAPTER, PATCH, TEXT_TO_IMAGE_SCHEDULE,
                                                     DiffusersPolicyStudent, add_student_lora, get_architecture)
+from piflow.errors import DataError
 from piflow.files import atomic_write, read_json, write_json
 from piflow.settings import PiIDSettings
 
@@ -96,19 +97,19 @@ def _check_lora_config(lora_config, directory: Path) -> dict:
     """config.json's lora_config with its types checked (a ValueError names the field)."""
     where = f"adapter {directory / 'config.json'}: lora_config"
     if not isinstance(lora_config, dict):
-        raise ValueError(f"{where} must be a JSON object")
+        raise DataError(f"{where} must be a JSON object")
     for key in ("rank", "alpha", "dropout", "target_modules"):
         if key not in lora_config:
-            raise ValueError(f"{where} is missing {key!r}")
+            raise DataError(f"{where} is missing {key!r}")
     rank, alpha, dropout, targets = (lora_config[k] for k in ("rank", "alpha", "dropout", "target_modules"))
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"{where}.rank must be an integer >= 1, got {rank!r}")
+        raise DataError(f"{where}.rank must be an integer >= 1, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ValueError(f"{where}.alpha must be a number, got {alpha!r}")
+        raise DataError(f"{where}.alpha must be a number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"{where}.dropout must be a number in [0, 1), got {dropout!r}")
+        raise DataError(f"{where}.dropout must be a number in [0, 1), got {dropout!r}")
     if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
-        raise ValueError(f"{where}.target_modules must be a string or a list of strings, got {targets!r}")
+        raise DataError(f"{where}.target_modules must be a string or a list of strings, got {targets!r}")
     return lora_config
 
 
@@ -117,31 +118,25 @@ def _settings(config: dict, kind: str, sampling: dict) -> PiIDSettings:
     with the ``sampling`` schedule (which a user may edit, and older adapters carry alone) taking precedence."""
     saved = config.get("piid_settings")
     if saved is not None and not isinstance(saved, dict):
-        raise ValueError(f"adapter config.json: piid_settings must be a JSON object, got {saved!r}")
+        raise DataError(f"adapter config.json: piid_settings must be a JSON object, got {saved!r}")
     try:
         return PiIDSettings.from_mapping(saved or {}, **dict(sampling, policy=kind))
     except (TypeError, ValueError) as error:
-        raise ValueError(f"adapter config.json: bad piid_settings ({error})") from None
+        raise DataError(f"adapter config.json: bad piid_settings ({error})") from None
 
 
 def _check_sampling(sampling: Optional[dict]) -> dict:
     if sampling is not None and not isinstance(sampling, dict):
-        raise ValueError(f"sampling must be a mapping of {sorted(SAMPLING_DEFAULTS)}, got {sampling!r}")
+        raise DataError(f"sampling must be a mapping of {sorted(SAMPLING_DEFAULTS)}, got {sampling!r}")
     merged = dict(SAMPLING_DEFAULTS, **(sampling or {}))
     unknown = sorted(set(merged) - set(SAMPLING_DEFAULTS))
     if unknown:
-        raise ValueError(f"sampling has unknown keys {unknown}; expected {sorted(SAMPLING_DEFAULTS)}")
-    try:
-        ok = (int(merged["nfe"]) >= 1 and float(merged["shift"]) > 0
-              and 0 < float(merged["final_step_size_scale"]) <= 1 and int(merged["total_substeps"]) >= 1)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"sampling needs nfe >= 1, shift > 0, 0 < final_step_size_scale <= 1 and "
-                         f"total_substeps >= 1, got {merged}")
-    return {"nfe": int(merged["nfe"]), "shift": float(merged["shift"]),
-            "final_step_size_scale": float(merged["final_step_size_scale"]),
-            "total_substeps": int(merged["total_substeps"])}
+        raise DataError(f"sampling has unknown keys {unknown}; expected {sorted(SAMPLING_DEFAULTS)}")
+    try:                                     # the checks of the settings object itself
+        schedule = PiIDSettings(**merged).sampling
+    except (TypeError, ValueError) as error:
+        raise DataError(f"sampling {merged}: {error}") from None
+    return schedule
 
 
 OFFICIAL_CLASSES = {"GMFluxTransformer2DModel": ("flux", "gmflow"), "DXFluxTransformer2DModel": ("flux", "dx"),
@@ -159,8 +154,8 @@ def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Mod
     """Rename the authors' adapter tensors to piflow's and complete the config from the tensor shapes."""
     class_name = config.get("_class_name")
     if class_name not in OFFICIAL_CLASSES:
-        raise ValueError(f"adapter config _class_name {class_name!r} is neither a piflow adapter nor one of "
-                         f"{sorted(OFFICIAL_CLASSES)}")
+        raise DataError(f"adapter config _class_name {class_name!r} is neither a piflow adapter nor one of "
+                        f"{sorted(OFFICIAL_CLASSES)}")
     architecture, kind = OFFICIAL_CLASSES[class_name]
     renamed, lora_modules, rank = {}, set(), None
     for key, value in tensors.items():
@@ -172,7 +167,7 @@ def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Mod
             continue
         prefix = next((p for p in OFFICIAL_PREFIXES if key.startswith(p)), None)
         if prefix is None:
-            raise ValueError(f"unexpected tensor {key!r} in a {class_name} adapter")
+            raise DataError(f"unexpected tensor {key!r} in a {class_name} adapter")
         renamed[OFFICIAL_PREFIXES[prefix] + key[len(prefix):]] = value
     policy = dict(config.get("policy_config", {}))
     pixels = PATCH ** 2                    # 2×2-packed tokens (FLUX, Qwen-Image)
@@ -181,7 +176,7 @@ def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Mod
             num_components = int(renamed["head.proj_logweights.weight"].shape[0]) // pixels
             linears = sorted({int(k.split(".")[2]) for k in renamed if k.startswith("head.logstd_mlp.")})
             if len(linears) != 2:
-                raise ValueError(f"only 2-layer log-std MLPs are supported, this adapter has {len(linears)}")
+                raise DataError(f"only 2-layer log-std MLPs are supported, this adapter has {len(linears)}")
             policy.setdefault("num_components", num_components)
             policy.setdefault("latent_channels",
                               int(renamed["head.proj_means.weight"].shape[0]) // num_components // pixels)
@@ -192,7 +187,7 @@ def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Mod
             policy.setdefault("latent_channels", out_dim // pixels)
             policy.setdefault("mode", "grid")
     except KeyError as error:
-        raise ValueError(f"{class_name} adapter misses tensor {error}") from None
+        raise DataError(f"{class_name} adapter misses tensor {error}") from None
     config = dict(config, architecture=architecture, base_class=get_architecture(architecture).base_class,
                   policy_config=policy)
     if lora_modules:
@@ -218,23 +213,23 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     weights_path = _weights_file(directory)
     config = read_json(config_path, "adapter config")
     if not isinstance(config, dict):
-        raise ValueError(f"adapter config {config_path} must hold a JSON object")
+        raise DataError(f"adapter config {config_path} must hold a JSON object")
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:
-        raise ValueError(f"adapter file {weights_path} is corrupt or truncated ({type(error).__name__}: {error})") \
+        raise DataError(f"adapter file {weights_path} is corrupt or truncated ({type(error).__name__}: {error})") \
             from error
     if "policy_config" not in metadata:
-        raise ValueError(f"adapter file {weights_path} has no policy_config metadata")
+        raise DataError(f"adapter file {weights_path} has no policy_config metadata")
     try:
         config["policy_config"] = json.loads(metadata["policy_config"])
     except json.JSONDecodeError as error:
-        raise ValueError(f"adapter file {weights_path}: its policy_config metadata is not valid JSON ({error})") \
+        raise DataError(f"adapter file {weights_path}: its policy_config metadata is not valid JSON ({error})") \
             from None
     if not isinstance(config["policy_config"], dict):
-        raise ValueError(f"adapter file {weights_path}: policy_config must be a JSON object")
+        raise DataError(f"adapter file {weights_path}: policy_config must be a JSON object")
     return config, tensors
 
 
@@ -268,21 +263,21 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     policy = config["policy_config"]
     kind = POLICY_TYPES.get(policy.get("type"))
     if kind is None:
-        raise ValueError(f"policy_config.type must be one of {sorted(POLICY_TYPES)}, got {policy.get('type')!r}")
+        raise DataError(f"policy_config.type must be one of {sorted(POLICY_TYPES)}, got {policy.get('type')!r}")
     missing = [key for key in STRUCTURE_KEYS[kind] if key not in policy]
     if missing:
-        raise ValueError(f"policy_config is missing {missing} (needed for a {policy['type']} adapter)")
+        raise DataError(f"policy_config is missing {missing} (needed for a {policy['type']} adapter)")
     sampling = _check_sampling(config.get("sampling"))
     architecture = get_architecture(config.get("architecture", "flux"))
     expected_class = config.get("base_class") or architecture.base_class
     if expected_class and type(transformer).__name__ != expected_class:
-        raise ValueError(f"adapter {directory} is for a {expected_class}, got a {type(transformer).__name__}")
+        raise DataError(f"adapter {directory} is for a {expected_class}, got a {type(transformer).__name__}")
     if adapter_name in (getattr(transformer, "peft_config", None) or {}):
         transformer.delete_adapters(adapter_name)   # loading again replaces the adapter of that name
     lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
     if lora:
         if config.get("lora_config") is None:
-            raise ValueError("adapter holds LoRA tensors but config.json has no lora_config")
+            raise DataError("adapter holds LoRA tensors but config.json has no lora_config")
         lc = _check_lora_config(config["lora_config"], directory)
         add_student_lora(transformer, rank=lc["rank"], alpha=lc["alpha"], dropout=lc["dropout"],
                          target_modules=lc["target_modules"], adapter_name=adapter_name)
@@ -291,7 +286,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         result = set_peft_model_state_dict(transformer, lora, adapter_name=adapter_name)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
-            raise ValueError(f"adapter LoRA tensors do not match this transformer: {unexpected[:4]}")
+            raise DataError(f"adapter LoRA tensors do not match this transformer: {unexpected[:4]}")
     student = DiffusersPolicyStudent(
         transformer, kind, architecture=architecture, num_components=policy.get("num_components", 8),
         num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
@@ -303,5 +298,5 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         student.norm_out.load_state_dict({k[len("norm_out."):]: v for k, v in tensors.items()
                                           if k.startswith("norm_out.")})
     except RuntimeError as error:
-        raise ValueError(f"adapter tensors do not match its policy_config / this transformer: {error}") from error
+        raise DataError(f"adapter tensors do not match its policy_config / this transformer: {error}") from error
     return student.eval()

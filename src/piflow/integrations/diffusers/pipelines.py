@@ -9,15 +9,15 @@ student once, rolls its policy out with `total_substeps` Euler substeps per unit
     pipe = PiFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)
     pipe.load_piflow_adapter("path/to/gmflux_adapter")          # or a student trained in this process:
     # pipe.set_piflow_student(student)
-    image = pipe("a photo of a cat", num_inference_steps=4, generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images[0]   # 4 steps: as trained
 
 The stock scheduler is replaced by a `FlowMapSDEScheduler` built from its config with the student's training shift
 (3.2) and final step-size scale (0.5), dynamic shifting off; `sigmas=[…]` (raw times, strictly decreasing in (0, 1])
 replaces the default grid, as in the authors' sampler. The loop itself is `piflow.sampling.sample`. Any
 `num_inference_steps` ≥ 1 works for GM students (elastic inference); DX students keep their training grid. The GM
-temperature on non-final steps is 'auto' (clamp(0.1·(nfe − 1), 0, 1)) or a number; `total_substeps` defaults to the
-student's training value. The student takes no CFG (guidance is distilled in); FLUX students get
-the distilled-guidance scalar `guidance_scale` (3.5) as their input like the teacher did.
+temperature on non-final steps is 'auto' (clamp(0.1·(nfe − 1), 0, 1)) or a number; `num_inference_steps` and
+`total_substeps` default to the student's training values. The student takes no CFG (guidance is distilled in);
+FLUX students get the distilled-guidance scalar `guidance_scale` (3.5) as their input like the teacher did.
 """
 from __future__ import annotations
 
@@ -92,27 +92,24 @@ class PiFlowPipelineMixin:
         if not isinstance(self.scheduler, FlowMapSDEScheduler):
             self._use_policy_scheduler(student)
         scheduler = self.scheduler
-        scheduler.set_timesteps(num_inference_steps if sigmas is None else None, device=noise.device,
-                                image_seq_len=image_seq_len, sigmas=sigmas)
+        if num_inference_steps is None and sigmas is None:
+            num_inference_steps = student.settings.nfe      # the student's training NFE
+        scheduler.set_timesteps(num_inference_steps, device=noise.device, image_seq_len=image_seq_len, sigmas=sigmas)
         nfe = scheduler.num_inference_steps
         self._num_timesteps = nfe
-        dtype = next(self.transformer.parameters()).dtype
-
-        def policy_fn(x: Tensor, sigma: Tensor, cond: dict):
-            return student.policy(x.to(dtype), sigma, cond)
-
         was_training = student.training
         student.eval()          # LoRA dropout off; the previous mode is restored afterwards
         try:
             with self.progress_bar(total=nfe) as progress_bar:
                 def on_step(i: int, x: Tensor) -> Tensor:
+                    scheduler.step_done(i)          # keeps `step_index` true for callbacks
                     if callback_on_step_end is not None:
                         outputs = callback_on_step_end(self, i, scheduler.timesteps[i], {"latents": x}) or {}
                         x = outputs.get("latents", x)
                     progress_bar.update()
                     return x
 
-                return sample(policy_fn, noise.float(), cond=cond, schedule=scheduler.schedule,
+                return sample(student.policy, noise.float(), cond=cond, schedule=scheduler.schedule,
                               temperature=temperature, generator=generator, on_step=on_step,
                               total_substeps=student.settings.total_substeps if total_substeps is None
                               else total_substeps)
@@ -161,7 +158,7 @@ class PiFluxPipeline(PiFlowPipelineMixin, FluxPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str], None] = None, prompt_2: Union[str, list[str], None] = None,
-                 height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: int = 4,
+                 height: Optional[int] = None, width: Optional[int] = None, num_inference_steps: Optional[int] = None,
                  guidance_scale: float = 3.5, temperature: Union[float, str] = "auto",
                  num_images_per_prompt: int = 1, generator: Optional[torch.Generator] = None,
                  latents: Optional[Tensor] = None, prompt_embeds: Optional[Tensor] = None,
@@ -204,7 +201,7 @@ class PiSD3Pipeline(PiFlowPipelineMixin, StableDiffusion3Pipeline):
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str], None] = None, prompt_2: Union[str, list[str], None] = None,
                  prompt_3: Union[str, list[str], None] = None, height: Optional[int] = None,
-                 width: Optional[int] = None, num_inference_steps: int = 4,
+                 width: Optional[int] = None, num_inference_steps: Optional[int] = None,
                  temperature: Union[float, str] = "auto", num_images_per_prompt: int = 1,
                  generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
                  prompt_embeds: Optional[Tensor] = None, pooled_prompt_embeds: Optional[Tensor] = None,
@@ -247,11 +244,12 @@ class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, list[str], None] = None, height: Optional[int] = None,
-                 width: Optional[int] = None, num_inference_steps: int = 4, temperature: Union[float, str] = "auto",
-                 num_images_per_prompt: int = 1, generator: Optional[torch.Generator] = None,
-                 latents: Optional[Tensor] = None, prompt_embeds: Optional[Tensor] = None,
-                 prompt_embeds_mask: Optional[Tensor] = None, output_type: str = "pil", return_dict: bool = True,
-                 max_sequence_length: int = 512, total_substeps: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: Optional[int] = None,
+                 temperature: Union[float, str] = "auto", num_images_per_prompt: int = 1,
+                 generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
+                 prompt_embeds: Optional[Tensor] = None, prompt_embeds_mask: Optional[Tensor] = None,
+                 output_type: str = "pil", return_dict: bool = True, max_sequence_length: int = 512,
+                 total_substeps: Optional[int] = None,
                  callback_on_step_end: Optional[Callable] = None,
                  sigmas: Optional[list[float]] = None):
         """Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1."""

@@ -75,6 +75,11 @@ class FlowMapSDEScheduler(SchedulerMixin, ConfigMixin):
     def shift_in_use(self) -> float:
         return self.schedule.shift
 
+    def step_done(self, step_index: int) -> None:
+        """Record that step `step_index` ran outside `step` (the `piflow.sampling.sample` loop steps the schedule
+        itself): `step_index` becomes step_index + 1, as after `step`."""
+        self._step_index = step_index + 1
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 

@@ -307,8 +307,10 @@ class DiffusersPolicyStudent(nn.Module):
                                      final_step_size_scale=s.final_step_size_scale, shift=s.shift)
 
     def policy(self, latents: Tensor, sigma: Tensor, cond: Any = None):
-        """One evaluation at (latents, σ (B,)) as its policy (float32), on the student's own schedule."""
-        return policy_from_outputs(self(latents, sigma, cond), latents, sigma, self.policy_kind,
+        """One evaluation at (latents, σ (B,)) as its policy, on the student's own schedule. The transformer sees
+        the latents in its own dtype (bf16 bases); the policy is built at the float32 state `latents`."""
+        dtype = next(self.transformer.parameters()).dtype
+        return policy_from_outputs(self(latents.to(dtype), sigma, cond), latents, sigma, self.policy_kind,
                                    policy_kwargs=self.resolved_policy_kwargs())
 
     def _unpack(self, per_token: Tensor, height: int, width: int) -> Tensor:
