@@ -20,6 +20,7 @@ from piflow.files import read_yaml
 __all__ = ["ConfigError", "Optional_", "dataclass_defaults", "load_config", "parse_overrides", "save_config",
            "upgrade_config"]
 
+
 def upgrade_config(raw: Mapping, template: Mapping) -> dict:
     """A config mapping (a YAML file's, a run's saved config.yaml, or parsed overrides) with keys of older piflow
     versions rewritten for a `template` (the defaults, or the new config) that has the new keys, keeping their old

@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from piflow.settings import policy_kind
+
 LAYOUTS = ("pc", "cp")
 
 
@@ -160,8 +162,6 @@ def make_policy_head(policy: str, in_dim: int, out_dim: int, *, channels: int, c
         teacher_projection: the teacher's output layer; when given the head is initialised from it (GM: K copies
             plus bias noise of std `noise_std` drawn from `generator`), else the no-teacher initialisation.
     """
-    from piflow.settings import policy_kind
-
     kind = policy_kind(policy)
     if kind == "gmflow":
         head = GMHead(in_dim, out_dim, num_components, cond_dim, channels=channels, logstd_hidden=logstd_hidden,

@@ -87,10 +87,7 @@ def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False
     check_settings(config)
     dataset = load_dataset(config["dataset"])
     fm = config["flow_matching"]
-    try:
-        check_time_sampling(fm["time_sampling"])
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    check_time_sampling(fm["time_sampling"])
     seed_initialisation(config)
     model = MLPVelocityModel2D(hidden_size=config["model"]["hidden_size"], num_layers=config["model"]["num_layers"])
     batch = int(fm["batch_size"])

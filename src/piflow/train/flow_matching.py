@@ -7,12 +7,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from piflow.errors import ConfigError
+
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
 def check_time_sampling(mode: str) -> str:
+    """`mode` if it is one of `TIME_SAMPLINGS`, else a `ConfigError` naming the config key."""
     if mode not in TIME_SAMPLINGS:
-        raise ValueError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {mode!r}")
+        raise ConfigError(f"flow_matching.time_sampling must be one of {TIME_SAMPLINGS}, got {mode!r}")
     return mode
 
 

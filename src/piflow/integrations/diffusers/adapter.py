@@ -39,7 +39,7 @@ POLICY_TYPES = {"GMFlow": "gmflow", "DX": "dx"}
 STRUCTURE_KEYS = {"gmflow": ("num_components", "latent_channels", "logstd_hidden"),
                   "dx": ("num_nodes", "mode", "latent_channels")}
 POLICY_KWARGS = {"gmflow": ("eps",), "dx": ("mode", "segment_size", "shift", "eps")}
-SAMPLING_DEFAULTS = dict(TEXT_TO_IMAGE_SCHEDULE, total_substeps=128)
+SAMPLING_DEFAULTS = PiIDSettings(**TEXT_TO_IMAGE_SCHEDULE).sampling      # with PiIDSettings' total_substeps
 
 
 def _policy_config(student: DiffusersPolicyStudent) -> dict:

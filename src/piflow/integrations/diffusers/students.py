@@ -337,21 +337,24 @@ class DiffusersPolicyStudent(nn.Module):
                 "logweights": self._unpack(out.logweights, height, width), "logstds": out.logstds}
 
 
-def _bind_architecture(cls, architecture: Architecture, doc: str):
-    """A documented alias: ``FluxPolicyStudent(transformer, …)`` = ``cls(transformer, …, architecture="flux")``."""
+def _bind_architecture(name: str, cls, architecture: Architecture, doc: str):
+    """A documented alias `name`: ``name(transformer, …)`` = ``cls(transformer, …, architecture=architecture)``."""
     def build(*args, **kwargs):
         kwargs.setdefault("architecture", architecture)
         return cls(*args, **kwargs)
     build.__doc__ = doc
-    build.__name__ = build.__qualname__ = f"{architecture.base_class.replace('Transformer2DModel', '')}{cls.__name__}"
+    build.__name__ = build.__qualname__ = name
     return build
 
 
 # Aliases kept for readability of user code; each builds the generic class with its architecture.
-FluxTeacher = _bind_architecture(DiffusersTeacher, FLUX, "`DiffusersTeacher` on a FLUX transformer.")
-SD3Teacher = _bind_architecture(DiffusersTeacher, SD3, "`DiffusersTeacher` on an SD3 transformer.")
-QwenImageTeacher = _bind_architecture(DiffusersTeacher, QWEN, "`DiffusersTeacher` on a Qwen-Image transformer.")
-FluxPolicyStudent = _bind_architecture(DiffusersPolicyStudent, FLUX, "GM-FLUX / DX-FLUX student (§6.3).")
-SD3PolicyStudent = _bind_architecture(DiffusersPolicyStudent, SD3, "GM / DX student on `SD3Transformer2DModel`.")
-QwenImagePolicyStudent = _bind_architecture(DiffusersPolicyStudent, QWEN,
+FluxTeacher = _bind_architecture("FluxTeacher", DiffusersTeacher, FLUX, "`DiffusersTeacher` on a FLUX transformer.")
+SD3Teacher = _bind_architecture("SD3Teacher", DiffusersTeacher, SD3, "`DiffusersTeacher` on an SD3 transformer.")
+QwenImageTeacher = _bind_architecture("QwenImageTeacher", DiffusersTeacher, QWEN,
+                                      "`DiffusersTeacher` on a Qwen-Image transformer.")
+FluxPolicyStudent = _bind_architecture("FluxPolicyStudent", DiffusersPolicyStudent, FLUX,
+                                       "GM-FLUX / DX-FLUX student (§6.3).")
+SD3PolicyStudent = _bind_architecture("SD3PolicyStudent", DiffusersPolicyStudent, SD3,
+                                      "GM / DX student on `SD3Transformer2DModel`.")
+QwenImagePolicyStudent = _bind_architecture("QwenImagePolicyStudent", DiffusersPolicyStudent, QWEN,
                                             "GM-Qwen / DX-Qwen student on `QwenImageTransformer2DModel` (§6.4).")
