@@ -278,7 +278,8 @@ def _cmd_encode_prompts(args) -> int:
 def _cmd_export(args) -> int:
     from piflow.recipes.text_to_image import export_adapter
 
-    out = export_adapter(Path(args.run_dir), Path(args.out) if args.out else None, use_ema=not args.raw)
+    out = export_adapter(Path(args.run_dir), Path(args.out) if args.out else None, use_ema=not args.raw,
+                         layout=args.layout)
     print(f"adapter written to {out}")
     return 0
 

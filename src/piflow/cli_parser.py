@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run-dir", required=True, help="a `piflow distill pipeline=...` run (finished or not)")
     export.add_argument("--out", default=None, help="adapter folder (default: <run-dir>/adapter)")
     export.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    export.add_argument("--layout", choices=("piflow", "authors"), default="piflow",
+                        help="piflow (default: float32, all settings) or authors (the folder the authors' exporter "
+                             "writes, for their diffusers pipelines and ComfyUI-piFlow; FLUX.1 and Qwen-Image)")
     export.set_defaults(handler="export")
 
     convert = sub.add_parser("convert-checkpoint",

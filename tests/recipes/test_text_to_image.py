@@ -105,6 +105,17 @@ def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, cap
     # export from the checkpoint equals the adapter the run wrote (both EMA)
     assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
     assert_same_tensors(load_file(tmp_path / "exported" / WEIGHTS), adapter)
+    # the authors' layout (their pipelines, ComfyUI-piFlow) samples what the piflow layout samples, to fp16 storage
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "theirs"), "--layout", "authors"]) == 0
+    assert json.loads((tmp_path / "theirs" / "config.json").read_text())["_class_name"].startswith("GM")
+    latents = []
+    for folder in ("exported", "theirs"):
+        pipe = PIPELINES[architecture].from_pretrained(bases[architecture])
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_piflow_adapter(tmp_path / folder)
+        latents.append(pipe("a cat", height=32, width=32, num_inference_steps=2, output_type="latent",
+                            generator=torch.Generator().manual_seed(0)).images)
+    torch.testing.assert_close(latents[1], latents[0], rtol=0, atol=5e-3)
     # sampling through the π-Flow pipeline of the base model
     assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--prompt", "a dog", "--nfe", "2",
                  "--num-samples", "1", "--output", str(tmp_path / "images")]) == 0

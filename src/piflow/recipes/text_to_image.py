@@ -259,8 +259,9 @@ def _is_piflow_adapter(directory: Path) -> bool:
     return isinstance(config, dict) and "policy_config" in config and "architecture" in config
 
 
-def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool = True) -> Path:
-    """Turn a (possibly unfinished) run's checkpoint into an adapter folder (EMA weights by default)."""
+def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool = True, layout: str = "piflow") -> Path:
+    """Turn a (possibly unfinished) run's checkpoint into an adapter folder (EMA weights by default) in piflow's
+    layout or the authors' (``layout="authors"``: their pipelines and ComfyUI-piFlow load it)."""
     from piflow.config import load_config
     from piflow.integrations.diffusers.adapter import save_piflow_adapter
     from piflow.train.checkpoint import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, CheckpointError, load_checkpoint
@@ -289,9 +290,12 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
         load_partial_state(student, weights, frozen_parameter_names(student))
     except (RuntimeError, KeyError) as error:
         raise CheckpointError(f"checkpoint {checkpoint_path} does not match the run's config: {error}") from None
-    save_piflow_adapter(student, output)
+    try:
+        save_piflow_adapter(student, output, layout=layout)
+    except ValueError as error:                  # e.g. an SD3 student in the authors' layout
+        raise ConfigError(f"--layout {layout}: {error}") from None
     write_json(output / "export.json", {"run_dir": str(run_dir), "step": int(state["step"]),
-                                        "weights": "ema" if use_ema else "raw"})
+                                        "weights": "ema" if use_ema else "raw", "layout": layout})
     return output
 
 

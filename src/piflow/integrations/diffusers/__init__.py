@@ -1,11 +1,44 @@
-"""diffusers integration (optional extra ``piflow[diffusers]``): import the submodules you need.
+"""diffusers integration (optional extra ``piflow[diffusers]``), imported lazily::
 
-* `piflow.integrations.diffusers.students`: GM/DX LoRA students and teachers on FLUX, Qwen-Image, SD3 transformers;
-  `Architecture` / `register_architecture` to bring your own.
-* `piflow.integrations.diffusers.pipelines`: `PiFluxPipeline`, `PiQwenImagePipeline`, `PiSD3Pipeline`.
-* `piflow.integrations.diffusers.adapter`: `save_piflow_adapter` / `load_piflow_adapter` (also the authors' layout).
-* `piflow.integrations.diffusers.prompts`: prompt files, on-the-fly encoding, sharded prompt-embedding caches.
-* `piflow.integrations.diffusers.scheduler`: `FlowMapSDEScheduler` as a diffusers scheduler.
-* `piflow.integrations.diffusers.solvers`: diffusers' multistep solvers as teacher baselines.
-* `piflow.integrations.diffusers.tiny`: tiny random-weight pipelines built from scratch (tests, offline smoke runs).
+    from piflow.integrations.diffusers import PiFluxPipeline, load_piflow_adapter
+
+Importing this package loads nothing heavy; each name below imports its submodule (and diffusers) on first use.
+
+* `students`: GM/DX LoRA students and teachers on FLUX, Qwen-Image, SD3 transformers; `Architecture` /
+  `register_architecture` to bring your own; `set_lora_strength`.
+* `pipelines`: `PiFluxPipeline`, `PiQwenImagePipeline`, `PiSD3Pipeline`.
+* `adapter`: `save_piflow_adapter` / `load_piflow_adapter` (piflow's layout and the authors', `authors_layout`).
+* `quantization`: frozen bases quantized through diffusers' quantization configs (TorchAO, bitsandbytes, GGUF).
+* `prompts`: prompt files, on-the-fly encoding, sharded prompt-embedding caches.
+* `scheduler`: `FlowMapSDEScheduler` as a diffusers scheduler.
+* `solvers`: diffusers' multistep solvers as teacher baselines.
+* `tiny`: tiny random-weight pipelines built from scratch (tests, offline smoke runs).
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "PiFluxPipeline": "pipelines", "PiQwenImagePipeline": "pipelines", "PiSD3Pipeline": "pipelines",
+    "FlowMapSDEScheduler": "scheduler",
+    "load_piflow_adapter": "adapter", "save_piflow_adapter": "adapter",
+    "DiffusersPolicyStudent": "students", "DiffusersTeacher": "students", "Architecture": "students",
+    "register_architecture": "students", "add_student_lora": "students", "set_lora_strength": "students",
+    "FluxPolicyStudent": "students", "QwenImagePolicyStudent": "students", "SD3PolicyStudent": "students",
+    "FluxTeacher": "students", "QwenImageTeacher": "students", "SD3Teacher": "students",
+    "quantization_config": "quantization", "load_quantized_transformer": "quantization",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value                      # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,11 +11,10 @@ Layout (piflow adapter format v1):
 * optional ``sampling`` in config.json: the training ``nfe``, ``shift``, ``final_step_size_scale`` and
   ``total_substeps`` that the pipelines sample with (defaults when absent: 4, 3.2, 0.5, 128 — the T2I settings of
   §4.7).
-The authors' layout (algorithm.md §5.4, §6.3–6.6) is read too: ``_class_name`` GMFluxTransformer2DModel /
-GMQwenImageTransformer2DModel / DX…, tensors ``proj_out_means.*``, ``proj_out_logweights.*``, ``proj_out_logstds.*``
-(GM) or ``proj_out.*`` (DX), ``norm_out.*`` and PEFT LoRA tensors without an adapter name; the policy structure and
-LoRA rank are inferred from the tensor shapes. This is checked against files written in that layout here, not
-against a downloaded published adapter (none can be downloaded on this machine).
+The authors' layout (`piflow.integrations.diffusers.authors_layout`: what their exporter writes and their
+pipelines and ComfyUI nodes read) is written with ``layout="authors"`` and read automatically. It is checked
+against folders built here as their code builds them, not against a downloaded published adapter (nothing can be
+downloaded on this machine).
 """
 from __future__ import annotations
 
@@ -28,8 +27,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from piflow.integrations.diffusers.students import (LORA_ADAPTER, PATCH, TEXT_TO_IMAGE_SCHEDULE,
-                                                    DiffusersPolicyStudent, add_student_lora, get_architecture)
+from piflow.integrations.diffusers import authors_layout
+from piflow.integrations.diffusers.students import (LORA_ADAPTER, TEXT_TO_IMAGE_SCHEDULE, DiffusersPolicyStudent,
+                                                    add_student_lora, get_architecture, set_lora_strength)
 from piflow.errors import DataError
 from piflow.files import atomic_write, read_json, write_json
 from piflow.settings import PiIDSettings
@@ -40,6 +40,7 @@ STRUCTURE_KEYS = {"gmflow": ("num_components", "latent_channels", "logstd_hidden
                   "dx": ("num_nodes", "mode", "latent_channels")}
 POLICY_KWARGS = {"gmflow": ("eps",), "dx": ("mode", "segment_size", "shift", "eps")}
 SAMPLING_DEFAULTS = PiIDSettings(**TEXT_TO_IMAGE_SCHEDULE).sampling      # with PiIDSettings' total_substeps
+LAYOUTS = ("piflow", "authors")
 
 
 def _policy_config(student: DiffusersPolicyStudent) -> dict:
@@ -60,14 +61,18 @@ def _policy_config(student: DiffusersPolicyStudent) -> dict:
 
 
 def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, Path],
-                        adapter_name: str = LORA_ADAPTER, sampling: Optional[dict] = None) -> Path:
+                        adapter_name: str = LORA_ADAPTER, sampling: Optional[dict] = None,
+                        layout: str = "piflow") -> Path:
     """Write the student's head, final norm and LoRA tensors (atomic writes) into `directory`.
 
     The student's policy settings (`resolved_policy_kwargs`, e.g. DX ``segment_size``/``shift``) go into
-    ``policy_config``; `sampling` ({"nfe", "shift", "final_step_size_scale"}, default: the student's training
-    schedule, `student.sampling`) into config.json."""
+    ``policy_config``; `sampling` ({"nfe", "shift", "final_step_size_scale", "total_substeps"}, default: the
+    student's training schedule, `student.sampling`) into config.json. ``layout="authors"`` writes the folder the
+    authors' exporter writes (FLUX.1 and Qwen-Image; fp16, their names and config fields, see `authors_layout`),
+    which their pipelines and ComfyUI-piFlow load; piflow reads both layouts."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {f"head.{k}": v for k, v in student.head.state_dict().items()}
     tensors.update({f"norm_out.{k}": v for k, v in student.norm_out.state_dict().items()})
     lora_config = None
@@ -80,16 +85,36 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
         targets = peft_config.target_modules
         lora_config = {"rank": peft_config.r, "alpha": peft_config.lora_alpha, "dropout": peft_config.lora_dropout,
                        "target_modules": targets if isinstance(targets, str) else sorted(targets)}
+        if peft_config.rank_pattern or peft_config.alpha_pattern:
+            raise ValueError("adapters with per-module LoRA ranks or alphas (rank_pattern/alpha_pattern) are not "
+                             "supported")
+    sampling = _check_sampling(sampling if sampling is not None else student.sampling)
+    if layout == "authors":
+        return _save_authors_layout(student, directory, tensors, lora_config, sampling)
     policy_config = _policy_config(student)
     data = safetensors_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                              metadata={"policy_config": json.dumps(policy_config), "format": "piflow-adapter-v1"})
+    directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS, data)
     base = student.architecture.base_class or type(student.transformer).__name__
     config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + base, "base_class": base,
               "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config,
-              "sampling": _check_sampling(sampling if sampling is not None else student.sampling),
-              "piid_settings": student.settings.to_dict()}
+              "sampling": sampling, "piid_settings": student.settings.to_dict()}
     write_json(directory / "config.json", config)
+    return directory
+
+
+def _save_authors_layout(student: DiffusersPolicyStudent, directory: Path, tensors: dict,
+                         lora_config: Optional[dict], sampling: dict) -> Path:
+    config = authors_layout.authors_config(student)             # raises for architectures they have no class for
+    scale = authors_layout.lora_alpha_scale(lora_config["alpha"], lora_config["rank"]) if lora_config else 1.0
+    extras = {"piid_settings": student.settings.to_dict(), "sampling": sampling}
+    metadata = {"policy_config": json.dumps(authors_layout.authors_policy_config(student)),
+                authors_layout.METADATA_KEY: json.dumps(extras)}
+    data = safetensors_bytes(authors_layout.to_authors_tensors(tensors, scale), metadata=metadata)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / WEIGHTS, data)
+    write_json(directory / "config.json", config, sort_keys=True)       # diffusers' own config.json format
     return directory
 
 
@@ -139,63 +164,6 @@ def _check_sampling(sampling: Optional[dict]) -> dict:
     return schedule
 
 
-OFFICIAL_CLASSES = {"GMFluxTransformer2DModel": ("flux", "gmflow"), "DXFluxTransformer2DModel": ("flux", "dx"),
-                    "GMQwenImageTransformer2DModel": ("qwen", "gmflow"),
-                    "DXQwenImageTransformer2DModel": ("qwen", "dx")}
-OFFICIAL_PREFIXES = {"proj_out_means.": "head.proj_means.", "proj_out_logweights.": "head.proj_logweights.",
-                     "proj_out_logstds.": "head.logstd_mlp.", "proj_out.": "head.proj.", "norm_out.": "norm_out."}
-
-
-def _is_official_layout(tensors: dict) -> bool:
-    return not any(key.startswith(("head.", "lora.")) for key in tensors)
-
-
-def _from_official_layout(config: dict, tensors: dict, transformer: torch.nn.Module) -> tuple[dict, dict]:
-    """Rename the authors' adapter tensors to piflow's and complete the config from the tensor shapes."""
-    class_name = config.get("_class_name")
-    if class_name not in OFFICIAL_CLASSES:
-        raise DataError(f"adapter config _class_name {class_name!r} is neither a piflow adapter nor one of "
-                        f"{sorted(OFFICIAL_CLASSES)}")
-    architecture, kind = OFFICIAL_CLASSES[class_name]
-    renamed, lora_modules, rank = {}, set(), None
-    for key, value in tensors.items():
-        if ".lora_A." in key or ".lora_B." in key:
-            renamed[f"lora.{key}"] = value
-            if ".lora_A." in key:
-                lora_modules.add(key.split(".lora_A.")[0])
-                rank = int(value.shape[0])
-            continue
-        prefix = next((p for p in OFFICIAL_PREFIXES if key.startswith(p)), None)
-        if prefix is None:
-            raise DataError(f"unexpected tensor {key!r} in a {class_name} adapter")
-        renamed[OFFICIAL_PREFIXES[prefix] + key[len(prefix):]] = value
-    policy = dict(config.get("policy_config", {}))
-    pixels = PATCH ** 2                    # 2×2-packed tokens (FLUX, Qwen-Image)
-    try:
-        if kind == "gmflow":
-            num_components = int(renamed["head.proj_logweights.weight"].shape[0]) // pixels
-            linears = sorted({int(k.split(".")[2]) for k in renamed if k.startswith("head.logstd_mlp.")})
-            if len(linears) != 2:
-                raise DataError(f"only 2-layer log-std MLPs are supported, this adapter has {len(linears)}")
-            policy.setdefault("num_components", num_components)
-            policy.setdefault("latent_channels",
-                              int(renamed["head.proj_means.weight"].shape[0]) // num_components // pixels)
-            policy.setdefault("logstd_hidden", int(renamed[f"head.logstd_mlp.{linears[0]}.weight"].shape[0]))
-        else:
-            out_dim = int(transformer.proj_out.out_features)
-            policy.setdefault("num_nodes", int(renamed["head.proj.weight"].shape[0]) // out_dim)
-            policy.setdefault("latent_channels", out_dim // pixels)
-            policy.setdefault("mode", "grid")
-    except KeyError as error:
-        raise DataError(f"{class_name} adapter misses tensor {error}") from None
-    config = dict(config, architecture=architecture, base_class=get_architecture(architecture).base_class,
-                  policy_config=policy)
-    if lora_modules:
-        config["lora_config"] = {"rank": rank, "alpha": float(rank), "dropout": 0.0,
-                                 "target_modules": sorted(lora_modules)}
-    return config, renamed
-
-
 def _weights_file(directory: Path) -> Path:
     if (directory / WEIGHTS).is_file():
         return directory / WEIGHTS
@@ -206,7 +174,7 @@ def _weights_file(directory: Path) -> Path:
         f" (and {len(candidates)} other .safetensors files make it ambiguous)" if candidates else ""))
 
 
-def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"adapter file {config_path} is missing")
@@ -230,7 +198,7 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             from None
     if not isinstance(config["policy_config"], dict):
         raise DataError(f"adapter file {weights_path}: policy_config must be a JSON object")
-    return config, tensors
+    return config, tensors, metadata
 
 
 def resolve_adapter_dir(path_or_repo: Union[str, Path], subfolder: Optional[str] = None) -> Path:
@@ -253,13 +221,18 @@ def resolve_adapter_dir(path_or_repo: Union[str, Path], subfolder: Optional[str]
 
 
 def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], subfolder: Optional[str] = None,
-                        adapter_name: str = LORA_ADAPTER) -> DiffusersPolicyStudent:
-    """Attach a saved adapter (local folder or Hub repo id, optional `subfolder`) to a FLUX/SD3/Qwen-Image
-    `transformer` (shared, not copied) and return the student in eval mode (``.train()`` to fine-tune further)."""
+                        adapter_name: str = LORA_ADAPTER, strength: float = 1.0) -> DiffusersPolicyStudent:
+    """Attach a saved adapter (local folder or Hub repo id, optional `subfolder`; piflow's or the authors' layout)
+    to a FLUX/SD3/Qwen-Image `transformer` (shared, not copied; it may be quantized) and return the student in eval
+    mode (``.train()`` to fine-tune further).
+
+    `strength` scales the LoRA update (the policy head and final norm stay as trained), like ComfyUI-piFlow's
+    ``adapter_strength``: 1 reproduces training; lower values can help on a fine-tuned/merged base model, with
+    other LoRAs stacked on top, or at an NFE other than the trained one (see docs/adapters.md)."""
     directory = resolve_adapter_dir(path, subfolder)
-    config, tensors = _read_adapter(directory)
-    if _is_official_layout(tensors):
-        config, tensors = _from_official_layout(config, tensors, transformer)
+    config, tensors, metadata = _read_adapter(directory)
+    if authors_layout.is_authors_layout(tensors):
+        config, tensors = authors_layout.from_authors_layout(config, tensors, transformer, metadata)
     policy = config["policy_config"]
     kind = POLICY_TYPES.get(policy.get("type"))
     if kind is None:
@@ -287,6 +260,9 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise DataError(f"adapter LoRA tensors do not match this transformer: {unexpected[:4]}")
+        set_lora_strength(transformer, strength, adapter_name)
+    elif strength != 1:
+        raise ValueError(f"strength={strength!r} scales the LoRA, but adapter {directory} has none")
     student = DiffusersPolicyStudent(
         transformer, kind, architecture=architecture, num_components=policy.get("num_components", 8),
         num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),

@@ -62,13 +62,14 @@ class PiFlowPipelineMixin:
         return student
 
     def load_piflow_adapter(self, path_or_dir: Union[str, Path], subfolder: Optional[str] = None,
-                            adapter_name: Optional[str] = None) -> DiffusersPolicyStudent:
-        """Attach a saved π-Flow adapter (head, final norm, LoRA) to `self.transformer` (shared, not copied).
+                            adapter_name: Optional[str] = None, strength: float = 1.0) -> DiffusersPolicyStudent:
+        """Attach a saved π-Flow adapter (head, final norm, LoRA; piflow's or the authors' layout) to
+        `self.transformer` (shared, not copied); `strength` scales the LoRA update (`load_piflow_adapter`).
 
         Loading again replaces the adapter of the same name. The LoRA part is a named PEFT adapter, so
         ``pipe.set_adapters([name, "style"], adapter_weights=[1.0, 0.8])`` combines it with other LoRAs."""
         student = load_piflow_adapter(self.transformer, path_or_dir, subfolder=subfolder,
-                                      adapter_name=adapter_name or LORA_ADAPTER)
+                                      adapter_name=adapter_name or LORA_ADAPTER, strength=strength)
         return self.set_piflow_student(student)
 
     def _require_student(self) -> DiffusersPolicyStudent:

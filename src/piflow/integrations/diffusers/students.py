@@ -43,8 +43,9 @@ LORA_ADAPTER = "piflow"
 
 def add_student_lora(transformer: nn.Module, rank: int = 256, alpha: Optional[float] = None, dropout: float = 0.05,
                      target_modules: Any = FLUX_LORA_TARGETS, adapter_name: str = LORA_ADAPTER) -> None:
-    """`target_modules` defaults to the FLUX list; use ``ARCHITECTURES[name].lora_targets(transformer)`` otherwise."""
-    """Add a PEFT LoRA adapter (Gaussian A, zero B, so the output is unchanged) and freeze all base weights."""
+    """Add a PEFT LoRA adapter (Gaussian A, zero B, so the output is unchanged) and freeze all base weights.
+
+    `target_modules` defaults to the FLUX list; use ``ARCHITECTURES[name].lora_targets(transformer)`` otherwise."""
     try:
         from peft import LoraConfig
     except ImportError as error:  # pragma: no cover - optional dependency
@@ -52,6 +53,18 @@ def add_student_lora(transformer: nn.Module, rank: int = 256, alpha: Optional[fl
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
                                        init_lora_weights="gaussian", target_modules=target_modules), adapter_name)
+
+
+def set_lora_strength(transformer: nn.Module, strength: float, adapter_name: str = LORA_ADAPTER) -> int:
+    """Scale the LoRA update of `adapter_name` by `strength` (1: as trained; other adapters untouched, the policy
+    head and final norm are not LoRA and stay as trained). Returns the number of LoRA layers rescaled."""
+    from piflow.checks import check_number
+
+    strength = check_number(strength, "strength")
+    layers = [m for m in transformer.modules() if adapter_name in getattr(m, "scaling", {}) and hasattr(m, "set_scale")]
+    for layer in layers:
+        layer.set_scale(adapter_name, strength)
+    return len(layers)
 
 
 def pack_latents(latents: Tensor, patch: int = PATCH) -> Tensor:
