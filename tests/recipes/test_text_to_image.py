@@ -123,6 +123,35 @@ def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, cap
     capsys.readouterr()
 
 
+@pytest.mark.slow
+def test_distillation_on_a_quantized_base(bases, tmp_path, capsys):
+    """QLoRA-style: the frozen FLUX base loads int8 (TorchAO), the run trains, exports in both layouts, samples, and
+    its adapter loads onto the float base."""
+    pytest.importorskip("torchao")
+    run_dir = tmp_path / "run"
+    args = ["distill", "--run-dir", str(run_dir), f"pipeline={bases['flux']}", f"prompts={bases['prompts']}", *TINY,
+            "train.iters=3", "quantize=torchao-int8"]
+    assert main(args) == 0
+    import yaml
+
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["quantize"] == "torchao-int8"
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "theirs"), "--layout", "authors"]) == 0
+    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "2", "--output",
+                 str(tmp_path / "images")]) == 0
+    assert (tmp_path / "images" / "000_00.png").is_file()
+    pipe = PIPELINES["flux"].from_pretrained(bases["flux"])           # float base
+    pipe.load_piflow_adapter(run_dir / "adapter")
+    pipe.load_piflow_adapter(tmp_path / "theirs")
+    capsys.readouterr()
+    for bad, fragment in (("quantize=int4", "quantize must be null or one of"),
+                          ("quantize=bnb-nf4", "quantize=bnb-nf4: cannot load the base transformer quantized")):
+        assert main(["distill", "--run-dir", str(tmp_path / bad), f"pipeline={bases['flux']}",
+                     f"prompts={bases['prompts']}", *TINY, bad]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err.strip().splitlines()[-1], err              # a one-line error, nothing written
+        assert not (tmp_path / bad).exists()
+
+
 def test_prompt_cache_feeds_distillation_without_text_encoders(bases, tmp_path):
     cache = tmp_path / "cache"
     assert main(["encode-prompts", "--pipeline", str(bases["sd3"]), "--prompts", str(bases["prompts"]),

@@ -102,17 +102,46 @@ def from_pretrained(cls, path: str, **kwargs):
                           f"pickled .bin weights): {one_line(error, 300)}") from None
 
 
-def load_base(config: dict, device: torch.device, dtype: torch.dtype, transformer_only: bool = False):
+def quantized_dtype(config: dict, dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype of a run's base: bf16 for a quantized base asked to run in fp32 (integer weight-only
+    kernels compute in bf16), else `dtype`."""
+    return torch.bfloat16 if config.get("quantize") and dtype == torch.float32 else dtype
+
+
+def load_base(config: dict, device: torch.device, dtype: torch.dtype, transformer_only: bool = False,
+              pipeline_class=None):
     """(pipeline or None, frozen transformer): only the transformer when prompts come from a cache (or
-    `transformer_only`), else the whole pipeline, whose text encoders encode the prompts here."""
+    `transformer_only`), else the whole pipeline (`pipeline_class`, default: the folder's own), whose text encoders
+    encode the prompts here. ``config["quantize"]`` (a backend of `piflow.integrations.diffusers.quantization`)
+    loads the transformer quantized; the pipeline then shares it."""
     import diffusers
 
     path = config["pipeline"]
+    transformer_class = getattr(diffusers, _model_index(path)["transformer"][1])
+    transformer = None
+    if config.get("quantize"):
+        from piflow.integrations.diffusers.quantization import BACKENDS, load_quantized_transformer
+
+        if config["quantize"] not in BACKENDS:
+            raise ConfigError(f"quantize must be null or one of {list(BACKENDS)}, got {config['quantize']!r}")
+        try:
+            transformer = load_quantized_transformer(path, config["quantize"], dtype=dtype,
+                                                     transformer_class=transformer_class.__name__)
+        except (ImportError, RuntimeError, ValueError, OSError) as error:   # e.g. bitsandbytes without a GPU
+            raise ConfigError(f"quantize={config['quantize']}: cannot load the base transformer quantized "
+                              f"({type(error).__name__}: {one_line(error, 300)})") from None
+        if not config["quantize"].startswith("bnb"):   # bitsandbytes places its weights itself
+            transformer = transformer.to(device)
     if transformer_only or config["prompt_cache"] is not None:
-        transformer_class = _model_index(path)["transformer"][1]
-        transformer = from_pretrained(getattr(diffusers, transformer_class), path, subfolder="transformer",
-                                       torch_dtype=dtype)
-        return None, transformer.to(device).requires_grad_(False)
-    pipe = from_pretrained(diffusers.DiffusionPipeline, path, torch_dtype=dtype)
-    pipe.to(device)
+        if transformer is None:
+            transformer = from_pretrained(transformer_class, path, subfolder="transformer", torch_dtype=dtype)
+            transformer = transformer.to(device)
+        return None, transformer.requires_grad_(False)
+    extra = {} if transformer is None else {"transformer": transformer}
+    pipe = from_pretrained(pipeline_class or diffusers.DiffusionPipeline, path, torch_dtype=dtype, **extra)
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and component is not transformer:
+            component.to(device)
+    if transformer is None:
+        pipe.transformer.to(device)
     return pipe, pipe.transformer.requires_grad_(False)

@@ -27,7 +27,7 @@ from piflow.recipes.common import (as_run, check_settings, distill_defaults, pii
                                    run_recipe, seed_initialisation, train_defaults, write_json)
 from piflow.recipes.diffusers_base import (DTYPES, TRANSFORMER_ARCHITECTURES, architecture_of,  # noqa: F401
                                            default_device, from_pretrained, latent_geometry, load_base,
-                                           pipeline_architecture, resolve_dtype)
+                                           pipeline_architecture, quantized_dtype, resolve_dtype)
 
 T2I_POLICY_DROPOUT = {"gmflow": 0.1, "dx": 0.0}
 
@@ -35,6 +35,7 @@ T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "pipeline": Optional_(str),   # local folder or hub id of the base diffusers pipeline
     "architecture": "auto",       # flux | sd3 | qwen (auto: from the transformer class)
     "dtype": "auto",              # base weights: bf16 on CUDA, fp32 on CPU ("bf16", "fp16", "fp32")
+    "quantize": Optional_(str),   # frozen base quantized (QLoRA-style): torchao-int8 | bnb-nf4 | bnb-int8 (CUDA)
     "prompts": Optional_(str),    # prompt file, one per line
     "prompt_cache": Optional_(str),   # folder from `piflow encode-prompts` (then text encoders are not loaded)
     "latents": Optional_(str),    # data-dependent π-ID: latents (N, C, h, w) aligned with the prompts
@@ -168,7 +169,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     from piflow.train import distributed
 
     device = default_device()
-    dtype = resolve_dtype(config["dtype"], device)
+    dtype = quantized_dtype(config, resolve_dtype(config["dtype"], device))
     train_section = dict(config["train"])
     if train_section["mixed_precision"] == "no" and dtype in (torch.bfloat16, torch.float16):
         train_section["mixed_precision"] = "bf16" if dtype == torch.bfloat16 else "fp16"
@@ -282,7 +283,7 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     config = load_config(T2I_DISTILL_DEFAULTS, config_path)
     state = load_checkpoint(checkpoint_path)
     device = torch.device("cpu")
-    dtype = resolve_dtype(config["dtype"], device)
+    dtype = quantized_dtype(config, resolve_dtype(config["dtype"], device))
     _, transformer = load_base(config, device, dtype, transformer_only=True)
     student = lora_student(config, transformer)[0]
     weights = state["ema"]["model"] if use_ema else state["model"]
@@ -318,9 +319,8 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
         raise ConfigError(f"adapter config {adapter / 'config.json'} must name its architecture, one of "
                           f"{sorted(PIPELINES)}; got {architecture!r}")
     device = default_device()
-    pipe = from_pretrained(PIPELINES[architecture], config["pipeline"],
-                           torch_dtype=resolve_dtype(config["dtype"], device))
-    pipe.to(device)
+    pipe, _ = load_base(config, device, quantized_dtype(config, resolve_dtype(config["dtype"], device)),
+                        pipeline_class=PIPELINES[architecture])
     pipe.load_piflow_adapter(adapter)
     height, width = (int(v) for v in config["resolution"])
     output = Path(output)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from piflow.heads import make_policy_head
+from piflow.integrations.diffusers.quantization import float_copy, float_linear
 from piflow.policies import policy_from_outputs, resolve_policy_kwargs
 from piflow.settings import PiIDSettings, policy_kind
 
@@ -293,9 +294,10 @@ class DiffusersPolicyStudent(nn.Module):
         self.policy_kwargs = dict(policy_kwargs or {})
         self.architecture = get_architecture(architecture)
         self.transformer = transformer if share_transformer else copy.deepcopy(transformer)
-        # the student's own final norm (trainable, §6.6); swapped in only while the student runs
-        self.norm_out = copy.deepcopy(self.transformer.norm_out).requires_grad_(True)
-        projection = self.transformer.proj_out
+        # the student's own final norm (trainable, §6.6; a float copy on a quantized base), swapped in only while
+        # the student runs
+        self.norm_out = float_copy(self.transformer.norm_out).requires_grad_(True)
+        projection = float_linear(self.transformer.proj_out)          # the head starts from the teacher's
         self.latent_channels = latent_channels
         in_dim, out_dim = projection.in_features, projection.out_features
         self.patch = _patch_size(self.transformer, self.architecture)
