@@ -116,3 +116,46 @@ def test_unknown_or_unavailable_backends_are_named(saved_bases):
         quantization_config("int4")
     with pytest.raises(ValueError, match="exactly one of backend"):
         load_quantized_transformer(saved_bases / "flux")
+
+
+def write_gguf_q8_0(transformer, path):
+    """A GGUF checkpoint of `transformer` with diffusers' tensor names: Q8_0 (blocks of 32, one fp16 scale each) for
+    every matrix whose rows split into blocks, float32 for the rest."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, value in transformer.state_dict().items():
+        array = value.detach().float().numpy()
+        if array.ndim == 2 and array.shape[1] % 32 == 0:
+            packed = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_base_takes_adapters_and_trains_lora(saved_bases, tmp_path):
+    write_gguf_q8_0(base_transformer("flux"), tmp_path / "flux-Q8_0.gguf")
+    base = load_quantized_transformer(saved_bases / "flux", gguf_file=tmp_path / "flux-Q8_0.gguf", subfolder=None,
+                                      dtype=torch.bfloat16)
+    layer, reference = base.transformer_blocks[0].ff.net[2], base_transformer("flux").transformer_blocks[0].ff.net[2]
+    assert type(layer.weight).__name__ == "GGUFParameter" and is_quantized(layer.weight)
+    weight = reference.weight.detach()
+    blocks = weight.abs().reshape(weight.shape[0], -1, 32).amax(dim=2, keepdim=True)
+    step = blocks.expand(-1, -1, 32).reshape(weight.shape) / 127
+    assert bool(((dequantized_weight(layer).float() - weight).abs() <= step).all())   # within one Q8_0 step
+    float_student = student_on(base_transformer("flux"), "flux", "gmflow", seed=4)
+    save_piflow_adapter(float_student, tmp_path / "a", layout="authors")
+    student = load_piflow_adapter(base, tmp_path / "a")
+    bf16_student = load_piflow_adapter(base_transformer("flux").to(torch.bfloat16), tmp_path / "a")
+    latents, sigma, cond = inputs("flux")
+    got, expected = bf16(student, latents, sigma, cond), bf16(bf16_student, latents, sigma, cond)
+    for key in got:         # Q8_0 vs a bf16 copy of the float base: the quantization error alone
+        torch.testing.assert_close(got[key].float(), expected[key].float(), rtol=0, atol=TOLERANCE)
+    student.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student(latents, sigma, cond)["means"].float().square().mean().backward()
+    lora_a = base.transformer_blocks[0].ff.net[2].lora_A["piflow"].weight
+    assert lora_a.grad is not None and float(lora_a.grad.abs().sum()) > 0

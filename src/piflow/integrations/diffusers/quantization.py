@@ -119,12 +119,10 @@ def float_linear(linear: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.L
 
 
 def float_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of `module` whose quantized linear layers are plain float `nn.Linear`s (trainable, saveable)."""
-    result = copy.deepcopy(module)
-    for name, child in list(result.named_modules()):
-        if isinstance(child, nn.Linear) and is_quantized(child.weight):
-            parent, _, attribute = name.rpartition(".")
-            setattr(result.get_submodule(parent) if parent else result, attribute, float_linear(child))
-    if isinstance(result, nn.Linear) and is_quantized(result.weight):
-        return float_linear(result)
-    return result
+    """A deep copy of `module` whose quantized linear layers are plain float `nn.Linear`s (trainable, saveable).
+    Quantized weights are never deep-copied (GGUF parameters cannot be)."""
+    if isinstance(module, nn.Linear) and is_quantized(module.weight):
+        return float_linear(module)
+    replacements = {id(child): float_linear(child) for child in module.modules()
+                    if isinstance(child, nn.Linear) and is_quantized(child.weight)}
+    return copy.deepcopy(module, memo=replacements)
