@@ -1,5 +1,6 @@
 """Parameter and model-state memory of LoRA π-Flow students at the real model dimensions (FLUX.1-dev, Qwen-Image,
-SD3.5-Large), for one GPU (DDP: every GPU holds the whole base) and N GPUs (FSDP2: the frozen base is sharded).
+SD3.5-Large), for one GPU (DDP: every GPU holds the whole base) and N GPUs (FSDP2: the frozen base is sharded), and
+of the frozen base stored quantized (FLUX.1-dev, Qwen-Image, FLUX.2 [klein] 4B).
 
     python benchmarks/t2i_memory.py [--rank 256] [--components 8] [--gpus 8]
 
@@ -8,6 +9,12 @@ head exactly as training does, and counts distinct parameter tensors of teacher,
 *computed* from those counts — bf16 base (2 B/param, sharded 1/N under FSDP) + fp32 trainable tensors with their
 gradient, two AdamW moments and the EMA (20 B/param, replicated) — not measured; activations come on top and depend
 on resolution, batch and gradient checkpointing.
+
+Quantized rows (`--quantized`): every `nn.Linear` weight of the base stored as the backend stores it — TorchAO int8
+weight-only 1 B/weight + a bf16 scale per output row; bitsandbytes NF4 0.5 B + an fp32 absmax per 64 weights;
+GGUF Q8_0 34 B and Q4_0 18 B per block of 32 — and every other base parameter in bf16. FLUX.2 [klein] 4B (its
+published transformer config: 5 + 20 blocks, 24 heads × 128, text width 7680) has no π-Flow student in piflow yet,
+so its row gives the base alone.
 """
 from __future__ import annotations
 
@@ -33,6 +40,48 @@ def build(architecture: str):
         sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
         joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
         pos_embed_max_size=192, qk_norm="rms_norm"), 16
+
+
+KLEIN_4B = dict(in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128, num_attention_heads=24,
+                joint_attention_dim=7680, mlp_ratio=3.0, guidance_embeds=False)
+# bytes per weight of a quantized nn.Linear: (per weight, per output row)
+STORAGE = {"bf16": (2.0, 0.0), "torchao-int8": (1.0, 2.0), "bnb-nf4": (0.5 + 4 / 64, 0.0),
+           "gguf-Q8_0": (34 / 32, 0.0), "gguf-Q4_0": (18 / 32, 0.0)}
+
+
+def base_storage_gib(transformer: torch.nn.Module, storage: str) -> float:
+    per_weight, per_row = STORAGE[storage]
+    linear = [m for m in transformer.modules() if isinstance(m, torch.nn.Linear)]
+    linear_ids = {id(m.weight) for m in linear}
+    other = sum(p.numel() for p in transformer.parameters() if id(p) not in linear_ids)
+    weights = sum(m.weight.numel() for m in linear)
+    rows = sum(m.out_features for m in linear)
+    return (per_weight * weights + per_row * rows + 2.0 * other) / GIB
+
+
+def quantized_rows(rank: int, components: int) -> list[dict]:
+    import diffusers
+
+    rows = []
+    for name in ("flux", "qwen", "flux2-klein-4b"):
+        with torch.device("meta"):
+            if name == "flux2-klein-4b":
+                transformer, trainable = diffusers.Flux2Transformer2DModel(**KLEIN_4B), None
+            else:
+                transformer, channels = build(name)
+                storage = {s: base_storage_gib(transformer, s) for s in STORAGE}
+                add_student_lora(transformer, rank=rank, target_modules=ARCHITECTURES[name].lora_targets(transformer))
+                student = DiffusersPolicyStudent(transformer, "gmflow", num_components=components,
+                                                 latent_channels=channels, share_transformer=True, architecture=name)
+                trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+            if name == "flux2-klein-4b":
+                storage = {s: base_storage_gib(transformer, s) for s in STORAGE}
+        row = {"model": name, "base_params_B": distinct_numel(transformer) / 1e9 if trainable is None else None,
+               **{f"base_GiB_{s}": v for s, v in storage.items()}}
+        if trainable is not None:
+            row.update(trainable_params_M=trainable / 1e6, trainable_state_GiB=20 * trainable / GIB)
+        rows.append(row)
+    return rows
 
 
 def distinct_numel(*modules) -> int:
@@ -62,6 +111,7 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=8)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--architectures", nargs="*", default=["flux", "qwen", "sd3"])
+    parser.add_argument("--quantized", action="store_true", help="also the quantized-base rows")
     args = parser.parse_args()
     rows = [measure(name, args.rank, args.components, args.gpus) for name in args.architectures]
     print("| model | base params | trainable (LoRA r=%d, GM K=%d, norm_out) | teacher+student+EMA | "
@@ -71,6 +121,17 @@ def main() -> None:
         print(f"| {row['architecture']} | {row['base_params_B']:.2f} B | {row['trainable_params_M']:.1f} M | "
               f"{row['teacher_student_ema_params_B']:.2f} B = {row['ratio_to_base']:.2f}× base | "
               f"{row['model_state_GiB_1gpu_ddp']:.1f} GiB | {row[f'model_state_GiB_per_gpu_fsdp{args.gpus}']:.1f} GiB |")
+    if args.quantized:
+        quantized = quantized_rows(args.rank, args.components)
+        print("\n| model | base bf16 | TorchAO int8 | bnb NF4 | GGUF Q8_0 | GGUF Q4_0 | trainable state (fp32 + grad + "
+              "AdamW + EMA) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for row in quantized:
+            trainable = (f"{row['trainable_state_GiB']:.1f} GiB ({row['trainable_params_M']:.0f} M)"
+                         if "trainable_state_GiB" in row else "— (no FLUX.2 student yet)")
+            print(f"| {row['model']} | " + " | ".join(f"{row[f'base_GiB_{s}']:.1f} GiB" for s in STORAGE)
+                  + f" | {trainable} |")
+        rows = {"students": rows, "quantized_bases": quantized}
     print(json.dumps(rows, indent=2))
 
 
