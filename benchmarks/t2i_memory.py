@@ -65,21 +65,16 @@ def quantized_rows(rank: int, components: int) -> list[dict]:
     rows = []
     for name in ("flux", "qwen", "flux2-klein-4b"):
         with torch.device("meta"):
-            if name == "flux2-klein-4b":
-                transformer, trainable = diffusers.Flux2Transformer2DModel(**KLEIN_4B), None
-            else:
-                transformer, channels = build(name)
-                storage = {s: base_storage_gib(transformer, s) for s in STORAGE}
+            klein = name == "flux2-klein-4b"
+            transformer, channels = (diffusers.Flux2Transformer2DModel(**KLEIN_4B), None) if klein else build(name)
+            row = {"model": name, "base_params_B": distinct_numel(transformer) / 1e9,
+                   **{f"base_GiB_{s}": base_storage_gib(transformer, s) for s in STORAGE}}
+            if not klein:          # no FLUX.2 student in piflow yet: the base alone
                 add_student_lora(transformer, rank=rank, target_modules=ARCHITECTURES[name].lora_targets(transformer))
                 student = DiffusersPolicyStudent(transformer, "gmflow", num_components=components,
                                                  latent_channels=channels, share_transformer=True, architecture=name)
                 trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-            if name == "flux2-klein-4b":
-                storage = {s: base_storage_gib(transformer, s) for s in STORAGE}
-        row = {"model": name, "base_params_B": distinct_numel(transformer) / 1e9 if trainable is None else None,
-               **{f"base_GiB_{s}": v for s, v in storage.items()}}
-        if trainable is not None:
-            row.update(trainable_params_M=trainable / 1e6, trainable_state_GiB=20 * trainable / GIB)
+                row.update(trainable_params_M=trainable / 1e6, trainable_state_GiB=20 * trainable / GIB)
         rows.append(row)
     return rows
 
