@@ -11,7 +11,7 @@ pytest.importorskip("torchao")
 
 from piflow import PiFlow  # noqa: E402
 from piflow.integrations.diffusers.adapter import load_piflow_adapter, save_piflow_adapter  # noqa: E402
-from piflow.integrations.diffusers.quantization import (dequantized_weight, float_copy,  # noqa: E402
+from piflow.integrations.diffusers.quantization import (base_parameter, dequantized_weight, float_copy,  # noqa: E402
                                                         is_quantized, load_quantized_transformer,
                                                         quantization_config)
 from piflow.integrations.diffusers.students import DiffusersTeacher  # noqa: E402
@@ -154,8 +154,40 @@ def test_gguf_base_takes_adapters_and_trains_lora(saved_bases, tmp_path):
     got, expected = bf16(student, latents, sigma, cond), bf16(bf16_student, latents, sigma, cond)
     for key in got:         # Q8_0 vs a bf16 copy of the float base: the quantization error alone
         torch.testing.assert_close(got[key].float(), expected[key].float(), rtol=0, atol=TOLERANCE)
+    assert base_parameter(base).dtype == torch.bfloat16           # not the packed uint8 GGUF weights
+    policy = bf16(student.policy, latents, sigma, cond)             # as the pipelines call it
+    expected_policy = bf16(bf16_student.policy, latents, sigma, cond)
+    torch.testing.assert_close(policy.velocity(latents, sigma), expected_policy.velocity(latents, sigma), rtol=0,
+                               atol=TOLERANCE)
     student.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         student(latents, sigma, cond)["means"].float().square().mean().backward()
     lora_a = base.transformer_blocks[0].ff.net[2].lora_A["piflow"].weight
     assert lora_a.grad is not None and float(lora_a.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("storage", ["torchao-int8", "gguf-Q8_0"])
+def test_pipeline_samples_on_a_quantized_base(storage, tmp_path):
+    """PiFluxPipeline with a quantized transformer: the adapter loads and 4-step samples stay close to the float
+    pipeline's (same noise, same prompts)."""
+    from piflow.integrations.diffusers.pipelines import PIPELINES
+    from piflow.integrations.diffusers.tiny import tiny_pipeline
+
+    tiny_pipeline("flux").save_pretrained(tmp_path / "pipe")
+    save_piflow_adapter(student_on(base_transformer("flux"), "flux", "gmflow", seed=5), tmp_path / "a")
+    if storage == "torchao-int8":
+        transformer = load_quantized_transformer(tmp_path / "pipe", "torchao-int8", dtype=torch.bfloat16)
+    else:
+        write_gguf_q8_0(base_transformer("flux"), tmp_path / "flux.gguf")
+        transformer = load_quantized_transformer(tmp_path / "pipe", gguf_file=tmp_path / "flux.gguf",
+                                                 dtype=torch.bfloat16)
+    images = []
+    for extra in ({"transformer": transformer}, {}):
+        pipe = PIPELINES["flux"].from_pretrained(tmp_path / "pipe", torch_dtype=torch.bfloat16, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_piflow_adapter(tmp_path / "a")
+        images.append(pipe(["a red cat", "a blue bird"], height=32, width=32, num_inference_steps=4,
+                           output_type="latent", generator=torch.Generator().manual_seed(0)).images.float())
+    assert torch.isfinite(images[0]).all()
+    # measured 2026-12-02: max |Δ| 0.043 (int8) and 0.089 (Q8_0) at a latent scale of 4.06, i.e. 1.1 % and 2.2 %
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=0.05 * float(images[1].abs().max()))

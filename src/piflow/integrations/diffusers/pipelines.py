@@ -30,6 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
 from piflow.integrations.diffusers.adapter import load_piflow_adapter
+from piflow.integrations.diffusers.quantization import base_parameter
 from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler
 from piflow.integrations.diffusers.students import LORA_ADAPTER, DiffusersPolicyStudent
 from piflow.sampling import sample
@@ -77,7 +78,7 @@ class PiFlowPipelineMixin:
         if student is None:
             raise RuntimeError(f"{type(self).__name__} has no π-Flow student: call pipe.load_piflow_adapter(path) "
                                "or pipe.set_piflow_student(student) first")
-        parameter = next(self.transformer.parameters())
+        parameter = base_parameter(self.transformer)
         # the head and final norm run in the base dtype/device (§5.4); the policy itself is built in float32
         for module in (student.head, student.norm_out):
             module.to(device=parameter.device, dtype=parameter.dtype)

@@ -82,6 +82,15 @@ def is_quantized(weight: torch.Tensor) -> bool:
     return type(weight) not in (torch.Tensor, nn.Parameter) or not weight.dtype.is_floating_point
 
 
+def base_parameter(module: nn.Module) -> torch.Tensor:
+    """A frozen floating-point parameter of `module`: its compute dtype and device (a quantized base's packed
+    integer weights and a student's trainable LoRA factors say neither)."""
+    for param in module.parameters():
+        if not param.requires_grad and param.dtype.is_floating_point and type(param).__name__ != "GGUFParameter":
+            return param
+    return next(module.parameters())
+
+
 def dequantized_weight(linear: nn.Module) -> torch.Tensor:
     """The float weight of a (possibly quantized) linear layer, detached."""
     weight = linear.weight

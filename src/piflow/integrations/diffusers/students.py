@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from piflow.heads import make_policy_head
-from piflow.integrations.diffusers.quantization import float_copy, float_linear
+from piflow.integrations.diffusers.quantization import base_parameter, float_copy, float_linear
 from piflow.policies import policy_from_outputs, resolve_policy_kwargs
 from piflow.settings import PiIDSettings, policy_kind
 
@@ -324,7 +324,7 @@ class DiffusersPolicyStudent(nn.Module):
     def policy(self, latents: Tensor, sigma: Tensor, cond: Any = None):
         """One evaluation at (latents, σ (B,)) as its policy, on the student's own schedule. The transformer sees
         the latents in its own dtype (bf16 bases); the policy is built at the float32 state `latents`."""
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = base_parameter(self.transformer).dtype
         return policy_from_outputs(self(latents.to(dtype), sigma, cond), latents, sigma, self.policy_kind,
                                    policy_kwargs=self.resolved_policy_kwargs())
 
