@@ -135,6 +135,9 @@ def test_distillation_on_a_quantized_base(bases, tmp_path, capsys):
     import yaml
 
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["quantize"] == "torchao-int8"
+    state = load_checkpoint(run_dir / "checkpoint.safetensors")      # the float-base checkpoint format
+    assert all("lora" in k or k.startswith(("head.", "norm_out.")) for k in state["model"])
+    assert {v.dtype for v in state["model"].values()} == {torch.float32}
     assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "theirs"), "--layout", "authors"]) == 0
     assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "2", "--output",
                  str(tmp_path / "images")]) == 0
