@@ -290,13 +290,19 @@ def test_package_face_is_flat_and_lazy():
     import subprocess
     import sys
 
-    code = ("import sys, piflow.integrations.diffusers as d; assert 'diffusers' not in sys.modules, 'eager'; "
-            "from piflow.integrations.diffusers import (PiFluxPipeline, PiQwenImagePipeline, PiSD3Pipeline, "
-            "FlowMapSDEScheduler, load_piflow_adapter, save_piflow_adapter); "
-            "from piflow.integrations.diffusers.pipelines import PiFluxPipeline as P; assert P is PiFluxPipeline; "
+    code = ("import sys, piflow, piflow.integrations.diffusers as d; "
+            "assert 'diffusers' not in sys.modules and 'peft' not in sys.modules, 'eager import'; "
             "assert 'load_piflow_adapter' in dir(d); print('ok')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+    from piflow.integrations.diffusers import (FlowMapSDEScheduler, PiFluxPipeline, PiQwenImagePipeline,
+                                               PiSD3Pipeline, load_piflow_adapter, save_piflow_adapter)
+    from piflow.integrations.diffusers import adapter, pipelines, scheduler
+
+    assert (PiFluxPipeline, PiQwenImagePipeline, PiSD3Pipeline) == (
+        pipelines.PiFluxPipeline, pipelines.PiQwenImagePipeline, pipelines.PiSD3Pipeline)
+    assert FlowMapSDEScheduler is scheduler.FlowMapSDEScheduler
+    assert (load_piflow_adapter, save_piflow_adapter) == (adapter.load_piflow_adapter, adapter.save_piflow_adapter)
     import piflow.integrations.diffusers as package
 
     with pytest.raises(AttributeError, match="no attribute 'PiFlux2Pipeline'"):

@@ -155,7 +155,7 @@ def test_distillation_on_a_quantized_base(bases, tmp_path, capsys):
         assert not (tmp_path / bad).exists()
 
 
-def test_prompt_cache_feeds_distillation_without_text_encoders(bases, tmp_path):
+def test_prompt_cache_feeds_distillation_without_text_encoders(bases, tmp_path, capsys):
     cache = tmp_path / "cache"
     assert main(["encode-prompts", "--pipeline", str(bases["sd3"]), "--prompts", str(bases["prompts"]),
                  "--out", str(cache), "--shard-size", "2", "--max-sequence-length", "32"]) == 0
@@ -169,6 +169,11 @@ def test_prompt_cache_feeds_distillation_without_text_encoders(bases, tmp_path):
     fresh = PIPELINES["sd3"].from_pretrained(bases["sd3"])
     fresh.load_piflow_adapter(tmp_path / "run" / "adapter")
     assert fresh.piflow_student.policy_kwargs["segment_size"] == pytest.approx(1 / 3.5)
+    # the authors have no SD3 adapter class: a one-line error, nothing written
+    assert main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "theirs"),
+                 "--layout", "authors"]) == 2
+    assert "--layout authors: the authors' adapter layout exists for ['flux', 'qwen']" in capsys.readouterr().err
+    assert not (tmp_path / "theirs").exists()
 
 
 def test_text_to_image_config_errors(bases, tmp_path, capsys):
