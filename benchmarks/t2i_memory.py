@@ -115,7 +115,8 @@ def main() -> None:
     for row in rows:
         print(f"| {row['architecture']} | {row['base_params_B']:.2f} B | {row['trainable_params_M']:.1f} M | "
               f"{row['teacher_student_ema_params_B']:.2f} B = {row['ratio_to_base']:.2f}× base | "
-              f"{row['model_state_GiB_1gpu_ddp']:.1f} GiB | {row[f'model_state_GiB_per_gpu_fsdp{args.gpus}']:.1f} GiB |")
+              f"{row['model_state_GiB_1gpu_ddp']:.1f} GiB | "
+              f"{row[f'model_state_GiB_per_gpu_fsdp{args.gpus}']:.1f} GiB |")
     if args.quantized:
         quantized = quantized_rows(args.rank, args.components)
         print("\n| model | base bf16 | TorchAO int8 | bnb NF4 | GGUF Q8_0 | GGUF Q4_0 | trainable state (fp32 + grad + "
