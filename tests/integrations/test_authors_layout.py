@@ -239,6 +239,7 @@ def rewrite(directory, config_change=None, policy_config=None):
 @pytest.mark.parametrize("change,policy_config,message", [
     ({"num_layers": 19}, None, r"num_layers is 19, expected 1"),
     ({"num_gaussians": 8}, None, r"num_gaussians is 8, expected 2"),
+    ({"out_channels": 64}, None, r"out_channels is 64, expected 16"),
     ({"constant_logstd": -2.0}, None, r"constant_logstd is -2.0, expected None"),
     ({"_class_name": "<drop>"}, None, r"no _class_name"),
     ({"_class_name": "GMSD3Transformer2DModel"}, None, r"_class_name must be one of \["),
@@ -251,6 +252,12 @@ def test_bad_fields_are_named_with_the_expected_value(change, policy_config, mes
     rewrite(tmp_path / "a", change, policy_config)
     with pytest.raises(DataError, match=message):
         load_piflow_adapter(base_transformer("flux"), tmp_path / "a")
+
+
+def test_null_gm_out_channels_means_in_channels_as_in_their_class(tmp_path):
+    save_piflow_adapter(student_on(base_transformer("flux"), "flux", "gmflow"), tmp_path / "a", layout="authors")
+    rewrite(tmp_path / "a", {"out_channels": None})
+    assert load_piflow_adapter(base_transformer("flux"), tmp_path / "a").head.num_components == 2
 
 
 def test_authors_layout_has_no_sd3_class_and_nothing_is_written(tmp_path):

@@ -172,9 +172,12 @@ def _check_fields(config: dict, kind: str, classes: AuthorsClasses, transformer:
         skip = ("patch_size", "out_channels")
         expected = {"patch_size": 1, "out_channels": structure["num_nodes"] * packed,
                     **{k: v for k, v in base.items() if k not in skip}}
+    present = dict(config)
+    if kind == "gmflow" and present.get("out_channels", 0) is None:    # their class: out_channels or in_channels
+        present["out_channels"] = present.get("in_channels")
     for field, value in expected.items():
-        if field in config:
-            _expect(field, _json_value(config[field]), value)
+        if field in present:
+            _expect(field, _json_value(present[field]), value)
 
 
 def _structure(kind: str, tensors: dict, transformer: torch.nn.Module, class_name: str) -> dict:
