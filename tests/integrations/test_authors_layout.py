@@ -188,7 +188,7 @@ def test_their_loader_computes_what_piflow_computes(architecture, policy, tmp_pa
     ours = load_piflow_adapter(base_transformer(architecture), tmp_path / "a")
     with torch.no_grad():
         loaded = ours(latents, sigma, cond)
-    assert_outputs_close(loaded, theirs, rtol=1e-5, atol=1e-5)        # same fp16 weights, same computation
+    assert_outputs_close(loaded, theirs, rtol=0, atol=0)              # same fp16 weights, same computation
     assert_outputs_close(loaded, trained, rtol=0, atol=2e-3)          # fp16 storage of the trained weights
     assert ours.sampling == student.sampling and ours.settings == student.settings     # piflow_config metadata
 
@@ -275,22 +275,84 @@ def test_authors_layout_has_no_sd3_class_and_nothing_is_written(tmp_path):
 @pytest.mark.parametrize("layout", ["piflow", "authors"])
 def test_strength_scales_the_lora_update_only(layout, tmp_path):
     student = student_on(base_transformer("flux"), "flux", "gmflow")
+    stored = torch.float16 if layout == "authors" else torch.float32
+    trained_head = [p.detach().to(stored).float() for p in student.head.parameters()]
     save_piflow_adapter(student, tmp_path / "a", layout=layout)
     base = base_transformer("flux")
-    full = load_piflow_adapter(base, tmp_path / "a")
-    layer = base.transformer_blocks[0].ff.net[2]                   # one LoRA-wrapped Linear
+    add_student_lora(base, rank=2, target_modules=["ff.net.2"], adapter_name="style")    # another user LoRA
+    layer = base.transformer_blocks[0].ff.net[2]                   # wrapped by both adapters
+    style_scaling = dict(layer.scaling)["style"]
+    full = load_piflow_adapter(base, tmp_path / "a")              # the newly added adapter is the active one
+    assert layer.active_adapters == ["piflow"]
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with_lora = layer(x)
         base_only = layer.base_layer(x)
-        head_before = [p.clone() for p in full.head.parameters()]
         half = load_piflow_adapter(base, tmp_path / "a", strength=0.5)
         torch.testing.assert_close(layer(x) - base_only, 0.5 * (with_lora - base_only), rtol=1e-5, atol=1e-6)
-        assert all(torch.equal(a, b) for a, b in zip(head_before, half.head.parameters()))
+        for loaded in (full, half):                                # the head stays as trained
+            assert all(torch.equal(p, q) for p, q in zip(loaded.head.parameters(), trained_head))
+        assert layer.scaling["style"] == style_scaling             # other adapters untouched
         load_piflow_adapter(base, tmp_path / "a", strength=0.0)
         torch.testing.assert_close(layer(x), base_only)
-    with pytest.raises(ValueError, match="strength must be a finite number"):
-        load_piflow_adapter(base, tmp_path / "a", strength=float("nan"))
+
+
+def test_bad_strength_leaves_the_loaded_adapter_alone(tmp_path):
+    first, second = (student_on(base_transformer("flux"), "flux", "gmflow", seed=s) for s in (0, 1))
+    save_piflow_adapter(first, tmp_path / "a")
+    save_piflow_adapter(second, tmp_path / "b")
+    base = base_transformer("flux")
+    loaded = load_piflow_adapter(base, tmp_path / "a")
+    latents, sigma, cond = inputs("flux")
+    with torch.no_grad():
+        before = loaded(latents, sigma, cond)["means"]
+        with pytest.raises(ValueError, match="strength must be a finite number"):
+            load_piflow_adapter(base, tmp_path / "b", strength=float("nan"))
+        assert torch.equal(loaded(latents, sigma, cond)["means"], before)
+
+
+def test_polynomial_dx_keeps_its_mode_in_both_layouts(tmp_path):
+    transformer = base_transformer("flux")
+    add_student_lora(transformer, rank=2, target_modules=ARCHITECTURES["flux"].lora_targets(transformer))
+    student = DiffusersPolicyStudent(transformer, "dx", num_nodes=3, dx_mode="polynomial", latent_channels=4,
+                                     share_transformer=True)
+    assert student.resolved_policy_kwargs()["mode"] == "polynomial"
+    with pytest.raises(ValueError, match="differs from dx_mode"):
+        DiffusersPolicyStudent(base_transformer("flux"), "dx", dx_mode="grid", latent_channels=4,
+                               policy_kwargs={"mode": "polynomial"})
+    with pytest.raises(ValueError, match=r"policy_kwargs \['temperature'\] are not gmflow policy settings"):
+        DiffusersPolicyStudent(base_transformer("flux"), "gmflow", latent_channels=4,
+                               policy_kwargs={"temperature": 0.5})
+    for layout in ("piflow", "authors"):
+        save_piflow_adapter(student, tmp_path / layout, layout=layout)
+        loaded = load_piflow_adapter(base_transformer("flux"), tmp_path / layout)
+        assert loaded.head.mode == "polynomial" and loaded.resolved_policy_kwargs()["mode"] == "polynomial"
+    with safe_open(str(tmp_path / "authors" / WEIGHTS), "pt") as handle:
+        assert json.loads(handle.metadata()["policy_config"])["mode"] == "polynomial"
+
+
+def test_authors_layout_needs_lora_because_their_loader_does(tmp_path):
+    student = DiffusersPolicyStudent(base_transformer("flux"), "gmflow", num_components=2, latent_channels=4,
+                                     logstd_hidden=8)
+    with pytest.raises(ValueError, match="only when it holds LoRA tensors"):
+        save_piflow_adapter(student, tmp_path / "a", layout="authors")
+    assert not (tmp_path / "a").exists()
+
+
+def test_prefixed_keys_and_missing_gm_metadata_read_as_their_code_reads_them(tmp_path):
+    student = student_on(base_transformer("flux"), "flux", "gmflow")
+    save_piflow_adapter(student, tmp_path / "a", layout="authors")
+    reference = load_piflow_adapter(base_transformer("flux"), tmp_path / "a")
+    tensors = {f"transformer.{k}": v for k, v in load_file(tmp_path / "a" / WEIGHTS).items()}
+    save_file(tensors, tmp_path / "a" / WEIGHTS)                   # no metadata: ComfyUI assumes GMFlow
+    loaded = load_piflow_adapter(base_transformer("flux"), tmp_path / "a")
+    latents, sigma, cond = inputs("flux")
+    with torch.no_grad():
+        assert_outputs_close(loaded(latents, sigma, cond), reference(latents, sigma, cond), rtol=0, atol=0)
+    save_piflow_adapter(student_on(base_transformer("flux"), "flux", "dx"), tmp_path / "d", layout="authors")
+    save_file(load_file(tmp_path / "d" / WEIGHTS), tmp_path / "d" / WEIGHTS)
+    with pytest.raises(DataError, match="has no policy_config metadata"):      # DX needs its settings
+        load_piflow_adapter(base_transformer("flux"), tmp_path / "d")
 
 
 def test_package_face_is_flat_and_lazy():

@@ -108,6 +108,11 @@ def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, cap
     # the authors' layout (their pipelines, ComfyUI-piFlow) samples what the piflow layout samples, to fp16 storage
     assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "theirs"), "--layout", "authors"]) == 0
     assert json.loads((tmp_path / "theirs" / "config.json").read_text())["_class_name"].startswith("GM")
+    # without --out the authors' layout goes next to the run's adapter, never over it
+    assert main(["export", "--run-dir", str(run_dir), "--layout", "authors"]) == 0
+    assert (run_dir / "adapter-authors" / WEIGHTS).is_file()
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(run_dir / "adapter"), "--layout", "authors"]) == 2
+    assert_same_tensors(load_file(run_dir / "adapter" / WEIGHTS), adapter)
     latents = []
     for folder in ("exported", "theirs"):
         pipe = PIPELINES[architecture].from_pretrained(bases[architecture])
@@ -169,6 +174,10 @@ def test_prompt_cache_feeds_distillation_without_text_encoders(bases, tmp_path, 
     fresh = PIPELINES["sd3"].from_pretrained(bases["sd3"])
     fresh.load_piflow_adapter(tmp_path / "run" / "adapter")
     assert fresh.piflow_student.policy_kwargs["segment_size"] == pytest.approx(1 / 3.5)
+    # a prompt-cache run samples through the whole pipeline (its text encoders encode the new prompts)
+    assert main(["sample", "--run-dir", str(tmp_path / "run"), "--prompt", "a cat", "--nfe", "1",
+                 "--output", str(tmp_path / "images")]) == 0
+    assert (tmp_path / "images" / "000_00.png").is_file()
     # the authors have no SD3 adapter class: a one-line error, nothing written
     assert main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "theirs"),
                  "--layout", "authors"]) == 2

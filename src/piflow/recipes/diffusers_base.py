@@ -111,8 +111,8 @@ def quantized_dtype(config: dict, dtype: torch.dtype) -> torch.dtype:
 def load_base(config: dict, device: torch.device, dtype: torch.dtype, transformer_only: bool = False,
               pipeline_class=None):
     """(pipeline or None, frozen transformer): only the transformer when prompts come from a cache (or
-    `transformer_only`), else the whole pipeline (`pipeline_class`, default: the folder's own), whose text encoders
-    encode the prompts here. ``config["quantize"]`` (a backend of `piflow.integrations.diffusers.quantization`)
+    `transformer_only`), else the whole pipeline, whose text encoders encode the prompts here. A `pipeline_class`
+    (sampling) always loads the whole pipeline, of that class. ``config["quantize"]`` (a backend of `piflow.integrations.diffusers.quantization`)
     loads the transformer quantized; the pipeline then shares it."""
     import diffusers
 
@@ -132,7 +132,7 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
                               f"({type(error).__name__}: {one_line(error, 300)})") from None
         if not config["quantize"].startswith("bnb"):   # bitsandbytes places its weights itself
             transformer = transformer.to(device)
-    if transformer_only or config["prompt_cache"] is not None:
+    if transformer_only or (config["prompt_cache"] is not None and pipeline_class is None):
         if transformer is None:
             transformer = from_pretrained(transformer_class, path, subfolder="transformer", torch_dtype=dtype)
             transformer = transformer.to(device)

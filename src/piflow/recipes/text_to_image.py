@@ -274,13 +274,21 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     if not config_path.is_file() or not has_checkpoint:
         raise ConfigError(f"{run_dir} is not a text-to-image distillation run with a checkpoint "
                           f"(needs config.yaml and {CHECKPOINT_NAME})")
-    output = Path(output) if output is not None else run_dir / "adapter"
+    default = run_dir / ("adapter" if layout == "piflow" else "adapter-authors")
+    output = Path(output) if output is not None else default
+    if layout != "piflow" and _is_piflow_adapter(output):
+        raise ConfigError(f"--out {output} holds a piflow-layout adapter, which --layout {layout} would replace "
+                          f"(`piflow sample` reads {run_dir / 'adapter'}); choose another folder (default: {default})")
     if output.resolve() == run_dir.resolve() or (output / "config.yaml").exists() or output.is_file() or (
             output.is_dir() and any(output.iterdir()) and not (output / "export.json").is_file()
             and not _is_piflow_adapter(output)):
         raise ConfigError(f"--out {output} must be a new or empty folder or a previous piflow adapter, not a run "
-                          f"directory, a file or another folder with contents (default: {run_dir / 'adapter'})")
+                          f"directory, a file or another folder with contents (default: {default})")
     config = load_config(T2I_DISTILL_DEFAULTS, config_path)
+    if str(config.get("quantize") or "").startswith("bnb"):
+        # bitsandbytes loads only on CUDA; the checkpoint replaces every tensor the export reads, so a float base
+        # gives the same adapter
+        config = dict(config, quantize=None)
     state = load_checkpoint(checkpoint_path)
     device = torch.device("cpu")
     dtype = quantized_dtype(config, resolve_dtype(config["dtype"], device))

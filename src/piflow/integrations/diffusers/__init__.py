@@ -2,7 +2,8 @@
 
     from piflow.integrations.diffusers import PiFluxPipeline, load_piflow_adapter
 
-Importing this package loads nothing heavy; each name below imports its submodule (and diffusers) on first use.
+Importing this package loads nothing heavy; the names in `__all__` and the submodules below import their submodule
+(and diffusers) on first use.
 
 * `students`: GM/DX LoRA students and teachers on FLUX, Qwen-Image, SD3 transformers; `Architecture` /
   `register_architecture` to bring your own; `set_lora_strength`.
@@ -29,10 +30,14 @@ _EXPORTS = {
     "FluxTeacher": "students", "QwenImageTeacher": "students", "SD3Teacher": "students",
     "quantization_config": "quantization", "load_quantized_transformer": "quantization",
 }
+_SUBMODULES = ("adapter", "authors_layout", "pipelines", "prompts", "quantization", "scheduler", "solvers", "students",
+               "tiny")
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")       # also sets the attribute on this package
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
@@ -41,4 +46,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -28,8 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from piflow.integrations.diffusers import authors_layout
-from piflow.integrations.diffusers.students import (LORA_ADAPTER, TEXT_TO_IMAGE_SCHEDULE, DiffusersPolicyStudent,
-                                                    add_student_lora, get_architecture, set_lora_strength)
+from piflow.integrations.diffusers.students import (LORA_ADAPTER, POLICY_SETTINGS, TEXT_TO_IMAGE_SCHEDULE,
+                                                    DiffusersPolicyStudent, add_student_lora, get_architecture,
+                                                    set_lora_strength)
+from piflow.checks import check_number
 from piflow.errors import DataError
 from piflow.files import atomic_write, read_json, write_json
 from piflow.settings import PiIDSettings
@@ -38,7 +40,6 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 POLICY_TYPES = {"GMFlow": "gmflow", "DX": "dx"}
 STRUCTURE_KEYS = {"gmflow": ("num_components", "latent_channels", "logstd_hidden"),
                   "dx": ("num_nodes", "mode", "latent_channels")}
-POLICY_KWARGS = {"gmflow": ("eps",), "dx": ("mode", "segment_size", "shift", "eps")}
 SAMPLING_DEFAULTS = PiIDSettings(**TEXT_TO_IMAGE_SCHEDULE).sampling      # with PiIDSettings' total_substeps
 LAYOUTS = ("piflow", "authors")
 
@@ -52,11 +53,7 @@ def _policy_config(student: DiffusersPolicyStudent) -> dict:
     else:
         config = {"type": "DX", "num_nodes": head.num_nodes, "mode": head.mode,
                   "latent_channels": student.latent_channels}
-    for key, value in student.resolved_policy_kwargs().items():
-        if key not in POLICY_KWARGS[student.policy_kind]:
-            raise ValueError(f"policy_kwargs key {key!r} is not a {config['type']} policy setting; expected one of "
-                             f"{POLICY_KWARGS[student.policy_kind]}")
-        config[key] = value
+    config.update(student.resolved_policy_kwargs())          # keys checked by the student (POLICY_SETTINGS)
     return config
 
 
@@ -107,6 +104,10 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
 def _save_authors_layout(student: DiffusersPolicyStudent, directory: Path, tensors: dict,
                          lora_config: Optional[dict], sampling: dict) -> Path:
     config = authors_layout.authors_config(student)             # raises for architectures they have no class for
+    if lora_config is None:
+        raise ValueError("the authors' loader installs an adapter only when it holds LoRA tensors (without them it "
+                         "keeps the base model, heads unused); this student has no LoRA, save it with "
+                         "layout='piflow'")
     scale = authors_layout.lora_alpha_scale(lora_config["alpha"], lora_config["rank"]) if lora_config else 1.0
     extras = {"piid_settings": student.settings.to_dict(), "sampling": sampling}
     metadata = {"policy_config": json.dumps(authors_layout.authors_policy_config(student)),
@@ -190,7 +191,10 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[
         raise DataError(f"adapter file {weights_path} is corrupt or truncated ({type(error).__name__}: {error})") \
             from error
     if "policy_config" not in metadata:
-        raise DataError(f"adapter file {weights_path} has no policy_config metadata")
+        default = authors_layout.default_policy_config(config, tensors)   # GM in the authors' layout
+        if default is None:
+            raise DataError(f"adapter file {weights_path} has no policy_config metadata")
+        metadata = dict(metadata, policy_config=json.dumps(default))
     try:
         config["policy_config"] = json.loads(metadata["policy_config"])
     except json.JSONDecodeError as error:
@@ -229,6 +233,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     `strength` scales the LoRA update (the policy head and final norm stay as trained), like ComfyUI-piFlow's
     ``adapter_strength``: 1 reproduces training; lower values can help on a fine-tuned/merged base model, with
     other LoRAs stacked on top, or at an NFE other than the trained one (see docs/adapters.md)."""
+    strength = check_number(strength, "strength")
     directory = resolve_adapter_dir(path, subfolder)
     config, tensors, metadata = _read_adapter(directory)
     if authors_layout.is_authors_layout(tensors):
@@ -245,9 +250,11 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     expected_class = config.get("base_class") or architecture.base_class
     if expected_class and type(transformer).__name__ != expected_class:
         raise DataError(f"adapter {directory} is for a {expected_class}, got a {type(transformer).__name__}")
+    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
+    if strength != 1 and not lora:
+        raise ValueError(f"strength={strength!r} scales the LoRA, but adapter {directory} has none")
     if adapter_name in (getattr(transformer, "peft_config", None) or {}):
         transformer.delete_adapters(adapter_name)   # loading again replaces the adapter of that name
-    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
     if lora:
         if config.get("lora_config") is None:
             raise DataError("adapter holds LoRA tensors but config.json has no lora_config")
@@ -261,13 +268,11 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         if unexpected:
             raise DataError(f"adapter LoRA tensors do not match this transformer: {unexpected[:4]}")
         set_lora_strength(transformer, strength, adapter_name)
-    elif strength != 1:
-        raise ValueError(f"strength={strength!r} scales the LoRA, but adapter {directory} has none")
     student = DiffusersPolicyStudent(
         transformer, kind, architecture=architecture, num_components=policy.get("num_components", 8),
         num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
         latent_channels=policy["latent_channels"], logstd_hidden=policy.get("logstd_hidden", 1024),
-        share_transformer=True, policy_kwargs={k: policy[k] for k in POLICY_KWARGS[kind] if k in policy},
+        share_transformer=True, policy_kwargs={k: policy[k] for k in POLICY_SETTINGS[kind] if k in policy},
         settings=_settings(config, kind, sampling))
     try:
         student.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})

@@ -33,10 +33,10 @@ from typing import Any
 import torch
 
 from piflow.errors import DataError
-from piflow.integrations.diffusers.students import PATCH, DiffusersPolicyStudent
+from piflow.integrations.diffusers.students import PATCH, POLICY_SETTINGS, DiffusersPolicyStudent
 
 POLICY_TYPE = {"gmflow": "GMFlow", "dx": "DX"}
-POLICY_ARGUMENTS = {"gmflow": ("eps",), "dx": ("segment_size", "shift", "mode", "eps")}   # their policies' kwargs
+POLICY_ARGUMENTS = POLICY_SETTINGS          # the keyword arguments their policies (and ComfyUI-piFlow's) take
 POLICY_DEFAULTS = {"mode": "grid"}                            # left out when they hold the authors' default
 TENSOR_PREFIXES = {"proj_out_means.": "head.proj_means.", "proj_out_logweights.": "head.proj_logweights.",
                    "proj_out_logstds.": "head.logstd_mlp.", "proj_out.": "head.proj.", "norm_out.": "norm_out."}
@@ -140,6 +140,15 @@ def is_authors_layout(tensors: dict) -> bool:
     return not any(key.startswith(("head.", "lora.")) for key in tensors)
 
 
+def default_policy_config(config: dict, tensors: dict):
+    """What ComfyUI-piFlow assumes when the metadata has no policy_config: GMFlow for the GM classes (a DX policy
+    needs its settings, so DX gets no default)."""
+    gm_classes = {classes.gm for classes in AUTHORS_CLASSES.values()}
+    if is_authors_layout(tensors) and config.get("_class_name") in gm_classes:
+        return {"type": "GMFlow"}
+    return None
+
+
 def _class_kind(class_name: Any) -> tuple[str, str]:
     """(architecture, policy kind) named by an authors'-layout ``_class_name``."""
     for architecture, classes in AUTHORS_CLASSES.items():
@@ -214,6 +223,7 @@ def from_authors_layout(config: dict, tensors: dict, transformer: torch.nn.Modul
         raise DataError(f"a {class_name} adapter is for a {classes.base}, got a {type(transformer).__name__}")
     renamed, lora_modules, rank = {}, set(), None
     for key, value in tensors.items():
+        key = key.removeprefix("transformer.")                  # their loader strips this prefix too
         if "lora" in key:                                       # as their loader splits the file
             if ".lora_A." not in key and ".lora_B." not in key:
                 raise DataError(f"adapter tensor {key!r}: LoRA tensors are named <module>.lora_A/B.weight")

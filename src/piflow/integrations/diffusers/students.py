@@ -40,6 +40,8 @@ FLUX_LORA_TARGETS = (r".*(single_transformer_blocks\.\d+\.proj_out|proj_mlp|ff\.
                      r"ff_context\.net\.0\.proj|ff_context\.net\.2|timestep_embedder\.linear_1|"
                      r"timestep_embedder\.linear_2)$")
 LORA_ADAPTER = "piflow"
+# the settings each policy takes from `policy_kwargs` (saved in adapters' policy_config)
+POLICY_SETTINGS = {"gmflow": ("eps",), "dx": ("mode", "segment_size", "shift", "eps")}
 
 
 def add_student_lora(transformer: nn.Module, rank: int = 256, alpha: Optional[float] = None, dropout: float = 0.05,
@@ -292,6 +294,13 @@ class DiffusersPolicyStudent(nn.Module):
         if self.settings.policy != self.policy_kind:
             raise ValueError(f"settings.policy={self.settings.policy!r} does not match policy={policy!r}")
         self.policy_kwargs = dict(policy_kwargs or {})
+        unknown = sorted(set(self.policy_kwargs) - set(POLICY_SETTINGS[self.policy_kind]))
+        if unknown:
+            raise ValueError(f"policy_kwargs {unknown} are not {self.policy_kind} policy settings; expected some of "
+                             f"{list(POLICY_SETTINGS[self.policy_kind])}")
+        if self.policy_kind == "dx":             # the policy interpolates the nodes the head was built for
+            if self.policy_kwargs.setdefault("mode", dx_mode) != dx_mode:
+                raise ValueError(f"policy_kwargs mode={self.policy_kwargs['mode']!r} differs from dx_mode={dx_mode!r}")
         self.architecture = get_architecture(architecture)
         self.transformer = transformer if share_transformer else copy.deepcopy(transformer)
         # the student's own final norm (trainable, §6.6; a float copy on a quantized base), swapped in only while
