@@ -112,8 +112,8 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
               pipeline_class=None):
     """(pipeline or None, frozen transformer): only the transformer when prompts come from a cache (or
     `transformer_only`), else the whole pipeline, whose text encoders encode the prompts here. A `pipeline_class`
-    (sampling) always loads the whole pipeline, of that class. ``config["quantize"]`` (a backend of `piflow.integrations.diffusers.quantization`)
-    loads the transformer quantized; the pipeline then shares it."""
+    (sampling) always loads the whole pipeline, of that class. ``config["quantize"]`` (a backend of
+    `piflow.integrations.diffusers.quantization`) loads the transformer quantized; the pipeline then shares it."""
     import diffusers
 
     path = config["pipeline"]
