@@ -36,7 +36,6 @@ from piflow.errors import DataError
 from piflow.integrations.diffusers.students import PATCH, POLICY_SETTINGS, DiffusersPolicyStudent
 
 POLICY_TYPE = {"gmflow": "GMFlow", "dx": "DX"}
-POLICY_ARGUMENTS = POLICY_SETTINGS          # the keyword arguments their policies (and ComfyUI-piFlow's) take
 POLICY_DEFAULTS = {"mode": "grid"}                            # left out when they hold the authors' default
 TENSOR_PREFIXES = {"proj_out_means.": "head.proj_means.", "proj_out_logweights.": "head.proj_logweights.",
                    "proj_out_logstds.": "head.logstd_mlp.", "proj_out.": "head.proj.", "norm_out.": "norm_out."}
@@ -65,8 +64,6 @@ AUTHORS_CLASSES = {
                            ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
                             "axes_dims_rope")),
 }
-GM_FIELDS = ("num_gaussians", "constant_logstd", "logstd_inner_dim", "gm_num_logstd_layers", "logweights_channels",
-             "in_channels", "out_channels")
 
 
 def _classes_for(architecture: str) -> AuthorsClasses:
@@ -92,20 +89,29 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
+def _authors_fields(kind: str, classes: AuthorsClasses, transformer: torch.nn.Module, structure: dict) -> dict:
+    """The constructor fields of their model class for a student of this `structure` (GM: num_components,
+    logstd_hidden; DX: num_nodes) on `transformer`: what piflow writes and what it checks when reading."""
+    base = _base_config(transformer)
+    packed = int(transformer.proj_out.out_features)                     # C·4 channels of a 2×2 token
+    if kind == "gmflow":
+        return {"num_gaussians": structure["num_components"], "constant_logstd": None,
+                "logstd_inner_dim": structure["logstd_hidden"], "gm_num_logstd_layers": 2,
+                "logweights_channels": PATCH ** 2, "in_channels": base.get("in_channels"), "out_channels": packed,
+                **{k: base.get(k) for k in classes.gm_base_fields}}
+    return dict(base, patch_size=1, out_channels=structure["num_nodes"] * packed)
+
+
 def authors_config(student: DiffusersPolicyStudent) -> dict:
     """config.json of the student in the authors' layout (the fields their loader's ``from_config`` reads)."""
     classes = _classes_for(student.architecture.name)
-    base = _base_config(student.transformer)
-    packed = int(student.transformer.proj_out.out_features)              # C·4 channels of a 2×2 token
+    head = student.head
     if student.policy_kind == "gmflow":
-        head = student.head
-        config = {"_class_name": classes.gm, "num_gaussians": head.num_components, "constant_logstd": None,
-                  "logstd_inner_dim": head.logstd_mlp[1].out_features,
-                  "gm_num_logstd_layers": sum(isinstance(m, torch.nn.Linear) for m in head.logstd_mlp),
-                  "logweights_channels": head.pixels, "in_channels": base["in_channels"], "out_channels": packed}
-        config.update({k: base[k] for k in classes.gm_base_fields})
+        structure = {"num_components": head.num_components, "logstd_hidden": head.logstd_mlp[1].out_features}
     else:
-        config = dict(base, _class_name=classes.base, patch_size=1, out_channels=student.head.num_nodes * packed)
+        structure = {"num_nodes": head.num_nodes}
+    config = _authors_fields(student.policy_kind, classes, student.transformer, structure)
+    config["_class_name"] = classes.gm if student.policy_kind == "gmflow" else classes.base
     config["_diffusers_version"] = _diffusers_version()
     return config
 
@@ -114,7 +120,7 @@ def authors_policy_config(student: DiffusersPolicyStudent) -> dict:
     """The safetensors ``policy_config``: the policy's keyword arguments, then ``type``."""
     kind = student.policy_kind
     config = {k: v for k, v in student.resolved_policy_kwargs().items()
-              if k in POLICY_ARGUMENTS[kind] and POLICY_DEFAULTS.get(k, object()) != v}
+              if k in POLICY_SETTINGS[kind] and POLICY_DEFAULTS.get(k, object()) != v}
     config["type"] = POLICY_TYPE[kind]
     return config
 
@@ -170,21 +176,10 @@ def _expect(field: str, value: Any, expected: Any) -> None:
 def _check_fields(config: dict, kind: str, classes: AuthorsClasses, transformer: torch.nn.Module,
                   structure: dict) -> None:
     """Every field the authors' loader reads that is present must agree with the base model and the tensors."""
-    base = _base_config(transformer)
-    packed = int(transformer.proj_out.out_features)
-    if kind == "gmflow":
-        expected = {"num_gaussians": structure["num_components"], "constant_logstd": None,
-                    "logstd_inner_dim": structure["logstd_hidden"], "gm_num_logstd_layers": 2,
-                    "logweights_channels": PATCH ** 2, "in_channels": base.get("in_channels"),
-                    "out_channels": packed, **{k: base.get(k) for k in classes.gm_base_fields}}
-    else:
-        skip = ("patch_size", "out_channels")
-        expected = {"patch_size": 1, "out_channels": structure["num_nodes"] * packed,
-                    **{k: v for k, v in base.items() if k not in skip}}
     present = dict(config)
     if kind == "gmflow" and present.get("out_channels", 0) is None:    # their class: out_channels or in_channels
         present["out_channels"] = present.get("in_channels")
-    for field, value in expected.items():
+    for field, value in _authors_fields(kind, classes, transformer, structure).items():
         if field in present:
             _expect(field, _json_value(present[field]), value)
 
@@ -244,10 +239,10 @@ def from_authors_layout(config: dict, tensors: dict, transformer: torch.nn.Modul
     if policy.get("type") != POLICY_TYPE[kind]:
         raise DataError(f"adapter policy_config.type is {policy.get('type')!r}, expected {POLICY_TYPE[kind]!r} for a "
                         f"{class_name}")
-    unknown = sorted(set(policy) - {"type", *POLICY_ARGUMENTS[kind]})
+    unknown = sorted(set(policy) - {"type", *POLICY_SETTINGS[kind]})
     if unknown:
         raise DataError(f"adapter policy_config has unknown keys {unknown}; a {POLICY_TYPE[kind]} policy takes "
-                        f"{list(POLICY_ARGUMENTS[kind])}")
+                        f"{list(POLICY_SETTINGS[kind])}")
     policy = {**structure, **policy}                            # a saved DX mode overrides the default
     result = {"architecture": architecture, "base_class": classes.base, "policy_config": policy,
               **_piflow_extras(metadata)}

@@ -86,7 +86,7 @@ def base_parameter(module: nn.Module) -> torch.Tensor:
     """A frozen floating-point parameter of `module`: its compute dtype and device (a quantized base's packed
     integer weights and a student's trainable LoRA factors say neither)."""
     for param in module.parameters():
-        if not param.requires_grad and param.dtype.is_floating_point and type(param).__name__ != "GGUFParameter":
+        if not param.requires_grad and not is_quantized(param):
             return param
     return next(module.parameters())
 
