@@ -102,9 +102,10 @@ def from_pretrained(cls, path: str, **kwargs):
                           f"pickled .bin weights): {one_line(error, 300)}") from None
 
 
-def quantized_dtype(config: dict, dtype: torch.dtype) -> torch.dtype:
-    """The compute dtype of a run's base: bf16 for a quantized base asked to run in fp32 (integer weight-only
-    kernels compute in bf16), else `dtype`."""
+def base_dtype(config: dict, device: torch.device) -> torch.dtype:
+    """The compute dtype of a run's base: ``config["dtype"]`` on `device`, but bf16 for a quantized base asked to
+    run in fp32 (integer weight-only kernels compute in bf16)."""
+    dtype = resolve_dtype(config["dtype"], device)
     return torch.bfloat16 if config.get("quantize") and dtype == torch.float32 else dtype
 
 
@@ -120,7 +121,8 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
     transformer_class = getattr(diffusers, _model_index(path)["transformer"][1])
     transformer = None
     if config.get("quantize"):
-        from piflow.integrations.diffusers.quantization import BACKENDS, load_quantized_transformer
+        from piflow.integrations.diffusers.quantization import (BACKENDS, CUDA_ONLY_BACKENDS,
+                                                                load_quantized_transformer)
 
         if config["quantize"] not in BACKENDS:
             raise ConfigError(f"quantize must be null or one of {list(BACKENDS)}, got {config['quantize']!r}")
@@ -130,7 +132,7 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
         except (ImportError, RuntimeError, ValueError, OSError) as error:   # e.g. bitsandbytes without a GPU
             raise ConfigError(f"quantize={config['quantize']}: cannot load the base transformer quantized "
                               f"({type(error).__name__}: {one_line(error, 300)})") from None
-        if not config["quantize"].startswith("bnb"):   # bitsandbytes places its weights itself
+        if config["quantize"] not in CUDA_ONLY_BACKENDS:     # bitsandbytes places its weights itself
             transformer = transformer.to(device)
     if transformer_only or (config["prompt_cache"] is not None and pipeline_class is None):
         if transformer is None:
@@ -139,9 +141,7 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
         return None, transformer.requires_grad_(False)
     extra = {} if transformer is None else {"transformer": transformer}
     pipe = from_pretrained(pipeline_class or diffusers.DiffusionPipeline, path, torch_dtype=dtype, **extra)
-    for name, component in pipe.components.items():
+    for component in pipe.components.values():      # a quantized transformer was placed above
         if isinstance(component, torch.nn.Module) and component is not transformer:
             component.to(device)
-    if transformer is None:
-        pipe.transformer.to(device)
     return pipe, pipe.transformer.requires_grad_(False)

@@ -26,8 +26,8 @@ from piflow.model import PiFlow
 from piflow.recipes.common import (as_run, check_settings, distill_defaults, piid_loss_fn, piid_settings,
                                    run_recipe, seed_initialisation, train_defaults, write_json)
 from piflow.recipes.diffusers_base import (DTYPES, TRANSFORMER_ARCHITECTURES, architecture_of,  # noqa: F401
-                                           default_device, from_pretrained, latent_geometry, load_base,
-                                           pipeline_architecture, quantized_dtype, resolve_dtype)
+                                           base_dtype, default_device, from_pretrained, latent_geometry, load_base,
+                                           pipeline_architecture)
 
 T2I_POLICY_DROPOUT = {"gmflow": 0.1, "dx": 0.0}
 
@@ -169,7 +169,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     from piflow.train import distributed
 
     device = default_device()
-    dtype = quantized_dtype(config, resolve_dtype(config["dtype"], device))
+    dtype = base_dtype(config, device)
     train_section = dict(config["train"])
     if train_section["mixed_precision"] == "no" and dtype in (torch.bfloat16, torch.float16):
         train_section["mixed_precision"] = "bf16" if dtype == torch.bfloat16 else "fp16"
@@ -265,6 +265,7 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     layout or the authors' (``layout="authors"``: their pipelines and ComfyUI-piFlow load it)."""
     from piflow.config import load_config
     from piflow.integrations.diffusers.adapter import save_piflow_adapter
+    from piflow.integrations.diffusers.quantization import CUDA_ONLY_BACKENDS
     from piflow.train.checkpoint import CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, CheckpointError, load_checkpoint
     from piflow.train.ema import frozen_parameter_names, load_partial_state
 
@@ -285,13 +286,13 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
         raise ConfigError(f"--out {output} must be a new or empty folder or a previous piflow adapter, not a run "
                           f"directory, a file or another folder with contents (default: {default})")
     config = load_config(T2I_DISTILL_DEFAULTS, config_path)
-    if str(config.get("quantize") or "").startswith("bnb"):
+    if config.get("quantize") in CUDA_ONLY_BACKENDS:
         # bitsandbytes loads only on CUDA; the checkpoint replaces every tensor the export reads, so a float base
         # gives the same adapter
         config = dict(config, quantize=None)
     state = load_checkpoint(checkpoint_path)
     device = torch.device("cpu")
-    dtype = quantized_dtype(config, resolve_dtype(config["dtype"], device))
+    dtype = base_dtype(config, device)
     _, transformer = load_base(config, device, dtype, transformer_only=True)
     student = lora_student(config, transformer)[0]
     weights = state["ema"]["model"] if use_ema else state["model"]
@@ -327,7 +328,7 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
         raise ConfigError(f"adapter config {adapter / 'config.json'} must name its architecture, one of "
                           f"{sorted(PIPELINES)}; got {architecture!r}")
     device = default_device()
-    pipe, _ = load_base(config, device, quantized_dtype(config, resolve_dtype(config["dtype"], device)),
+    pipe, _ = load_base(config, device, base_dtype(config, device),
                         pipeline_class=PIPELINES[architecture])
     pipe.load_piflow_adapter(adapter)
     height, width = (int(v) for v in config["resolution"])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 BACKENDS = ("torchao-int8", "bnb-nf4", "bnb-int8")
+CUDA_ONLY_BACKENDS = ("bnb-nf4", "bnb-int8")          # diffusers loads bitsandbytes weights only on a CUDA machine
 
 
 def quantization_config(backend: str, compute_dtype: torch.dtype = torch.bfloat16):
@@ -34,7 +35,7 @@ def quantization_config(backend: str, compute_dtype: torch.dtype = torch.bfloat1
         except ImportError as error:  # pragma: no cover - optional dependency
             raise ImportError("backend 'torchao-int8' needs `pip install torchao`") from error
         return TorchAoConfig(Int8WeightOnlyConfig())
-    if backend in ("bnb-nf4", "bnb-int8"):
+    if backend in CUDA_ONLY_BACKENDS:
         from diffusers import BitsAndBytesConfig
 
         if backend == "bnb-int8":
