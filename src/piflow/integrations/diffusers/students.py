@@ -150,32 +150,57 @@ def unpatchify_pqc(tokens: Tensor, height: int, width: int, patch: int) -> Tenso
     return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, height, width)
 
 
+def _temb_from_norm_args(args: tuple, kwargs: dict, output: Any) -> Tensor:
+    """The conditioning embedding given to an adaptive final norm ``norm_out(tokens, temb)``."""
+    return args[1] if len(args) > 1 else kwargs.get("conditioning_embedding", kwargs.get("emb"))
+
+
+def _first_output(output: Any) -> Tensor:
+    return output[0]
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How a transformer family takes latents and lays out its output tokens — the bring-your-own-teacher protocol.
 
-    A velocity transformer qualifies when it ends in ``final_norm(tokens, temb)`` (an adaptive norm conditioned on
-    the timestep/conditioning embedding, the module's attribute `final_norm`) followed by a linear
-    ``output_projection`` to per-token latent patches. Declare the rest here and `register_architecture` it:
-    * model_inputs(latents (B, C, H, W), σ (B,), cond dict) → forward kwargs (σ → the model's timestep units,
-      packing, position ids);
-    * tokens_to_latents(tokens (B, L, C·p²), H, W, p) → (B, C, H, W): how output tokens map back to latents;
-    * layout: "cp" (channel-major within a token, FLUX/Qwen packing) or "pc" (patch-major, SD3/DiT);
+    A velocity transformer qualifies when its last layers are a conditioned final norm followed by a linear
+    ``projection`` to per-token latent patches. Declare the rest here and `register_architecture` it:
+    * model_inputs(latents (B, C, *size), σ (B,), cond dict) → forward kwargs (σ → the model's timestep units,
+      packing, position ids, reference/conditioning tokens);
+    * tokens_to_latents(tokens (B, L, C·|patch|), *size, patch) → (B, C, *size): how output tokens map back to
+      latents (size is (H, W) for images, (T, H, W) for video; `patch` is what `patch_size` returns);
+    * layout: "cp" (channel-major within a token, FLUX/Qwen packing) or "pc" (patch-major, SD3/DiT/Wan);
     * output_is_tokens: the model returns tokens (unpatchify here) or latents (it unpatchifies itself);
     * lora_targets(transformer) → PEFT target_modules (feed-forward and timestep MLPs, never attention, §6.6);
     * packs_outside: the 2×2 packing happens in model_inputs (FLUX, Qwen: patch 2) or inside the model (SD3: the
-      model's ``config.patch_size``);
-    * base_class: the transformer class name written into adapter folders.
+      model's ``config.patch_size``); `patch_size(transformer)` overrides both (Wan: (1, 2, 2));
+    * base_class: the transformer class name written into adapter folders;
+    * the final layers, read through hooks so the model's code runs unchanged: `final_norm` (dotted path of the
+      module, or parameter, of which the student trains its own copy: FLUX's ``norm_out``, Wan's
+      ``scale_shift_table``), `projection` (path of the output linear: the head is initialised from it and the
+      tokens entering it are captured; only the first L = |size / patch| tokens — the generated ones, ahead of
+      any reference or caption tokens — are used), `temb_module` + `read_temb(args, kwargs, output)` (a forward
+      hook that reads the conditioning embedding (B, D) the GM log-std MLP sees) and `cond_dim(transformer)` = D;
+    * read_output(forward output with return_dict=False) → the model's prediction; `output_sign` −1 for models
+      that predict x0 − ε instead of the velocity ε − x0 (the head's initial projection is negated likewise).
     """
 
     name: str
     model_inputs: Callable[[Tensor, Tensor, dict], dict]           # (latents, σ (B,), cond) → forward kwargs
-    tokens_to_latents: Callable[[Tensor, int, int, int], Tensor]  # (tokens, H, W, patch) → (B, c, H, W)
+    tokens_to_latents: Callable[..., Tensor]                      # (tokens, *size, patch) → (B, c, *size)
     layout: str                                                   # GMHead layout of a token's outputs
     output_is_tokens: bool                                        # the model returns tokens (FLUX) or latents (SD3)
     lora_targets: Callable[[nn.Module], Any]                      # transformer → PEFT target_modules
     packs_outside: bool = True                                    # 2×2 packing done here (FLUX, Qwen) or inside
     base_class: str = ""                                          # e.g. "FluxTransformer2DModel"
+    final_norm: str = "norm_out"
+    projection: str = "proj_out"
+    temb_module: str = "norm_out"
+    read_temb: Callable[[tuple, dict, Any], Tensor] = _temb_from_norm_args
+    cond_dim: Callable[[nn.Module], int] = lambda transformer: transformer.norm_out.linear.in_features
+    patch_size: Optional[Callable[[nn.Module], Any]] = None
+    read_output: Callable[[Any], Tensor] = _first_output
+    output_sign: float = 1.0
 
 
 SD3_LORA_TARGETS = (r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|"
@@ -209,23 +234,86 @@ def get_architecture(name: Union[str, Architecture]) -> Architecture:
     return ARCHITECTURES[name]
 
 
-def _patch_size(transformer: nn.Module, architecture: Architecture) -> int:
+def _patch_size(transformer: nn.Module, architecture: Architecture):
+    if architecture.patch_size is not None:
+        return architecture.patch_size(transformer)
     return PATCH if architecture.packs_outside else int(transformer.config.patch_size)
 
 
+def _num_tokens(size: tuple[int, ...], patch) -> int:
+    """Generated tokens of a latent of spatial `size` (H, W) or (T, H, W) with `patch` (int or per-axis tuple)."""
+    patches = (patch,) * len(size) if isinstance(patch, int) else tuple(patch)
+    count = 1
+    for extent, step in zip(size, patches):
+        count *= extent // step
+    return count
+
+
+def _patch_volume(patch) -> int:
+    return patch ** 2 if isinstance(patch, int) else int(torch.tensor(patch).prod())
+
+
+def _split_path(transformer: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, leaf = path.rpartition(".")
+    return (transformer.get_submodule(parent) if parent else transformer), leaf
+
+
+class FinalParameter(nn.Module):
+    """A student's own copy of a final-layer parameter (Wan's ``scale_shift_table``): the parameter ``weight``."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(value.detach().clone())
+
+
+def final_norm_copy(transformer: nn.Module, architecture: Architecture) -> nn.Module:
+    """A trainable float copy of the architecture's final norm (a module, or a `FinalParameter`)."""
+    parent, leaf = _split_path(transformer, architecture.final_norm)
+    if leaf in parent._parameters:
+        return FinalParameter(parent._parameters[leaf])
+    return float_copy(parent._modules[leaf])
+
+
 @contextmanager
-def capture_final_features(transformer: nn.Module):
-    """Record the tokens entering `transformer.proj_out` and the conditioning embedding given to `norm_out`."""
+def final_norm_swapped(transformer: nn.Module, architecture: Architecture, norm: nn.Module):
+    """Run `transformer` with the student's final norm `norm` in place of its own inside the block."""
+    parent, leaf = _split_path(transformer, architecture.final_norm)
+    slots = parent._parameters if isinstance(norm, FinalParameter) else parent._modules
+    original = slots[leaf]
+    slots[leaf] = norm.weight if isinstance(norm, FinalParameter) else norm
+    try:
+        yield
+    finally:
+        slots[leaf] = original
+
+
+def output_projection(transformer: nn.Module, architecture: Architecture) -> nn.Linear:
+    """The teacher's output layer as a float `nn.Linear`, times `output_sign` (the head starts from it)."""
+    projection = float_linear(transformer.get_submodule(architecture.projection))
+    if architecture.output_sign == 1:
+        return projection
+    signed = copy.deepcopy(projection)            # never the teacher's own layer
+    with torch.no_grad():
+        signed.weight.mul_(architecture.output_sign)
+        if signed.bias is not None:
+            signed.bias.mul_(architecture.output_sign)
+    return signed
+
+
+@contextmanager
+def capture_final_features(transformer: nn.Module, architecture: Union[str, Architecture] = "flux"):
+    """Record the tokens entering the architecture's output projection and its conditioning embedding."""
+    arch = get_architecture(architecture)
     captured: dict[str, Tensor] = {}
 
-    def before_norm(module, args, kwargs):
-        captured["temb"] = args[1] if len(args) > 1 else kwargs.get("conditioning_embedding", kwargs.get("emb"))
+    def read_temb(module, args, kwargs, output):
+        captured["temb"] = arch.read_temb(args, kwargs, output)
 
     def before_proj(module, args):
         captured["tokens"] = args[0]
 
-    handles = [transformer.norm_out.register_forward_pre_hook(before_norm, with_kwargs=True),
-               transformer.proj_out.register_forward_pre_hook(before_proj)]
+    handles = [transformer.get_submodule(arch.temb_module).register_forward_hook(read_temb, with_kwargs=True),
+               transformer.get_submodule(arch.projection).register_forward_pre_hook(before_proj)]
     try:
         yield captured
     finally:
@@ -259,10 +347,12 @@ class DiffusersTeacher:
     def __call__(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         arch = self.architecture
         with adapters_disabled(self.transformer):
-            out = self.transformer(**arch.model_inputs(latents, sigma, cond), return_dict=False)[0]
+            out = arch.read_output(self.transformer(**arch.model_inputs(latents, sigma, cond), return_dict=False))
         if arch.output_is_tokens:
-            out = arch.tokens_to_latents(out, latents.shape[2], latents.shape[3],
-                                         _patch_size(self.transformer, arch))
+            patch = _patch_size(self.transformer, arch)
+            out = arch.tokens_to_latents(out[:, :_num_tokens(latents.shape[2:], patch)], *latents.shape[2:], patch)
+        if arch.output_sign != 1:
+            out = out * arch.output_sign
         return out.to(latents.dtype)
 
 
@@ -305,17 +395,17 @@ class DiffusersPolicyStudent(nn.Module):
         self.transformer = transformer if share_transformer else copy.deepcopy(transformer)
         # the student's own final norm (trainable, §6.6; a float copy on a quantized base), swapped in only while
         # the student runs
-        self.norm_out = float_copy(self.transformer.norm_out).requires_grad_(True)
-        projection = float_linear(self.transformer.proj_out)          # the head starts from the teacher's
+        self.norm_out = final_norm_copy(self.transformer, self.architecture).requires_grad_(True)
+        projection = output_projection(self.transformer, self.architecture)   # the head starts from the teacher's
         self.latent_channels = latent_channels
         in_dim, out_dim = projection.in_features, projection.out_features
         self.patch = _patch_size(self.transformer, self.architecture)
-        if out_dim != latent_channels * self.patch ** 2:
-            raise ValueError(f"proj_out has {out_dim} outputs, expected latent_channels·patch² = "
-                             f"{latent_channels * self.patch ** 2}")
+        if out_dim != latent_channels * _patch_volume(self.patch):
+            raise ValueError(f"{self.architecture.projection} has {out_dim} outputs, expected latent_channels·"
+                             f"|patch| = {latent_channels * _patch_volume(self.patch)}")
         self.head = make_policy_head(
             self.policy_kind, in_dim, out_dim, channels=latent_channels,
-            cond_dim=self.transformer.norm_out.linear.in_features, num_components=num_components,
+            cond_dim=self.architecture.cond_dim(self.transformer), num_components=num_components,
             num_nodes=num_nodes, dx_mode=dx_mode, logstd_hidden=logstd_hidden, layout=self.architecture.layout,
             teacher_projection=projection, noise_std=head_noise_std, generator=generator)
 
@@ -337,28 +427,25 @@ class DiffusersPolicyStudent(nn.Module):
         return policy_from_outputs(self(latents.to(dtype), sigma, cond), latents, sigma, self.policy_kind,
                                    policy_kwargs=self.resolved_policy_kwargs())
 
-    def _unpack(self, per_token: Tensor, height: int, width: int) -> Tensor:
-        """(B, L, N, c·4) → (B, N, c, H, W)."""
+    def _unpack(self, per_token: Tensor, size: tuple[int, ...]) -> Tensor:
+        """(B, L, N, F) per generated token → (B, N, c, *size)."""
         batch, length, num, features = per_token.shape
         flat = per_token.permute(0, 2, 1, 3).reshape(batch * num, length, features)
-        spatial = self.architecture.tokens_to_latents(flat, height, width, self.patch)
+        spatial = self.architecture.tokens_to_latents(flat, *size, self.patch)
         return spatial.reshape(batch, num, *spatial.shape[1:])
 
     def forward(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> dict:
-        height, width = latents.shape[2:]
-        teacher_norm = self.transformer.norm_out
-        self.transformer._modules["norm_out"] = self.norm_out
-        try:
-            with capture_final_features(self.transformer) as captured:
-                self.transformer(**self.architecture.model_inputs(latents, sigma, cond), return_dict=False)
-        finally:
-            self.transformer._modules["norm_out"] = teacher_norm
-        tokens, temb = captured["tokens"], captured["temb"]
+        size = tuple(latents.shape[2:])
+        arch = self.architecture
+        with final_norm_swapped(self.transformer, arch, self.norm_out), \
+                capture_final_features(self.transformer, arch) as captured:
+            self.transformer(**arch.model_inputs(latents, sigma, cond), return_dict=False)
+        tokens, temb = captured["tokens"][:, :_num_tokens(size, self.patch)], captured["temb"]
         if self.policy_kind == "dx":
-            return {"u_grid": self._unpack(self.head(tokens), height, width)}
+            return {"u_grid": self._unpack(self.head(tokens), size)}
         out = self.head(tokens, temb)
-        return {"means": self._unpack(out.means, height, width),
-                "logweights": self._unpack(out.logweights, height, width), "logstds": out.logstds}
+        return {"means": self._unpack(out.means, size), "logweights": self._unpack(out.logweights, size),
+                "logstds": out.logstds}
 
 
 def _bind_architecture(name: str, cls, architecture: Architecture, doc: str):
