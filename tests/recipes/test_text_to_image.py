@@ -192,7 +192,7 @@ def test_text_to_image_config_errors(bases, tmp_path, capsys):
         distill_text_to_image(config_for(bases, "flux", "resolution=[30,32]"), tmp_path / "b")
     with pytest.raises(ConfigError, match="gmflow' or 'dx"):
         distill_text_to_image(config_for(bases, "flux", "student.policy=x0"), tmp_path / "c")
-    with pytest.raises(ConfigError, match="does not match the transformer"):
+    with pytest.raises(ConfigError, match="does not match the pipeline"):
         distill_text_to_image(config_for(bases, "flux", "architecture=qwen"), tmp_path / "d")
     assert main(["distill", "--run-dir", str(tmp_path / "e"), f"pipeline={bases['flux']}", "student.bogus=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err

@@ -10,8 +10,6 @@ from piflow.config import ConfigError
 from piflow.errors import require
 from piflow.files import one_line
 
-TRANSFORMER_ARCHITECTURES = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
-                             "QwenImageTransformer2DModel": "qwen"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -56,39 +54,61 @@ def _model_index(path: str) -> dict:
     return index
 
 
+def pipeline_family(path: str):
+    """The `Family` of a diffusers pipeline folder, from its model_index.json (nothing is loaded)."""
+    from piflow.integrations.diffusers.families import family_of_pipeline
+
+    index = _model_index(path)
+    transformer = index.get("transformer")
+    transformer_class = transformer[1] if isinstance(transformer, (list, tuple)) and len(transformer) == 2 else None
+    try:
+        return family_of_pipeline(str(index.get("_class_name")), transformer_class)
+    except ValueError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
 def pipeline_architecture(path: str) -> str:
-    """"flux", "sd3" or "qwen" from a diffusers pipeline's model_index.json (nothing is loaded)."""
-    transformer_class = _model_index(path)["transformer"][1]
-    if transformer_class not in TRANSFORMER_ARCHITECTURES:
-        raise ConfigError(f"{path}: transformer class {transformer_class} is not supported; expected one of "
-                          f"{sorted(TRANSFORMER_ARCHITECTURES)} (see the bring-your-own-teacher guide)")
-    return TRANSFORMER_ARCHITECTURES[transformer_class]
+    """The family name ("flux", "sd3", "qwen", …) of a diffusers pipeline folder (nothing is loaded)."""
+    return pipeline_family(path).name
 
 
-def architecture_of(transformer: torch.nn.Module) -> str:
-    name = type(transformer).__name__
-    if name not in TRANSFORMER_ARCHITECTURES:
-        raise ConfigError(f"transformer class {name} is not supported; expected one of "
-                          f"{sorted(TRANSFORMER_ARCHITECTURES)} (see the bring-your-own-teacher guide)")
-    return TRANSFORMER_ARCHITECTURES[name]
+def vae_scale_factor(vae_config: dict) -> int:
+    """Spatial down-sampling of a diffusers VAE from its config (Wan/Qwen-style or AutoencoderKL-style)."""
+    if "temperal_downsample" in vae_config:
+        return 2 ** len(vae_config["temperal_downsample"])
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def latent_geometry(path: str, architecture: str, transformer, resolution) -> tuple[int, int, int]:
-    """(channels, height, width) of the latents the transformer sees for a `resolution` image."""
+def _spatial_patch(config) -> int:
+    """The spatial patch size of a transformer that patchifies itself (SD3 2, Z-Image ``all_patch_size``, Wan
+    (1, 2, 2))."""
+    patch = config.get("patch_size") or (config.get("all_patch_size") or [1])[0]
+    return int(patch[-1] if isinstance(patch, (list, tuple)) else patch)
+
+
+def latent_geometry(path: str, family: str, transformer, resolution, num_frames: int = 1) -> tuple[int, ...]:
+    """(channels, height, width) — (channels, frames, height, width) for video — of the latents the transformer
+    sees for a `resolution` image (or `num_frames`-frame video)."""
     import diffusers
 
+    from piflow.integrations.diffusers.families import get_family
+
+    spec = get_family(family)
     vae_class = _model_index(path).get("vae", [None, "AutoencoderKL"])[1]
     vae_config = getattr(diffusers, vae_class).load_config(path, subfolder="vae")
-    if architecture == "qwen":
-        factor = 2 ** len(vae_config["temperal_downsample"])
-    else:
-        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    factor = vae_scale_factor(vae_config)
     height, width = (int(v) for v in resolution)
-    multiple = factor * (1 if architecture == "sd3" else 2)
+    outside = spec.latent_packing == "outside"
+    multiple = factor * (2 if outside else _spatial_patch(transformer.config))
     if height % multiple or width % multiple:
         raise ConfigError(f"resolution {height}×{width} must be divisible by {multiple} for this pipeline")
-    channels = transformer.config.in_channels // (1 if architecture == "sd3" else 4)
-    return channels, height // factor, width // factor
+    channels = transformer.config.in_channels // (4 if outside else 1)
+    if not spec.video:
+        return channels, height // factor, width // factor
+    temporal = 2 ** sum(bool(v) for v in vae_config.get("temperal_downsample", ()))
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        raise ConfigError(f"num_frames must be 1 + a multiple of {temporal} for this pipeline, got {num_frames}")
+    return channels, (num_frames - 1) // temporal + 1, height // factor, width // factor
 
 
 def from_pretrained(cls, path: str, **kwargs):

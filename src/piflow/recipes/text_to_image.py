@@ -25,15 +25,14 @@ from piflow.errors import require
 from piflow.model import PiFlow
 from piflow.recipes.common import (as_run, check_settings, distill_defaults, piid_loss_fn, piid_settings,
                                    run_recipe, seed_initialisation, train_defaults, write_json)
-from piflow.recipes.diffusers_base import (DTYPES, TRANSFORMER_ARCHITECTURES, architecture_of,  # noqa: F401
-                                           base_dtype, default_device, from_pretrained, latent_geometry, load_base,
-                                           pipeline_architecture)
+from piflow.recipes.diffusers_base import (DTYPES, base_dtype, default_device, from_pretrained,  # noqa: F401
+                                           latent_geometry, load_base, pipeline_family)
 
 T2I_POLICY_DROPOUT = {"gmflow": 0.1, "dx": 0.0}
 
 T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "pipeline": Optional_(str),   # local folder or hub id of the base diffusers pipeline
-    "architecture": "auto",       # flux | sd3 | qwen (auto: from the transformer class)
+    "architecture": "auto",       # model family: flux | sd3 | qwen | … (auto: from the pipeline's model_index.json)
     "dtype": "auto",              # base weights: bf16 on CUDA, fp32 on CPU ("bf16", "fp16", "fp32")
     "quantize": Optional_(str),   # frozen base quantized (QLoRA-style): torchao-int8 | bnb-nf4 | bnb-int8 (CUDA)
     "prompts": Optional_(str),    # prompt file, one per line
@@ -69,21 +68,26 @@ def prompt_source(config: dict, pipe, architecture: str):
                           config["guidance"]["negative_prompt"], config["max_sequence_length"])
 
 
-def guidance_scale(config: dict, architecture: str) -> float:
+def guidance_scale(config: dict, family: str) -> float:
+    from piflow.integrations.diffusers.families import get_family
+
     scale = config["guidance"]["scale"]
-    return (3.5 if architecture == "flux" else 4.0) if scale is None else float(scale)
+    return get_family(family).guidance_scale if scale is None else float(scale)
 
 
-def make_text_teacher(transformer, architecture: str, config: dict, null_cond: dict):
-    """FLUX: the base with the distilled-guidance input; SD3/Qwen: true CFG against `null_cond`."""
+def make_text_teacher(transformer, family: str, config: dict, null_cond: dict):
+    """The family's teacher: FLUX.1 the base with the distilled-guidance input, true-CFG families classifier-free
+    guidance against `null_cond`, guidance-free (distilled) bases as they are."""
+    from piflow.integrations.diffusers.families import get_family
     from piflow.integrations.diffusers.students import DiffusersTeacher
     from piflow.teachers import ClassifierFreeGuidance
 
-    base = DiffusersTeacher(transformer, architecture)
-    scale = guidance_scale(config, architecture)
-    if architecture == "flux":
+    spec = get_family(family)
+    base = DiffusersTeacher(transformer, spec.architecture)
+    if spec.guidance != "cfg":
         return base
-    return ClassifierFreeGuidance(base, scale, null_cond, tuple(config["guidance"]["interval"]), batched=False)
+    return ClassifierFreeGuidance(base, guidance_scale(config, family), null_cond,
+                                  tuple(config["guidance"]["interval"]), batched=False)
 
 
 def t2i_settings(config: dict):
@@ -96,9 +100,11 @@ def t2i_settings(config: dict):
     return piid_settings(config, **default)
 
 
-def build_lora_student(config: dict, transformer, architecture: str, latent_channels: int):
+def build_lora_student(config: dict, transformer, family: str, latent_channels: int):
+    from piflow.integrations.diffusers.families import get_family
     from piflow.integrations.diffusers.students import ARCHITECTURES, DiffusersPolicyStudent, add_student_lora
 
+    architecture = get_family(family).architecture
     s = config["student"]
     if s["policy"] not in ("gmflow", "dx"):
         raise ConfigError(f"student.policy must be 'gmflow' or 'dx' for text-to-image, got {s['policy']!r}")
@@ -122,28 +128,46 @@ def build_lora_student(config: dict, transformer, architecture: str, latent_chan
     return student
 
 
+def run_family(config: dict, transformer=None) -> str:
+    """The run's model family: from the base pipeline's model_index.json, checked against config
+    ``architecture`` (when not "auto") and the transformer's class."""
+    from piflow.integrations.diffusers.families import FAMILIES
+
+    family = pipeline_family(config["pipeline"])
+    if config["architecture"] != "auto":
+        chosen = FAMILIES.get(config["architecture"])
+        if chosen is None or chosen.transformer_class != family.transformer_class:
+            raise ConfigError(f"architecture={config['architecture']!r} does not match the pipeline "
+                              f"({family.stock_pipeline} with a {family.transformer_class}); expected 'auto' or "
+                              f"one of {sorted(n for n, f in FAMILIES.items() if f.transformer_class == family.transformer_class)}")
+        family = chosen
+    if transformer is not None and type(transformer).__name__ != family.transformer_class:
+        raise ConfigError(f"the pipeline's transformer is a {type(transformer).__name__}, expected a "
+                          f"{family.transformer_class} for {family.name}")
+    return family.name
+
+
 def lora_student(config: dict, transformer):
-    """(a new LoRA student of `transformer` for a T2I config, architecture, latent (C, h, w)); the student carries
+    """(a new LoRA student of `transformer` for a T2I config, family, latent (C, [T,] h, w)); the student carries
     the run's `PiIDSettings`, so that pipelines and adapters sample on its schedule."""
-    architecture = architecture_of(transformer)
-    if config["architecture"] not in ("auto", architecture):
-        raise ConfigError(f"architecture={config['architecture']!r} does not match the transformer "
-                          f"({type(transformer).__name__})")
-    geometry = latent_geometry(config["pipeline"], architecture, transformer, config["resolution"])
+    family = run_family(config, transformer)
+    geometry = latent_geometry(config["pipeline"], family, transformer, config["resolution"],
+                               int(config.get("num_frames") or 1))
     seed_initialisation(config)                         # LoRA A and head initialisation: reproducible runs
-    return build_lora_student(config, transformer, architecture, geometry[0]), architecture, geometry
+    return build_lora_student(config, transformer, family, geometry[0]), family, geometry
 
 
-def _text_condition(items, architecture: str, config: dict, device, dtype) -> dict:
+def _text_condition(items, family: str, config: dict, device, dtype) -> dict:
+    from piflow.integrations.diffusers.families import get_family
     from piflow.integrations.diffusers.prompts import collate_text
 
-    cond = collate_text(items, architecture, device, dtype)
-    if architecture == "flux":
-        cond["guidance"] = torch.full((len(items),), guidance_scale(config, architecture), device=device)
+    cond = collate_text(items, family, device, dtype)
+    if get_family(family).guidance == "embedded":
+        cond["guidance"] = torch.full((len(items),), guidance_scale(config, family), device=device)
     return cond
 
 
-def _load_latents(path: str, count: int, shape: tuple[int, int, int]) -> torch.Tensor:
+def _load_latents(path: str, count: int, shape: tuple[int, ...]) -> torch.Tensor:
     from piflow.data.images import LatentDataset
 
     latents, _ = LatentDataset(path).tensors()
@@ -176,7 +200,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     check_settings(config)
     config = as_run(config, t2i_settings(config))       # a bad distill value fails before anything is loaded
     pipe, transformer = load_base(config, device, dtype)
-    student, architecture, (channels, latent_h, latent_w) = lora_student(config, transformer)
+    student, architecture, geometry = lora_student(config, transformer)       # geometry: (C, [T,] h, w)
     student = student.to(device)
     prompts = prompt_source(config, pipe, architecture)
     null = _text_condition([prompts.null()], architecture, config, device, dtype)
@@ -187,8 +211,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
         from piflow.train.fsdp import shard_frozen_base
 
         shard_frozen_base(transformer)
-    latents = None if config["latents"] is None else _load_latents(config["latents"], len(prompts),
-                                                                    (channels, latent_h, latent_w))
+    latents = None if config["latents"] is None else _load_latents(config["latents"], len(prompts), geometry)
     batch = int(config["distill"]["batch_size"])
     data_free = bool(config["distill"]["data_free"]) and latents is None
     is_main = distributed.current().is_main
@@ -209,25 +232,27 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
             if is_main:
                 save_piflow_adapter(ema_student, run_dir / "adapter")
             if pipe is not None and config["eval"]["prompts"] and (is_main or sharded):   # FSDP: all ranks gather
-                path = save_sample_grid(pipe, ema_student, config, run_dir / "samples.png", write=is_main)
+                path = save_sample_grid(pipe, ema_student, config, run_dir / "samples.png", write=is_main,
+                                        family=architecture)
                 metrics["samples"] = str(path)
         return metrics
 
     return run_recipe(config, run_dir, "distill", allow_config_change, student,
-                      piid_loss_fn(pf, draw, batch, data_free, (channels, latent_h, latent_w), device), finish,
+                      piid_loss_fn(pf, draw, batch, data_free, tuple(geometry), device), finish,
                       "π-ID loss", train_section=train_section, is_main=is_main)
 
 
 @torch.no_grad()
-def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True) -> Path:
-    """One row per eval NFE, one column per eval prompt, from the π-Flow pipeline of `pipe`'s class."""
+def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True,
+                     family: Optional[str] = None) -> Path:
+    """One row per eval NFE, one column per eval prompt, from the π-Flow pipeline of the run's family."""
     import numpy as np
 
     from piflow.integrations.diffusers.pipelines import PIPELINES
+
     from piflow.recipes.plots import pyplot
 
-    architecture = student.architecture.name
-    pi_pipe = PIPELINES[architecture](**pipe.components)
+    pi_pipe = PIPELINES[family or student.architecture.name](**pipe.components)
     pi_pipe.set_progress_bar_config(disable=True)
     pi_pipe.set_piflow_student(student)
     height, width = (int(v) for v in config["resolution"])
@@ -314,7 +339,6 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
                generator: Optional[torch.Generator] = None, temperature: Any = "auto", overrides=()) -> list[Path]:
     """Generate PNGs for `prompts` with a finished run's adapter in the π-Flow pipeline of its base model."""
     from piflow.config import load_config
-    from piflow.files import read_json
     from piflow.integrations.diffusers.pipelines import PIPELINES
 
     run_dir = Path(run_dir)
@@ -322,14 +346,10 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
     if not (adapter / "config.json").is_file():
         raise ConfigError(f"{run_dir} has no adapter yet (finish the run or `piflow export --run-dir {run_dir}`)")
     config = load_config(T2I_DISTILL_DEFAULTS, run_dir / "config.yaml", overrides)
-    adapter_config = read_json(adapter / "config.json", "adapter config")
-    architecture = adapter_config.get("architecture") if isinstance(adapter_config, dict) else None
-    if architecture not in PIPELINES:
-        raise ConfigError(f"adapter config {adapter / 'config.json'} must name its architecture, one of "
-                          f"{sorted(PIPELINES)}; got {architecture!r}")
+    family = run_family(config)
     device = default_device()
     pipe, _ = load_base(config, device, base_dtype(config, device),
-                        pipeline_class=PIPELINES[architecture])
+                        pipeline_class=PIPELINES[family])
     pipe.load_piflow_adapter(adapter)
     height, width = (int(v) for v in config["resolution"])
     output = Path(output)

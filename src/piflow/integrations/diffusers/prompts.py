@@ -4,7 +4,8 @@ encoders, or pre-computed into a cache of sharded safetensors (``piflow encode-p
 Every source returns, per prompt, a dict of tensors without the batch dimension:
 * FLUX: ``encoder_hidden_states`` (L, D) (T5), ``pooled_projections`` (D',) (CLIP);
 * SD3: ``encoder_hidden_states`` (L, D) (CLIP ⊕ T5), ``pooled_projections`` (D',);
-* Qwen-Image: ``encoder_hidden_states`` (L_i, D), the valid tokens only (lengths differ between prompts).
+* Qwen-Image: ``encoder_hidden_states`` (L_i, D), the valid tokens only (lengths differ between prompts);
+* the other families: see `piflow.integrations.diffusers.families` (the one table of what each family encodes).
 `collate_text` pads and batches them into the `cond` dict the students and teachers take.
 
 Cache layout: ``index.json`` (architecture, num_prompts, shard file names, prompts per shard, max_sequence_length),
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from piflow.errors import DataError
+from piflow.integrations.diffusers.families import FAMILIES, get_family
 from piflow.files import atomic_write, first_non_finite, read_json, write_json
 
 
@@ -39,47 +41,21 @@ def read_prompt_file(path: Union[str, Path]) -> list[str]:
 @torch.no_grad()
 def encode_prompts(pipe: Any, architecture: str, prompts: Sequence[str], max_sequence_length: int = 512,
                    batch_size: int = 8) -> list[dict[str, Tensor]]:
-    """Encode `prompts` with the text encoders of a diffusers pipeline; per-prompt dicts of CPU tensors."""
+    """Encode `prompts` with the text encoders of a diffusers pipeline of family `architecture` (a name of
+    `families.FAMILIES`: "flux", "sd3", "qwen", …); per-prompt dicts of CPU tensors."""
+    encode = get_family(architecture).encode
     results: list[dict[str, Tensor]] = []
-    device = pipe._execution_device
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        if architecture == "flux":
-            embeds, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, device=device,
-                                                   max_sequence_length=max_sequence_length)
-            items = [{"encoder_hidden_states": e, "pooled_projections": p} for e, p in zip(embeds, pooled)]
-        elif architecture == "sd3":
-            embeds, _, pooled, _ = pipe.encode_prompt(prompt=chunk, prompt_2=None, prompt_3=None, device=device,
-                                                      do_classifier_free_guidance=False,
-                                                      max_sequence_length=max_sequence_length)
-            items = [{"encoder_hidden_states": e, "pooled_projections": p} for e, p in zip(embeds, pooled)]
-        elif architecture == "qwen":
-            embeds, mask = pipe.encode_prompt(prompt=chunk, device=device, max_sequence_length=max_sequence_length)
-            lengths = [embeds.shape[1]] * len(chunk) if mask is None else mask.sum(dim=1).tolist()
-            items = [{"encoder_hidden_states": e[:int(n)]} for e, n in zip(embeds, lengths)]
-        else:
-            raise ValueError(f"unknown architecture {architecture!r}; expected 'flux', 'sd3' or 'qwen'")
+        items = encode(pipe, list(prompts[start:start + batch_size]), max_sequence_length)
         results.extend({k: v.detach().cpu().contiguous() for k, v in item.items()} for item in items)
     return results
 
 
 def collate_text(items: Sequence[dict[str, Tensor]], architecture: str, device=None, dtype=None) -> dict:
-    """Batch per-prompt dicts into a model `cond`: pads Qwen embeddings (with a mask), adds FLUX ``txt_ids``."""
+    """Batch per-prompt dicts into the model `cond` of family `architecture` (pads, masks, position ids)."""
     if not items:
         raise ValueError("collate_text needs at least one prompt")
-    embeds = [item["encoder_hidden_states"] for item in items]
-    length = max(e.shape[0] for e in embeds)
-    padded = torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e in embeds])
-    cond: dict[str, Any] = {"encoder_hidden_states": padded.to(device=device, dtype=dtype)}
-    if architecture in ("flux", "sd3"):
-        cond["pooled_projections"] = torch.stack([item["pooled_projections"] for item in items]).to(
-            device=device, dtype=dtype)
-    if architecture == "flux":
-        cond["txt_ids"] = torch.zeros(length, 3, device=device, dtype=dtype)
-    if architecture == "qwen":
-        mask = torch.stack([torch.arange(length) < e.shape[0] for e in embeds]).long()
-        cond["encoder_hidden_states_mask"] = mask.to(device)
-    return cond
+    return get_family(architecture).collate(items, device, dtype)
 
 
 class EncodedPrompts:
@@ -142,10 +118,6 @@ def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], dir
     return directory
 
 
-EMBEDDING_NAMES = {"flux": ("encoder_hidden_states", "pooled_projections"),
-                   "sd3": ("encoder_hidden_states", "pooled_projections"), "qwen": ("encoder_hidden_states",)}
-
-
 class PromptEmbeddingCache:
     """Random access to a cache written by `write_prompt_cache`. The index and every shard's header are checked when
     the cache is opened; the embeddings themselves are checked for NaN/Inf when read (a `DataError` names the
@@ -172,7 +144,8 @@ class PromptEmbeddingCache:
         if missing:
             raise FileNotFoundError(f"prompt cache {self.directory} misses shards {missing[:3]}")
         self._handles: dict[int, Any] = {}
-        required = set(EMBEDDING_NAMES.get(self.architecture, ("encoder_hidden_states",)))
+        required = set(FAMILIES[self.architecture].item_names if self.architecture in FAMILIES
+                       else ("encoder_hidden_states",))
         for shard in range(len(self.index["shards"])):    # every shard's header, now: not mid-training
             names: dict[int, set] = {}
             for key in self._shard(shard).keys():
