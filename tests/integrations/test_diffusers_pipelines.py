@@ -11,6 +11,7 @@ pytest.importorskip("transformers")
 
 from piflow import PiFlow  # noqa: E402
 from piflow.integrations.diffusers.adapter import WEIGHTS, save_piflow_adapter  # noqa: E402
+from piflow.integrations.diffusers.families import get_family  # noqa: E402
 from piflow.integrations.diffusers.pipelines import PIPELINES  # noqa: E402
 from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
 from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler  # noqa: E402
@@ -19,7 +20,7 @@ from piflow.integrations.diffusers.students import (ARCHITECTURES, DiffusersPoli
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ARCHS = ["flux", "sd3", "qwen"]
+ARCHS = ["flux", "sd3", "qwen", "zimage"]
 SIZE = 32            # pixels; latents 16×16
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
@@ -46,7 +47,7 @@ def run(pipe, steps, seed=0, **kwargs):
 def text_cond(pipe, architecture):
     length = 256 if architecture == "sd3" else 512       # the pipelines' default max_sequence_length
     cond = collate_text(encode_prompts(pipe, architecture, PROMPTS, max_sequence_length=length), architecture)
-    if architecture == "flux":
+    if get_family(architecture).guidance == "embedded":
         cond["guidance"] = torch.full((len(PROMPTS),), 3.5)
     return cond
 

@@ -46,6 +46,12 @@ def _encode_qwen(pipe, prompts: list[str], max_sequence_length: int) -> list[dic
     return [{"encoder_hidden_states": e[:int(n)]} for e, n in zip(embeds, lengths)]
 
 
+def _encode_zimage(pipe, prompts: list[str], max_sequence_length: int) -> list[dict]:
+    embeds, _ = pipe.encode_prompt(prompt=list(prompts), device=pipe._execution_device,
+                                   do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
+    return [{"encoder_hidden_states": e} for e in embeds]
+
+
 # ---------------------------------------------------------------------------------------------- collate (items, ...)
 def _collate_pooled(items: Sequence[dict], device=None, dtype=None) -> dict:
     padded, _ = _pad_stack([item["encoder_hidden_states"] for item in items], device, dtype)
@@ -109,6 +115,11 @@ register_family(Family("sd3", "sd3", "SD3Transformer2DModel", "StableDiffusion3P
                        latent_packing="inside"))
 register_family(Family("qwen", "qwen", "QwenImageTransformer2DModel", "QwenImagePipeline", "PiQwenImagePipeline",
                        _encode_qwen, _collate_qwen, ("encoder_hidden_states",)))
+
+# Z-Image base takes true CFG (its pipeline's guidance g is piflow's scale − 1); Z-Image-Turbo is guidance-distilled:
+# distil it with guidance.scale=1.
+register_family(Family("zimage", "zimage", "ZImageTransformer2DModel", "ZImagePipeline", "PiZImagePipeline",
+                       _encode_zimage, _collate_qwen, ("encoder_hidden_states",), latent_packing="inside"))
 
 
 def get_family(name: str) -> Family:

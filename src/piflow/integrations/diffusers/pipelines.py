@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, ZImagePipeline
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
@@ -137,8 +137,13 @@ class PiFlowPipelineMixin:
 
     def _image_size(self, height: Optional[int], width: Optional[int]) -> tuple[int, int]:
         """(height, width) in pixels; each defaults to the model's sample size, as in the stock pipelines."""
-        default = self.default_sample_size * self.vae_scale_factor
+        default = getattr(self, "default_sample_size", 128) * self.vae_scale_factor
         return height or default, width or default
+
+    def _check_multiple(self, height: int, width: int, multiple: int) -> None:
+        if height % multiple or width % multiple:
+            raise ValueError(f"height and width must be multiples of {multiple} for {type(self).__name__}, got "
+                             f"{height}×{width}")
 
     @staticmethod
     def _batch_size(prompt, prompt_embeds: Optional[Tensor]) -> int:
@@ -280,4 +285,48 @@ class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
                             return_dict)
 
 
-PIPELINES = {"flux": PiFluxPipeline, "sd3": PiSD3Pipeline, "qwen": PiQwenImagePipeline}
+class PiZImagePipeline(PiFlowPipelineMixin, ZImagePipeline):
+    """`ZImagePipeline` with a GM / DX student on `ZImageTransformer2DModel`; no CFG at inference (distilled in)."""
+
+    architecture_name = "zimage"
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str], None] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: Optional[int] = None,
+                 temperature: Union[float, str] = "auto", num_images_per_prompt: int = 1,
+                 generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
+                 prompt_embeds: Optional[list[Tensor]] = None, output_type: str = "pil", return_dict: bool = True,
+                 max_sequence_length: int = 512, total_substeps: Optional[int] = None,
+                 callback_on_step_end: Optional[Callable] = None, sigmas: Optional[list[float]] = None):
+        """Generate images; `prompt_embeds` is the stock pipeline's list of (L_i, D) embeddings; `latents`
+        (optional) is the noise (B·n, C, H/8, W/8) at σ = 1."""
+        from diffusers.pipelines.z_image.pipeline_output import ZImagePipelineOutput
+
+        height, width = height or 1024, width or 1024
+        self._check_multiple(height, width, self.vae_scale_factor * 2)
+        device = self._execution_device
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give `prompt` or `prompt_embeds`")
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)  # encoded in place
+        embeds, _ = self.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False,
+                                       prompt_embeds=prompt_embeds, max_sequence_length=max_sequence_length)
+        embeds = [e for e in embeds for _ in range(num_images_per_prompt)]
+        latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        noise = self._noise((len(embeds), self.transformer.config.in_channels, latent_h, latent_w), latents,
+                            generator, device)
+        padded = torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True)
+        mask = torch.stack([torch.arange(padded.shape[1], device=device) < e.shape[0] for e in embeds]).long()
+        cond = {"encoder_hidden_states": padded, "encoder_hidden_states_mask": mask}
+        x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
+                                 (latent_h // 2) * (latent_w // 2), total_substeps, callback_on_step_end,
+                                 sigmas=sigmas)
+        if output_type == "latent":
+            return self._finish(x, ZImagePipelineOutput, return_dict)
+        x = x.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        image = self.vae.decode(x, return_dict=False)[0]
+        return self._finish(self.image_processor.postprocess(image, output_type=output_type), ZImagePipelineOutput,
+                            return_dict)
+
+
+PIPELINES = {"flux": PiFluxPipeline, "sd3": PiSD3Pipeline, "qwen": PiQwenImagePipeline, "zimage": PiZImagePipeline}

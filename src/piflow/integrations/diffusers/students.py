@@ -211,7 +211,42 @@ SD3 = Architecture("sd3", _sd3_inputs, unpatchify_pqc, "pc", False, lambda trans
                    packs_outside=False, base_class="SD3Transformer2DModel")
 QWEN = Architecture("qwen", _qwen_inputs, lambda t, h, w, p: unpack_tokens(t, h, w, p), "cp", True,
                     qwen_lora_targets, base_class="QwenImageTransformer2DModel")
-ARCHITECTURES = {"flux": FLUX, "sd3": SD3, "qwen": QWEN}
+# Z-Image (single-stream S3-DiT): list inputs, model time t = 1 − σ, output x0 − ε (so output_sign −1); the final
+# layer `all_final_layer["2-1"]` = linear(LayerNorm(x)·(1 + adaLN_modulation(c))) runs on the unified sequence
+# [image tokens (padded to 32k), caption tokens], image tokens first, (p_row, p_col, c)-ordered.
+ZIMAGE_FINAL = "all_final_layer.2-1"
+ZIMAGE_LORA_TARGETS = r".*(feed_forward\.w1|feed_forward\.w2|feed_forward\.w3|t_embedder\.mlp\.0|t_embedder\.mlp\.2)$"
+
+
+def caption_list(cond: dict, name: str = "encoder_hidden_states") -> list[Tensor]:
+    """Padded (B, L, D) embeddings + ``encoder_hidden_states_mask`` → the per-sample unpadded list."""
+    embeds, mask = cond[name], cond.get("encoder_hidden_states_mask")
+    if mask is None:
+        return list(embeds.unbind(0))
+    return [e[: int(n)] for e, n in zip(embeds, mask.sum(dim=1).tolist())]
+
+
+def _zimage_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
+    _check_cond(cond, ("encoder_hidden_states",), "Z-Image")
+    if latents.shape[2] % 2 or latents.shape[3] % 2:
+        raise ValueError(f"latents height and width must be divisible by 2 for Z-Image, got {tuple(latents.shape)}")
+    return {"x": list(latents.unsqueeze(2).unbind(0)), "t": 1 - sigma.reshape(-1).to(latents.dtype),
+            "cap_feats": caption_list(cond), "patch_size": 2, "f_patch_size": 1}
+
+
+def _zimage_output(output: Any) -> Tensor:
+    return torch.stack(list(output[0]), dim=0).squeeze(2)
+
+
+ZIMAGE = Architecture(
+    "zimage", _zimage_inputs, unpatchify_pqc, "pc", False, lambda transformer: ZIMAGE_LORA_TARGETS,
+    packs_outside=False, base_class="ZImageTransformer2DModel", final_norm=f"{ZIMAGE_FINAL}.adaLN_modulation",
+    projection=f"{ZIMAGE_FINAL}.linear", temb_module=ZIMAGE_FINAL,
+    read_temb=lambda args, kwargs, output: kwargs["c"] if "c" in kwargs else args[1],
+    cond_dim=lambda transformer: transformer.get_submodule(f"{ZIMAGE_FINAL}.adaLN_modulation.1").in_features,
+    patch_size=lambda transformer: 2, read_output=_zimage_output, output_sign=-1.0)
+
+ARCHITECTURES = {"flux": FLUX, "sd3": SD3, "qwen": QWEN, "zimage": ZIMAGE}
 
 
 def register_architecture(architecture: Architecture) -> Architecture:

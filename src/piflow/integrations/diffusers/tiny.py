@@ -75,9 +75,15 @@ def _autoencoder_kl(latent_channels: int, seed: int):
 
 def _randomise_output_layer(transformer: torch.nn.Module) -> torch.nn.Module:
     """diffusers zero-initialises the final projection; random values make a tiny teacher's outputs informative."""
+    from piflow.integrations.diffusers.families import family_of_transformer
+    from piflow.integrations.diffusers.students import get_architecture
+
+    architecture = get_architecture(family_of_transformer(type(transformer).__name__).architecture)
+    projection = transformer.get_submodule(architecture.projection)
     with torch.no_grad():
-        transformer.proj_out.weight.normal_(0, 0.05)
-        transformer.proj_out.bias.normal_(0, 0.05)
+        projection.weight.normal_(0, 0.05)
+        if projection.bias is not None:
+            projection.bias.normal_(0, 0.05)
     return transformer.eval()
 
 
@@ -143,7 +149,49 @@ def _qwen_components(latent_channels: int, seed: int) -> dict:
                 tokenizer=tokenizer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
-COMPONENTS = {"flux": _flux_components, "sd3": _sd3_components, "qwen": _qwen_components}
+# ChatML, as the Qwen3 chat template renders one user turn (Z-Image and FLUX.2 [klein] template their prompts)
+CHATML_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                   "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _qwen3_text_encoder(vocab_size: int, seed: int):
+    """A 2-layer Qwen3 text model (pipelines read a hidden layer before the last)."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    return Qwen3Model(config).eval()
+
+
+def _chat_tokenizer():
+    tokenizer = byte_level_tokenizer(1024, QWEN_SPECIALS, add_eos=False)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def _zimage_components(latent_channels: int, seed: int) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=32, n_layers=1,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=TEXT_WIDTH, rope_theta=256.0,
+        axes_dims=[4, 6, 6], axes_lens=[1536, 512, 512])
+    with torch.no_grad():           # informative pad tokens (diffusers starts them at zero)
+        transformer.x_pad_token.normal_(0, 1.0)
+        transformer.cap_pad_token.normal_(0, 1.0)
+    tokenizer = _chat_tokenizer()
+    return dict(transformer=_randomise_output_layer(transformer), vae=_autoencoder_kl(latent_channels, seed + 1),
+                text_encoder=_qwen3_text_encoder(len(tokenizer), seed + 2), tokenizer=tokenizer,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+COMPONENTS = {"flux": _flux_components, "sd3": _sd3_components, "qwen": _qwen_components,
+              "zimage": _zimage_components}
+STOCK_PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "qwen": "QwenImagePipeline",
+                   "zimage": "ZImagePipeline"}
 
 
 def tiny_components(architecture: str, latent_channels: int = 4, seed: int = 0) -> dict:
@@ -159,6 +207,5 @@ def tiny_pipeline(architecture: str, pipeline_class: Optional[type] = None, late
     if pipeline_class is None:
         import diffusers
 
-        pipeline_class = getattr(diffusers, {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
-                                             "qwen": "QwenImagePipeline"}[architecture])
+        pipeline_class = getattr(diffusers, STOCK_PIPELINES[architecture])
     return pipeline_class(**tiny_components(architecture, latent_channels, seed))
