@@ -277,3 +277,24 @@ def test_unbatched_guidance_makes_two_calls_and_equals_the_batched_one():
     text = {"embeds": torch.ones(3, 5), "mask": torch.ones(3, 5)}
     u = ClassifierFreeGuidance(masked_teacher, 3.0, null, batched=False)(x, sigma, text)
     torch.testing.assert_close(u, 5 * x * 3.0)
+
+
+def test_cfg_shares_condition_keys_the_null_lacks_and_takes_a_per_sample_null():
+    """An editing model's negative branch keeps the sample's reference image (a key the null condition lacks), and a
+    callable null condition may depend on the sample."""
+    from piflow.teachers import ClassifierFreeGuidance
+
+    def teacher(x, sigma, cond):                   # u = a·x + ref, per sample
+        return cond["a"].reshape(-1, 1) * x + cond["ref"]
+
+    x = torch.ones(2, 3)
+    cond = {"a": torch.tensor([2.0, 3.0]), "ref": torch.tensor([[1.0], [5.0]])}
+    for batched in (True, False):
+        cfg = ClassifierFreeGuidance(teacher, 2.0, {"a": torch.zeros(1)}, batched=batched)
+        # u_c = a + ref, u_u = ref (same reference): u = u_c + (u_c − u_u) = 2a + ref
+        torch.testing.assert_close(cfg(x, torch.full((2,), 0.5), cond),
+                                   (2 * cond["a"]).reshape(-1, 1) + cond["ref"] + 0 * x)
+    per_sample = ClassifierFreeGuidance(teacher, 2.0, lambda c: {"a": c["a"] - 1}, batched=False)
+    # u_u = (a − 1) + ref: u = 2(a + ref) − (a − 1 + ref) = a + 1 + ref
+    torch.testing.assert_close(per_sample(x, torch.full((2,), 0.5), cond),
+                               (cond["a"] + 1).reshape(-1, 1) + cond["ref"] + 0 * x)

@@ -63,7 +63,10 @@ class ClassifierFreeGuidance:
         teacher: σ-space teacher ``teacher(x, sigma, cond)``.
         guidance_scale: w (1 = no guidance).
         null_cond: the unconditional input (e.g. the null class index, or empty-prompt embeddings), same structure
-            as `cond`; a Python number is broadcast like `cond`.
+            as `cond`; a Python number is broadcast like `cond`; or a callable ``null_cond(cond)`` for negatives
+            that depend on the sample (an editing model's negative prompt encoded with each sample's reference
+            image). Keys of a dict `cond` that a dict `null_cond` lacks (reference images) are shared by both
+            branches.
         interval: inclusive (σ_low, σ_high) where guidance applies, checked per sample (σ units: divide a t-unit
             interval by num_timesteps).
         batched: double the batch as [uncond; cond] for one teacher call (default), or make two calls — for
@@ -85,12 +88,15 @@ class ClassifierFreeGuidance:
             return self.teacher(x_t, sigma_t, cond)
         batch = x_t.shape[0]
         sigma = sigma_t.reshape(batch)
+        null = self.null_cond(cond) if callable(self.null_cond) else self.null_cond
+        if isinstance(null, dict) and isinstance(cond, dict):
+            null = {**{k: v for k, v in cond.items() if k not in null}, **_expand_cond(null, batch)}
         if self.batched:
             u_uncond, u_cond = self.teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]),
-                                            _concat_cond(self.null_cond, cond, batch)).chunk(2)
+                                            _concat_cond(null, cond, batch)).chunk(2)
         else:
             u_cond = self.teacher(x_t, sigma, cond)
-            u_uncond = self.teacher(x_t, sigma, _expand_cond(self.null_cond, batch))
+            u_uncond = self.teacher(x_t, sigma, _expand_cond(null, batch))
         inside = (sigma >= self.interval[0]) & (sigma <= self.interval[1])
         scale = torch.where(inside, self.guidance_scale, 1.0).to(u_cond.dtype)
         scale = scale.reshape(batch, *([1] * (x_t.dim() - 1)))

@@ -38,15 +38,79 @@ def read_prompt_file(path: Union[str, Path]) -> list[str]:
     return prompts
 
 
+def read_conditions_file(path: Union[str, Path]) -> tuple[list[str], list[list[Path]]]:
+    """(prompts, reference image paths per prompt) of an editing conditions file: JSON Lines, one object per
+    condition, ``{"prompt": "make the sky red", "images": ["photos/a.jpg"]}`` (``"image"``: one path; relative
+    paths are relative to the file's folder). Every image must exist; a bad line is a one-line `DataError`."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"conditions file {path} does not exist (JSON Lines: one "
+                                '{"prompt": …, "images": […]} per line)')
+    prompts, images = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"conditions file {path}, line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not a JSON object ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise DataError(f'{where}: expected {{"prompt": "...", "images": ["..."]}}')
+        paths = record.get("images", [record["image"]] if "image" in record else None)
+        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+            raise DataError(f"{where}: images must be a non-empty list of image paths (the reference images)")
+        resolved = [(path.parent / p) if not Path(p).is_absolute() else Path(p) for p in paths]
+        missing = [str(p) for p in resolved if not p.is_file()]
+        if missing:
+            raise DataError(f"{where}: reference image {missing[0]} does not exist")
+        prompts.append(record["prompt"])
+        images.append(resolved)
+    if not prompts:
+        raise ValueError(f"conditions file {path} holds no conditions")
+    return prompts, images
+
+
+def load_reference_images(paths: Sequence[Union[str, Path]]) -> list:
+    """RGB PIL images of `paths` (decoded by Pillow, which runs no code from the file)."""
+    from PIL import Image
+
+    images = []
+    for item in paths:
+        if not isinstance(item, (str, Path)):
+            images.append(item.convert("RGB"))       # already an image
+            continue
+        try:
+            with Image.open(item) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise DataError(f"reference image {item} cannot be read as an image ({error})") from None
+    return images
+
+
 @torch.no_grad()
 def encode_prompts(pipe: Any, architecture: str, prompts: Sequence[str], max_sequence_length: int = 512,
-                   batch_size: int = 8) -> list[dict[str, Tensor]]:
+                   batch_size: int = 8, images: Optional[Sequence[Sequence[Any]]] = None) -> list[dict[str, Tensor]]:
     """Encode `prompts` with the text encoders of a diffusers pipeline of family `architecture` (a name of
-    `families.FAMILIES`: "flux", "sd3", "qwen", …); per-prompt dicts of CPU tensors."""
-    encode = get_family(architecture).encode
+    `families.FAMILIES`: "flux", "sd3", "qwen", …); per-prompt dicts of CPU tensors. Editing families take
+    `images`: per prompt, its reference images (paths or PIL images), VAE-encoded into ``reference_latents.j``."""
+    family = get_family(architecture)
+    if family.references != (images is not None):
+        raise ValueError(f"images: {family.name} " + ("needs reference images per prompt (an editing family)"
+                                                      if family.references else "takes no reference images"))
+    if images is not None and len(images) != len(prompts):
+        raise ValueError(f"images must hold one list of reference images per prompt: {len(images)} for "
+                         f"{len(prompts)} prompts")
     results: list[dict[str, Tensor]] = []
     for start in range(0, len(prompts), batch_size):
-        items = encode(pipe, list(prompts[start:start + batch_size]), max_sequence_length)
+        chunk = list(prompts[start:start + batch_size])
+        if images is None:
+            items = family.encode(pipe, chunk, max_sequence_length)
+        else:
+            references = [load_reference_images(refs) for refs in images[start:start + batch_size]]
+            items = family.encode(pipe, chunk, max_sequence_length, references)
         results.extend({k: v.detach().cpu().contiguous() for k, v in item.items()} for item in items)
     return results
 
