@@ -29,7 +29,7 @@ def condition(pipe, family):
     items = encode_prompts(pipe, family, PROMPTS, max_sequence_length=64, **encode_arguments(family, len(PROMPTS)))
     cond = collate_text(items, family)
     if get_family(family).guidance == "embedded":
-        cond["guidance"] = torch.full((len(PROMPTS),), 3.5)
+        cond["guidance"] = torch.full((len(PROMPTS),), get_family(family).guidance_scale)
     return cond
 
 
@@ -39,13 +39,14 @@ def stock_first_step(pipe, family):
     step = pipe.scheduler.step
 
     def recording_step(model_output, timestep, sample, *args, **kwargs):
-        index = pipe.scheduler.step_index or 0
-        seen.setdefault("first", (sample.clone(), pipe.scheduler.sigmas[index].clone(), model_output.clone()))
+        # the σ the model saw: timestep / 1000 (FLUX-style schedulers: = sigmas[i]; UniPC rounds t to an integer)
+        sigma = torch.as_tensor(timestep, dtype=torch.float64) / pipe.scheduler.config.num_train_timesteps
+        seen.setdefault("first", (sample.clone(), sigma.float(), model_output.clone()))
         return step(model_output, timestep, sample, *args, **kwargs)
 
     pipe.scheduler.step = recording_step
     try:
-        pipe(list(PROMPTS), num_inference_steps=2, output_type="latent", max_sequence_length=64,
+        pipe(prompt=list(PROMPTS), num_inference_steps=2, output_type="latent", max_sequence_length=64,
              generator=torch.Generator().manual_seed(0), **stock_arguments(family))
     finally:
         del pipe.scheduler.step
@@ -61,7 +62,7 @@ def test_teacher_is_the_velocity_the_stock_pipeline_integrates(family):
     sample, sigma, model_output = stock_first_step(pipe, family)
     packed = ARCHITECTURES[get_family(family).architecture].packs_outside
     shape = latent_shape(family, len(PROMPTS))
-    x = (unpack_tokens(sample, *shape[-2:]) if packed else sample).float()
+    x = (unpack_tokens(sample, *shape[-2:]) if packed and sample.dim() == 3 else sample).float()
     assert x.shape == shape
     u = DiffusersTeacher(pipe.transformer, get_family(family).architecture)(x, sigma.expand(len(PROMPTS)).float(),
                                                                             condition(pipe, family))

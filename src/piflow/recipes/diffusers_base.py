@@ -74,6 +74,8 @@ def pipeline_architecture(path: str) -> str:
 
 def vae_scale_factor(vae_config: dict) -> int:
     """Spatial down-sampling of a diffusers VAE from its config (Wan/Qwen-style or AutoencoderKL-style)."""
+    if vae_config.get("scale_factor_spatial"):            # AutoencoderKLWan states it
+        return int(vae_config["scale_factor_spatial"])
     if "temperal_downsample" in vae_config:
         return 2 ** len(vae_config["temperal_downsample"])
     return 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -105,7 +107,8 @@ def latent_geometry(path: str, family: str, transformer, resolution, num_frames:
     channels = transformer.config.in_channels // (4 if outside else 1)
     if not spec.video:
         return channels, height // factor, width // factor
-    temporal = 2 ** sum(bool(v) for v in vae_config.get("temperal_downsample", ()))
+    temporal = int(vae_config.get("scale_factor_temporal") or
+                   2 ** sum(bool(v) for v in vae_config.get("temperal_downsample", ())))
     if num_frames < 1 or (num_frames - 1) % temporal:
         raise ConfigError(f"num_frames must be 1 + a multiple of {temporal} for this pipeline, got {num_frames}")
     return channels, (num_frames - 1) // temporal + 1, height // factor, width // factor

@@ -36,9 +36,11 @@ T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "dtype": "auto",              # base weights: bf16 on CUDA, fp32 on CPU ("bf16", "fp16", "fp32")
     "quantize": Optional_(str),   # frozen base quantized (QLoRA-style): torchao-int8 | bnb-nf4 | bnb-int8 (CUDA)
     "prompts": Optional_(str),    # prompt file, one per line
+    "conditions": Optional_(str),     # editing: JSON Lines {"prompt": ..., "images": [...]} per condition
     "prompt_cache": Optional_(str),   # folder from `piflow encode-prompts` (then text encoders are not loaded)
     "latents": Optional_(str),    # data-dependent π-ID: latents (N, C, h, w) aligned with the prompts
     "resolution": [1024, 1024],   # training image size in pixels (height, width)
+    "num_frames": 1,              # video families: frames per clip (Wan: 4k + 1)
     "max_sequence_length": 512,
     "parallel": "ddp",            # under torchrun: "ddp" (replicated base) or "fsdp" (FSDP2-sharded frozen base)
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid",
@@ -58,12 +60,26 @@ def is_text_to_image(config_or_overrides: dict) -> bool:
 
 
 def prompt_source(config: dict, pipe, architecture: str):
-    from piflow.integrations.diffusers.prompts import EncodedPrompts, PromptEmbeddingCache, read_prompt_file
+    """The run's conditions: a prompt cache, an editing conditions file or a prompt file (encoded now)."""
+    from piflow.integrations.diffusers.families import get_family
+    from piflow.integrations.diffusers.prompts import (EncodedPrompts, PromptEmbeddingCache, read_conditions_file,
+                                                       read_prompt_file)
 
+    family = get_family(architecture)
     if config["prompt_cache"] is not None:
         return PromptEmbeddingCache(config["prompt_cache"], architecture)
-    if config["prompts"] is None:
-        raise ConfigError("give prompts=<prompt file> or prompt_cache=<folder from `piflow encode-prompts`>")
+    if config["conditions"] is not None:
+        if family.references == "none":
+            raise ConfigError(f"conditions= (reference images) applies to editing families; {architecture} is "
+                              "text-to-image: give prompts=<prompt file>")
+        prompts, images = read_conditions_file(config["conditions"])
+        return EncodedPrompts(pipe, architecture, prompts, config["guidance"]["negative_prompt"],
+                              config["max_sequence_length"], images=images)
+    if config["prompts"] is None or family.references == "required":
+        raise ConfigError(f"{architecture} is an editing family: give conditions=<JSON Lines file of "
+                          '{"prompt": ..., "images": [...]}> or prompt_cache=<folder from `piflow encode-prompts '
+                          '--conditions`>' if family.references == "required" else
+                          "give prompts=<prompt file> or prompt_cache=<folder from `piflow encode-prompts`>")
     return EncodedPrompts(pipe, architecture, read_prompt_file(config["prompts"]),
                           config["guidance"]["negative_prompt"], config["max_sequence_length"])
 
@@ -203,7 +219,9 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     student, architecture, geometry = lora_student(config, transformer)       # geometry: (C, [T,] h, w)
     student = student.to(device)
     prompts = prompt_source(config, pipe, architecture)
-    null = _text_condition([prompts.null()], architecture, config, device, dtype)
+    null_item = prompts.null()      # None: each condition carries its own negative (cond["null"])
+    null = (lambda cond: cond["null"]) if null_item is None else _text_condition([null_item], architecture, config,
+                                                                                  device, dtype)
     pf = PiFlow(student, make_text_teacher(transformer, architecture, config, null), student.settings,
                 policy_kwargs=student.policy_kwargs)
     sharded = config["parallel"] == "fsdp" and distributed.current().enabled

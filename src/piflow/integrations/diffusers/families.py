@@ -17,6 +17,16 @@ import torch
 from torch import Tensor
 
 
+REFERENCE_PREFIX = "reference_latents."     # cond / cache keys of reference latents: reference_latents.0, …
+NULL_PREFIX = "null."                       # per-item negative embeddings: null.encoder_hidden_states, …
+
+
+def reference_latents(cond: dict) -> list[Tensor]:
+    """The (B, C, h, w) reference latents of a collated `cond`, in order (empty for text-to-image)."""
+    names = sorted((k for k in cond if k.startswith(REFERENCE_PREFIX)), key=lambda k: int(k[len(REFERENCE_PREFIX):]))
+    return [cond[name] for name in names]
+
+
 def _pad_stack(embeds: Sequence[Tensor], device=None, dtype=None) -> tuple[Tensor, Tensor]:
     """(L_i, D) embeddings → zero-padded (B, L, D) and the validity mask (B, L) (long)."""
     length = max(e.shape[0] for e in embeds)
@@ -26,33 +36,83 @@ def _pad_stack(embeds: Sequence[Tensor], device=None, dtype=None) -> tuple[Tenso
 
 
 # ---------------------------------------------------------------------------------------------- encode (pipe, ...)
-def _encode_flux(pipe, prompts: list[str], max_sequence_length: int) -> list[dict]:
+def _encode_flux(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
     embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe._execution_device,
                                            max_sequence_length=max_sequence_length)
     return [{"encoder_hidden_states": e, "pooled_projections": p} for e, p in zip(embeds, pooled)]
 
 
-def _encode_sd3(pipe, prompts: list[str], max_sequence_length: int) -> list[dict]:
+def _encode_sd3(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
     embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                               device=pipe._execution_device, do_classifier_free_guidance=False,
                                               max_sequence_length=max_sequence_length)
     return [{"encoder_hidden_states": e, "pooled_projections": p} for e, p in zip(embeds, pooled)]
 
 
-def _encode_qwen(pipe, prompts: list[str], max_sequence_length: int) -> list[dict]:
+def _encode_qwen(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
     embeds, mask = pipe.encode_prompt(prompt=prompts, device=pipe._execution_device,
                                       max_sequence_length=max_sequence_length)
     lengths = [embeds.shape[1]] * len(prompts) if mask is None else mask.sum(dim=1).tolist()
     return [{"encoder_hidden_states": e[:int(n)]} for e, n in zip(embeds, lengths)]
 
 
-def _encode_zimage(pipe, prompts: list[str], max_sequence_length: int) -> list[dict]:
+def _encode_zimage(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
     embeds, _ = pipe.encode_prompt(prompt=list(prompts), device=pipe._execution_device,
                                    do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)
     return [{"encoder_hidden_states": e} for e in embeds]
 
 
+def flux2_condition_image(pipe, image):
+    """A reference image as the FLUX.2 pipelines prepare it: at most 1 MP, cropped to a multiple of 16 px,
+    normalised to [−1, 1] (1, 3, H, W)."""
+    width, height = image.size
+    if width * height > 1024 * 1024:
+        image = pipe.image_processor._resize_to_target_area(image, 1024 * 1024)
+        width, height = image.size
+    multiple = pipe.vae_scale_factor * 2
+    if width < multiple or height < multiple:
+        raise ValueError(f"images: a reference image of {width}×{height} px is smaller than one {multiple}-px patch")
+    return pipe.image_processor.preprocess(image, height=height // multiple * multiple,
+                                           width=width // multiple * multiple, resize_mode="crop")
+
+
+def _flux2_references(pipe, references) -> list[dict]:
+    """Per condition, its reference latents (C, h, w): VAE mean, patchified and batch-norm normalised as the
+    pipelines do, unpatchified back to the latent grid piflow's students work on."""
+    items = []
+    for images in references:
+        item = {}
+        for number, image in enumerate(images):
+            pixels = flux2_condition_image(pipe, image).to(pipe._execution_device, pipe.vae.dtype)
+            latents = pipe._encode_vae_image(image=pixels, generator=None)       # (1, 4C, h/2, w/2)
+            item[f"{REFERENCE_PREFIX}{number}"] = pipe._unpatchify_latents(latents)[0]
+        items.append(item)
+    return items
+
+
+def _encode_flux2(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
+    embeds, _ = pipe.encode_prompt(prompt=list(prompts), device=pipe._execution_device,
+                                   max_sequence_length=max_sequence_length)
+    items = [{"encoder_hidden_states": e} for e in embeds]        # padded to max_sequence_length, as the pipelines
+    if references is not None:
+        for item, refs in zip(items, _flux2_references(pipe, references)):
+            item.update(refs)
+    return items
+
+
+def _encode_wan(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
+    embeds, _ = pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False,
+                                   max_sequence_length=max_sequence_length, device=pipe._execution_device)
+    return [{"encoder_hidden_states": e} for e in embeds]         # zero-padded to max_sequence_length (UMT5)
+
+
 # ---------------------------------------------------------------------------------------------- collate (items, ...)
+def _collate_padded(items: Sequence[dict], device=None, dtype=None) -> dict:
+    """Text embeddings the pipelines pad to a fixed length themselves (FLUX.2, Wan): stacked (padded if needed)."""
+    padded, _ = _pad_stack([item["encoder_hidden_states"] for item in items], device, dtype)
+    return {"encoder_hidden_states": padded}
+
+
 def _collate_pooled(items: Sequence[dict], device=None, dtype=None) -> dict:
     padded, _ = _pad_stack([item["encoder_hidden_states"] for item in items], device, dtype)
     pooled = torch.stack([item["pooled_projections"] for item in items]).to(device=device, dtype=dtype)
@@ -78,7 +138,11 @@ class Family:
     FLUX.1 [dev]), "cfg" (true classifier-free guidance of the teacher against the negative prompt; the student
     has it distilled in) or "none". `latent_packing`: "outside" (2×2 packing of (C, H, W) latents into 4C-channel
     tokens done by piflow: latent channels = in_channels / 4) or "inside" (the model patchifies: latent channels
-    = in_channels). `video`: latents are (C, T, H, W)."""
+    = in_channels). `video`: latents are (C, T, H, W). `references`: "none", "optional" (text-to-image and
+    editing, FLUX.2) or "required" (Qwen-Image-Edit): conditions carry reference images, encoded into
+    ``reference_latents.j`` (C, h, w) tensors (the model sees their clean tokens after the generated ones).
+    `null_per_item`: the negative prompt is encoded with each condition's reference images (Qwen-Image-Edit's
+    vision-language encoder sees the image), stored as ``null.<name>`` beside the condition's own tensors."""
 
     name: str
     architecture: str
@@ -91,7 +155,8 @@ class Family:
     guidance: str = "cfg"
     guidance_scale: float = 4.0
     latent_packing: str = "outside"
-    references: bool = False
+    references: str = "none"
+    null_per_item: bool = False
     video: bool = False
 
 
@@ -101,6 +166,8 @@ FAMILIES: dict[str, Family] = {}
 def register_family(family: Family) -> Family:
     if family.guidance not in ("embedded", "cfg", "none"):
         raise ValueError(f"guidance must be 'embedded', 'cfg' or 'none', got {family.guidance!r}")
+    if family.references not in ("none", "optional", "required"):
+        raise ValueError(f"references must be 'none', 'optional' or 'required', got {family.references!r}")
     if family.latent_packing not in ("outside", "inside"):
         raise ValueError(f"latent_packing must be 'outside' or 'inside', got {family.latent_packing!r}")
     FAMILIES[family.name] = family
@@ -122,6 +189,21 @@ register_family(Family("zimage", "zimage", "ZImageTransformer2DModel", "ZImagePi
                        _encode_zimage, _collate_qwen, ("encoder_hidden_states",), latent_packing="inside"))
 
 
+# FLUX.2 [dev]: guidance-distilled (embedded guidance 4.0), text-to-image and multi-reference editing.
+register_family(Family("flux2", "flux2", "Flux2Transformer2DModel", "Flux2Pipeline", "PiFlux2Pipeline", _encode_flux2,
+                       _collate_padded, ("encoder_hidden_states",), guidance="embedded", guidance_scale=4.0,
+                       references="optional"))
+# FLUX.2 [klein]: the base models take true CFG against the empty prompt (4.0); the distilled [klein] checkpoints
+# (is_distilled) take none — distil those with guidance.scale=1.
+register_family(Family("flux2-klein", "flux2", "Flux2Transformer2DModel", "Flux2KleinPipeline",
+                       "PiFlux2KleinPipeline", _encode_flux2, _collate_padded, ("encoder_hidden_states",),
+                       guidance="cfg", guidance_scale=4.0, references="optional"))
+# Wan 2.1 / 2.2 text-to-video (one transformer: Wan 2.1, Wan 2.2 TI2V-5B); CFG 5.0 against the negative prompt.
+register_family(Family("wan", "wan", "WanTransformer3DModel", "WanPipeline", "PiWanPipeline", _encode_wan,
+                       _collate_padded, ("encoder_hidden_states",), guidance="cfg", guidance_scale=5.0,
+                       latent_packing="inside", video=True))
+
+
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r}; expected one of {sorted(FAMILIES)}")
@@ -134,7 +216,7 @@ def family_of_pipeline(pipeline_class: str, transformer_class: Optional[str] = N
     for family in FAMILIES.values():
         if pipeline_class in (family.stock_pipeline, family.pi_pipeline):
             return family
-    matches = [f for f in FAMILIES.values() if f.transformer_class == transformer_class and not f.references]
+    matches = [f for f in FAMILIES.values() if f.transformer_class == transformer_class and f.references != "required"]
     if transformer_class is not None and len(matches) >= 1:
         return matches[0]
     known = sorted({f.stock_pipeline for f in FAMILIES.values()})

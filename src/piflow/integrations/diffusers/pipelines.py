@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, ZImagePipeline
+from diffusers import (Flux2KleinPipeline, Flux2Pipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline,
+                       WanPipeline, ZImagePipeline)
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
@@ -329,4 +330,157 @@ class PiZImagePipeline(PiFlowPipelineMixin, ZImagePipeline):
                             return_dict)
 
 
-PIPELINES = {"flux": PiFluxPipeline, "sd3": PiSD3Pipeline, "qwen": PiQwenImagePipeline, "zimage": PiZImagePipeline}
+class _PiFlux2Mixin(PiFlowPipelineMixin):
+    """The FLUX.2 [dev] / [klein] call: text-to-image, or editing with a list of reference images shared by the
+    batch (clean tokens after the generated ones, as the stock pipelines)."""
+
+    architecture_name = "flux2"
+
+    def _reference_latents(self, image, batch: int, device) -> list[Tensor]:
+        from piflow.integrations.diffusers.families import flux2_condition_image
+
+        images = image if isinstance(image, list) else [image]
+        latents = []
+        for number, item in enumerate(images):
+            self.image_processor.check_image_input(item)
+            pixels = flux2_condition_image(self, item).to(device=device, dtype=self.vae.dtype)
+            if pixels.shape[1] != 3:
+                raise ValueError(f"image[{number}] must be an RGB image (3 channels), got {pixels.shape[1]} channels")
+            packed = self._encode_vae_image(image=pixels, generator=None)
+            latents.append(self._unpatchify_latents(packed).float().expand(batch, -1, -1, -1))
+        return latents
+
+    def _flux2_noise(self, batch: int, height: int, width: int, latents: Optional[Tensor], generator, device):
+        channels = self.transformer.config.in_channels // 4
+        latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        if latents is not None and latents.dim() == 4 and tuple(latents.shape) == (
+                batch, 4 * channels, latent_h // 2, latent_w // 2):           # the stock pipelines' patchified noise
+            latents = self._unpatchify_latents(latents)
+        return self._noise((batch, channels, latent_h, latent_w), latents, generator, device)
+
+    def _flux2_call(self, image, prompt, height, width, num_inference_steps, sigmas, guidance_scale, temperature,
+                    num_images_per_prompt, generator, latents, prompt_embeds, output_type, return_dict,
+                    callback_on_step_end, max_sequence_length, text_encoder_out_layers, total_substeps):
+        from diffusers.pipelines.flux2.pipeline_output import Flux2PipelineOutput
+
+        batch = self._batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        device = self._execution_device
+        prompt_embeds, _ = self.encode_prompt(prompt=prompt, prompt_embeds=prompt_embeds, device=device,
+                                              num_images_per_prompt=num_images_per_prompt,
+                                              max_sequence_length=max_sequence_length,
+                                              text_encoder_out_layers=text_encoder_out_layers)
+        cond = {"encoder_hidden_states": prompt_embeds}
+        if image is not None and not (isinstance(image, list) and not image):
+            references = self._reference_latents(image, batch, device)
+            cond.update({f"reference_latents.{j}": r for j, r in enumerate(references)})
+            height = height or references[0].shape[2] * self.vae_scale_factor     # the first reference's size
+            width = width or references[0].shape[3] * self.vae_scale_factor
+        height, width = self._image_size(height, width)
+        self._check_multiple(height, width, self.vae_scale_factor * 2)
+        if self.transformer.config.guidance_embeds:
+            cond["guidance"] = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
+        noise = self._flux2_noise(batch, height, width, latents, generator, device)
+        x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
+                                 noise.shape[2] * noise.shape[3] // 4, total_substeps, callback_on_step_end,
+                                 sigmas=sigmas)
+        if output_type == "latent":
+            return self._finish(x, Flux2PipelineOutput, return_dict)
+        packed = self._patchify_latents(x.to(self.vae.dtype))
+        mean = self.vae.bn.running_mean.view(1, -1, 1, 1).to(packed)
+        std = torch.sqrt(self.vae.bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(packed)
+        image = self.vae.decode(self._unpatchify_latents(packed * std + mean), return_dict=False)[0]
+        return self._finish(self.image_processor.postprocess(image, output_type=output_type), Flux2PipelineOutput,
+                            return_dict)
+
+
+class PiFlux2Pipeline(_PiFlux2Mixin, Flux2Pipeline):
+    """`Flux2Pipeline` (FLUX.2 [dev]) with a GM / DX student: text-to-image, or multi-reference editing with
+    ``image=[…]``; the distilled-guidance scalar `guidance_scale` (4.0) is the student's input as the teacher's."""
+
+    @torch.no_grad()
+    def __call__(self, image=None, prompt: Union[str, list[str], None] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: Optional[int] = None,
+                 sigmas: Optional[list[float]] = None, guidance_scale: float = 4.0,
+                 temperature: Union[float, str] = "auto", num_images_per_prompt: int = 1,
+                 generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
+                 prompt_embeds: Optional[Tensor] = None, output_type: str = "pil", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable] = None, max_sequence_length: int = 512,
+                 text_encoder_out_layers: tuple[int, ...] = (10, 20, 30), total_substeps: Optional[int] = None):
+        """Generate or edit; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1 (or the stock
+        pipeline's patchified (B·n, 4C, H/16, W/16)); output_type "latent" returns the normalised (B, C, H/8, W/8)."""
+        return self._flux2_call(image, prompt, height, width, num_inference_steps, sigmas, guidance_scale,
+                                temperature, num_images_per_prompt, generator, latents, prompt_embeds, output_type,
+                                return_dict, callback_on_step_end, max_sequence_length, text_encoder_out_layers,
+                                total_substeps)
+
+
+class PiFlux2KleinPipeline(_PiFlux2Mixin, Flux2KleinPipeline):
+    """`Flux2KleinPipeline` (FLUX.2 [klein]) with a GM / DX student; no CFG at inference (distilled in)."""
+
+    @torch.no_grad()
+    def __call__(self, image=None, prompt: Union[str, list[str], None] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: Optional[int] = None,
+                 sigmas: Optional[list[float]] = None, temperature: Union[float, str] = "auto",
+                 num_images_per_prompt: int = 1, generator: Optional[torch.Generator] = None,
+                 latents: Optional[Tensor] = None, prompt_embeds: Optional[Tensor] = None, output_type: str = "pil",
+                 return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
+                 max_sequence_length: int = 512, text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
+                 total_substeps: Optional[int] = None):
+        """Generate or edit (``image=[…]``); `latents` as in `PiFlux2Pipeline`."""
+        return self._flux2_call(image, prompt, height, width, num_inference_steps, sigmas, 1.0, temperature,
+                                num_images_per_prompt, generator, latents, prompt_embeds, output_type, return_dict,
+                                callback_on_step_end, max_sequence_length, text_encoder_out_layers, total_substeps)
+
+
+class PiWanPipeline(PiFlowPipelineMixin, WanPipeline):
+    """`WanPipeline` (Wan 2.1 / 2.2 text-to-video, one transformer) with a GM / DX student over 5-D video latents;
+    no CFG at inference (distilled in). Returns ``frames`` like the stock pipeline."""
+
+    architecture_name = "wan"
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str], None] = None, height: int = 480, width: int = 832,
+                 num_frames: int = 81, num_inference_steps: Optional[int] = None,
+                 temperature: Union[float, str] = "auto", num_videos_per_prompt: int = 1,
+                 generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
+                 prompt_embeds: Optional[Tensor] = None, output_type: str = "np", return_dict: bool = True,
+                 callback_on_step_end: Optional[Callable] = None, max_sequence_length: int = 512,
+                 total_substeps: Optional[int] = None, sigmas: Optional[list[float]] = None):
+        """Generate videos; `latents` (optional) is the noise (B·n, C, (num_frames − 1)/4 + 1, H/8, W/8) at σ = 1."""
+        from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+
+        temporal, spatial = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
+        if int(num_frames) < 1 or (int(num_frames) - 1) % temporal:
+            raise ValueError(f"num_frames must be 1 + a multiple of {temporal} (the VAE's temporal factor), "
+                             f"got {num_frames}")
+        patch = self.transformer.config.patch_size
+        self._check_multiple(height, width, spatial * patch[1])
+        batch = self._batch_size(prompt, prompt_embeds) * num_videos_per_prompt
+        device = self._execution_device
+        prompt_embeds, _ = self.encode_prompt(prompt=prompt, do_classifier_free_guidance=False,
+                                              num_videos_per_prompt=num_videos_per_prompt,
+                                              prompt_embeds=prompt_embeds, max_sequence_length=max_sequence_length,
+                                              device=device)
+        shape = (batch, self.transformer.config.in_channels, (int(num_frames) - 1) // temporal + 1,
+                 int(height) // spatial, int(width) // spatial)
+        noise = self._noise(shape, latents, generator, device)
+        x = self._policy_denoise(noise, {"encoder_hidden_states": prompt_embeds}, num_inference_steps, temperature,
+                                 generator, shape[2] * (shape[3] // patch[1]) * (shape[4] // patch[2]),
+                                 total_substeps, callback_on_step_end, sigmas=sigmas)
+        if output_type == "latent":
+            return self._finish_video(x, WanPipelineOutput, return_dict)
+        x = x.to(self.vae.dtype)
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x)
+        std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(x)
+        video = self.vae.decode(x * std + mean, return_dict=False)[0]
+        return self._finish_video(self.video_processor.postprocess_video(video, output_type=output_type),
+                                  WanPipelineOutput, return_dict)
+
+    def _finish_video(self, frames: Any, output_class: type, return_dict: bool):
+        self.maybe_free_model_hooks()
+        return output_class(frames=frames) if return_dict else (frames,)
+
+
+PIPELINES = {"flux": PiFluxPipeline, "sd3": PiSD3Pipeline, "qwen": PiQwenImagePipeline, "zimage": PiZImagePipeline,
+             "flux2": PiFlux2Pipeline, "flux2-klein": PiFlux2KleinPipeline, "wan": PiWanPipeline}

@@ -8,10 +8,16 @@ Every source returns, per prompt, a dict of tensors without the batch dimension:
 * the other families: see `piflow.integrations.diffusers.families` (the one table of what each family encodes).
 `collate_text` pads and batches them into the `cond` dict the students and teachers take.
 
-Cache layout: ``index.json`` (architecture, num_prompts, shard file names, prompts per shard, max_sequence_length),
-``shard-00000.safetensors`` … holding ``<prompt index>.<name>`` tensors, ``null.safetensors`` (the negative /
-empty prompt, used by classifier-free guidance) and ``prompts.txt`` (the prompts, one per line). Written atomically,
-shard by shard, so an interrupted encoding resumes at the first missing shard.
+Editing families (Qwen-Image-Edit, FLUX.2 with references) take conditions — a prompt and its reference images,
+from a JSON Lines conditions file (`read_conditions_file`) — and cache the VAE-encoded reference latents
+``reference_latents.j`` (C, h, w) beside the text embeddings; where the negative prompt sees the images
+(Qwen-Image-Edit) its embeddings are cached per condition as ``null.<name>``.
+
+Cache layout: ``index.json`` (architecture, num_prompts, shard file names, prompts per shard, max_sequence_length,
+the reference image paths of editing caches), ``shard-00000.safetensors`` … holding ``<prompt index>.<name>``
+tensors, ``null.safetensors`` (the negative / empty prompt, used by classifier-free guidance; absent where it is
+per condition) and ``prompts.txt`` (the prompts, one per line). Written atomically, shard by shard, so an
+interrupted encoding resumes at the first missing shard.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import torch
 from torch import Tensor
 
 from piflow.errors import DataError
-from piflow.integrations.diffusers.families import FAMILIES, get_family
+from piflow.integrations.diffusers.families import FAMILIES, NULL_PREFIX, REFERENCE_PREFIX, get_family
 from piflow.files import atomic_write, first_non_finite, read_json, write_json
 
 
@@ -90,50 +96,112 @@ def load_reference_images(paths: Sequence[Union[str, Path]]) -> list:
     return images
 
 
-@torch.no_grad()
-def encode_prompts(pipe: Any, architecture: str, prompts: Sequence[str], max_sequence_length: int = 512,
-                   batch_size: int = 8, images: Optional[Sequence[Sequence[Any]]] = None) -> list[dict[str, Tensor]]:
-    """Encode `prompts` with the text encoders of a diffusers pipeline of family `architecture` (a name of
-    `families.FAMILIES`: "flux", "sd3", "qwen", …); per-prompt dicts of CPU tensors. Editing families take
-    `images`: per prompt, its reference images (paths or PIL images), VAE-encoded into ``reference_latents.j``."""
-    family = get_family(architecture)
-    if family.references != (images is not None):
-        raise ValueError(f"images: {family.name} " + ("needs reference images per prompt (an editing family)"
-                                                      if family.references else "takes no reference images"))
-    if images is not None and len(images) != len(prompts):
+
+
+def _check_images(family, prompts: Sequence[str], images: Optional[Sequence[Sequence[Any]]]) -> None:
+    if images is None:
+        if family.references == "required":
+            raise ValueError(f"images: {family.name} is an editing family and needs the reference images of every "
+                             "prompt (a conditions file: piflow encode-prompts --conditions conditions.jsonl)")
+        return
+    if family.references == "none":
+        raise ValueError(f"images: {family.name} takes no reference images")
+    if len(images) != len(prompts):
         raise ValueError(f"images must hold one list of reference images per prompt: {len(images)} for "
                          f"{len(prompts)} prompts")
+    for number, refs in enumerate(images):
+        if isinstance(refs, (str, Path)) or not len(refs):
+            raise ValueError(f"images[{number}] must be a non-empty list of reference images (paths or PIL images)")
+
+
+@torch.no_grad()
+def encode_prompts(pipe: Any, architecture: str, prompts: Sequence[str], max_sequence_length: int = 512,
+                   batch_size: int = 8, images: Optional[Sequence[Sequence[Any]]] = None,
+                   negative_prompt: Optional[str] = None) -> list[dict[str, Tensor]]:
+    """Encode `prompts` with the text encoders of a diffusers pipeline of family `architecture` (a name of
+    `families.FAMILIES`: "flux", "sd3", "qwen", …); per-prompt dicts of CPU tensors. Editing families take
+    `images`: per prompt, its reference images (paths or PIL images), VAE-encoded into ``reference_latents.j``;
+    families whose negative prompt sees the reference images (``null_per_item``) also get `negative_prompt`
+    encoded with each prompt's images as ``null.<name>``."""
+    family = get_family(architecture)
+    _check_images(family, prompts, images)
     results: list[dict[str, Tensor]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
-        if images is None:
-            items = family.encode(pipe, chunk, max_sequence_length)
-        else:
-            references = [load_reference_images(refs) for refs in images[start:start + batch_size]]
-            items = family.encode(pipe, chunk, max_sequence_length, references)
+        references = None if images is None else [load_reference_images(refs)
+                                                   for refs in images[start:start + batch_size]]
+        items = family.encode(pipe, chunk, max_sequence_length, references)
+        if family.null_per_item and negative_prompt is not None and references is not None:
+            negatives = family.encode(pipe, [negative_prompt] * len(chunk), max_sequence_length, references)
+            for item, negative in zip(items, negatives):
+                item.update({NULL_PREFIX + k: v for k, v in negative.items() if not k.startswith(REFERENCE_PREFIX)})
         results.extend({k: v.detach().cpu().contiguous() for k, v in item.items()} for item in items)
     return results
 
 
+def _split_item(item: dict[str, Tensor]) -> tuple[dict, dict, dict]:
+    """(text tensors, reference latents, per-item negative text tensors) of one condition."""
+    text, references, null = {}, {}, {}
+    for key, value in item.items():
+        if key.startswith(REFERENCE_PREFIX):
+            references[key] = value
+        elif key.startswith(NULL_PREFIX):
+            null[key[len(NULL_PREFIX):]] = value
+        else:
+            text[key] = value
+    return text, references, null
+
+
 def collate_text(items: Sequence[dict[str, Tensor]], architecture: str, device=None, dtype=None) -> dict:
-    """Batch per-prompt dicts into the model `cond` of family `architecture` (pads, masks, position ids)."""
+    """Batch per-prompt dicts into the model `cond` of family `architecture` (pads, masks, position ids);
+    reference latents are stacked (every condition of a batch needs the same number and sizes of reference
+    images) and per-item negatives become ``cond["null"]``, a cond of their own."""
     if not items:
         raise ValueError("collate_text needs at least one prompt")
-    return get_family(architecture).collate(items, device, dtype)
+    family = get_family(architecture)
+    parts = [_split_item(item) for item in items]
+    cond = family.collate([text for text, _, _ in parts], device, dtype)
+    names = sorted(parts[0][1], key=lambda k: int(k[len(REFERENCE_PREFIX):]))
+    for number, (_, references, _) in enumerate(parts):
+        if sorted(references, key=lambda k: int(k[len(REFERENCE_PREFIX):])) != names:
+            raise ValueError(f"images: condition {number} of the batch has {len(references)} reference images, "
+                             f"condition 0 has {len(names)}; a batch needs the same number per condition")
+    for name in names:
+        shapes = {tuple(refs[name].shape) for _, refs, _ in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"images: reference image {name[len(REFERENCE_PREFIX):]} has latent shapes "
+                             f"{sorted(shapes)} within one batch; resize the references of a batch alike")
+        cond[name] = torch.stack([refs[name] for _, refs, _ in parts]).to(device=device, dtype=dtype)
+    if any(null for _, _, null in parts):
+        if not all(null for _, _, null in parts):
+            raise ValueError("every condition of a batch needs its negative (null.*) embeddings, or none")
+        cond["null"] = family.collate([null for _, _, null in parts], device, dtype)
+    return cond
+
+
+def _null_of(pipe: Any, family, negative_prompt: str, max_sequence_length: int) -> Optional[dict[str, Tensor]]:
+    """The shared negative-prompt embedding, or None for families whose negative is encoded per item."""
+    if family.null_per_item:
+        return None
+    return encode_prompts(pipe, family.name, [negative_prompt], max_sequence_length)[0]
 
 
 class EncodedPrompts:
-    """Prompt embeddings computed now by `pipe`'s text encoders and kept in memory (small prompt sets)."""
+    """Prompt embeddings (and, for editing families, reference latents) computed now by `pipe`'s encoders and
+    kept in memory (small prompt sets). `images`: per prompt, its reference images."""
 
     def __init__(self, pipe: Any, architecture: str, prompts: Sequence[str], negative_prompt: str = "",
-                 max_sequence_length: int = 512):
+                 max_sequence_length: int = 512, images: Optional[Sequence[Sequence[Any]]] = None):
         self.architecture = architecture
         self.prompts = list(prompts)
+        self.images = None if images is None else [list(refs) for refs in images]
+        family = get_family(architecture)
+        encoded = encode_prompts(pipe, architecture, self.prompts, max_sequence_length, images=self.images,
+                                 negative_prompt=negative_prompt)
         self.items = [_checked(item, f"embedding of prompt {i} ({prompt[:40]!r})") for i, (prompt, item) in
-                      enumerate(zip(self.prompts, encode_prompts(pipe, architecture, self.prompts,
-                                                                 max_sequence_length)))]
-        self.null_item = _checked(encode_prompts(pipe, architecture, [negative_prompt], max_sequence_length)[0],
-                                  "embedding of the negative prompt")
+                      enumerate(zip(self.prompts, encoded))]
+        null = _null_of(pipe, family, negative_prompt, max_sequence_length)
+        self.null_item = None if null is None else _checked(null, "embedding of the negative prompt")
 
     def __len__(self) -> int:
         return len(self.items)
@@ -141,20 +209,24 @@ class EncodedPrompts:
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return self.items[index]
 
-    def null(self) -> dict[str, Tensor]:
+    def null(self) -> Optional[dict[str, Tensor]]:
+        """The negative-prompt embedding; None where every item carries its own (``null.*``)."""
         return self.null_item
 
 
 def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], directory: Union[str, Path],
                        negative_prompt: str = "", shard_size: int = 1000, max_sequence_length: int = 512,
-                       progress: bool = True) -> Path:
-    """Encode `prompts` into `directory` (sharded safetensors, see the module docstring); resumable."""
+                       progress: bool = True, images: Optional[Sequence[Sequence[Union[str, Path]]]] = None) -> Path:
+    """Encode `prompts` (with their reference `images`, paths, for editing families) into `directory` (sharded
+    safetensors, see the module docstring); resumable."""
     from safetensors.torch import save as safetensors_bytes
 
     from piflow.progress import progress_bar
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    family = get_family(architecture)
+    _check_images(family, prompts, images)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     num_shards = (len(prompts) + shard_size - 1) // shard_size
@@ -167,17 +239,22 @@ def write_prompt_cache(pipe: Any, architecture: str, prompts: Sequence[str], dir
     for shard, name in enumerate(names):
         if not (directory / name).is_file():          # written shards are kept: an interrupted run resumes
             start = shard * shard_size
-            items = encode_prompts(pipe, architecture, prompts[start:start + shard_size], max_sequence_length)
+            items = encode_prompts(pipe, architecture, prompts[start:start + shard_size], max_sequence_length,
+                                   images=None if images is None else images[start:start + shard_size],
+                                   negative_prompt=negative_prompt)
             write_tensors(directory / name, {f"{start + i}.{k}": v for i, item in enumerate(items)
                                              for k, v in item.items()})
         bar.update(1)
     bar.close()
-    null = encode_prompts(pipe, architecture, [negative_prompt], max_sequence_length)[0]
-    write_tensors(directory / "null.safetensors", null)
+    null = _null_of(pipe, family, negative_prompt, max_sequence_length)
+    if null is not None:
+        write_tensors(directory / "null.safetensors", null)
     atomic_write(directory / "prompts.txt", "\n".join(prompts).encode("utf-8"))
     index = {"format": "piflow-prompt-cache-v1", "architecture": architecture, "num_prompts": len(prompts),
              "shard_size": shard_size, "shards": names, "negative_prompt": negative_prompt,
              "max_sequence_length": max_sequence_length}
+    if images is not None:     # the conditions, for sample grids and for the record
+        index["images"] = [[str(path) for path in refs] for refs in images]
     write_json(directory / "index.json", index)
     return directory
 
@@ -208,8 +285,11 @@ class PromptEmbeddingCache:
         if missing:
             raise FileNotFoundError(f"prompt cache {self.directory} misses shards {missing[:3]}")
         self._handles: dict[int, Any] = {}
-        required = set(FAMILIES[self.architecture].item_names if self.architecture in FAMILIES
-                       else ("encoder_hidden_states",))
+        family = FAMILIES.get(self.architecture)
+        required = set(family.item_names if family is not None else ("encoder_hidden_states",))
+        if family is not None and family.references == "required":
+            required.add(REFERENCE_PREFIX + "0")
+        self.null_per_item = family is not None and family.null_per_item
         for shard in range(len(self.index["shards"])):    # every shard's header, now: not mid-training
             names: dict[int, set] = {}
             for key in self._shard(shard).keys():
@@ -267,8 +347,22 @@ class PromptEmbeddingCache:
             raise DataError(f"{where} holds no embeddings for prompt {index}")
         return _checked(item, f"{where}, prompt {index}")
 
-    def null(self) -> dict[str, Tensor]:
+    @property
+    def images(self) -> Optional[list[list[str]]]:
+        """The reference image paths of each condition (editing caches), as encoded."""
+        return self.index.get("images")
+
+    @property
+    def prompts(self) -> list[str]:
+        path = self.directory / "prompts.txt"
+        return path.read_text(encoding="utf-8").split("\n") if path.is_file() else []
+
+    def null(self) -> Optional[dict[str, Tensor]]:
+        """The negative-prompt embedding; None where every item carries its own (``null.*``)."""
         from piflow.files import load_safetensors
+
+        if self.null_per_item:
+            return None
 
         path = self.directory / "null.safetensors"
         try:

@@ -118,11 +118,23 @@ def _sd3_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
 
 
 def _qwen_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
-    inputs = _check_cond(cond, ("encoder_hidden_states", "encoder_hidden_states_mask"), "Qwen-Image")
-    rows, cols = latents.shape[2] // PATCH, latents.shape[3] // PATCH
-    inputs.update(hidden_states=pack_latents(latents), timestep=sigma.reshape(-1).to(latents.dtype),
-                  img_shapes=[[(1, rows, cols)]] * latents.shape[0])
-    return inputs
+    """Qwen-Image(-Edit) forward kwargs; Edit's reference latents are clean packed tokens after the generated ones,
+    their (1, h, w) shapes appended to each sample's `img_shapes`."""
+    from piflow.integrations.diffusers.families import reference_latents
+
+    _check_cond(cond, ("encoder_hidden_states", "encoder_hidden_states_mask"), "Qwen-Image")
+    shapes = [(1, latents.shape[2] // PATCH, latents.shape[3] // PATCH)]
+    tokens = [pack_latents(latents)]
+    for number, reference in enumerate(reference_latents(cond)):
+        if reference.shape[:2] != latents.shape[:2]:
+            raise ValueError(f"reference image {number}: latents {tuple(reference.shape)} must have the batch and "
+                             f"channels of the generated latents {tuple(latents.shape[:2])}")
+        tokens.append(pack_latents(reference.to(latents.dtype)))
+        shapes.append((1, reference.shape[2] // PATCH, reference.shape[3] // PATCH))
+    return {"hidden_states": torch.cat(tokens, dim=1), "timestep": sigma.reshape(-1).to(latents.dtype),
+            "encoder_hidden_states": cond["encoder_hidden_states"],
+            "encoder_hidden_states_mask": cond["encoder_hidden_states_mask"],
+            "img_shapes": [list(shapes)] * latents.shape[0]}
 
 
 def qwen_lora_targets(transformer: nn.Module) -> list[str]:
@@ -246,7 +258,81 @@ ZIMAGE = Architecture(
     cond_dim=lambda transformer: transformer.get_submodule(f"{ZIMAGE_FINAL}.adaLN_modulation.1").in_features,
     patch_size=lambda transformer: 2, read_output=_zimage_output, output_sign=-1.0)
 
-ARCHITECTURES = {"flux": FLUX, "sd3": SD3, "qwen": QWEN, "zimage": ZIMAGE}
+
+
+def flux2_ids(rows: int, cols: int, time: int = 0, device=None) -> Tensor:
+    """FLUX.2 4-axis RoPE ids (L, 4) = (t, row, col, 0) of a token grid; reference image j has t = 10 + 10·j."""
+    grid = torch.cartesian_prod(torch.tensor([time]), torch.arange(rows), torch.arange(cols), torch.arange(1))
+    return grid.to(device)
+
+
+def _flux2_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
+    from piflow.integrations.diffusers.families import reference_latents
+
+    _check_cond(cond, ("encoder_hidden_states",), "FLUX.2")
+    tokens = [pack_latents(latents)]
+    ids = [flux2_ids(latents.shape[2] // PATCH, latents.shape[3] // PATCH, 0, latents.device)]
+    for number, reference in enumerate(reference_latents(cond)):     # clean conditioning tokens after the target
+        if reference.shape[:2] != latents.shape[:2]:
+            raise ValueError(f"reference image {number}: latents {tuple(reference.shape)} must have the batch and "
+                             f"channels of the generated latents {tuple(latents.shape[:2])}")
+        tokens.append(pack_latents(reference.to(latents.dtype)))
+        ids.append(flux2_ids(reference.shape[2] // PATCH, reference.shape[3] // PATCH, 10 + 10 * number,
+                             latents.device))
+    text = cond["encoder_hidden_states"]
+    txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1),
+                                   torch.arange(text.shape[1])).to(latents.device)
+    return {"hidden_states": torch.cat(tokens, dim=1), "encoder_hidden_states": text,
+            "timestep": sigma.reshape(-1).to(latents.dtype), "img_ids": torch.cat(ids), "txt_ids": txt_ids,
+            "guidance": cond.get("guidance")}
+
+
+# FLUX.2 [dev] / [klein] (Flux2Transformer2DModel): 2×2-packed 4C-channel tokens (the pipelines' patchified,
+# batch-norm-normalised latents, unpatchified here to (C, H/8, W/8) as the authors' GM-FLUX.2 does), σ as timestep,
+# 4-axis ids; reference images are clean tokens after the generated ones. LoRA: the double blocks' feed-forward
+# (ff, ff_context: linear_in/linear_out), the single blocks' fused attention+MLP linears (attn.to_qkv_mlp_proj,
+# attn.to_out: FLUX.2 has no separate MLP there, as FLUX.1's proj_mlp/proj_out) and the timestep/guidance MLPs.
+FLUX2_LORA_TARGETS = (r".*(transformer_blocks\.\d+\.ff\.linear_in|transformer_blocks\.\d+\.ff\.linear_out|"
+                      r"ff_context\.linear_in|ff_context\.linear_out|single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj|"
+                      r"single_transformer_blocks\.\d+\.attn\.to_out|timestep_embedder\.linear_1|"
+                      r"timestep_embedder\.linear_2|guidance_embedder\.linear_1|guidance_embedder\.linear_2)$")
+FLUX2 = Architecture("flux2", _flux2_inputs, lambda t, h, w, p: unpack_tokens(t, h, w, p), "cp", True,
+                     lambda transformer: FLUX2_LORA_TARGETS, base_class="Flux2Transformer2DModel")
+
+
+def unpatchify_video(tokens: Tensor, frames: int, height: int, width: int, patch) -> Tensor:
+    """Wan token layout (B, T'H'W', p_t·p_h·p_w·c) with (p_t, p_h, p_w, c) order → (B, c, T, H, W)."""
+    p_t, p_h, p_w = patch
+    batch, length, features = tokens.shape
+    channels = features // (p_t * p_h * p_w)
+    x = tokens.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, channels)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(batch, channels, frames, height, width)
+
+
+def _wan_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
+    _check_cond(cond, ("encoder_hidden_states",), "Wan")
+    if latents.dim() != 5:
+        raise ValueError(f"latents must be 5-D (B, C, T, H, W) video latents for Wan, got {tuple(latents.shape)}")
+    if latents.shape[3] % 2 or latents.shape[4] % 2:
+        raise ValueError(f"latent height and width must be divisible by 2 for Wan, got {tuple(latents.shape)}")
+    return {"hidden_states": latents, "timestep": sigma.reshape(-1).to(latents.dtype) * 1000,
+            "encoder_hidden_states": cond["encoder_hidden_states"]}
+
+
+# Wan 2.1 / 2.2 (WanTransformer3DModel): 5-D latents, timestep σ·1000, velocity output already unpatchified; the
+# final layer is proj_out(LayerNorm(x)·(1 + scale) + shift) with (shift, scale) = scale_shift_table + temb, temb the
+# first output of condition_embedder. LoRA: the blocks' feed-forward (ffn.net.0.proj, ffn.net.2) and the timestep
+# MLP (condition_embedder.time_embedder.linear_1/2, time_proj), never attention (§6.6).
+WAN_LORA_TARGETS = (r".*(ffn\.net\.0\.proj|ffn\.net\.2|condition_embedder\.time_embedder\.linear_1|"
+                    r"condition_embedder\.time_embedder\.linear_2|condition_embedder\.time_proj)$")
+WAN = Architecture(
+    "wan", _wan_inputs, unpatchify_video, "pc", False, lambda transformer: WAN_LORA_TARGETS, packs_outside=False,
+    base_class="WanTransformer3DModel", final_norm="scale_shift_table", temb_module="condition_embedder",
+    read_temb=lambda args, kwargs, output: output[0],
+    cond_dim=lambda transformer: transformer.scale_shift_table.shape[-1],
+    patch_size=lambda transformer: tuple(int(p) for p in transformer.config.patch_size))
+
+ARCHITECTURES = {"flux": FLUX, "sd3": SD3, "qwen": QWEN, "zimage": ZIMAGE, "flux2": FLUX2, "wan": WAN}
 
 
 def register_architecture(architecture: Architecture) -> Architecture:

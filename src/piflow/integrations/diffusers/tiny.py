@@ -30,7 +30,7 @@ def byte_level_tokenizer(model_max_length: int, specials: tuple[str, ...] = BYTE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    pad, unk, bos, eos = specials
+    pad, unk, bos, eos = specials[:4]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: index for index, token in enumerate([*specials, *alphabet])}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=unk))
@@ -188,10 +188,118 @@ def _zimage_components(latent_channels: int, seed: int) -> dict:
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
+# Mistral-Small-3.1's chat format as FLUX.2 [dev] renders its (system, user) messages: content may be a string or a
+# list of {"type": "text" | "image"} chunks
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['content'] is string %}"
+    "{% set chunks = [{'type': 'text', 'text': message['content']}] %}{% else %}"
+    "{% set chunks = message['content'] %}{% endif %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% elif message['role'] == 'user' %}[INST]{% endif %}{% for chunk in chunks %}{% if chunk['type'] == 'text' %}"
+    "{{ chunk['text'] }}{% elif chunk['type'] == 'image' %}[IMG]{% endif %}{% endfor %}"
+    "{% if message['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif message['role'] == 'user' %}[/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}")
+MISTRAL_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                    "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+FLUX2_TEXT_LAYERS = {"flux2": 30, "flux2-klein": 27}    # the pipelines stack hidden layers (10, 20, 30) / (9, 18, 27)
+FLUX2_TEXT_WIDTH = 16
+
+
+def _flux2_vae(latent_channels: int, seed: int):
+    """AutoencoderKLFlux2 with 4 levels (8× like the real one) and random batch-norm statistics (the pipelines
+    normalise patchified latents by them)."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
+                             layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4, sample_size=64,
+                             patch_size=(2, 2))
+    generator = torch.Generator().manual_seed(seed + 1)
+    vae.bn.running_mean.copy_(torch.randn(vae.bn.num_features, generator=generator) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(vae.bn.num_features, generator=generator) + 0.5)
+    return vae.eval()
+
+
+def _mistral3_text_encoder(tokenizer, layers: int, seed: int):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=FLUX2_TEXT_WIDTH,
+                         intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, max_position_embeddings=2048, sliding_window=None, **ids),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=8, image_size=64, patch_size=8),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
+        **ids)
+    torch.manual_seed(seed)
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def _flux2_components(latent_channels: int, seed: int, family: str = "flux2") -> dict:
+    """FLUX.2 [dev] (Mistral-3 text encoder, embedded guidance) or [klein] (Qwen3 text encoder, CFG): one double
+    and one single block, 2 heads × 16, text width 3 × 16 (three stacked hidden layers)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    dev = family == "flux2"
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * FLUX2_TEXT_WIDTH, timestep_guidance_channels=32,
+        mlp_ratio=3.0, axes_dims_rope=(4, 4, 4, 4), rope_theta=2000, guidance_embeds=dev)
+    layers = FLUX2_TEXT_LAYERS[family]
+    if dev:        # the real [dev] loads a PixtralProcessor (needs torchvision); text encoding uses only its tokenizer
+        tokenizer = byte_level_tokenizer(1024, MISTRAL_SPECIALS[:4] + MISTRAL_SPECIALS[4:], add_bos=False,
+                                         add_eos=False)
+        tokenizer.chat_template = MISTRAL_TEMPLATE
+        text = dict(text_encoder=_mistral3_text_encoder(tokenizer, layers, seed + 2), tokenizer=tokenizer)
+    else:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        tokenizer = _chat_tokenizer()
+        torch.manual_seed(seed + 2)
+        config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=FLUX2_TEXT_WIDTH, intermediate_size=32,
+                             num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                             max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=0, eos_token_id=3)
+        text = dict(text_encoder=Qwen3ForCausalLM(config).eval(), tokenizer=tokenizer)
+    return dict(transformer=_randomise_output_layer(transformer), vae=_flux2_vae(latent_channels, seed + 1),
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), **text)
+
+
+def _wan_components(latent_channels: int, seed: int) -> dict:
+    """Wan 2.1: a 1-layer WanTransformer3DModel (patch (1, 2, 2)), an AutoencoderKLWan with 8× spatial and 4×
+    temporal compression (like the real one) at toy width, a 2-layer UMT5 encoder."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=latent_channels, out_channels=latent_channels,
+                                        text_dim=TEXT_WIDTH, freq_dim=32, ffn_dim=32, num_layers=1,
+                                        rope_max_seq_len=32)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=latent_channels, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True],
+                           latents_mean=[0.1 * i for i in range(latent_channels)],
+                           latents_std=[1.0 + 0.5 * i for i in range(latent_channels)]).eval()
+    tokenizer = byte_level_tokenizer(512)
+    torch.manual_seed(seed + 2)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=TEXT_WIDTH, d_kv=8, d_ff=37,
+                                          num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                          pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)).eval()
+    return dict(transformer=_randomise_output_layer(transformer), vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                  flow_shift=3.0))
+
+
 COMPONENTS = {"flux": _flux_components, "sd3": _sd3_components, "qwen": _qwen_components,
-              "zimage": _zimage_components}
+              "zimage": _zimage_components, "flux2": _flux2_components,
+              "flux2-klein": lambda channels, seed: _flux2_components(channels, seed, "flux2-klein"),
+              "wan": _wan_components}
 STOCK_PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "qwen": "QwenImagePipeline",
-                   "zimage": "ZImagePipeline"}
+                   "zimage": "ZImagePipeline", "flux2": "Flux2Pipeline", "flux2-klein": "Flux2KleinPipeline",
+                   "wan": "WanPipeline"}
 
 
 def tiny_components(architecture: str, latent_channels: int = 4, seed: int = 0) -> dict:
