@@ -36,3 +36,8 @@ def stock_arguments(family: str) -> dict:
 def encode_arguments(family: str, count: int) -> dict:
     """Extra `encode_prompts` arguments (reference images of editing families)."""
     return {}
+
+
+def pipe_arguments(family: str) -> dict:
+    """Extra pipeline-call arguments (reference images of editing families)."""
+    return {}

@@ -19,13 +19,17 @@ from piflow.integrations.diffusers.students import (ARCHITECTURES, DiffusersPoli
                                                     DiffusersTeacher, add_student_lora)
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
 
+from family_cases import (encode_arguments, image_size, latent_shape, pipe_arguments,  # noqa: E402
+                          size_arguments)
+
 pytestmark = pytest.mark.usefixtures("single_thread")
-ARCHS = ["flux", "sd3", "qwen", "zimage"]
+ARCHS = sorted(PIPELINES)      # every family
 SIZE = 32            # pixels; latents 16×16
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
 
-def lora_student(pipe, architecture, policy, seed=0):
+def lora_student(pipe, family, policy, seed=0):
+    architecture = get_family(family).architecture
     add_student_lora(pipe.transformer, rank=4, target_modules=ARCHITECTURES[architecture].lora_targets(pipe.transformer))
     with torch.no_grad():   # PEFT starts B at 0: give the LoRA a visible effect
         for name, param in pipe.transformer.named_parameters():
@@ -39,16 +43,20 @@ def lora_student(pipe, architecture, policy, seed=0):
                                   generator=torch.Generator().manual_seed(seed)).eval()
 
 
-def run(pipe, steps, seed=0, **kwargs):
-    return pipe(PROMPTS, height=SIZE, width=SIZE, num_inference_steps=steps,
-                generator=torch.Generator().manual_seed(seed), **kwargs).images
+def run(pipe, steps, seed=0, family="flux", **kwargs):
+    """The pipeline's images (video families: frames) for PROMPTS at the family's test size."""
+    arguments = dict(size_arguments(family), **pipe_arguments(family))
+    arguments.update(kwargs)
+    out = pipe(prompt=PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **arguments)
+    return out.frames if get_family(family).video else out.images
 
 
 def text_cond(pipe, architecture):
     length = 256 if architecture == "sd3" else 512       # the pipelines' default max_sequence_length
-    cond = collate_text(encode_prompts(pipe, architecture, PROMPTS, max_sequence_length=length), architecture)
+    cond = collate_text(encode_prompts(pipe, architecture, PROMPTS, max_sequence_length=length,
+                                       **encode_arguments(architecture, len(PROMPTS))), architecture)
     if get_family(architecture).guidance == "embedded":
-        cond["guidance"] = torch.full((len(PROMPTS),), 3.5)
+        cond["guidance"] = torch.full((len(PROMPTS),), get_family(architecture).guidance_scale)
     return cond
 
 
@@ -60,13 +68,15 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
     student = lora_student(pipe, architecture, policy)
     pipe.set_piflow_student(student)
     assert isinstance(pipe.scheduler, FlowMapSDEScheduler) and pipe.scheduler.config.shift == 3.2
-    latents = run(pipe, 4, output_type="latent")
-    assert latents.shape == (2, 4, 16, 16)
+    shape = latent_shape(architecture, len(PROMPTS))
+    latents = run(pipe, 4, family=architecture, output_type="latent")
+    assert latents.shape == shape
     # the same noise and text condition through the core sampling loop (independent of the pipeline code)
-    noise = diffusers.utils.torch_utils.randn_tensor((2, 4, 16, 16), generator=torch.Generator().manual_seed(0))
+    noise = diffusers.utils.torch_utils.randn_tensor(shape, generator=torch.Generator().manual_seed(0))
     pf = PiFlow(student, None, policy=policy, nfe=4, final_step_size_scale=0.5, shift=3.2,
                 policy_kwargs=student.policy_kwargs)
-    expected = pf.sample(noise, nfe=4, cond=text_cond(pipe, architecture), temperature="auto")
+    cond = text_cond(pipe, architecture)
+    expected = pf.sample(noise, nfe=4, cond=cond, temperature="auto")
     torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
     # an explicit step list (raw times, warped by the shift) runs through the same loop
     sigmas = [1.0, 0.6, 0.25]
@@ -76,13 +86,17 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
         seen.append((i, pipeline.scheduler.step_index))      # step_index is up to date inside callbacks
         return outputs
 
-    listed = run(pipe, None, output_type="latent", sigmas=sigmas, callback_on_step_end=callback)
+    listed = run(pipe, None, family=architecture, output_type="latent", sigmas=sigmas,
+                 callback_on_step_end=callback)
     assert pipe.scheduler.num_inference_steps == 3 and seen == [(0, 1), (1, 2), (2, 3)]
-    expected = pf.sample(noise, sigmas=sigmas, cond=text_cond(pipe, architecture), temperature="auto")
+    expected = pf.sample(noise, sigmas=sigmas, cond=cond, temperature="auto")
     torch.testing.assert_close(listed, expected, atol=1e-5, rtol=1e-5)
+    size = image_size(architecture)
+    frames = size_arguments(architecture).get("num_frames")
     for steps in (1, 4):
-        images = run(pipe, steps, output_type="np")
-        assert images.shape == (2, SIZE, SIZE, 3) and images.min() >= 0 and images.max() <= 1
+        images = run(pipe, steps, family=architecture, output_type="np")
+        assert images.shape == ((2, frames, size, size, 3) if frames else (2, size, size, 3))
+        assert images.min() >= 0 and images.max() <= 1
 
 
 @pytest.mark.parametrize("architecture", ARCHS)
@@ -92,22 +106,23 @@ def test_adapter_round_trip_through_from_pretrained_and_lora_combination(archite
     pipe = tiny_pipeline(architecture, PIPELINES[architecture])
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / "base")          # a local checkpoint of the base model (before LoRA)
-    base_u = DiffusersTeacher(pipe.transformer, architecture)
-    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5)), torch.tensor([0.9, 0.3])
+    base_u = DiffusersTeacher(pipe.transformer, get_family(architecture).architecture)
+    x = torch.randn(latent_shape(architecture, 2), generator=torch.Generator().manual_seed(5))
+    sigma = torch.tensor([0.9, 0.3])
     cond = text_cond(pipe, architecture)
     teacher_before = base_u(x, sigma, cond)
     student = lora_student(pipe, architecture, "gmflow")
     pipe.set_piflow_student(student)
-    expected = run(pipe, 2, output_type="latent")
+    expected = run(pipe, 2, family=architecture, output_type="latent")
     save_piflow_adapter(student, tmp_path / "adapter")
 
     fresh = PIPELINES[architecture].from_pretrained(tmp_path / "base")
     fresh.set_progress_bar_config(disable=True)
     fresh.load_piflow_adapter(tmp_path / "adapter")
-    assert torch.equal(run(fresh, 2, output_type="latent"), expected)            # bit-for-bit
+    assert torch.equal(run(fresh, 2, family=architecture, output_type="latent"), expected)            # bit-for-bit
     # the teacher (adapters disabled) is the untouched base
-    torch.testing.assert_close(DiffusersTeacher(fresh.transformer, architecture)(x, sigma, cond), teacher_before,
-                               atol=0, rtol=0)
+    torch.testing.assert_close(DiffusersTeacher(fresh.transformer, get_family(architecture).architecture)(
+        x, sigma, cond), teacher_before, atol=0, rtol=0)
     # a second LoRA through the pipeline's set_adapters, with per-adapter strengths
     fresh.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
                                              target_modules=["to_q", "to_v"]), "style")   # attention, like styles
@@ -116,9 +131,9 @@ def test_adapter_round_trip_through_from_pretrained_and_lora_combination(archite
             if "lora_B.style" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(9))
     fresh.set_adapters(["piflow", "style"], adapter_weights=[1.0, 0.0])
-    assert torch.equal(run(fresh, 2, output_type="latent"), expected)
+    assert torch.equal(run(fresh, 2, family=architecture, output_type="latent"), expected)
     fresh.set_adapters(["piflow", "style"], adapter_weights=[1.0, 0.8])
-    styled = run(fresh, 2, output_type="latent")
+    styled = run(fresh, 2, family=architecture, output_type="latent")
     assert torch.isfinite(styled).all() and not torch.allclose(styled, expected)
 
 
@@ -181,13 +196,13 @@ def test_adapters_in_the_authors_layout_load(architecture, policy, class_name, t
     student = lora_student(pipe, architecture, policy)
     student.policy_kwargs = {}      # the authors' DX policy_config carries only its type here: defaults apply
     pipe.set_piflow_student(student)
-    expected = run(pipe, 4, output_type="latent")
+    expected = run(pipe, 4, family=architecture, output_type="latent")
     write_in_authors_layout(student, tmp_path / "authors", class_name)
     fresh = tiny_pipeline(architecture, PIPELINES[architecture])
     fresh.set_progress_bar_config(disable=True)
     loaded = fresh.load_piflow_adapter(tmp_path / "authors")
     assert loaded.policy_kind == policy and loaded.transformer.peft_config["piflow"].r == 4
-    assert torch.equal(run(fresh, 4, output_type="latent"), expected)
+    assert torch.equal(run(fresh, 4, family=architecture, output_type="latent"), expected)
 
 
 def test_adapter_from_a_hub_id_or_subfolder(tmp_path, monkeypatch):
