@@ -129,8 +129,9 @@ def _sample_text_to_image(args, run_dir: Path) -> int:
     out = Path(args.output) if args.output else run_dir / "samples"
     paths = sample_run(run_dir, args.prompt, out, nfe=args.nfe, num_images=args.num_samples or 1,
                        generator=torch.Generator().manual_seed(args.seed), temperature=_temperature(args.temperature),
-                       overrides=args.overrides)
-    print(f"{len(paths)} images written to {out}")
+                       overrides=args.overrides, images=args.image or None, video_format=args.video_format)
+    kind = "videos" if paths and paths[0].suffix in (".gif", ".mp4") else "images"
+    print(f"{len(paths)} {kind} written to {out}")
     return 0
 
 
@@ -258,20 +259,32 @@ def _cmd_encode_prompts(args) -> int:
     import torch
 
     from piflow.errors import require
-    from piflow.integrations.diffusers.prompts import read_prompt_file, write_prompt_cache
+    from piflow.integrations.diffusers.families import get_family
+    from piflow.integrations.diffusers.prompts import read_conditions_file, read_prompt_file, write_prompt_cache
     from piflow.recipes.diffusers_base import DTYPES, from_pretrained, pipeline_architecture
 
     diffusers = require("diffusers", "piflow encode-prompts")
     _positive(args, "--shard-size", "--max-sequence-length")
     architecture = pipeline_architecture(args.pipeline)          # checked before anything heavy is loaded
-    prompts = read_prompt_file(args.prompts)
+    family = get_family(architecture)
+    if args.conditions is not None:
+        if family.references == "none":
+            raise ConfigError(f"--conditions (reference images) applies to editing pipelines; {architecture} is "
+                              "text-to-image: use --prompts")
+        prompts, images = read_conditions_file(args.conditions)
+    else:
+        if family.references == "required":
+            raise ConfigError(f"{architecture} is an editing pipeline: give --conditions conditions.jsonl "
+                              '(one {"prompt": ..., "images": [...]} per line)')
+        prompts, images = read_prompt_file(args.prompts), None
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = from_pretrained(diffusers.DiffusionPipeline, args.pipeline, transformer=None, vae=None,
-                            torch_dtype=DTYPES[args.dtype])
+    parts = {"transformer": None} if images is not None else {"transformer": None, "vae": None}   # VAE: references
+    pipe = from_pretrained(diffusers.DiffusionPipeline, args.pipeline, **parts, torch_dtype=DTYPES[args.dtype])
     pipe.to(device)
     out = write_prompt_cache(pipe, architecture, prompts, args.out, args.negative_prompt, args.shard_size,
-                             args.max_sequence_length)
-    print(f"{len(prompts)} prompt embeddings ({architecture}) written to {out}")
+                             args.max_sequence_length, images=images)
+    what = "conditions (text embeddings + reference latents)" if images is not None else "prompt embeddings"
+    print(f"{len(prompts)} {what} ({architecture}) written to {out}")
     return 0
 
 

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "text-to-image: output folder (default: <run-dir>/samples)")
     sample.add_argument("--label", type=int, default=None, help="class label for image runs (default: all classes)")
     sample.add_argument("--prompt", action="append", default=[], help="text-to-image runs: a prompt (repeatable)")
+    sample.add_argument("--image", action="append", default=[],
+                        help="editing runs: a reference image path (repeatable; shared by the prompts)")
+    sample.add_argument("--video-format", default="gif", choices=["gif", "mp4"],
+                        help="video runs: file format of each video (mp4 needs the [video] extra; default: "
+                             "%(default)s)")
     sample.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides applied when loading the run, e.g. distill.total_substeps=256")
     sample.set_defaults(handler="sample")
@@ -87,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = sub.add_parser("encode-prompts", help="pre-compute prompt embeddings (sharded safetensors cache)")
     encode.add_argument("--pipeline", required=True, help="local folder or hub id of the diffusers pipeline")
-    encode.add_argument("--prompts", required=True, help="prompt file, one per line")
+    source = encode.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="prompt file, one per line")
+    source.add_argument("--conditions", help="editing: JSON Lines file, one {\"prompt\": ..., \"images\": [...]} "
+                                             "per line (reference latents are cached with the text embeddings)")
     encode.add_argument("--out", required=True, help="cache folder (resumable)")
     encode.add_argument("--negative-prompt", default="", help="cached as the unconditional prompt for CFG")
     encode.add_argument("--shard-size", type=int, default=1000, help="prompts per shard file (default: %(default)s)")

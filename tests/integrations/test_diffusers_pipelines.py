@@ -17,15 +17,21 @@ from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  
 from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler  # noqa: E402
 from piflow.integrations.diffusers.students import (ARCHITECTURES, DiffusersPolicyStudent,  # noqa: E402
                                                     DiffusersTeacher, add_student_lora)
-from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
+from piflow.integrations.diffusers.tiny import small_reference_area, tiny_pipeline  # noqa: E402
 
-from family_cases import (encode_arguments, image_size, latent_shape, pipe_arguments,  # noqa: E402
+from family_cases import (REFERENCE_AREA, encode_arguments, image_size, latent_shape, pipe_arguments,  # noqa: E402
                           size_arguments)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ARCHS = sorted(PIPELINES)      # every family
 SIZE = 32            # pixels; latents 16×16
 PROMPTS = ["a red cat", "two blue birds on a wire"]
+
+
+@pytest.fixture(autouse=True)
+def small_references():
+    with small_reference_area(REFERENCE_AREA):
+        yield
 
 
 def lora_student(pipe, family, policy, seed=0):

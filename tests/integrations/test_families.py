@@ -15,22 +15,29 @@ from piflow.integrations.diffusers.families import FAMILIES, get_family  # noqa:
 from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
 from piflow.integrations.diffusers.students import (ARCHITECTURES, DiffusersPolicyStudent,  # noqa: E402
                                                     DiffusersTeacher, add_student_lora, pack_latents, unpack_tokens)
-from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
+from piflow.integrations.diffusers.tiny import small_reference_area, tiny_pipeline  # noqa: E402
 
-from family_cases import encode_arguments, latent_shape, stock_arguments  # noqa: E402
+from family_cases import (REFERENCE_AREA, encode_arguments, latent_shape, stock_arguments,  # noqa: E402
+                          stock_pipe_arguments, stock_prompts)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 NAMES = sorted(FAMILIES)
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
 
-def condition(pipe, family):
-    """The model `cond` of the tiny pipeline of `family` for PROMPTS."""
-    items = encode_prompts(pipe, family, PROMPTS, max_sequence_length=64, **encode_arguments(family, len(PROMPTS)))
+def condition(pipe, family, prompts=PROMPTS):
+    """The model `cond` of the tiny pipeline of `family` for `prompts`."""
+    items = encode_prompts(pipe, family, prompts, max_sequence_length=64, **encode_arguments(family, len(prompts)))
     cond = collate_text(items, family)
     if get_family(family).guidance == "embedded":
-        cond["guidance"] = torch.full((len(PROMPTS),), get_family(family).guidance_scale)
+        cond["guidance"] = torch.full((len(prompts),), get_family(family).guidance_scale)
     return cond
+
+
+@pytest.fixture(autouse=True)
+def small_references():
+    with small_reference_area(REFERENCE_AREA):
+        yield
 
 
 def stock_first_step(pipe, family):
@@ -46,8 +53,10 @@ def stock_first_step(pipe, family):
 
     pipe.scheduler.step = recording_step
     try:
-        pipe(prompt=list(PROMPTS), num_inference_steps=2, output_type="latent", max_sequence_length=64,
-             generator=torch.Generator().manual_seed(0), **stock_arguments(family))
+        prompts = stock_prompts(family, PROMPTS)
+        pipe(prompt=prompts, num_inference_steps=2, output_type="latent", max_sequence_length=64,
+             generator=torch.Generator().manual_seed(0), **stock_arguments(family),
+             **stock_pipe_arguments(family, prompts))
     finally:
         del pipe.scheduler.step
     return seen["first"]
@@ -60,12 +69,13 @@ def test_teacher_is_the_velocity_the_stock_pipeline_integrates(family):
     pipe = tiny_pipeline(family)
     pipe.set_progress_bar_config(disable=True)
     sample, sigma, model_output = stock_first_step(pipe, family)
+    prompts = stock_prompts(family, PROMPTS)
     packed = ARCHITECTURES[get_family(family).architecture].packs_outside
-    shape = latent_shape(family, len(PROMPTS))
+    shape = latent_shape(family, len(prompts))
     x = (unpack_tokens(sample, *shape[-2:]) if packed and sample.dim() == 3 else sample).float()
     assert x.shape == shape
-    u = DiffusersTeacher(pipe.transformer, get_family(family).architecture)(x, sigma.expand(len(PROMPTS)).float(),
-                                                                            condition(pipe, family))
+    u = DiffusersTeacher(pipe.transformer, get_family(family).architecture)(x, sigma.expand(len(prompts)).float(),
+                                                                            condition(pipe, family, prompts))
     torch.testing.assert_close(pack_latents(u) if packed else u, model_output.float(), atol=2e-5, rtol=2e-5)
 
 

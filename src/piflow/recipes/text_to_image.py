@@ -183,6 +183,15 @@ def _text_condition(items, family: str, config: dict, device, dtype) -> dict:
     return cond
 
 
+def _eval_conditions(source, config: dict) -> Optional[tuple]:
+    """(prompts, reference image paths) of the first conditions of an editing run (its sample grid), else None."""
+    images = getattr(source, "images", None)
+    if not images:
+        return None
+    count = max(1, len(config["eval"]["prompts"]))
+    return list(source.prompts[:count]), [list(refs) for refs in images[:count]]
+
+
 def _load_latents(path: str, count: int, shape: tuple[int, ...]) -> torch.Tensor:
     from piflow.data.images import LatentDataset
 
@@ -251,7 +260,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
                 save_piflow_adapter(ema_student, run_dir / "adapter")
             if pipe is not None and config["eval"]["prompts"] and (is_main or sharded):   # FSDP: all ranks gather
                 path = save_sample_grid(pipe, ema_student, config, run_dir / "samples.png", write=is_main,
-                                        family=architecture)
+                                        family=architecture, conditions=_eval_conditions(prompts, config))
                 metrics["samples"] = str(path)
         return metrics
 
@@ -262,24 +271,37 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
 
 @torch.no_grad()
 def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True,
-                     family: Optional[str] = None) -> Path:
-    """One row per eval NFE, one column per eval prompt, from the π-Flow pipeline of the run's family."""
+                     family: Optional[str] = None, conditions: Optional[tuple] = None) -> Path:
+    """One row per eval NFE, one column per eval prompt (editing runs: per condition of `conditions` = (prompts,
+    reference image paths)), from the π-Flow pipeline of the run's family; videos show first/middle/last frames."""
     import numpy as np
 
     from piflow.integrations.diffusers.pipelines import PIPELINES
+    from piflow.integrations.diffusers.prompts import load_reference_images
 
     from piflow.recipes.plots import pyplot
 
-    pi_pipe = PIPELINES[family or student.architecture.name](**pipe.components)
+    family = family or student.architecture.name
+    pi_pipe = PIPELINES[family](**pipe.components)
     pi_pipe.set_progress_bar_config(disable=True)
     pi_pipe.set_piflow_student(student)
-    height, width = (int(v) for v in config["resolution"])
+    height = int(config["resolution"][0])
+    prompts, images = list(config["eval"]["prompts"]), None
+    if conditions is not None:      # editing: the first conditions of the run, one column each
+        prompts, images = conditions
     rows = []
     for nfe in config["eval"]["nfe"]:
-        images = pi_pipe(list(config["eval"]["prompts"]), height=height, width=width, num_inference_steps=int(nfe),
-                         temperature=config["eval"]["temperature"], output_type="np",
-                         generator=torch.Generator().manual_seed(int(config["eval"]["seed"]))).images
-        rows.append(np.concatenate(list(images), axis=1))
+        columns = []
+        for index, prompt in enumerate(prompts):
+            refs = None if images is None else load_reference_images(images[index])
+            out = _generate(pi_pipe, family, [prompt], config, refs, num_inference_steps=int(nfe),
+                            temperature=config["eval"]["temperature"], output_type="np",
+                            generator=torch.Generator().manual_seed(int(config["eval"]["seed"])))
+            frames = out[0]
+            # a video's first, middle and last frames side by side
+            columns.append(np.concatenate([frames[0], frames[len(frames) // 2], frames[-1]], axis=1)
+                           if frames.ndim == 4 else frames)
+        rows.append(np.concatenate(columns, axis=1))
     if not write:
         return path
     plt = pyplot()
@@ -287,7 +309,8 @@ def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True
     fig = plt.figure(figsize=(2 * grid.shape[1] / height, 2 * grid.shape[0] / height))
     plt.imshow(np.clip(grid, 0, 1))
     plt.axis("off")
-    plt.title(f"NFE {list(config['eval']['nfe'])} (rows) × prompts (columns)", fontsize=8)
+    plt.title(f"NFE {list(config['eval']['nfe'])} (rows) × {'conditions' if conditions else 'prompts'} "
+              "(columns)", fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -352,33 +375,67 @@ def export_adapter(run_dir: Path, output: Optional[Path] = None, use_ema: bool =
     return output
 
 
+def _generate(pipe, family: str, prompts: list[str], config: dict, images=None, **kwargs):
+    """Images (video families: frames) of a π-Flow pipeline at the run's resolution (and frame count), with the
+    reference images of editing families."""
+    from piflow.integrations.diffusers.families import get_family
+
+    spec = get_family(family)
+    height, width = (int(v) for v in config["resolution"])
+    arguments = dict(height=height, width=width, **kwargs)
+    if spec.video:
+        arguments["num_frames"] = int(config["num_frames"])
+    if images is not None:
+        arguments["image"] = images
+    elif spec.references == "required":
+        raise ConfigError(f"{family} is an editing family: give reference images (piflow sample --image PATH)")
+    out = pipe(prompt=list(prompts), **arguments)
+    return out.frames if spec.video else out.images
+
+
 @torch.no_grad()
 def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[int] = None, num_images: int = 1,
-               generator: Optional[torch.Generator] = None, temperature: Any = "auto", overrides=()) -> list[Path]:
-    """Generate PNGs for `prompts` with a finished run's adapter in the π-Flow pipeline of its base model."""
+               generator: Optional[torch.Generator] = None, temperature: Any = "auto", overrides=(),
+               images: Optional[list] = None, video_format: str = "gif", fps: int = 16) -> list[Path]:
+    """Write PNGs (video families: one .gif or .mp4 per video) for `prompts` with a finished run's adapter in the
+    π-Flow pipeline of its base model; `images`: reference image paths of editing runs (shared by the prompts)."""
     from piflow.config import load_config
+    from piflow.integrations.diffusers.families import get_family
     from piflow.integrations.diffusers.pipelines import PIPELINES
+    from piflow.integrations.diffusers.prompts import load_reference_images
 
+    if video_format not in ("gif", "mp4"):
+        raise ConfigError(f"video format must be 'gif' or 'mp4', got {video_format!r}")
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
     if not (adapter / "config.json").is_file():
         raise ConfigError(f"{run_dir} has no adapter yet (finish the run or `piflow export --run-dir {run_dir}`)")
     config = load_config(T2I_DISTILL_DEFAULTS, run_dir / "config.yaml", overrides)
     family = run_family(config)
+    spec = get_family(family)
+    if images and spec.references == "none":
+        raise ConfigError(f"--image applies to editing families; {family} takes no reference images")
+    references = load_reference_images(images) if images else None
     device = default_device()
     pipe, _ = load_base(config, device, base_dtype(config, device),
                         pipeline_class=PIPELINES[family])
     pipe.load_piflow_adapter(adapter)
-    height, width = (int(v) for v in config["resolution"])
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    images = pipe(list(prompts), height=height, width=width, num_images_per_prompt=num_images,
-                  num_inference_steps=nfe or pipe.piflow_student.sampling.get("nfe", 4), temperature=temperature,
-                  generator=generator).images
+    per_prompt = "num_videos_per_prompt" if spec.video else "num_images_per_prompt"
+    outputs = _generate(pipe, family, prompts, config, references, **{per_prompt: num_images},
+                        num_inference_steps=nfe or pipe.piflow_student.sampling.get("nfe", 4),
+                        temperature=temperature, generator=generator)
     paths = []
-    for index, image in enumerate(images):
-        path = output / f"{index // num_images:03d}_{index % num_images:02d}.png"
-        image.save(path)
-        paths.append(path)
-    write_json(output / "prompts.json", list(prompts))
+    for index, item in enumerate(outputs):
+        stem = output / f"{index // num_images:03d}_{index % num_images:02d}"
+        if spec.video:
+            from piflow.video import write_video
+
+            paths.append(write_video(item, stem.with_suffix(f".{video_format}"), fps=fps))
+        else:
+            path = stem.with_suffix(".png")
+            item.save(path)
+            paths.append(path)
+    write_json(output / "prompts.json", {"prompts": list(prompts), "images": [str(p) for p in images or []]})
     return paths

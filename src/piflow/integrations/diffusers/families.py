@@ -100,6 +100,55 @@ def _encode_flux2(pipe, prompts: list[str], max_sequence_length: int, references
     return items
 
 
+def qwen_edit_references(pipe, images: Sequence, plus: bool) -> tuple[list, dict]:
+    """(images for the vision-language encoder, reference latents ``reference_latents.j`` (C, h, w)) of one
+    condition, resized as the stock pipelines do: Edit one image at ~1 MP for both, Edit-Plus each image at
+    ~384² for the encoder and ~1 MP for the VAE (their module-level sizes, read at call time)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    if not plus and len(images) != 1:
+        raise ValueError(f"images: Qwen-Image-Edit takes one reference image per condition, got {len(images)} "
+                         "(Qwen-Image-Edit-Plus, 2509/2511, takes several)")
+    encoder_images, latents = [], {}
+    for number, image in enumerate(images):
+        width, height = image.size
+        if plus:
+            cond_w, cond_h = edit_plus.calculate_dimensions(edit_plus.CONDITION_IMAGE_SIZE, width / height)
+            vae_w, vae_h = edit_plus.calculate_dimensions(edit_plus.VAE_IMAGE_SIZE, width / height)
+            encoder_images.append(pipe.image_processor.resize(image, cond_h, cond_w))
+            pixels = pipe.image_processor.preprocess(image, vae_h, vae_w)
+        else:
+            vae_w, vae_h, _ = edit.calculate_dimensions(1024 * 1024, width / height)
+            resized = pipe.image_processor.resize(image, vae_h, vae_w)
+            encoder_images.append(resized)
+            pixels = pipe.image_processor.preprocess(resized, vae_h, vae_w)
+        if pixels.shape[1] != 3:
+            raise ValueError(f"images: reference image {number} must be RGB (3 channels), got {pixels.shape[1]}")
+        encoded = pipe._encode_vae_image(pixels.unsqueeze(2).to(pipe._execution_device, pipe.vae.dtype),
+                                         generator=None)                           # (1, C, 1, h, w), normalised
+        latents[f"{REFERENCE_PREFIX}{number}"] = encoded[0, :, 0]
+    return encoder_images, latents
+
+
+def _qwen_text(embeds: Tensor, mask: Optional[Tensor]) -> list[dict]:
+    lengths = [embeds.shape[1]] * embeds.shape[0] if mask is None else mask.sum(dim=1).tolist()
+    return [{"encoder_hidden_states": e[:int(n)]} for e, n in zip(embeds, lengths)]
+
+
+def _encoder_qwen_edit(plus: bool):
+    def encode(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
+        items = []
+        for prompt, images in zip(prompts, references):        # the stock pipelines encode one condition a call
+            encoder_images, latents = qwen_edit_references(pipe, images, plus)
+            embeds, mask = pipe.encode_prompt(prompt=[prompt], image=encoder_images if plus else encoder_images[0],
+                                              device=pipe._execution_device,
+                                              max_sequence_length=max_sequence_length)
+            items.append({**_qwen_text(embeds, mask)[0], **latents})
+        return items
+    return encode
+
+
 def _encode_wan(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
     embeds, _ = pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False,
                                    max_sequence_length=max_sequence_length, device=pipe._execution_device)
@@ -189,6 +238,14 @@ register_family(Family("zimage", "zimage", "ZImageTransformer2DModel", "ZImagePi
                        _encode_zimage, _collate_qwen, ("encoder_hidden_states",), latent_packing="inside"))
 
 
+# Qwen-Image-Edit (one reference) and Edit-Plus (2509 / 2511: several; 2511 is the transformer config
+# zero_cond_t): true CFG 4.0 against a negative prompt encoded with the same reference images.
+register_family(Family("qwen-edit", "qwen", "QwenImageTransformer2DModel", "QwenImageEditPipeline",
+                       "PiQwenImageEditPipeline", _encoder_qwen_edit(False), _collate_qwen, ("encoder_hidden_states",),
+                       references="required", null_per_item=True))
+register_family(Family("qwen-edit-plus", "qwen", "QwenImageTransformer2DModel", "QwenImageEditPlusPipeline",
+                       "PiQwenImageEditPlusPipeline", _encoder_qwen_edit(True), _collate_qwen,
+                       ("encoder_hidden_states",), references="required", null_per_item=True))
 # FLUX.2 [dev]: guidance-distilled (embedded guidance 4.0), text-to-image and multi-reference editing.
 register_family(Family("flux2", "flux2", "Flux2Transformer2DModel", "Flux2Pipeline", "PiFlux2Pipeline", _encode_flux2,
                        _collate_padded, ("encoder_hidden_states",), guidance="embedded", guidance_scale=4.0,

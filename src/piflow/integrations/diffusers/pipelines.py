@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
-from diffusers import (Flux2KleinPipeline, Flux2Pipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline,
-                       WanPipeline, ZImagePipeline)
+from diffusers import (Flux2KleinPipeline, Flux2Pipeline, FluxPipeline, QwenImageEditPipeline,
+                       QwenImageEditPlusPipeline, QwenImagePipeline, StableDiffusion3Pipeline, WanPipeline,
+                       ZImagePipeline)
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
@@ -245,6 +246,20 @@ class PiSD3Pipeline(PiFlowPipelineMixin, StableDiffusion3Pipeline):
                             StableDiffusion3PipelineOutput, return_dict)
 
 
+def _decode_qwen(self, x: Tensor, output_type: str, return_dict: bool):
+    """Normalised latents (B, C, H, W) → the pipeline output (images, or the latents for "latent")."""
+    from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
+
+    if output_type == "latent":
+        return self._finish(x, QwenImagePipelineOutput, return_dict)
+    x = x[:, :, None].to(self.vae.dtype)                              # (B, C, 1, H, W): one video frame
+    mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x)
+    std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(x)
+    image = self.vae.decode(x * std + mean, return_dict=False)[0][:, :, 0]
+    return self._finish(self.image_processor.postprocess(image, output_type=output_type), QwenImagePipelineOutput,
+                        return_dict)
+
+
 class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
     """`QwenImagePipeline` with a GM-Qwen / DX-Qwen student (§6.4); no true CFG at inference (distilled in)."""
 
@@ -261,8 +276,6 @@ class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
                  callback_on_step_end: Optional[Callable] = None,
                  sigmas: Optional[list[float]] = None):
         """Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1."""
-        from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
-
         height, width = self._image_size(height, width)
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
                           max_sequence_length=max_sequence_length)
@@ -276,14 +289,7 @@ class PiQwenImagePipeline(PiFlowPipelineMixin, QwenImagePipeline):
         x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator,
                                  num_tokens, total_substeps, callback_on_step_end,
                                  sigmas=sigmas)
-        if output_type == "latent":
-            return self._finish(x, QwenImagePipelineOutput, return_dict)
-        x = x[:, :, None].to(self.vae.dtype)                              # (B, C, 1, H, W): one video frame
-        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(x)
-        std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(x)
-        image = self.vae.decode(x * std + mean, return_dict=False)[0][:, :, 0]
-        return self._finish(self.image_processor.postprocess(image, output_type=output_type), QwenImagePipelineOutput,
-                            return_dict)
+        return _decode_qwen(self, x, output_type, return_dict)
 
 
 class PiZImagePipeline(PiFlowPipelineMixin, ZImagePipeline):
@@ -328,6 +334,92 @@ class PiZImagePipeline(PiFlowPipelineMixin, ZImagePipeline):
         image = self.vae.decode(x, return_dict=False)[0]
         return self._finish(self.image_processor.postprocess(image, output_type=output_type), ZImagePipelineOutput,
                             return_dict)
+
+
+class _PiQwenEditMixin(PiFlowPipelineMixin):
+    """The Qwen-Image-Edit(-Plus) call: reference image(s) encoded as in distillation (`families.qwen_edit_references`:
+    the same resizing, VAE normalisation and vision-language prompt), the edited image in `num_inference_steps`
+    student evaluations; no CFG at inference (distilled in)."""
+
+    architecture_name = "qwen"
+    plus = False
+
+    def _edit_call(self, image, prompt, height, width, num_inference_steps, sigmas, temperature,
+                   num_images_per_prompt, generator, latents, prompt_embeds, prompt_embeds_mask, output_type,
+                   return_dict, callback_on_step_end, max_sequence_length, total_substeps):
+        from PIL import Image
+
+        from piflow.integrations.diffusers.families import _qwen_text, qwen_edit_references
+        from piflow.integrations.diffusers.prompts import collate_text
+
+        if image is None or (isinstance(image, list) and not image):
+            raise ValueError(f"image: {type(self).__name__} edits a reference image; pass image=PIL.Image "
+                             f"({'a list of reference images' if self.plus else 'or one per prompt'})")
+        images = image if isinstance(image, list) else [image]
+        if not all(isinstance(item, Image.Image) for item in images):
+            raise ValueError("image must be a PIL image or a list of PIL images (the reference images)")
+        count = self._batch_size(prompt, prompt_embeds)
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        # Plus: every reference for every prompt; Edit: one reference shared, or one per prompt
+        per_prompt = ([images] * count if self.plus else [[images[i if len(images) == count else 0]]
+                                                          for i in range(count)])
+        if not self.plus and len(images) not in (1, count):
+            raise ValueError(f"image: give one reference image, or one per prompt ({count}), got {len(images)}")
+        device = self._execution_device
+        items = []
+        for index, references in enumerate(per_prompt):
+            encoder_images, reference = qwen_edit_references(self, [i.convert("RGB") for i in references], self.plus)
+            if prompt_embeds is None:
+                embeds, mask = self.encode_prompt(prompt=[prompts[index]],
+                                                  image=encoder_images if self.plus else encoder_images[0],
+                                                  device=device, max_sequence_length=max_sequence_length)
+            else:
+                embeds = prompt_embeds[index:index + 1]
+                mask = None if prompt_embeds_mask is None else prompt_embeds_mask[index:index + 1]
+            items.extend([{**_qwen_text(embeds, mask)[0], **reference}] * num_images_per_prompt)
+        cond = collate_text(items, "qwen-edit", device=device, dtype=self.transformer.dtype)
+        size = images[-1 if self.plus else 0].size
+        default_w, default_h = self._default_size(size[0] / size[1])
+        height, width = height or default_h, width or default_w
+        self._check_multiple(height, width, self.vae_scale_factor * 2)
+        noise, num_tokens = self._packed_noise(len(items), height, width, latents, generator, device)
+        x = self._policy_denoise(noise, cond, num_inference_steps, temperature, generator, num_tokens,
+                                 total_substeps, callback_on_step_end, sigmas=sigmas)
+        return _decode_qwen(self, x, output_type, return_dict)
+
+    def _default_size(self, ratio: float) -> tuple[int, int]:
+        """(width, height) of ~1 MP at the first (Edit) / last (Plus) reference's aspect ratio, as the stock ones."""
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+
+        width, height, _ = edit.calculate_dimensions(1024 * 1024, ratio)
+        return width, height
+
+
+class PiQwenImageEditPipeline(_PiQwenEditMixin, QwenImageEditPipeline):
+    """`QwenImageEditPipeline` with a GM / DX student distilled from (instruction, reference image) conditions."""
+
+    @torch.no_grad()
+    def __call__(self, image=None, prompt: Union[str, list[str], None] = None, negative_prompt=None,
+                 true_cfg_scale: float = 1.0, height: Optional[int] = None, width: Optional[int] = None,
+                 num_inference_steps: Optional[int] = None, sigmas: Optional[list[float]] = None,
+                 temperature: Union[float, str] = "auto", num_images_per_prompt: int = 1,
+                 generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
+                 prompt_embeds: Optional[Tensor] = None, prompt_embeds_mask: Optional[Tensor] = None,
+                 output_type: str = "pil", return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
+                 max_sequence_length: int = 512, total_substeps: Optional[int] = None):
+        """Edit `image` (one PIL image, or one per prompt) by `prompt`; `negative_prompt` and `true_cfg_scale` are
+        accepted and unused (guidance is distilled in); `latents`: noise (B·n, C, H/8, W/8) at σ = 1."""
+        return self._edit_call(image, prompt, height, width, num_inference_steps, sigmas, temperature,
+                               num_images_per_prompt, generator, latents, prompt_embeds, prompt_embeds_mask,
+                               output_type, return_dict, callback_on_step_end, max_sequence_length, total_substeps)
+
+
+class PiQwenImageEditPlusPipeline(_PiQwenEditMixin, QwenImageEditPlusPipeline):
+    """`QwenImageEditPlusPipeline` (Qwen-Image-Edit-2509 / 2511) with a GM / DX student; `image` is the list of
+    reference images (shared by the prompts)."""
+
+    plus = True
+    __call__ = PiQwenImageEditPipeline.__call__
 
 
 class _PiFlux2Mixin(PiFlowPipelineMixin):
@@ -483,4 +575,5 @@ class PiWanPipeline(PiFlowPipelineMixin, WanPipeline):
 
 
 PIPELINES = {"flux": PiFluxPipeline, "sd3": PiSD3Pipeline, "qwen": PiQwenImagePipeline, "zimage": PiZImagePipeline,
-             "flux2": PiFlux2Pipeline, "flux2-klein": PiFlux2KleinPipeline, "wan": PiWanPipeline}
+             "flux2": PiFlux2Pipeline, "flux2-klein": PiFlux2KleinPipeline, "wan": PiWanPipeline,
+             "qwen-edit": PiQwenImageEditPipeline, "qwen-edit-plus": PiQwenImageEditPlusPipeline}

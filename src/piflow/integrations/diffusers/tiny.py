@@ -15,6 +15,7 @@ test suite, they are the offline smoke run of the text-to-image commands (docs/t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -293,13 +294,113 @@ def _wan_components(latent_channels: int, seed: int) -> dict:
                                                   flow_shift=3.0))
 
 
+QWEN_VL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+# the words around the user's instruction in Qwen-Image-Edit's prompt template: BPE merges learned on them make its
+# system prefix 64 tokens long, the pipelines' `prompt_template_encode_start_idx`, as with the real tokenizer
+EDIT_TEMPLATE_TEXT = [
+    "system\nDescribe the key features of the input image (color, shape, size, texture, objects, background), then "
+    "explain how the user's text instruction should alter or modify the image. Generate a new image that meets the "
+    "user's requirements while maintaining consistency with the original input where appropriate.\nuser\n"
+    "assistant\n", "Picture 1: Picture 2: Picture 3: ", " Picture Picture:"]
+
+
+def allow_processor_without_video() -> bool:
+    """transformers ≥ 5 builds, saves and loads `Qwen2VLProcessor` with a video processor that needs torchvision,
+    so Qwen-Image-Edit pipelines cannot load without it (transformers#43986). Where torchvision is missing, let
+    the processor do without (the edit pipelines never pass videos): drops "video_processor" from its parts,
+    process-wide, idempotent. Returns True when active."""
+    from transformers import Qwen2VLProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return False
+    if not getattr(Qwen2VLProcessor, "_piflow_without_video", False):
+        parts = Qwen2VLProcessor.get_attributes.__func__
+
+        def get_attributes(cls):
+            return [name for name in parts(cls) if name != "video_processor"]
+
+        Qwen2VLProcessor.get_attributes = classmethod(get_attributes)
+        Qwen2VLProcessor._piflow_without_video = True
+    return True
+
+
+def _qwen_vl_tokenizer():
+    """A `Qwen2Tokenizer` (Qwen's pre-tokenisation, byte-level BPE with merges learned on the edit templates) with the
+    Qwen2.5-VL special tokens."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AddedToken, Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    learner.train_from_iterator(EDIT_TEMPLATE_TEXT, trainer=trainers.BpeTrainer(
+        vocab_size=2048, min_frequency=1, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    model = json.loads(learner.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab.update({token: len(vocab) + i for i, token in enumerate(QWEN_VL_SPECIALS)})
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                                    for m in model["merges"]],
+                               unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_VL_SPECIALS],
+                         special_tokens=True)
+    return tokenizer
+
+
+def _qwen_edit_components(latent_channels: int, seed: int) -> dict:
+    """Qwen-Image-Edit / Edit-Plus: the Qwen-Image transformer, an 8× Qwen VAE, a Qwen2.5-VL text encoder with a
+    tiny vision tower (patch 14, temporal patch 2, merge 2) and its processor."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    allow_processor_without_video()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * latent_channels,
+                                              out_channels=latent_channels, num_layers=1, attention_head_dim=16,
+                                              num_attention_heads=2, joint_attention_dim=TEXT_WIDTH,
+                                              axes_dims_rope=(4, 6, 6))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=latent_channels, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True],
+                                 latents_mean=[0.1 * i for i in range(latent_channels)],
+                                 latents_std=[1.0 + 0.5 * i for i in range(latent_channels)]).eval()
+    tokenizer = _qwen_vl_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VL_SPECIALS}
+    torch.manual_seed(seed + 2)
+    text_config = dict(vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                       rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2], "rope_type": "default"},
+                       bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                       pad_token_id=ids["<|endoftext|>"])
+    vision_config = dict(depth=2, hidden_size=16, intermediate_size=24, num_heads=2, patch_size=14,
+                         temporal_patch_size=2, spatial_merge_size=2, window_size=112, fullatt_block_indexes=[1],
+                         out_hidden_size=TEXT_WIDTH)
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"])).eval()
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, temporal_patch_size=2, merge_size=2),
+        tokenizer=tokenizer)
+    return dict(transformer=_randomise_output_layer(transformer), vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+                processor=processor, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
 COMPONENTS = {"flux": _flux_components, "sd3": _sd3_components, "qwen": _qwen_components,
               "zimage": _zimage_components, "flux2": _flux2_components,
               "flux2-klein": lambda channels, seed: _flux2_components(channels, seed, "flux2-klein"),
-              "wan": _wan_components}
+              "wan": _wan_components, "qwen-edit": _qwen_edit_components, "qwen-edit-plus": _qwen_edit_components}
 STOCK_PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "qwen": "QwenImagePipeline",
                    "zimage": "ZImagePipeline", "flux2": "Flux2Pipeline", "flux2-klein": "Flux2KleinPipeline",
-                   "wan": "WanPipeline"}
+                   "wan": "WanPipeline", "qwen-edit": "QwenImageEditPipeline",
+                   "qwen-edit-plus": "QwenImageEditPlusPipeline"}
 
 
 def tiny_components(architecture: str, latent_channels: int = 4, seed: int = 0) -> dict:
@@ -317,3 +418,23 @@ def tiny_pipeline(architecture: str, pipeline_class: Optional[type] = None, late
 
         pipeline_class = getattr(diffusers, STOCK_PIPELINES[architecture])
     return pipeline_class(**tiny_components(architecture, latent_channels, seed))
+
+
+@contextlib.contextmanager
+def small_reference_area(area: int = 32 * 32):
+    """Inside the block, the Qwen-Image-Edit pipelines (stock and π-Flow, and piflow's condition encoding) resize
+    reference images to ~`area` pixels instead of ~1 MP — for tiny offline pipelines, where a 1 MP reference would
+    be thousands of tokens. Edit's area is a literal inside ``calculate_dimensions``' caller, so that function is
+    wrapped; Edit-Plus reads the module constants VAE_IMAGE_SIZE / CONDITION_IMAGE_SIZE, which are set."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
+
+    original = edit.calculate_dimensions
+    saved = (edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE)
+    edit.calculate_dimensions = lambda target_area, ratio: original(area, ratio)
+    edit_plus.VAE_IMAGE_SIZE = edit_plus.CONDITION_IMAGE_SIZE = area
+    try:
+        yield
+    finally:
+        edit.calculate_dimensions = original
+        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = saved
