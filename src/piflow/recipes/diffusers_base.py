@@ -117,7 +117,11 @@ def latent_geometry(path: str, family: str, transformer, resolution, num_frames:
 def from_pretrained(cls, path: str, **kwargs):
     """``cls.from_pretrained(path, use_safetensors=True, ...)``: weights are read from safetensors only (never from
     pickled ``.bin`` files); a pipeline without them is a one-line `ConfigError`."""
-    _model_index(path)
+    index = _model_index(path)
+    if "Qwen2VLProcessor" in str(index.get("processor", "")):      # Qwen-Image-Edit without torchvision
+        from piflow.integrations.diffusers.compat import allow_processor_without_video
+
+        allow_processor_without_video()
     try:
         return cls.from_pretrained(path, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as error:

@@ -306,27 +306,6 @@ EDIT_TEMPLATE_TEXT = [
     "assistant\n", "Picture 1: Picture 2: Picture 3: ", " Picture Picture:"]
 
 
-def allow_processor_without_video() -> bool:
-    """transformers ≥ 5 builds, saves and loads `Qwen2VLProcessor` with a video processor that needs torchvision,
-    so Qwen-Image-Edit pipelines cannot load without it (transformers#43986). Where torchvision is missing, let
-    the processor do without (the edit pipelines never pass videos): drops "video_processor" from its parts,
-    process-wide, idempotent. Returns True when active."""
-    from transformers import Qwen2VLProcessor
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        return False
-    if not getattr(Qwen2VLProcessor, "_piflow_without_video", False):
-        parts = Qwen2VLProcessor.get_attributes.__func__
-
-        def get_attributes(cls):
-            return [name for name in parts(cls) if name != "video_processor"]
-
-        Qwen2VLProcessor.get_attributes = classmethod(get_attributes)
-        Qwen2VLProcessor._piflow_without_video = True
-    return True
-
-
 def _qwen_vl_tokenizer():
     """A `Qwen2Tokenizer` (Qwen's pre-tokenisation, byte-level BPE with merges learned on the edit templates) with the
     Qwen2.5-VL special tokens."""
@@ -359,6 +338,8 @@ def _qwen_edit_components(latent_channels: int, seed: int) -> dict:
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from piflow.integrations.diffusers.compat import allow_processor_without_video
 
     allow_processor_without_video()
     torch.manual_seed(seed)
