@@ -24,9 +24,10 @@ from piflow.integrations.diffusers.tiny import tiny_components  # noqa: E402
 from piflow.settings import PiIDSettings  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-CASES = [("flux", "gmflow"), ("flux", "dx"), ("qwen", "gmflow"), ("qwen", "dx")]
+CASES = [("flux", "gmflow"), ("flux", "dx"), ("qwen", "gmflow"), ("qwen", "dx"), ("flux2", "gmflow")]
 LATENT = (4, 8, 8)                      # tiny latents: 4 channels, 8×8 → 16 tokens of 16 packed channels
-GM_CLASSES = {"flux": "GMFluxTransformer2DModel", "qwen": "GMQwenImageTransformer2DModel"}
+GM_CLASSES = {"flux": "GMFluxTransformer2DModel", "qwen": "GMQwenImageTransformer2DModel",
+              "flux2": "GMFlux2Transformer2DModel"}
 
 
 def base_transformer(architecture):
@@ -60,6 +61,9 @@ def inputs(architecture, batch=2, seed=1):
     if architecture == "flux":
         cond = {"encoder_hidden_states": text, "pooled_projections": torch.randn(batch, 32, generator=generator),
                 "txt_ids": torch.zeros(5, 3), "guidance": torch.full((batch,), 3.5)}
+    elif architecture == "flux2":        # FLUX.2 [dev]: three stacked 16-wide text layers, embedded guidance 4
+        cond = {"encoder_hidden_states": torch.randn(batch, 5, 48, generator=generator),
+                "guidance": torch.full((batch,), 4.0)}
     else:
         cond = {"encoder_hidden_states": text, "encoder_hidden_states_mask": torch.ones(batch, 5, dtype=torch.long)}
     return latents, sigma, cond
@@ -71,6 +75,10 @@ def expected_config(architecture, policy):
         base = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
                 "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
                 "axes_dims_rope": [4, 6, 6]}
+    elif architecture == "flux2":       # GMFlux2Transformer2DModel's constructor fields
+        base = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+                "joint_attention_dim": 48, "timestep_guidance_channels": 32, "mlp_ratio": 3.0,
+                "axes_dims_rope": [4, 4, 4, 4], "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": True}
     else:
         base = {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
                 "axes_dims_rope": [4, 6, 6]}
@@ -173,7 +181,8 @@ def test_export_is_what_their_exporter_writes(architecture, policy, tmp_path):
               "proj_out_logstds.3.bias"} if policy == "gmflow" else {"proj_out.weight", "proj_out.bias"})
     lora_modules = {name for name, module in student.transformer.named_modules() if hasattr(module, "lora_A")}
     lora = {f"{m}.lora_{ab}.weight" for m in lora_modules for ab in "AB"}
-    assert keys == heads | {"norm_out.linear.weight", "norm_out.linear.bias"} | lora
+    norm = {"norm_out.linear.weight"} | ({"norm_out.linear.bias"} if architecture != "flux2" else set())
+    assert keys == heads | norm | lora         # FLUX.2's final norm (and theirs) has no bias
 
 
 @pytest.mark.parametrize("architecture,policy", CASES)
@@ -376,3 +385,10 @@ def test_package_face_is_flat_and_lazy():
 
     with pytest.raises(AttributeError, match="no attribute 'PiFlux2Pipeline'"):
         package.PiFlux2Pipeline
+
+
+def test_flux2_dx_has_no_authors_class_and_nothing_is_written(tmp_path):
+    student = student_on(base_transformer("flux2"), "flux2", "dx")
+    with pytest.raises(ValueError, match="no DX class for 'flux2'"):
+        save_piflow_adapter(student, tmp_path / "a", layout="authors")
+    assert not (tmp_path / "a").exists()

@@ -2,7 +2,8 @@
 ``load_piflow_adapter`` and the ComfyUI-piFlow nodes read it), both directions.
 
 A folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors``:
-* GM: ``_class_name`` ``GMFluxTransformer2DModel`` / ``GMQwenImageTransformer2DModel`` and every field of that
+* GM: ``_class_name`` ``GMFluxTransformer2DModel`` / ``GMQwenImageTransformer2DModel`` /
+  ``GMFlux2Transformer2DModel`` (FLUX.2 [dev] and [klein]; 128 packed channels) and every field of that
   class's constructor — ``num_gaussians``, ``constant_logstd`` (null), ``logstd_inner_dim``,
   ``gm_num_logstd_layers`` (2), ``logweights_channels`` (4, one per pixel of a 2×2 token), ``in_channels``,
   ``out_channels`` (the packed channels, 64) and the base transformer's own fields (``num_layers``, …) — because
@@ -63,6 +64,12 @@ AUTHORS_CLASSES = {
                            "QwenImageTransformer2DModel",
                            ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
                             "axes_dims_rope")),
+    # their GM-FLUX.2 (dev and klein): 128-channel tokens, 4 per-pixel log-weights; they publish no DX-FLUX.2, and
+    # the base's bias-free proj_out could not hold a DX head's bias
+    "flux2": AuthorsClasses("GMFlux2Transformer2DModel", "", "Flux2Transformer2DModel",
+                            ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
+                             "joint_attention_dim", "timestep_guidance_channels", "mlp_ratio", "axes_dims_rope",
+                             "rope_theta", "eps", "guidance_embeds")),
 }
 
 
@@ -105,6 +112,9 @@ def _authors_fields(kind: str, classes: AuthorsClasses, transformer: torch.nn.Mo
 def authors_config(student: DiffusersPolicyStudent) -> dict:
     """config.json of the student in the authors' layout (the fields their loader's ``from_config`` reads)."""
     classes = _classes_for(student.architecture.name)
+    if student.policy_kind == "dx" and not classes.dx:
+        raise ValueError(f"the authors' layout has no DX class for {student.architecture.name!r} students (they "
+                         "publish GM ones only); save it with layout='piflow'")
     head = student.head
     if student.policy_kind == "gmflow":
         structure = {"num_components": head.num_components, "logstd_hidden": head.logstd_mlp[1].out_features}
@@ -160,9 +170,9 @@ def _class_kind(class_name: Any) -> tuple[str, str]:
     for architecture, classes in AUTHORS_CLASSES.items():
         if class_name == classes.gm:
             return architecture, "gmflow"
-        if class_name in (classes.dx, classes.base):
+        if classes.dx and class_name in (classes.dx, classes.base):
             return architecture, "dx"
-    names = sorted(n for c in AUTHORS_CLASSES.values() for n in (c.gm, c.dx, c.base))
+    names = sorted(n for c in AUTHORS_CLASSES.values() for n in (c.gm, c.dx, c.base) if n)
     raise DataError(f"adapter config.json: _class_name must be one of {names} (or a piflow adapter's), got "
                     f"{class_name!r}")
 
