@@ -129,3 +129,45 @@ def test_student_starts_at_the_teacher_and_piid_lowers_the_loss(family, policy):
     assert torch.equal(teacher(x, sigma, cond), teacher_before)
     after = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items()}
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
+
+
+def fine_tune(family, **config_changes):
+    """A tiny pipeline of `family` whose transformer has another config — a fine-tune such as Qwen-Image-2512 (the
+    Qwen-Image config) or Qwen-Image-Edit-2511 (Edit-Plus with zero_cond_t: reference tokens modulated at t = 0)."""
+    import diffusers as d
+
+    pipe = tiny_pipeline(family)
+    config = {k: v for k, v in dict(pipe.transformer.config, **config_changes).items() if not k.startswith("_")}
+    torch.manual_seed(7)
+    transformer = type(pipe.transformer)(**config)
+    with torch.no_grad():
+        transformer.proj_out.weight.normal_(0, 0.05)
+    return getattr(d, type(pipe).__name__)(**dict(pipe.components, transformer=transformer.eval()))
+
+
+@pytest.mark.parametrize("family,changes", [("qwen", {"num_layers": 3, "attention_head_dim": 8,
+                                                      "axes_dims_rope": (2, 2, 4)}),
+                                            ("qwen-edit-plus", {"zero_cond_t": True})])
+def test_fine_tunes_of_a_family_need_no_code(family, changes, tmp_path):
+    """Saved and reloaded, a changed-config checkpoint is recognised as its family, its teacher is the stock
+    pipeline's velocity and its student starts at it and trains, through the same architecture."""
+    from piflow.recipes.diffusers_base import pipeline_family
+
+    fine_tune(family, **changes).save_pretrained(tmp_path / "fine-tune")
+    assert pipeline_family(str(tmp_path / "fine-tune")).name == family
+    pipe = getattr(diffusers, get_family(family).stock_pipeline).from_pretrained(tmp_path / "fine-tune")
+    pipe.set_progress_bar_config(disable=True)
+    assert all(tuple(getattr(pipe.transformer.config, k)) == v if isinstance(v, tuple)
+               else getattr(pipe.transformer.config, k) == v for k, v in changes.items())
+    sample, sigma, model_output = stock_first_step(pipe, family)
+    prompts = stock_prompts(family, PROMPTS)
+    x = unpack_tokens(sample, *latent_shape(family, 1)[-2:]).float()
+    cond = condition(pipe, family, prompts)
+    teacher = DiffusersTeacher(pipe.transformer, "qwen")
+    u = teacher(x, sigma.expand(len(prompts)).float(), cond)
+    torch.testing.assert_close(pack_latents(u), model_output.float(), atol=2e-5, rtol=2e-5)
+    student = lora_student(pipe, family, "gmflow")
+    with torch.no_grad():
+        student.eval()
+        u0 = student.policy(x, sigma.expand(len(prompts)).float(), cond).velocity(x, sigma.expand(len(prompts)))
+    assert (u0 - u).abs().mean() < 0.06
