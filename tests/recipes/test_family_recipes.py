@@ -138,3 +138,23 @@ def test_conditions_cache_holds_reference_latents_and_feeds_distillation(bases, 
                      f"prompt_cache={tmp_path / 'cache'}", *TINY, "train.iters=1"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["iters"] == 1
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("name,family", [("gmflux2_k8_4step", "flux2"), ("gmflux2_klein_k8_4step", "flux2-klein"),
+                                         ("gmqwen_edit_k8_4step", "qwen-edit"),
+                                         ("gmqwen_edit_k8_4step", "qwen-edit-plus"),
+                                         ("gmzimage_k8_4step", "zimage"), ("gmwan_k8_4step", "wan")])
+def test_shipped_family_configs_run(bases, tmp_path, name, family):
+    from pathlib import Path
+
+    from piflow.config import load_config
+    from piflow.recipes.text_to_image import T2I_DISTILL_DEFAULTS, distill_text_to_image
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    extra = ["num_frames=5"] if get_family(family).video else []
+    config = load_config(T2I_DISTILL_DEFAULTS, path, [*family_arguments(bases, family), *TINY, *extra,
+                                                      "train.iters=1", "eval.prompts=[]"])
+    with small_reference_area(32 * 32):
+        metrics = distill_text_to_image(config, tmp_path / name)
+    assert metrics["iters"] == 1 and metrics["architecture"] == family
+    assert torch.isfinite(torch.tensor(metrics["final_loss"]))

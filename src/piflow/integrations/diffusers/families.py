@@ -235,7 +235,8 @@ register_family(Family("qwen", "qwen", "QwenImageTransformer2DModel", "QwenImage
 # Z-Image base takes true CFG (its pipeline's guidance g is piflow's scale − 1); Z-Image-Turbo is guidance-distilled:
 # distil it with guidance.scale=1.
 register_family(Family("zimage", "zimage", "ZImageTransformer2DModel", "ZImagePipeline", "PiZImagePipeline",
-                       _encode_zimage, _collate_qwen, ("encoder_hidden_states",), latent_packing="inside"))
+                       _encode_zimage, _collate_qwen, ("encoder_hidden_states",), guidance_scale=6.0,
+                       latent_packing="inside"))
 
 
 # Qwen-Image-Edit (one reference) and Edit-Plus (2509 / 2511: several; 2511 is the transformer config
