@@ -69,8 +69,9 @@ def pipe_arguments(family: str) -> dict:
 
 
 def stock_prompts(family: str, prompts: list) -> list:
-    """The prompts a stock pipeline takes in one call (Edit-Plus refuses batches)."""
-    return prompts[:1] if family == "qwen-edit-plus" else prompts
+    """The prompts a stock pipeline takes in one call (Edit-Plus refuses batches); a new list (Z-Image's pipeline
+    rewrites its prompt list in place)."""
+    return list(prompts[:1] if family == "qwen-edit-plus" else prompts)
 
 
 def stock_pipe_arguments(family: str, prompts: list) -> dict:

@@ -383,8 +383,9 @@ def test_package_face_is_flat_and_lazy():
     assert (load_piflow_adapter, save_piflow_adapter) == (adapter.load_piflow_adapter, adapter.save_piflow_adapter)
     import piflow.integrations.diffusers as package
 
-    with pytest.raises(AttributeError, match="no attribute 'PiFlux2Pipeline'"):
-        package.PiFlux2Pipeline
+    assert package.PiFlux2Pipeline is pipelines.PiFlux2Pipeline and package.PiWanPipeline is pipelines.PiWanPipeline
+    with pytest.raises(AttributeError, match="no attribute 'PiKontextPipeline'"):
+        package.PiKontextPipeline
 
 
 def test_flux2_dx_has_no_authors_class_and_nothing_is_written(tmp_path):

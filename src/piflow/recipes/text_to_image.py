@@ -1,9 +1,11 @@
-"""Text-to-image π-ID distillation of a diffusers FLUX / SD3 / Qwen-Image pipeline into a LoRA policy student
-(algorithm.md §4.4–4.7, §6.3–6.6): ``piflow distill pipeline=PATH_OR_REPO prompts=prompts.txt``.
+"""π-ID distillation of a diffusers pipeline of any family (FLUX.1/FLUX.2, Qwen-Image(-Edit), SD3, Z-Image, Wan; see
+`piflow.integrations.diffusers.families`) into a LoRA policy student (algorithm.md §4.4–4.7, §6.3–6.6):
+``piflow distill pipeline=PATH_OR_REPO prompts=prompts.txt`` (editing: ``conditions=conditions.jsonl``; video:
+``num_frames=81``).
 
 * Teacher = the base transformer with the student's LoRA disabled (one copy of the base weights for teacher,
-  student and EMA); FLUX gets the distilled-guidance scalar, SD3/Qwen true CFG against the negative prompt, both
-  within ``guidance.interval`` (σ units).
+  student and EMA); FLUX.1/FLUX.2 [dev] get the distilled-guidance scalar, the others true CFG against the negative
+  prompt (Qwen-Image-Edit's encoded with each condition's reference images), both within ``guidance.interval``.
 * Data-free π-ID (§4.4) by default; data-dependent when ``latents`` (a .safetensors/.npy of VAE latents, already
   scaled as the pipeline's transformer sees them, aligned with the prompt file) is given.
 * Prompts from a prompt file (encoded on the fly by the pipeline's text encoders, kept in memory) or a cache from
@@ -210,7 +212,7 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     Everything (base pipeline, prompts, latents, settings) is loaded and checked before the run directory is
     touched."""
     if not is_text_to_image(config):
-        raise ConfigError("pipeline=<local folder or hub id of a FLUX/SD3/Qwen-Image diffusers pipeline> is required")
+        raise ConfigError("pipeline=<local folder or hub id of a diffusers pipeline of a supported family> is required")
     require("diffusers", "text-to-image distillation")
     require("peft", "text-to-image distillation")
     if config["parallel"] not in ("ddp", "fsdp"):

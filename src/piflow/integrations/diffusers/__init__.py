@@ -5,15 +5,18 @@
 Importing this package loads nothing heavy; the names in `__all__` and the submodules below import their submodule
 (and diffusers) on first use.
 
-* `students`: GM/DX LoRA students and teachers on FLUX, Qwen-Image, SD3 transformers; `Architecture` /
-  `register_architecture` to bring your own; `set_lora_strength`.
-* `pipelines`: `PiFluxPipeline`, `PiQwenImagePipeline`, `PiSD3Pipeline`.
+* `students`: GM/DX LoRA students and teachers on FLUX.1, FLUX.2, Qwen-Image, SD3, Z-Image and Wan transformers;
+  `Architecture` / `register_architecture` to bring your own; `set_lora_strength`.
+* `families`: the base-model families (pipelines, condition encoding and batching, guidance); `register_family`.
+* `pipelines`: `PiFluxPipeline`, `PiFlux2Pipeline`, `PiFlux2KleinPipeline`, `PiQwenImagePipeline`,
+  `PiQwenImageEditPipeline`, `PiQwenImageEditPlusPipeline`, `PiSD3Pipeline`, `PiZImagePipeline`, `PiWanPipeline`.
 * `adapter`: `save_piflow_adapter` / `load_piflow_adapter` (piflow's layout and the authors', `authors_layout`).
 * `quantization`: frozen bases quantized through diffusers' quantization configs (TorchAO, bitsandbytes, GGUF).
 * `prompts`: prompt files, on-the-fly encoding, sharded prompt-embedding caches.
 * `scheduler`: `FlowMapSDEScheduler` as a diffusers scheduler.
 * `solvers`: diffusers' multistep solvers as teacher baselines.
 * `tiny`: tiny random-weight pipelines built from scratch (tests, offline smoke runs).
+* `compat`: work-arounds for library versions (Qwen2VLProcessor without torchvision).
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ from typing import Any
 
 _EXPORTS = {
     "PiFluxPipeline": "pipelines", "PiQwenImagePipeline": "pipelines", "PiSD3Pipeline": "pipelines",
+    "PiFlux2Pipeline": "pipelines", "PiFlux2KleinPipeline": "pipelines", "PiQwenImageEditPipeline": "pipelines",
+    "PiQwenImageEditPlusPipeline": "pipelines", "PiZImagePipeline": "pipelines", "PiWanPipeline": "pipelines",
+    "Family": "families", "register_family": "families", "get_family": "families",
     "FlowMapSDEScheduler": "scheduler",
     "load_piflow_adapter": "adapter", "save_piflow_adapter": "adapter",
     "DiffusersPolicyStudent": "students", "DiffusersTeacher": "students", "Architecture": "students",
@@ -30,8 +36,8 @@ _EXPORTS = {
     "FluxTeacher": "students", "QwenImageTeacher": "students", "SD3Teacher": "students",
     "quantization_config": "quantization", "load_quantized_transformer": "quantization",
 }
-_SUBMODULES = ("adapter", "authors_layout", "pipelines", "prompts", "quantization", "scheduler", "solvers", "students",
-               "tiny")
+_SUBMODULES = ("adapter", "authors_layout", "compat", "families", "pipelines", "prompts", "quantization", "scheduler",
+               "solvers", "students", "tiny")
 __all__ = sorted(_EXPORTS)
 
 

@@ -1,8 +1,9 @@
 """Few-step π-Flow pipelines that subclass the stock diffusers pipelines (algorithm.md §5.2–5.4).
 
-`PiFluxPipeline`, `PiSD3Pipeline` and `PiQwenImagePipeline` keep everything of `FluxPipeline`,
-`StableDiffusion3Pipeline` and `QwenImagePipeline` — components, `from_pretrained`, text encoding, LoRA loading,
-offloading, VAE decoding — and replace the denoising loop: each of the `num_inference_steps` steps evaluates the
+`PiFluxPipeline`, `PiFlux2Pipeline`, `PiFlux2KleinPipeline`, `PiQwenImagePipeline`, `PiQwenImageEditPipeline`,
+`PiQwenImageEditPlusPipeline`, `PiSD3Pipeline`, `PiZImagePipeline` and `PiWanPipeline` keep everything of their stock
+pipelines — components, `from_pretrained`, text encoding, reference-image preparation, LoRA loading, offloading,
+VAE decoding — and replace the denoising loop: each of the `num_inference_steps` steps evaluates the
 student once, rolls its policy out with `total_substeps` Euler substeps per unit of raw time to the scheduler's
 ``sigmas_dst[i]`` and lets `FlowMapSDEScheduler.step` map the result to the next grid point.
 

@@ -1,20 +1,29 @@
-"""π-Flow students on diffusers transformers — `FluxTransformer2DModel`, `QwenImageTransformer2DModel` and
-`SD3Transformer2DModel` (algorithm.md §6.3–6.5) — without changing the model's code.
+"""π-Flow students on diffusers transformers — FLUX.1, FLUX.2, Qwen-Image(-Edit), SD3, Z-Image and Wan
+(algorithm.md §6.3–6.5) — without changing the model's code.
 
 The student runs the transformer unchanged and reads, through forward hooks, the tokens that enter its final
-`proj_out` (after `norm_out`) and the conditioning embedding `temb` given to `norm_out`; a `GMHead` (K per-token
+projection (after the final norm) and the conditioning embedding `temb` of that final layer; a `GMHead` (K per-token
 copies of the projection's outputs, per-pixel log-weights, log-std MLP on the detached temb) or `DXHead` replaces
-`proj_out` and is initialised from it. An `Architecture` says how latents enter the model and how tokens map back:
-* FLUX: latents (B, 16, H, W) are 2×2-packed into 64-channel tokens (channel index c·4 + row·2 + col, as the FLUX
+the projection and is initialised from it. An `Architecture` says how latents enter the model and how tokens map
+back:
+* FLUX.1: latents (B, 16, H, W) are 2×2-packed into 64-channel tokens (channel index c·4 + row·2 + col, as the FLUX
   pipelines do); σ ∈ [0, 1] is the timestep (FLUX multiplies by 1000 itself); RoPE image ids are built here.
-* Qwen-Image: the same packing, σ as timestep, `img_shapes` built here; cond holds the text embeddings and mask.
+* FLUX.2: the same packing of the unpatchified (B, 32, H/8, W/8) normalised latent into 128-channel tokens, 4-axis
+  ids; reference images are clean tokens after the generated ones (time ids 10, 20, …).
+* Qwen-Image(-Edit): the same packing, σ as timestep, `img_shapes` built here (with the Edit references'); cond
+  holds the text embeddings and mask.
 * SD3: latents go in as they are (the model patchifies); tokens are (p, p, c)-ordered; timestep = σ·1000.
+* Z-Image: per-sample lists, t = 1 − σ, x0 − ε output (`output_sign` −1).
+* Wan: 5-D latents (B, C, T, H, W), timestep σ·1000, final layer modulated by `scale_shift_table` + temb.
+Only the generated tokens (the first L) feed the head and the teacher's velocity; reference tokens condition.
 
-LoRA (§6.6): `add_student_lora` wraps the feed-forward and timestep-MLP layers with a PEFT adapter; a student built
-with ``share_transformer=True`` then shares every frozen base weight with the teacher (`FluxTeacher` runs the same
-module with adapters disabled and the original `norm_out`), while the student swaps in its own trainable `norm_out`.
+LoRA (§6.6): `add_student_lora` wraps the feed-forward and timestep-MLP layers with a PEFT adapter (each
+architecture's targets are listed and explained where it is defined); a student built with
+``share_transformer=True`` then shares every frozen base weight with the teacher (`DiffusersTeacher` runs the same
+module with adapters disabled and the original final norm), while the student swaps in its own trainable copy.
 
-Adapter files: `piflow.integrations.diffusers.adapter`; pipelines: `piflow.integrations.diffusers.pipelines`.
+Adapter files: `piflow.integrations.diffusers.adapter`; pipelines: `piflow.integrations.diffusers.pipelines`;
+families (pipelines, conditions, guidance): `piflow.integrations.diffusers.families`.
 """
 from __future__ import annotations
 
