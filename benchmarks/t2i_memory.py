@@ -5,7 +5,8 @@ quantized (FLUX.1-dev, Qwen-Image, FLUX.2 [klein] 4B).
 
     python benchmarks/t2i_memory.py [--rank 256] [--components 8] [--gpus 8] [--video]
 
-Builds each transformer with its parameters on the meta device (no weights, no memory, no download), adds the LoRA adapter and the GM
+Builds each transformer with its parameters on the meta device (no weights, no memory, no download), adds the LoRA
+adapter and the GM
 head exactly as training does, and counts distinct parameter tensors of teacher, student and its power EMA. Memory is
 *computed* from those counts — bf16 base (2 B/param, sharded 1/N under FSDP) + fp32 trainable tensors with their
 gradient, two AdamW moments and the EMA (20 B/param, replicated) — not measured; activations come on top and depend

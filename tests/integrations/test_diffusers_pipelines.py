@@ -36,7 +36,8 @@ def small_references():
 
 def lora_student(pipe, family, policy, seed=0):
     architecture = get_family(family).architecture
-    add_student_lora(pipe.transformer, rank=4, target_modules=ARCHITECTURES[architecture].lora_targets(pipe.transformer))
+    targets = ARCHITECTURES[architecture].lora_targets(pipe.transformer)
+    add_student_lora(pipe.transformer, rank=4, target_modules=targets)
     with torch.no_grad():   # PEFT starts B at 0: give the LoRA a visible effect
         for name, param in pipe.transformer.named_parameters():
             if "lora_B" in name:

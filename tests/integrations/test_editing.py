@@ -70,7 +70,8 @@ def test_pi_pipelines_follow_their_reference_images(family):
     count = 1 if family == "qwen-edit" else 2
 
     def edit(seed):
-        return pipe(image=reference_images(seed, count, 2 if family == "flux2" else 1), prompt=PROMPTS, num_inference_steps=2,
+        images = reference_images(seed, count, 2 if family == "flux2" else 1)
+        return pipe(image=images, prompt=PROMPTS, num_inference_steps=2,
                     output_type="latent", generator=torch.Generator().manual_seed(0), **size_arguments(family)).images
 
     first, again, other = edit(0), edit(0), edit(1)

@@ -81,7 +81,8 @@ def test_teacher_is_the_velocity_the_stock_pipeline_integrates(family):
 
 def lora_student(pipe, family, policy):
     architecture = get_family(family).architecture
-    add_student_lora(pipe.transformer, rank=4, target_modules=ARCHITECTURES[architecture].lora_targets(pipe.transformer))
+    targets = ARCHITECTURES[architecture].lora_targets(pipe.transformer)
+    add_student_lora(pipe.transformer, rank=4, target_modules=targets)
     settings = PiIDSettings(policy=policy, nfe=2, shift=3.2, final_step_size_scale=0.5, total_substeps=32,
                             num_intermediate_states=2, window_substeps=2, policy_dropout=0.0)
     kwargs = {"mode": "grid"} if policy == "dx" else {}

@@ -181,7 +181,8 @@ def test_prompt_cache_feeds_distillation_without_text_encoders(bases, tmp_path, 
     # the authors have no SD3 adapter class: a one-line error, nothing written
     assert main(["export", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "theirs"),
                  "--layout", "authors"]) == 2
-    assert "--layout authors: the authors' adapter layout exists for ['flux', 'flux2', 'qwen']" in capsys.readouterr().err
+    expected = "--layout authors: the authors' adapter layout exists for ['flux', 'flux2', 'qwen']"
+    assert expected in capsys.readouterr().err
     assert not (tmp_path / "theirs").exists()
 
 

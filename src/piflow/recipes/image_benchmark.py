@@ -208,7 +208,8 @@ def check_goals(rows: dict) -> dict:
     if gm4 and teacher:
         goals["gm4_recall_ratio"] = gm4["recall"] / max(teacher["recall"], 1e-12)
         goals["gm4_coverage_ratio"] = gm4["coverage"] / max(teacher["coverage"], 1e-12)
-        goals["gm4_recall_coverage_at_least_0.95x"] = min(goals["gm4_recall_ratio"], goals["gm4_coverage_ratio"]) >= 0.95
+        goals["gm4_recall_coverage_at_least_0.95x"] = min(goals["gm4_recall_ratio"],
+                                                          goals["gm4_coverage_ratio"]) >= 0.95
     return goals
 
 

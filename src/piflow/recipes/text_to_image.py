@@ -153,11 +153,11 @@ def run_family(config: dict, transformer=None) -> str:
 
     family = pipeline_family(config["pipeline"])
     if config["architecture"] != "auto":
-        chosen = FAMILIES.get(config["architecture"])
-        if chosen is None or chosen.transformer_class != family.transformer_class:
+        chosen, same = FAMILIES.get(config["architecture"]), family.transformer_class
+        if chosen is None or chosen.transformer_class != same:
             raise ConfigError(f"architecture={config['architecture']!r} does not match the pipeline "
                               f"({family.stock_pipeline} with a {family.transformer_class}); expected 'auto' or "
-                              f"one of {sorted(n for n, f in FAMILIES.items() if f.transformer_class == family.transformer_class)}")
+                              f"one of {sorted(n for n, f in FAMILIES.items() if f.transformer_class == same)}")
         family = chosen
     if transformer is not None and type(transformer).__name__ != family.transformer_class:
         raise ConfigError(f"the pipeline's transformer is a {type(transformer).__name__}, expected a "
