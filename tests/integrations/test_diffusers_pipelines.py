@@ -234,3 +234,30 @@ def test_adapter_from_a_hub_id_or_subfolder(tmp_path, monkeypatch):
     assert len(calls) == 1
     with pytest.raises(FileNotFoundError, match="not a local folder"):
         fresh.load_piflow_adapter("nobody/missing")
+
+
+@pytest.mark.parametrize("family", ["zimage", "flux2", "flux2-klein", "wan", "qwen-edit", "qwen-edit-plus"])
+def test_every_stock_argument_is_accepted(family):
+    """The π-Flow pipelines of this release take every argument of their stock pipeline (CFG ones with a warning,
+    attention kwargs and non-latent callback tensors with a one-line error)."""
+    import inspect
+
+    stock = getattr(diffusers, get_family(family).stock_pipeline)
+    ours = PIPELINES[family]
+    assert set(inspect.signature(stock.__call__).parameters) <= set(inspect.signature(ours.__call__).parameters)
+
+
+def test_cfg_arguments_warn_and_attention_kwargs_are_refused():
+    pipe = tiny_pipeline("wan", PIPELINES["wan"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.set_piflow_student(lora_student(pipe, "wan", "gmflow"))
+    kwargs = dict(prompt=PROMPTS, height=64, width=64, num_frames=5, num_inference_steps=1, output_type="latent")
+    plain = pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+    with pytest.warns(UserWarning, match="guidance_scale, negative_prompt unused: the π-Flow student has"):
+        guided = pipe(negative_prompt="blurry", guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
+                      **kwargs).frames
+    assert torch.equal(plain, guided)
+    with pytest.raises(ValueError, match="^attention_kwargs: "):
+        pipe(attention_kwargs={"scale": 0.5}, **kwargs)
+    with pytest.raises(ValueError, match="^callback_on_step_end_tensor_inputs: .* not \\['prompt_embeds'\\]"):
+        pipe(callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **kwargs)

@@ -22,8 +22,9 @@ FLUX students get the distilled-guidance scalar `guidance_scale` (3.5) as their 
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from diffusers import (Flux2KleinPipeline, Flux2Pipeline, FluxPipeline, QwenImageEditPipeline,
@@ -155,6 +156,24 @@ class PiFlowPipelineMixin:
         if prompt is None:
             return prompt_embeds.shape[0]
         return 1 if isinstance(prompt, str) else len(prompt)
+
+    def _stock_extras(self, attention_kwargs: Optional[dict] = None,
+                      callback_on_step_end_tensor_inputs: Optional[Sequence[str]] = ("latents",),
+                      **guidance: Any) -> None:
+        """The stock arguments a π-Flow loop cannot honour: attention kwargs (the student runs its own forward) and
+        callback tensors other than ``latents`` are errors; CFG arguments (negative prompts, CFG scales) are
+        accepted with a warning — the student has guidance distilled in."""
+        if attention_kwargs:
+            raise ValueError("attention_kwargs: π-Flow pipelines run the student's own forward and take none; scale "
+                             "LoRAs with pipe.set_adapters([...], adapter_weights=[...]) instead")
+        extra = sorted(set(callback_on_step_end_tensor_inputs or ()) - {"latents"})
+        if extra:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: π-Flow pipelines pass ['latents'] to callbacks, "
+                             f"not {extra}")
+        given = sorted(name for name, value in guidance.items() if value is not None)
+        if given:
+            warnings.warn(f"{', '.join(given)} unused: the π-Flow student has classifier-free guidance distilled in",
+                          UserWarning, stacklevel=3)
 
     def _finish(self, image: Any, output_class: type, return_dict: bool):
         self.maybe_free_model_hooks()
@@ -305,10 +324,16 @@ class PiZImagePipeline(PiFlowPipelineMixin, ZImagePipeline):
                  generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
                  prompt_embeds: Optional[list[Tensor]] = None, output_type: str = "pil", return_dict: bool = True,
                  max_sequence_length: int = 512, total_substeps: Optional[int] = None,
-                 callback_on_step_end: Optional[Callable] = None, sigmas: Optional[list[float]] = None):
+                 callback_on_step_end: Optional[Callable] = None, sigmas: Optional[list[float]] = None,
+                 guidance_scale=None, negative_prompt=None, negative_prompt_embeds=None, cfg_normalization=None,
+                 cfg_truncation=None, joint_attention_kwargs=None, callback_on_step_end_tensor_inputs=("latents",)):
         """Generate images; `prompt_embeds` is the stock pipeline's list of (L_i, D) embeddings; `latents`
-        (optional) is the noise (B·n, C, H/8, W/8) at σ = 1."""
+        (optional) is the noise (B·n, C, H/8, W/8) at σ = 1; CFG arguments are accepted and unused."""
         from diffusers.pipelines.z_image.pipeline_output import ZImagePipelineOutput
+
+        self._stock_extras(joint_attention_kwargs, callback_on_step_end_tensor_inputs, guidance_scale=guidance_scale,
+                           negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
+                           cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation)
 
         height, width = height or 1024, width or 1024
         self._check_multiple(height, width, self.vae_scale_factor * 2)
@@ -407,9 +432,16 @@ class PiQwenImageEditPipeline(_PiQwenEditMixin, QwenImageEditPipeline):
                  generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
                  prompt_embeds: Optional[Tensor] = None, prompt_embeds_mask: Optional[Tensor] = None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
-                 max_sequence_length: int = 512, total_substeps: Optional[int] = None):
-        """Edit `image` (one PIL image, or one per prompt) by `prompt`; `negative_prompt` and `true_cfg_scale` are
-        accepted and unused (guidance is distilled in); `latents`: noise (B·n, C, H/8, W/8) at σ = 1."""
+                 max_sequence_length: int = 512, total_substeps: Optional[int] = None, guidance_scale=None,
+                 negative_prompt_embeds=None, negative_prompt_embeds_mask=None, attention_kwargs=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        """Edit `image` (one PIL image, or one per prompt) by `prompt`; CFG arguments (`negative_prompt`,
+        `true_cfg_scale`, …) are accepted and unused (guidance is distilled in); `latents`: noise (B·n, C, H/8,
+        W/8) at σ = 1."""
+        self._stock_extras(attention_kwargs, callback_on_step_end_tensor_inputs, negative_prompt=negative_prompt,
+                           true_cfg_scale=None if true_cfg_scale == 1.0 else true_cfg_scale,
+                           guidance_scale=guidance_scale, negative_prompt_embeds=negative_prompt_embeds,
+                           negative_prompt_embeds_mask=negative_prompt_embeds_mask)
         return self._edit_call(image, prompt, height, width, num_inference_steps, sigmas, temperature,
                                num_images_per_prompt, generator, latents, prompt_embeds, prompt_embeds_mask,
                                output_type, return_dict, callback_on_step_end, max_sequence_length, total_substeps)
@@ -499,9 +531,16 @@ class PiFlux2Pipeline(_PiFlux2Mixin, Flux2Pipeline):
                  generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
                  prompt_embeds: Optional[Tensor] = None, output_type: str = "pil", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable] = None, max_sequence_length: int = 512,
-                 text_encoder_out_layers: tuple[int, ...] = (10, 20, 30), total_substeps: Optional[int] = None):
+                 text_encoder_out_layers: tuple[int, ...] = (10, 20, 30), total_substeps: Optional[int] = None,
+                 caption_upsample_temperature: Optional[float] = None, attention_kwargs=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
         """Generate or edit; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1 (or the stock
-        pipeline's patchified (B·n, 4C, H/16, W/16)); output_type "latent" returns the normalised (B, C, H/8, W/8)."""
+        pipeline's patchified (B·n, 4C, H/16, W/16)); output_type "latent" returns the normalised (B, C, H/8, W/8);
+        `caption_upsample_temperature` rewrites the prompts with the text encoder first, as the stock pipeline."""
+        self._stock_extras(attention_kwargs, callback_on_step_end_tensor_inputs)
+        if caption_upsample_temperature:
+            prompt = self.upsample_prompt(prompt, images=image, temperature=caption_upsample_temperature,
+                                          device=self._execution_device)
         return self._flux2_call(image, prompt, height, width, num_inference_steps, sigmas, guidance_scale,
                                 temperature, num_images_per_prompt, generator, latents, prompt_embeds, output_type,
                                 return_dict, callback_on_step_end, max_sequence_length, text_encoder_out_layers,
@@ -519,8 +558,12 @@ class PiFlux2KleinPipeline(_PiFlux2Mixin, Flux2KleinPipeline):
                  latents: Optional[Tensor] = None, prompt_embeds: Optional[Tensor] = None, output_type: str = "pil",
                  return_dict: bool = True, callback_on_step_end: Optional[Callable] = None,
                  max_sequence_length: int = 512, text_encoder_out_layers: tuple[int, ...] = (9, 18, 27),
-                 total_substeps: Optional[int] = None):
-        """Generate or edit (``image=[…]``); `latents` as in `PiFlux2Pipeline`."""
+                 total_substeps: Optional[int] = None, guidance_scale=None, negative_prompt_embeds=None,
+                 attention_kwargs=None, callback_on_step_end_tensor_inputs=("latents",)):
+        """Generate or edit (``image=[…]``); `latents` as in `PiFlux2Pipeline`; CFG arguments are accepted and
+        unused (guidance is distilled in)."""
+        self._stock_extras(attention_kwargs, callback_on_step_end_tensor_inputs, guidance_scale=guidance_scale,
+                           negative_prompt_embeds=negative_prompt_embeds)
         return self._flux2_call(image, prompt, height, width, num_inference_steps, sigmas, 1.0, temperature,
                                 num_images_per_prompt, generator, latents, prompt_embeds, output_type, return_dict,
                                 callback_on_step_end, max_sequence_length, text_encoder_out_layers, total_substeps)
@@ -539,9 +582,16 @@ class PiWanPipeline(PiFlowPipelineMixin, WanPipeline):
                  generator: Optional[torch.Generator] = None, latents: Optional[Tensor] = None,
                  prompt_embeds: Optional[Tensor] = None, output_type: str = "np", return_dict: bool = True,
                  callback_on_step_end: Optional[Callable] = None, max_sequence_length: int = 512,
-                 total_substeps: Optional[int] = None, sigmas: Optional[list[float]] = None):
-        """Generate videos; `latents` (optional) is the noise (B·n, C, (num_frames − 1)/4 + 1, H/8, W/8) at σ = 1."""
+                 total_substeps: Optional[int] = None, sigmas: Optional[list[float]] = None, negative_prompt=None,
+                 guidance_scale=None, guidance_scale_2=None, negative_prompt_embeds=None, attention_kwargs=None,
+                 callback_on_step_end_tensor_inputs=("latents",)):
+        """Generate videos; `latents` (optional) is the noise (B·n, C, (num_frames − 1)/4 + 1, H/8, W/8) at σ = 1;
+        CFG arguments are accepted and unused (guidance is distilled in)."""
         from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+
+        self._stock_extras(attention_kwargs, callback_on_step_end_tensor_inputs, negative_prompt=negative_prompt,
+                           guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2,
+                           negative_prompt_embeds=negative_prompt_embeds)
 
         temporal, spatial = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
         if int(num_frames) < 1 or (int(num_frames) - 1) % temporal:
