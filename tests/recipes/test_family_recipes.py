@@ -158,3 +158,18 @@ def test_shipped_family_configs_run(bases, tmp_path, name, family):
         metrics = distill_text_to_image(config, tmp_path / name)
     assert metrics["iters"] == 1 and metrics["architecture"] == family
     assert torch.isfinite(torch.tensor(metrics["final_loss"]))
+
+
+def test_step_distilled_klein_defaults_to_no_cfg(bases, tmp_path):
+    """A FLUX.2 [klein] checkpoint whose pipeline config says is_distilled takes no CFG (its stock pipeline skips
+    it): the run's default guidance scale is 1 there and 4 for the base model; an explicit scale wins."""
+    from piflow.config import load_config
+    from piflow.recipes.text_to_image import T2I_DISTILL_DEFAULTS, guidance_scale
+
+    pipe = tiny_pipeline("flux2-klein")
+    diffusers.Flux2KleinPipeline(**pipe.components, is_distilled=True).save_pretrained(tmp_path / "distilled")
+    for path, expected in ((tmp_path / "distilled", 1.0), (bases["flux2-klein"], 4.0)):
+        config = load_config(T2I_DISTILL_DEFAULTS, None, [f"pipeline={path}"])
+        assert guidance_scale(config, "flux2-klein") == expected
+    config = load_config(T2I_DISTILL_DEFAULTS, None, [f"pipeline={tmp_path / 'distilled'}", "guidance.scale=2.5"])
+    assert guidance_scale(config, "flux2-klein") == 2.5

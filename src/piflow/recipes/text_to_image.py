@@ -87,10 +87,18 @@ def prompt_source(config: dict, pipe, architecture: str):
 
 
 def guidance_scale(config: dict, family: str) -> float:
+    """``guidance.scale``, or the family's default — 1 (no CFG) for a step-distilled checkpoint whose pipeline
+    config says ``is_distilled`` (FLUX.2 [klein]), as its stock pipeline does."""
     from piflow.integrations.diffusers.families import get_family
+    from piflow.recipes.diffusers_base import _model_index
 
     scale = config["guidance"]["scale"]
-    return get_family(family).guidance_scale if scale is None else float(scale)
+    if scale is not None:
+        return float(scale)
+    spec = get_family(family)
+    if spec.guidance == "cfg" and config.get("pipeline") and _model_index(config["pipeline"]).get("is_distilled"):
+        return 1.0
+    return spec.guidance_scale
 
 
 def make_text_teacher(transformer, family: str, config: dict, null_cond: dict):

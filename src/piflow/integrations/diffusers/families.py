@@ -251,8 +251,8 @@ register_family(Family("qwen-edit-plus", "qwen", "QwenImageTransformer2DModel", 
 register_family(Family("flux2", "flux2", "Flux2Transformer2DModel", "Flux2Pipeline", "PiFlux2Pipeline", _encode_flux2,
                        _collate_padded, ("encoder_hidden_states",), guidance="embedded", guidance_scale=4.0,
                        references="optional"))
-# FLUX.2 [klein]: the base models take true CFG against the empty prompt (4.0); the distilled [klein] checkpoints
-# (is_distilled) take none — distil those with guidance.scale=1.
+# FLUX.2 [klein]: the base models take true CFG against the empty prompt (4.0); the step-distilled [klein]
+# checkpoints (pipeline config is_distilled) take none, which the recipe's default scale follows (1 there).
 register_family(Family("flux2-klein", "flux2", "Flux2Transformer2DModel", "Flux2KleinPipeline",
                        "PiFlux2KleinPipeline", _encode_flux2, _collate_padded, ("encoder_hidden_states",),
                        guidance="cfg", guidance_scale=4.0, references="optional"))

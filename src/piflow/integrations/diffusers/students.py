@@ -224,6 +224,7 @@ class Architecture:
     output_sign: float = 1.0
 
 
+# SD3 LoRA: image and context feed-forwards of every joint block and the timestep MLP, never attention (§6.6).
 SD3_LORA_TARGETS = (r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|"
                     r"timestep_embedder\.linear_1|timestep_embedder\.linear_2)$")
 FLUX = Architecture("flux", _flux_inputs, lambda t, h, w, p: unpack_tokens(t, h, w, p), "cp", True,
@@ -235,6 +236,8 @@ QWEN = Architecture("qwen", _qwen_inputs, lambda t, h, w, p: unpack_tokens(t, h,
 # Z-Image (single-stream S3-DiT): list inputs, model time t = 1 − σ, output x0 − ε (so output_sign −1); the final
 # layer `all_final_layer["2-1"]` = linear(LayerNorm(x)·(1 + adaLN_modulation(c))) runs on the unified sequence
 # [image tokens (padded to 32k), caption tokens], image tokens first, (p_row, p_col, c)-ordered.
+# LoRA: the blocks' SwiGLU feed-forward (feed_forward.w1/w2/w3) and the timestep MLP (t_embedder.mlp.0/2), never
+# attention (§6.6); the caption and noise refiners' feed-forwards are included (they shape the tokens the policy sees).
 ZIMAGE_FINAL = "all_final_layer.2-1"
 ZIMAGE_LORA_TARGETS = r".*(feed_forward\.w1|feed_forward\.w2|feed_forward\.w3|t_embedder\.mlp\.0|t_embedder\.mlp\.2)$"
 
