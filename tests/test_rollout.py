@@ -251,3 +251,85 @@ def test_substep_count_ignores_float_round_off():
     tau = torch.tensor([0.75 + 0.25, 0.5 + 1e-7, 0.3])
     counts = num_substeps(tau, tau - torch.tensor([0.25, 0.25, 0.25]) - torch.tensor([0.0, 0.0, 0.01]), 128)
     assert counts.tolist() == [32, 32, 34]
+
+
+def _batch_max_rollout(policy, x, tau_start, tau_end, total, shift):
+    """The reference schedule: every sample runs the batch's largest substep count, finished samples taking
+    zero-length substeps (what piflow did before per-sample counts)."""
+    from piflow.rollout import num_substeps as counts_of
+    from piflow.timewarp import warp
+
+    counts = counts_of(tau_start, tau_end, total)
+    step = (tau_start - tau_end) / counts
+    index = torch.arange(int(counts.max()) + 1, dtype=torch.float32).reshape(-1, *([1] * x.dim()))
+    sigmas = warp(torch.where(index >= counts, tau_end, tau_start - index * step).clamp(min=0), shift)
+    sigmas[0] = warp(tau_start, shift)
+    for j in range(int(counts.max())):
+        x = x + policy.velocity_unchecked(x, sigmas[j]) * (sigmas[j + 1] - sigmas[j])
+    return x
+
+
+def test_each_sample_runs_only_its_own_substeps():
+    """Samples with different substep counts cost the sum of their counts, not batch × the largest count."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    sigma_src = torch.tensor([1.0, 1.0, 0.9, 0.8])
+    sigma_dst = torch.tensor([0.0, 0.5, 0.8, 0.7])
+    policy = CountingPolicy(x, sigma_src)
+    out = rollout(policy, x, sigma_src, sigma_dst, total_substeps=64, shift=1.0)
+    counts = num_substeps(sigma_src, sigma_dst, 64)
+    assert counts.tolist() == [64, 32, 7, 7]
+    assert sum(s.numel() for s in policy.sigmas) == int(counts.sum()) == 110      # not 4 × 64 = 256
+    # u = x/σ with x̂0 = 0: each sample is scaled by Π(σ_{j+1}/σ_j) = σ_dst/σ_src (exact for this policy) — in
+    # its own order, whatever order the samples ran in
+    expected = x * (sigma_dst / sigma_src)[:, None]
+    torch.testing.assert_close(out[1:], expected[1:], rtol=1e-5, atol=1e-6)
+    assert bool((out[0].abs() < 1e-6).all())                                     # σ_dst = 0 row: x → 0
+
+
+@pytest.mark.parametrize("kind", ["gmflow", "dx"])
+def test_per_sample_schedule_equals_the_batch_max_loop_values_and_gradients(kind):
+    """Dropping the zero-length substeps changes neither the states nor the gradients."""
+    from piflow.timewarp import unwarp
+
+    g = torch.Generator().manual_seed(3)
+    batch, shift = 5, 3.2
+    x_src = torch.randn(batch, 2, 4, generator=g)
+    sigma_src = torch.tensor([1.0, 0.95, 0.7, 0.7, 0.4])
+    sigma_dst = torch.tensor([0.2, 0.9, 0.0, 0.69, 0.39])
+    if kind == "gmflow":
+        leaves = [torch.randn(batch, 3, 2, 4, generator=g).requires_grad_(True),
+                  torch.randn(batch, 3, 1, 4, generator=g).requires_grad_(True)]
+
+        def build(means, logits):
+            return GMFlowPolicy(means, torch.full((batch,), -1.0), torch.log_softmax(logits, 1), x_src, sigma_src)
+    else:
+        leaves = [torch.randn(batch, 4, 2, 4, generator=g).requires_grad_(True)]
+
+        def build(u):
+            return DXPolicy(u, x_src, sigma_src, segment_size=0.6, shift=shift)
+    tau_src = unwarp(sigma_src, shift).reshape(-1, 1, 1)
+    tau_dst = unwarp(sigma_dst, shift).reshape(-1, 1, 1)
+    ours = rollout(build(*leaves), x_src, sigma_src, sigma_dst, total_substeps=64, shift=shift)
+    grads = torch.autograd.grad((ours ** 2).sum(), leaves)
+    reference = _batch_max_rollout(build(*leaves), x_src, tau_src, tau_dst, 64, shift)
+    reference_grads = torch.autograd.grad((reference ** 2).sum(), leaves)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_shape_policies_keep_the_whole_batch():
+    """A policy whose substep is compiled for one batch shape runs the batch-maximum schedule (same result)."""
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    sigma_src, sigma_dst = torch.tensor([1.0, 0.9, 0.6]), torch.tensor([0.5, 0.8, 0.55])
+
+    class FixedShape(CountingPolicy):
+        fixed_batch = True
+
+    fixed, free = FixedShape(x, sigma_src), CountingPolicy(x, sigma_src)
+    out_fixed = rollout(fixed, x, sigma_src, sigma_dst, total_substeps=32, shift=1.0)
+    out_free = rollout(free, x, sigma_src, sigma_dst, total_substeps=32, shift=1.0)
+    counts = num_substeps(sigma_src, sigma_dst, 32)
+    assert sum(s.numel() for s in fixed.sigmas) == 3 * int(counts.max())
+    assert sum(s.numel() for s in free.sigmas) == int(counts.sum())
+    torch.testing.assert_close(out_fixed, out_free, rtol=0, atol=1e-6)

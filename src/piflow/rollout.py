@@ -2,7 +2,8 @@
 
 A segment of raw length Δτ gets n = max(ceil(Δτ·total_substeps), 1) substeps of size Δτ/n (the authors' current
 rounding, docs/algorithm.md §14), so no substep is longer than 1/total_substeps; every sample takes exactly its own n
-substeps (per-sample masking). piflow subtracts a tolerance of 1e-4 substeps before the ceiling, so that float32
+substeps, and no sample runs zero-length substeps for another's (samples run longest first and leave the batch
+when done). piflow subtracts a tolerance of 1e-4 substeps before the ceiling, so that float32
 round-off in Δτ (e.g. 0.25·128 = 32.000004) never adds a nearly empty substep; the authors' code has no tolerance.
 """
 from __future__ import annotations
@@ -27,6 +28,20 @@ def num_substeps(tau_start: Tensor, tau_end: Tensor, total_substeps: int) -> Ten
     return torch.ceil((tau_start - tau_end) * total_substeps - SUBSTEP_TOLERANCE).clamp(min=1).long()
 
 
+def _substeps(policy: Policy, x: Tensor, tau_start: Tensor, tau_end: Tensor, step: Tensor, counts: Tensor,
+              first: int, last: int, shift: float, sigma_start: Optional[Tensor]) -> Tensor:
+    """Substeps `first` … `last` − 1 of the samples of `x` (all with counts ≥ `last`); a sample whose count is
+    `last` ends exactly at τ_end."""
+    index = torch.arange(first, last + 1, device=x.device, dtype=torch.float32).reshape(-1, *([1] * x.dim()))
+    taus = torch.where(index >= counts, tau_end, tau_start - index * step).clamp(min=0)
+    sigmas = warp(taus, shift)
+    if first == 0 and sigma_start is not None:
+        sigmas[0] = sigma_start
+    for j in range(last - first):
+        x = policy.euler_substep(x, sigmas[j], sigmas[j + 1])
+    return x
+
+
 def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Tensor,
                 total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, shift: float = 1.0,
                 sigma_start: Optional[Tensor] = None) -> Tensor:
@@ -34,21 +49,33 @@ def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Ten
 
     Gradients flow through every substep when the policy carries them. `sigma_start` (defaults to warp(τ_start))
     lets the first substep hit the policy's exact source state. Returns x at warp(τ_end), float32 (B, C, *S).
+
+    Every sample takes exactly its own number of substeps, and only those: when the counts differ, the samples
+    run longest first and each group leaves the batch when it is done (one gather of the policy, no zero-length
+    substeps for the samples that finished early). A policy whose substep is compiled for one batch shape
+    (`Policy.fixed_batch`) keeps the batch whole instead: finished samples take zero-length substeps.
     """
     x = x_start.float()
     counts = num_substeps(tau_start, tau_end, total_substeps)
     step = (tau_start - tau_end) / counts
-    max_count = int(counts.max())
-    # The whole σ schedule at once: sample i takes counts[i] substeps, then stays at τ_end (zero-length substeps
-    # leave x unchanged, so no masking is needed inside the loop).
-    index = torch.arange(max_count + 1, device=x.device, dtype=torch.float32).reshape(-1, *([1] * x.dim()))
-    taus = torch.where(index >= counts, tau_end, tau_start - index * step).clamp(min=0)
-    sigmas = warp(taus, shift)
-    if sigma_start is not None:
-        sigmas[0] = sigma_start
-    for j in range(max_count):
-        x = policy.euler_substep(x, sigmas[j], sigmas[j + 1])
-    return x
+    flat = counts.reshape(-1)
+    max_count = int(flat.max())
+    if int(flat.min()) == max_count or policy.fixed_batch:   # one count (sampling), or a fixed-shape kernel
+        return _substeps(policy, x, tau_start, tau_end, step, counts, 0, max_count, shift, sigma_start)
+    order = torch.argsort(flat, descending=True, stable=True)
+    ordered = flat[order]
+    policy, x, tau_start, tau_end, step, counts = (policy.take(order), x[order], tau_start[order], tau_end[order],
+                                                   step[order], counts[order])
+    sigma_start = None if sigma_start is None else sigma_start.expand_as(tau_start)[order]
+    done, active, finished = 0, x.shape[0], []
+    for count in sorted({int(c) for c in ordered.tolist()}):
+        x = _substeps(policy.narrow(active), x, tau_start[:active], tau_end[:active], step[:active],
+                      counts[:active], done, count, shift, None if sigma_start is None else sigma_start[:active])
+        done, remaining = count, int((ordered > count).sum())
+        finished.append(x[remaining:])
+        x = x[:remaining]
+        active = remaining
+    return torch.cat(finished[::-1]).index_select(0, torch.argsort(order))
 
 
 def rollout(policy: Policy, x_src: Tensor, sigma_src: SigmaLike, sigma_dst: SigmaLike,

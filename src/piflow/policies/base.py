@@ -6,6 +6,7 @@ are returned in the dtype of `x_t`.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from piflow.checks import NonFiniteError, SigmaLike, as_batch_sigma, check_finite  # noqa: F401 (NonFiniteError:
@@ -68,3 +69,25 @@ class Policy:
     def temperature(self, temperature: float) -> "Policy":
         """A sharpened copy for sampling (GMFlow, §5.3); policies without a temperature return themselves."""
         return self
+
+    @property
+    def fixed_batch(self) -> bool:
+        """True when substeps run a kernel compiled for one batch shape (GMFlow's fused substep): rollouts then
+        keep the whole batch for every substep instead of recompiling for each shrinking batch."""
+        return False
+
+    def _batched(self, pick) -> "Policy":
+        """A copy with `pick(tensor)` applied to every tensor attribute (all are per sample, batch first — the
+        contract of piflow's policies; a policy holding shared tensors overrides `take` and `narrow`)."""
+        policy = self.__class__.__new__(self.__class__)
+        policy.__dict__.update({name: pick(value) if torch.is_tensor(value) and value.dim() > 0 else value
+                                for name, value in self.__dict__.items()})
+        return policy
+
+    def take(self, index: Tensor) -> "Policy":
+        """The policy of the samples `index` (1-D long), in that order (gradients flow back to this one)."""
+        return self._batched(lambda value: value.index_select(0, index))
+
+    def narrow(self, count: int) -> "Policy":
+        """The policy of the first `count` samples (views, no copy)."""
+        return self._batched(lambda value: value[:count])

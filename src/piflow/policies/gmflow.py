@@ -172,6 +172,10 @@ class GMFlowPolicy(Policy):
                 _compiled_substep = None
         return super().euler_substep(x, sigma, sigma_next)
 
+    @property
+    def fixed_batch(self) -> bool:
+        return _compiled_substep is not None
+
     def detach(self) -> "GMFlowPolicy":
         return self._replace(means=self.means.detach(), logits=self.logits.detach(), var=self.var.detach(),
                              x_src=self.x_src.detach())
