@@ -5,7 +5,9 @@
 The paper reports ~15 ms of policy per ~465 ms network evaluation (~3 %, A100, Qwen-Image). Here the network is a
 DiT-B/2 (130 M parameters) on 4×32×32 latents, batch 8, and the policy a K-component GM over the same latents rolled
 out from σ = 1 to 0 in 128 substeps, both under `torch.inference_mode`. The posterior runs in plain PyTorch ("eager")
-and, where available, fused with `torch.compile` ("compiled"); both must give the same rollout.
+and, where available, fused with `torch.compile` ("compiled"); both must give the same rollout. All sides are timed
+in one process, interleaved within each repeat (network, then every rollout variant, `--repeats` times): the script
+prints medians, the spread (min–max) of each side and of the per-repeat ratio.
 """
 from __future__ import annotations
 
@@ -22,15 +24,19 @@ from piflow.policies import GMFlowPolicy, gmflow
 from piflow.rollout import rollout
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_seconds(sides: dict, repeats: int, warmup: int = 2) -> dict:
+    """Per side, the `repeats` times of one call, the sides timed in turn within each repeat (so that both see the
+    same machine load); `warmup` untimed calls each first."""
+    for fn in sides.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in sides}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in sides.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def make_policy(batch: int, num_components: int, channels: int, size: int, seed: int = 0) -> GMFlowPolicy:
@@ -61,35 +67,57 @@ def main() -> None:
         x = torch.randn(args.batch, channels, size, size)
         t = torch.full((args.batch,), 500.0)
         y = torch.zeros(args.batch, dtype=torch.long)
-        network = median_seconds(lambda: model(x, t, y), args.repeats)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    results["network_seconds"] = network
-    print(f"DiT-B/2 ({params:.0f} M params) forward, batch {args.batch}, 4x32x32: {network * 1e3:.1f} ms")
+    compiled = None
+    if not args.no_compile:
+        if gmflow.enable_compiled_posterior(True):
+            compiled = gmflow._compiled_substep
+        else:
+            print("torch.compile unavailable; skipping the compiled variant")
+    gmflow.enable_compiled_posterior(False)
 
-    modes = ["eager"] + ([] if args.no_compile else ["compiled"])
+    def network():
+        with torch.inference_mode():
+            model(x, t, y)
+
+    def rollout_of(policy, fused):
+        def run():
+            gmflow._compiled_substep = compiled if fused else None      # the variant, per call
+            with torch.inference_mode():
+                return rollout(policy, policy.x_src, 1.0, 0.0, total_substeps=args.substeps)
+        return run
+
+    sides, outputs = {"network": network}, {}
     for num_components in args.components:
         policy = make_policy(args.batch, num_components, channels, size)
-        outputs = {}
-        for mode in modes:
-            if mode == "compiled" and not gmflow.enable_compiled_posterior(True):
-                print("torch.compile unavailable; skipping the compiled variant")
-                continue
-            if mode == "eager":
-                gmflow.enable_compiled_posterior(False)
-            with torch.inference_mode():
-                run = lambda: rollout(policy, policy.x_src, 1.0, 0.0, total_substeps=args.substeps)  # noqa: E731
-                outputs[mode] = run()
-                seconds = median_seconds(run, args.repeats, warmup=2)
-            row = {"K": num_components, "mode": mode, "rollout_seconds": seconds,
-                   "ratio_percent": 100 * seconds / network}
-            results["rows"].append(row)
-            print(f"GM K={num_components:<3d} {mode:9s} {args.substeps}-substep rollout: {seconds * 1e3:8.1f} ms "
-                  f"= {row['ratio_percent']:.2f} % of one network evaluation")
-        if len(outputs) == 2:
-            diff = float((outputs["eager"] - outputs["compiled"]).abs().max())
-            print(f"    max |eager − compiled| = {diff:.2e}")
-            results["rows"][-1]["max_abs_diff_vs_eager"] = diff
-    gmflow.enable_compiled_posterior(False)
+        for mode in ["eager"] + (["compiled"] if compiled is not None else []):
+            sides[(num_components, mode)] = rollout_of(policy, mode == "compiled")
+            outputs[(num_components, mode)] = sides[(num_components, mode)]()
+    times = interleaved_seconds(sides, args.repeats)
+    gmflow._compiled_substep = None
+    network_median = statistics.median(times["network"])
+    results["network_seconds"] = network_median
+    results["network_spread_seconds"] = [min(times["network"]), max(times["network"])]
+    print(f"DiT-B/2 ({params:.0f} M params) forward, batch {args.batch}, 4x32x32: median {network_median * 1e3:.1f} ms "
+          f"(spread {min(times['network']) * 1e3:.1f}–{max(times['network']) * 1e3:.1f} ms, {args.repeats} "
+          "interleaved repeats)")
+    for key, seconds in times.items():
+        if key == "network":
+            continue
+        num_components, mode = key
+        ratios = [100 * r / n for r, n in zip(seconds, times["network"])]     # within each repeat
+        row = {"K": num_components, "mode": mode, "rollout_seconds": statistics.median(seconds),
+               "rollout_spread_seconds": [min(seconds), max(seconds)],
+               "ratio_percent": 100 * statistics.median(seconds) / network_median,
+               "ratio_percent_per_repeat_spread": [min(ratios), max(ratios)]}
+        if mode == "compiled":
+            row["max_abs_diff_vs_eager"] = float((outputs[key] - outputs[(num_components, "eager")]).abs().max())
+        results["rows"].append(row)
+        print(f"GM K={num_components:<3d} {mode:9s} {args.substeps}-substep rollout: median "
+              f"{row['rollout_seconds'] * 1e3:8.1f} ms (spread {min(seconds) * 1e3:.1f}–{max(seconds) * 1e3:.1f}) = "
+              f"{row['ratio_percent']:.2f} % of one network evaluation (per repeat {min(ratios):.2f}–"
+              f"{max(ratios):.2f} %)" + (f"; max |eager − compiled| = {row['max_abs_diff_vs_eager']:.2e}"
+                                         if mode == "compiled" else ""))
     if args.json:
         write_json(args.json, results)
 
