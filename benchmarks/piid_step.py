@@ -1,0 +1,152 @@
+"""A π-ID training step vs the cost of its networks alone, timed in one process with interleaved repeats.
+
+    python benchmarks/piid_step.py [--models DiT-B/2 DiT-S/2] [--components 8 32] [--batch 4] [--repeats 5]
+
+For each backbone (a class-conditional DiT on 4×32×32 latents, random weights) and GM size K:
+* **full step**: data-dependent π-ID (`PiFlow(student, teacher)(x0, labels)` + backward) with the text-to-image
+  settings of algorithm.md §4.7 (4 NFE, f = 0.5, shift 3.2, M = 4 intermediate states, micro-window 3, GM dropout
+  0.1, 128 substeps per unit time);
+* **network only**: the same batch through the student once with backward (loss = sum of its outputs) and the
+  teacher M = 4 times without grad — the networks a π-ID step cannot avoid.
+The two sides alternate within each repeat (same machine load); the script prints medians, min–max spreads, the
+non-network overhead (full − network) as a share of the full step, and (``--memory``) each side's peak RSS measured
+in its own subprocess (the resident-set high-water mark of one step, above the process before the step). With
+``--profile`` it also writes the top operators of one full step (torch.profiler, self CPU time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from piflow import PiFlow, PiIDSettings
+from piflow.models import DiT
+from piflow.models.students import PolicyStudent
+from piflow.teachers import NetworkTeacher
+
+SETTINGS = dict(policy="gmflow", nfe=4, final_step_size_scale=0.5, shift=3.2, num_intermediate_states=4,
+                window_substeps=3, policy_dropout=0.1, total_substeps=128)
+
+
+def build(model_name: str, components: int, batch: int, seed: int = 0):
+    torch.manual_seed(seed)
+    teacher_model = DiT.from_preset(model_name, in_channels=4, input_size=32, num_classes=10).eval()
+    with torch.no_grad():                      # DiT zero-initialises its output layer: make the teacher informative
+        teacher_model.proj_out.weight.normal_(0, 0.02)
+    teacher_model.requires_grad_(False)
+    student = PolicyStudent(teacher_model, "gmflow", num_components=components, logstd_hidden=256,
+                            generator=torch.Generator().manual_seed(seed)).train()
+    pf = PiFlow(student, NetworkTeacher(teacher_model), PiIDSettings(**SETTINGS))
+    gen = torch.Generator().manual_seed(seed + 1)
+    x0 = torch.randn(batch, 4, 32, 32, generator=gen)
+    labels = torch.randint(0, 10, (batch,), generator=gen)
+    sigma = torch.rand(batch, generator=gen).clamp(min=0.05)
+    x_src = (1 - sigma.reshape(-1, 1, 1, 1)) * x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen)
+    teacher = NetworkTeacher(teacher_model)
+
+    def full():
+        student.zero_grad(set_to_none=True)
+        pf(x0, labels, generator=torch.Generator().manual_seed(2)).backward()
+
+    def network():
+        student.zero_grad(set_to_none=True)
+        out = student(x_src, sigma, labels)
+        sum(value.sum() for value in out.values()).backward()
+        for _ in range(SETTINGS["num_intermediate_states"]):
+            teacher(x_src, sigma, labels)
+
+    return {"full step": full, "network only": network}, student
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_of(model_name: str, components: int, batch: int, side: str) -> dict:
+    """Peak RSS of one step of `side` in this (fresh) process, after one untimed warm-up step."""
+    sides, _ = build(model_name, components, batch)
+    sides[side]()                                                    # warm-up: allocator pools, autograd graph
+    before = current_rss_bytes()
+    sides[side]()
+    return {"peak_rss_GiB": peak_rss_bytes() / 2 ** 30, "step_peak_above_start_GiB":
+            max(peak_rss_bytes() - before, 0) / 2 ** 30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["DiT-B/2", "DiT-S/2"])
+    parser.add_argument("--components", nargs="+", type=int, default=[8, 32])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--memory", action="store_true", help="also each side's peak RSS (one subprocess per side)")
+    parser.add_argument("--profile", default=None, help="write the top operators of one full step here (.txt)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--memory-of", nargs=4, default=None, help=argparse.SUPPRESS)   # model K batch side
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_of:
+        model_name, components, batch, side = args.memory_of
+        print(json.dumps(memory_of(model_name, int(components), int(batch), side)))
+        return
+    rows = []
+    for model_name in args.models:
+        for components in args.components:
+            sides, student = build(model_name, components, args.batch)
+            for fn in sides.values():                                       # warm-up
+                fn()
+            times = {name: [] for name in sides}
+            for _ in range(args.repeats):
+                for name, fn in sides.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            full, network = (statistics.median(times[k]) for k in ("full step", "network only"))
+            per_repeat = [(f - n) / f for f, n in zip(times["full step"], times["network only"])]
+            row = {"model": model_name, "K": components, "batch": args.batch,
+                   "params_M": sum(p.numel() for p in student.parameters()) / 1e6,
+                   "full_step_median_s": full, "full_step_spread_s": [min(times["full step"]),
+                                                                       max(times["full step"])],
+                   "network_only_median_s": network, "network_only_spread_s": [min(times["network only"]),
+                                                                                 max(times["network only"])],
+                   "overhead_share_of_step": (full - network) / full,
+                   "overhead_share_per_repeat_spread": [min(per_repeat), max(per_repeat)]}
+            if args.memory:
+                for side in sides:
+                    out = subprocess.run([sys.executable, __file__, "--memory-of", model_name, str(components),
+                                          str(args.batch), side] + (["--threads", str(args.threads)]
+                                                                    if args.threads else []),
+                                         capture_output=True, text=True, check=True)
+                    row[f"memory {side}"] = json.loads(out.stdout.strip().splitlines()[-1])
+            if args.profile and model_name == args.models[0] and components == args.components[-1]:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    sides["full step"]()
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+                Path(args.profile).write_text(f"{model_name}, K = {components}, batch {args.batch}: one full "
+                                              f"π-ID step, top operators by self CPU time\n\n{table}\n")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"settings": SETTINGS, "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
