@@ -10,7 +10,7 @@ For each backbone (a class-conditional DiT on 4×32×32 latents, random weights)
   teacher M = 4 times without grad — the networks a π-ID step cannot avoid.
 The two sides alternate within each repeat (same machine load); the script prints medians, min–max spreads, the
 non-network overhead (full − network) as a share of the full step, and (``--memory``) each side's peak RSS measured
-in its own subprocess (the resident-set high-water mark of one step, above the process before the step). With
+in its own subprocess (Linux VmHWM of one step after a warm-up step, the high-water mark reset just before it). With
 ``--profile`` it also writes the top operators of one full step (torch.profiler, self CPU time).
 """
 from __future__ import annotations
@@ -64,25 +64,26 @@ def build(model_name: str, components: int, batch: int, seed: int = 0):
     return {"full step": full, "network only": network}, student
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096
-
-
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def memory_of(model_name: str, components: int, batch: int, side: str) -> dict:
-    """Peak RSS of one step of `side` in this (fresh) process, after one untimed warm-up step."""
+    """Peak RSS (VmHWM) of one step of `side` in this fresh process, after one untimed warm-up step; the
+    high-water mark is reset (``/proc/self/clear_refs``) just before the measured step."""
     sides, _ = build(model_name, components, batch)
     sides[side]()                                                    # warm-up: allocator pools, autograd graph
-    before = current_rss_bytes()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:               # reset VmHWM to the current RSS
+        handle.write("5")
     sides[side]()
-    return {"peak_rss_GiB": peak_rss_bytes() / 2 ** 30, "step_peak_above_start_GiB":
-            max(peak_rss_bytes() - before, 0) / 2 ** 30}
+    peak = _status_kib("VmHWM")
+    return {"step_peak_rss_GiB": peak / 2 ** 20, "rss_before_step_GiB": before / 2 ** 20,
+            "step_peak_above_start_GiB": max(peak - before, 0) / 2 ** 20}
 
 
 def main() -> None:
