@@ -123,15 +123,22 @@ def _sd3_components(latent_channels: int, seed: int) -> dict:
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
-def _qwen_components(latent_channels: int, seed: int) -> dict:
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _qwen_transformer(latent_channels: int, num_layers: int, seed: int):
+    """A `QwenImageTransformer2DModel` of `num_layers` blocks, 2 heads × 16, on 2×2-packed latents (Qwen-Image and
+    Qwen-Image-Edit share it)."""
+    from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * latent_channels,
-                                              out_channels=latent_channels, num_layers=2, attention_head_dim=16,
-                                              num_attention_heads=2, joint_attention_dim=TEXT_WIDTH,
-                                              axes_dims_rope=(4, 6, 6))
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels,
+                                       num_layers=num_layers, attention_head_dim=16, num_attention_heads=2,
+                                       joint_attention_dim=TEXT_WIDTH, axes_dims_rope=(4, 6, 6))
+
+
+def _qwen_components(latent_channels: int, seed: int) -> dict:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    transformer = _qwen_transformer(latent_channels, 2, seed)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=latent_channels, dim_mult=[1, 2], num_res_blocks=1,
                                  temperal_downsample=[False], latents_mean=[0.0] * latent_channels,
@@ -335,18 +342,14 @@ def _qwen_vl_tokenizer():
 def _qwen_edit_components(latent_channels: int, seed: int) -> dict:
     """Qwen-Image-Edit / Edit-Plus: the Qwen-Image transformer, an 8× Qwen VAE, a Qwen2.5-VL text encoder with a
     tiny vision tower (patch 14, temporal patch 2, merge 2) and its processor."""
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from piflow.integrations.diffusers.compat import allow_processor_without_video
 
     allow_processor_without_video()
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * latent_channels,
-                                              out_channels=latent_channels, num_layers=1, attention_head_dim=16,
-                                              num_attention_heads=2, joint_attention_dim=TEXT_WIDTH,
-                                              axes_dims_rope=(4, 6, 6))
+    transformer = _qwen_transformer(latent_channels, 1, seed)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=latent_channels, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                                  temperal_downsample=[False, True, True],
