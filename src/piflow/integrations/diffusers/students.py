@@ -126,21 +126,28 @@ def _sd3_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
     return inputs
 
 
-def _qwen_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
-    """Qwen-Image(-Edit) forward kwargs; Edit's reference latents are clean packed tokens after the generated ones,
-    their (1, h, w) shapes appended to each sample's `img_shapes`."""
+def _packed_with_references(latents: Tensor, cond: dict) -> tuple[Tensor, list[tuple[int, int]]]:
+    """The 2×2-packed generated tokens followed by each reference image's clean tokens (B, L + Σ L_j, 4C), and the
+    token grid (rows, cols) of every image, the generated one first."""
     from piflow.integrations.diffusers.families import reference_latents
 
-    _check_cond(cond, ("encoder_hidden_states", "encoder_hidden_states_mask"), "Qwen-Image")
-    shapes = [(1, latents.shape[2] // PATCH, latents.shape[3] // PATCH)]
-    tokens = [pack_latents(latents)]
+    images = [latents]
     for number, reference in enumerate(reference_latents(cond)):
         if reference.shape[:2] != latents.shape[:2]:
             raise ValueError(f"reference image {number}: latents {tuple(reference.shape)} must have the batch and "
                              f"channels of the generated latents {tuple(latents.shape[:2])}")
-        tokens.append(pack_latents(reference.to(latents.dtype)))
-        shapes.append((1, reference.shape[2] // PATCH, reference.shape[3] // PATCH))
-    return {"hidden_states": torch.cat(tokens, dim=1), "timestep": sigma.reshape(-1).to(latents.dtype),
+        images.append(reference.to(latents.dtype))
+    grids = [(image.shape[2] // PATCH, image.shape[3] // PATCH) for image in images]
+    return torch.cat([pack_latents(image) for image in images], dim=1), grids
+
+
+def _qwen_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
+    """Qwen-Image(-Edit) forward kwargs; Edit's reference latents are clean packed tokens after the generated ones,
+    their (1, h, w) shapes appended to each sample's `img_shapes`."""
+    _check_cond(cond, ("encoder_hidden_states", "encoder_hidden_states_mask"), "Qwen-Image")
+    tokens, grids = _packed_with_references(latents, cond)
+    shapes = [(1, rows, cols) for rows, cols in grids]
+    return {"hidden_states": tokens, "timestep": sigma.reshape(-1).to(latents.dtype),
             "encoder_hidden_states": cond["encoder_hidden_states"],
             "encoder_hidden_states_mask": cond["encoder_hidden_states_mask"],
             "img_shapes": [list(shapes)] * latents.shape[0]}
@@ -279,22 +286,13 @@ def flux2_ids(rows: int, cols: int, time: int = 0, device=None) -> Tensor:
 
 
 def _flux2_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
-    from piflow.integrations.diffusers.families import reference_latents
-
     _check_cond(cond, ("encoder_hidden_states",), "FLUX.2")
-    tokens = [pack_latents(latents)]
-    ids = [flux2_ids(latents.shape[2] // PATCH, latents.shape[3] // PATCH, 0, latents.device)]
-    for number, reference in enumerate(reference_latents(cond)):     # clean conditioning tokens after the target
-        if reference.shape[:2] != latents.shape[:2]:
-            raise ValueError(f"reference image {number}: latents {tuple(reference.shape)} must have the batch and "
-                             f"channels of the generated latents {tuple(latents.shape[:2])}")
-        tokens.append(pack_latents(reference.to(latents.dtype)))
-        ids.append(flux2_ids(reference.shape[2] // PATCH, reference.shape[3] // PATCH, 10 + 10 * number,
-                             latents.device))
+    tokens, grids = _packed_with_references(latents, cond)       # references: time ids 10, 20, … (image j: 10·j)
+    ids = [flux2_ids(rows, cols, 10 * j, latents.device) for j, (rows, cols) in enumerate(grids)]
     text = cond["encoder_hidden_states"]
     txt_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1),
                                    torch.arange(text.shape[1])).to(latents.device)
-    return {"hidden_states": torch.cat(tokens, dim=1), "encoder_hidden_states": text,
+    return {"hidden_states": tokens, "encoder_hidden_states": text,
             "timestep": sigma.reshape(-1).to(latents.dtype), "img_ids": torch.cat(ids), "txt_ids": txt_ids,
             "guidance": cond.get("guidance")}
 
