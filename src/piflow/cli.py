@@ -259,24 +259,14 @@ def _cmd_encode_prompts(args) -> int:
     import torch
 
     from piflow.errors import require
-    from piflow.integrations.diffusers.families import get_family
-    from piflow.integrations.diffusers.prompts import read_conditions_file, read_prompt_file, write_prompt_cache
+    from piflow.integrations.diffusers.prompts import read_condition_source, write_prompt_cache
     from piflow.recipes.diffusers_base import DTYPES, from_pretrained, pipeline_architecture
 
     diffusers = require("diffusers", "piflow encode-prompts")
     _positive(args, "--shard-size", "--max-sequence-length")
     architecture = pipeline_architecture(args.pipeline)          # checked before anything heavy is loaded
-    family = get_family(architecture)
-    if args.conditions is not None:
-        if family.references == "none":
-            raise ConfigError(f"--conditions (reference images) applies to editing pipelines; {architecture} is "
-                              "text-to-image: use --prompts")
-        prompts, images = read_conditions_file(args.conditions)
-    else:
-        if family.references == "required":
-            raise ConfigError(f"{architecture} is an editing pipeline: give --conditions conditions.jsonl "
-                              '(one {"prompt": ..., "images": [...]} per line)')
-        prompts, images = read_prompt_file(args.prompts), None
+    prompts, images = read_condition_source(architecture, args.prompts, args.conditions,
+                                            options=("--prompts ", "--conditions "))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     parts = {"transformer": None} if images is not None else {"transformer": None, "vae": None}   # VAE: references
     pipe = from_pretrained(diffusers.DiffusionPipeline, args.pipeline, **parts, torch_dtype=DTYPES[args.dtype])

@@ -124,3 +124,23 @@ def test_video_frame_counts_are_checked():
     with pytest.raises(ValueError, match="^latents must be 5-D"):
         DiffusersTeacher(pipe.transformer, "wan")(torch.randn(2, 4, 8, 8), torch.ones(2),
                                                   {"encoder_hidden_states": torch.randn(2, 8, 32)})
+
+
+def test_condition_sources_name_the_argument(tmp_path):
+    """A run's (or cache's) source of conditions fits its family: editing families need a conditions file,
+    text-to-image ones a prompt file; the errors name the option as the caller spells it."""
+    from piflow.errors import ConfigError
+    from piflow.integrations.diffusers.prompts import read_condition_source
+
+    reference_images()[0].save(tmp_path / "a.png")
+    (tmp_path / "c.jsonl").write_text('{"prompt": "make it red", "image": "a.png"}\n')
+    (tmp_path / "p.txt").write_text("a cat\n")
+    prompts, images = read_condition_source("qwen-edit", None, tmp_path / "c.jsonl")
+    assert prompts == ["make it red"] and images == [[tmp_path / "a.png"]]
+    assert read_condition_source("flux2", tmp_path / "p.txt", None) == (["a cat"], None)
+    with pytest.raises(ConfigError, match="^qwen-edit is an editing family: give --conditions <JSON Lines"):
+        read_condition_source("qwen-edit", tmp_path / "p.txt", None, options=("--prompts ", "--conditions "))
+    with pytest.raises(ConfigError, match="^conditions= \\(reference images\\) applies to editing families; flux is"):
+        read_condition_source("flux", None, tmp_path / "c.jsonl")
+    with pytest.raises(ConfigError, match="^give prompts=<prompt file> or prompt_cache="):
+        read_condition_source("flux", None, None, alternative=" or prompt_cache=<folder>")

@@ -63,27 +63,14 @@ def is_text_to_image(config_or_overrides: dict) -> bool:
 
 def prompt_source(config: dict, pipe, architecture: str):
     """The run's conditions: a prompt cache, an editing conditions file or a prompt file (encoded now)."""
-    from piflow.integrations.diffusers.families import get_family
-    from piflow.integrations.diffusers.prompts import (EncodedPrompts, PromptEmbeddingCache, read_conditions_file,
-                                                       read_prompt_file)
+    from piflow.integrations.diffusers.prompts import EncodedPrompts, PromptEmbeddingCache, read_condition_source
 
-    family = get_family(architecture)
     if config["prompt_cache"] is not None:
         return PromptEmbeddingCache(config["prompt_cache"], architecture)
-    if config["conditions"] is not None:
-        if family.references == "none":
-            raise ConfigError(f"conditions= (reference images) applies to editing families; {architecture} is "
-                              "text-to-image: give prompts=<prompt file>")
-        prompts, images = read_conditions_file(config["conditions"])
-        return EncodedPrompts(pipe, architecture, prompts, config["guidance"]["negative_prompt"],
-                              config["max_sequence_length"], images=images)
-    if config["prompts"] is None or family.references == "required":
-        raise ConfigError(f"{architecture} is an editing family: give conditions=<JSON Lines file of "
-                          '{"prompt": ..., "images": [...]}> or prompt_cache=<folder from `piflow encode-prompts '
-                          '--conditions`>' if family.references == "required" else
-                          "give prompts=<prompt file> or prompt_cache=<folder from `piflow encode-prompts`>")
-    return EncodedPrompts(pipe, architecture, read_prompt_file(config["prompts"]),
-                          config["guidance"]["negative_prompt"], config["max_sequence_length"])
+    prompts, images = read_condition_source(architecture, config["prompts"], config["conditions"],
+                                            alternative=" or prompt_cache=<folder from `piflow encode-prompts`>")
+    return EncodedPrompts(pipe, architecture, prompts, config["guidance"]["negative_prompt"],
+                          config["max_sequence_length"], images=images)
 
 
 def guidance_scale(config: dict, family: str) -> float:
@@ -436,12 +423,12 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
     outputs = _generate(pipe, family, prompts, config, references, **{per_prompt: num_images},
                         num_inference_steps=nfe or pipe.piflow_student.sampling.get("nfe", 4),
                         temperature=temperature, generator=generator)
+    from piflow.video import write_video
+
     paths = []
     for index, item in enumerate(outputs):
         stem = output / f"{index // num_images:03d}_{index % num_images:02d}"
         if spec.video:
-            from piflow.video import write_video
-
             paths.append(write_video(item, stem.with_suffix(f".{video_format}"), fps=fps))
         else:
             path = stem.with_suffix(".png")

@@ -137,14 +137,23 @@ def _qwen_text(embeds: Tensor, mask: Optional[Tensor]) -> list[dict]:
 
 
 def _encoder_qwen_edit(plus: bool):
-    def encode(pipe, prompts: list[str], max_sequence_length: int, references=None) -> list[dict]:
-        items = []
-        for prompt, images in zip(prompts, references):        # the stock pipelines encode one condition a call
-            encoder_images, latents = qwen_edit_references(pipe, images, plus)
+    def encode(pipe, prompts: list[str], max_sequence_length: int, references=None,
+               negative_prompt: Optional[str] = None) -> list[dict]:
+        """Per condition: its text embeddings (the vision-language encoder sees its images), reference latents and,
+        given `negative_prompt`, the negative's embeddings with the same images (``null.*``)."""
+        def text(prompt: str, encoder_images: list) -> dict:
             embeds, mask = pipe.encode_prompt(prompt=[prompt], image=encoder_images if plus else encoder_images[0],
                                               device=pipe._execution_device,
                                               max_sequence_length=max_sequence_length)
-            items.append({**_qwen_text(embeds, mask)[0], **latents})
+            return _qwen_text(embeds, mask)[0]
+
+        items = []
+        for prompt, images in zip(prompts, references):        # the stock pipelines encode one condition a call
+            encoder_images, latents = qwen_edit_references(pipe, images, plus)
+            item = {**text(prompt, encoder_images), **latents}
+            if negative_prompt is not None:
+                item.update({NULL_PREFIX + k: v for k, v in text(negative_prompt, encoder_images).items()})
+            items.append(item)
         return items
     return encode
 
@@ -191,7 +200,8 @@ class Family:
     editing, FLUX.2) or "required" (Qwen-Image-Edit): conditions carry reference images, encoded into
     ``reference_latents.j`` (C, h, w) tensors (the model sees their clean tokens after the generated ones).
     `null_per_item`: the negative prompt is encoded with each condition's reference images (Qwen-Image-Edit's
-    vision-language encoder sees the image), stored as ``null.<name>`` beside the condition's own tensors."""
+    vision-language encoder sees the image), stored as ``null.<name>`` beside the condition's own tensors: such a
+    family's `encode` takes the negative prompt as a fifth argument."""
 
     name: str
     architecture: str

@@ -159,13 +159,13 @@ class PiFlowPipelineMixin:
 
     def _stock_extras(self, attention_kwargs: Optional[dict] = None,
                       callback_on_step_end_tensor_inputs: Optional[Sequence[str]] = ("latents",),
-                      **guidance: Any) -> None:
+                      attention_name: str = "attention_kwargs", **guidance: Any) -> None:
         """The stock arguments a π-Flow loop cannot honour: attention kwargs (the student runs its own forward) and
         callback tensors other than ``latents`` are errors; CFG arguments (negative prompts, CFG scales) are
         accepted with a warning — the student has guidance distilled in."""
         if attention_kwargs:
-            raise ValueError("attention_kwargs: π-Flow pipelines run the student's own forward and take none; scale "
-                             "LoRAs with pipe.set_adapters([...], adapter_weights=[...]) instead")
+            raise ValueError(f"{attention_name}: π-Flow pipelines run the student's own forward and take none; "
+                             "scale LoRAs with pipe.set_adapters([...], adapter_weights=[...]) instead")
         extra = sorted(set(callback_on_step_end_tensor_inputs or ()) - {"latents"})
         if extra:
             raise ValueError(f"callback_on_step_end_tensor_inputs: π-Flow pipelines pass ['latents'] to callbacks, "
@@ -331,7 +331,8 @@ class PiZImagePipeline(PiFlowPipelineMixin, ZImagePipeline):
         (optional) is the noise (B·n, C, H/8, W/8) at σ = 1; CFG arguments are accepted and unused."""
         from diffusers.pipelines.z_image.pipeline_output import ZImagePipelineOutput
 
-        self._stock_extras(joint_attention_kwargs, callback_on_step_end_tensor_inputs, guidance_scale=guidance_scale,
+        self._stock_extras(joint_attention_kwargs, callback_on_step_end_tensor_inputs, "joint_attention_kwargs",
+                           guidance_scale=guidance_scale,
                            negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds,
                            cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation)
 
@@ -375,7 +376,7 @@ class _PiQwenEditMixin(PiFlowPipelineMixin):
                    return_dict, callback_on_step_end, max_sequence_length, total_substeps):
         from PIL import Image
 
-        from piflow.integrations.diffusers.families import _qwen_text, qwen_edit_references
+        from piflow.integrations.diffusers.families import _qwen_text, get_family, qwen_edit_references
         from piflow.integrations.diffusers.prompts import collate_text
 
         if image is None or (isinstance(image, list) and not image):
@@ -385,25 +386,25 @@ class _PiQwenEditMixin(PiFlowPipelineMixin):
         if not all(isinstance(item, Image.Image) for item in images):
             raise ValueError("image must be a PIL image or a list of PIL images (the reference images)")
         count = self._batch_size(prompt, prompt_embeds)
-        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        if not self.plus and len(images) not in (1, count):
+            raise ValueError(f"image: give one reference image, or one per prompt ({count}), got {len(images)}")
+        images = [item.convert("RGB") for item in images]
         # Plus: every reference for every prompt; Edit: one reference shared, or one per prompt
         per_prompt = ([images] * count if self.plus else [[images[i if len(images) == count else 0]]
                                                           for i in range(count)])
-        if not self.plus and len(images) not in (1, count):
-            raise ValueError(f"image: give one reference image, or one per prompt ({count}), got {len(images)}")
-        device = self._execution_device
-        items = []
-        for index, references in enumerate(per_prompt):
-            encoder_images, reference = qwen_edit_references(self, [i.convert("RGB") for i in references], self.plus)
-            if prompt_embeds is None:
-                embeds, mask = self.encode_prompt(prompt=[prompts[index]],
-                                                  image=encoder_images if self.plus else encoder_images[0],
-                                                  device=device, max_sequence_length=max_sequence_length)
-            else:
-                embeds = prompt_embeds[index:index + 1]
+        family = get_family("qwen-edit-plus" if self.plus else "qwen-edit")
+        if prompt_embeds is None:                 # as in distillation: one encoder for both
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            conditions = family.encode(self, prompts, max_sequence_length, per_prompt)
+        else:
+            conditions = []
+            for index, references in enumerate(per_prompt):
                 mask = None if prompt_embeds_mask is None else prompt_embeds_mask[index:index + 1]
-            items.extend([{**_qwen_text(embeds, mask)[0], **reference}] * num_images_per_prompt)
-        cond = collate_text(items, "qwen-edit", device=device, dtype=self.transformer.dtype)
+                conditions.append({**_qwen_text(prompt_embeds[index:index + 1], mask)[0],
+                                   **qwen_edit_references(self, references, self.plus)[1]})
+        device = self._execution_device
+        items = [item for item in conditions for _ in range(num_images_per_prompt)]
+        cond = collate_text(items, family.name, device=device, dtype=self.transformer.dtype)
         size = images[-1 if self.plus else 0].size
         default_w, default_h = self._default_size(size[0] / size[1])
         height, width = height or default_h, width or default_w

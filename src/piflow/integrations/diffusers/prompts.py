@@ -79,6 +79,30 @@ def read_conditions_file(path: Union[str, Path]) -> tuple[list[str], list[list[P
     return prompts, images
 
 
+def read_condition_source(architecture: str, prompt_file: Optional[Union[str, Path]],
+                          conditions_file: Optional[Union[str, Path]], options: tuple[str, str] = ("prompts=",
+                                                                                                  "conditions="),
+                          alternative: str = "") -> tuple[list[str], Optional[list[list[Path]]]]:
+    """(prompts, reference image paths per prompt — None for a prompt file) of a run or cache: an editing family
+    needs a conditions file, a text-to-image family a prompt file (optional-reference families take either).
+    `options` name the two arguments in errors (CLI flags or config keys); `alternative` names another source."""
+    from piflow.errors import ConfigError
+
+    family = get_family(architecture)
+    prompts_option, conditions_option = options
+    if conditions_file is not None:
+        if family.references == "none":
+            raise ConfigError(f"{conditions_option} (reference images) applies to editing families; {architecture} "
+                              f"is text-to-image: give {prompts_option}<prompt file>")
+        return read_conditions_file(conditions_file)
+    if family.references == "required":
+        raise ConfigError(f"{architecture} is an editing family: give {conditions_option}<JSON Lines file, one "
+                          f'{{"prompt": ..., "images": [...]}} per line>{alternative}')
+    if prompt_file is None:
+        raise ConfigError(f"give {prompts_option}<prompt file>{alternative}")
+    return read_prompt_file(prompt_file), None
+
+
 def load_reference_images(paths: Sequence[Union[str, Path]]) -> list:
     """RGB PIL images of `paths` (decoded by Pillow, which runs no code from the file)."""
     from PIL import Image
@@ -130,11 +154,9 @@ def encode_prompts(pipe: Any, architecture: str, prompts: Sequence[str], max_seq
         chunk = list(prompts[start:start + batch_size])
         references = None if images is None else [load_reference_images(refs)
                                                    for refs in images[start:start + batch_size]]
-        items = family.encode(pipe, chunk, max_sequence_length, references)
-        if family.null_per_item and negative_prompt is not None and references is not None:
-            negatives = family.encode(pipe, [negative_prompt] * len(chunk), max_sequence_length, references)
-            for item, negative in zip(items, negatives):
-                item.update({NULL_PREFIX + k: v for k, v in negative.items() if not k.startswith(REFERENCE_PREFIX)})
+        per_item_null = family.null_per_item and negative_prompt is not None and references is not None
+        items = (family.encode(pipe, chunk, max_sequence_length, references, negative_prompt) if per_item_null
+                 else family.encode(pipe, chunk, max_sequence_length, references))
         results.extend({k: v.detach().cpu().contiguous() for k, v in item.items()} for item in items)
     return results
 
