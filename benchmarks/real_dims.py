@@ -3,6 +3,8 @@ and one 4-step π-Flow sample, with the time and peak memory of each.
 
     python benchmarks/real_dims.py                                   # CPU, bf16, 256² (what fits this machine)
     python benchmarks/real_dims.py --device cuda --resolution 1024    # the same at 1024² on a GPU
+    python benchmarks/real_dims.py --preset flux2-dev --num-layers 2 --num-single-layers 8 --device cuda \
+        --resolution 1024                          # a block stack at FLUX.2 [dev]'s full width (6144, text 15360)
 
 The transformer is `Flux2Transformer2DModel` with klein-4B's config (5 double + 20 single blocks, 24 heads × 128,
 text width 7680 = 3 × 2560 stacked Qwen3-4B layers, mlp_ratio 3, no guidance embedding; 3.88 B parameters,
@@ -29,6 +31,11 @@ import torch
 KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
                 axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, guidance_embeds=False)
+# FLUX.2 [dev]'s transformer width (48 heads × 128 = 6144, Mistral-3 text width 15360, 8 double + 48 single blocks,
+# embedded guidance); --num-layers / --num-single-layers cut the stack to fit a short check.
+FLUX2_DEV = dict(KLEIN_4B, num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360,
+                 guidance_embeds=True)
+PRESETS = {"klein-4b": KLEIN_4B, "flux2-dev": FLUX2_DEV}
 GIB = 2 ** 30
 
 
@@ -39,11 +46,11 @@ def peak_gib(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def random_klein(device: torch.device, dtype: torch.dtype, seed: int = 0):
+def random_flux2(config: dict, device: torch.device, dtype: torch.dtype, seed: int = 0):
     from diffusers import Flux2Transformer2DModel
 
     with torch.device("meta"):
-        transformer = Flux2Transformer2DModel(**KLEIN_4B)
+        transformer = Flux2Transformer2DModel(**config)
     transformer = transformer.to_empty(device=device).to(dtype)
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in transformer.named_parameters():
@@ -65,6 +72,9 @@ def main() -> None:
     from piflow.settings import PiIDSettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="klein-4b", choices=sorted(PRESETS))
+    parser.add_argument("--num-layers", type=int, default=None, help="double-stream blocks (default: the preset's)")
+    parser.add_argument("--num-single-layers", type=int, default=None, help="single-stream blocks")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = side / 8)")
     parser.add_argument("--text-tokens", type=int, default=64, help="text embedding length (klein pads to 512)")
@@ -75,8 +85,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), torch.bfloat16
+    config = dict(PRESETS[args.preset])
+    for key in ("num_layers", "num_single_layers"):
+        if getattr(args, key) is not None:
+            config[key] = getattr(args, key)
     started = time.perf_counter()
-    transformer = random_klein(device, dtype)
+    transformer = random_flux2(config, device, dtype)
     parameters = sum(p.numel() for p in transformer.parameters())
     build_s = time.perf_counter() - started
     add_student_lora(transformer, rank=args.lora_rank, target_modules=ARCHITECTURES["flux2"].lora_targets(transformer))
@@ -96,8 +110,10 @@ def main() -> None:
     pf = PiFlow(student, teacher, settings)
     side = args.resolution // 8
     generator = torch.Generator(device=device).manual_seed(1)
-    cond = {"encoder_hidden_states": torch.randn(1, args.text_tokens, 7680, generator=generator, device=device,
-                                                 dtype=dtype)}
+    cond = {"encoder_hidden_states": torch.randn(1, args.text_tokens, config["joint_attention_dim"],
+                                                 generator=generator, device=device, dtype=dtype)}
+    if config["guidance_embeds"]:
+        cond["guidance"] = torch.full((1,), 4.0, device=device)
     x0 = torch.randn(1, 32, side, side, generator=generator, device=device)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
 
@@ -125,7 +141,8 @@ def main() -> None:
     synchronize()
     sample_s = time.perf_counter() - started
     result = {
-        "model": "FLUX.2 [klein] 4B transformer, published config, random bf16 weights", "config": KLEIN_4B,
+        "model": {"klein-4b": "FLUX.2 [klein] 4B transformer", "flux2-dev": "FLUX.2 [dev]-width block stack"}[
+            args.preset] + ", random bf16 weights", "preset": args.preset, "config": config,
         "parameters_B": parameters / 1e9, "trainable_M": trainable / 1e6, "lora_rank": args.lora_rank,
         "resolution": args.resolution, "image_tokens": (side // 2) ** 2, "text_tokens": args.text_tokens,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else

@@ -5,10 +5,12 @@
 A π-ID step rolls the detached policy of each sample from its segment start to random intermediate states, so the
 samples of a batch need different substep counts (algorithm.md §4.3). piflow runs each sample for exactly its own
 count (samples run longest first and leave the batch when done); the reference runs every sample for the batch's
-largest count, finished samples taking zero-length substeps. Both are timed in one process, interleaved, on the same
+largest count, finished samples taking zero-length substeps. Both run in plain PyTorch; the third side is piflow's
+default, the fused CPU kernel, which takes the whole batch and skips each sample's zero-length substeps itself. All
+are timed in one process, interleaved, on the same
 GM policies (K components over 4×32×32 latents) and the same random (segment, state) draws as the 4-NFE text-to-image
 settings (f = 0.5, shift 3.2, 128 substeps per unit time); the script prints the substeps each does, the median time
-and the spread (min–max) of `--repeats` interleaved repeats, and the ratio of medians.
+and the spread (min–max) of `--repeats` interleaved repeats, and the ratios of medians.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import time
 import torch
 
 from piflow.piid import sample_segments
-from piflow.policies import GMFlowPolicy
+from piflow.policies import GMFlowPolicy, gmflow
 from piflow.rollout import num_substeps, rollout_tau
 from piflow.timewarp import warp
 
@@ -60,6 +62,17 @@ def main() -> None:
     ours_substeps = sum(int(num_substeps(a, b, total).sum()) for a, b in zip(starts, ends))
     max_substeps = sum(batch * int(num_substeps(a, b, total).max()) for a, b in zip(starts, ends))
 
+    def plain(fn):
+        def run_plain(*args):
+            gmflow.set_fused_rollout(False)
+            try:
+                return fn(*args)
+            finally:
+                gmflow.set_fused_rollout(True)
+        return run_plain
+
+    sides = {"per_sample": plain(rollout_tau), "batch_max": plain(batch_max_rollout), "fused": rollout_tau}
+
     def run(fn):
         x = x_src
         with torch.inference_mode():
@@ -67,10 +80,12 @@ def main() -> None:
                 x = fn(policy, x, a, b, total, shift)
         return x
 
-    torch.testing.assert_close(run(rollout_tau), run(batch_max_rollout), rtol=0, atol=1e-5)
-    times = {"per_sample": [], "batch_max": []}
-    for _ in range(args.repeats):                      # interleaved: both sides see the same machine load
-        for name, fn in (("per_sample", rollout_tau), ("batch_max", batch_max_rollout)):
+    reference = run(sides["batch_max"])
+    torch.testing.assert_close(run(sides["per_sample"]), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(run(sides["fused"]), reference, rtol=1e-5, atol=1e-5)
+    times = {name: [] for name in sides}
+    for _ in range(args.repeats):                      # interleaved: all sides see the same machine load
+        for name, fn in sides.items():
             start = time.perf_counter()
             run(fn)
             times[name].append(time.perf_counter() - start)
@@ -79,6 +94,7 @@ def main() -> None:
               **{f"{name}_median_s": statistics.median(t) for name, t in times.items()},
               **{f"{name}_spread_s": [min(t), max(t)] for name, t in times.items()}}
     result["ratio_of_medians"] = result["per_sample_median_s"] / result["batch_max_median_s"]
+    result["fused_over_batch_max"] = result["fused_median_s"] / result["batch_max_median_s"]
     print(json.dumps(result, indent=2))
 
 

@@ -6,7 +6,7 @@ Every training command takes ``--config FILE`` (YAML) and ``key=value`` override
 A problem with the input (config, data, files, run directory, missing extras: a `piflow.errors.UserError`) or the
 environment (missing or unwritable files, a full disk) is printed as one line and exits with status 2 (3 when
 training diverged); set ``PIFLOW_TRACEBACK=1`` to see the traceback too. Anything else is a bug and keeps its
-traceback. ``PIFLOW_COMPILE=1`` turns on the fused (torch.compile) GM rollout substeps.
+traceback. ``PIFLOW_FUSED=0`` turns off the fused GM rollout kernels (plain PyTorch).
 """
 from __future__ import annotations
 
@@ -321,10 +321,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from piflow.train.distributed import init_distributed
 
         init_distributed()
-    if os.environ.get("PIFLOW_COMPILE") == "1":         # opt-in: fused GM rollout substeps (torch.compile)
-        from piflow.policies.gmflow import enable_compiled_posterior
+    if os.environ.get("PIFLOW_FUSED") == "0":           # opt-out: plain-PyTorch GM rollouts
+        from piflow.policies.gmflow import set_fused_rollout
 
-        enable_compiled_posterior(True)
+        set_fused_rollout(False)
     succeeded = False
     try:
         code = COMMANDS[args.handler](args)

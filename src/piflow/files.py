@@ -32,6 +32,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def cache_dir() -> Path:
+    """piflow's cache folder: ``$PIFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/piflow``, else ``~/.cache/piflow``."""
+    if os.environ.get("PIFLOW_CACHE_DIR"):
+        return Path(os.environ["PIFLOW_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "piflow"
+
 def fault_point(name: str) -> None:
     """Kill this process with SIGKILL here if ``PIFLOW_TEST_KILL_AT`` asks for it (see the module docstring)."""
     spec = os.environ.get("PIFLOW_TEST_KILL_AT")

@@ -37,9 +37,7 @@ def _substeps(policy: Policy, x: Tensor, tau_start: Tensor, tau_end: Tensor, ste
     sigmas = warp(taus, shift)
     if first == 0 and sigma_start is not None:
         sigmas[0] = sigma_start
-    for j in range(last - first):
-        x = policy.euler_substep(x, sigmas[j], sigmas[j + 1])
-    return x
+    return policy.substeps(x, sigmas)
 
 
 def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Tensor,
@@ -52,8 +50,8 @@ def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Ten
 
     Every sample takes exactly its own number of substeps, and only those: when the counts differ, the samples
     run longest first and each group leaves the batch when it is done (one gather of the policy, no zero-length
-    substeps for the samples that finished early). A policy whose substep is compiled for one batch shape
-    (`Policy.fixed_batch`) keeps the batch whole instead: finished samples take zero-length substeps.
+    substeps for the samples that finished early). A policy with a fused kernel (`Policy.fixed_batch`) gets the
+    whole batch in one call instead, with zero-length substeps after each sample's count.
     """
     x = x_start.float()
     counts = num_substeps(tau_start, tau_end, total_substeps)

@@ -37,6 +37,13 @@ class Policy:
         """One Euler substep x + π(x, σ)·(σ_next − σ) in float32 (policies may fuse it)."""
         return x + self.velocity_unchecked(x, sigma) * (sigma_next - sigma)
 
+    def substeps(self, x: Tensor, sigmas: Tensor) -> Tensor:
+        """Euler substeps from σ_0 to σ_N: x (B, C, *S) float32, sigmas (N+1, B, 1, …, 1); a sample whose
+        σ_{j+1} = σ_j stays where it is. Policies may fuse the whole loop (GMFlow's CPU kernel does)."""
+        for j in range(sigmas.shape[0] - 1):
+            x = self.euler_substep(x, sigmas[j], sigmas[j + 1])
+        return x
+
     def _check_state(self, x_t: Tensor, sigma_t: SigmaLike) -> tuple[Tensor, Tensor]:
         """Checks of the public `x0`/`velocity` (the rollouts call the unchecked `_x0`/`_velocity` per substep)."""
         if x_t.shape != self.x_src.shape:
@@ -72,8 +79,9 @@ class Policy:
 
     @property
     def fixed_batch(self) -> bool:
-        """True when substeps run a kernel compiled for one batch shape (GMFlow's fused substep): rollouts then
-        keep the whole batch for every substep instead of recompiling for each shrinking batch."""
+        """True when `substeps` should get the whole batch with each sample's zero-length substeps after its own
+        count: its fused kernel skips them (GMFlow on the CPU) or is compiled for one batch shape (GMFlow on
+        CUDA), instead of the samples leaving the batch as they finish."""
         return False
 
     def _batched(self, pick) -> "Policy":

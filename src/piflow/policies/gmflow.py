@@ -17,7 +17,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from piflow.checks import as_batch_sigma, check_finite, draw
 from piflow.policies.base import Policy
@@ -51,34 +50,113 @@ def gm_evidence(x_t: Tensor, sigma_t: Tensor, x_src: Tensor, sigma_src: Tensor, 
 
 def gm_euler_substep(x: Tensor, sigma: Tensor, sigma_next: Tensor, means: Tensor, means_sq: Tensor, logits: Tensor,
                      var: Tensor, x_src: Tensor, sigma_src: Tensor, eps: float) -> Tensor:
-    """One Euler substep x + π(x, σ)·(σ_next − σ) of a GMFlow policy (the unit that `torch.compile` fuses)."""
+    """One Euler substep x + π(x, σ)·(σ_next − σ) of a GMFlow policy (the unit that `torch.compile` fuses on CUDA)."""
     zeta, nu = gm_evidence(x, sigma, x_src, sigma_src, eps)
     x0 = gm_posterior_x0(means, means_sq, logits, var, zeta, nu, eps)
     return x + (x - x0) / sigma.clamp(min=eps) * (sigma_next - sigma)
 
 
-_compiled_substep: Optional[Callable[..., Tensor]] = None
+def gm_substep_coefficients(sigmas: Tensor, var: Tensor, sigma_src: Tensor, eps: float) -> Tensor:
+    """Per-(substep, sample) scalars of the fused rollout kernel, (N, B, 6) float32, from σ (N+1, B, 1, …):
 
-
-def enable_compiled_posterior(enabled: bool = True, **compile_kwargs) -> bool:
-    """Fuse no-grad GMFlow rollout substeps with `torch.compile` (few temporaries). Returns whether it is active.
-
-    Used for rollouts without autograd (the detached training rollouts and sampling); grad-carrying evaluations
-    always use plain PyTorch. If `torch.compile` is missing or compilation fails at the first call (e.g. no C++
-    compiler), piflow warns once and falls back to plain PyTorch, which gives the same numbers up to float32
-    rounding. The `piflow` command line calls it when the environment variable ``PIFLOW_COMPILE=1`` is set.
+    (a, b, d, q, w, h) with ν = a·x − b·x_src, a'_k = a_k + d·μ_k·ν − q·Σμ_k², x̂0 = d·Σ_k w_k μ_k + w·ν and
+    x ← x + (x − x̂0)·h: the terms of `gm_evidence`, `gm_posterior_x0` and the Euler step that do not depend on x.
     """
-    global _compiled_substep
-    if not enabled or not hasattr(torch, "compile"):
-        _compiled_substep = None
-        return False
-    compile_kwargs.setdefault("dynamic", False)
-    _compiled_substep = torch.compile(gm_euler_substep, **compile_kwargs)
-    return True
+    batch = sigmas.shape[1]
+    sigma = sigmas[:-1].reshape(-1, batch).clamp(min=eps)
+    sigma_next = sigmas[1:].reshape(-1, batch)
+    sigma_s = sigma_src.reshape(1, batch).clamp(min=eps)
+    rho_t, rho_s = (1 - sigma) / sigma, (1 - sigma_s) / sigma_s
+    zeta = rho_t.square() - rho_s.square()
+    v = var.reshape(1, batch)
+    d = 1 / (v * zeta + 1).clamp(min=eps)
+    return torch.stack([rho_t / sigma, (rho_s / sigma_s).expand_as(sigma), d, 0.5 * zeta * d, v * d,
+                        (sigma_next - sigmas[:-1].reshape(-1, batch)) / sigma], dim=-1)
 
 
-def compiled_posterior_enabled() -> bool:
-    return _compiled_substep is not None
+_fused_enabled = True
+_cuda_substep: Optional[Callable[..., Tensor]] = None
+_cuda_compile_failed = False
+
+
+def set_fused_rollout(enabled: bool = True) -> None:
+    """Turn the fused GM rollout on (the default) or off (plain PyTorch everywhere, e.g. to compare).
+
+    Fused: on the CPU, a C kernel runs all substeps of a rollout per block of pixels (compiled once per machine
+    with the system C compiler, see `piflow.kernels`); on CUDA, each substep is one `torch.compile` kernel
+    (compiled once per shape). Where neither can be built, piflow warns once and uses plain PyTorch, which gives
+    the same numbers up to float32 round-off. The `piflow` command turns it off when ``PIFLOW_FUSED=0``.
+    """
+    global _fused_enabled
+    _fused_enabled = bool(enabled)
+
+
+def fused_rollout_enabled() -> bool:
+    return _fused_enabled
+
+
+def _cpu_kernel():
+    from piflow.kernels import gm_rollout_library
+
+    return gm_rollout_library()
+
+
+def _cuda_compiled_substep() -> Optional[Callable[..., Tensor]]:
+    global _cuda_substep
+    if _cuda_substep is None and not _cuda_compile_failed and hasattr(torch, "compile"):
+        _cuda_substep = torch.compile(gm_euler_substep)
+    return _cuda_substep
+
+
+class _RecomputedPosterior(torch.autograd.Function):
+    """`gm_posterior_x0` that keeps no intermediates: backward recomputes it under autograd (what
+    `torch.utils.checkpoint` does, without its import of torch._dynamo: ~70 MB of resident memory and ~2 s at the
+    first backward). Inputs as `gm_posterior_x0`; first-order gradients only."""
+
+    @staticmethod
+    def forward(ctx, means, means_sq, logits, var, zeta, nu, eps):
+        ctx.save_for_backward(means, means_sq, logits, var, zeta, nu)
+        ctx.eps = eps
+        return gm_posterior_x0(means, means_sq, logits, var, zeta, nu, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        wanted = ctx.needs_input_grad[:6]
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, wanted)]
+        with torch.enable_grad():
+            out = gm_posterior_x0(*leaves, ctx.eps)
+            grads = iter(torch.autograd.grad(out, [leaf for leaf, need in zip(leaves, wanted) if need], grad_out,
+                                             allow_unused=True))
+        return (*(next(grads) if need else None for need in wanted), None)
+
+
+class _FusedRollout(torch.autograd.Function):
+    """The CPU kernel's rollout with a recomputing backward: the forward keeps nothing but its inputs; the
+    backward reruns the plain-PyTorch rollout under autograd (posteriors recomputed) and differentiates it."""
+
+    @staticmethod
+    def forward(ctx, x, sigmas, means, logits, var, x_src, sigma_src, eps, library):
+        means_sq = means.square().sum(dim=2, keepdim=True)
+        coefficients = gm_substep_coefficients(sigmas, var, sigma_src, eps)
+        from piflow.kernels import gm_rollout_cpu
+
+        ctx.save_for_backward(x, sigmas, means, logits, var, x_src, sigma_src)
+        ctx.eps = eps
+        return gm_rollout_cpu(library, x, coefficients, means, means_sq, logits, x_src)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, sigmas, means, logits, var, x_src, sigma_src = ctx.saved_tensors
+        wanted = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5)]
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((x, means, logits, var, x_src), wanted)]
+        with torch.enable_grad():
+            policy = GMFlowPolicy.__new__(GMFlowPolicy)
+            policy._init_x0(leaves[1], leaves[2], leaves[3], leaves[4], sigma_src, ctx.eps)
+            out = Policy.substeps(policy, leaves[0], sigmas)
+            inputs = [leaf for leaf, need in zip(leaves, wanted) if need]
+            grads = iter(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+        x_grad, means_grad, logits_grad, var_grad, x_src_grad = (next(grads) if need else None for need in wanted)
+        return x_grad, None, means_grad, logits_grad, var_grad, x_src_grad, None, None, None
 
 
 class GMFlowPolicy(Policy):
@@ -157,24 +235,41 @@ class GMFlowPolicy(Policy):
         args = (self.means, self.means_sq, self.logits, self.var, zeta, nu)
         if torch.is_grad_enabled() and any(a.requires_grad for a in args):
             # Recompute in backward: keeps activation memory flat across many differentiable substeps.
-            return checkpoint(gm_posterior_x0, *args, self.eps, use_reentrant=False)
+            return _RecomputedPosterior.apply(*args, self.eps)
         return gm_posterior_x0(*args, self.eps)
 
-    def euler_substep(self, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        global _compiled_substep
-        if _compiled_substep is not None and not (torch.is_grad_enabled() and self.means.requires_grad):
+    def _fused_path(self) -> Optional[str]:
+        """"cpu" (the C kernel), "cuda" (compiled substeps) or None (plain PyTorch) for this policy's rollouts."""
+        if not _fused_enabled:
+            return None
+        if self.means.device.type == "cpu":
+            return "cpu" if _cpu_kernel() is not None else None
+        if self.means.device.type == "cuda" and not (torch.is_grad_enabled() and self.means.requires_grad):
+            return "cuda" if _cuda_compiled_substep() is not None else None
+        return None
+
+    def substeps(self, x: Tensor, sigmas: Tensor) -> Tensor:
+        path = self._fused_path()
+        if path == "cpu":
+            return _FusedRollout.apply(x, sigmas, self.means, self.logits, self.var, self.x_src, self.sigma_src,
+                                       self.eps, _cpu_kernel())
+        if path == "cuda":
+            global _cuda_substep, _cuda_compile_failed
             try:
-                return _compiled_substep(x, sigma, sigma_next, self.means, self.means_sq, self.logits, self.var,
-                                         self.x_src, self.sigma_src, self.eps)
-            except Exception as error:  # pragma: no cover - depends on the toolchain
-                warnings.warn(f"torch.compile of the GM substep failed ({type(error).__name__}: {error}); "
-                              "falling back to plain PyTorch", RuntimeWarning)
-                _compiled_substep = None
-        return super().euler_substep(x, sigma, sigma_next)
+                for j in range(sigmas.shape[0] - 1):
+                    x = _cuda_substep(x, sigmas[j], sigmas[j + 1], self.means, self.means_sq, self.logits,
+                                      self.var, self.x_src, self.sigma_src, self.eps)
+                return x
+            except Exception as error:  # pragma: no cover - depends on the GPU toolchain
+                warnings.warn(f"piflow: torch.compile of the GM substep failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); GM rollouts use plain PyTorch",
+                              RuntimeWarning)
+                _cuda_substep, _cuda_compile_failed = None, True
+        return super().substeps(x, sigmas)
 
     @property
     def fixed_batch(self) -> bool:
-        return _compiled_substep is not None
+        return self._fused_path() is not None
 
     def detach(self) -> "GMFlowPolicy":
         return self._replace(means=self.means.detach(), logits=self.logits.detach(), var=self.var.detach(),

@@ -12,6 +12,7 @@ import torch
 
 from piflow.config import ConfigError, load_config
 from piflow.data.images import IMAGE_DATASET_NAMES
+from piflow.files import cache_dir
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.config import Optional_
@@ -211,15 +212,6 @@ def _x0_grid(pf: PiFlow) -> list[int]:
         raise ConfigError("the x0 baseline (student.policy=x0) needs distill.shift=1 and a segment grid on multiples "
                           "of 1/32 (distill.nfe and distill.final_step_size_scale)")
     return [round(t * X0_BANK_STEPS) for t in raw]
-
-
-def cache_dir() -> Path:
-    """piflow's cache folder: ``$PIFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/piflow``, else ``~/.cache/piflow``."""
-    import os
-
-    if os.environ.get("PIFLOW_CACHE_DIR"):
-        return Path(os.environ["PIFLOW_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "piflow"
 
 
 def _x0_bank(teacher, config: dict, image_shape, labels: torch.Tensor, indices: list[int]):
