@@ -43,10 +43,10 @@ static inline vf exp_nonpositive(vf x) {
     return (vf)((vi)(p * (vf)bits) & keep);
 }
 
-void gm_rollout(int64_t batch, int64_t num_components, int64_t channels, int64_t pixels,
-                const float *means, const float *means_sq, const float *logits, const float *x_src, float *x,
-                const float *coef, int64_t num_substeps, int64_t pixel_start, int64_t pixel_end) {
-    const int64_t K = num_components, C = channels, S = pixels;
+static inline __attribute__((always_inline)) void
+rollout_blocks(const int64_t batch, const int64_t K, const int64_t C, const int64_t S, const float *means,
+               const float *means_sq, const float *logits, const float *x_src, float *x, const float *coef,
+               const int64_t num_substeps, const int64_t pixel_start, const int64_t pixel_end) {
     vf mu[K][C], msq[K], lg[K], post[K], xs[C], xv[C], nu[C], acc[C];
     int64_t lane_b[LANES], lane_s[LANES];
     for (int64_t flat = pixel_start; flat < pixel_end; flat += LANES) {
@@ -109,4 +109,23 @@ void gm_rollout(int64_t batch, int64_t num_components, int64_t channels, int64_t
         for (int64_t i = 0; i < width; ++i)
             for (int64_t c = 0; c < C; ++c) x[(lane_b[i] * C + c) * S + lane_s[i]] = xv[c][i];
     }
+}
+
+/* The entry point: common channel counts get their own copy of the loop (a compile-time C keeps the per-channel
+ * accumulators in registers); any other count runs the generic copy. */
+void gm_rollout(int64_t batch, int64_t num_components, int64_t channels, int64_t pixels,
+                const float *means, const float *means_sq, const float *logits, const float *x_src, float *x,
+                const float *coef, int64_t num_substeps, int64_t pixel_start, int64_t pixel_end) {
+#define PIFLOW_ROLLOUT(C) rollout_blocks(batch, num_components, C, pixels, means, means_sq, logits, x_src, x, \
+                                         coef, num_substeps, pixel_start, pixel_end)
+    switch (channels) {
+        case 1: PIFLOW_ROLLOUT(1); break;
+        case 2: PIFLOW_ROLLOUT(2); break;
+        case 3: PIFLOW_ROLLOUT(3); break;
+        case 4: PIFLOW_ROLLOUT(4); break;
+        case 8: PIFLOW_ROLLOUT(8); break;
+        case 16: PIFLOW_ROLLOUT(16); break;
+        default: PIFLOW_ROLLOUT(channels); break;
+    }
+#undef PIFLOW_ROLLOUT
 }
