@@ -135,8 +135,7 @@ class _FusedRollout(torch.autograd.Function):
     backward reruns the plain-PyTorch rollout under autograd (posteriors recomputed) and differentiates it."""
 
     @staticmethod
-    def forward(ctx, x, sigmas, means, logits, var, x_src, sigma_src, eps, library):
-        means_sq = means.square().sum(dim=2, keepdim=True)
+    def forward(ctx, x, sigmas, means, means_sq, logits, var, x_src, sigma_src, eps, library):
         coefficients = gm_substep_coefficients(sigmas, var, sigma_src, eps)
         from piflow.kernels import gm_rollout_cpu
 
@@ -147,7 +146,7 @@ class _FusedRollout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, sigmas, means, logits, var, x_src, sigma_src = ctx.saved_tensors
-        wanted = [ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5)]
+        wanted = [ctx.needs_input_grad[i] for i in (0, 2, 4, 5, 6)]      # means_sq: recomputed from means
         leaves = [t.detach().requires_grad_(need) for t, need in zip((x, means, logits, var, x_src), wanted)]
         with torch.enable_grad():
             policy = GMFlowPolicy.__new__(GMFlowPolicy)
@@ -156,7 +155,7 @@ class _FusedRollout(torch.autograd.Function):
             inputs = [leaf for leaf, need in zip(leaves, wanted) if need]
             grads = iter(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
         x_grad, means_grad, logits_grad, var_grad, x_src_grad = (next(grads) if need else None for need in wanted)
-        return x_grad, None, means_grad, logits_grad, var_grad, x_src_grad, None, None, None
+        return x_grad, None, means_grad, None, logits_grad, var_grad, x_src_grad, None, None, None
 
 
 class GMFlowPolicy(Policy):
@@ -251,8 +250,8 @@ class GMFlowPolicy(Policy):
     def substeps(self, x: Tensor, sigmas: Tensor) -> Tensor:
         path = self._fused_path()
         if path == "cpu":
-            return _FusedRollout.apply(x, sigmas, self.means, self.logits, self.var, self.x_src, self.sigma_src,
-                                       self.eps, _cpu_kernel())
+            return _FusedRollout.apply(x, sigmas, self.means, self.means_sq, self.logits, self.var, self.x_src,
+                                       self.sigma_src, self.eps, _cpu_kernel())
         if path == "cuda":
             global _cuda_substep, _cuda_compile_failed
             try:
