@@ -114,3 +114,23 @@ def test_fused_rollout_can_be_turned_off():
     finally:
         gmflow.set_fused_rollout(True)
     assert gmflow.fused_rollout_enabled()
+
+
+@needs_kernel
+def test_fused_rollout_split_over_threads_matches_one_thread():
+    """The pixels split into per-thread ranges (whole 8-pixel blocks, one range crossing samples) change nothing."""
+    policy, _ = _policy(5, 4, 3, (15, 15), seed=6)                    # 1125 pixels: ranges of 376, 376, 373
+    sigma_dst = torch.tensor([0.0, 0.2, 0.4, 0.1, 0.3])
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                outputs.append(rollout(policy, policy.x_src, policy.sigma_src.flatten(), sigma_dst,
+                                       total_substeps=32))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    eager = _eager(lambda: rollout(policy, policy.x_src, policy.sigma_src.flatten(), sigma_dst, total_substeps=32))
+    torch.testing.assert_close(outputs[0], eager, rtol=1e-5, atol=1e-5)
