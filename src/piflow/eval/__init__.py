@@ -33,3 +33,8 @@ __all__ += [
     "train_feature_classifier", "class_histogram", "class_histogram_tv", "feature_statistics", "frechet_distance",
     "frechet_distance_from_features", "kernel_inception_distance", "precision_recall_density_coverage",
 ]
+
+# Diversity of a sample set in a feature space (overall and within each class).
+from piflow.eval.diversity import mean_pairwise_distance, per_class_diversity, vendi_score  # noqa: E402
+
+__all__ += ["mean_pairwise_distance", "per_class_diversity", "vendi_score"]

@@ -55,7 +55,7 @@ def _as_tensor(x, name: str) -> Tensor:
     return x.detach()
 
 
-def _as_features(x, name: str, min_rows: int = 1) -> Tensor:
+def as_features(x, name: str, min_rows: int = 1) -> Tensor:
     """Return x as a finite float64 (N, D) tensor, or raise ValueError naming `name`."""
     x = as_points(x, name, min_rows)
     if not bool(torch.isfinite(x).all()):
@@ -64,8 +64,8 @@ def _as_features(x, name: str, min_rows: int = 1) -> Tensor:
 
 
 def _feature_pair(f1, f2, min_rows: int, names: tuple[str, str] = ("f1", "f2")) -> tuple[Tensor, Tensor]:
-    a = _as_features(f1, names[0], min_rows)
-    b = _as_features(f2, names[1], min_rows)
+    a = as_features(f1, names[0], min_rows)
+    b = as_features(f2, names[1], min_rows)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{names[0]} and {names[1]} must have the same feature dimension, "
                          f"got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -84,7 +84,7 @@ def _int(value, name: str) -> int:
 
 def feature_statistics(features) -> tuple[Tensor, Tensor]:
     """Mean (D,) and unbiased covariance (D, D), float64, of features (N, D) with N >= 2."""
-    f = _as_features(features, "features", min_rows=2)
+    f = as_features(features, "features", min_rows=2)
     mu = f.mean(dim=0)
     centered = f - mu
     cov = centered.T @ centered / (f.shape[0] - 1)
