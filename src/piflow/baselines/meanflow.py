@@ -1,0 +1,106 @@
+"""MeanFlow (Geng et al., 2025): a network u_θ(z, r, t, cond) of the *average* velocity over [r, t], trained from
+scratch with the MeanFlow identity and sampled in 1–2 steps.
+
+Conventions are piflow's: t ∈ [0, 1] is the noise level σ, z_t = (1 − t)·x0 + t·ε, the velocity v = ε − x0 points
+towards noise, and one step from t down to r is z_r = z_t − (t − r)·u(z_t, r, t). The identity
+
+    u(z_t, r, t) = v(z_t, t) − (t − r)·d/dt u(z_t, r, t),   d/dt u = v·∂_z u + ∂_t u,
+
+gives the regression target u_tgt = v − (t − r)·(v·∂_z u_θ + ∂_t u_θ) (stop-gradient), the total derivative being
+one Jacobian-vector product of u_θ along (v, 0, 1) (`torch.func.jvp`). The loss is the adaptively weighted
+‖u_θ − u_tgt‖²: w = 1/(‖Δ‖² + c)^p, detached. (t, r) are logit-normal draws, sorted so that t ≥ r, with r = t for
+a share 1 − `ratio_r_not_t` of the batch (the plain flow-matching case, where u_tgt = v).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from piflow.checks import draw
+
+# u_θ(z (B, C, *S), r (B,), t (B,), cond) -> u (B, C, *S)
+AverageVelocityModel = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class MeanFlowSettings:
+    """The MeanFlow paper's ImageNet defaults: 25 % of pairs with r ≠ t, logit-normal(−0.4, 1) times, p = 1."""
+
+    ratio_r_not_t: float = 0.25
+    time_mu: float = -0.4
+    time_sigma: float = 1.0
+    adaptive_power: float = 1.0
+    adaptive_eps: float = 1e-3
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio_r_not_t <= 1.0:
+            raise ValueError(f"ratio_r_not_t must be in [0, 1], got {self.ratio_r_not_t}")
+        if not self.time_sigma > 0:
+            raise ValueError(f"time_sigma must be > 0, got {self.time_sigma}")
+        if self.adaptive_power < 0 or not self.adaptive_eps > 0:
+            raise ValueError(f"adaptive_power must be >= 0 and adaptive_eps > 0, got {self.adaptive_power}, "
+                             f"{self.adaptive_eps}")
+
+
+def sample_times(batch: int, settings: MeanFlowSettings = MeanFlowSettings(),
+                 generator: Optional[torch.Generator] = None, device=None,
+                 dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor]:
+    """(r, t), each (batch,), with 0 < r ≤ t < 1: two sorted logit-normal draws; r = t for a share
+    1 − ratio_r_not_t of the batch."""
+    normal = draw("normal", (2, batch), generator, device, dtype)
+    pair = torch.sigmoid(settings.time_mu + settings.time_sigma * normal)
+    t, r = pair.max(dim=0).values, pair.min(dim=0).values
+    equal = draw("uniform", (batch,), generator, device) >= settings.ratio_r_not_t
+    return torch.where(equal, t, r), t
+
+
+def _broadcast(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def meanflow_target(model: AverageVelocityModel, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
+                    cond: Any = None) -> Tensor:
+    """u_tgt = v − (t − r)·(v·∂_z u + ∂_t u) at (z, r, t), without gradients (the stop-gradient target)."""
+    def u_of(z_, r_, t_):
+        return model(z_, r_, t_, cond)
+
+    # The fused attention kernels have no forward-mode derivative; the math backend (matmul + softmax) has.
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        _, total_derivative = torch.func.jvp(u_of, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    return v - _broadcast(t - r, v) * total_derivative
+
+
+def meanflow_loss(model: AverageVelocityModel, x0: Tensor, cond: Any = None,
+                  settings: MeanFlowSettings = MeanFlowSettings(), generator: Optional[torch.Generator] = None,
+                  noise: Optional[Tensor] = None, times: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+    """The adaptively weighted MeanFlow loss on data x0 (B, C, *S): mean over the batch of sg(w)·‖u_θ − u_tgt‖²,
+    w = 1/(‖u_θ − u_tgt‖² + c)^p (per sample, squared norm over all of its elements)."""
+    if x0.dim() < 2:
+        raise ValueError(f"x0 must have shape (B, C, *spatial), got {tuple(x0.shape)}")
+    noise = draw("normal", tuple(x0.shape), generator, x0.device) if noise is None else noise
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
+    r, t = sample_times(x0.shape[0], settings, generator, x0.device, x0.dtype) if times is None else times
+    z = (1 - _broadcast(t, x0)) * x0 + _broadcast(t, x0) * noise
+    v = noise - x0
+    target = meanflow_target(model, z, r, t, v, cond)
+    error = (model(z, r, t, cond) - target).flatten(1).square().sum(dim=1)
+    weight = 1.0 / (error.detach() + settings.adaptive_eps) ** settings.adaptive_power
+    return (weight * error).mean()
+
+
+@torch.no_grad()
+def meanflow_sample(model: AverageVelocityModel, noise: Tensor, nfe: int = 1, cond: Any = None) -> Tensor:
+    """`nfe` uniform average-velocity steps from t = 1 to 0: z ← z − (t − r)·u(z, r, t)."""
+    if int(nfe) < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    z = noise
+    grid = torch.linspace(1.0, 0.0, int(nfe) + 1, device=noise.device)
+    for t, r in zip(grid[:-1], grid[1:]):
+        t_b, r_b = t.expand(noise.shape[0]), r.expand(noise.shape[0])
+        z = z - (t - r) * model(z, r_b, t_b, cond)
+    return z
