@@ -1,0 +1,123 @@
+"""DMD2 (Yin et al., 2024), the distribution-matching baseline: the generator is pushed along the difference of a
+frozen teacher ("real") score and an online "fake" score fitted to the generator's own samples.
+
+Conventions are piflow's: σ ∈ [0, 1] the noise level, x_σ = (1 − σ)·x0 + σ·ε, a score network is a flow-matching
+velocity model u(x_σ, σ, cond) (the `Teacher` protocol; CFG is the teacher's wrapper, `ClassifierFreeGuidance`),
+whose x0 estimate is x̂0 = x_σ − σ·u. For generator samples x0 (with gradients) the distribution-matching loss is
+
+    loss = ½·mean ‖x0 − sg(x0 − g)‖²,   g = (x̂0_fake − x̂0_real) / mean|x0 − x̂0_real|     (per sample),
+
+so that ∂loss/∂x0 = g / (elements per sample): the generator moves towards the teacher's distribution, and g = 0
+when the fake score equals the real one (the generator already samples the teacher's distribution). The fake score
+is trained by plain flow matching on detached generator samples (`fake_score_loss`), several updates per generator
+update (the two time-scale rule, `fake_updates_per_generator_update` = 5 in DMD2). Multi-step generators train on
+states made by backward simulation (`backward_simulation`): the generator's own few-step chain from noise, run
+without gradients to a random step. The GAN term of DMD2 is not included (it is optional there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from piflow.checks import draw
+
+VelocityModel = Callable[[Tensor, Tensor, Any], Tensor]        # u(x_σ (B, …), σ (B,), cond)
+X0Generator = Callable[[Tensor, Tensor, Any], Tensor]          # x0 = G(x_σ (B, …), σ (B,), cond)
+
+
+@dataclass(frozen=True)
+class DMD2Settings:
+    """σ range of the distribution-matching and fake-score noise draws (DMD2 uses t ∈ [0.02, 0.98]) and the
+    fake-score updates per generator update."""
+
+    sigma_min: float = 0.02
+    sigma_max: float = 0.98
+    fake_updates_per_generator_update: int = 5
+
+    def __post_init__(self):
+        if not 0.0 < self.sigma_min < self.sigma_max <= 1.0:
+            raise ValueError(f"need 0 < sigma_min < sigma_max <= 1, got {self.sigma_min}, {self.sigma_max}")
+        if int(self.fake_updates_per_generator_update) < 1:
+            raise ValueError("fake_updates_per_generator_update must be >= 1, "
+                             f"got {self.fake_updates_per_generator_update}")
+
+
+def _noised(x0: Tensor, settings: DMD2Settings, generator: Optional[torch.Generator],
+            noise: Optional[Tensor] = None, sigma: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    if sigma is None:
+        sigma = settings.sigma_min + (settings.sigma_max - settings.sigma_min) * draw(
+            "uniform", (x0.shape[0],), generator, x0.device, x0.dtype)
+    noise = draw("normal", tuple(x0.shape), generator, x0.device, x0.dtype) if noise is None else noise
+    s = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise, sigma, noise
+
+
+def distribution_matching_gradient(x0: Tensor, real_score: VelocityModel, fake_score: VelocityModel,
+                                   cond: Any = None, settings: DMD2Settings = DMD2Settings(),
+                                   generator: Optional[torch.Generator] = None, noise: Optional[Tensor] = None,
+                                   sigma: Optional[Tensor] = None) -> Tensor:
+    """g = (x̂0_fake − x̂0_real)/mean|x0 − x̂0_real| at one noised copy of x0 (B, …), without gradients."""
+    with torch.no_grad():
+        x_t, sigma, _ = _noised(x0.detach(), settings, generator, noise, sigma)
+        s = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
+        x0_real = x_t - s * real_score(x_t, sigma, cond)
+        x0_fake = x_t - s * fake_score(x_t, sigma, cond)
+        scale = (x0.detach() - x0_real).abs().flatten(1).mean(dim=1).clamp(min=1e-8)
+        return (x0_fake - x0_real) / scale.reshape(-1, *([1] * (x0.dim() - 1)))
+
+
+def dmd_loss(x0: Tensor, real_score: VelocityModel, fake_score: VelocityModel, cond: Any = None,
+             settings: DMD2Settings = DMD2Settings(), generator: Optional[torch.Generator] = None,
+             noise: Optional[Tensor] = None, sigma: Optional[Tensor] = None) -> Tensor:
+    """½·mean ‖x0 − sg(x0 − g)‖² for generator samples x0 (B, …) carrying gradients."""
+    gradient = distribution_matching_gradient(x0, real_score, fake_score, cond, settings, generator, noise, sigma)
+    return 0.5 * (x0 - (x0 - gradient).detach()).square().mean()
+
+
+def fake_score_loss(fake_score: VelocityModel, x0: Tensor, cond: Any = None,
+                    settings: DMD2Settings = DMD2Settings(), generator: Optional[torch.Generator] = None) -> Tensor:
+    """Flow matching of the fake score on detached generator samples: mean ‖u_fake(x_σ, σ) − (ε − x0)‖²."""
+    x0 = x0.detach()
+    x_t, sigma, noise = _noised(x0, settings, generator)
+    return (fake_score(x_t, sigma, cond) - (noise - x0)).square().mean()
+
+
+def generator_sigmas(nfe: int, device=None, dtype=None) -> Tensor:
+    """The few-step generator's input noise levels: σ_k = 1 − k/nfe, k = 0 … nfe − 1 (uniform, as DMD2's 4-step
+    schedule is uniform in its timesteps)."""
+    if int(nfe) < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    return 1 - torch.arange(int(nfe), device=device, dtype=dtype) / int(nfe)
+
+
+def sample(x0_generator: X0Generator, noise: Tensor, nfe: int = 1, cond: Any = None,
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """DMD2's few-step sampling: x0 = G(x_σk, σk), then x_σ(k+1) = (1 − σ)·x0 + σ·ε with fresh noise ε."""
+    sigmas = generator_sigmas(nfe, noise.device, noise.dtype)
+    x = noise
+    with torch.no_grad():
+        for k, sigma in enumerate(sigmas):
+            x0 = x0_generator(x, sigma.expand(noise.shape[0]), cond)
+            if k + 1 < len(sigmas):
+                fresh = draw("normal", tuple(noise.shape), generator, noise.device, noise.dtype)
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * fresh
+    return x0
+
+
+def backward_simulation(x0_generator: X0Generator, noise: Tensor, nfe: int, cond: Any = None,
+                        generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """A training input for a multi-step generator: a random step k (one per batch), the generator's own chain
+    from noise run to it without gradients. Returns (x_σk (B, …), σk (B,)); the caller evaluates G there with
+    gradients."""
+    sigmas = generator_sigmas(nfe, noise.device, noise.dtype)
+    step = int(torch.randint(0, len(sigmas), (1,), generator=generator))
+    x = noise
+    with torch.no_grad():
+        for k in range(step):
+            x0 = x0_generator(x, sigmas[k].expand(noise.shape[0]), cond)
+            fresh = draw("normal", tuple(noise.shape), generator, noise.device, noise.dtype)
+            x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * fresh
+    return x, sigmas[step].expand(noise.shape[0])

@@ -1,0 +1,77 @@
+"""DMD2's distribution-matching gradient, fake-score loss and few-step chains against exact Gaussian scores."""
+import pytest
+import torch
+
+from piflow.baselines.dmd2 import (DMD2Settings, backward_simulation, distribution_matching_gradient, dmd_loss,
+                                   fake_score_loss, sample)
+from piflow.teachers import GaussianMixtureTeacher
+
+
+def gaussian(mean: float, dim: int = 3) -> GaussianMixtureTeacher:
+    return GaussianMixtureTeacher(torch.full((1, dim), float(mean)), std=1.0)
+
+
+def test_gradient_is_zero_when_the_generator_samples_the_teachers_distribution():
+    teacher = gaussian(0.5)
+    x0 = teacher.means[0] + torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x0.requires_grad_(True)
+    loss = dmd_loss(x0, teacher, gaussian(0.5), generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert float(loss) == 0.0 and float(x0.grad.abs().max()) == 0.0
+
+
+def test_gradient_equals_the_closed_form_and_points_to_the_teacher():
+    """Real N(0, I), fake N(μ, I): x̂0_fake − x̂0_real = μ·σ²/((1 − σ)² + σ²) for every state."""
+    mu, n = 2.0, 32
+    g = torch.Generator().manual_seed(2)
+    x0 = (mu + torch.randn(n, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    noise = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    sigma = torch.rand(n, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    real, fake = gaussian(0.0), gaussian(mu)
+    gradient = distribution_matching_gradient(x0, real, fake, noise=noise, sigma=sigma)
+    x_t = (1 - sigma[:, None]) * x0.detach() + sigma[:, None] * noise
+    x0_real = x_t - sigma[:, None] * real(x_t, sigma)
+    scale = (x0.detach() - x0_real).abs().mean(dim=1, keepdim=True)
+    expected = mu * sigma.square() / ((1 - sigma).square() + sigma.square())
+    torch.testing.assert_close(gradient * scale, expected[:, None].expand(n, 3), rtol=1e-10, atol=1e-12)
+    assert bool((gradient > 0).all())                       # descent lowers x0 towards the teacher's mean 0
+    dmd_loss(x0, real, fake, noise=noise, sigma=sigma).backward()
+    torch.testing.assert_close(x0.grad, gradient / x0.numel())
+
+
+def test_fake_score_loss_is_lowest_at_the_generators_exact_velocity():
+    generated = gaussian(-1.0)
+    x0 = generated.means[0] + torch.randn(4096, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = fake_score_loss(generated, x0, generator=torch.Generator().manual_seed(4))
+    for wrong in (gaussian(-0.5), gaussian(0.0), lambda x, s, c=None: generated(x, s) + 0.1):
+        assert exact < fake_score_loss(wrong, x0, generator=torch.Generator().manual_seed(4))
+
+
+def test_few_step_chain_and_backward_simulation():
+    point = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64)
+    calls = []
+
+    def point_generator(x, sigma, cond=None):
+        calls.append(float(sigma[0]))
+        return point.expand_as(x)
+
+    noise = torch.randn(5, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(sample(point_generator, noise, nfe=4), point.expand(5, 3))
+    assert calls == [1.0, 0.75, 0.5, 0.25]
+    state, sigma = backward_simulation(point_generator, noise, nfe=1)
+    assert torch.equal(state, noise) and torch.equal(sigma, torch.ones(5, dtype=torch.float64))
+    steps = set()
+    for seed in range(20):
+        state, sigma = backward_simulation(point_generator, noise, nfe=4, generator=torch.Generator().manual_seed(seed))
+        steps.add(float(sigma[0]))
+        if float(sigma[0]) < 1.0:      # re-noised generator output: x = (1 − σ)·point + σ·ε
+            residual = (state - (1 - sigma[:, None]) * point) / sigma[:, None]
+            assert float(residual.std()) > 0.3
+    assert steps == {1.0, 0.75, 0.5, 0.25}
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        DMD2Settings(sigma_min=0.5, sigma_max=0.4)
+    with pytest.raises(ValueError, match="nfe must be >= 1"):
+        sample(lambda x, s, c=None: x, torch.zeros(2, 3), nfe=0)
