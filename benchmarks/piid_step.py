@@ -33,6 +33,7 @@ from piflow import PiFlow, PiIDSettings
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.teachers import NetworkTeacher
+from timing import interleaved_seconds
 
 SETTINGS = dict(policy="gmflow", nfe=4, final_step_size_scale=0.5, shift=3.2, num_intermediate_states=4,
                 window_substeps=3, policy_dropout=0.1, total_substeps=128)
@@ -103,16 +104,7 @@ def memory_of(model_name: str, components: int, batch: int, side: str) -> dict:
 
 def measure(args, model_name: str, components: int, batch: int, device: torch.device, sync) -> dict:
     sides, student = build(model_name, components, batch, device=args.device, dtype=args.dtype)
-    for fn in sides.values():                                       # warm-up
-        fn()
-    sync()
-    times = {name: [] for name in sides}
-    for _ in range(args.repeats):
-        for name, fn in sides.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_seconds(sides, args.repeats, warmup=1, sync=sync)
     full, network = (statistics.median(times[k]) for k in ("full step", "network only"))
     per_repeat = [(f - n) / f for f, n in zip(times["full step"], times["network only"])]
     row = {"model": model_name, "K": components, "batch": batch, "device": str(device), "dtype": args.dtype,

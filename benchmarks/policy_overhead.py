@@ -28,23 +28,7 @@ from piflow.files import write_json
 from piflow.models import DiT
 from piflow.policies import GMFlowPolicy, gmflow
 from piflow.rollout import rollout
-
-
-def interleaved_seconds(sides: dict, repeats: int, warmup: int = 2, sync=lambda: None) -> dict:
-    """Per side, the `repeats` times of one call, the sides timed in turn within each repeat (so that both see the
-    same machine load); `warmup` untimed calls each first. `sync` waits for queued device work."""
-    for fn in sides.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times = {name: [] for name in sides}
-    for _ in range(repeats):
-        for name, fn in sides.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return times
+from timing import interleaved_seconds
 
 
 def spread(values) -> str:
@@ -99,14 +83,14 @@ def main() -> None:
 
     def rollout_of(policy, fused):
         def run():
-            gmflow.set_fused_rollout(fused)                 # the variant, per call
-            with torch.inference_mode():
+            with gmflow.fused_rollout(fused), torch.inference_mode():        # the variant, per call
                 return rollout(policy, policy.x_src, 1.0, 0.0, total_substeps=args.substeps)
         return run
 
     stream = torch.randn(64 * 2 ** 20, device=device)                          # 256 MiB
     stream_bytes = stream.numel() * 4
-    sides, outputs, buffers, first_call = {"network": network, "stream 256 MiB": lambda: stream.sum()}, {}, {}, {}
+    sides = {"network": network, "stream 256 MiB": lambda: stream.sum()}
+    outputs, per_substep_bytes, first_call = {}, {}, {}
     for num_components in args.components:
         policy = make_policy(args.batch, num_components, channels, size, device=args.device)
         for mode in ("fused", "eager"):
@@ -118,10 +102,9 @@ def main() -> None:
             sides[(num_components, mode)] = run
         buffer = torch.cat([policy.means.reshape(-1), policy.means_sq.reshape(-1), policy.logits.reshape(-1),
                             policy.x_src.reshape(-1), policy.x_src.reshape(-1)])
-        assert buffer.numel() * 4 == substep_bytes(policy)
-        buffers[num_components] = buffer
+        per_substep_bytes[num_components] = substep_bytes(policy)
+        assert buffer.numel() * 4 == per_substep_bytes[num_components]
         sides[(num_components, "floor")] = (lambda b=buffer: [b.sum() for _ in range(args.substeps)])
-    gmflow.set_fused_rollout(True)
     times = interleaved_seconds(sides, args.repeats, sync=sync)
     network_median = statistics.median(times["network"])
     stream_seconds = statistics.median(times["stream 256 MiB"])
@@ -137,7 +120,7 @@ def main() -> None:
         print("fused CPU kernel build: " + ("loaded from the cache" if kernels.compile_seconds is None
                                            else f"{kernels.compile_seconds:.2f} s (once per machine)"))
     for num_components in args.components:
-        per_substep = substep_bytes(make_policy(1, num_components, channels, size)) * args.batch
+        per_substep = per_substep_bytes[num_components]
         traffic = per_substep * args.substeps
         cache_floor = statistics.median(times[(num_components, "floor")])
         stream_floor = traffic / stream_bytes * stream_seconds

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -25,6 +24,7 @@ from piflow.piid import sample_segments
 from piflow.policies import GMFlowPolicy, gmflow
 from piflow.rollout import num_substeps, rollout_tau
 from piflow.timewarp import warp
+from timing import interleaved_seconds
 
 
 def batch_max_rollout(policy, x, tau_start, tau_end, total, shift):
@@ -64,11 +64,8 @@ def main() -> None:
 
     def plain(fn):
         def run_plain(*args):
-            gmflow.set_fused_rollout(False)
-            try:
+            with gmflow.fused_rollout(False):
                 return fn(*args)
-            finally:
-                gmflow.set_fused_rollout(True)
         return run_plain
 
     sides = {"per_sample": plain(rollout_tau), "batch_max": plain(batch_max_rollout), "fused": rollout_tau}
@@ -83,12 +80,9 @@ def main() -> None:
     reference = run(sides["batch_max"])
     torch.testing.assert_close(run(sides["per_sample"]), reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(run(sides["fused"]), reference, rtol=1e-5, atol=1e-5)
-    times = {name: [] for name in sides}
-    for _ in range(args.repeats):                      # interleaved: all sides see the same machine load
-        for name, fn in sides.items():
-            start = time.perf_counter()
-            run(fn)
-            times[name].append(time.perf_counter() - start)
+    # interleaved: all sides see the same machine load (each side already ran once above)
+    times = interleaved_seconds({name: (lambda fn=fn: run(fn)) for name, fn in sides.items()}, args.repeats,
+                                warmup=0)
     result = {"batch": batch, "components": k, "states": args.states, "threads": args.threads,
               "substeps_per_sample_schedule": ours_substeps, "substeps_batch_max_schedule": max_substeps,
               **{f"{name}_median_s": statistics.median(t) for name, t in times.items()},

@@ -38,6 +38,7 @@ def cache_dir() -> Path:
         return Path(os.environ["PIFLOW_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "piflow"
 
+
 def fault_point(name: str) -> None:
     """Kill this process with SIGKILL here if ``PIFLOW_TEST_KILL_AT`` asks for it (see the module docstring)."""
     spec = os.environ.get("PIFLOW_TEST_KILL_AT")

@@ -58,7 +58,7 @@ def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Ten
     step = (tau_start - tau_end) / counts
     flat = counts.reshape(-1)
     max_count = int(flat.max())
-    if int(flat.min()) == max_count or policy.fixed_batch:   # one count (sampling), or a fixed-shape kernel
+    if int(flat.min()) == max_count or policy.fixed_batch:   # one count (sampling), or a fused kernel
         return _substeps(policy, x, tau_start, tau_end, step, counts, 0, max_count, shift, sigma_start)
     order = torch.argsort(flat, descending=True, stable=True)
     ordered = flat[order]

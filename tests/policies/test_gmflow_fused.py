@@ -22,11 +22,8 @@ def _policy(batch, components, channels, spatial, seed=0, requires_grad=False, s
 
 
 def _eager(fn):
-    gmflow.set_fused_rollout(False)
-    try:
+    with gmflow.fused_rollout(False):
         return fn()
-    finally:
-        gmflow.set_fused_rollout(True)
 
 
 @needs_kernel
@@ -111,6 +108,9 @@ def test_fused_rollout_can_be_turned_off():
     gmflow.set_fused_rollout(False)
     try:
         assert not gmflow.fused_rollout_enabled() and not policy.fixed_batch
+        with gmflow.fused_rollout(True):
+            assert gmflow.fused_rollout_enabled()
+        assert not gmflow.fused_rollout_enabled()          # the block restores the previous setting
     finally:
         gmflow.set_fused_rollout(True)
     assert gmflow.fused_rollout_enabled()

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from piflow.checks import draw
+from piflow.piid import forward_diffuse
 
 VelocityModel = Callable[[Tensor, Tensor, Any], Tensor]        # u(x_σ (B, …), σ (B,), cond)
 X0Generator = Callable[[Tensor, Tensor, Any], Tensor]          # x0 = G(x_σ (B, …), σ (B,), cond)
@@ -51,8 +52,7 @@ def _noised(x0: Tensor, settings: DMD2Settings, generator: Optional[torch.Genera
         sigma = settings.sigma_min + (settings.sigma_max - settings.sigma_min) * draw(
             "uniform", (x0.shape[0],), generator, x0.device, x0.dtype)
     noise = draw("normal", tuple(x0.shape), generator, x0.device, x0.dtype) if noise is None else noise
-    s = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
-    return (1 - s) * x0 + s * noise, sigma, noise
+    return forward_diffuse(x0, sigma, noise), sigma, noise
 
 
 def distribution_matching_gradient(x0: Tensor, real_score: VelocityModel, fake_score: VelocityModel,
@@ -93,18 +93,25 @@ def generator_sigmas(nfe: int, device=None, dtype=None) -> Tensor:
     return 1 - torch.arange(int(nfe), device=device, dtype=dtype) / int(nfe)
 
 
+def _chain(x0_generator: X0Generator, noise: Tensor, sigmas: Tensor, num_steps: int, cond: Any,
+           generator: Optional[torch.Generator]) -> tuple[Tensor, Optional[Tensor]]:
+    """The first `num_steps` steps of the few-step chain without gradients: x0 = G(x_σk, σk), then
+    x_σ(k+1) = (1 − σ)·x0 + σ·ε with fresh noise ε (none after the last σ). Returns (x, the last x0)."""
+    x, x0 = noise, None
+    with torch.no_grad():
+        for k in range(num_steps):
+            x0 = x0_generator(x, sigmas[k].expand(noise.shape[0]), cond)
+            if k + 1 < len(sigmas):
+                fresh = draw("normal", tuple(noise.shape), generator, noise.device, noise.dtype)
+                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * fresh
+    return x, x0
+
+
 def sample(x0_generator: X0Generator, noise: Tensor, nfe: int = 1, cond: Any = None,
            generator: Optional[torch.Generator] = None) -> Tensor:
     """DMD2's few-step sampling: x0 = G(x_σk, σk), then x_σ(k+1) = (1 − σ)·x0 + σ·ε with fresh noise ε."""
     sigmas = generator_sigmas(nfe, noise.device, noise.dtype)
-    x = noise
-    with torch.no_grad():
-        for k, sigma in enumerate(sigmas):
-            x0 = x0_generator(x, sigma.expand(noise.shape[0]), cond)
-            if k + 1 < len(sigmas):
-                fresh = draw("normal", tuple(noise.shape), generator, noise.device, noise.dtype)
-                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * fresh
-    return x0
+    return _chain(x0_generator, noise, sigmas, len(sigmas), cond, generator)[1]
 
 
 def backward_simulation(x0_generator: X0Generator, noise: Tensor, nfe: int, cond: Any = None,
@@ -114,10 +121,4 @@ def backward_simulation(x0_generator: X0Generator, noise: Tensor, nfe: int, cond
     gradients."""
     sigmas = generator_sigmas(nfe, noise.device, noise.dtype)
     step = int(torch.randint(0, len(sigmas), (1,), generator=generator))
-    x = noise
-    with torch.no_grad():
-        for k in range(step):
-            x0 = x0_generator(x, sigmas[k].expand(noise.shape[0]), cond)
-            fresh = draw("normal", tuple(noise.shape), generator, noise.device, noise.dtype)
-            x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * fresh
-    return x, sigmas[step].expand(noise.shape[0])
+    return _chain(x0_generator, noise, sigmas, step, cond, generator)[0], sigmas[step].expand(noise.shape[0])

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from piflow.checks import draw
+from piflow.piid import forward_diffuse
 
 # u_θ(z (B, C, *S), r (B,), t (B,), cond) -> u (B, C, *S)
 AverageVelocityModel = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
@@ -85,7 +86,7 @@ def meanflow_loss(model: AverageVelocityModel, x0: Tensor, cond: Any = None,
     if noise.shape != x0.shape:
         raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
     r, t = sample_times(x0.shape[0], settings, generator, x0.device, x0.dtype) if times is None else times
-    z = (1 - _broadcast(t, x0)) * x0 + _broadcast(t, x0) * noise
+    z = forward_diffuse(x0, t, noise)
     v = noise - x0
     target = meanflow_target(model, z, r, t, v, cond)
     error = (model(z, r, t, cond) - target).flatten(1).square().sum(dim=1)

@@ -119,7 +119,7 @@ def gm_rollout_cpu(library: ctypes.CDLL, x: Tensor, coefficients: Tensor, means:
     pixels = means[0, 0, 0].numel()
     means, means_sq, logits, x_src = (t.detach().contiguous() for t in (means, means_sq, logits, x_src))
     coefficients = coefficients.detach().contiguous()
-    out = x.detach().float().contiguous().clone()
+    out = x.detach().float().clone(memory_format=torch.contiguous_format)
     total = batch * pixels
     threads = max(1, min(torch.get_num_threads(), total // MIN_PIXELS_PER_THREAD))
     args = (batch, num_components, channels, pixels, means.data_ptr(), means_sq.data_ptr(), logits.data_ptr(),

@@ -34,7 +34,7 @@ class Policy:
         return (x_t - self._x0(x_t, sigma_t)) / sigma_t.clamp(min=self.eps)
 
     def euler_substep(self, x: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        """One Euler substep x + π(x, σ)·(σ_next − σ) in float32 (policies may fuse it)."""
+        """One Euler substep x + π(x, σ)·(σ_next − σ) in float32 (the unit of `substeps`)."""
         return x + self.velocity_unchecked(x, sigma) * (sigma_next - sigma)
 
     def substeps(self, x: Tensor, sigmas: Tensor) -> Tensor:

@@ -12,8 +12,9 @@ The last form (Σ_k w_k = 1) needs only two contractions over K per evaluation; 
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -63,15 +64,15 @@ def gm_substep_coefficients(sigmas: Tensor, var: Tensor, sigma_src: Tensor, eps:
     x ← x + (x − x̂0)·h: the terms of `gm_evidence`, `gm_posterior_x0` and the Euler step that do not depend on x.
     """
     batch = sigmas.shape[1]
-    sigma = sigmas[:-1].reshape(-1, batch).clamp(min=eps)
-    sigma_next = sigmas[1:].reshape(-1, batch)
+    start, sigma_next = sigmas[:-1].reshape(-1, batch), sigmas[1:].reshape(-1, batch)
+    sigma = start.clamp(min=eps)
     sigma_s = sigma_src.reshape(1, batch).clamp(min=eps)
     rho_t, rho_s = (1 - sigma) / sigma, (1 - sigma_s) / sigma_s
     zeta = rho_t.square() - rho_s.square()
     v = var.reshape(1, batch)
     d = 1 / (v * zeta + 1).clamp(min=eps)
     return torch.stack([rho_t / sigma, (rho_s / sigma_s).expand_as(sigma), d, 0.5 * zeta * d, v * d,
-                        (sigma_next - sigmas[:-1].reshape(-1, batch)) / sigma], dim=-1)
+                        (sigma_next - start) / sigma], dim=-1)
 
 
 _fused_enabled = True
@@ -93,6 +94,17 @@ def set_fused_rollout(enabled: bool = True) -> None:
 
 def fused_rollout_enabled() -> bool:
     return _fused_enabled
+
+
+@contextlib.contextmanager
+def fused_rollout(enabled: bool) -> Iterator[None]:
+    """`set_fused_rollout(enabled)` inside the block, the previous setting restored after it."""
+    previous = _fused_enabled
+    set_fused_rollout(enabled)
+    try:
+        yield
+    finally:
+        set_fused_rollout(previous)
 
 
 def _cpu_kernel():
@@ -149,8 +161,7 @@ class _FusedRollout(torch.autograd.Function):
         wanted = [ctx.needs_input_grad[i] for i in (0, 2, 4, 5, 6)]      # means_sq: recomputed from means
         leaves = [t.detach().requires_grad_(need) for t, need in zip((x, means, logits, var, x_src), wanted)]
         with torch.enable_grad():
-            policy = GMFlowPolicy.__new__(GMFlowPolicy)
-            policy._init_x0(leaves[1], leaves[2], leaves[3], leaves[4], sigma_src, ctx.eps)
+            policy = GMFlowPolicy.from_x0(leaves[1], leaves[2], leaves[3], leaves[4], sigma_src, ctx.eps)
             out = Policy.substeps(policy, leaves[0], sigmas)
             inputs = [leaf for leaf, need in zip(leaves, wanted) if need]
             grads = iter(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))

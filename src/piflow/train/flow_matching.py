@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from piflow.errors import ConfigError
+from piflow.piid import forward_diffuse
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -33,6 +34,5 @@ def flow_matching_loss(velocity: Callable[[Tensor, Tensor, Any], Tensor], x0: Te
     x_σ = (1 − σ)·x0 + σ·ε with ε ~ N(0, I) and σ ~ `time_sampling` (drawn in that order from `generator`)."""
     noise = torch.randn(x0.shape, generator=generator)
     sigma = sample_time(x0.shape[0], time_sampling, generator)
-    s = sigma.reshape(-1, *([1] * (x0.dim() - 1)))
-    u = velocity((1 - s) * x0 + s * noise, sigma * num_timesteps, cond)
+    u = velocity(forward_diffuse(x0, sigma, noise), sigma * num_timesteps, cond)
     return (u.float() - (noise - x0)).square().mean()
