@@ -19,8 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import copy
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from piflow.checks import draw
 from piflow.piid import forward_diffuse
@@ -122,3 +124,53 @@ def backward_simulation(x0_generator: X0Generator, noise: Tensor, nfe: int, cond
     sigmas = generator_sigmas(nfe, noise.device, noise.dtype)
     step = int(torch.randint(0, len(sigmas), (1,), generator=generator))
     return _chain(x0_generator, noise, sigmas, step, cond, generator)[0], sigmas[step].expand(noise.shape[0])
+
+
+class DMD2Student(nn.Module):
+    """The two networks DMD2 trains, in one module (one optimiser, one checkpoint): the generator and the fake
+    score, each a velocity network ``model(x, σ·S, cond)`` (both copies of the teacher's network when it has one).
+    The generator predicts x0 = x_σ − σ·u_gen(x_σ, σ·S, cond).
+
+    Training alternates on the iteration counter (`training_loss`): every iteration updates the fake score, every
+    ``fake_updates_per_generator_update``-th one also the generator, so that one AdamW gives the two time-scale
+    rule and a checkpoint holds both networks and their optimiser state."""
+
+    def __init__(self, generator_model: nn.Module, fake_score_model: Optional[nn.Module] = None,
+                 num_timesteps: float = 1000.0):
+        super().__init__()
+        self.generator = generator_model
+        self.fake_score = copy.deepcopy(generator_model) if fake_score_model is None else fake_score_model
+        self.num_timesteps = float(num_timesteps)
+
+    def x0(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        """The generator's x0 (B, …) from x_σ (B, …) at σ (B,)."""
+        s = sigma.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return x - s * self.generator(x, sigma * self.num_timesteps, cond)
+
+    def fake_velocity(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        return self.fake_score(x, sigma * self.num_timesteps, cond)
+
+    def sample(self, noise: Tensor, nfe: int = 1, cond: Any = None,
+               generator: Optional[torch.Generator] = None) -> Tensor:
+        """`nfe`-step DMD2 samples from noise (B, …) (see `sample`)."""
+        return sample(self.x0, noise, nfe, cond, generator)
+
+
+def training_loss(student: DMD2Student, real_score: VelocityModel, noise: Tensor, cond: Any, iteration: int,
+                  nfe: int = 1, settings: DMD2Settings = DMD2Settings(),
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """One DMD2 iteration's loss on a noise batch (B, …) with conditions `cond`: the fake score's flow-matching
+    loss on detached generator samples, plus — on every ``fake_updates_per_generator_update``-th iteration — the
+    distribution-matching loss of the generator (its gradient reaches only the generator; the fake score's only
+    the fake score). Multi-step generators (nfe > 1) start from a backward-simulated state of their own chain."""
+    if nfe > 1:
+        x, sigma = backward_simulation(student.x0, noise, nfe, cond, generator)
+    else:
+        x, sigma = noise, torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
+    update_generator = (iteration + 1) % int(settings.fake_updates_per_generator_update) == 0
+    with torch.set_grad_enabled(update_generator):
+        x0 = student.x0(x, sigma, cond)
+    loss = fake_score_loss(student.fake_velocity, x0, cond, settings, generator)
+    if update_generator:
+        loss = loss + dmd_loss(x0, real_score, student.fake_velocity, cond, settings, generator)
+    return loss

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from piflow.checks import draw
+from piflow.models.embeddings import timestep_embedding
 from piflow.piid import forward_diffuse
 
 # u_θ(z (B, C, *S), r (B,), t (B,), cond) -> u (B, C, *S)
@@ -45,6 +46,37 @@ class MeanFlowSettings:
         if self.adaptive_power < 0 or not self.adaptive_eps > 0:
             raise ValueError(f"adaptive_power must be >= 0 and adaptive_eps > 0, got {self.adaptive_power}, "
                              f"{self.adaptive_eps}")
+
+
+class AverageVelocityNet(nn.Module):
+    """u_θ(z, r, t, cond) on a velocity backbone (a piflow `DiT` or `MLPVelocityModel2D`): the backbone sees
+    t·S and, added to its conditioning (``extra_condition``), an MLP embedding of the interval (t − r)·S (the
+    (t, t − r) conditioning of MeanFlow). The embedding's last layer starts at zero, so a backbone initialised
+    from a teacher starts as u(z, r, t) = v_teacher(z, t), the right answer at r = t.
+
+    Args:
+        velocity_model: ``model(x, t·S, cond, extra_condition=(B, model.extra_condition_dim))``; owned as is.
+        num_timesteps: S (the backbone's t scale). frequency_dim: sinusoid width of the interval embedding.
+    """
+
+    def __init__(self, velocity_model: nn.Module, num_timesteps: float = 1000.0, frequency_dim: int = 256):
+        super().__init__()
+        width = getattr(velocity_model, "extra_condition_dim", None)
+        if not isinstance(width, int):
+            raise TypeError("velocity_model must take an extra_condition (expose extra_condition_dim): a piflow DiT "
+                            "or MLPVelocityModel2D")
+        self.velocity_model = velocity_model
+        self.num_timesteps = float(num_timesteps)
+        self.frequency_dim = int(frequency_dim)
+        self.interval_embedder = nn.Sequential(nn.Linear(self.frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+        nn.init.zeros_(self.interval_embedder[2].weight)
+        nn.init.zeros_(self.interval_embedder[2].bias)
+
+    def forward(self, z: Tensor, r: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        """z (B, C, *S), r and t (B,) noise levels with r ≤ t -> average velocity over [r, t], shape of z."""
+        weight = self.interval_embedder[0].weight
+        interval = timestep_embedding((t - r) * self.num_timesteps, self.frequency_dim).to(weight.dtype)
+        return self.velocity_model(z, t * self.num_timesteps, cond, extra_condition=self.interval_embedder(interval))
 
 
 def sample_times(batch: int, settings: MeanFlowSettings = MeanFlowSettings(),

@@ -315,3 +315,25 @@ def class_histogram_tv(hist, target: Optional[Tensor] = None) -> float:
         if q.shape != p.shape:
             raise ValueError(f"hist and target must have the same length, got {p.shape[0]} and {q.shape[0]}")
     return float(0.5 * (p - q).abs().sum())
+
+
+def high_frequency_fraction(images, cutoff: float = 0.5) -> float:
+    """Share of the (mean-removed) spectral power of images (N, C, H, W) at radial frequencies above `cutoff`
+    (in units of the Nyquist frequency, 0 < cutoff < 1), averaged over images: a pixel-space measure that sees
+    speckle and grain, which small feature networks can miss. White noise gives the share of the frequency grid
+    beyond the cutoff; a constant image gives 0 (no power at all counts as 0)."""
+    x = _as_tensor(images, "images").double()
+    if x.dim() != 4 or min(x.shape[2:]) < 2:
+        raise ValueError(f"images must have shape (N, C, H, W) with H, W >= 2, got {tuple(x.shape)}")
+    cutoff = float(cutoff)
+    if not 0.0 < cutoff < 1.0:
+        raise ValueError(f"cutoff must lie in (0, 1) (units of the Nyquist frequency), got {cutoff}")
+    x = x - x.mean(dim=(2, 3), keepdim=True)
+    power = torch.fft.fft2(x).abs().square().sum(dim=1)                      # (N, H, W)
+    fy = torch.fft.fftfreq(x.shape[2], dtype=torch.float64).abs() * 2        # in Nyquist units, [0, 1]
+    fx = torch.fft.fftfreq(x.shape[3], dtype=torch.float64).abs() * 2
+    radius = (fy[:, None].square() + fx[None, :].square()).sqrt()
+    total = power.sum(dim=(1, 2))
+    high = (power * (radius > cutoff)).sum(dim=(1, 2))
+    share = torch.where(total > 0, high / total.clamp(min=1e-300), torch.zeros_like(total))
+    return float(share.mean())

@@ -222,8 +222,15 @@ class DiT(nn.Module):
             c = c + self.y_embedder(labels)
         return c
 
-    def features(self, x: Tensor, t: TimestepLike, y: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """x: (B, C, H, W) or (B, C, T, H, W); t: (B,) or float (σ · num_timesteps); y: (B,) int or None.
+    @property
+    def extra_condition_dim(self) -> int:
+        """Width of the `extra_condition` embedding that `features`/`forward` add to c (= hidden size)."""
+        return self.config.hidden_size
+
+    def features(self, x: Tensor, t: TimestepLike, y: Optional[Tensor] = None,
+                 extra_condition: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) or (B, C, T, H, W); t: (B,) or float (σ · num_timesteps); y: (B,) int or None;
+        extra_condition: (B, hidden) added to c (e.g. MeanFlow's embedding of the interval t − r) or None.
 
         Returns (tokens (B, L, hidden) right before `proj_out`, cond_emb c (B, hidden)).
         """
@@ -232,15 +239,21 @@ class DiT(nn.Module):
             raise ValueError(f"x must have {self.in_channels} channels, got shape {tuple(x.shape)}")
         batch = x.shape[0]
         c = self.condition_embedding(t, y, batch, x.device)
+        if extra_condition is not None:
+            if extra_condition.shape != c.shape:
+                raise ValueError(f"extra_condition must have shape {tuple(c.shape)}, "
+                                 f"got {tuple(extra_condition.shape)}")
+            c = c + extra_condition.to(c.dtype)
         h = self.x_embedder(self.patchify(x).to(self.x_embedder.weight.dtype)) + self.pos_embed.to(c.dtype)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             h = checkpoint(block, h, c, use_reentrant=False) if use_checkpoint else block(h, c)
         return self.final_layer(h, c), c
 
-    def forward(self, x: Tensor, t: TimestepLike, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: TimestepLike, y: Optional[Tensor] = None,
+                extra_condition: Optional[Tensor] = None) -> Tensor:
         """Velocity u = ε - x0 with the shape of x (2·C channels with learn_sigma)."""
-        tokens, _ = self.features(x, t, y)
+        tokens, _ = self.features(x, t, y, extra_condition)
         return self.unpatchify(self.proj_out(tokens), self.out_channels)
 
     # -- persistence ----------------------------------------------------------------------------------------

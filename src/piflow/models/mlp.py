@@ -70,8 +70,10 @@ class MLPBackbone2D(nn.Module):
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"x must have shape (B, {self.in_channels}), got {shape}")
 
-    def features(self, x: Tensor, t: TimestepLike) -> Tuple[Tensor, Tensor]:
-        """x: (B, C), t: (B,) or float timestep (σ · num_timesteps).
+    def features(self, x: Tensor, t: TimestepLike,
+                 extra_condition: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """x: (B, C), t: (B,) or float timestep (σ · num_timesteps); extra_condition: (B, time_embed_dim) added to
+        the timestep sinusoid (e.g. MeanFlow's embedding of the interval t − r) or None.
 
         Returns (h: (B, hidden), cond_emb: (B, hidden)); cond_emb depends on t only.
         """
@@ -79,14 +81,20 @@ class MLPBackbone2D(nn.Module):
         t = as_timestep(t, x.shape[0], x.device)
         dtype = self.cond_embed[0].weight.dtype
         t_emb = timestep_embedding(t, self.time_embed_dim).to(dtype)                       # (B, Dt)
+        if extra_condition is not None:
+            if extra_condition.shape != t_emb.shape:
+                raise ValueError(f"extra_condition must have shape {tuple(t_emb.shape)}, "
+                                 f"got {tuple(extra_condition.shape)}")
+            t_emb = t_emb + extra_condition.to(dtype)
         x_emb = fourier_position_embedding(x, self.dim_per_coord, self.min_period,
                                            self.max_period).to(dtype)                      # (B, Dx)
         h = self.layers(torch.cat([t_emb, x_emb], dim=-1))
         return h, self.cond_embed(t_emb)
 
-    def forward(self, x: Tensor, t: TimestepLike) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, t: TimestepLike,
+                extra_condition: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Same as `features`."""
-        return self.features(x, t)
+        return self.features(x, t, extra_condition)
 
 
 class MLPVelocityModel2D(nn.Module):
@@ -115,12 +123,19 @@ class MLPVelocityModel2D(nn.Module):
         if cond is not None:
             raise ValueError("cond must be None: MLPVelocityModel2D is unconditional")
 
-    def features(self, x: Tensor, t: TimestepLike, cond: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    @property
+    def extra_condition_dim(self) -> int:
+        """Width of the `extra_condition` embedding added to the timestep sinusoid (= time_embed_dim)."""
+        return self.backbone.time_embed_dim
+
+    def features(self, x: Tensor, t: TimestepLike, cond: Optional[Tensor] = None,
+                 extra_condition: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """x: (B, C), t: (B,) or float -> (h: (B, hidden), cond_emb: (B, hidden))."""
         self._check_cond(cond)
-        return self.backbone.features(x, t)
+        return self.backbone.features(x, t, extra_condition)
 
-    def forward(self, x: Tensor, t: TimestepLike, cond: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, t: TimestepLike, cond: Optional[Tensor] = None,
+                extra_condition: Optional[Tensor] = None) -> Tensor:
         """x: (B, C), t: (B,) or float timestep (σ · num_timesteps) -> velocity u = ε - x0, (B, C)."""
-        h, _ = self.features(x, t, cond)
+        h, _ = self.features(x, t, cond, extra_condition)
         return self.proj_out(h)

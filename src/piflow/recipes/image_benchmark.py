@@ -81,16 +81,27 @@ def balanced_labels(num: int, num_classes: int) -> Tensor:
 
 def build_context(teacher: Callable, feature_net: torch.nn.Module, real_test: Tensor, image_shape, num_classes: int,
                   num_samples: int, seed: int = 1234) -> EvalContext:
+    return build_contexts(teacher, [feature_net], real_test, image_shape, num_classes, num_samples, seed)[0]
+
+
+def build_contexts(teacher: Callable, feature_nets: list, real_test: Tensor, image_shape, num_classes: int,
+                   num_samples: int, seed: int = 1234) -> list[EvalContext]:
+    """One `EvalContext` per feature network, all on the same noise sets A, B and teacher reference samples (the
+    teacher's 32-step Euler samples are computed once)."""
     gen = torch.Generator().manual_seed(seed)
     noise_a = torch.randn(num_samples, *image_shape, generator=gen)
     noise_b = torch.randn(num_samples, *image_shape, generator=gen)
     labels = balanced_labels(num_samples, num_classes)
     teacher_a = euler_sample(teacher, noise_a, TEACHER_REFERENCE_STEPS, labels)
     teacher_b = euler_sample(teacher, noise_b, TEACHER_REFERENCE_STEPS, labels)
-    context = EvalContext(feature_net.eval(), torch.empty(0), torch.empty(0), teacher_a, noise_a, labels, num_classes)
-    context.real_features = context.features_and_logits(real_test)[0]
-    context.teacher_features_b = context.features_and_logits(teacher_b)[0]
-    return context
+    contexts = []
+    for feature_net in feature_nets:
+        context = EvalContext(feature_net.eval(), torch.empty(0), torch.empty(0), teacher_a, noise_a, labels,
+                              num_classes)
+        context.real_features = context.features_and_logits(real_test)[0]
+        context.teacher_features_b = context.features_and_logits(teacher_b)[0]
+        contexts.append(context)
+    return contexts
 
 
 STUDENTS = [
@@ -242,21 +253,29 @@ def plot_quality_vs_nfe(rows: dict, path: Path) -> None:
     plot_metric_vs_nfe(series, path, "FD-teacher (classifier features)")
 
 
+# the second, independent feature space of `benchmarks/claims.py`: another architecture (two narrower conv stages,
+# a 64-wide feature layer) trained from another seed
+SECOND_FEATURE_NET = {"widths": (24, 48), "feature_dim": 64, "seed": 1}
+
+
 def feature_classifier_for(run_dir: Path, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                            num_classes: int, epochs: int = 30, train_size: Optional[int] = None,
-                           log: Callable[[str], None] = lambda message: None):
-    """Load the classifier cached in ``run_dir/feature_net`` or train (and cache) it on the training split (or a
-    seeded subset of `train_size` images)."""
+                           log: Callable[[str], None] = lambda message: None, name: str = "feature_net",
+                           seed: int = 0, **architecture):
+    """Load the classifier cached in ``run_dir/<name>`` or train (and cache) it on the training split (or a
+    seeded subset of `train_size` images); `architecture` goes to `train_feature_classifier` (widths,
+    feature_dim)."""
     from piflow.eval.features import load_feature_classifier, save_feature_classifier, train_feature_classifier
 
-    feature_dir = run_dir / "feature_net"
+    feature_dir = run_dir / name
     if (feature_dir / "config.json").is_file():
         return load_feature_classifier(feature_dir)
-    log("[bench] training the feature classifier")
+    log(f"[bench] training the feature classifier {name}")
     count = len(train_x) if train_size is None else min(train_size, len(train_x))
     subset = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))[:count]
     net, metrics = train_feature_classifier(train_x[subset], train_y[subset], num_classes, epochs=epochs,
-                                            batch_size=128, lr=2e-3, seed=0, val_images=test_x, val_labels=test_y)
+                                            batch_size=128, lr=2e-3, seed=seed, val_images=test_x, val_labels=test_y,
+                                            **architecture)
     save_feature_classifier(net, feature_dir, metrics)
     return net, metrics
 

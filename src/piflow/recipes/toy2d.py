@@ -152,12 +152,12 @@ def load_student(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-def _reference_ode(teacher, noise: torch.Tensor) -> torch.Tensor:
+def reference_ode(teacher, noise: torch.Tensor) -> torch.Tensor:
     """High-accuracy teacher ODE solution from `noise` (RK4, 64 steps = 256 evaluations)."""
     return rk4_sample(teacher, noise, 64)
 
 
-def _sample_metrics(samples: torch.Tensor, reference: torch.Tensor, ode: torch.Tensor, dataset) -> dict:
+def sample_metrics(samples: torch.Tensor, reference: torch.Tensor, ode: torch.Tensor, dataset) -> dict:
     gen = torch.Generator().manual_seed(0)
     row = {"sliced_w2": sliced_wasserstein2(samples, reference, generator=gen),
            "energy_distance": energy_distance(samples, reference),
@@ -175,12 +175,12 @@ def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run
     gen = torch.Generator().manual_seed(int(eval_cfg["seed"]))
     reference = dataset.sample(num, gen)
     noise = torch.randn(num, 2, generator=gen)
-    ode = _reference_ode(teacher, noise)
-    rows: dict[str, dict] = {"teacher ODE (RK4, 256 NFE)": dict(_sample_metrics(ode, reference, ode, dataset), nfe=256)}
+    ode = reference_ode(teacher, noise)
+    rows: dict[str, dict] = {"teacher ODE (RK4, 256 NFE)": dict(sample_metrics(ode, reference, ode, dataset), nfe=256)}
     panels = [("data", reference.numpy()), ("teacher ODE", ode.numpy())]
     for steps in eval_cfg["teacher_steps"]:
         samples = euler_sample(teacher, noise, int(steps))
-        rows[f"teacher Euler {steps}"] = dict(_sample_metrics(samples, reference, ode, dataset), nfe=int(steps))
+        rows[f"teacher Euler {steps}"] = dict(sample_metrics(samples, reference, ode, dataset), nfe=int(steps))
         if int(steps) in (1, 2, 4):
             panels.append((f"teacher Euler {steps} NFE", samples.numpy()))
     if pf is not None:
@@ -189,7 +189,7 @@ def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run
         for nfe in nfes:
             samples = pf.sample(noise, nfe=nfe, temperature=temperature)
             label = f"student {pf.policy_kind} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")
-            rows[label] = dict(_sample_metrics(samples, reference, ode, dataset), nfe=nfe)
+            rows[label] = dict(sample_metrics(samples, reference, ode, dataset), nfe=nfe)
             if nfe == pf.nfe:
                 if pf.nfe not in {int(s) for s in eval_cfg["teacher_steps"]}:
                     panels.append((f"teacher Euler {nfe} NFE", euler_sample(teacher, noise, nfe).numpy()))
