@@ -113,7 +113,7 @@ class PlaygroundSettings:
     teacher_steps: int
 
 
-def _whole(value: Any, name: str, low: int, high: int) -> int:
+def whole_number(value: Any, name: str, low: int, high: int) -> int:
     """An integer control (Gradio numbers arrive as floats) in [low, high], else a one-line ValueError."""
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
         value = int(value)
@@ -159,18 +159,18 @@ def check_settings(model: PlaygroundModel, nfe: Any, seed: Any, batch: Any, labe
     """The controls as a `PlaygroundSettings`, or a ValueError naming the first bad control and its range.
     `label`: None / "all" / "" for every class in turn, else a class index; `total_substeps`: None for the
     student's own setting."""
-    nfe = _whole(nfe, "NFE", 1, MAX_NFE)
-    seed = _whole(seed, "seed", 0, MAX_SEED)
-    batch = _whole(batch, "batch", 1, MAX_BATCH[model.kind])
+    nfe = whole_number(nfe, "NFE", 1, MAX_NFE)
+    seed = whole_number(seed, "seed", 0, MAX_SEED)
+    batch = whole_number(batch, "batch", 1, MAX_BATCH[model.kind])
     if label in (None, "", "all"):
         label = None
     elif model.num_classes == 0:
         raise ValueError(f"class: {model.label} is unconditional; choose 'all'")
     else:
-        label = _whole(label, "class", 0, model.num_classes - 1)
+        label = whole_number(label, "class", 0, model.num_classes - 1)
     total_substeps = model.pf.settings.total_substeps if total_substeps in (None, "") else \
-        _whole(total_substeps, "substeps", 1, MAX_SUBSTEPS)
-    teacher_steps = _whole(teacher_steps, "teacher steps", 1, MAX_TEACHER_STEPS)
+        whole_number(total_substeps, "substeps", 1, MAX_SUBSTEPS)
+    teacher_steps = whole_number(teacher_steps, "teacher steps", 1, MAX_TEACHER_STEPS)
     return PlaygroundSettings(nfe, seed, batch, label, parse_temperature(temperature), total_substeps, parse_h(h),
                               teacher_steps)
 
