@@ -8,13 +8,13 @@ PY := $(VENV)/bin/python
 # then `pip install -e .` (the package itself accepts torch>=2.3).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow bench venv clean ui screenshot
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,ui]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -27,6 +27,13 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+ui: $(VENV)/.installed
+	$(VENV)/bin/piflow ui
+
+# the README's screenshot, taken by the browser test's own helpers (needs chromium + chromium-driver)
+screenshot: $(VENV)/.installed
+	$(PY) -m piflow.ui.browser docs/images/ui_playground.png
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/policy_overhead.py

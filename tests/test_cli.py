@@ -115,3 +115,12 @@ def test_missing_extra_names_the_pip_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)        # as if not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'piflow\[diffusers\]'"):
         require("diffusers", "text-to-image distillation")
+
+
+def test_ui_rejects_bad_arguments_in_one_line(capsys):
+    from piflow.cli import main
+
+    assert main(["ui", "--port", "0"]) == 2
+    assert "--port must lie in [1, 65535], got 0" in capsys.readouterr().err
+    assert main(["ui", "--adapter", "somewhere"]) == 2
+    assert "--adapter needs --pipeline" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The `piflow` command line: demo, train-teacher, distill, sample, evaluate, toy-trajectory, encode-prompts, export,
-convert-checkpoint.
+convert-checkpoint, ui.
 
 Every training command takes ``--config FILE`` (YAML) and ``key=value`` overrides (dotted keys, e.g.
 ``distill.nfe=4``) and writes its resolved config, metrics JSON and figures into its run directory (``--run-dir``).
@@ -299,10 +299,35 @@ def _cmd_convert_checkpoint(args) -> int:
     return 0
 
 
+def _cmd_ui(args) -> int:
+    from piflow.errors import require
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must lie in [1, 65535], got {args.port}")
+    if args.adapter and not args.pipeline:
+        raise ConfigError("--adapter needs --pipeline (the diffusers pipeline of its base model)")
+    require("gradio", "piflow ui")
+    pipeline, adapter, student_runs = args.pipeline, args.adapter, []
+    for run in map(Path, args.run_dir):
+        if _run_kind(run) == "t2i":
+            if pipeline is not None:
+                raise ConfigError("give one text-to-image model: one text-to-image --run-dir, or --pipeline/--adapter")
+            from piflow.ui.text_to_image import adapter_of_run
+
+            pipeline, adapter = adapter_of_run(run)
+        else:
+            student_runs.append(run)
+    from piflow.ui.app import run_ui
+
+    print(f"piflow ui: serving on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
+    run_ui(student_runs, pipeline, adapter, port=args.port, host=args.host)
+    return 0
+
+
 # the handler each sub-parser of `piflow.cli_parser` names (train-teacher and distill share "train")
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate,
             "toy_trajectory": _cmd_toy_trajectory, "encode_prompts": _cmd_encode_prompts, "export": _cmd_export,
-            "convert_checkpoint": _cmd_convert_checkpoint}
+            "convert_checkpoint": _cmd_convert_checkpoint, "ui": _cmd_ui}
 
 
 def _one_line(error: BaseException) -> str:

@@ -114,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "writes, for their diffusers pipelines and ComfyUI-piFlow; FLUX.1 and Qwen-Image)")
     export.set_defaults(handler="export")
 
+    ui = sub.add_parser("ui", help="browser demo (needs the [ui] extra): the bundled teachers beside their π-Flow "
+                                   "students, and text-to-image with a Pi*Pipeline and an adapter",
+                        description="Serve the Gradio demo on http://HOST:PORT. The playground always shows the "
+                                    "bundled teachers and students (CPU, no downloads); --run-dir adds a 2-D or image "
+                                    "student run, or opens a text-to-image run's adapter; --pipeline/--adapter open "
+                                    "a diffusers pipeline with a π-Flow adapter in the text-to-image tab.")
+    ui.add_argument("--run-dir", action="append", default=[],
+                    help="a finished `piflow distill` run (repeatable): 2-D/image runs join the playground, a "
+                         "text-to-image run opens in the text-to-image tab")
+    ui.add_argument("--pipeline", default=None, help="text-to-image: a diffusers pipeline folder or Hub id")
+    ui.add_argument("--adapter", default=None, help="text-to-image: the π-Flow adapter folder for --pipeline")
+    ui.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="interface to listen on (default: %(default)s, this machine only)")
+    ui.set_defaults(handler="ui")
+
     convert = sub.add_parser("convert-checkpoint",
                              help="convert a checkpoint.pt written by piflow <= 0.1 (a pickle) into the safe format")
     convert.add_argument("path", help="the checkpoint.pt file (or its run directory); only convert files you trust")

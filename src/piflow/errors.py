@@ -46,7 +46,7 @@ class MissingExtraError(UserError, ImportError):
 
 
 EXTRAS = {"diffusers": "diffusers", "peft": "diffusers", "transformers": "diffusers", "sklearn": "images",
-          "PIL": "images", "scipy": "images", "tensorboard": "tensorboard"}
+          "PIL": "images", "scipy": "images", "tensorboard": "tensorboard", "gradio": "ui", "selenium": "test"}
 
 
 def require(module: str, purpose: str) -> ModuleType:

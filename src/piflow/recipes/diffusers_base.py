@@ -88,20 +88,33 @@ def _spatial_patch(config) -> int:
     return int(patch[-1] if isinstance(patch, (list, tuple)) else patch)
 
 
+def _vae_config(path: str) -> dict:
+    import diffusers
+
+    vae_class = _model_index(path).get("vae", [None, "AutoencoderKL"])[1]
+    return getattr(diffusers, vae_class).load_config(path, subfolder="vae")
+
+
+def size_multiple(path: str, family: str, transformer) -> int:
+    """The pixel multiple that image heights and widths must be for this pipeline: the VAE's down-sampling times
+    the patch size (2 for the 2×2-packed families)."""
+    from piflow.integrations.diffusers.families import get_family
+
+    outside = get_family(family).latent_packing == "outside"
+    return vae_scale_factor(_vae_config(path)) * (2 if outside else _spatial_patch(transformer.config))
+
+
 def latent_geometry(path: str, family: str, transformer, resolution, num_frames: int = 1) -> tuple[int, ...]:
     """(channels, height, width) — (channels, frames, height, width) for video — of the latents the transformer
     sees for a `resolution` image (or `num_frames`-frame video)."""
-    import diffusers
-
     from piflow.integrations.diffusers.families import get_family
 
     spec = get_family(family)
-    vae_class = _model_index(path).get("vae", [None, "AutoencoderKL"])[1]
-    vae_config = getattr(diffusers, vae_class).load_config(path, subfolder="vae")
+    vae_config = _vae_config(path)
     factor = vae_scale_factor(vae_config)
     height, width = (int(v) for v in resolution)
     outside = spec.latent_packing == "outside"
-    multiple = factor * (2 if outside else _spatial_patch(transformer.config))
+    multiple = size_multiple(path, family, transformer)
     if height % multiple or width % multiple:
         raise ConfigError(f"resolution {height}×{width} must be divisible by {multiple} for this pipeline")
     channels = transformer.config.in_channels // (4 if outside else 1)

@@ -94,7 +94,7 @@ def plot_metric_vs_nfe(series: dict[str, dict[int, float]], path: Path, ylabel: 
     plt.close(fig)
 
 
-def _image_canvas(images, ncol: int) -> np.ndarray:
+def image_canvas(images, ncol: int) -> np.ndarray:
     """(N, C, H, W) images in [-1, 1] → one (rows·(H+1)+1, ncol·(W+1)+1, C) array in [0, 1] with 1-pixel gaps."""
     images = images.detach().float().clamp(-1, 1).add(1).div(2).cpu()
     if images.shape[1] not in (1, 3):
@@ -115,7 +115,7 @@ def plot_image_rows(rows: Sequence[tuple[str, "object"]], path: Path, ncol: int 
     """One labelled block per (label, images (N, C, H, W) in [-1, 1]) — e.g. "teacher Euler, 32 NFE" over
     "π-Flow student, 4 NFE" — each wrapped at `ncol` images per line; C = 1 or 3 (otherwise channel 0 is shown)."""
     plt = pyplot()
-    canvases = [_image_canvas(images, ncol) for _, images in rows]
+    canvases = [image_canvas(images, ncol) for _, images in rows]
     width = max(c.shape[1] for c in canvases)
     scale = min(max(6.0 / width, 0.02), 0.25)                   # inches per pixel: readable, not huge
     heights = [c.shape[0] for c in canvases]
