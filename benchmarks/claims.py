@@ -34,6 +34,8 @@ def main() -> None:
                         help="seeds of the from-scratch MeanFlow student (default: --seeds)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true", help="progress bars for each training run")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table of the rows finished so far (e.g. while a run is going on)")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -41,6 +43,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/claims_{args.dataset}")
     start = time.perf_counter()
+    if args.report:
+        columns = claims.IMAGE_COLUMNS if args.dataset in IMAGE_DATASET_NAMES else claims.TOY_COLUMNS
+        print(claims.format_markdown(claims.ordered_summary(claims.RowStore(run_dir, print).all()), columns))
+        return
     if args.dataset in IMAGE_DATASET_NAMES:
         results = claims.run_images(run_dir, args.dataset, args.seeds, args.iters or 300, args.num_samples or 1000,
                                     args.teacher_run, meanflow_scratch_seeds=args.meanflow_scratch_seeds,

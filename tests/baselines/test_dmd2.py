@@ -75,3 +75,49 @@ def test_settings_are_checked():
         DMD2Settings(sigma_min=0.5, sigma_max=0.4)
     with pytest.raises(ValueError, match="nfe must be >= 1"):
         sample(lambda x, s, c=None: x, torch.zeros(2, 3), nfe=0)
+
+
+def _tiny_dit():
+    from piflow.models import DiT
+
+    torch.manual_seed(0)
+    model = DiT.from_preset("DiT-T", in_channels=1, input_size=8, patch_size=2, hidden_size=32, depth=1,
+                            num_heads=2, num_classes=3)
+    for parameter in model.parameters():                 # DiT zero-initialises its output; give it a velocity
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+def test_training_loss_routes_gradients_by_iteration():
+    """Fake-score iterations touch only the fake score; every 5th also the generator, whose DM gradient is zero
+    while the fake score still equals the teacher (both copies of it) — the known answer at initialisation."""
+    import copy
+
+    from piflow.baselines.dmd2 import DMD2Student, training_loss
+    from piflow.teachers import NetworkTeacher
+
+    teacher_model = _tiny_dit()
+    teacher = NetworkTeacher(copy.deepcopy(teacher_model).requires_grad_(False), 1000.0)
+    student = DMD2Student(copy.deepcopy(teacher_model))
+    noise, labels = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    for iteration, updates_generator in ((0, False), (4, True)):
+        student.zero_grad(set_to_none=True)
+        training_loss(student, teacher, noise, labels, iteration, nfe=1,
+                      generator=torch.Generator().manual_seed(1)).backward()
+        fake_grads = [p.grad for p in student.fake_score.parameters()]
+        generator_grads = [p.grad for p in student.generator.parameters()]
+        assert any(g is not None and g.abs().sum() > 0 for g in fake_grads)
+        if updates_generator:
+            assert all(g is not None for g in generator_grads)
+            assert max(float(g.abs().max()) for g in generator_grads) < 1e-6
+        else:
+            assert all(g is None for g in generator_grads)
+    # once the fake score differs from the teacher, the generator does receive a gradient
+    with torch.no_grad():
+        for parameter in student.fake_score.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    student.zero_grad(set_to_none=True)
+    training_loss(student, teacher, noise, labels, 4, nfe=4, generator=torch.Generator().manual_seed(2)).backward()
+    assert max(float(p.grad.abs().max()) for p in student.generator.parameters()) > 1e-6
+    samples = student.sample(noise, nfe=4, cond=labels, generator=torch.Generator().manual_seed(0))
+    assert samples.shape == noise.shape and bool(torch.isfinite(samples).all())

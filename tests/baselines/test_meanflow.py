@@ -113,3 +113,29 @@ def test_target_through_a_dit_with_attention():
         derivative = (model(z + h * v, r, t + h, labels) - model(z - h * v, r, t - h, labels)) / (2 * h)
     assert float(derivative.abs().max()) > 1e-3                  # the check is not trivially zero
     torch.testing.assert_close(target, v - (t - r).reshape(-1, 1, 1, 1) * derivative, rtol=1e-6, atol=1e-7)
+
+
+def test_average_velocity_net_starts_as_its_backbone_and_sees_the_interval():
+    from piflow.baselines.meanflow import AverageVelocityNet, meanflow_target
+    from piflow.models import DiT, MLPVelocityModel2D
+
+    torch.manual_seed(0)
+    dit = DiT.from_preset("DiT-T", in_channels=1, input_size=8, patch_size=2, hidden_size=32, depth=1,
+                          num_heads=2, num_classes=3)
+    for parameter in dit.parameters():
+        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    cases = [(dit, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])),
+             (MLPVelocityModel2D(hidden_size=32, num_layers=2), torch.randn(4, 2), None)]
+    t, r = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.1, 0.7, 0.2, 0.0])
+    for backbone, z, cond in cases:
+        net = AverageVelocityNet(backbone)
+        # zero-initialised interval embedding: u(z, r, t) = v(z, t) for every r
+        torch.testing.assert_close(net(z, r, t, cond), backbone(z, t * 1000.0, cond))
+        with torch.no_grad():
+            net.interval_embedder[2].weight.normal_(0.0, 0.1)
+        assert not torch.allclose(net(z, r, t, cond), net(z, t, t, cond))
+        # MeanFlow's identity at r = t: the target is the instantaneous velocity itself
+        v = torch.randn_like(z)
+        torch.testing.assert_close(meanflow_target(net, z, t, t, v, cond), v)
+    with pytest.raises(TypeError, match="extra_condition"):
+        AverageVelocityNet(torch.nn.Linear(2, 2))

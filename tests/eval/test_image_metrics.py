@@ -282,3 +282,25 @@ def test_class_histogram_tv():
         class_histogram_tv(torch.tensor([-0.1, 1.1]))
     with pytest.raises(ValueError, match="hist"):
         class_histogram_tv(torch.zeros(3))
+
+
+def test_high_frequency_fraction_known_cases():
+    from piflow.eval.image_metrics import high_frequency_fraction
+
+    size, cutoff = 16, 0.5
+    assert high_frequency_fraction(torch.ones(3, 1, size, size), cutoff) == 0.0
+    # white noise: its power spreads evenly over the frequency grid, so the share is the grid's share beyond cutoff
+    freq = torch.fft.fftfreq(size).abs() * 2
+    radius = (freq[:, None] ** 2 + freq[None, :] ** 2).sqrt()
+    expected = float((radius > cutoff).sum()) / (size * size - 1)          # the DC term is removed with the mean
+    noise = torch.randn(400, 1, size, size, generator=torch.Generator().manual_seed(0))
+    assert abs(high_frequency_fraction(noise, cutoff) - expected) < 0.01
+    grid = torch.arange(size, dtype=torch.float64)
+    checkerboard = ((-1.0) ** (grid[:, None] + grid[None, :])).reshape(1, 1, size, size)   # the Nyquist corner
+    assert high_frequency_fraction(checkerboard, cutoff) == pytest.approx(1.0)
+    smooth = torch.cos(2 * torch.pi * grid / size)[None, :].expand(size, size).reshape(1, 1, size, size)
+    assert high_frequency_fraction(smooth, cutoff) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="cutoff"):
+        high_frequency_fraction(noise, 1.5)
+    with pytest.raises(ValueError, match="images must have shape"):
+        high_frequency_fraction(torch.zeros(4, 16))

@@ -57,3 +57,21 @@ def test_mlp_bad_input():
         model(torch.randn(4, 2), 1.0, cond=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="hidden_size"):
         MLPBackbone2D(hidden_size=0)
+
+
+def test_mlp_extra_condition_shifts_the_timestep_sinusoid():
+    from piflow.models import MLPVelocityModel2D
+    from piflow.models.embeddings import timestep_embedding
+
+    torch.manual_seed(0)
+    model = MLPVelocityModel2D(hidden_size=16, num_layers=2, time_embed_dim=8)
+    x = torch.randn(3, 2)
+    t = torch.tensor([100.0, 500.0, 900.0])
+    assert model.extra_condition_dim == 8
+    torch.testing.assert_close(model(x, t, extra_condition=torch.zeros(3, 8)), model(x, t))
+    # adding the sinusoid difference of two timesteps turns t into t2 in the main branch and the cond branch
+    t2 = torch.tensor([200.0, 50.0, 990.0])
+    shift = timestep_embedding(t2, 8) - timestep_embedding(t, 8)
+    torch.testing.assert_close(model(x, t, extra_condition=shift), model(x, t2), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="extra_condition must have shape"):
+        model(x, t, extra_condition=torch.zeros(3, 7))

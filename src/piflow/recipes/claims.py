@@ -143,6 +143,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
+def ordered_summary(rows: list[dict]) -> list[dict]:
+    """`summarise`d rows in table order: the reference, then the teacher's samplers, then students, by NFE."""
+    order = {"reference": 0, "teacher": 1}
+    return sorted(summarise(rows), key=lambda e: (order.get(e["family"], 2), e["nfe"], e["method"]))
+
+
 def _cell(entry: dict, key: str, fmt: str) -> str:
     value = entry.get(key)
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -405,8 +411,7 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
             for nfe in MEANFLOW_NFES:
                 student(kind, nfe, seed, directory, lambda nfe=nfe: meanflow.meanflow_sample(net(), noise, nfe, labels))
 
-    summary = summarise(store.all())
-    summary.sort(key=lambda e: (e["family"] != "reference", e["family"] != "teacher", e["nfe"], e["method"]))
+    summary = ordered_summary(store.all())
     results = {"dataset": dataset, "seeds": seeds, "iters": iters, "num_samples": num_samples,
                "teacher_run": str(teacher_run), "feature_net_a": metrics_a, "feature_net_b": metrics_b,
                "feature_net_b_architecture": arch_b, "summary": summary, "goals": check_image_goals(summary),
@@ -557,8 +562,7 @@ def run_toy(run_dir: Path, dataset_name: str = "ring8", seeds: int = 3, iters: O
             student("meanflow_scratch", nfe, seed, directory,
                     lambda nfe=nfe: meanflow.meanflow_sample(net(), noise, nfe))
 
-    summary = summarise(store.all())
-    summary.sort(key=lambda e: (e["family"] != "teacher", e["nfe"], e["method"]))
+    summary = ordered_summary(store.all())
     results = {"dataset": dataset_name, "seeds": seeds, "iters": iters, "num_samples": num_samples,
                "summary": summary, "goals": check_toy_goals(summary),
                "seconds_this_invocation": time.perf_counter() - start}
