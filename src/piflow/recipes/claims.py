@@ -255,28 +255,19 @@ def _eval_bank(run_dir: Path, teacher, feature_nets: list, real: Tensor, shape, 
     path = run_dir / "eval_bank.safetensors"
     if path.is_file():
         bank = load_safetensors(path, "evaluation bank")
-        contexts = []
-        for net in feature_nets:
-            context = image_benchmark.EvalContext(net.eval(), torch.empty(0), torch.empty(0), bank["teacher_a"],
-                                                  bank["noise_a"], bank["labels_a"], num_classes)
-            context.real_features = context.features_and_logits(real)[0]
-            context.teacher_features_b = context.features_and_logits(bank["teacher_b"])[0]
-            contexts.append(context)
-        return contexts
-    gen = torch.Generator().manual_seed(1234)
-    noise_a, noise_b = (torch.randn(num_samples, *shape, generator=gen) for _ in range(2))
-    labels = image_benchmark.balanced_labels(num_samples, num_classes)
-    teacher_a = euler_sample(teacher, noise_a, image_benchmark.TEACHER_REFERENCE_STEPS, labels)
-    teacher_b = euler_sample(teacher, noise_b, image_benchmark.TEACHER_REFERENCE_STEPS, labels)
-    save_safetensors(path, {"noise_a": noise_a, "labels_a": labels, "teacher_a": teacher_a, "teacher_b": teacher_b})
-    return _eval_bank(run_dir, teacher, feature_nets, real, shape, num_classes, num_samples)
+    else:
+        bank = image_benchmark.evaluation_bank(teacher, shape, num_classes, num_samples)
+        save_safetensors(path, bank)
+    return image_benchmark.contexts_from_bank(feature_nets, bank, real, num_classes)
 
 
-def _train_settings(source: dict, iters: int, seed: int, progress: bool) -> dict:
-    """The ``train`` section of a recipe's defaults or of a resolved run config, with the run's steps and seed."""
-    resolved = load_config(source, None, []) if source is images.IMAGE_DISTILL_DEFAULTS or \
-        source is toy2d.DISTILL_DEFAULTS else source
-    return dict(resolved["train"], iters=int(iters), seed=int(seed), progress=progress)
+def _train_settings(config: dict, iters: int, seed: int, progress: bool) -> dict:
+    """The ``train`` section of a resolved config, with the run's steps and seed."""
+    return dict(config["train"], iters=int(iters), seed=int(seed), progress=progress)
+
+
+def _resolved_defaults(defaults: dict) -> dict:
+    return load_config(defaults, None, [])
 
 
 def _image_dmd2(run_dir: Path, teacher_model: nn.Module, teacher, labels: Tensor, shape, nfe: int, seed: int,
@@ -291,8 +282,8 @@ def _image_dmd2(run_dir: Path, teacher_model: nn.Module, teacher, labels: Tensor
         y = labels[torch.randint(len(labels), (batch,), generator=generator)]
         return dmd2.training_loss(student, teacher, noise, y, iteration, nfe, settings, generator)
 
-    return train_baseline(run_dir, student, loss_fn, _train_settings(images.IMAGE_DISTILL_DEFAULTS, ratio * steps,
-                                                                     seed, progress), log)
+    settings_ = _train_settings(_resolved_defaults(images.IMAGE_DISTILL_DEFAULTS), ratio * steps, seed, progress)
+    return train_baseline(run_dir, student, loss_fn, settings_, log)
 
 
 def _image_meanflow(run_dir: Path, base: nn.Module, data: tuple[Tensor, Tensor], settings_source: dict, iters: int,
@@ -394,7 +385,7 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
                 return generator_net.sample(noise, nfe, labels, torch.Generator().manual_seed(seed))
 
             student("dmd2", nfe, seed, directory, dmd2_samples)
-        variants = [("meanflow_init", iters, images.IMAGE_DISTILL_DEFAULTS)]
+        variants = [("meanflow_init", iters, _resolved_defaults(images.IMAGE_DISTILL_DEFAULTS))]
         if seed < (seeds if meanflow_scratch_seeds is None else meanflow_scratch_seeds):
             variants.append(("meanflow_scratch", teacher_iters + iters, teacher_cfg))
         for kind, budget, source in variants:
@@ -481,8 +472,9 @@ def _toy_dmd2(run_dir: Path, teacher, nfe: int, seed: int, steps: int, spec: dic
         noise = torch.randn(batch, 2, generator=generator)
         return dmd2.training_loss(student, teacher, noise, None, iteration, nfe, settings, generator)
 
-    return train_baseline(run_dir, student, loss_fn, _train_settings(
-        toy2d.DISTILL_DEFAULTS, settings.fake_updates_per_generator_update * steps, seed, progress), log)
+    steps_total = settings.fake_updates_per_generator_update * steps
+    return train_baseline(run_dir, student, loss_fn, _train_settings(_resolved_defaults(toy2d.DISTILL_DEFAULTS),
+                                                                     steps_total, seed, progress), log)
 
 
 def _toy_meanflow(run_dir: Path, dataset, seed: int, iters: int, spec: dict, batch: int, progress: bool,
@@ -496,7 +488,8 @@ def _toy_meanflow(run_dir: Path, dataset, seed: int, iters: int, spec: dict, bat
     def loss_fn(iteration: int, generator: torch.Generator, backward) -> Tensor:
         return meanflow.meanflow_loss(net, dataset.sample(batch, generator), None, generator=generator)
 
-    return train_baseline(run_dir, net, loss_fn, _train_settings(toy2d.DISTILL_DEFAULTS, iters, seed, progress), log)
+    return train_baseline(run_dir, net, loss_fn, _train_settings(_resolved_defaults(toy2d.DISTILL_DEFAULTS), iters,
+                                                                 seed, progress), log)
 
 
 def run_toy(run_dir: Path, dataset_name: str = "ring8", seeds: int = 3, iters: Optional[int] = None,

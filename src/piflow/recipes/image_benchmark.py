@@ -88,18 +88,31 @@ def build_contexts(teacher: Callable, feature_nets: list, real_test: Tensor, ima
                    num_samples: int, seed: int = 1234) -> list[EvalContext]:
     """One `EvalContext` per feature network, all on the same noise sets A, B and teacher reference samples (the
     teacher's 32-step Euler samples are computed once)."""
+    return contexts_from_bank(feature_nets, evaluation_bank(teacher, image_shape, num_classes, num_samples, seed),
+                              real_test, num_classes)
+
+
+def evaluation_bank(teacher: Callable, image_shape, num_classes: int, num_samples: int,
+                    seed: int = 1234) -> dict[str, Tensor]:
+    """Noise sets A and B, balanced labels and the teacher's 32-step Euler samples from each."""
     gen = torch.Generator().manual_seed(seed)
     noise_a = torch.randn(num_samples, *image_shape, generator=gen)
     noise_b = torch.randn(num_samples, *image_shape, generator=gen)
     labels = balanced_labels(num_samples, num_classes)
-    teacher_a = euler_sample(teacher, noise_a, TEACHER_REFERENCE_STEPS, labels)
-    teacher_b = euler_sample(teacher, noise_b, TEACHER_REFERENCE_STEPS, labels)
+    return {"noise_a": noise_a, "labels_a": labels,
+            "teacher_a": euler_sample(teacher, noise_a, TEACHER_REFERENCE_STEPS, labels),
+            "teacher_b": euler_sample(teacher, noise_b, TEACHER_REFERENCE_STEPS, labels)}
+
+
+def contexts_from_bank(feature_nets: list, bank: dict[str, Tensor], real_test: Tensor,
+                       num_classes: int) -> list[EvalContext]:
+    """One `EvalContext` per feature network on an `evaluation_bank`."""
     contexts = []
     for feature_net in feature_nets:
-        context = EvalContext(feature_net.eval(), torch.empty(0), torch.empty(0), teacher_a, noise_a, labels,
-                              num_classes)
+        context = EvalContext(feature_net.eval(), torch.empty(0), torch.empty(0), bank["teacher_a"],
+                              bank["noise_a"], bank["labels_a"], num_classes)
         context.real_features = context.features_and_logits(real_test)[0]
-        context.teacher_features_b = context.features_and_logits(teacher_b)[0]
+        context.teacher_features_b = context.features_and_logits(bank["teacher_b"])[0]
         contexts.append(context)
     return contexts
 
