@@ -304,3 +304,31 @@ def test_high_frequency_fraction_known_cases():
         high_frequency_fraction(noise, 1.5)
     with pytest.raises(ValueError, match="images must have shape"):
         high_frequency_fraction(torch.zeros(4, 16))
+
+
+def test_nearest_neighbour_distances_match_brute_force():
+    from piflow.eval.image_metrics import nearest_neighbour_distances
+
+    queries, reference = torch.randn(7, 1, 3, 3, generator=_gen(5)), torch.randn(11, 1, 3, 3, generator=_gen(6))
+    brute = torch.tensor([min(float((q - r).double().norm()) for r in reference) for q in queries],
+                         dtype=torch.float64)
+    got = nearest_neighbour_distances(queries, reference, chunk_size=3)
+    assert torch.allclose(got, brute, atol=1e-10)
+    assert torch.equal(nearest_neighbour_distances(reference[:4], reference), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="queries and reference"):
+        nearest_neighbour_distances(queries, reference[:, :, :2])
+
+
+def test_data_distance_ratio_known_cases():
+    """Copies of the training set measure 0; held-out draws from the training distribution about 1; a point set
+    scaled away from the data (distances doubled) exactly 2."""
+    from piflow.eval.image_metrics import data_distance_ratio
+
+    train, held_out, fresh = (torch.randn(n, 4, generator=_gen(seed)) for n, seed in ((400, 1), (200, 2), (200, 3)))
+    assert data_distance_ratio(train[:50], held_out, train) == 0.0
+    assert 0.85 < data_distance_ratio(fresh, held_out, train) < 1.15
+    # one training point as the whole reference set: distances scale with the offset exactly
+    origin = torch.zeros(1, 4)
+    assert data_distance_ratio(2 * held_out, held_out, origin) == pytest.approx(2.0, rel=1e-12)
+    with pytest.raises(ValueError, match="held_out"):
+        data_distance_ratio(fresh, train[:5], train)

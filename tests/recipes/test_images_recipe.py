@@ -137,3 +137,33 @@ def test_x0_baseline_bank_is_cached_per_teacher(tmp_path, teacher_run, monkeypat
     monkeypatch.setenv("PIFLOW_CACHE_DIR", str(tmp_path / "cache"))
     assert main(["distill", "--run-dir", str(tmp_path / "c"), *args, "distill.x0_bank_size=8"]) == 0
     assert len(list((tmp_path / "cache" / "x0_bank").glob("*.safetensors"))) == 2
+
+
+def _sigma_like(sigma, x):
+    sigma = torch.as_tensor(sigma, dtype=x.dtype)
+    return sigma.reshape(-1, *[1] * (x.dim() - 1)) if sigma.dim() else sigma
+
+
+def test_teacher_data_check_warns_only_for_samples_far_from_the_data(capsys):
+    """A teacher whose ODE ends exactly on held-out test images measures ratio 1 and stays quiet; one that leaves
+    the noise unchanged (zero velocity) measures far above eval.data_distance_warn and warns."""
+    from piflow.config import load_config
+
+    config = load_config(images.IMAGE_TEACHER_DEFAULTS, None, ["dataset=digits", "eval.data_check_samples=64"])
+    train_data = images.load_dataset(config, "train")
+    target = images.load_dataset(config, "test").tensors()[0][:64]
+
+    def onto_test_images(x, sigma, cond):
+        return (x - target) / _sigma_like(sigma, x)
+
+    assert images.check_samples_near_data(onto_test_images, config, train_data)["data_distance_ratio"] == \
+        pytest.approx(1.0, abs=1e-5)
+    assert "warning" not in capsys.readouterr().out
+    ratio = images.check_samples_near_data(lambda x, sigma, cond: torch.zeros_like(x), config,
+                                           train_data)["data_distance_ratio"]
+    assert ratio > 2.0 and "far from the data" in capsys.readouterr().out
+
+
+def test_teacher_metrics_record_the_data_check(teacher_run):
+    metrics = json.loads((teacher_run / "metrics.json").read_text())
+    assert metrics["data_distance_ratio"] > 0.0

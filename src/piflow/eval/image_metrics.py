@@ -34,6 +34,9 @@ __all__ = [
     "precision_recall_density_coverage",
     "class_histogram",
     "class_histogram_tv",
+    "high_frequency_fraction",
+    "nearest_neighbour_distances",
+    "data_distance_ratio",
 ]
 
 # Rows per block in the chunked pairwise distance computations (memory ~ chunk * N float64 values).
@@ -337,3 +340,28 @@ def high_frequency_fraction(images, cutoff: float = 0.5) -> float:
     high = (power * (radius > cutoff)).sum(dim=(1, 2))
     share = torch.where(total > 0, high / total.clamp(min=1e-300), torch.zeros_like(total))
     return float(share.mean())
+
+
+def nearest_neighbour_distances(queries, reference, chunk_size: int = _DISTANCE_CHUNK) -> Tensor:
+    """Euclidean distance (N,) from each row of `queries` (N, ...) to its nearest row of `reference` (M, ...),
+    float64; both are flattened per row (images (N, C, H, W) compare pixel by pixel)."""
+    q = _as_tensor(queries, "queries").double()
+    r = _as_tensor(reference, "reference").double()
+    if q.dim() < 2 or r.dim() < 2 or q.shape[0] < 1 or r.shape[0] < 1 or q.shape[1:] != r.shape[1:]:
+        raise ValueError(f"queries and reference must be non-empty batches of one item shape, got "
+                         f"{tuple(q.shape)} and {tuple(r.shape)}")
+    q, r = q.flatten(1), r.flatten(1)
+    chunk_size = positive_int(chunk_size, "chunk_size")
+    return torch.cat([_pairwise_distances(q[i:i + chunk_size], r).min(dim=1).values
+                      for i in range(0, q.shape[0], chunk_size)])
+
+
+def data_distance_ratio(samples, held_out, train) -> float:
+    """How far generated `samples` lie from the data, relative to real images the model never saw:
+    median nearest-neighbour distance of the samples to `train` over the same median for `held_out` real
+    images (all (N, ...) batches of one item shape). About 1 for a model that samples like the data, well below
+    1 for one that copies its training images, above 1 for noisy, blurred or shapeless samples."""
+    reference = float(nearest_neighbour_distances(held_out, train).median())
+    if reference <= 0.0:
+        raise ValueError("held_out must not be copies of train images (its median nearest-neighbour distance is 0)")
+    return float(nearest_neighbour_distances(samples, train).median()) / reference
