@@ -24,6 +24,7 @@ samples, computed once per teacher) — so a killed run continues where it stopp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import time
@@ -298,12 +299,35 @@ def _image_meanflow(run_dir: Path, base: nn.Module, data: tuple[Tensor, Tensor],
     return train_baseline(run_dir, net, loss_fn, _train_settings(settings_source, iters, seed, progress), log)
 
 
-def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: int = 300, num_samples: int = 1000,
-               teacher_run: Optional[Path] = None, feature_epochs: int = 30,
-               meanflow_scratch_seeds: Optional[int] = None, progress: bool = False,
-               log: Callable[[str], None] = print) -> dict:
-    """The image claims benchmark (see the module docstring); returns and writes results.json / results.md."""
-    start = time.perf_counter()
+@dataclasses.dataclass
+class ImageSetup:
+    """What every image measurement shares: the teacher, the data, the two feature nets and the scorer."""
+    teacher_run: Path
+    teacher_model: nn.Module
+    teacher_cfg: dict
+    teacher: Callable
+    train_x: Tensor
+    train_y: Tensor
+    shape: tuple
+    num_classes: int
+    feature_metrics: tuple[dict, dict]
+    scorer: ImageScorer
+    real: Tensor
+    real_labels: Tensor
+
+    @property
+    def noise(self) -> Tensor:
+        return self.scorer.a.noise_a
+
+    @property
+    def labels(self) -> Tensor:
+        return self.scorer.a.labels_a
+
+
+def prepare_images(run_dir: Path, dataset: str, teacher_run: Optional[Path] = None, num_samples: int = 1000,
+                   feature_epochs: int = 30, progress: bool = False, log: Callable[[str], None] = print) -> ImageSetup:
+    """The teacher (the bundled one, the given run, or trained into run_dir/teacher), the two feature nets and the
+    evaluation bank, each cached in `run_dir`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     teacher_run = Path(teacher_run) if teacher_run else BUNDLED_TEACHERS.get(dataset, run_dir / "teacher")
     if not (teacher_run / "teacher" / "config.json").is_file():
@@ -321,22 +345,49 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
     teacher = images.make_teacher(teacher_model, num_classes)
     net_a, metrics_a = image_benchmark.feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes,
                                                               feature_epochs, log=log)
-    arch_b = dict(image_benchmark.SECOND_FEATURE_NET)
     net_b, metrics_b = image_benchmark.feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes,
-                                                              feature_epochs, log=log, name="feature_net_b", **arch_b)
+                                                              feature_epochs, log=log, name="feature_net_b",
+                                                              **image_benchmark.SECOND_FEATURE_NET)
     real, real_labels = (test_x, test_y) if len(test_x) >= 100 else (train_x, train_y)
     real, real_labels = real[:num_samples], real_labels[:num_samples]
     contexts = _eval_bank(run_dir, teacher, [net_a, net_b], real, shape, num_classes, num_samples)
-    scorer = ImageScorer(contexts, real, real_labels)
-    noise, labels = contexts[0].noise_a, contexts[0].labels_a
+    return ImageSetup(teacher_run, teacher_model, teacher_cfg, teacher, train_x, train_y, shape, num_classes,
+                      (metrics_a, metrics_b), ImageScorer(contexts, real, real_labels), real, real_labels)
+
+
+def distill_piid(directory: Path, setup: ImageSetup, policy: str, nfe: int, iters: int, seed: int,
+                 overrides: tuple[str, ...] = (), progress: bool = False, log: Callable[[str], None] = print):
+    """A π-ID student (`policy` gmflow, dx or x0) distilled from the setup's teacher into `directory` (skipped when
+    its weights are there; resumed from a checkpoint); returns the loaded `PiFlow`."""
+    if not (directory / "student.safetensors").is_file():
+        log(f"[claims] distilling {directory.name} ({iters} iterations)")
+        images.distill(load_config(images.IMAGE_DISTILL_DEFAULTS, None, [
+            f"dataset={setup.teacher_cfg['dataset']}", f"teacher={setup.teacher_run}", f"student.policy={policy}",
+            f"distill.nfe={nfe}", f"train.iters={iters}", f"train.seed={seed}",
+            f"train.progress={str(progress).lower()}", *overrides]), directory)
+    return images.load_student(directory)[0]
+
+
+def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: int = 300, num_samples: int = 1000,
+               teacher_run: Optional[Path] = None, feature_epochs: int = 30,
+               meanflow_scratch_seeds: Optional[int] = None, progress: bool = False,
+               log: Callable[[str], None] = print) -> dict:
+    """The image claims benchmark (see the module docstring); returns and writes results.json / results.md."""
+    start = time.perf_counter()
+    setup = prepare_images(run_dir, dataset, teacher_run, num_samples, feature_epochs, progress, log)
+    teacher, teacher_model, teacher_cfg, teacher_run = (setup.teacher, setup.teacher_model, setup.teacher_cfg,
+                                                        setup.teacher_run)
+    train_x, train_y, shape, scorer = setup.train_x, setup.train_y, setup.shape, setup.scorer
+    noise, labels = setup.noise, setup.labels
     store = RowStore(run_dir, log)
     grid: dict[str, Tensor] = {}
 
-    store.get("real test images", 0, None, lambda: scorer(real, real_labels, paired=False), family="reference")
+    store.get("real test images", 0, None, lambda: scorer(setup.real, setup.real_labels, paired=False),
+              family="reference")
     for steps in TEACHER_EULER_STEPS:
         store.get("teacher Euler", steps, None, lambda: scorer(euler_sample(teacher, noise, steps, labels)),
                   family="teacher")
-    grid["teacher Euler 32"] = contexts[0].teacher_samples_a[:20]
+    grid["teacher Euler 32"] = scorer.a.teacher_samples_a[:20]
     try:
         from piflow.integrations.diffusers.solvers import diffusers_sample
 
@@ -364,14 +415,8 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
                 directory = students / f"{kind}_nfe{nfe}_seed{seed}"
 
                 def piid_samples(directory=directory, nfe=nfe, kind=kind) -> Tensor:
-                    if not (directory / "student.safetensors").is_file():
-                        log(f"[claims] distilling {directory.name} ({iters} iterations)")
-                        images.distill(load_config(images.IMAGE_DISTILL_DEFAULTS, None, [
-                            f"dataset={dataset}", f"teacher={teacher_run}",
-                            f"student.policy={'x0' if kind == 'x0' else 'gmflow'}", f"distill.nfe={nfe}",
-                            f"train.iters={iters}", f"train.seed={seed}",
-                            f"train.progress={str(progress).lower()}"]), directory)
-                    pf, _ = images.load_student(directory)
+                    pf = distill_piid(directory, setup, "x0" if kind == "x0" else "gmflow", nfe, iters, seed,
+                                      progress=progress, log=log)
                     with torch.no_grad():
                         return pf.sample(noise, nfe=nfe, cond=labels)
 
@@ -394,7 +439,7 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
             def meanflow_net(directory=directory, kind=kind, budget=budget, source=source):
                 torch.manual_seed(seed)
                 base = (copy.deepcopy(teacher_model) if kind == "meanflow_init"
-                        else images.build_teacher_model(teacher_cfg, shape, num_classes))
+                        else images.build_teacher_model(teacher_cfg, shape, setup.num_classes))
                 return _image_meanflow(directory, base, (train_x, train_y), source, budget, seed, batch, progress,
                                        log)
 
@@ -404,8 +449,10 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
 
     summary = ordered_summary(store.all())
     results = {"dataset": dataset, "seeds": seeds, "iters": iters, "num_samples": num_samples,
-               "teacher_run": str(teacher_run), "feature_net_a": metrics_a, "feature_net_b": metrics_b,
-               "feature_net_b_architecture": arch_b, "summary": summary, "goals": check_image_goals(summary),
+               "teacher_run": str(teacher_run), "feature_net_a": setup.feature_metrics[0],
+               "feature_net_b": setup.feature_metrics[1],
+               "feature_net_b_architecture": dict(image_benchmark.SECOND_FEATURE_NET), "summary": summary,
+               "goals": check_image_goals(summary),
                "seconds_this_invocation": time.perf_counter() - start}
     write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(format_markdown(summary, IMAGE_COLUMNS) + _goals_text(results["goals"]))
