@@ -83,13 +83,15 @@ class PiFlow(nn.Module):
     @torch.no_grad()
     def sample(self, noise: Tensor, nfe: Optional[int] = None, cond: Any = None, *,
                sigmas: Optional[Sequence[float]] = None, temperature: Union[float, str] = 1.0, h: HLike = 0.0,
-               generator: Optional[torch.Generator] = None, return_trajectory: bool = False, progress: bool = False):
+               total_substeps: Optional[int] = None, generator: Optional[torch.Generator] = None,
+               on_step=None, return_trajectory: bool = False, progress: bool = False):
         """Generate from noise (B, C, *spatial) with `nfe` student evaluations (default: the training NFE), or on
-        an explicit list of raw times `sigmas`."""
+        an explicit list of raw times `sigmas`; `total_substeps` (policy Euler substeps per unit of raw time)
+        defaults to the training value; `on_step` as in `piflow.sampling.sample`."""
         s = self.settings
         if nfe is None and sigmas is None:
             nfe = s.nfe
         return sample(self.policy, noise, nfe, cond, sigmas=sigmas, shift=s.shift,
                       final_step_size_scale=s.final_step_size_scale, h=h, temperature=temperature,
-                      total_substeps=s.total_substeps, generator=generator, return_trajectory=return_trajectory,
-                      progress=progress)
+                      total_substeps=s.total_substeps if total_substeps is None else total_substeps,
+                      generator=generator, on_step=on_step, return_trajectory=return_trajectory, progress=progress)

@@ -53,7 +53,8 @@ METHOD_LABELS = {"piid": "π-ID GM K=8", "x0": "x0-regression", "dmd2": "DMD2",
                  "meanflow_scratch": "MeanFlow (scratch)", "meanflow_init": "MeanFlow (teacher init)"}
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name form of a row label: runs of other characters become one underscore, lower case."""
     return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_").lower()
 
 
@@ -67,7 +68,7 @@ class RowStore:
         self.log = log
 
     def get(self, method: str, nfe: int, seed: Optional[int], compute: Callable[[], dict], **info) -> dict:
-        path = self.directory / f"{_slug(method)}_nfe{nfe}" f"{'' if seed is None else f'_seed{seed}'}.json"
+        path = self.directory / f"{slug(method)}_nfe{nfe}" f"{'' if seed is None else f'_seed{seed}'}.json"
         if path.is_file():
             return read_json(path)
         row = dict(compute(), method=method, nfe=nfe, seed=seed, **info)
@@ -114,7 +115,8 @@ class _Once:
         return self.value
 
 
-def _train_seconds(run_dir: Path) -> Optional[float]:
+def train_seconds(run_dir: Path) -> Optional[float]:
+    """The ``train_seconds`` recorded in a training run's metrics.json (None before it finished)."""
     path = run_dir / "metrics.json"
     return read_json(path).get("train_seconds") if path.is_file() else None
 
@@ -203,7 +205,7 @@ def check_image_goals(summary: list[dict]) -> dict:
     for solver in ("teacher Euler", "teacher DPM-Solver++"):
         other = _find(summary, solver, 4)
         if piid4 and other:
-            name = _slug(solver)
+            name = slug(solver)
             goals[f"nfe4_piid_fd_teacher_lt_{name}_A"] = piid4["fd_teacher"] < other["fd_teacher"]
             goals[f"nfe4_piid_fd_teacher_lt_{name}_B"] = piid4["fd_teacher_b"] < other["fd_teacher_b"]
             goals[f"nfe4_piid_hf_closer_to_teacher_than_{name}"] = (abs(piid4["hf_ratio"] - 1)
@@ -324,17 +326,24 @@ class ImageSetup:
         return self.scorer.a.labels_a
 
 
-def prepare_images(run_dir: Path, dataset: str, teacher_run: Optional[Path] = None, num_samples: int = 1000,
-                   feature_epochs: int = 30, progress: bool = False, log: Callable[[str], None] = print) -> ImageSetup:
-    """The teacher (the bundled one, the given run, or trained into run_dir/teacher), the two feature nets and the
-    evaluation bank, each cached in `run_dir`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def resolve_teacher(run_dir: Path, dataset: str, teacher_run: Optional[Path] = None, progress: bool = False,
+                    log: Callable[[str], None] = print) -> Path:
+    """The teacher run directory: the given one, the bundled teacher of `dataset`, or run_dir/teacher, which is
+    trained with the image recipe's defaults first when it holds no finished teacher."""
     teacher_run = Path(teacher_run) if teacher_run else BUNDLED_TEACHERS.get(dataset, run_dir / "teacher")
     if not (teacher_run / "teacher" / "config.json").is_file():
         log(f"[claims] training the teacher into {teacher_run}")
         images.train_teacher(load_config(images.IMAGE_TEACHER_DEFAULTS, None,
                                          [f"dataset={dataset}", f"train.progress={str(progress).lower()}"]),
                              teacher_run)
+    return teacher_run
+
+
+def prepare_images(run_dir: Path, dataset: str, teacher_run: Optional[Path] = None, num_samples: int = 1000,
+                   feature_epochs: int = 30, progress: bool = False, log: Callable[[str], None] = print) -> ImageSetup:
+    """The teacher (`resolve_teacher`), the two feature nets and the evaluation bank, each cached in `run_dir`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    teacher_run = resolve_teacher(run_dir, dataset, teacher_run, progress, log)
     teacher_model, teacher_cfg = images.load_teacher(str(teacher_run))
     if teacher_cfg["dataset"] != dataset:
         raise ValueError(f"teacher_run was trained on {teacher_cfg['dataset']!r}, not dataset={dataset!r}")
@@ -355,16 +364,17 @@ def prepare_images(run_dir: Path, dataset: str, teacher_run: Optional[Path] = No
                       (metrics_a, metrics_b), ImageScorer(contexts, real, real_labels), real, real_labels)
 
 
-def distill_piid(directory: Path, setup: ImageSetup, policy: str, nfe: int, iters: int, seed: int,
+def distill_piid(directory: Path, teacher_run: Path, dataset: str, policy: str, nfe: int, iters: int, seed: int,
                  overrides: tuple[str, ...] = (), progress: bool = False, log: Callable[[str], None] = print):
-    """A π-ID student (`policy` gmflow, dx or x0) distilled from the setup's teacher into `directory` (skipped when
-    its weights are there; resumed from a checkpoint); returns the loaded `PiFlow`."""
+    """A π-ID student (`policy` gmflow, dx or x0) of the teacher in `teacher_run`, distilled into `directory` with
+    the image recipe's defaults and `overrides` (skipped when its weights are there; resumed from a checkpoint);
+    returns the loaded `PiFlow`."""
     if not (directory / "student.safetensors").is_file():
         log(f"[claims] distilling {directory.name} ({iters} iterations)")
         images.distill(load_config(images.IMAGE_DISTILL_DEFAULTS, None, [
-            f"dataset={setup.teacher_cfg['dataset']}", f"teacher={setup.teacher_run}", f"student.policy={policy}",
-            f"distill.nfe={nfe}", f"train.iters={iters}", f"train.seed={seed}",
-            f"train.progress={str(progress).lower()}", *overrides]), directory)
+            f"dataset={dataset}", f"teacher={teacher_run}", f"student.policy={policy}", f"distill.nfe={nfe}",
+            f"train.iters={iters}", f"train.seed={seed}", f"train.progress={str(progress).lower()}", *overrides]),
+            directory)
     return images.load_student(directory)[0]
 
 
@@ -404,7 +414,7 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
     def student(kind: str, nfe: int, seed: int, directory: Path, samples_fn: Callable[[], Tensor]) -> None:
         samples = _Once(samples_fn)
         store.get(METHOD_LABELS[kind], nfe, seed, lambda: dict(scorer(samples()),
-                                                               train_seconds=_train_seconds(directory)),
+                                                               train_seconds=train_seconds(directory)),
                   family="student")
         if seed == 0:
             grid[f"{METHOD_LABELS[kind]}, {nfe} NFE"] = samples()[:20]
@@ -415,8 +425,8 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
                 directory = students / f"{kind}_nfe{nfe}_seed{seed}"
 
                 def piid_samples(directory=directory, nfe=nfe, kind=kind) -> Tensor:
-                    pf = distill_piid(directory, setup, "x0" if kind == "x0" else "gmflow", nfe, iters, seed,
-                                      progress=progress, log=log)
+                    pf = distill_piid(directory, teacher_run, dataset, "x0" if kind == "x0" else "gmflow", nfe,
+                                      iters, seed, progress=progress, log=log)
                     with torch.no_grad():
                         return pf.sample(noise, nfe=nfe, cond=labels)
 
@@ -567,7 +577,7 @@ def run_toy(run_dir: Path, dataset_name: str = "ring8", seeds: int = 3, iters: O
     def student(kind: str, nfe: int, seed: int, directory: Path, samples_fn: Callable[[], Tensor]) -> None:
         samples = _Once(samples_fn)
         store.get(METHOD_LABELS[kind], nfe, seed, lambda: dict(score(samples()),
-                                                               train_seconds=_train_seconds(directory)),
+                                                               train_seconds=train_seconds(directory)),
                   family="student")
         if seed == 0 and nfe == max(IMAGE_NFES[kind] if kind in IMAGE_NFES else MEANFLOW_NFES):
             panels.append((f"{METHOD_LABELS[kind]}, {nfe} NFE", samples()))

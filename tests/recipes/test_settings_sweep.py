@@ -1,0 +1,40 @@
+"""The settings sweep's sampling variant "end on x̂0 at the last step's start", against exact identities."""
+import pytest
+import torch
+
+import piflow
+from piflow.data.toy2d import make_toy_dataset
+from piflow.models import MLPVelocityModel2D
+from piflow.models.students import PolicyStudent
+from piflow.recipes.settings_sweep import last_step_x0
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _pf(policy: str, nfe: int, **kwargs) -> piflow.PiFlow:
+    mixture = make_toy_dataset("ring8").mixture
+    teacher = piflow.GaussianMixtureTeacher(mixture.means, mixture.std, mixture.weights)
+    student = PolicyStudent(MLPVelocityModel2D(hidden_size=16, num_layers=2), policy, init_from_teacher=False,
+                            logstd_hidden=8, generator=torch.Generator().manual_seed(0), **kwargs)
+    return piflow.PiFlow(student, teacher, policy=policy, nfe=nfe)
+
+
+@pytest.mark.parametrize("nfe", [1, 3])
+def test_constant_x0_policy_lands_on_its_last_x0(nfe):
+    """A one-node DX (x0-regression) policy rolls out exactly onto its x̂0, so stopping at the last step's x̂0
+    changes nothing."""
+    pf = _pf("dx", nfe, num_nodes=1)
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(last_step_x0(pf, noise, nfe, None), pf.sample(noise, nfe=nfe), atol=1e-5)
+
+
+def test_one_step_x0_is_the_policy_mean_at_the_noise():
+    pf = _pf("gmflow", 1, num_components=4)
+    noise = torch.randn(32, 2, generator=torch.Generator().manual_seed(2))
+    sigma = torch.ones(32)
+    with torch.no_grad():
+        expected = pf.policy(noise, sigma).x0(noise, sigma)
+        got = last_step_x0(pf, noise, 1, None)
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert not torch.allclose(got, pf.sample(noise, nfe=1), atol=1e-3)   # a GM rollout does differ
