@@ -24,6 +24,24 @@ def single_thread():
 
 
 @pytest.fixture
+def tiny_dit():
+    """A factory of one-block DiTs on (1, 8, 8) images with 3 classes and hidden size 32, every weight perturbed
+    by N(0, 0.05²) noise after `torch.manual_seed(seed)` (a fresh DiT zero-initialises its output, so it would
+    predict zero velocity everywhere)."""
+    def make(seed: int = 0):
+        from piflow.models import DiT
+
+        torch.manual_seed(seed)
+        model = DiT.from_preset("DiT-T", in_channels=1, input_size=8, patch_size=2, hidden_size=32, depth=1,
+                                num_heads=2, num_classes=3)
+        for parameter in model.parameters():
+            parameter.data.add_(0.05 * torch.randn_like(parameter))
+        return model
+
+    return make
+
+
+@pytest.fixture
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a torchrun rendezvous."""
     with socket.socket() as sock:

@@ -77,18 +77,7 @@ def test_settings_are_checked():
         sample(lambda x, s, c=None: x, torch.zeros(2, 3), nfe=0)
 
 
-def _tiny_dit():
-    from piflow.models import DiT
-
-    torch.manual_seed(0)
-    model = DiT.from_preset("DiT-T", in_channels=1, input_size=8, patch_size=2, hidden_size=32, depth=1,
-                            num_heads=2, num_classes=3)
-    for parameter in model.parameters():                 # DiT zero-initialises its output; give it a velocity
-        parameter.data.add_(0.05 * torch.randn_like(parameter))
-    return model
-
-
-def test_training_loss_routes_gradients_by_iteration():
+def test_training_loss_routes_gradients_by_iteration(tiny_dit):
     """Fake-score iterations touch only the fake score; every 5th also the generator, whose DM gradient is zero
     while the fake score still equals the teacher (both copies of it) — the known answer at initialisation."""
     import copy
@@ -96,7 +85,7 @@ def test_training_loss_routes_gradients_by_iteration():
     from piflow.baselines.dmd2 import DMD2Student, training_loss
     from piflow.teachers import NetworkTeacher
 
-    teacher_model = _tiny_dit()
+    teacher_model = tiny_dit()
     teacher = NetworkTeacher(copy.deepcopy(teacher_model).requires_grad_(False), 1000.0)
     student = DMD2Student(copy.deepcopy(teacher_model))
     noise, labels = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])

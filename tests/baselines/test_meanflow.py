@@ -115,15 +115,11 @@ def test_target_through_a_dit_with_attention():
     torch.testing.assert_close(target, v - (t - r).reshape(-1, 1, 1, 1) * derivative, rtol=1e-6, atol=1e-7)
 
 
-def test_average_velocity_net_starts_as_its_backbone_and_sees_the_interval():
+def test_average_velocity_net_starts_as_its_backbone_and_sees_the_interval(tiny_dit):
     from piflow.baselines.meanflow import AverageVelocityNet, meanflow_target
-    from piflow.models import DiT, MLPVelocityModel2D
+    from piflow.models import MLPVelocityModel2D
 
-    torch.manual_seed(0)
-    dit = DiT.from_preset("DiT-T", in_channels=1, input_size=8, patch_size=2, hidden_size=32, depth=1,
-                          num_heads=2, num_classes=3)
-    for parameter in dit.parameters():
-        parameter.data.add_(0.05 * torch.randn_like(parameter))
+    dit = tiny_dit()
     cases = [(dit, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])),
              (MLPVelocityModel2D(hidden_size=32, num_layers=2), torch.randn(4, 2), None)]
     t, r = torch.tensor([0.9, 0.7, 0.5, 0.3]), torch.tensor([0.1, 0.7, 0.2, 0.0])

@@ -192,14 +192,8 @@ def test_gradient_checkpointing_same_grads():
     assert plain["blocks.0.attn.qkv.weight"].abs().sum() > 0
 
 
-def test_extra_condition_is_added_to_the_conditioning():
-    from piflow.models import DiT
-
-    torch.manual_seed(0)
-    model = DiT.from_preset("DiT-T", in_channels=1, input_size=8, patch_size=2, hidden_size=32, depth=1,
-                            num_heads=2, num_classes=3)
-    for parameter in model.parameters():
-        parameter.data.add_(0.05 * torch.randn_like(parameter))
+def test_extra_condition_is_added_to_the_conditioning(tiny_dit):
+    model = tiny_dit()
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([300.0, 700.0]), torch.tensor([0, 2])
     assert model.extra_condition_dim == 32
     torch.testing.assert_close(model(x, t, y, extra_condition=torch.zeros(2, 32)), model(x, t, y))

@@ -245,9 +245,12 @@ class ImageScorer:
         row.update({f"{key}_b": row_b[key] for key in ("fd_teacher", "fd_real", "recall", "coverage",
                                                        "label_accuracy")})
         for suffix, context in (("", self.a), ("_b", self.b)):
-            diversity = per_class_diversity(context.features_and_logits(samples)[0], labels)
+            features, logits = context.features_and_logits(samples)
+            diversity = per_class_diversity(features, labels)
             row[f"class_distance{suffix}"] = diversity["mean_pairwise_distance"]
             row[f"class_vendi{suffix}"] = diversity["vendi"]
+            if not paired:   # real images: the classifier's accuracy on their own labels
+                row[f"label_accuracy{suffix}"] = float((logits.argmax(1) == labels).float().mean())
         row["hf_ratio"] = high_frequency_fraction(samples) / self.hf_teacher
         return row
 
