@@ -165,8 +165,8 @@ IMAGE_COLUMNS = [("fd_teacher", "FD-teacher A ↓", "{:.3f}"), ("fd_teacher_b", 
                  ("fd_real", "FD-real A ↓", "{:.3f}"), ("recall", "recall A", "{:.3f}"),
                  ("coverage", "coverage A", "{:.3f}"), ("class_distance", "class dist. A", "{:.3f}"),
                  ("class_vendi", "class Vendi A", "{:.2f}"), ("class_vendi_b", "class Vendi B", "{:.2f}"),
-                 ("label_accuracy", "label acc. A", "{:.3f}"), ("hf_ratio", "HF power / teacher", "{:.2f}"),
-                 ("train_seconds", "train s", "{:.0f}")]
+                 ("label_accuracy", "label acc. A", "{:.3f}"), ("label_accuracy_b", "label acc. B", "{:.3f}"),
+                 ("hf_ratio", "HF power / teacher", "{:.2f}"), ("train_seconds", "train s", "{:.0f}")]
 TOY_COLUMNS = [("energy_distance", "energy dist. ↓", "{:.4f}"), ("sliced_w2", "sliced W2 ↓", "{:.4f}"),
                ("modes_covered", "modes covered", "{:.1f}"), ("mode_mass_error", "mode-mass error ↓", "{:.4f}"),
                ("outlier_fraction", "outliers", "{:.4f}"), ("coupling_error", "coupling err. ↓", "{:.4f}"),
@@ -492,15 +492,18 @@ def plot_quality_vs_diversity(rows: list[dict], path: Path, x_key: str, y_key: s
     nfes = sorted({r["nfe"] for r in rows if r.get("family") == "student"})
     fig, axes = plt.subplots(1, len(nfes), figsize=(4.2 * len(nfes), 3.6), squeeze=False)
     reference = [r for r in rows if r.get("family") == "teacher" and r["nfe"] == max(TEACHER_EULER_STEPS)]
+    # one colour per method in every panel
+    colours = {method: f"C{index % 10}" for index, method in enumerate(sorted(
+        {r["method"] for r in rows if r.get("family") in ("student", "teacher")}))}
     for ax, nfe in zip(axes[0], nfes):
         methods = sorted({r["method"] for r in rows if r["nfe"] == nfe and r.get("family") in ("student", "teacher")})
-        for index, method in enumerate(methods):
+        for method in methods:
             members = [r for r in rows if r["method"] == method and r["nfe"] == nfe
                        and math.isfinite(r.get(x_key, math.nan)) and math.isfinite(r.get(y_key, math.nan))]
             if not members:
                 continue
             xs, ys = [r[x_key] for r in members], [r[y_key] for r in members]
-            color = f"C{index % 10}"
+            color = colours[method]
             ax.scatter(xs, ys, s=12, color=color, alpha=0.5)
             ax.scatter([sum(xs) / len(xs)], [sum(ys) / len(ys)], s=70, color=color, edgecolor="black",
                        label=method)
