@@ -1,5 +1,6 @@
 """Image benchmark (algorithm.md §8 style, offline): teacher samplers, diffusers solvers, x0-regression baseline and
-GM/DX π-Flow students on the same noise, scored in the features of piflow's own classifier.
+GM/DX π-Flow students on the same noise, scored in two independently trained classifiers' features (A, B) and by
+high-frequency pixel power relative to the teacher.
 
     python benchmarks/images.py --dataset digits --run-dir runs/bench_digits            # ~20 min, 2 CPU cores
     python benchmarks/images.py --dataset fashion-mnist --iters 3000 --num-samples 5000 --run-dir runs/bench_fmnist \

@@ -33,8 +33,12 @@ def test_benchmark_rows_and_goals(tmp_path, tiny_teacher, monkeypatch):
     # the teacher's own 32-step samples are the coupling reference: zero error by construction
     assert rows["teacher Euler 32"]["coupling_rmse"] == 0.0
     assert rows["teacher Euler 1"]["coupling_rmse"] > 0.0
+    # ... and the reference of the high-frequency measure: ratio 1 by construction
+    assert rows["teacher Euler 32"]["hf_ratio"] == pytest.approx(1.0, abs=1e-12)
     for row in rows.values():
         assert row["fd_teacher"] >= 0 and 0 <= row["precision"] <= 1 and 0 <= row["coverage"] <= 1
+        assert row["fd_teacher_b"] >= 0 and 0 <= row["recall_b"] <= 1     # the second feature space
+    assert results["feature_net_b"]["val_accuracy"] >= 0
     assert "gm4_fd_teacher_over_floor" in results["goals"]
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["rows"].keys() == rows.keys()

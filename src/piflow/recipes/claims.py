@@ -37,7 +37,6 @@ from torch import Tensor, nn
 from piflow.baselines import dmd2, meanflow
 from piflow.config import load_config
 from piflow.eval.diversity import per_class_diversity
-from piflow.eval.image_metrics import high_frequency_fraction
 from piflow.files import load_safetensors, read_json, save_safetensors, write_json
 from piflow.recipes import image_benchmark, images, toy2d
 from piflow.sampling import euler_sample
@@ -230,20 +229,17 @@ def check_toy_goals(summary: list[dict]) -> dict:
 
 # --------------------------------------------------------------------------------------------- images
 class ImageScorer:
-    """Scores a sample set (N, C, H, W) generated from the bank's noise and labels in both feature spaces."""
+    """Scores a sample set (N, C, H, W) generated from the bank's noise and labels in both feature spaces
+    (`image_benchmark.metrics_in_both_spaces`), with the within-class diversity in each."""
 
     def __init__(self, contexts: list, real: Tensor, real_labels: Tensor):
         self.a, self.b = contexts
-        self.hf_teacher = high_frequency_fraction(self.a.teacher_samples_a.clamp(-1, 1))
         self.real, self.real_labels = real, real_labels
 
     def __call__(self, samples: Tensor, labels: Optional[Tensor] = None, paired: bool = True) -> dict:
         samples = samples.float().clamp(-1, 1)
         labels = self.a.labels_a if labels is None else labels
-        row = self.a.metrics(samples, paired)
-        row_b = self.b.metrics(samples, paired)
-        row.update({f"{key}_b": row_b[key] for key in ("fd_teacher", "fd_real", "recall", "coverage",
-                                                       "label_accuracy")})
+        row = image_benchmark.metrics_in_both_spaces([self.a, self.b], samples, paired)
         for suffix, context in (("", self.a), ("_b", self.b)):
             features, logits = context.features_and_logits(samples)
             diversity = per_class_diversity(features, labels)
@@ -251,7 +247,6 @@ class ImageScorer:
             row[f"class_vendi{suffix}"] = diversity["vendi"]
             if not paired:   # real images: the classifier's accuracy on their own labels
                 row[f"label_accuracy{suffix}"] = float((logits.argmax(1) == labels).float().mean())
-        row["hf_ratio"] = high_frequency_fraction(samples) / self.hf_teacher
         return row
 
 
@@ -355,14 +350,11 @@ def prepare_images(run_dir: Path, dataset: str, teacher_run: Optional[Path] = No
     num_classes = int(teacher_model.config.num_classes)
     shape = tuple(train_x.shape[1:])
     teacher = images.make_teacher(teacher_model, num_classes)
-    net_a, metrics_a = image_benchmark.feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes,
-                                                              feature_epochs, log=log)
-    net_b, metrics_b = image_benchmark.feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes,
-                                                              feature_epochs, log=log, name="feature_net_b",
-                                                              **image_benchmark.SECOND_FEATURE_NET)
+    nets, (metrics_a, metrics_b) = image_benchmark.feature_classifiers_for(
+        run_dir, train_x, train_y, test_x, test_y, num_classes, feature_epochs, log=log)
     real, real_labels = (test_x, test_y) if len(test_x) >= 100 else (train_x, train_y)
     real, real_labels = real[:num_samples], real_labels[:num_samples]
-    contexts = _eval_bank(run_dir, teacher, [net_a, net_b], real, shape, num_classes, num_samples)
+    contexts = _eval_bank(run_dir, teacher, nets, real, shape, num_classes, num_samples)
     return ImageSetup(teacher_run, teacher_model, teacher_cfg, teacher, train_x, train_y, shape, num_classes,
                       (metrics_a, metrics_b), ImageScorer(contexts, real, real_labels), real, real_labels)
 

@@ -1,19 +1,23 @@
 """Image benchmark: teacher samplers, diffusers solvers, x0-regression and π-Flow students, in one table.
 
-Every method samples from the same noise/labels (seed set A). Metrics, all in the features of piflow's own
-classifier (trained on the dataset's training split — never called FID):
+Every method samples from the same noise/labels (seed set A). Metrics in the features of piflow's own classifier
+(trained on the dataset's training split — never called FID), feature space A; the ``_b`` columns (FD, recall,
+coverage, label accuracy) repeat them in a second classifier of another architecture and seed
+(`SECOND_FEATURE_NET`), so that a conclusion can be checked in two independent feature spaces:
 * ``fd_real``: Fréchet distance to the real test images; ``fd_teacher``: to the teacher's 32-step Euler samples from
   an independent seed set B (so the teacher's own 32-step row is the *noise floor*);
 * ``kid``: kernel distance to real test images (×1000); ``precision``/``recall``/``density``/``coverage`` (k = 5) vs
   the real test images; ``label_accuracy``: fraction the classifier assigns to the conditioning class;
   ``class_tv``: total variation of the predicted class histogram to the uniform label histogram;
-* ``coupling_rmse``: per-pixel RMSE to the teacher's 32-step sample from the same noise.
+* ``coupling_rmse``: per-pixel RMSE to the teacher's 32-step sample from the same noise;
+* ``hf_ratio``: pixel space, the share of spectral power above half the Nyquist frequency relative to the teacher's
+  32-step samples (speckle and grain that small feature networks miss show as > 1).
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,7 +26,8 @@ from torch import Tensor
 
 from piflow.config import load_config
 from piflow.eval.image_metrics import (class_histogram, class_histogram_tv, frechet_distance_from_features,
-                                       kernel_inception_distance, precision_recall_density_coverage)
+                                       high_frequency_fraction, kernel_inception_distance,
+                                       precision_recall_density_coverage)
 from piflow.files import write_json
 from piflow.recipes import images
 from piflow.sampling import euler_sample
@@ -39,6 +44,7 @@ class EvalContext:
     noise_a: Tensor
     labels_a: Tensor
     num_classes: int
+    _hf_teacher: Optional[float] = field(default=None, init=False, repr=False)
 
     @torch.no_grad()
     def features_and_logits(self, samples: Tensor, batch: int = 1000) -> tuple[Tensor, Tensor]:
@@ -49,10 +55,18 @@ class EvalContext:
             logits.append(self.feature_net(chunk))
         return torch.cat(feats), torch.cat(logits)
 
+    def hf_ratio(self, samples: Tensor) -> float:
+        """`high_frequency_fraction` of `samples` over that of the teacher's 32-step samples (1 = the teacher's
+        level of fine detail; speckle and grain show as > 1)."""
+        if self._hf_teacher is None:
+            self._hf_teacher = high_frequency_fraction(self.teacher_samples_a.float().clamp(-1, 1))
+        return high_frequency_fraction(samples.float().clamp(-1, 1)) / self._hf_teacher
+
     def metrics(self, samples: Tensor, paired: bool = True) -> dict[str, float]:
         """All metrics of `samples`; with ``paired=False`` (e.g. real images) the label and coupling metrics,
         which need samples generated from (noise_a, labels_a), are NaN."""
         feats, logits = self.features_and_logits(samples)
+        hf_ratio = self.hf_ratio(samples)
         prdc = precision_recall_density_coverage(self.real_features, feats, k=5)
         predicted = logits.argmax(1)
         kid = kernel_inception_distance(feats, self.real_features, num_subsets=20, subset_size=500)
@@ -62,7 +76,7 @@ class EvalContext:
                     "fd_teacher": frechet_distance_from_features(feats, self.teacher_features_b),
                     "kid_x1000": 1000 * kid["mean"], "kid_std_x1000": 1000 * kid["std"],
                     **{key: float(value) for key, value in prdc.items()},
-                    "label_accuracy": nan, "class_tv": nan, "coupling_rmse": nan}
+                    "label_accuracy": nan, "class_tv": nan, "coupling_rmse": nan, "hf_ratio": hf_ratio}
         return {
             "fd_real": frechet_distance_from_features(feats, self.real_features),
             "fd_teacher": frechet_distance_from_features(feats, self.teacher_features_b),
@@ -72,7 +86,22 @@ class EvalContext:
             "class_tv": class_histogram_tv(class_histogram(predicted, self.num_classes),
                                            class_histogram(self.labels_a, self.num_classes)),
             "coupling_rmse": float((samples.float() - self.teacher_samples_a).square().mean().sqrt()),
+            "hf_ratio": hf_ratio,
         }
+
+
+# the metrics of the second feature space that go into a row, as <key>_b
+SECOND_SPACE_KEYS = ("fd_teacher", "fd_real", "recall", "coverage", "label_accuracy")
+
+
+def metrics_in_both_spaces(contexts: list[EvalContext], samples: Tensor, paired: bool = True) -> dict[str, float]:
+    """`EvalContext.metrics` in the first feature space, plus the `SECOND_SPACE_KEYS` of the second one
+    (``fd_teacher_b`` …), so that no conclusion rests on one feature network."""
+    row = contexts[0].metrics(samples, paired)
+    for suffix, context in zip(("_b",), contexts[1:]):
+        other = context.metrics(samples, paired)
+        row.update({f"{key}{suffix}": other[key] for key in SECOND_SPACE_KEYS})
+    return row
 
 
 def balanced_labels(num: int, num_classes: int) -> Tensor:
@@ -155,18 +184,20 @@ def run_benchmark(run_dir: Path, dataset: str = "digits", iters: int = 600, num_
     num_classes = train_set.num_classes
     teacher = images.make_teacher(teacher_model, num_classes)
 
-    feature_net, feature_metrics = feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes,
-                                                          feature_epochs, feature_train_size, log)
-    results["feature_net"] = feature_metrics
-    log(f"[bench] feature classifier validation accuracy {feature_metrics.get('val_accuracy')}")
+    feature_nets, feature_metrics = feature_classifiers_for(run_dir, train_x, train_y, test_x, test_y, num_classes,
+                                                            feature_epochs, feature_train_size, log)
+    results["feature_net"], results["feature_net_b"] = feature_metrics
+    log("[bench] feature classifiers' validation accuracy: "
+        + " / ".join(str(metrics.get("val_accuracy")) for metrics in feature_metrics))
 
     real = test_x if len(test_x) >= 100 else train_x
-    context = build_context(teacher, feature_net, real, train_x.shape[1:], num_classes, num_samples)
+    contexts = build_contexts(teacher, feature_nets, real, train_x.shape[1:], num_classes, num_samples)
+    context = contexts[0]
     rows = results["rows"]
 
     def add(name: str, samples: Tensor, nfe: int, family: str, extra: Optional[dict] = None,
             paired: bool = True) -> None:
-        rows[name] = dict(context.metrics(samples, paired), nfe=nfe, family=family, **(extra or {}))
+        rows[name] = dict(metrics_in_both_spaces(contexts, samples, paired), nfe=nfe, family=family, **(extra or {}))
         log(f"[bench] {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in rows[name].items()
                                             if isinstance(v, float)))
 
@@ -237,10 +268,12 @@ def check_goals(rows: dict) -> dict:
     return goals
 
 
-COLUMNS = [("nfe", "NFE", "{}"), ("fd_teacher", "FD-teacher ↓", "{:.3f}"), ("fd_real", "FD-real ↓", "{:.3f}"),
-           ("kid_x1000", "KID×1e3 ↓", "{:.1f}"), ("precision", "prec.", "{:.3f}"), ("recall", "recall", "{:.3f}"),
-           ("density", "dens.", "{:.3f}"), ("coverage", "cov.", "{:.3f}"), ("label_accuracy", "label acc.", "{:.3f}"),
-           ("coupling_rmse", "coupling RMSE ↓", "{:.4f}")]
+COLUMNS = [("nfe", "NFE", "{}"), ("fd_teacher", "FD-teacher A ↓", "{:.3f}"),
+           ("fd_teacher_b", "FD-teacher B ↓", "{:.3f}"), ("fd_real", "FD-real A ↓", "{:.3f}"),
+           ("fd_real_b", "FD-real B ↓", "{:.3f}"), ("kid_x1000", "KID×1e3 ↓", "{:.1f}"),
+           ("precision", "prec.", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("density", "dens.", "{:.3f}"),
+           ("coverage", "cov.", "{:.3f}"), ("label_accuracy", "label acc.", "{:.3f}"),
+           ("coupling_rmse", "coupling RMSE ↓", "{:.4f}"), ("hf_ratio", "HF power / teacher", "{:.3f}")]
 
 
 def format_markdown(results: dict) -> str:
@@ -293,6 +326,20 @@ def feature_classifier_for(run_dir: Path, train_x: Tensor, train_y: Tensor, test
     return net, metrics
 
 
+def feature_classifiers_for(run_dir: Path, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                            num_classes: int, epochs: int = 30, train_size: Optional[int] = None,
+                            log: Callable[[str], None] = lambda message: None) -> tuple[list, list[dict]]:
+    """The two independently trained feature classifiers (A: ``feature_net``, B: ``feature_net_b`` with
+    `SECOND_FEATURE_NET`), cached in `run_dir`: ([net_a, net_b], [metrics_a, metrics_b])."""
+    nets, metrics = [], []
+    for name, architecture in (("feature_net", {}), ("feature_net_b", SECOND_FEATURE_NET)):
+        net, net_metrics = feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes, epochs,
+                                                  train_size, log, name=name, **architecture)
+        nets.append(net)
+        metrics.append(net_metrics)
+    return nets, metrics
+
+
 def evaluate_student_run(run_dir: Path, overrides=()) -> dict:
     """`piflow evaluate` for an image run: the student at its NFE (+ eval.student_nfe) and the teacher's Euler
     sampler at eval.teacher_steps, all from the same noise, with the metrics of this module."""
@@ -300,17 +347,18 @@ def evaluate_student_run(run_dir: Path, overrides=()) -> dict:
     train_x, train_y = images.load_dataset(config, "train").tensors()
     test_x, test_y = images.load_dataset(config, "test").tensors()
     num_classes = pf.student.backbone.config.num_classes       # the student's DiT is a copy of the teacher's
-    feature_net, feature_metrics = feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes)
+    feature_nets, feature_metrics = feature_classifiers_for(run_dir, train_x, train_y, test_x, test_y, num_classes)
     eval_cfg = config["eval"]
-    context = build_context(pf.teacher, feature_net, test_x, train_x.shape[1:], num_classes,
-                            int(eval_cfg["num_samples"]), int(eval_cfg["seed"]))
+    contexts = build_contexts(pf.teacher, feature_nets, test_x, train_x.shape[1:], num_classes,
+                              int(eval_cfg["num_samples"]), int(eval_cfg["seed"]))
+    noise, labels = contexts[0].noise_a, contexts[0].labels_a
     rows = {}
     for steps in sorted({*map(int, eval_cfg["teacher_steps"]), TEACHER_REFERENCE_STEPS}):
         rows[f"teacher Euler {steps}"] = dict(
-            context.metrics(euler_sample(pf.teacher, context.noise_a, steps, context.labels_a)), nfe=steps,
+            metrics_in_both_spaces(contexts, euler_sample(pf.teacher, noise, steps, labels)), nfe=steps,
             family="teacher Euler")
     for nfe in sorted({pf.nfe, *map(int, eval_cfg["student_nfe"])}):
-        samples = pf.sample(context.noise_a, nfe=nfe, cond=context.labels_a, temperature=eval_cfg["temperature"])
+        samples = pf.sample(noise, nfe=nfe, cond=labels, temperature=eval_cfg["temperature"])
         rows[f"student {config['student']['policy']} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")] = dict(
-            context.metrics(samples), nfe=nfe, family="student")
-    return {"rows": rows, "feature_net": feature_metrics}
+            metrics_in_both_spaces(contexts, samples), nfe=nfe, family="student")
+    return {"rows": rows, "feature_net": feature_metrics[0], "feature_net_b": feature_metrics[1]}
