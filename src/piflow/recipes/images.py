@@ -122,7 +122,7 @@ def check_samples_near_data(teacher, config: dict, train_data) -> dict:
     pixel distance to the training set, over that of held-out real images: the test split, or for datasets
     without one the first training images, left out of the reference). Prints a warning above
     `eval.data_distance_warn` (1.5; measured on digits: 1.14 for the bundled 2000-iteration teacher, 1.8-2.0
-    after 150-400 iterations, 3.8 for pure noise). Returns the ratio for metrics.json."""
+    after 150-400 iterations, 3.3-3.8 after 1-50 iterations or for pure noise). Returns the ratio for metrics.json."""
     from piflow.eval import data_distance_ratio
 
     spec = config["eval"]
