@@ -3,7 +3,7 @@ the x0-regression student) on quality and diversity, several seeds per student.
 
     python benchmarks/claims.py --dataset ring8                      # exact Gaussian-mixture teacher, MLP students
     python benchmarks/claims.py --dataset digits                     # the bundled digits DiT teacher
-    python benchmarks/claims.py --dataset fashion-mnist --run-dir runs/claims_fmnist   # trains its teacher first
+    python benchmarks/claims.py --dataset fashion-mnist --feature-epochs 5   # trains its teacher first (hours on CPU)
 
 Writes results.json (strict JSON), results.md (mean ± std over seeds), quality_vs_diversity.png and samples.png
 into the run directory (default runs/claims_<dataset>). Everything finished is kept there: run the command again
@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--teacher-run", default=None, help="an image teacher run directory to use")
     parser.add_argument("--meanflow-scratch-seeds", type=int, default=None,
                         help="seeds of the from-scratch MeanFlow student (default: --seeds)")
+    parser.add_argument("--feature-epochs", type=int, default=30,
+                        help="epochs of the two feature classifiers (cached in the run directory)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true", help="progress bars for each training run")
     parser.add_argument("--report", action="store_true",
@@ -49,7 +51,8 @@ def main() -> None:
         return
     if args.dataset in IMAGE_DATASET_NAMES:
         results = claims.run_images(run_dir, args.dataset, args.seeds, args.iters or 300, args.num_samples or 1000,
-                                    args.teacher_run, meanflow_scratch_seeds=args.meanflow_scratch_seeds,
+                                    args.teacher_run, feature_epochs=args.feature_epochs,
+                                    meanflow_scratch_seeds=args.meanflow_scratch_seeds,
                                     progress=args.progress)
         columns = claims.IMAGE_COLUMNS
     else:

@@ -2,7 +2,7 @@
 time (training length, K, policy dropout, final_step_size_scale; GM temperature, substeps, the last step at
 sampling), scored in two feature spaces and by high-frequency pixel power relative to the teacher.
 
-    python benchmarks/settings_sweep.py --dataset fashion-mnist --run-dir runs/claims_fmnist
+    python benchmarks/settings_sweep.py --dataset fashion-mnist --run-dir runs/claims_fmnist --feature-epochs 5
     python benchmarks/settings_sweep.py --dataset digits          # the bundled digits teacher, minutes
 
 Shares the run directory of `benchmarks/claims.py` (teacher, feature nets, evaluation bank, the default π-ID
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the default student (>= 1)")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--teacher-run", default=None)
+    parser.add_argument("--feature-epochs", type=int, default=30,
+                        help="epochs of the feature classifiers, if they are not cached in the run directory yet")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
@@ -38,7 +40,8 @@ def main() -> None:
     run_dir = Path(args.run_dir or f"runs/claims_{args.dataset}")
     start = time.perf_counter()
     results = settings_sweep.run_settings_sweep(run_dir, args.dataset, args.nfe, args.iters, args.seeds,
-                                                args.teacher_run, args.num_samples, args.progress)
+                                                args.teacher_run, args.num_samples, args.feature_epochs,
+                                                args.progress)
     print(claims.format_markdown(results["summary"], settings_sweep.COLUMNS))
     print(f"this invocation: {time.perf_counter() - start:.0f} s; results in {run_dir / 'sweep'}")
 

@@ -68,7 +68,8 @@ def last_step_x0(pf, noise: Tensor, nfe: int, labels: Tensor) -> Tensor:
 
 def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int = 4, iters: int = 300,
                        seeds: int = 2, teacher_run: Optional[Path] = None, num_samples: int = 1000,
-                       progress: bool = False, log: Callable[[str], None] = print) -> dict:
+                       feature_epochs: int = 30, progress: bool = False,
+                       log: Callable[[str], None] = print) -> dict:
     """Train every `TRAINING_VARIANTS` student (the default with `seeds` seeds, the others with seed 0), then
     score all rows; writes sweep/results.json, sweep/results.md and sweep/samples.png. Resumable like the claims
     benchmark (finished students and scored rows are kept)."""
@@ -78,7 +79,7 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
         for seed in range(seeds if label == DEFAULT_LABEL else 1):
             students[label, seed] = claims.distill_piid(_directory(run_dir, label, nfe, seed), teacher_run, dataset,
                                                         "gmflow", nfe, iters * budget, seed, overrides, progress, log)
-    setup = claims.prepare_images(run_dir, dataset, teacher_run, num_samples, progress=progress, log=log)
+    setup = claims.prepare_images(run_dir, dataset, teacher_run, num_samples, feature_epochs, progress, log)
     noise, labels, scorer = setup.noise, setup.labels, setup.scorer
     store = claims.RowStore(run_dir / "sweep", log)
     grid: dict[str, Tensor] = {"teacher Euler 32": scorer.a.teacher_samples_a[:20]}
