@@ -55,3 +55,35 @@ def test_tiny_toy_claims_run_finishes_and_resumes(tmp_path):
     again = claims.run_toy(tmp_path, "ring8", seeds=1, iters=4, num_samples=300, log=messages.append)
     assert not any("training" in m or "distilling" in m for m in messages)      # everything came from the run dir
     assert again["summary"] == results["summary"]
+
+
+@pytest.mark.slow
+def test_tiny_image_claims_and_settings_sweep_share_a_run(tmp_path, monkeypatch):
+    """A tiny digits run (bundled teacher; one NFE per method, no x0 student, whose 4096-trajectory bank dominates
+    the time): every method's row, the HF reference identity, a resume that trains nothing, and the settings sweep
+    reusing the claims run's π-ID student (identical scores for the same student on the same noise)."""
+    from piflow.recipes import settings_sweep
+
+    monkeypatch.setattr(claims, "IMAGE_NFES", {"piid": (4,), "x0": (), "dmd2": (4,)})
+    monkeypatch.setattr(claims, "MEANFLOW_NFES", (1,))
+    monkeypatch.setattr(claims, "TEACHER_EULER_STEPS", (4, 32))
+    monkeypatch.setattr(claims, "TEACHER_DPM_STEPS", (4,))
+    kwargs = dict(seeds=1, iters=2, num_samples=60, feature_epochs=1, meanflow_scratch_seeds=0)
+    messages = []
+    results = claims.run_images(tmp_path, "digits", log=messages.append, **kwargs)
+    summary = {(e["method"], e["nfe"]): e for e in results["summary"]}
+    for kind, nfe in (("piid", 4), ("dmd2", 4), ("meanflow_init", 1)):
+        assert (claims.METHOD_LABELS[kind], nfe) in summary
+    assert summary["teacher Euler", 32]["hf_ratio"] == pytest.approx(1.0, abs=1e-12)
+    assert 0.0 <= summary["real test images", 0]["label_accuracy_b"] <= 1.0
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "quality_vs_diversity.png").is_file()
+    messages.clear()
+    assert claims.run_images(tmp_path, "digits", log=messages.append, **kwargs)["summary"] == results["summary"]
+    assert not any("training" in m or "distilling" in m for m in messages)
+
+    sweep = settings_sweep.run_settings_sweep(tmp_path, "digits", nfe=4, iters=2, seeds=1, num_samples=60,
+                                              log=messages.append)
+    rows = {e["method"]: e for e in sweep["summary"]}
+    assert len(rows) == 2 + len(settings_sweep.TRAINING_VARIANTS) + len(settings_sweep.SAMPLING_VARIANTS) + 1
+    assert rows[settings_sweep.DEFAULT_LABEL]["fd_teacher"] == summary[claims.METHOD_LABELS["piid"], 4]["fd_teacher"]
+    assert (tmp_path / "sweep" / "samples.png").is_file() and (tmp_path / "sweep" / "results.md").is_file()
