@@ -4,10 +4,16 @@ the x0-regression student) on quality and diversity, several seeds per student.
     python benchmarks/claims.py --dataset ring8                      # exact Gaussian-mixture teacher, MLP students
     python benchmarks/claims.py --dataset digits                     # the bundled digits DiT teacher
     python benchmarks/claims.py --dataset fashion-mnist --feature-epochs 5   # trains its teacher first (hours on CPU)
+    python benchmarks/claims.py --dataset digits --settings-sweep    # which π-ID setting changes fine detail
 
 Writes results.json (strict JSON), results.md (mean ± std over seeds), quality_vs_diversity.png and samples.png
 into the run directory (default runs/claims_<dataset>). Everything finished is kept there: run the command again
 after an interruption and it continues where it stopped. See piflow.recipes.claims for the metrics.
+
+--settings-sweep (image datasets) instead trains one 4-NFE GM student per π-ID setting changed from the default
+(training length, K, policy dropout, final_step_size_scale; GM temperature, substeps and the last step at
+sampling; piflow.recipes.settings_sweep) and writes sweep/results.md, sweep/results.json and sweep/samples.png; its
+default student is the claims run's π-ID 4-NFE student, with --seeds seeds.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from pathlib import Path
 import torch
 
 from piflow.data import IMAGE_DATASET_NAMES
-from piflow.recipes import claims
+from piflow.recipes import claims, settings_sweep
 
 
 def main() -> None:
@@ -34,6 +40,8 @@ def main() -> None:
                         help="seeds of the from-scratch MeanFlow student (default: --seeds)")
     parser.add_argument("--feature-epochs", type=int, default=30,
                         help="epochs of the two feature classifiers (cached in the run directory)")
+    parser.add_argument("--settings-sweep", action="store_true",
+                        help="the π-ID settings sweep at 4 NFE instead of the claims table (image datasets)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true", help="progress bars for each training run")
     parser.add_argument("--report", action="store_true",
@@ -41,26 +49,39 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    image = args.dataset in IMAGE_DATASET_NAMES
+    if args.settings_sweep and not image:
+        parser.error(f"--settings-sweep needs an image dataset ({', '.join(IMAGE_DATASET_NAMES)})")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/claims_{args.dataset}")
     start = time.perf_counter()
     if args.report:
-        columns = claims.IMAGE_COLUMNS if args.dataset in IMAGE_DATASET_NAMES else claims.TOY_COLUMNS
-        print(claims.format_markdown(claims.ordered_summary(claims.RowStore(run_dir, print).all()), columns))
+        if args.settings_sweep:
+            summary = settings_sweep.ordered_summary(claims.RowStore(run_dir / "sweep", print).all())
+            columns = settings_sweep.COLUMNS
+        else:
+            summary = claims.ordered_summary(claims.RowStore(run_dir, print).all())
+            columns = claims.IMAGE_COLUMNS if image else claims.TOY_COLUMNS
+        print(claims.format_markdown(summary, columns))
         return
-    if args.dataset in IMAGE_DATASET_NAMES:
+    if args.settings_sweep:
+        results = settings_sweep.run_settings_sweep(run_dir, args.dataset, 4, args.iters or 300, args.seeds,
+                                                    args.teacher_run, args.num_samples or 1000, args.feature_epochs,
+                                                    args.progress)
+        columns = settings_sweep.COLUMNS
+    elif image:
         results = claims.run_images(run_dir, args.dataset, args.seeds, args.iters or 300, args.num_samples or 1000,
                                     args.teacher_run, feature_epochs=args.feature_epochs,
-                                    meanflow_scratch_seeds=args.meanflow_scratch_seeds,
-                                    progress=args.progress)
+                                    meanflow_scratch_seeds=args.meanflow_scratch_seeds, progress=args.progress)
         columns = claims.IMAGE_COLUMNS
     else:
         results = claims.run_toy(run_dir, args.dataset, args.seeds, args.iters, args.num_samples or 5000,
                                  progress=args.progress)
         columns = claims.TOY_COLUMNS
     print(claims.format_markdown(results["summary"], columns))
-    print("goals:", results["goals"])
+    if "goals" in results:
+        print("goals:", results["goals"])
     print(f"this invocation: {time.perf_counter() - start:.0f} s; results in {run_dir}")
 
 

@@ -1,5 +1,5 @@
 """Which π-ID setting puts fine grain ("grey speckle") into a few-step student's images, measured
-(`benchmarks/settings_sweep.py`).
+(`benchmarks/claims.py --settings-sweep`).
 
 One GM student per training setting — the recipe's default (K = 8, policy dropout 0.05, f = 1, the claims
 benchmark's step budget) with one setting changed at a time: training length, K, policy dropout,
@@ -66,6 +66,15 @@ def last_step_x0(pf, noise: Tensor, nfe: int, labels: Tensor) -> Tensor:
     return pf.policy(x_last, sigma, labels).x0(x_last, sigma)
 
 
+def ordered_summary(rows: list[dict]) -> list[dict]:
+    """`claims.summarise`d rows in table order: the teacher's solvers, the training settings, then the sampling
+    settings, each in the order of its list above."""
+    order = ["teacher Euler", "teacher DPM-Solver++", *(label for label, _, _ in TRAINING_VARIANTS),
+             *(f"default, {label}" for label, _ in SAMPLING_VARIANTS), f"default, {LAST_STEP_X0_LABEL}"]
+    return sorted(claims.summarise(rows), key=lambda e: order.index(e["method"]) if e["method"] in order
+                  else len(order))
+
+
 def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int = 4, iters: int = 300,
                        seeds: int = 2, teacher_run: Optional[Path] = None, num_samples: int = 1000,
                        feature_epochs: int = 30, progress: bool = False,
@@ -113,10 +122,7 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
                 "sampling")
         row(f"default, {LAST_STEP_X0_LABEL}", 0, lambda: last_step_x0(default, noise, nfe, labels), "sampling")
 
-    order = ["teacher Euler", "teacher DPM-Solver++", *(label for label, _, _ in TRAINING_VARIANTS),
-             *(f"default, {label}" for label, _ in SAMPLING_VARIANTS), f"default, {LAST_STEP_X0_LABEL}"]
-    summary = sorted(claims.summarise(store.all()),
-                     key=lambda e: order.index(e["method"]) if e["method"] in order else len(order))
+    summary = ordered_summary(store.all())
     results = {"dataset": dataset, "nfe": nfe, "iters": iters, "seeds": seeds, "num_samples": num_samples,
                "teacher_run": str(teacher_run), "summary": summary}
     write_json(run_dir / "sweep" / "results.json", results)
