@@ -40,6 +40,9 @@ def main() -> None:
                         help="seeds of the from-scratch MeanFlow student (default: --seeds)")
     parser.add_argument("--feature-epochs", type=int, default=30,
                         help="epochs of the two feature classifiers (cached in the run directory)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="KIND[:NFE]",
+                        help="image students to train and score in this invocation, e.g. dmd2:1 meanflow_init "
+                             "(another process can work on other rows of the same run directory)")
     parser.add_argument("--settings-sweep", action="store_true",
                         help="the π-ID settings sweep at 4 NFE instead of the claims table (image datasets)")
     parser.add_argument("--threads", type=int, default=None)
@@ -52,6 +55,10 @@ def main() -> None:
     image = args.dataset in IMAGE_DATASET_NAMES
     if args.settings_sweep and not image:
         parser.error(f"--settings-sweep needs an image dataset ({', '.join(IMAGE_DATASET_NAMES)})")
+    try:
+        only = claims.parse_row_keys(args.only) if args.only else None
+    except ValueError as error:
+        parser.error(f"--only: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/claims_{args.dataset}")
@@ -73,7 +80,8 @@ def main() -> None:
     elif image:
         results = claims.run_images(run_dir, args.dataset, args.seeds, args.iters or 300, args.num_samples or 1000,
                                     args.teacher_run, feature_epochs=args.feature_epochs,
-                                    meanflow_scratch_seeds=args.meanflow_scratch_seeds, progress=args.progress)
+                                    meanflow_scratch_seeds=args.meanflow_scratch_seeds, progress=args.progress,
+                                    only=only)
         columns = claims.IMAGE_COLUMNS
     else:
         results = claims.run_toy(run_dir, args.dataset, args.seeds, args.iters, args.num_samples or 5000,

@@ -87,3 +87,10 @@ def test_tiny_image_claims_and_settings_sweep_share_a_run(tmp_path, monkeypatch)
     assert len(rows) == 2 + len(settings_sweep.TRAINING_VARIANTS) + len(settings_sweep.SAMPLING_VARIANTS) + 1
     assert rows[settings_sweep.DEFAULT_LABEL]["fd_teacher"] == summary[claims.METHOD_LABELS["piid"], 4]["fd_teacher"]
     assert (tmp_path / "sweep" / "samples.png").is_file() and (tmp_path / "sweep" / "results.md").is_file()
+
+
+def test_row_keys_parse_and_name_the_known_ones():
+    assert claims.parse_row_keys(["dmd2:1", "meanflow_init", "piid:4"]) == [("dmd2", 1), ("meanflow_init", None),
+                                                                           ("piid", 4)]
+    with pytest.raises(ValueError, match="known: piid:4"):
+        claims.parse_row_keys(["dmd2:3"])

@@ -376,11 +376,25 @@ def distill_piid(directory: Path, teacher_run: Path, dataset: str, policy: str, 
     return images.load_student(directory)[0]
 
 
+def parse_row_keys(texts: list[str]) -> list[tuple[str, Optional[int]]]:
+    """``kind:nfe`` (or ``kind`` for MeanFlow) strings as `IMAGE_ROW_PRIORITY` keys; an unknown one is a one-line
+    ValueError listing the known keys."""
+    known = {f"{kind}:{nfe}" if nfe is not None else kind: (kind, nfe) for kind, nfe in IMAGE_ROW_PRIORITY}
+    unknown = [text for text in texts if text not in known]
+    if unknown:
+        raise ValueError(f"unknown rows {unknown}; known: {', '.join(known)}")
+    return [known[text] for text in texts]
+
+
 def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: int = 300, num_samples: int = 1000,
                teacher_run: Optional[Path] = None, feature_epochs: int = 30,
                meanflow_scratch_seeds: Optional[int] = None, progress: bool = False,
+               only: Optional[list[tuple[str, Optional[int]]]] = None,
                log: Callable[[str], None] = print) -> dict:
-    """The image claims benchmark (see the module docstring); returns and writes results.json / results.md."""
+    """The image claims benchmark (see the module docstring); returns and writes results.json / results.md.
+    `only` limits the students trained and scored in this invocation to those keys of `IMAGE_ROW_PRIORITY`
+    (e.g. [("dmd2", 1)]; MeanFlow keys have NFE None), so that two processes can share one run directory on
+    different rows; the tables always show every row finished so far."""
     start = time.perf_counter()
     setup = prepare_images(run_dir, dataset, teacher_run, num_samples, feature_epochs, progress, log)
     teacher, teacher_model, teacher_cfg, teacher_run = (setup.teacher, setup.teacher_model, setup.teacher_cfg,
@@ -465,7 +479,8 @@ def run_images(run_dir: Path, dataset: str = "digits", seeds: int = 3, iters: in
         # the rows the paper's claims rest on first, so that a run cut short (Fashion-MNIST on a CPU) has them
         for key in sorted(jobs, key=lambda key: IMAGE_ROW_PRIORITY.index(key) if key in IMAGE_ROW_PRIORITY
                           else len(IMAGE_ROW_PRIORITY)):
-            jobs[key]()
+            if only is None or key in only:
+                jobs[key]()
 
     summary = ordered_summary(store.all())
     results = {"dataset": dataset, "seeds": seeds, "iters": iters, "num_samples": num_samples,
