@@ -102,7 +102,7 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
 
         store.get(label, nfe, seed, compute, family=family, **info)
         if seed in (None, 0):
-            grid[label] = (samples[0] if samples else make())[:20]
+            grid[f"{label}, {nfe} steps" if family == "teacher" else label] = (samples[0] if samples else make())[:20]
 
     row("teacher Euler", None, lambda: euler_sample(setup.teacher, noise, nfe, labels), "teacher")
     try:
