@@ -235,9 +235,8 @@ class ImageScorer:
     """Scores a sample set (N, C, H, W) generated from the bank's noise and labels in both feature spaces
     (`image_benchmark.metrics_in_both_spaces`), with the within-class diversity in each."""
 
-    def __init__(self, contexts: list, real: Tensor, real_labels: Tensor):
+    def __init__(self, contexts: list):
         self.a, self.b = contexts
-        self.real, self.real_labels = real, real_labels
 
     def __call__(self, samples: Tensor, labels: Optional[Tensor] = None, paired: bool = True) -> dict:
         samples = samples.float().clamp(-1, 1)
@@ -359,7 +358,7 @@ def prepare_images(run_dir: Path, dataset: str, teacher_run: Optional[Path] = No
     real, real_labels = real[:num_samples], real_labels[:num_samples]
     contexts = _eval_bank(run_dir, teacher, nets, real, shape, num_classes, num_samples)
     return ImageSetup(teacher_run, teacher_model, teacher_cfg, teacher, train_x, train_y, shape, num_classes,
-                      (metrics_a, metrics_b), ImageScorer(contexts, real, real_labels), real, real_labels)
+                      (metrics_a, metrics_b), ImageScorer(contexts), real, real_labels)
 
 
 def distill_piid(directory: Path, teacher_run: Path, dataset: str, policy: str, nfe: int, iters: int, seed: int,
