@@ -333,3 +333,53 @@ def test_fixed_shape_policies_keep_the_whole_batch():
     assert sum(s.numel() for s in fixed.sigmas) == 3 * int(counts.max())
     assert sum(s.numel() for s in free.sigmas) == int(counts.sum())
     torch.testing.assert_close(out_fixed, out_free, rtol=0, atol=1e-6)
+
+
+def test_float64_times_reach_the_fused_kernel_as_float32():
+    """rollout_tau with float64 times on a GM policy (the fused CPU kernel): finite, and equal to the float32
+    call and to the plain-PyTorch substeps (the kernel casts what it is handed instead of misreading it)."""
+    from piflow.kernels import gm_rollout_library
+    from piflow.policies.gmflow import fused_rollout
+    from piflow.rollout import rollout_tau
+
+    if gm_rollout_library() is None:
+        pytest.skip("no C compiler: the fused kernel is not built")
+    g = torch.Generator().manual_seed(5)
+    batch = 3
+    x_src = torch.randn(batch, 2, 8, generator=g)
+    policy = GMFlowPolicy(torch.randn(batch, 4, 2, 8, generator=g), torch.full((batch,), -0.5),
+                          torch.log_softmax(torch.randn(batch, 4, 1, 8, generator=g), 1), x_src, 1.0)
+    tau_start = torch.ones(batch, 1, 1, dtype=torch.float64)
+    tau_end = torch.tensor([0.5, 0.25, 0.0], dtype=torch.float64).reshape(-1, 1, 1)
+    with fused_rollout(True):
+        assert policy.fixed_batch                     # the kernel path is the one under test
+        out64 = rollout_tau(policy, x_src, tau_start, tau_end, 64)
+        out32 = rollout_tau(policy, x_src, tau_start.float(), tau_end.float(), 64)
+    with fused_rollout(False):
+        plain = rollout_tau(policy, x_src, tau_start, tau_end, 64)
+    assert out64.dtype == torch.float32 and bool(torch.isfinite(out64).all())
+    torch.testing.assert_close(out64, out32, rtol=0, atol=0)
+    torch.testing.assert_close(out64, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_casts_float64_inputs():
+    """gm_rollout_cpu itself: float64 tensors are cast, not read as float32 memory."""
+    from piflow.kernels import gm_rollout_cpu, gm_rollout_library
+    from piflow.policies.gmflow import gm_substep_coefficients
+
+    library = gm_rollout_library()
+    if library is None:
+        pytest.skip("no C compiler: the fused kernel is not built")
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 1, 8, generator=g)
+    means = torch.randn(2, 3, 1, 8, generator=g)
+    logits = torch.log_softmax(torch.randn(2, 3, 1, 8, generator=g), 1)
+    var = torch.full((2, 1, 1, 1), 0.3)
+    sigma_src = torch.ones(2, 1, 1)
+    sigmas = torch.linspace(1.0, 0.2, 9).reshape(-1, 1, 1, 1).expand(9, 2, 1, 1).contiguous()
+    coefficients = gm_substep_coefficients(sigmas, var, sigma_src, 1e-6)
+    args = (x, coefficients, means, means.square().sum(2, keepdim=True), logits, x)
+    out32 = gm_rollout_cpu(library, *args)
+    out64 = gm_rollout_cpu(library, *(t.double() for t in args))
+    assert bool(torch.isfinite(out64).all())
+    torch.testing.assert_close(out64, out32, rtol=0, atol=0)

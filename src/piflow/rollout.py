@@ -43,7 +43,7 @@ def _substeps(policy: Policy, x: Tensor, tau_start: Tensor, tau_end: Tensor, ste
 def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Tensor,
                 total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, shift: float = 1.0,
                 sigma_start: Optional[Tensor] = None) -> Tensor:
-    """Roll `policy` from raw time τ_start down to τ_end (float32 tensors of shape (B, 1, …, 1)).
+    """Roll `policy` from raw time τ_start down to τ_end (tensors of shape (B, 1, …, 1), computed in float32).
 
     Gradients flow through every substep when the policy carries them. `sigma_start` (defaults to warp(τ_start))
     lets the first substep hit the policy's exact source state. Returns x at warp(τ_end), float32 (B, C, *S).
@@ -54,6 +54,8 @@ def rollout_tau(policy: Policy, x_start: Tensor, tau_start: Tensor, tau_end: Ten
     whole batch in one call instead, with zero-length substeps after each sample's count.
     """
     x = x_start.float()
+    tau_start, tau_end = tau_start.float(), tau_end.float()      # float64 times would reach the float32 kernels
+    sigma_start = None if sigma_start is None else sigma_start.float()
     counts = num_substeps(tau_start, tau_end, total_substeps)
     step = (tau_start - tau_end) / counts
     flat = counts.reshape(-1)

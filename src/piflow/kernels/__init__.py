@@ -114,11 +114,18 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
 def gm_rollout_cpu(library: ctypes.CDLL, x: Tensor, coefficients: Tensor, means: Tensor, means_sq: Tensor,
                    logits: Tensor, x_src: Tensor) -> Tensor:
     """Run the fused rollout: x (B, C, *S), coefficients (N, B, 6), means (B, K, C, *S), means_sq and logits
-    (B, K, 1, *S), x_src (B, C, *S), all float32 on the CPU. Returns the final state (a new tensor, x's shape)."""
+    (B, K, 1, *S), x_src (B, C, *S), all on the CPU (any float dtype is cast to the kernel's float32). Returns the final state (a new tensor, x's shape)."""
+    tensors = {"x": x, "coefficients": coefficients, "means": means, "means_sq": means_sq, "logits": logits,
+               "x_src": x_src}
+    for name, tensor in tensors.items():       # the C kernel reads raw float32 memory: cast or refuse, never guess
+        if tensor.device.type != "cpu":
+            raise ValueError(f"gm_rollout_cpu: {name} must be a CPU tensor, got one on {tensor.device}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"gm_rollout_cpu: {name} must be a floating-point tensor, got {tensor.dtype}")
     batch, num_components, channels = means.shape[:3]
     pixels = means[0, 0, 0].numel()
-    means, means_sq, logits, x_src = (t.detach().contiguous() for t in (means, means_sq, logits, x_src))
-    coefficients = coefficients.detach().contiguous()
+    means, means_sq, logits, x_src, coefficients = (t.detach().float().contiguous() for t in (
+        means, means_sq, logits, x_src, coefficients))
     out = x.detach().float().clone(memory_format=torch.contiguous_format)
     total = batch * pixels
     threads = max(1, min(torch.get_num_threads(), total // MIN_PIXELS_PER_THREAD))
