@@ -8,11 +8,14 @@ the x0-regression student) on quality and diversity, several seeds per student.
 
 Writes results.json (strict JSON), results.md (mean ± std over seeds), quality_vs_diversity.png and samples.png
 into the run directory (default runs/claims_<dataset>). Everything finished is kept there: run the command again
-after an interruption and it continues where it stopped. See piflow.recipes.claims for the metrics.
+after an interruption and it continues where it stopped. The students are rows as data
+(benchmarks/piflow_bench/students.py), each trained by `piflow distill method=…` into runs/…/students/<row>; the
+driver (piflow_bench/driver.py) also measures the equal-compute rows: π-ID trained for DMD2's measured training
+time and DMD2 for π-ID's, at 4 NFE.
 
 --settings-sweep (image datasets) instead trains one 4-NFE GM student per π-ID setting changed from the default
 (training length, K, policy dropout, final_step_size_scale; GM temperature, substeps and the last step at
-sampling; piflow.recipes.settings_sweep) and writes sweep/results.md, sweep/results.json and sweep/samples.png; its
+sampling; piflow_bench/settings_sweep.py) and writes sweep/results.md, sweep/results.json and sweep/samples.png; its
 default student is the claims run's π-ID 4-NFE student, with --seeds seeds.
 """
 from __future__ import annotations
@@ -24,7 +27,11 @@ from pathlib import Path
 import torch
 
 from piflow.data import IMAGE_DATASET_NAMES
-from piflow.recipes import claims, settings_sweep
+from piflow_bench import settings_sweep
+from piflow_bench.benches import IMAGE_COLUMNS, TOY_COLUMNS
+from piflow_bench.driver import run_claims
+from piflow_bench.rows import RowStore, format_markdown, ordered_summary
+from piflow_bench.students import parse_row_keys
 
 
 def main() -> None:
@@ -45,6 +52,8 @@ def main() -> None:
                              "(another process can work on other rows of the same run directory)")
     parser.add_argument("--settings-sweep", action="store_true",
                         help="the π-ID settings sweep at 4 NFE instead of the claims table (image datasets)")
+    parser.add_argument("--no-equal-compute", action="store_true",
+                        help="skip the equal-compute rows (π-ID at DMD2's training time and DMD2 at π-ID's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--progress", action="store_true", help="progress bars for each training run")
     parser.add_argument("--report", action="store_true",
@@ -56,7 +65,7 @@ def main() -> None:
     if args.settings_sweep and not image:
         parser.error(f"--settings-sweep needs an image dataset ({', '.join(IMAGE_DATASET_NAMES)})")
     try:
-        only = claims.parse_row_keys(args.only) if args.only else None
+        only = parse_row_keys(args.only) if args.only else None
     except ValueError as error:
         parser.error(f"--only: {error}")
     if args.threads:
@@ -65,29 +74,25 @@ def main() -> None:
     start = time.perf_counter()
     if args.report:
         if args.settings_sweep:
-            summary = settings_sweep.ordered_summary(claims.RowStore(run_dir / "sweep", print).all())
+            summary = settings_sweep.ordered_summary(RowStore(run_dir / "sweep", print).all())
             columns = settings_sweep.COLUMNS
         else:
-            summary = claims.ordered_summary(claims.RowStore(run_dir, print).all())
-            columns = claims.IMAGE_COLUMNS if image else claims.TOY_COLUMNS
-        print(claims.format_markdown(summary, columns))
+            summary = ordered_summary(RowStore(run_dir, print).all())
+            columns = IMAGE_COLUMNS if image else TOY_COLUMNS
+        print(format_markdown(summary, columns))
         return
     if args.settings_sweep:
         results = settings_sweep.run_settings_sweep(run_dir, args.dataset, 4, args.iters or 300, args.seeds,
                                                     args.teacher_run, args.num_samples or 1000, args.feature_epochs,
                                                     args.progress)
         columns = settings_sweep.COLUMNS
-    elif image:
-        results = claims.run_images(run_dir, args.dataset, args.seeds, args.iters or 300, args.num_samples or 1000,
-                                    args.teacher_run, feature_epochs=args.feature_epochs,
-                                    meanflow_scratch_seeds=args.meanflow_scratch_seeds, progress=args.progress,
-                                    only=only)
-        columns = claims.IMAGE_COLUMNS
     else:
-        results = claims.run_toy(run_dir, args.dataset, args.seeds, args.iters, args.num_samples or 5000,
-                                 progress=args.progress)
-        columns = claims.TOY_COLUMNS
-    print(claims.format_markdown(results["summary"], columns))
+        options = dict(teacher_run=args.teacher_run, feature_epochs=args.feature_epochs) if image else {}
+        results = run_claims(run_dir, args.dataset, args.seeds, args.iters, args.num_samples, only=only,
+                             meanflow_scratch_seeds=args.meanflow_scratch_seeds,
+                             equal_compute=not args.no_equal_compute, progress=args.progress, **options)
+        columns = IMAGE_COLUMNS if image else TOY_COLUMNS
+    print(format_markdown(results["summary"], columns))
     if "goals" in results:
         print("goals:", results["goals"])
     print(f"this invocation: {time.perf_counter() - start:.0f} s; results in {run_dir}")

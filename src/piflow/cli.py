@@ -158,16 +158,15 @@ def _cmd_sample(args) -> int:
     out = Path(args.output) if args.output else None
     if out is not None and (out.suffix != ".npy" or out.is_dir() or out.with_suffix(".png").is_dir()):
         raise ConfigError(f"--output must name a .npy file (not a folder), got {out}")
-    pf, _ = (images if image_run else toy2d).load_student(run_dir, args.overrides)
+    pf, config = (images if image_run else toy2d).load_student(run_dir, args.overrides)
     nfe = pf.nfe if args.nfe is None else args.nfe
     out = out or run_dir / f"samples_nfe{nfe}.npy"
     gen = torch.Generator().manual_seed(args.seed)
     if image_run:
-        model_config = pf.student.backbone.config
-        num_classes = max(model_config.num_classes, 1)
+        shape, num_classes = images.sample_spec(config)
+        num_classes = max(num_classes, 1)
         if args.label is not None and not 0 <= args.label < num_classes:
             raise ConfigError(f"--label must lie in [0, {num_classes}), got {args.label}")
-        shape = (model_config.in_channels, *model_config.input_size)
         labels = (torch.full((num_samples,), args.label) if args.label is not None
                   else torch.arange(num_samples) % num_classes)
     else:
@@ -178,7 +177,8 @@ def _cmd_sample(args) -> int:
     chunks = []
     for start in range(0, num_samples, batch):
         cond = labels[start:start + batch] if labels is not None else None
-        chunks.append(pf.sample(noise[start:start + batch], nfe=nfe, cond=cond, temperature=temperature))
+        chunks.append(pf.sample(noise[start:start + batch], nfe=nfe, cond=cond, temperature=temperature,
+                                generator=gen))                 # re-noising methods (DMD2) draw from it
         bar.update(len(chunks[-1]))
     bar.close()
     samples = torch.cat(chunks)
@@ -187,7 +187,8 @@ def _cmd_sample(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda handle: np.save(handle, samples.numpy()))        # the data first, then the preview
     if image_run:
-        title = f"π-Flow student, {nfe} NFE" + (f", class {args.label}" if args.label is not None else "")
+        title = f"{images.student_label(config)} student, {nfe} NFE" + (
+            f", class {args.label}" if args.label is not None else "")
         images.save_image_grid(samples[:100], out.with_suffix(".png"), nrow=10, label=title)
     else:
         plots.plot_sample_panels([(f"student, {nfe} NFE", samples.numpy())], out.with_suffix(".png"))
@@ -199,6 +200,7 @@ def _cmd_sample(args) -> int:
 def _cmd_evaluate(args) -> int:
     from piflow.config import load_config
     from piflow.files import read_json, write_json
+    from piflow.methods import student_name
     from piflow.recipes import images, toy2d
     from piflow.train.run_dir import run_lock
 
@@ -217,7 +219,7 @@ def _cmd_evaluate(args) -> int:
             pf, config = toy2d.load_student(run_dir, args.overrides)
             teacher, _ = toy2d.load_teacher(config["teacher"], config["dataset"])
             results = toy2d.evaluate_methods(teacher, pf, toy2d.load_dataset(config["dataset"]), config["eval"],
-                                             figures)
+                                             figures, student_name(config))
             table = toy2d.format_table(results["rows"])
         metrics_path = run_dir / "metrics.json"
         metrics = read_json(metrics_path, "metrics file") if metrics_path.is_file() else {}

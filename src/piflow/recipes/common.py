@@ -15,7 +15,8 @@ from piflow.config import ConfigError, dataclass_defaults, load_config
 from piflow.errors import UserError
 from piflow.files import one_line, write_json
 from piflow.files import save_safetensors as _save_safetensors
-from piflow.model import PiFlow
+from piflow.methods import DistillSetup, make_method, method_sections
+from piflow.methods.piid import as_run, build_piflow, piid_loss_fn, piid_settings  # noqa: F401 (recipes' imports)
 from piflow.settings import PiIDSettings
 from piflow.train import TrainConfig
 from piflow.train.loop import LossFn, TrainResult, train
@@ -41,28 +42,19 @@ def train_defaults(**overrides) -> dict:
 
 def distill_defaults(**overrides) -> dict:
     """The ``distill`` config section: `PiIDSettings`' defaults (its policy comes from ``student.policy``), the
-    recipe keys ``data_free`` and ``batch_size``, and a recipe's `overrides`."""
+    recipe keys ``data_free``, ``batch_size`` (every method's batch) and ``x0_bank_size`` (the x0 method's
+    teacher trajectories), and a recipe's `overrides`."""
     section = dataclass_defaults(PiIDSettings)
     del section["policy"]
-    section.update(data_free=False, batch_size=64)
+    section.update(data_free=False, batch_size=64, x0_bank_size=4096)
     section.update(overrides)
     return section
 
 
-def piid_settings(config: dict, **overrides) -> PiIDSettings:
-    """`PiIDSettings` of a config (``distill`` section, policy = ``student.policy``; "x0" students are one-node DX);
-    a bad value is a `ConfigError` naming it."""
-    policy = config["student"]["policy"]
-    try:
-        return PiIDSettings.from_mapping(config["distill"], policy="dx" if policy == "x0" else policy, **overrides)
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"distill/student settings: {error}") from None
-
-
-def as_run(config: dict, settings: PiIDSettings) -> dict:
-    """The config as it is run: ``distill.policy_dropout`` resolved (null → the policy's default), so that the run's
-    config.yaml records the value used and a resume compares values, not defaults."""
-    return dict(config, distill=dict(config["distill"], policy_dropout=settings.policy_dropout))
+def method_defaults() -> dict:
+    """The method keys of a distillation recipe's defaults: ``method`` (piid) and the sections of the methods
+    with settings of their own (``dmd2``, ``meanflow``), from `piflow.methods.METHODS`."""
+    return method_sections()
 
 
 def train_config(config: dict) -> TrainConfig:
@@ -155,27 +147,6 @@ def finished_distill_run(run_dir: Path, defaults: dict, overrides=()) -> tuple[d
     return load_config(defaults, config_path, overrides), weights
 
 
-def build_piflow(config: dict, student: torch.nn.Module, teacher) -> PiFlow:
-    """`PiFlow` from a config's ``student``/``distill`` sections, complete with its teacher."""
-    dx_mode = config["student"].get("dx_mode", "grid")
-    settings = piid_settings(config)
-    return PiFlow(student, teacher, settings, policy_kwargs={"mode": dx_mode} if settings.policy == "dx" else None)
-
-
-def piid_loss_fn(pf: PiFlow, draw_batch: Callable[[torch.Generator], tuple[Any, Any]], batch_size: int,
-                 data_free: bool, noise_shape: tuple[int, ...], device: Any = "cpu") -> LossFn:
-    """The training loop's loss function of π-ID: ``draw_batch(generator) -> (x0, cond)`` per call; data-free
-    runs then draw noise (batch_size, *noise_shape) and back-propagate per segment with the loop's `backward`."""
-    def loss_fn(iteration: int, generator: torch.Generator, backward) -> torch.Tensor:
-        x0, cond = draw_batch(generator)
-        if data_free:
-            noise = torch.randn(batch_size, *noise_shape, generator=generator).to(device)
-            return pf.data_free_loss(noise, cond, iteration=iteration, backward=backward, generator=generator)
-        return pf(x0, cond, iteration=iteration, generator=generator)
-
-    return loss_fn
-
-
 def run_recipe(config: dict, run_dir: Path, command: str, allow_config_change: bool, model: torch.nn.Module,
                loss_fn: LossFn, finish: Callable[[TrainResult], dict], loss_title: str,
                train_section: Optional[dict] = None, is_main: bool = True) -> dict:
@@ -201,8 +172,33 @@ def run_recipe(config: dict, run_dir: Path, command: str, allow_config_change: b
         return metrics
 
 
-def save_safetensors(state: dict, path: Path) -> None:
-    _save_safetensors(path, state)
+def distill_run(run_dir: Path, allow_config_change: bool, setup: DistillSetup,
+                evaluate: Callable[[Any], dict], is_main: bool = True) -> dict:
+    """`piflow distill` of any method (``method`` in the config) through the one run skeleton: the method builds
+    the student and its loss from `setup`; after training the EMA student's weights go to student.safetensors
+    and `evaluate(sampler)` gives the metrics. Every setting is checked before the run directory is touched."""
+    method = make_method(setup)
+    config = method.config_as_run()
+    student = method.student()
+    loss_fn = method.loss_fn(student)
+
+    def finish(result) -> dict:
+        if is_main:
+            _save_safetensors(run_dir / "student.safetensors", result.ema.model.state_dict())
+        final_loss = result.history[-1]["loss"] if result.history else None
+        return {"final_loss": final_loss, **evaluate(method.sampler(result.ema.model.eval()))}
+
+    train_section = dict(config["train"], iters=method.loop_iterations(config["train"]["iters"]))
+    return run_recipe(config, run_dir, "distill", allow_config_change, student, loss_fn, finish, method.loss_title,
+                      train_section=train_section, is_main=is_main)
+
+
+def load_distilled(setup: DistillSetup, weights: Path):
+    """The sampler of a finished distillation run of any method: its student rebuilt from `setup` (the run's
+    config) and loaded from `weights`."""
+    method = make_method(setup)
+    student = load_weights(method.student(), weights, "student weights")
+    return method.sampler(student.eval().requires_grad_(False))
 
 
 def load_weights(module: torch.nn.Module, path: Path, what: str = "weights file") -> torch.nn.Module:

@@ -343,10 +343,12 @@ def feature_classifiers_for(run_dir: Path, train_x: Tensor, train_y: Tensor, tes
 def evaluate_student_run(run_dir: Path, overrides=()) -> dict:
     """`piflow evaluate` for an image run: the student at its NFE (+ eval.student_nfe) and the teacher's Euler
     sampler at eval.teacher_steps, all from the same noise, with the metrics of this module."""
+    from piflow.methods import student_name
+
     pf, config = images.load_student(run_dir, overrides)
     train_x, train_y = images.load_dataset(config, "train").tensors()
     test_x, test_y = images.load_dataset(config, "test").tensors()
-    num_classes = pf.student.backbone.config.num_classes       # the student's DiT is a copy of the teacher's
+    num_classes = images.sample_spec(config)[1]
     feature_nets, feature_metrics = feature_classifiers_for(run_dir, train_x, train_y, test_x, test_y, num_classes)
     eval_cfg = config["eval"]
     contexts = build_contexts(pf.teacher, feature_nets, test_x, train_x.shape[1:], num_classes,
@@ -358,7 +360,8 @@ def evaluate_student_run(run_dir: Path, overrides=()) -> dict:
             metrics_in_both_spaces(contexts, euler_sample(pf.teacher, noise, steps, labels)), nfe=steps,
             family="teacher Euler")
     for nfe in sorted({pf.nfe, *map(int, eval_cfg["student_nfe"])}):
-        samples = pf.sample(noise, nfe=nfe, cond=labels, temperature=eval_cfg["temperature"])
-        rows[f"student {config['student']['policy']} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")] = dict(
+        samples = pf.sample(noise, nfe=nfe, cond=labels, temperature=eval_cfg["temperature"],
+                            generator=torch.Generator().manual_seed(int(eval_cfg["seed"])))
+        rows[f"student {student_name(config)} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")] = dict(
             metrics_in_both_spaces(contexts, samples), nfe=nfe, family="student")
     return {"rows": rows, "feature_net": feature_metrics[0], "feature_net_b": feature_metrics[1]}

@@ -6,23 +6,21 @@ Same run-directory conventions as the 2-D recipe: ``config.yaml``, ``checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from piflow.checks import positive_int
 from piflow.config import ConfigError, load_config
 from piflow.data.images import IMAGE_DATASET_NAMES
-from piflow.files import cache_dir
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.config import Optional_
-from piflow.model import PiFlow
-from piflow.recipes.common import (as_run, build_piflow, check_dataset, check_settings, config_values,
-                                   distill_defaults, finished_distill_run, load_weights, piid_loss_fn, piid_settings,
-                                   run_recipe, save_safetensors, seed_initialisation, train_defaults)
-from piflow.sampling import euler_sample, euler_trajectory
-from piflow.schedule import segment_grid
+from piflow.methods import DistillSetup
+from piflow.recipes.common import (check_dataset, check_settings, config_values, distill_defaults, distill_run,
+                                   finished_distill_run, load_distilled, method_defaults, run_recipe,
+                                   seed_initialisation, train_defaults)
+from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
 from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 
@@ -43,9 +41,10 @@ IMAGE_DISTILL_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
     "data": {"root": Optional_(str), "image_size": Optional_(int)},
     "teacher": "runs/teacher_digits",
+    **method_defaults(),
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid"},
     "guidance": {"scale": 1.0, "interval": [0.0, 1.0]},
-    "distill": distill_defaults(x0_bank_size=4096),
+    "distill": distill_defaults(),
     "train": train_defaults(lr=2e-4),
     "eval": {"num_samples": 1000, "teacher_steps": [32], "student_nfe": [], "temperature": 1.0, "seed": 1234},
 }
@@ -175,147 +174,108 @@ def _eval_inputs(num: int, shape, num_classes: int, generator: torch.Generator):
     return noise, labels
 
 
-STUDENT_KINDS = ("gmflow", "dx", "x0")
+STUDENT_KINDS = ("gmflow", "dx", "x0")        # x0: the spelling of ``method: x0`` before methods existed
 
 
-def build_student(config: dict, teacher_model: DiT) -> PolicyStudent:
-    """GM or DX policy student; "x0" is the x0-regression baseline: one constant x̂0 per step (a DX policy with a
-    single node, i.e. DDIM-style steps), same backbone and initialisation."""
+def build_student(config: dict, teacher_model: DiT, policy: Optional[str] = None,
+                  num_nodes: Optional[int] = None) -> PolicyStudent:
+    """A GM or DX policy student on a copy of the teacher's DiT (``student`` section; `policy`/`num_nodes`
+    override it)."""
     spec = config["student"]
     if spec["policy"] not in STUDENT_KINDS:
         raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {spec['policy']!r}")
-    x0_baseline = spec["policy"] == "x0"
     seed_initialisation(config)
     with config_values("student"):
-        return PolicyStudent(teacher_model, "dx" if x0_baseline else spec["policy"],
-                             num_components=spec["num_components"], num_nodes=1 if x0_baseline else spec["num_nodes"],
+        return PolicyStudent(teacher_model, policy or spec["policy"], num_components=spec["num_components"],
+                             num_nodes=spec["num_nodes"] if num_nodes is None else num_nodes,
                              dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
                              generator=torch.Generator().manual_seed(config["train"]["seed"]))
 
 
-def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
-    """π-ID distillation of a DiT teacher into a GM/DX DiT student (data-dependent or data-free), or the x0-regression
-    baseline (student.policy=x0)."""
-    check_settings(config)
+def teacher_identity(run: str) -> bytes:
+    """The SHA-256 of the teacher's weight and config files (caches of its samples are keyed by it)."""
+    import hashlib
+
+    key = hashlib.sha256()
+    for path in sorted((Path(run) / "teacher").iterdir()):
+        if path.is_file():
+            key.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    return key.digest()
+
+
+def distill_setup(config: dict) -> DistillSetup:
+    """What every method needs of an image run: the (guided) DiT teacher, its network, fresh DiTs of its
+    architecture, the training images and labels."""
     teacher_model, teacher_config = load_teacher(config["teacher"])
     if teacher_config["dataset"] != config["dataset"]:
         raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")
-    dataset = load_dataset(config, "train")
-    images, labels = dataset.tensors()
+    images, labels = load_dataset(config, "train").tensors()
+    num_classes = int(teacher_model.config.num_classes)
     guidance = config["guidance"]
-    teacher = make_teacher(teacher_model, dataset.num_classes, guidance["scale"], tuple(guidance["interval"]))
-    student = build_student(config, teacher_model)            # checks student.policy
-    config = as_run(config, piid_settings(config))
-    pf = build_piflow(config, student, teacher)
-    batch = int(config["distill"]["batch_size"])
-    if config["student"]["policy"] == "x0":
-        _x0_grid(pf)                                  # validates the baseline's settings before the run starts
+    teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
+    shape = tuple(images.shape[1:])
+    seed_initialisation(config)
 
-    def draw(generator: torch.Generator):
+    def draw_data(generator: torch.Generator, batch: int):
         index = torch.randint(len(images), (batch,), generator=generator)
         return images[index], labels[index]
 
-    def finish(result) -> dict:
-        save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
+    return DistillSetup(
+        config=config, teacher=teacher, teacher_model=teacher_model,
+        new_backbone=lambda: build_teacher_model(teacher_config, shape, num_classes),
+        policy_student=lambda policy, num_nodes: build_student(config, teacher_model, policy, num_nodes),
+        shape=shape, draw_data=draw_data,
+        draw_cond=lambda generator, batch: labels[torch.randint(len(labels), (batch,), generator=generator)],
+        num_timesteps=NUM_TIMESTEPS, teacher_identity=teacher_identity(config["teacher"]))
+
+
+def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
+    """Distillation of a DiT teacher by the configured method (π-ID on a GM/DX student by default; x0-regression,
+    DMD2, MeanFlow); writes student.safetensors, a sample grid against the teacher and metrics."""
+    check_settings(config)
+    if config["student"]["policy"] not in STUDENT_KINDS:
+        raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {config['student']['policy']!r}")
+    setup = distill_setup(config)
+
+    def evaluate(sampler) -> dict:
         from piflow.recipes import plots
 
-        pf_ema = build_piflow(config, result.ema.model.eval(), teacher)
         gen = torch.Generator().manual_seed(config["eval"]["seed"])
-        noise, y = _eval_inputs(32, images.shape[1:], dataset.num_classes, gen)
+        num_classes = int(setup.teacher_model.config.num_classes)
+        noise, y = _eval_inputs(32, setup.shape, num_classes, gen)
         with torch.no_grad():
-            rows = [euler_sample(teacher, noise, 32, y), euler_sample(teacher, noise, pf.nfe, y),
-                    pf_ema.sample(noise, cond=y, temperature=config["eval"]["temperature"])]
-        kind = {"gmflow": "GM", "dx": "DX", "x0": "x0-regression"}[config["student"]["policy"]]
-        labels_text = ["teacher Euler, 32 NFE", f"teacher Euler, {pf.nfe} NFE", f"{kind} student, {pf.nfe} NFE"]
+            rows = [euler_sample(setup.teacher, noise, 32, y), euler_sample(setup.teacher, noise, sampler.nfe, y),
+                    sampler.sample(noise, cond=y, temperature=config["eval"]["temperature"], generator=gen)]
+        labels_text = ["teacher Euler, 32 NFE", f"teacher Euler, {sampler.nfe} NFE",
+                       f"{student_label(config)} student, {sampler.nfe} NFE"]
         plots.plot_image_rows([(text, r[:16]) for text, r in zip(labels_text, rows)], run_dir / "samples.png",
                               title="same noise and class in each column (classes 0, 1, 2, …)")
-        return {"final_loss": result.history[-1]["loss"],
-                "coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
+        return {"coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
 
-    if config["student"]["policy"] == "x0":
-        loss_fn = _x0_regression_loss(pf, teacher, images.shape[1:], labels, config)
-    else:
-        loss_fn = piid_loss_fn(pf, draw, batch, bool(config["distill"]["data_free"]), tuple(images.shape[1:]))
-    return run_recipe(config, run_dir, "distill", allow_config_change, student, loss_fn, finish, "π-ID loss")
+    return distill_run(run_dir, allow_config_change, setup, evaluate)
 
 
-X0_BANK_STEPS = 32
+def student_label(config: dict) -> str:
+    """GM / DX (π-ID), x0-regression, DMD2 or MeanFlow: the student of a run config, for figure labels."""
+    from piflow.methods import METHODS, method_name
+
+    name = method_name(config)
+    return {"gmflow": "GM", "dx": "DX"}[config["student"]["policy"]] if name == "piid" else METHODS[name].title
 
 
-def _x0_grid(pf: PiFlow) -> list[int]:
-    """The x0 baseline's grid points in units of 1/32 (a `ConfigError` unless shift = 1 and they are whole)."""
-    raw = segment_grid(pf.nfe, pf.settings.final_step_size_scale)
-    if pf.settings.shift != 1.0 or any(abs(t * X0_BANK_STEPS - round(t * X0_BANK_STEPS)) > 1e-6 for t in raw):
-        raise ConfigError("the x0 baseline (student.policy=x0) needs distill.shift=1 and a segment grid on multiples "
-                          "of 1/32 (distill.nfe and distill.final_step_size_scale)")
-    return [round(t * X0_BANK_STEPS) for t in raw]
-
-
-def _x0_bank(teacher, config: dict, image_shape, labels: torch.Tensor, indices: list[int]):
-    """(states at the grid points (G, N, C, H, W), ODE endpoints (N, C, H, W), labels (N,)) of the teacher's
-    32-step Euler trajectories from a seeded noise bank — computed once per teacher and settings, then read from
-    the cache (``cache_dir()/x0_bank``; safetensors, keyed by a hash of the teacher's files and every input)."""
-    import hashlib
-
-    from piflow.files import load_safetensors, save_safetensors
-
-    bank_size = int(config["distill"]["x0_bank_size"])
-    seed = int(config["train"]["seed"]) + 99
-    key = hashlib.sha256()
-    for path in sorted((Path(config["teacher"]) / "teacher").iterdir()):
-        if path.is_file():
-            key.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
-    key.update(repr((bank_size, seed, X0_BANK_STEPS, indices, tuple(image_shape), config["guidance"]["scale"],
-                     list(config["guidance"]["interval"]))).encode())
-    key.update(labels.numpy().tobytes())
-    path = cache_dir() / "x0_bank" / f"{key.hexdigest()[:32]}.safetensors"
-    if path.is_file():
-        try:
-            bank = load_safetensors(path, "x0-baseline cache")
-            return bank["states"], bank["endpoints"], bank["labels"]
-        except (ValueError, KeyError):
-            pass                                      # a damaged cache entry is recomputed and replaced
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(bank_size, *image_shape, generator=gen)
-    bank_labels = labels[torch.randint(len(labels), (bank_size,), generator=gen)]
-    trajectories = euler_trajectory(teacher, noise, X0_BANK_STEPS, bank_labels, batch_size=512)
-    states, endpoints = trajectories[torch.tensor(indices)].contiguous(), trajectories[-1].contiguous()
-    try:
-        save_safetensors(path, {"states": states, "endpoints": endpoints, "labels": bank_labels})
-    except OSError as error:                          # an unwritable cache only costs time
-        print(f"piflow: warning: could not cache the x0-baseline bank ({error})")
-    return states, endpoints, bank_labels
-
-
-def _x0_regression_loss(pf: PiFlow, teacher, image_shape, labels: torch.Tensor, config: dict):
-    """Baseline loss: regress the student's x̂0 at its own grid points on the teacher ODE onto the teacher's ODE
-    endpoint from the same noise (the "shortcut" x0 format), with the same budget as π-ID."""
-    grid = _x0_grid(pf)
-    indices = [X0_BANK_STEPS - g for g in grid]                        # state index of each grid point σ = g/32
-    states, endpoints, bank_labels = _x0_bank(teacher, config, image_shape, labels, indices)
-    sigmas = torch.tensor([g / X0_BANK_STEPS for g in grid])
-    batch = int(config["distill"]["batch_size"])
-
-    def loss_fn(iteration: int, generator: torch.Generator, backward) -> torch.Tensor:
-        rows = torch.randint(len(endpoints), (batch,), generator=generator)
-        point = torch.randint(len(indices), (batch,), generator=generator)
-        x = states[point, rows]
-        sigma = sigmas[point]
-        x0_pred = pf.policy(x, sigma, bank_labels[rows]).x0(x, sigma)
-        return 0.5 * (x0_pred - endpoints[rows]).square().flatten(1).mean(1).mean()
-
-    return loss_fn
-
-
-def load_student(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
+def load_student(run_dir: Path, overrides=()) -> tuple[Any, dict]:
+    """(sampler, config) of a finished image distillation run of any method (`PiFlow` for π-ID and x0)."""
     config, weights = finished_distill_run(run_dir, IMAGE_DISTILL_DEFAULTS, overrides)
-    teacher_model, _ = load_teacher(config["teacher"])
-    student = build_student(config, teacher_model)
-    load_weights(student, weights, "student weights")
-    num_classes = teacher_model.config.num_classes
-    guidance = config["guidance"]
-    teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
-    return build_piflow(config, student.eval(), teacher), config
+    return load_distilled(distill_setup(config), weights), config
+
+
+def sample_spec(config: dict) -> tuple[tuple[int, ...], int]:
+    """(one sample's shape (C, H, W), number of classes) of an image run, from its teacher's DiT config."""
+    from piflow.models.dit_config import DiTConfig
+    from piflow.files import read_json
+
+    spec = DiTConfig.from_dict(read_json(Path(config["teacher"]) / "teacher" / "config.json", "teacher config"))
+    return (spec.in_channels, *spec.input_size), int(spec.num_classes)
 
 
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, label: str = "") -> None:

@@ -24,9 +24,11 @@ from piflow.timewarp import unwarp, warp
 from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 from piflow.recipes import plots
 from piflow.data import TOY_DATASET_NAMES
-from piflow.recipes.common import (as_run, build_piflow, check_dataset, check_settings, config_values,
-                                   distill_defaults, finished_distill_run, load_weights, piid_loss_fn, piid_settings,
-                                   run_recipe, save_safetensors, seed_initialisation, train_defaults)
+from piflow.files import save_safetensors
+from piflow.methods import DistillSetup, student_name
+from piflow.recipes.common import (check_dataset, check_settings, config_values, distill_defaults, distill_run,
+                                   finished_distill_run, load_distilled, load_weights, method_defaults, run_recipe,
+                                   seed_initialisation, train_defaults)
 
 NUM_TIMESTEPS = 1000.0
 
@@ -41,6 +43,7 @@ TEACHER_DEFAULTS: dict[str, Any] = {
 DISTILL_DEFAULTS: dict[str, Any] = {
     "dataset": "ring8",
     "teacher": "exact",
+    **method_defaults(),
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid", "hidden_size": 256,
                 "num_layers": 4},
     "distill": distill_defaults(nfe=2, batch_size=256),
@@ -97,7 +100,7 @@ def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False
                                   fm["time_sampling"], generator, NUM_TIMESTEPS)
 
     def finish(result) -> dict:
-        save_safetensors(result.ema.model.state_dict(), run_dir / "teacher.safetensors")
+        save_safetensors(run_dir / "teacher.safetensors", result.ema.model.state_dict())
         return evaluate_methods(NetworkTeacher(result.ema.model, NUM_TIMESTEPS), None, dataset, config["eval"],
                                 run_dir)
 
@@ -106,49 +109,57 @@ def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False
 
 
 # --------------------------------------------------------------------------------------------- students
-def build_student(config: dict, teacher_model: Optional[torch.nn.Module]) -> PolicyStudent:
+def _backbone(config: dict) -> MLPVelocityModel2D:
+    return MLPVelocityModel2D(hidden_size=config["student"]["hidden_size"], num_layers=config["student"]["num_layers"])
+
+
+def build_student(config: dict, teacher_model: Optional[torch.nn.Module], policy: Optional[str] = None,
+                  num_nodes: Optional[int] = None) -> PolicyStudent:
+    """The MLP policy student (``student`` section; `policy`/`num_nodes` override it): a copy of the teacher's
+    network, or a fresh MLP with the no-teacher head initialisation for the exact teacher."""
     spec = config["student"]
     seed_initialisation(config)
     if teacher_model is not None:
         base, init = teacher_model, True
     else:
-        base, init = MLPVelocityModel2D(hidden_size=spec["hidden_size"], num_layers=spec["num_layers"]), False
+        base, init = _backbone(config), False
     with config_values("student"):
-        return PolicyStudent(base, spec["policy"], num_components=spec["num_components"],
-                             num_nodes=spec["num_nodes"], dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
-                             init_from_teacher=init, logstd_hidden=256,
-                             generator=torch.Generator().manual_seed(config["train"]["seed"]))
+        return PolicyStudent(base, policy or spec["policy"], num_components=spec["num_components"],
+                             num_nodes=spec["num_nodes"] if num_nodes is None else num_nodes,
+                             dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS, init_from_teacher=init,
+                             logstd_hidden=256, generator=torch.Generator().manual_seed(config["train"]["seed"]))
+
+
+def distill_setup(config: dict) -> DistillSetup:
+    """What every method needs of a 2-D run: the teacher (exact or a teacher run), MLP backbones, the data."""
+    dataset = load_dataset(config["dataset"])
+    teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
+    seed_initialisation(config)
+
+    def policy_student(policy: str, num_nodes: int) -> PolicyStudent:
+        return build_student(config, teacher_model, policy, num_nodes)
+
+    return DistillSetup(config=config, teacher=teacher, teacher_model=teacher_model,
+                        new_backbone=lambda: _backbone(config), policy_student=policy_student, shape=(2,),
+                        draw_data=lambda generator, batch: (dataset.sample(batch, generator), None),
+                        draw_cond=lambda generator, batch: None, num_timesteps=NUM_TIMESTEPS)
 
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
-    """π-ID distillation of a 2-D teacher into an MLP policy student; writes student.safetensors and metrics."""
+    """Distillation of a 2-D teacher by the configured method (π-ID by default) into an MLP student; writes
+    student.safetensors and metrics (the 2-D evaluation table and figures)."""
     check_settings(config)
-    config = as_run(config, piid_settings(config))
+    setup = distill_setup(config)
     dataset = load_dataset(config["dataset"])
-    teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
-    student = build_student(config, teacher_model)
-    pf = build_piflow(config, student, teacher)
-    batch = int(config["distill"]["batch_size"])
-    data_free = bool(config["distill"]["data_free"])
-    draw = (lambda generator: (None, None)) if data_free else (lambda generator: (dataset.sample(batch, generator),
-                                                                                   None))
-
-    def finish(result) -> dict:
-        save_safetensors(result.ema.model.state_dict(), run_dir / "student.safetensors")
-        return evaluate_methods(teacher, build_piflow(config, result.ema.model, teacher), dataset, config["eval"],
-                                run_dir)
-
-    return run_recipe(config, run_dir, "distill", allow_config_change, student,
-                      piid_loss_fn(pf, draw, batch, data_free, (2,)), finish, "π-ID loss")
+    return distill_run(run_dir, allow_config_change, setup,
+                       lambda sampler: evaluate_methods(setup.teacher, sampler, dataset, config["eval"], run_dir,
+                                                        student_name(config)))
 
 
-def load_student(run_dir: Path, overrides=()) -> tuple[PiFlow, dict]:
+def load_student(run_dir: Path, overrides=()) -> tuple[Any, dict]:
+    """(sampler, config) of a finished 2-D distillation run of any method (`PiFlow` for π-ID and x0)."""
     config, weights = finished_distill_run(run_dir, DISTILL_DEFAULTS, overrides)
-    teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
-    student = build_student(config, teacher_model)
-    load_weights(student, weights, "student weights")
-    student.eval()
-    return build_piflow(config, student, teacher), config
+    return load_distilled(distill_setup(config), weights), config
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -169,8 +180,11 @@ def sample_metrics(samples: torch.Tensor, reference: torch.Tensor, ode: torch.Te
     return row
 
 
-def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run_dir: Optional[Path] = None) -> dict:
-    """Metrics of the teacher's Euler sampler at several NFE and (if given) of the student at its NFE(s)."""
+def evaluate_methods(teacher, pf: Any, dataset, eval_cfg: dict, run_dir: Optional[Path] = None,
+                     name: Optional[str] = None) -> dict:
+    """Metrics of the teacher's Euler sampler at several NFE and (if given) of the student — a `PiFlow` or a
+    method's `FewStepSampler`, rows named "student `name` NFE" (`methods.student_name`; default: the policy) —
+    at its NFE(s)."""
     num = int(eval_cfg["num_samples"])
     gen = torch.Generator().manual_seed(int(eval_cfg["seed"]))
     reference = dataset.sample(num, gen)
@@ -187,8 +201,8 @@ def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run
         nfes = sorted({pf.nfe, *map(int, eval_cfg["student_nfe"])})
         temperature = eval_cfg["temperature"]
         for nfe in nfes:
-            samples = pf.sample(noise, nfe=nfe, temperature=temperature)
-            label = f"student {pf.policy_kind} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")
+            samples = pf.sample(noise, nfe=nfe, temperature=temperature, generator=gen)
+            label = f"student {name or pf.policy_kind} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")
             rows[label] = dict(sample_metrics(samples, reference, ode, dataset), nfe=nfe)
             if nfe == pf.nfe:
                 if pf.nfe not in {int(s) for s in eval_cfg["teacher_steps"]}:
@@ -197,7 +211,7 @@ def evaluate_methods(teacher, pf: Optional[PiFlow], dataset, eval_cfg: dict, run
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         plots.plot_sample_panels(panels, run_dir / "samples.png")
-        if pf is not None:
+        if isinstance(pf, PiFlow):          # policy paths of the π-ID / x0 students (deterministic steps)
             _trajectory_figure(teacher, pf, dataset, run_dir / "trajectories.png")
     return {"rows": rows}
 

@@ -82,10 +82,9 @@ def load_run(run_dir: Union[str, Path], label: Optional[str] = None, teacher: Op
     dataset = written.get("dataset") if isinstance(written, dict) else None
     label = label or run_dir.name
     if images.is_image_dataset(dataset):
-        pf, _ = images.load_student(run_dir, overrides)
-        config = pf.student.backbone.config
-        return PlaygroundModel(label, "image", pf, pf.teacher, (config.in_channels, *config.input_size),
-                               max(config.num_classes, 0))
+        pf, config = images.load_student(run_dir, overrides)
+        shape, num_classes = images.sample_spec(config)
+        return PlaygroundModel(label, "image", pf, pf.teacher, shape, max(num_classes, 0))
     pf, config = toy2d.load_student(run_dir, overrides)
     background = toy2d.load_dataset(config["dataset"]).sample(3000, torch.Generator().manual_seed(3)).numpy()
     return PlaygroundModel(label, "2d", pf, pf.teacher, (2,), 0, background)

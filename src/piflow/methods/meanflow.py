@@ -21,24 +21,32 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from piflow.checks import draw
+from piflow.methods.base import FewStepSampler, Method
 from piflow.models.embeddings import timestep_embedding
 from piflow.piid import forward_diffuse
+from piflow.policies import Policy
 
 # u_θ(z (B, C, *S), r (B,), t (B,), cond) -> u (B, C, *S)
 AverageVelocityModel = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
+MEANFLOW_INITS = ("auto", "teacher", "scratch")
 
 
 @dataclass(frozen=True)
 class MeanFlowSettings:
-    """The MeanFlow paper's ImageNet defaults: 25 % of pairs with r ≠ t, logit-normal(−0.4, 1) times, p = 1."""
+    """The MeanFlow paper's ImageNet defaults: 25 % of pairs with r ≠ t, logit-normal(−0.4, 1) times, p = 1.
+    init: the network's start, "teacher" (a copy of the teacher's network), "scratch" (a fresh backbone) or
+    "auto" (the teacher's network when the teacher has one)."""
 
     ratio_r_not_t: float = 0.25
     time_mu: float = -0.4
     time_sigma: float = 1.0
     adaptive_power: float = 1.0
     adaptive_eps: float = 1e-3
+    init: str = "auto"
 
     def __post_init__(self):
+        if self.init not in MEANFLOW_INITS:
+            raise ValueError(f"init must be one of {list(MEANFLOW_INITS)}, got {self.init!r}")
         if not 0.0 <= self.ratio_r_not_t <= 1.0:
             raise ValueError(f"ratio_r_not_t must be in [0, 1], got {self.ratio_r_not_t}")
         if not self.time_sigma > 0:
@@ -126,14 +134,73 @@ def meanflow_loss(model: AverageVelocityModel, x0: Tensor, cond: Any = None,
     return (weight * error).mean()
 
 
-@torch.no_grad()
+class AverageVelocityPolicy(Policy):
+    """One MeanFlow step as a policy: the constant velocity u = u_θ(x_src, r, t) over [r, t], so that the rollout
+    from σ = t to σ = r lands on z_r = z_t − (t − r)·u (up to float round-off of the substep sum)."""
+
+    def __init__(self, velocity: Tensor, x_src: Tensor, sigma_src: Tensor, eps: float = 1e-6):
+        self.u = velocity.float()                                  # (B, C, *S)
+        self.x_src = x_src.float()
+        self.sigma_src = sigma_src.float().reshape(-1, *([1] * (x_src.dim() - 1)))
+        self.eps = eps
+
+    def _x0(self, x_t: Tensor, sigma_t: Tensor) -> Tensor:
+        return x_t - sigma_t * self.u
+
+    def velocity_unchecked(self, x_t: Tensor, sigma_t: Tensor) -> Tensor:
+        return self.u.expand_as(x_t)
+
+    def detach(self) -> "AverageVelocityPolicy":
+        return AverageVelocityPolicy(self.u.detach(), self.x_src.detach(), self.sigma_src.reshape(-1), self.eps)
+
+    def dropout(self, p: float, generator=None) -> "AverageVelocityPolicy":
+        return self
+
+
 def meanflow_sample(model: AverageVelocityModel, noise: Tensor, nfe: int = 1, cond: Any = None) -> Tensor:
-    """`nfe` uniform average-velocity steps from t = 1 to 0: z ← z − (t − r)·u(z, r, t)."""
-    if int(nfe) < 1:
-        raise ValueError(f"nfe must be >= 1, got {nfe}")
-    z = noise
-    grid = torch.linspace(1.0, 0.0, int(nfe) + 1, device=noise.device)
-    for t, r in zip(grid[:-1], grid[1:]):
-        t_b, r_b = t.expand(noise.shape[0]), r.expand(noise.shape[0])
-        z = z - (t - r) * model(z, r_b, t_b, cond)
-    return z
+    """`nfe` uniform average-velocity steps from t = 1 to 0 (z ← z − (t − r)·u(z, r, t)), through the one
+    few-step loop (`FewStepSampler`)."""
+    return meanflow_sampler(model, nfe).sample(noise, cond=cond)
+
+
+def meanflow_sampler(model: AverageVelocityModel, nfe: int, teacher: Any = None) -> FewStepSampler:
+    """A `FewStepSampler` of an average-velocity network: each step's policy is u_θ(x, r, t) over [r, t]."""
+    def policy_fn(x: Tensor, t: Tensor, cond: Any, r: Tensor) -> AverageVelocityPolicy:
+        return AverageVelocityPolicy(model(x, r, t, cond), x, t)
+
+    return FewStepSampler(policy_fn, nfe, teacher, "MeanFlow", needs_step_end=True)
+
+
+class MeanFlow(Method):
+    """MeanFlow as a method: an `AverageVelocityNet` on the teacher's network (or a fresh backbone, ``init``)
+    trained by `meanflow_loss` on the data — the teacher is not queried; sampled in `distill.nfe` uniform steps
+    (any NFE at test time)."""
+
+    name = "meanflow"
+    title = "MeanFlow"
+    paper = "Geng et al., Mean Flows for One-step Generative Modeling (2025), arXiv 2505.13447"
+    section = "meanflow"
+    settings_class = MeanFlowSettings
+    loss_title = "MeanFlow loss (adaptively weighted)"
+
+    def student(self) -> AverageVelocityNet:
+        setup = self.setup
+        if self.settings.init == "teacher" and setup.teacher_model is None:
+            from piflow.config import ConfigError
+
+            raise ConfigError("meanflow.init=teacher needs a teacher with a network (a teacher run); this teacher "
+                              "has none: use meanflow.init=scratch or auto")
+        base = setup.new_backbone() if self.settings.init == "scratch" else setup.base_network()
+        return AverageVelocityNet(base.requires_grad_(True), setup.num_timesteps)
+
+    def loss_fn(self, student: AverageVelocityNet):
+        setup, settings = self.setup, self.settings
+
+        def loss_fn(iteration: int, generator: torch.Generator, backward) -> Tensor:
+            x0, cond = setup.draw_data(generator, setup.batch_size)
+            return meanflow_loss(student, x0, cond, settings, generator=generator)
+
+        return loss_fn
+
+    def sampler(self, student: AverageVelocityNet) -> FewStepSampler:
+        return meanflow_sampler(student, self.setup.nfe, self.setup.teacher)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from piflow.baselines.meanflow import MeanFlowSettings, meanflow_loss, meanflow_sample, meanflow_target, sample_times
+from piflow.methods.meanflow import MeanFlowSettings, meanflow_loss, meanflow_sample, meanflow_target, sample_times
 
 
 class TinyAverageVelocity(nn.Module):
@@ -58,8 +58,9 @@ def test_exact_average_velocity_has_zero_loss_and_samples_the_point_in_one_step(
                          generator=torch.Generator().manual_seed(5))
     assert float(loss) < 1e-20
     noise = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    torch.testing.assert_close(meanflow_sample(model, noise, nfe=1), x0)
-    torch.testing.assert_close(meanflow_sample(model, noise, nfe=2), x0)
+    # sampled through the one few-step loop, whose policy rollouts compute in float32
+    torch.testing.assert_close(meanflow_sample(model, noise, nfe=1), x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(meanflow_sample(model, noise, nfe=2), x0, rtol=0, atol=1e-5)
 
 
 def test_adaptive_weighting_and_gradients():
@@ -87,7 +88,7 @@ def test_time_sampling():
     assert float((r < t).float().mean()) == pytest.approx(0.25, abs=0.015)
     with pytest.raises(ValueError, match="ratio_r_not_t must be in \\[0, 1\\]"):
         MeanFlowSettings(ratio_r_not_t=1.5)
-    with pytest.raises(ValueError, match="nfe must be >= 1"):
+    with pytest.raises(ValueError, match="nfe must be an integer >= 1"):
         meanflow_sample(exact_point_model(torch.zeros(1, 2)), torch.zeros(2, 2), nfe=0)
 
 
@@ -116,7 +117,7 @@ def test_target_through_a_dit_with_attention():
 
 
 def test_average_velocity_net_starts_as_its_backbone_and_sees_the_interval(tiny_dit):
-    from piflow.baselines.meanflow import AverageVelocityNet, meanflow_target
+    from piflow.methods.meanflow import AverageVelocityNet, meanflow_target
     from piflow.models import MLPVelocityModel2D
 
     dit = tiny_dit()

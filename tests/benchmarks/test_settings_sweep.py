@@ -6,7 +6,7 @@ import piflow
 from piflow.data.toy2d import make_toy_dataset
 from piflow.models import MLPVelocityModel2D
 from piflow.models.students import PolicyStudent
-from piflow.recipes.settings_sweep import last_step_x0
+from piflow_bench.settings_sweep import last_step_x0
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

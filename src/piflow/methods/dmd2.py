@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from piflow.checks import draw
+from piflow.methods.base import FewStepSampler, Method
 from piflow.piid import forward_diffuse
+from piflow.policies import DXPolicy
 
 VelocityModel = Callable[[Tensor, Tensor, Any], Tensor]        # u(x_σ (B, …), σ (B,), cond)
 X0Generator = Callable[[Tensor, Tensor, Any], Tensor]          # x0 = G(x_σ (B, …), σ (B,), cond)
@@ -109,13 +111,6 @@ def _chain(x0_generator: X0Generator, noise: Tensor, sigmas: Tensor, num_steps: 
     return x, x0
 
 
-def sample(x0_generator: X0Generator, noise: Tensor, nfe: int = 1, cond: Any = None,
-           generator: Optional[torch.Generator] = None) -> Tensor:
-    """DMD2's few-step sampling: x0 = G(x_σk, σk), then x_σ(k+1) = (1 − σ)·x0 + σ·ε with fresh noise ε."""
-    sigmas = generator_sigmas(nfe, noise.device, noise.dtype)
-    return _chain(x0_generator, noise, sigmas, len(sigmas), cond, generator)[1]
-
-
 def backward_simulation(x0_generator: X0Generator, noise: Tensor, nfe: int, cond: Any = None,
                         generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """A training input for a multi-step generator: a random step k (one per batch), the generator's own chain
@@ -150,10 +145,15 @@ class DMD2Student(nn.Module):
     def fake_velocity(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         return self.fake_score(x, sigma * self.num_timesteps, cond)
 
-    def sample(self, noise: Tensor, nfe: int = 1, cond: Any = None,
-               generator: Optional[torch.Generator] = None) -> Tensor:
-        """`nfe`-step DMD2 samples from noise (B, …) (see `sample`)."""
-        return sample(self.x0, noise, nfe, cond, generator)
+    def policy(self, x: Tensor, sigma: Tensor, cond: Any = None) -> DXPolicy:
+        """The generator's step as a policy: one constant x̂0 (a one-node DX policy, u = (x − x̂0)/σ)."""
+        velocity = self.generator(x, sigma * self.num_timesteps, cond)
+        return DXPolicy(velocity.unsqueeze(1), x, sigma)
+
+    def sampler(self, nfe: int, teacher: Any = None) -> FewStepSampler:
+        """DMD2's few-step sampling through the one loop: per step the generator's x̂0 (`policy`), rolled out to
+        σ = 0 and re-noised to the next σ with fresh noise (h = 'inf'), on the uniform grid σ_k = 1 − k/nfe."""
+        return FewStepSampler(self.policy, nfe, teacher, "DMD2", h="inf")
 
 
 def training_loss(student: DMD2Student, real_score: VelocityModel, noise: Tensor, cond: Any, iteration: int,
@@ -174,3 +174,39 @@ def training_loss(student: DMD2Student, real_score: VelocityModel, noise: Tensor
     if update_generator:
         loss = loss + dmd_loss(x0, real_score, student.fake_velocity, cond, settings, generator)
     return loss
+
+
+class DMD2(Method):
+    """DMD2 as a method: a `DMD2Student` (generator and fake score, copies of the teacher's network — fresh
+    backbones for a teacher without one) trained by `training_loss` on noise and drawn conditions.
+    ``train.iters`` counts generator updates: the loop runs ``fake_updates_per_generator_update`` times as many
+    iterations. Sampling: the generator's x̂0 per step, re-noised with fresh noise (h = 'inf'), on the uniform
+    grid σ_k = 1 − k/nfe (shift 1, f = 1)."""
+
+    name = "dmd2"
+    title = "DMD2"
+    paper = "Yin et al., Improved Distribution Matching Distillation (NeurIPS 2024), arXiv 2405.14867"
+    section = "dmd2"
+    settings_class = DMD2Settings
+    loss_title = "DMD2 loss (fake score + distribution matching)"
+
+    def loop_iterations(self, iters: int) -> int:
+        return int(iters) * int(self.settings.fake_updates_per_generator_update)
+
+    def student(self) -> DMD2Student:
+        setup = self.setup
+        return DMD2Student(setup.base_network(), setup.base_network() if setup.teacher_model is None else None,
+                           num_timesteps=setup.num_timesteps)
+
+    def loss_fn(self, student: DMD2Student):
+        setup, settings, nfe = self.setup, self.settings, self.setup.nfe
+
+        def loss_fn(iteration: int, generator: torch.Generator, backward) -> Tensor:
+            noise = torch.randn(setup.batch_size, *setup.shape, generator=generator)
+            cond = setup.draw_cond(generator, setup.batch_size)
+            return training_loss(student, setup.teacher, noise, cond, iteration, nfe, settings, generator)
+
+        return loss_fn
+
+    def sampler(self, student: DMD2Student) -> FewStepSampler:
+        return student.sampler(self.setup.nfe, self.setup.teacher)

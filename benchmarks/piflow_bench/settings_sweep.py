@@ -5,7 +5,7 @@ One GM student per training setting — the recipe's default (K = 8, policy drop
 benchmark's step budget) with one setting changed at a time: training length, K, policy dropout,
 final_step_size_scale — and, on the default student, the sampling-time settings: GM temperature, policy substeps
 per unit time, and ending on the policy's x̂0 at the start of the last step instead of rolling the last step out.
-Every row is scored like the claims benchmark (`claims.ImageScorer`: FD to the teacher in two independently trained
+Every row is scored like the claims benchmark (`image_setup.ImageScorer`: FD to the teacher in two independently trained
 feature spaces, A and B, and the pixel-space high-frequency power relative to the teacher's 32-step samples), next
 to the teacher's own 4-step Euler and DPM-Solver++ samplers. The default student and its second seed are the
 claims benchmark's own π-ID rows (same directories), so a run directory serves both commands.
@@ -19,8 +19,11 @@ import torch
 from torch import Tensor
 
 from piflow.files import write_json
-from piflow.recipes import claims
+from piflow.recipes import images
 from piflow.sampling import euler_sample
+from piflow_bench.image_setup import prepare_images, resolve_teacher
+from piflow_bench.rows import RowStore, format_markdown, slug, summarise, train_seconds
+from piflow_bench.students import PIID, distill_student
 
 DEFAULT_LABEL = "default (K=8, dropout 0.05, f=1)"
 # (label, config overrides, multiple of the step budget); the default comes first
@@ -51,7 +54,7 @@ COLUMNS = [("fd_teacher", "FD-teacher A ↓", "{:.3f}"), ("fd_teacher_b", "FD-te
 def _directory(run_dir: Path, label: str, nfe: int, seed: int) -> Path:
     if label == DEFAULT_LABEL:   # the claims benchmark's π-ID row
         return run_dir / "students" / f"piid_nfe{nfe}_seed{seed}"
-    return run_dir / "sweep" / "students" / f"{claims.slug(label)}_nfe{nfe}_seed{seed}"
+    return run_dir / "sweep" / "students" / f"{slug(label)}_nfe{nfe}_seed{seed}"
 
 
 def last_step_x0(pf, noise: Tensor, nfe: int, labels: Tensor) -> Tensor:
@@ -67,11 +70,11 @@ def last_step_x0(pf, noise: Tensor, nfe: int, labels: Tensor) -> Tensor:
 
 
 def ordered_summary(rows: list[dict]) -> list[dict]:
-    """`claims.summarise`d rows in table order: the teacher's solvers, the training settings, then the sampling
+    """`rows.summarise`d rows in table order: the teacher's solvers, the training settings, then the sampling
     settings, each in the order of its list above."""
     order = ["teacher Euler", "teacher DPM-Solver++", *(label for label, _, _ in TRAINING_VARIANTS),
              *(f"default, {label}" for label, _ in SAMPLING_VARIANTS), f"default, {LAST_STEP_X0_LABEL}"]
-    return sorted(claims.summarise(rows), key=lambda e: order.index(e["method"]) if e["method"] in order
+    return sorted(summarise(rows), key=lambda e: order.index(e["method"]) if e["method"] in order
                   else len(order))
 
 
@@ -82,15 +85,19 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
     """Train every `TRAINING_VARIANTS` student (the default with `seeds` seeds, the others with seed 0), then
     score all rows; writes sweep/results.json, sweep/results.md and sweep/samples.png. Resumable like the claims
     benchmark (finished students and scored rows are kept)."""
-    teacher_run = claims.resolve_teacher(run_dir, dataset, teacher_run, progress, log)
+    teacher_run = resolve_teacher(run_dir, dataset, teacher_run, progress, log)
     students = {}
     for label, overrides, budget in TRAINING_VARIANTS:
         for seed in range(seeds if label == DEFAULT_LABEL else 1):
-            students[label, seed] = claims.distill_piid(_directory(run_dir, label, nfe, seed), teacher_run, dataset,
-                                                        "gmflow", nfe, iters * budget, seed, overrides, progress, log)
-    setup = claims.prepare_images(run_dir, dataset, teacher_run, num_samples, feature_epochs, progress, log)
+            # the default's overrides are the claims benchmark's π-ID student's: one run directory serves both
+            students[label, seed] = distill_student(images, images.IMAGE_DISTILL_DEFAULTS,
+                                                    _directory(run_dir, label, nfe, seed), [
+                f"dataset={dataset}", f"teacher={teacher_run}", f"method={PIID.method}", f"distill.nfe={nfe}",
+                f"train.iters={iters * budget}", f"train.seed={seed}", f"train.progress={str(progress).lower()}",
+                *PIID.overrides, *overrides], log)
+    setup = prepare_images(run_dir, dataset, teacher_run, num_samples, feature_epochs, progress, log)
     noise, labels, scorer = setup.noise, setup.labels, setup.scorer
-    store = claims.RowStore(run_dir / "sweep", log)
+    store = RowStore(run_dir / "sweep", log)
     grid: dict[str, Tensor] = {"teacher Euler 32": scorer.a.teacher_samples_a[:20]}
 
     def row(label: str, seed: Optional[int], make: Callable[[], Tensor], family: str, **info) -> None:
@@ -115,7 +122,7 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
     with torch.no_grad():
         for (label, seed), pf in students.items():
             row(label, seed, lambda pf=pf: pf.sample(noise, nfe=nfe, cond=labels), "student",
-                train_seconds=claims.train_seconds(_directory(run_dir, label, nfe, seed)))
+                train_seconds=train_seconds(_directory(run_dir, label, nfe, seed)))
         default = students[DEFAULT_LABEL, 0]
         for label, kwargs in SAMPLING_VARIANTS:
             row(f"default, {label}", 0, lambda kwargs=kwargs: default.sample(noise, nfe=nfe, cond=labels, **kwargs),
@@ -126,7 +133,7 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
     results = {"dataset": dataset, "nfe": nfe, "iters": iters, "seeds": seeds, "num_samples": num_samples,
                "teacher_run": str(teacher_run), "summary": summary}
     write_json(run_dir / "sweep" / "results.json", results)
-    (run_dir / "sweep" / "results.md").write_text(claims.format_markdown(summary, COLUMNS))
+    (run_dir / "sweep" / "results.md").write_text(format_markdown(summary, COLUMNS))
     from piflow.recipes.plots import plot_image_rows
 
     plot_image_rows(list(grid.items()), run_dir / "sweep" / "samples.png", ncol=20,

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from piflow.baselines.dmd2 import (DMD2Settings, backward_simulation, distribution_matching_gradient, dmd_loss,
-                                   fake_score_loss, sample)
+from piflow.methods.dmd2 import (DMD2Settings, backward_simulation, distribution_matching_gradient, dmd_loss,
+                                   fake_score_loss)
 from piflow.teachers import GaussianMixtureTeacher
 
 
@@ -47,17 +47,46 @@ def test_fake_score_loss_is_lowest_at_the_generators_exact_velocity():
         assert exact < fake_score_loss(wrong, x0, generator=torch.Generator().manual_seed(4))
 
 
-def test_few_step_chain_and_backward_simulation():
+class PointVelocity(torch.nn.Module):
+    """A generator network whose x̂0 = x − σ·u is a fixed point (its velocity is (x − point)/σ at t = σ·S)."""
+
+    def __init__(self, point: torch.Tensor, num_timesteps: float = 1000.0):
+        super().__init__()
+        self.point, self.num_timesteps, self.times = point, num_timesteps, []
+
+    def forward(self, x, t, cond=None):
+        self.times.append(float(t[0]))
+        return (x - self.point) / (t / self.num_timesteps).reshape(-1, 1)
+
+
+def test_few_step_sampling_renoises_the_generators_x0_with_fresh_noise():
+    """Through the one sampling loop: a generator whose x̂0 is a fixed point is evaluated at σ = 1, .75, .5, .25;
+    each step lands on the point and re-noises it to the next σ with the next fresh draw of the generator,
+    x_k = (1 − σ_k)·point + σ_k·ε_k (the independent truth), and the last step returns the point."""
+    from piflow.methods.dmd2 import DMD2Student
+
+    point = torch.tensor([[0.3, -1.2, 2.0]])
+    network = PointVelocity(point)
+    student = DMD2Student(network, network)
+    noise = torch.randn(5, 3, generator=torch.Generator().manual_seed(5))
+    states = []
+    out = student.sampler(4).sample(noise, generator=torch.Generator().manual_seed(9),
+                                    on_step=lambda i, x: states.append(x.clone()))
+    torch.testing.assert_close(out, point.expand(5, 3), rtol=0, atol=1e-5)
+    assert network.times == pytest.approx([1000.0, 750.0, 500.0, 250.0])
+    fresh = torch.Generator().manual_seed(9)
+    for k, sigma in enumerate((0.75, 0.5, 0.25)):
+        expected = (1 - sigma) * point + sigma * torch.randn(5, 3, generator=fresh)
+        torch.testing.assert_close(states[k], expected, rtol=0, atol=1e-5)
+
+
+def test_backward_simulation():
     point = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64)
-    calls = []
 
     def point_generator(x, sigma, cond=None):
-        calls.append(float(sigma[0]))
         return point.expand_as(x)
 
     noise = torch.randn(5, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    torch.testing.assert_close(sample(point_generator, noise, nfe=4), point.expand(5, 3))
-    assert calls == [1.0, 0.75, 0.5, 0.25]
     state, sigma = backward_simulation(point_generator, noise, nfe=1)
     assert torch.equal(state, noise) and torch.equal(sigma, torch.ones(5, dtype=torch.float64))
     steps = set()
@@ -71,10 +100,12 @@ def test_few_step_chain_and_backward_simulation():
 
 
 def test_settings_are_checked():
+    from piflow.methods.dmd2 import DMD2Student
+
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         DMD2Settings(sigma_min=0.5, sigma_max=0.4)
-    with pytest.raises(ValueError, match="nfe must be >= 1"):
-        sample(lambda x, s, c=None: x, torch.zeros(2, 3), nfe=0)
+    with pytest.raises(ValueError, match="nfe must be an integer >= 1"):
+        DMD2Student(PointVelocity(torch.zeros(1, 3))).sampler(4).sample(torch.zeros(2, 3), nfe=0)
 
 
 def test_training_loss_routes_gradients_by_iteration(tiny_dit):
@@ -82,7 +113,7 @@ def test_training_loss_routes_gradients_by_iteration(tiny_dit):
     while the fake score still equals the teacher (both copies of it) — the known answer at initialisation."""
     import copy
 
-    from piflow.baselines.dmd2 import DMD2Student, training_loss
+    from piflow.methods.dmd2 import DMD2Student, training_loss
     from piflow.teachers import NetworkTeacher
 
     teacher_model = tiny_dit()
@@ -108,5 +139,5 @@ def test_training_loss_routes_gradients_by_iteration(tiny_dit):
     student.zero_grad(set_to_none=True)
     training_loss(student, teacher, noise, labels, 4, nfe=4, generator=torch.Generator().manual_seed(2)).backward()
     assert max(float(p.grad.abs().max()) for p in student.generator.parameters()) > 1e-6
-    samples = student.sample(noise, nfe=4, cond=labels, generator=torch.Generator().manual_seed(0))
+    samples = student.sampler(4).sample(noise, cond=labels, generator=torch.Generator().manual_seed(0))
     assert samples.shape == noise.shape and bool(torch.isfinite(samples).all())

@@ -1,0 +1,101 @@
+"""x0-regression (the "shortcut" baseline): a one-node DX student — one constant x̂0 per step, DDIM-like steps —
+whose x̂0 at the grid points of the teacher's own ODE is regressed onto the ODE's endpoint from the same noise.
+Same backbone, initialisation, data and step budget as π-ID; only the loss differs."""
+from __future__ import annotations
+
+import hashlib
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from piflow.config import ConfigError
+from piflow.methods.piid import PiID
+from piflow.sampling import euler_trajectory
+from piflow.schedule import segment_grid
+
+X0_BANK_STEPS = 32          # the teacher's Euler steps from noise to its ODE endpoint
+
+
+def x0_grid(nfe: int, final_step_size_scale: float, shift: float) -> list[int]:
+    """The student's grid points in units of 1/32 (a `ConfigError` unless shift = 1 and they are whole)."""
+    raw = segment_grid(nfe, final_step_size_scale)
+    if shift != 1.0 or any(abs(t * X0_BANK_STEPS - round(t * X0_BANK_STEPS)) > 1e-6 for t in raw):
+        raise ConfigError("the x0-regression method needs distill.shift=1 and a segment grid on multiples of 1/32 "
+                          "(distill.nfe and distill.final_step_size_scale)")
+    return [round(t * X0_BANK_STEPS) for t in raw]
+
+
+def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int],
+                     cache_key: Optional[bytes] = None) -> tuple[Tensor, Tensor]:
+    """(states at the grid indices (G, N, *shape), ODE endpoints (N, *shape)) of the teacher's 32-step Euler
+    trajectories from `noise` (N, *shape); with a `cache_key` (the teacher's identity and every input), read from
+    and written to ``cache_dir()/x0_bank`` (safetensors; a damaged entry is recomputed)."""
+    from piflow.files import cache_dir, load_safetensors, save_safetensors
+
+    path = None
+    if cache_key is not None:
+        digest = hashlib.sha256(cache_key)
+        digest.update(repr((X0_BANK_STEPS, indices, tuple(noise.shape))).encode())
+        digest.update(noise.numpy().tobytes())
+        if torch.is_tensor(cond):
+            digest.update(cond.numpy().tobytes())
+        path = cache_dir() / "x0_bank" / f"{digest.hexdigest()[:32]}.safetensors"
+        if path.is_file():
+            try:
+                bank = load_safetensors(path, "x0-baseline cache")
+                return bank["states"], bank["endpoints"]
+            except (ValueError, KeyError):
+                pass
+    trajectories = euler_trajectory(teacher, noise, X0_BANK_STEPS, cond, batch_size=512)
+    states, endpoints = trajectories[torch.tensor(indices)].contiguous(), trajectories[-1].contiguous()
+    if path is not None:
+        try:
+            save_safetensors(path, {"states": states, "endpoints": endpoints})
+        except OSError as error:                          # an unwritable cache only costs time
+            print(f"piflow: warning: could not cache the x0-baseline bank ({error})")
+    return states, endpoints
+
+
+class X0Regression(PiID):
+    """x0-regression: `distill.x0_bank_size` teacher trajectories from seeded noise (seed ``train.seed`` + 99),
+    each batch a random (trajectory, grid point) pair per sample; loss ½·mean ‖x̂0 − x0_teacher‖²."""
+
+    name = "x0"
+    title = "x0-regression"
+    paper = "the x0 (shortcut) baseline of the π-Flow paper's ablations"
+    loss_title = "x0-regression loss"
+
+    def __init__(self, setup):
+        super().__init__(setup)
+        self.grid = x0_grid(self.piid.nfe, self.piid.final_step_size_scale, self.piid.shift)
+
+    def policy_override(self) -> dict:
+        return {"policy": "dx"}
+
+    def student(self) -> nn.Module:
+        return self.setup.policy_student("dx", 1)
+
+    def loss_fn(self, student: nn.Module):
+        setup = self.setup
+        pf = self.piflow(student)
+        indices = [X0_BANK_STEPS - g for g in self.grid]                # state index of each grid point σ = g/32
+        bank_size = int(self.config["distill"]["x0_bank_size"])
+        gen = torch.Generator().manual_seed(setup.seed + 99)
+        noise = torch.randn(bank_size, *setup.shape, generator=gen)
+        labels = setup.draw_cond(gen, bank_size)
+        key = None if setup.teacher_identity is None else setup.teacher_identity + repr(
+            self.config.get("guidance")).encode()
+        states, endpoints = teacher_ode_bank(setup.teacher, noise, labels, indices, key)
+        sigmas = torch.tensor([g / X0_BANK_STEPS for g in self.grid])
+        batch = setup.batch_size
+
+        def loss_fn(iteration: int, generator: torch.Generator, backward) -> Tensor:
+            rows = torch.randint(len(endpoints), (batch,), generator=generator)
+            point = torch.randint(len(indices), (batch,), generator=generator)
+            x, sigma = states[point, rows], sigmas[point]
+            cond = labels[rows] if torch.is_tensor(labels) else labels
+            x0_pred = pf.policy(x, sigma, cond).x0(x, sigma)
+            return 0.5 * (x0_pred - endpoints[rows]).square().flatten(1).mean(1).mean()
+
+        return loss_fn
