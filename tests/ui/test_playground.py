@@ -122,7 +122,7 @@ def test_importing_the_ui_logic_imports_no_gradio():
     import subprocess
     import sys
 
-    code = ("import sys, piflow, piflow.ui, piflow.ui.playground, piflow.ui.text_to_image, piflow.ui.browser; "
+    code = ("import sys, piflow, piflow.ui, piflow.ui.playground, piflow.ui.text_to_image; "
             "print('gradio' in sys.modules, 'selenium' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

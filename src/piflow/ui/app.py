@@ -3,7 +3,7 @@
 The logic lives in `piflow.ui.playground` and `piflow.ui.text_to_image`; this module only wires controls to it.
 Every handler turns bad input into a one-line message in the page (element ``pg-message`` / ``t2i-message``)
 instead of an exception, so the app keeps serving. Components carry ``elem_id``s (``pg-*``, ``t2i-*``) for the
-browser test (`piflow.ui.browser`).
+browser test (tests/ui/browser.py).
 """
 from __future__ import annotations
 
