@@ -70,3 +70,17 @@ def test_policy_dropout_defaults_live_in_settings():
 
     assert DEFAULT_POLICY_DROPOUT == {"gmflow": 0.05, "dx": 0.0}
     assert TEXT_TO_IMAGE_POLICY_DROPOUT == {"gmflow": 0.1, "dx": 0.0} == T2I_POLICY_DROPOUT
+
+
+def test_one_default_for_total_substeps():
+    import importlib
+    import inspect
+
+    from piflow import sampling, schedule
+
+    rollout_module = importlib.import_module("piflow.rollout")      # `piflow.rollout` is also the function's name
+
+    assert schedule.DEFAULT_TOTAL_SUBSTEPS == rollout_module.DEFAULT_TOTAL_SUBSTEPS == 128
+    assert PiIDSettings().total_substeps == schedule.DEFAULT_TOTAL_SUBSTEPS
+    for function in (rollout_module.rollout, rollout_module.rollout_tau, sampling.sample):
+        assert inspect.signature(function).parameters["total_substeps"].default == schedule.DEFAULT_TOTAL_SUBSTEPS

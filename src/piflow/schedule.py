@@ -11,6 +11,7 @@ from typing import Any, Sequence, Union
 from piflow.checks import is_int
 
 Temperature = Union[float, str]
+DEFAULT_TOTAL_SUBSTEPS = 128      # Euler substeps per unit of raw time in the rollouts (the paper's value)
 
 
 def check_nfe(nfe: int) -> int:

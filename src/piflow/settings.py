@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from piflow.checks import check_int, check_number
-from piflow.schedule import check_final_step_size_scale, check_nfe, teacher_ratio
+from piflow.schedule import DEFAULT_TOTAL_SUBSTEPS, check_final_step_size_scale, check_nfe, teacher_ratio
 
 POLICY_KINDS = ("gmflow", "dx")
 POLICY_ALIASES = {"gm": "gmflow", "gmflow": "gmflow", "dx": "dx"}
@@ -73,7 +73,7 @@ class PiIDSettings:
     window_substeps: int = 0
     policy_dropout: Optional[float] = None
     loss_scale: float = 3.0
-    total_substeps: int = 128
+    total_substeps: int = DEFAULT_TOTAL_SUBSTEPS
     num_decay_iters: int = 0
 
     def __post_init__(self):
