@@ -2,6 +2,7 @@
 (`write_hook`) is the only way in, and new files get the permissions the umask allows."""
 from __future__ import annotations
 
+import io
 import os
 import stat
 import subprocess
@@ -60,24 +61,11 @@ def test_a_write_stopped_at_either_stage_leaves_the_old_file(tmp_path, monkeypat
 def test_without_a_hook_the_bytes_go_out_in_one_write(tmp_path, monkeypatch):
     """Production writes are not split and read no environment variable."""
     calls = []
-    real_fdopen = os.fdopen
 
-    class Counting:
-        def __init__(self, handle):
-            self._handle = handle
-
+    class CountingFile(io.FileIO):
         def write(self, data) -> int:
             calls.append(len(data))
-            return self._handle.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._handle, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._handle.close()
+            return super().write(data)
 
     class NoEnvironment(dict):
         def get(self, key, default=None):
@@ -86,7 +74,7 @@ def test_without_a_hook_the_bytes_go_out_in_one_write(tmp_path, monkeypatch):
         __getitem__ = get
 
     assert piflow.files.write_hook is None
-    monkeypatch.setattr(piflow.files.os, "fdopen", lambda *args, **kwargs: Counting(real_fdopen(*args, **kwargs)))
+    monkeypatch.setattr(piflow.files.os, "fdopen", lambda fd, mode: CountingFile(fd, mode))
     monkeypatch.setattr(piflow.files.os, "environ", NoEnvironment())
     atomic_write(tmp_path / "a.bin", b"x" * 1001)
     monkeypatch.undo()
