@@ -33,7 +33,7 @@ ui: $(VENV)/.installed
 
 # the README's screenshot, taken by the browser test's own helpers (needs chromium + chromium-driver)
 screenshot: $(VENV)/.installed
-	$(PY) -m piflow.ui.browser docs/images/ui_playground.png
+	$(PY) tests/ui/browser.py docs/images/ui_playground.png
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/policy_overhead.py

@@ -44,3 +44,33 @@ def test_sigma_broadcasting():
         as_batch_sigma(torch.rand(2), 3, 2, "cpu", name="sigma_t")
     with pytest.raises(ValueError, match=r"must lie in \[0.0, 1.0\]"):
         as_batch_sigma(1.5, 2, 2, "cpu")
+
+
+def test_check_state_is_the_shared_state_check():
+    """One check serves the policies, the rollout and the exact teacher: shape (None = any), finiteness, σ."""
+    from piflow import GaussianMixtureTeacher, GMFlowPolicy, rollout
+    from piflow.checks import NonFiniteError, check_state
+
+    x = torch.zeros(3, 2)
+    sigma = check_state(x, "x", (None, 2), 0.5, "sigma", dtype=torch.float64)
+    assert sigma.shape == (3, 1) and sigma.dtype == torch.float64 and float(sigma[0, 0]) == 0.5
+    with pytest.raises(ValueError, match=r"^x must have shape \(B, 3\), got \(3, 2\)$"):
+        check_state(x, "x", (None, 3), 0.5, "sigma")
+    with pytest.raises(ValueError, match=r"^x must have the state shape, got \(3, 2\)$"):
+        check_state(x, "x", (3, 2, 1), 0.5, "sigma", expected="the state shape")
+    with pytest.raises(NonFiniteError, match="^x contains non-finite"):
+        check_state(torch.full((3, 2), float("nan")), "x", (3, 2), 0.5, "sigma")
+    with pytest.raises(ValueError, match=r"^sigma must lie in \[0.0, 1.0\]"):
+        check_state(x, "x", (3, 2), 1.5, "sigma")
+    # the same rule, worded by each caller
+    policy = GMFlowPolicy(torch.zeros(3, 2, 2), torch.zeros(3), torch.zeros(3, 2, 1), x, 1.0)
+    teacher = GaussianMixtureTeacher(torch.zeros(2, 2), 0.5)
+    for call, fragment in ((lambda: policy.x0(torch.zeros(2, 2), 0.5), "x_t must have the policy's state shape"),
+                           (lambda: rollout(policy, torch.zeros(3, 3), 1.0, 0.0), "x_src must have the policy's"),
+                           (lambda: teacher(torch.zeros(3, 3), 0.5), r"x_t must have shape \(B, 2\)"),
+                           (lambda: GMFlowPolicy(torch.zeros(3, 2, 2), torch.zeros(3), torch.zeros(3, 2, 1),
+                                                 torch.zeros(3, 2), 1.5), "sigma_src must lie in")):
+        with pytest.raises(ValueError, match=fragment):
+            call()
+    with pytest.raises(NonFiniteError, match="x_t contains non-finite"):
+        policy.velocity(torch.full((3, 2), float("inf")), 0.5)

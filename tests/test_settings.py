@@ -42,3 +42,45 @@ def test_the_old_name_keeps_its_old_meaning():
     with pytest.raises(ValueError, match="GMFlow policies only"):
         PiIDSettings.from_mapping({"gm_dropout": 0.1}, policy="dx")
     assert PiIDSettings.from_mapping({"gm_dropout": 0.0}, policy="dx").policy_dropout == 0.0
+
+
+def test_one_rule_for_the_old_dropout_name():
+    """`rename_old_dropout` is what `PiIDSettings.from_mapping` (hence `PiFlow` keywords) and old config files use."""
+    from piflow.config import upgrade_config
+    from piflow.settings import rename_old_dropout
+
+    assert rename_old_dropout({"gm_dropout": 0.2, "nfe": 2}, "gm") == {"policy_dropout": 0.2, "nfe": 2}
+    assert rename_old_dropout({"gm_dropout": 0.2}, None) == {"policy_dropout": 0.2}
+    assert rename_old_dropout({"gm_dropout": 0.05}, "x0", old_file=True) == {"policy_dropout": 0.0}
+    assert rename_old_dropout({"gm_dropout": 0}, "DX") == {"policy_dropout": 0.0}
+    with pytest.raises(ValueError, match="^gm_dropout applies to GMFlow policies only"):
+        rename_old_dropout({"gm_dropout": 0.05}, "dx")
+    template = {"distill": {"policy_dropout": None}}
+    for section, policy in (({"gm_dropout": 0.2}, "gmflow"), ({"gm_dropout": 0.05}, "dx")):
+        upgraded = upgrade_config({"student": {"policy": policy}, "distill": section}, template)["distill"]
+        assert upgraded == rename_old_dropout(section, policy, old_file=True)
+    assert PiIDSettings.from_mapping({}, gm_dropout=0.2).policy_dropout == pytest.approx(0.2)
+    assert PiIDSettings.from_mapping({"gm_dropout": 0.2}, policy_dropout=0.3).policy_dropout == pytest.approx(0.3)
+
+
+def test_policy_dropout_defaults_live_in_settings():
+    """0.05: the authors' ImageNet / GM default; 0.1: their text-to-image configs (the recipe uses the same)."""
+    from piflow.recipes.text_to_image import T2I_POLICY_DROPOUT
+    from piflow.settings import DEFAULT_POLICY_DROPOUT, TEXT_TO_IMAGE_POLICY_DROPOUT
+
+    assert DEFAULT_POLICY_DROPOUT == {"gmflow": 0.05, "dx": 0.0}
+    assert TEXT_TO_IMAGE_POLICY_DROPOUT == {"gmflow": 0.1, "dx": 0.0} == T2I_POLICY_DROPOUT
+
+
+def test_one_default_for_total_substeps():
+    import importlib
+    import inspect
+
+    from piflow import sampling, schedule
+
+    rollout_module = importlib.import_module("piflow.rollout")      # `piflow.rollout` is also the function's name
+
+    assert schedule.DEFAULT_TOTAL_SUBSTEPS == rollout_module.DEFAULT_TOTAL_SUBSTEPS == 128
+    assert PiIDSettings().total_substeps == schedule.DEFAULT_TOTAL_SUBSTEPS
+    for function in (rollout_module.rollout, rollout_module.rollout_tau, sampling.sample):
+        assert inspect.signature(function).parameters["total_substeps"].default == schedule.DEFAULT_TOTAL_SUBSTEPS

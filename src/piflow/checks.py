@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -104,3 +104,16 @@ def as_batch_sigma(sigma: SigmaLike, batch: int, ndim: int, device: torch.device
             raise ValueError(f"{name} must lie in [{low}, {high}], got values "
                              f"{sigma[bad][:4].tolist()}")
     return sigma.reshape(batch, *([1] * (ndim - 1)))
+
+
+def check_state(x: Tensor, name: str, shape: Sequence[Optional[int]], sigma: SigmaLike, sigma_name: str,
+                expected: Optional[str] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The one check of a (state, noise level) input pair, used by the policies, the rollout and the exact
+    teacher: `x` has `shape` (None: any size on that axis; `expected` words the shape in the error, default
+    ``shape (…)``), holds no NaN/Inf (`check_finite`), and `sigma` is a noise level in [0, 1] for its batch;
+    returns σ as a `dtype` tensor of shape (B, 1, …, 1) (`as_batch_sigma`)."""
+    if len(x.shape) != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        wanted = expected or f"shape ({', '.join('B' if want is None else str(want) for want in shape)})"
+        raise ValueError(f"{name} must have {wanted}, got {tuple(x.shape)}")
+    check_finite(x.detach(), name)
+    return as_batch_sigma(sigma, x.shape[0], x.dim(), x.device, name=sigma_name, dtype=dtype)

@@ -100,12 +100,11 @@ def _run_is_image(run_dir: Path) -> bool:
 
 
 def _temperature(value: str):
-    """--temperature: 'auto' or a number >= 0, checked by the sampler's own rule (`resolve_temperature`)."""
-    from piflow.schedule import resolve_temperature
+    """--temperature: 'auto' or a number >= 0, by the sampler's own rule (`parse_temperature`)."""
+    from piflow.schedule import parse_temperature
 
     try:
-        temperature = value if value == "auto" else float(value)
-        resolve_temperature(temperature, 1)
+        temperature = parse_temperature(value)
     except ValueError:
         raise ConfigError(f"--temperature must be a number >= 0 or 'auto', got {value!r}") from None
     return temperature

@@ -16,6 +16,8 @@ import yaml
 
 from piflow.errors import ConfigError
 from piflow.files import read_yaml
+from piflow.schedule import is_auto
+from piflow.settings import OLD_DROPOUT_NAME, rename_old_dropout
 
 __all__ = ["ConfigError", "Optional_", "dataclass_defaults", "load_config", "parse_overrides", "save_config",
            "upgrade_config"]
@@ -25,20 +27,17 @@ def upgrade_config(raw: Mapping, template: Mapping) -> dict:
     """A config mapping (a YAML file's, a run's saved config.yaml, or parsed overrides) with keys of older piflow
     versions rewritten for a `template` (the defaults, or the new config) that has the new keys, keeping their old
     meaning: ``distill.gm_dropout`` (GM dropout; the recipes used 0 for DX and x0 students whatever it said) becomes
-    ``distill.policy_dropout`` (0 for a dx/x0 ``student.policy``)."""
+    ``distill.policy_dropout`` (0 for a dx/x0 ``student.policy``), by `piflow.settings.rename_old_dropout`."""
     config = dict(raw)
     distill, new = config.get("distill"), template.get("distill")
-    if isinstance(distill, Mapping) and "gm_dropout" in distill and isinstance(new, Mapping) \
-            and "policy_dropout" in new and "gm_dropout" not in new:
-        distill = dict(distill)
-        if "policy_dropout" in distill:
-            raise ConfigError("distill.gm_dropout is the old name of distill.policy_dropout: give only "
-                              "policy_dropout")
-        value = distill.pop("gm_dropout")
+    if isinstance(distill, Mapping) and OLD_DROPOUT_NAME in distill and isinstance(new, Mapping) \
+            and "policy_dropout" in new and OLD_DROPOUT_NAME not in new:
         student = config.get("student")
-        policy = student.get("policy") if isinstance(student, Mapping) else None
-        distill["policy_dropout"] = 0.0 if policy in ("dx", "x0") else value
-        config["distill"] = distill
+        try:
+            config["distill"] = rename_old_dropout(distill, student.get("policy") if isinstance(student, Mapping)
+                                                   else None, old_file=True)
+        except ValueError as error:
+            raise ConfigError(f"distill.{error}") from None
     return config
 
 
@@ -107,7 +106,7 @@ def _coerce(default: Any, value: Any, path: str) -> Any:
         if default.kind is str and isinstance(value, bool):       # yes/no/on/off are never a path or a name
             raise ConfigError(f"config key {path!r} must be a string or null, got {value!r}")
         return _coerce(default.example, value, path)
-    if value == "auto" and isinstance(default, (int, float)) and not isinstance(default, bool):
+    if is_auto(value) and isinstance(default, (int, float)) and not isinstance(default, bool):
         return value                        # number-or-'auto' settings (GM temperature); the recipe checks them
     if default == "auto" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return value

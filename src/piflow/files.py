@@ -6,20 +6,22 @@
 * `write_json` / `json_line` write strict JSON (RFC 8259): NaN and ±Inf, which Python's `json` would write as the
   invalid tokens ``NaN``/``Infinity``, become ``null``.
 * Nothing here unpickles: tensors are read from safetensors, everything else from JSON or YAML (safe loader).
+* Files are created with the permissions the umask allows (``0o666`` minus the umask, applied by the kernel when
+  the temporary file is opened), not ``mkstemp``'s private ``0o600``; replacing a file keeps its permissions.
 
-Fault injection (tests only): with ``PIFLOW_TEST_KILL_AT="<point>:<file name>:<n>"`` the process SIGKILLs itself
-the n-th time (1-based) it reaches `<point>` while writing a file of that name — ``write-partial`` (half of the
-bytes written to the temporary file) or ``write-before-rename`` (temporary file complete and synced, not yet
-renamed), e.g. ``write-partial:checkpoint.safetensors:2``. Unset, `fault_point` is one environment lookup per file
-write. Files are created with the permissions the umask allows (not mkstemp's private 0600).
+Test seam: `write_hook` is None in production, and then a write is one ``write`` call with no extra work. A test
+may set it (``monkeypatch.setattr(piflow.files, "write_hook", hook)``, or tests/reliability/kill_at.py for a CLI
+subprocess) to a function ``hook(stage, path)`` called by `atomic_write` at ``"write-partial"`` (the temporary
+file holds the first half of the bytes; with a hook installed, byte data is written in two halves) and at
+``"write-before-rename"`` (the temporary file is complete and synced, not yet renamed). piflow never reads an
+environment variable for this.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -27,9 +29,9 @@ from piflow.errors import DataError
 
 PathLike = Union[str, os.PathLike]
 
-_FAULT_COUNTS: dict[str, int] = {}
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+WriteHook = Callable[[str, Path], None]
+write_hook: Optional[WriteHook] = None
+"""Test seam (see the module docstring): None, or ``hook(stage, path)`` called inside `atomic_write`."""
 
 
 def cache_dir() -> Path:
@@ -39,40 +41,30 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "piflow"
 
 
-def fault_point(name: str) -> None:
-    """Kill this process with SIGKILL here if ``PIFLOW_TEST_KILL_AT`` asks for it (see the module docstring)."""
-    spec = os.environ.get("PIFLOW_TEST_KILL_AT")
-    if not spec:
-        return
-    point, _, count = spec.rpartition(":")
-    if point != name:
-        return
-    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] == int(count):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def atomic_write(path: PathLike, data: Union[bytes, Callable[[Any], None]]) -> None:
     """Write `data` (bytes, or a function that writes to a binary file object) to `path` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    hook = write_hook
+    fd, tmp_name = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as handle:
-            if hasattr(os, "fchmod"):
-                os.fchmod(handle.fileno(), path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
-            if isinstance(data, (bytes, bytearray, memoryview)):
-                view = memoryview(data)
-                half = len(view) // 2
-                handle.write(view[:half])
-                handle.flush()
-                fault_point(f"write-partial:{path.name}")
-                handle.write(view[half:])
-            else:
+            if hasattr(os, "fchmod") and path.exists():
+                os.fchmod(handle.fileno(), path.stat().st_mode & 0o7777)
+            if not isinstance(data, (bytes, bytearray, memoryview)):
                 data(handle)
+            elif hook is None:
+                handle.write(data)
+            else:
+                view = memoryview(data)
+                handle.write(view[:len(view) // 2])
+                handle.flush()
+                hook("write-partial", path)
+                handle.write(view[len(view) // 2:])
             handle.flush()
             os.fsync(handle.fileno())
-        fault_point(f"write-before-rename:{path.name}")
+        if hook is not None:
+            hook("write-before-rename", path)
         os.replace(tmp_name, path)
     except OSError as error:
         _remove_quietly(tmp_name)
@@ -81,6 +73,19 @@ def atomic_write(path: PathLike, data: Union[bytes, Callable[[Any], None]]) -> N
     except BaseException:
         _remove_quietly(tmp_name)
         raise
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """Create a new, empty ``.<name>.<random>.tmp`` next to `path`; (descriptor, name). Opened with mode 0o666, so
+    the kernel applies the process's current umask (thread-safe, unlike reading the umask with `os.umask`)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file next to {path}: 100 random names were taken")
 
 
 def remove_stale_temporary_files(directory: PathLike) -> list[Path]:

@@ -13,11 +13,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from piflow.checks import SigmaLike, as_batch_sigma, check_finite
+from piflow.checks import SigmaLike, as_batch_sigma, check_state
 from piflow.policies.base import Policy
+from piflow.schedule import DEFAULT_TOTAL_SUBSTEPS      # defined with the schedule; importable from here too
 from piflow.timewarp import unwarp, warp
-
-DEFAULT_TOTAL_SUBSTEPS = 128
 
 
 SUBSTEP_TOLERANCE = 1e-4
@@ -93,12 +92,9 @@ def rollout(policy: Policy, x_src: Tensor, sigma_src: SigmaLike, sigma_dst: Sigm
     """
     if int(total_substeps) < 1:
         raise ValueError(f"total_substeps must be >= 1, got {total_substeps}")
-    if x_src.shape != policy.x_src.shape:
-        raise ValueError(f"x_src must have the policy's state shape {tuple(policy.x_src.shape)}, "
-                         f"got {tuple(x_src.shape)}")
-    check_finite(x_src.detach(), "x_src")
+    sigma_start = check_state(x_src, "x_src", policy.x_src.shape, sigma_src, "sigma_src",
+                              f"the policy's state shape {tuple(policy.x_src.shape)}")
     batch, ndim, device = x_src.shape[0], x_src.dim(), x_src.device
-    sigma_start = as_batch_sigma(sigma_src, batch, ndim, device, name="sigma_src")
     sigma_end = as_batch_sigma(sigma_dst, batch, ndim, device, name="sigma_dst")
     if bool((sigma_end > sigma_start).any()):
         raise ValueError("sigma_dst must be <= sigma_src (policies are rolled out towards the data)")

@@ -6,11 +6,12 @@ Segment grids in raw time, NFE and step-size checks, the trajectory-mixing ratio
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 from piflow.checks import is_int
 
 Temperature = Union[float, str]
+DEFAULT_TOTAL_SUBSTEPS = 128      # Euler substeps per unit of raw time in the rollouts (the paper's value)
 
 
 def check_nfe(nfe: int) -> int:
@@ -65,15 +66,33 @@ def auto_temperature(nfe: int) -> float:
     return min(max(0.1 * (nfe - 1), 0.0), 1.0)
 
 
-def resolve_temperature(temperature: Temperature, nfe: int) -> float:
-    """The GM temperature to use at `nfe` steps: a number >= 0 as given, or 'auto' (`auto_temperature`); anything
-    else (negative, NaN, another string) is a ValueError naming the argument."""
-    if temperature == "auto":
-        return auto_temperature(nfe)
-    if isinstance(temperature, str) or isinstance(temperature, bool) or not (
-            is_int(temperature) or isinstance(temperature, float) or hasattr(temperature, "__float__")):
+def is_auto(value: Any) -> bool:
+    """True for the word 'auto' (any case, surrounding spaces ignored): the keyword of number-or-'auto' settings."""
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
+def parse_temperature(temperature: Any) -> Temperature:
+    """The one GM temperature rule (Python API, CLI, config files, UI): 'auto' (any case, spaces ignored) or a
+    finite number >= 0, given as a number or as text holding one; returns "auto" or the float. Anything else
+    (negative, NaN, ±Inf, a bool, another string) is a ValueError naming the argument."""
+    if is_auto(temperature):
+        return "auto"
+    value = temperature
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"temperature must be a number >= 0 or 'auto', got {temperature!r}") from None
+    elif isinstance(value, bool) or not (is_int(value) or isinstance(value, float) or hasattr(value, "__float__")):
         raise ValueError(f"temperature must be a number >= 0 or 'auto', got {temperature!r}")
-    value = float(temperature)
+    value = float(value)
     if not value >= 0 or math.isinf(value):
         raise ValueError(f"temperature must be a finite number >= 0 or 'auto', got {temperature!r}")
     return value
+
+
+def resolve_temperature(temperature: Any, nfe: int) -> float:
+    """The GM temperature to use at `nfe` steps: `parse_temperature`'s number, or `auto_temperature(nfe)` for
+    'auto'."""
+    value = parse_temperature(temperature)
+    return auto_temperature(nfe) if value == "auto" else value

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from piflow.checks import SigmaLike, as_batch_sigma, check_finite
+from piflow.checks import SigmaLike, check_finite, check_state
 from piflow.policies.gmflow import GMFlowPolicy
 
 
@@ -137,11 +137,7 @@ class GaussianMixtureTeacher:
         return tuple(self.means.shape[1:])
 
     def _check(self, x_t: Tensor, sigma_t: SigmaLike, name: str) -> tuple[Tensor, Tensor]:
-        if tuple(x_t.shape[1:]) != self.data_shape:
-            raise ValueError(f"{name} must have shape (B, {', '.join(map(str, self.data_shape))}), "
-                             f"got {tuple(x_t.shape)}")
-        check_finite(x_t, name)
-        sigma = as_batch_sigma(sigma_t, x_t.shape[0], x_t.dim(), x_t.device, name="sigma_t", dtype=torch.float64)
+        sigma = check_state(x_t, name, (None, *self.data_shape), sigma_t, "sigma_t", dtype=torch.float64)
         return x_t.double(), sigma
 
     def _components(self, x: Tensor, sigma: Tensor):

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -19,15 +20,20 @@ TINY_2D = ["dataset=ring8", "teacher=exact", "student.hidden_size=32", "student.
 
 def cli_env(**extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    env.pop("PIFLOW_TEST_KILL_AT", None)
     env.update(extra)
     return env
 
 
-def run_cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """`python -m piflow.cli ARGS` in a fresh process (one thread), output captured as text."""
-    return subprocess.run([sys.executable, "-m", "piflow.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=cli_env(**env))
+KILL_AT = Path(__file__).with_name("kill_at.py")
+
+
+def run_cli(*args: str, timeout: float = 300, kill_at: Optional[str] = None,
+            **env: str) -> subprocess.CompletedProcess:
+    """`python -m piflow.cli ARGS` in a fresh process (one thread), output captured as text. With `kill_at`
+    ("STAGE:FILE:N"), the CLI runs under kill_at.py, which SIGKILLs it at that point of a file write."""
+    launcher = [str(KILL_AT), kill_at] if kill_at is not None else ["-m", "piflow.cli"]
+    return subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(**env))
 
 
 class InProcess:

@@ -18,7 +18,8 @@ import torch
 
 from piflow.train import load_checkpoint
 
-from .conftest import TINY_2D, cli_env, run_cli
+from .conftest import KILL_AT, TINY_2D, cli_env, run_cli
+from .kill_at import kill_hook
 
 
 def _outcome(run_dir: Path) -> dict:
@@ -49,10 +50,35 @@ KILL_POINTS = [pytest.param("write-partial:checkpoint.safetensors:2", marks=_slo
                pytest.param("write-partial:metrics.json:1", marks=_slow)]
 
 
+@pytest.mark.parametrize("stage", ["write-partial", "write-before-rename"])
+def test_the_kill_hook_reaches_a_subprocess_and_kills_it_mid_write(tmp_path, stage):
+    """The seam the slow kill tests use, fast: a process killed on its 2nd write of data.bin leaves the 1st write's
+    bytes in data.bin and the 2nd write's temporary file (half or all of its bytes) next to it."""
+    code = (f"import sys; sys.path.insert(0, {str(KILL_AT.parent)!r})\n"
+            "import piflow.files\nfrom kill_at import kill_hook\n"
+            f"piflow.files.write_hook = kill_hook({stage + ':data.bin:2'!r})\n"
+            f"piflow.files.atomic_write({str(tmp_path / 'other.bin')!r}, b'z' * 10)\n"
+            f"piflow.files.atomic_write({str(tmp_path / 'data.bin')!r}, b'a' * 100)\n"
+            f"piflow.files.atomic_write({str(tmp_path / 'data.bin')!r}, b'b' * 100)\n"
+            "print('not killed')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=cli_env())
+    assert result.returncode == -signal.SIGKILL and result.stdout == "", result.stderr[-2000:]
+    assert (tmp_path / "data.bin").read_bytes() == b"a" * 100 and (tmp_path / "other.bin").read_bytes() == b"z" * 10
+    temporary, = tmp_path.glob(".data.bin.*.tmp")
+    assert temporary.read_bytes() == (b"b" * 50 if stage == "write-partial" else b"b" * 100)
+
+
+def test_kill_points_are_checked():
+    for bad in ("write-partial:x", "write-half:x:1", "write-partial::1", "write-partial:x:0"):
+        with pytest.raises(ValueError, match="kill point must be STAGE:FILE:N"):
+            kill_hook(bad)
+
+
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_kill_inside_a_file_write_then_resume(tmp_path, finished_run, point):
     run_dir = tmp_path / "run"
-    killed = run_cli("distill", "--run-dir", str(run_dir), *TINY_2D, PIFLOW_TEST_KILL_AT=point)
+    killed = run_cli("distill", "--run-dir", str(run_dir), *TINY_2D, kill_at=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if point.startswith("write-partial:checkpoint"):          # the previous checkpoint is intact
         assert load_checkpoint(run_dir / "checkpoint.safetensors")["step"] == 5

@@ -4,7 +4,7 @@ a tiny random FLUX pipeline."""
 import numpy as np
 import pytest
 
-from piflow.ui import browser
+import browser      # tests/ui/browser.py (pytest puts tests/ui on sys.path)
 
 REASON = browser.unavailable()
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"no headless browser here: {REASON}"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from piflow.checks import NonFiniteError, SigmaLike, as_batch_sigma, check_finite  # noqa: F401 (NonFiniteError:
+from piflow.checks import NonFiniteError, SigmaLike, check_state  # noqa: F401 (NonFiniteError:
 # importable from here as before piflow.checks existed)
 
 
@@ -46,11 +46,8 @@ class Policy:
 
     def _check_state(self, x_t: Tensor, sigma_t: SigmaLike) -> tuple[Tensor, Tensor]:
         """Checks of the public `x0`/`velocity` (the rollouts call the unchecked `_x0`/`_velocity` per substep)."""
-        if x_t.shape != self.x_src.shape:
-            raise ValueError(f"x_t must have the policy's state shape {tuple(self.x_src.shape)}, "
-                             f"got {tuple(x_t.shape)}")
-        check_finite(x_t.detach(), "x_t")
-        sigma = as_batch_sigma(sigma_t, x_t.shape[0], x_t.dim(), x_t.device, name="sigma_t")
+        sigma = check_state(x_t, "x_t", self.x_src.shape, sigma_t, "sigma_t",
+                            f"the policy's state shape {tuple(self.x_src.shape)}")
         return x_t.float(), sigma
 
     def x0(self, x_t: Tensor, sigma_t: SigmaLike) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from typing import Optional
 
-from piflow.checks import as_batch_sigma, check_finite, draw
+from piflow.checks import check_finite, check_state, draw
 from piflow.policies.base import Policy
 from piflow.timewarp import unwarp
 
@@ -36,15 +36,12 @@ class DXPolicy(Policy):
             raise ValueError(f"mode must be one of {DX_MODES}, got {mode!r}")
         if u_grid.dim() < 3:
             raise ValueError(f"u_grid must have shape (B, N, C, *spatial), got {tuple(u_grid.shape)}")
-        batch = u_grid.shape[0]
-        if x_src.shape != (batch, *u_grid.shape[2:]):
-            raise ValueError(f"x_src must have shape (B, C, *spatial) = {(batch, *u_grid.shape[2:])} to match u_grid "
-                             f"{tuple(u_grid.shape)}, got {tuple(x_src.shape)}")
+        state = (u_grid.shape[0], *u_grid.shape[2:])
+        sigma = check_state(x_src, "x_src", state, sigma_src, "sigma_src",
+                            f"shape (B, C, *spatial) = {state} to match u_grid {tuple(u_grid.shape)}")
         if not segment_size > 0:
             raise ValueError(f"segment_size must be > 0, got {segment_size}")
         check_finite(u_grid.detach(), "u_grid")
-        check_finite(x_src.detach(), "x_src")
-        sigma = as_batch_sigma(sigma_src, batch, x_src.dim(), x_src.device, name="sigma_src")
         x_src32 = x_src.float()
         self._init(x_src32.unsqueeze(1) - sigma.unsqueeze(1) * u_grid.float(), x_src32, sigma,
                    float(segment_size), float(shift), mode, float(eps))

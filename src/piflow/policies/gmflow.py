@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor
 
-from piflow.checks import as_batch_sigma, check_finite, draw
+from piflow.checks import as_batch_sigma, check_finite, check_state, draw
 from piflow.policies.base import Policy
 
 
@@ -186,9 +186,9 @@ class GMFlowPolicy(Policy):
         if means.dim() < 3:
             raise ValueError(f"means must have shape (B, K, C, *spatial), got {tuple(means.shape)}")
         batch, num_components = means.shape[:2]
-        if x_src.shape != (batch, *means.shape[2:]):
-            raise ValueError(f"x_src must have shape (B, C, *spatial) = {(batch, *means.shape[2:])} to match means "
-                             f"{tuple(means.shape)}, got {tuple(x_src.shape)}")
+        state = (batch, *means.shape[2:])
+        sigma = check_state(x_src, "x_src", state, sigma_src, "sigma_src",
+                            f"shape (B, C, *spatial) = {state} to match means {tuple(means.shape)}")
         expected_lw = (batch, num_components, 1, *means.shape[3:])
         if logweights.shape != expected_lw:
             raise ValueError(f"logweights must have shape (B, K, 1, *spatial) = {expected_lw}, "
@@ -196,10 +196,9 @@ class GMFlowPolicy(Policy):
         if logstds.numel() not in (1, batch):
             raise ValueError(f"logstds must hold one value per sample (shape (B,) or (B, 1, …, 1) with B={batch}), "
                              f"got shape {tuple(logstds.shape)}")
-        for tensor, name in ((means, "means"), (logstds, "logstds"), (logweights, "logweights"), (x_src, "x_src")):
+        for tensor, name in ((means, "means"), (logstds, "logstds"), (logweights, "logweights")):
             check_finite(tensor.detach(), name)
         ndim = means.dim()
-        sigma = as_batch_sigma(sigma_src, batch, x_src.dim(), x_src.device, name="sigma_src")
         if bool((sigma <= 0).any()):
             raise ValueError("sigma_src must be > 0 for a GMFlow policy")
         x_src32 = x_src.float()

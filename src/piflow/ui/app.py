@@ -3,7 +3,7 @@
 The logic lives in `piflow.ui.playground` and `piflow.ui.text_to_image`; this module only wires controls to it.
 Every handler turns bad input into a one-line message in the page (element ``pg-message`` / ``t2i-message``)
 instead of an exception, so the app keeps serving. Components carry ``elem_id``s (``pg-*``, ``t2i-*``) for the
-browser test (`piflow.ui.browser`).
+browser test (tests/ui/browser.py).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from piflow.errors import UserError, require
 from piflow.files import one_line
+from piflow.schedule import DEFAULT_TOTAL_SUBSTEPS
 from piflow.ui import playground as pg
 
 logger = logging.getLogger("piflow.ui")
@@ -103,8 +104,8 @@ def build_app(extra_runs: Sequence[Path] = (), pipeline: Optional[str] = None, a
                                           elem_id="pg-teacher-steps")
                 temperature = gr.Textbox("1.0", label="GM temperature (number ≥ 0 or auto)",
                                          elem_id="pg-temperature")
-                substeps = gr.Number(128, label=f"substeps per unit time (1–{pg.MAX_SUBSTEPS})", precision=0,
-                                     elem_id="pg-substeps")
+                substeps = gr.Number(DEFAULT_TOTAL_SUBSTEPS, label=f"substeps per unit time (1–{pg.MAX_SUBSTEPS})",
+                                     precision=0, elem_id="pg-substeps")
                 h = gr.Textbox("0", label="h (0 = deterministic, inf = re-noise fully)", elem_id="pg-h")
             generate = gr.Button("Generate", variant="primary", elem_id="pg-generate")
             message = gr.Markdown("", elem_id="pg-message")

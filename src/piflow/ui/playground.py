@@ -24,7 +24,7 @@ from piflow.checks import is_int
 from piflow.model import PiFlow
 from piflow.policies.base import Policy
 from piflow.sampling import FlowMapSDESchedule, euler_sample, euler_trajectory, sample
-from piflow.schedule import resolve_temperature
+from piflow.schedule import parse_temperature
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 STUDENT_ASSETS = ASSETS / "students"
@@ -121,21 +121,6 @@ def whole_number(value: Any, name: str, low: int, high: int) -> int:
     if not is_int(value) or not low <= int(value) <= high:
         raise ValueError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
     return int(value)
-
-
-def parse_temperature(value: Any) -> Union[float, str]:
-    """GM temperature: 'auto' or a number >= 0 (text from the page is parsed), checked by `resolve_temperature`."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text != "auto":
-            try:
-                value = float(text)
-            except ValueError:
-                raise ValueError(f"temperature must be a number >= 0 or 'auto', got {value!r}") from None
-        else:
-            value = "auto"
-    resolve_temperature(value, 1)
-    return value
 
 
 def parse_h(value: Any) -> Union[float, str]:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from piflow.errors import ConfigError
-from piflow.ui.playground import MAX_NFE, MAX_SEED, parse_temperature, whole_number
+from piflow.schedule import parse_temperature
+from piflow.ui.playground import MAX_NFE, MAX_SEED, whole_number
 
 MAX_SIDE = 4096
 

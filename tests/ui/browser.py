@@ -1,9 +1,10 @@
-"""Drive `piflow ui` in headless Chromium through Selenium: the browser test's steps and the README screenshot.
+"""Test helpers (not part of the package): drive `piflow ui` in headless Chromium through Selenium — the browser
+test's steps and the README screenshot.
 
 Uses Debian's ``chromium`` and ``chromium-driver`` (``apt-get install chromium chromium-driver``); nothing is
 downloaded. `unavailable()` says why a browser session cannot run here (None when it can).
 
-    python -m piflow.ui.browser docs/images/ui_playground.png     # the README screenshot, taken by `playground_run`
+    python tests/ui/browser.py docs/images/ui_playground.png     # the README screenshot (`make screenshot`)
 """
 from __future__ import annotations
 
