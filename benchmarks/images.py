@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from piflow.recipes.image_benchmark import format_markdown, run_benchmark
+from piflow.recipes.image_benchmark import format_markdown
+from piflow_bench.image_table import run_benchmark
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""Image benchmark and toy-trajectory recipes, end to end on a tiny digits teacher."""
+"""The image benchmark table (benchmarks/piflow_bench/image_table.py) and the toy-trajectory recipe, end to end on a
+tiny digits teacher."""
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from piflow.cli import main  # noqa: E402
-from piflow.recipes import image_benchmark  # noqa: E402
+from piflow_bench import image_table  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -21,12 +22,12 @@ def tiny_teacher(tmp_path_factory):
 
 
 def test_benchmark_rows_and_goals(tmp_path, tiny_teacher, monkeypatch):
-    monkeypatch.setattr(image_benchmark, "STUDENTS", [
-        ("x0_nfe2", ["student.policy=x0", "distill.nfe=2", "distill.x0_bank_size=64", "distill.batch_size=8"], [2]),
+    monkeypatch.setattr(image_table, "STUDENTS", [
+        ("x0_nfe2", ["method=x0", "distill.nfe=2", "distill.x0_bank_size=64", "distill.batch_size=8"], [2]),
         ("gm_k8_nfe4", ["distill.nfe=4", "distill.batch_size=8", "distill.total_substeps=16"], [4, 2]),
     ])
-    results = image_benchmark.run_benchmark(tmp_path / "bench", iters=2, num_samples=60, teacher_run=tiny_teacher,
-                                            feature_epochs=1, log=lambda message: None)
+    results = image_table.run_benchmark(tmp_path / "bench", iters=2, num_samples=60, teacher_run=tiny_teacher,
+                                        feature_epochs=1, log=lambda message: None)
     rows = results["rows"]
     assert {"teacher Euler 1", "teacher Euler 32", "x0_nfe2 @ 2 NFE", "gm_k8_nfe4 @ 4 NFE",
             "gm_k8_nfe4 @ 2 NFE (elastic)"} <= set(rows)

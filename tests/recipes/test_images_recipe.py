@@ -118,7 +118,9 @@ def test_x0_baseline_bank_is_cached_per_teacher(tmp_path, teacher_run, monkeypat
     """The x0-regression baseline's teacher trajectories are computed once per teacher and settings: a second run
     reads them from the cache (it never calls the teacher sampler) and trains identically."""
     monkeypatch.setenv("PIFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    args = ["dataset=digits", f"teacher={teacher_run}", "student.policy=x0", "train.iters=3", "distill.batch_size=4",
+    from piflow.methods import x0
+
+    args = ["dataset=digits", f"teacher={teacher_run}", "method=x0", "train.iters=3", "distill.batch_size=4",
             "distill.x0_bank_size=16", "distill.total_substeps=16", "train.progress=false", "train.checkpoint_every=0"]
     assert main(["distill", "--run-dir", str(tmp_path / "a"), *args]) == 0
     cached = list((tmp_path / "cache" / "x0_bank").glob("*.safetensors"))
@@ -127,7 +129,7 @@ def test_x0_baseline_bank_is_cached_per_teacher(tmp_path, teacher_run, monkeypat
     def no_trajectories(*args, **kwargs):
         raise AssertionError("the bank should come from the cache")
 
-    monkeypatch.setattr(images, "euler_trajectory", no_trajectories)
+    monkeypatch.setattr(x0, "euler_trajectory", no_trajectories)
     assert main(["distill", "--run-dir", str(tmp_path / "b"), *args]) == 0
     first = [json.loads(line)["loss"] for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     second = [json.loads(line)["loss"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]

@@ -268,6 +268,21 @@ class DiT(nn.Module):
         save_safetensors(directory / WEIGHTS_NAME, state, metadata={"format": "pt"})
         write_json(directory / CONFIG_NAME, {"model_type": "DiT", **self.config.to_dict()}, sort_keys=True)
 
+    @staticmethod
+    def read_config(load_directory: Union[str, os.PathLike]) -> DiTConfig:
+        """The `DiTConfig` in config.json of a `save_pretrained` directory (a ValueError if it is not a valid DiT
+        config), without loading the weights."""
+        from piflow.files import read_json
+
+        path = Path(load_directory) / CONFIG_NAME
+        data = read_json(path, "DiT config")
+        if not isinstance(data, dict) or data.pop("model_type", "DiT") != "DiT":
+            raise ValueError(f"{path} does not describe a DiT")
+        try:
+            return DiTConfig.from_dict(data)
+        except (TypeError, ValueError) as error:   # wrong value types or ranges in the file
+            raise ValueError(f"{path} does not describe a valid DiT ({error})") from None
+
     @classmethod
     def from_pretrained(cls, load_directory: Union[str, os.PathLike], *,
                         map_location: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
@@ -278,7 +293,7 @@ class DiT(nn.Module):
         invalid or the weights do not match it (missing/unexpected keys, wrong shapes). Parameters keep the
         stored dtype unless `dtype` is given.
         """
-        from piflow.files import first_non_finite, load_safetensors, read_json
+        from piflow.files import first_non_finite, load_safetensors
 
         directory = Path(load_directory)
         if not directory.is_dir():
@@ -287,13 +302,7 @@ class DiT(nn.Module):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{name} not found in {str(directory)!r} (expected files written by "
                                         f"DiT.save_pretrained: {CONFIG_NAME}, {WEIGHTS_NAME})")
-        data = read_json(directory / CONFIG_NAME, "DiT config")
-        if not isinstance(data, dict) or data.pop("model_type", "DiT") != "DiT":
-            raise ValueError(f"{directory / CONFIG_NAME} does not describe a DiT")
-        try:
-            model = cls(DiTConfig.from_dict(data), gradient_checkpointing=gradient_checkpointing)
-        except (TypeError, ValueError) as error:   # wrong value types or ranges in the file
-            raise ValueError(f"{directory / CONFIG_NAME} does not describe a valid DiT ({error})") from None
+        model = cls(cls.read_config(directory), gradient_checkpointing=gradient_checkpointing)
 
         state = load_safetensors(directory / WEIGHTS_NAME, "DiT weights", device=str(map_location))
         bad = first_non_finite(state)

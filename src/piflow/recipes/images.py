@@ -271,10 +271,10 @@ def load_student(run_dir: Path, overrides=()) -> tuple[Any, dict]:
 
 def sample_spec(config: dict) -> tuple[tuple[int, ...], int]:
     """(one sample's shape (C, H, W), number of classes) of an image run, from its teacher's DiT config."""
-    from piflow.models.dit_config import DiTConfig
-    from piflow.files import read_json
-
-    spec = DiTConfig.from_dict(read_json(Path(config["teacher"]) / "teacher" / "config.json", "teacher config"))
+    try:
+        spec = DiT.read_config(Path(config["teacher"]) / "teacher")
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"teacher: {error}") from None
     return (spec.in_channels, *spec.input_size), int(spec.num_classes)
 
 
