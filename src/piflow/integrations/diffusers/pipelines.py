@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -44,14 +44,12 @@ from piflow.sampling import sample
 
 class PiFlowPipelineMixin:
     """The π-Flow sampling loop, the one pipeline call and adapter handling shared by the π-Flow pipelines; mix it
-    in before a diffusers pipeline class. ``piflow_family`` names the family (its architecture is the students')."""
+    in before a diffusers pipeline class. ``piflow_family`` names the family, ``architecture_name`` its students'
+    architecture."""
 
     piflow_family: str = "flux"
+    architecture_name: str = "flux"           # the students' architecture (a pipeline of your own sets its own)
     piflow_student: Optional[DiffusersPolicyStudent] = None
-
-    @property
-    def architecture_name(self) -> str:
-        return get_family(self.piflow_family).architecture
 
     def _use_policy_scheduler(self, student: DiffusersPolicyStudent) -> None:
         """Swap in a `FlowMapSDEScheduler` from the current scheduler's config and the student's training schedule."""
@@ -198,13 +196,18 @@ def _build(family: Family) -> type:
     doc = (f"`{family.stock_pipeline}` with a GM / DX π-Flow student (family {family.name!r}): "
            f"`num_inference_steps` student evaluations (4 as trained) instead of the teacher's dozens.")
     return type(family.pi_pipeline, (PiFlowPipelineMixin, stock),
-                {"__call__": __call__, "__doc__": doc, "__module__": __name__, "piflow_family": family.name})
+                {"__call__": __call__, "__doc__": doc, "__module__": __name__, "piflow_family": family.name,
+                 "architecture_name": family.architecture})
 
 
 def pipeline_class(family: str) -> type:
-    """The π-Flow pipeline class of `family` (a name of `families.FAMILIES`), e.g. `PiFluxPipeline` for "flux"."""
-    return globals()[get_family(family).pi_pipeline]
+    """The π-Flow pipeline class of `family` (a name of `families.FAMILIES`), e.g. `PiFluxPipeline` for "flux";
+    built on first use for a family registered after this module was imported."""
+    spec = get_family(family)
+    if spec.pi_pipeline not in globals():
+        globals()[spec.pi_pipeline] = _build(spec)
+    return globals()[spec.pi_pipeline]
 
 
-for _family in FAMILIES.values():
-    globals()[_family.pi_pipeline] = _build(_family)
+for _name in FAMILIES:
+    pipeline_class(_name)

@@ -305,7 +305,3 @@ def __getattr__(name: str) -> Any:
             return alias
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-
-def aliases() -> list[str]:
-    """The alias names of the registered architectures."""
-    return sorted(f"{a.alias}{kind}" for a in ARCHITECTURES.values() if a.alias for kind in ("Teacher", "PolicyStudent"))

@@ -41,7 +41,8 @@ def model_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
 # attention+MLP linears (attn.to_qkv_mlp_proj, attn.to_out: FLUX.2 has no separate MLP there, as FLUX.1's
 # proj_mlp/proj_out) and the timestep/guidance MLPs.
 FLUX2_LORA_TARGETS = (r".*(transformer_blocks\.\d+\.ff\.linear_in|transformer_blocks\.\d+\.ff\.linear_out|"
-                      r"ff_context\.linear_in|ff_context\.linear_out|single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj|"
+                      r"ff_context\.linear_in|ff_context\.linear_out|"
+                      r"single_transformer_blocks\.\d+\.attn\.to_qkv_mlp_proj|"
                       r"single_transformer_blocks\.\d+\.attn\.to_out|timestep_embedder\.linear_1|"
                       r"timestep_embedder\.linear_2|guidance_embedder\.linear_1|guidance_embedder\.linear_2)$")
 # the authors' GM-FLUX.2 (dev and klein): 128-channel tokens, 4 per-pixel log-weights; they publish no DX-FLUX.2,
@@ -166,7 +167,8 @@ def _tiny(latent_channels: int, seed: int, family: str) -> dict:
                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                              max_position_embeddings=2048, tie_word_embeddings=True, pad_token_id=0, eos_token_id=3)
         text = dict(text_encoder=Qwen3ForCausalLM(config).eval(), tokenizer=tokenizer)
-    return dict(transformer=t.randomise_output_layer(transformer, ARCHITECTURE), vae=tiny_vae(latent_channels, seed + 1),
+    return dict(transformer=t.randomise_output_layer(transformer, ARCHITECTURE),
+                vae=tiny_vae(latent_channels, seed + 1),
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True), **text)
 
 
@@ -224,9 +226,9 @@ def decode(pipe, x: Tensor, output_type: str):
 
 
 OUTPUT = "diffusers.pipelines.flux2.pipeline_output.Flux2PipelineOutput"
-DOC = ("Generate, or edit with ``image=[…]``; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1 (or the "
-       "stock pipeline's patchified (B·n, 4C, H/16, W/16)); output_type \"latent\" returns the normalised (B, C, H/8, "
-       "W/8). ")
+DOC = ("Generate, or edit with ``image=[…]``; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1 (or "
+       "the stock pipeline's patchified (B·n, 4C, H/16, W/16)); output_type \"latent\" returns the normalised "
+       "(B, C, H/8, W/8). ")
 DEV = calls.PipelineHooks(
     positional=(("image", None), ("prompt", None)), prepare=_preparer(True), decode=decode, output=OUTPUT,
     params={"guidance_scale": 4.0, "num_images_per_prompt": 1, "text_encoder_out_layers": (10, 20, 30),

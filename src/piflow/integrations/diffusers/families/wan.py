@@ -75,7 +75,8 @@ def tiny(latent_channels: int, seed: int) -> dict:
     encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=t.TEXT_WIDTH, d_kv=8, d_ff=37,
                                           num_layers=2, num_heads=4, relative_attention_num_buckets=8,
                                           pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)).eval()
-    return dict(transformer=t.randomise_output_layer(transformer, ARCHITECTURE), vae=vae, text_encoder=encoder, tokenizer=tokenizer,
+    return dict(transformer=t.randomise_output_layer(transformer, ARCHITECTURE), vae=vae, text_encoder=encoder,
+                tokenizer=tokenizer,
                 scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                                   flow_shift=3.0))
 

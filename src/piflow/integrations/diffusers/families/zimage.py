@@ -1,6 +1,6 @@
-"""Z-Image (`ZImagePipeline`, `ZImageTransformer2DModel`, single-stream S3-DiT): per-sample list inputs, model time
-t = 1 − σ, output x0 − ε (so `output_sign` −1). Z-Image base takes true CFG (its pipeline's guidance g is piflow's
-scale − 1, default 6.0 here); Z-Image-Turbo is guidance-distilled: distil it with guidance.scale=1.
+"""Z-Image (`ZImagePipeline`, `ZImageTransformer2DModel`, single-stream S3-DiT): per-sample list inputs, model
+time t = 1 − σ, output x0 − ε (so `output_sign` −1). Z-Image base takes true CFG (its pipeline's guidance g is
+piflow's scale − 1, default 6.0 here); Z-Image-Turbo is guidance-distilled: distil it with guidance.scale=1.
 
 The final layer ``all_final_layer["2-1"]`` = linear(LayerNorm(x)·(1 + adaLN_modulation(c))) runs on the unified
 sequence [image tokens (padded to 32k), caption tokens], image tokens first, (p_row, p_col, c)-ordered.
@@ -30,7 +30,7 @@ def caption_list(cond: dict, name: str = "encoder_hidden_states") -> list[Tensor
 
 
 def model_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
-    """latents (B, C, H, W), σ (B,), cond → `ZImageTransformer2DModel` kwargs (lists of (C, 1, H, W), t = 1 − σ)."""
+    """latents (B, C, H, W), σ (B,), cond → `ZImageTransformer2DModel` kwargs (lists of (C, 1, H, W), 1 − σ)."""
     base.check_cond(cond, ("encoder_hidden_states",), "Z-Image")
     if latents.shape[2] % 2 or latents.shape[3] % 2:
         raise ValueError(f"latents height and width must be divisible by 2 for Z-Image, got {tuple(latents.shape)}")
