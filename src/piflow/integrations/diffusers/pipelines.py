@@ -155,7 +155,8 @@ class PiFlowPipelineMixin:
             raise ValueError(f"callback_on_step_end_tensor_inputs: π-Flow pipelines pass ['latents'] to callbacks, "
                              f"not {extra}")
         unused = get_family(self.piflow_family).pipeline.unused
-        given = sorted(name for name, neutral in unused.items() if call[name] is not None and call[name] != neutral)
+        given = sorted(name for name, neutral in unused.items()          # neutral: None, or a number (CFG scale 1)
+                       if call[name] is not None and (neutral is None or call[name] != neutral))
         if given:
             warnings.warn(f"{', '.join(given)} unused: the π-Flow student has classifier-free guidance distilled in",
                           UserWarning, stacklevel=5)          # the caller of pipe(...)

@@ -11,7 +11,9 @@ The weights are random: images are noise-like; use these for plumbing and for te
 test suite, they are the offline smoke run of the text-to-image commands (docs/text_to_image.md): save one with
 ``tiny_pipeline("flux").save_pretrained("runs/tiny-flux")`` and run ``piflow distill pipeline=runs/tiny-flux …``,
 ``piflow export`` and ``piflow sample`` on it without a GPU or a download.
-`latent_channels` is the VAE's latent channel count (16 in the real models, 4 here by default).
+`latent_channels` is the VAE's latent channel count (16 in the real models, 4 here by default). Each family's
+builder is the ``tiny`` function of its family file (`piflow.integrations.diffusers.families`); this module holds
+the tokenizers, text encoders and VAE they share.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from piflow.integrations.diffusers.families.calls import PipelineHooks
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS
 
 PATCH = 2
@@ -207,7 +208,7 @@ class Family:
     encode: Callable[..., list]
     collate: Callable[..., dict]
     item_names: tuple[str, ...]
-    pipeline: Any                     # PipelineHooks (families.calls)
+    pipeline: PipelineHooks
     tiny: Callable[[int, int], dict]
     guidance: str = "cfg"
     guidance_scale: float = 4.0
