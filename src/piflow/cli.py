@@ -260,8 +260,8 @@ def _cmd_encode_prompts(args) -> int:
     import torch
 
     from piflow.errors import require
+    from piflow.integrations.diffusers.loading import DTYPES, from_pretrained, pipeline_architecture
     from piflow.integrations.diffusers.prompts import read_condition_source, write_prompt_cache
-    from piflow.recipes.diffusers_base import DTYPES, from_pretrained, pipeline_architecture
 
     diffusers = require("diffusers", "piflow encode-prompts")
     _positive(args, "--shard-size", "--max-sequence-length")

@@ -11,8 +11,8 @@ pytest.importorskip("transformers")
 
 from piflow import PiFlow  # noqa: E402
 from piflow.integrations.diffusers.adapter import WEIGHTS, save_piflow_adapter  # noqa: E402
-from piflow.integrations.diffusers.families import get_family  # noqa: E402
-from piflow.integrations.diffusers.pipelines import PIPELINES  # noqa: E402
+from piflow.integrations.diffusers.families import FAMILIES, get_family  # noqa: E402
+from piflow.integrations.diffusers.pipelines import pipeline_class  # noqa: E402
 from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
 from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler  # noqa: E402
 from piflow.integrations.diffusers.students import (ARCHITECTURES, DiffusersPolicyStudent,  # noqa: E402
@@ -23,7 +23,7 @@ from family_cases import (REFERENCE_AREA, encode_arguments, image_size, latent_s
                           size_arguments)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ARCHS = sorted(PIPELINES)      # every family
+ARCHS = sorted(FAMILIES)      # every family
 SIZE = 32            # pixels; latents 16×16
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
@@ -70,7 +70,7 @@ def text_cond(pipe, architecture):
 @pytest.mark.parametrize("architecture", ARCHS)
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy):
-    pipe = tiny_pipeline(architecture, PIPELINES[architecture])
+    pipe = tiny_pipeline(architecture, pipeline_class(architecture))
     pipe.set_progress_bar_config(disable=True)
     student = lora_student(pipe, architecture, policy)
     pipe.set_piflow_student(student)
@@ -110,7 +110,7 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
 def test_adapter_round_trip_through_from_pretrained_and_lora_combination(architecture, tmp_path):
     from peft import LoraConfig
 
-    pipe = tiny_pipeline(architecture, PIPELINES[architecture])
+    pipe = tiny_pipeline(architecture, pipeline_class(architecture))
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / "base")          # a local checkpoint of the base model (before LoRA)
     base_u = DiffusersTeacher(pipe.transformer, get_family(architecture).architecture)
@@ -123,7 +123,7 @@ def test_adapter_round_trip_through_from_pretrained_and_lora_combination(archite
     expected = run(pipe, 2, family=architecture, output_type="latent")
     save_piflow_adapter(student, tmp_path / "adapter")
 
-    fresh = PIPELINES[architecture].from_pretrained(tmp_path / "base")
+    fresh = pipeline_class(architecture).from_pretrained(tmp_path / "base")
     fresh.set_progress_bar_config(disable=True)
     fresh.load_piflow_adapter(tmp_path / "adapter")
     assert torch.equal(run(fresh, 2, family=architecture, output_type="latent"), expected)            # bit-for-bit
@@ -145,7 +145,7 @@ def test_adapter_round_trip_through_from_pretrained_and_lora_combination(archite
 
 
 def test_pipeline_errors_are_clear(tmp_path):
-    pipe = tiny_pipeline("flux", PIPELINES["flux"])
+    pipe = tiny_pipeline("flux", pipeline_class("flux"))
     with pytest.raises(RuntimeError, match="load_piflow_adapter"):
         run(pipe, 1)
     student = lora_student(pipe, "flux", "gmflow")
@@ -154,18 +154,18 @@ def test_pipeline_errors_are_clear(tmp_path):
         run(pipe, 2, temperature="hot")
     with pytest.raises(ValueError, match="latents must have shape"):
         run(pipe, 1, latents=torch.randn(2, 4, 8, 8))
-    sd3 = tiny_pipeline("sd3", PIPELINES["sd3"])
+    sd3 = tiny_pipeline("sd3", pipeline_class("sd3"))
     with pytest.raises(ValueError, match="cannot drive"):
         sd3.set_piflow_student(student)
     save_piflow_adapter(student, tmp_path / "adapter")
     weights = tmp_path / "adapter" / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:200])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        tiny_pipeline("flux", PIPELINES["flux"]).load_piflow_adapter(tmp_path / "adapter")
+        tiny_pipeline("flux", pipeline_class("flux")).load_piflow_adapter(tmp_path / "adapter")
 
 
 def test_guidance_input_reaches_the_flux_student():
-    pipe = tiny_pipeline("flux", PIPELINES["flux"])
+    pipe = tiny_pipeline("flux", pipeline_class("flux"))
     pipe.set_progress_bar_config(disable=True)
     pipe.set_piflow_student(lora_student(pipe, "flux", "gmflow"))
     low, high = run(pipe, 1, guidance_scale=1.0, output_type="latent"), run(pipe, 1, guidance_scale=5.0,
@@ -198,14 +198,14 @@ def write_in_authors_layout(student, directory, class_name):
 @pytest.mark.parametrize("architecture,policy,class_name", [("flux", "gmflow", "GMFluxTransformer2DModel"),
                                                              ("qwen", "dx", "DXQwenImageTransformer2DModel")])
 def test_adapters_in_the_authors_layout_load(architecture, policy, class_name, tmp_path):
-    pipe = tiny_pipeline(architecture, PIPELINES[architecture])
+    pipe = tiny_pipeline(architecture, pipeline_class(architecture))
     pipe.set_progress_bar_config(disable=True)
     student = lora_student(pipe, architecture, policy)
     student.policy_kwargs = {}      # the authors' DX policy_config carries only its type here: defaults apply
     pipe.set_piflow_student(student)
     expected = run(pipe, 4, family=architecture, output_type="latent")
     write_in_authors_layout(student, tmp_path / "authors", class_name)
-    fresh = tiny_pipeline(architecture, PIPELINES[architecture])
+    fresh = tiny_pipeline(architecture, pipeline_class(architecture))
     fresh.set_progress_bar_config(disable=True)
     loaded = fresh.load_piflow_adapter(tmp_path / "authors")
     assert loaded.policy_kind == policy and loaded.transformer.peft_config["piflow"].r == 4
@@ -215,7 +215,7 @@ def test_adapters_in_the_authors_layout_load(architecture, policy, class_name, t
 def test_adapter_from_a_hub_id_or_subfolder(tmp_path, monkeypatch):
     import huggingface_hub
 
-    pipe = tiny_pipeline("flux", PIPELINES["flux"])
+    pipe = tiny_pipeline("flux", pipeline_class("flux"))
     student = lora_student(pipe, "flux", "gmflow")
     save_piflow_adapter(student, tmp_path / "repo" / "gmflux_k8")
     calls = []
@@ -227,7 +227,7 @@ def test_adapter_from_a_hub_id_or_subfolder(tmp_path, monkeypatch):
         return str(tmp_path / "repo")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    fresh = tiny_pipeline("flux", PIPELINES["flux"])
+    fresh = tiny_pipeline("flux", pipeline_class("flux"))
     fresh.load_piflow_adapter("someone/pi-flux", subfolder="gmflux_k8")
     assert calls == [("someone/pi-flux", ["gmflux_k8/*"])]
     fresh.load_piflow_adapter(tmp_path / "repo", subfolder="gmflux_k8")       # local folder: no Hub call
@@ -243,12 +243,12 @@ def test_every_stock_argument_is_accepted(family):
     import inspect
 
     stock = getattr(diffusers, get_family(family).stock_pipeline)
-    ours = PIPELINES[family]
+    ours = pipeline_class(family)
     assert set(inspect.signature(stock.__call__).parameters) <= set(inspect.signature(ours.__call__).parameters)
 
 
 def test_cfg_arguments_warn_and_attention_kwargs_are_refused():
-    pipe = tiny_pipeline("wan", PIPELINES["wan"])
+    pipe = tiny_pipeline("wan", pipeline_class("wan"))
     pipe.set_progress_bar_config(disable=True)
     pipe.set_piflow_student(lora_student(pipe, "wan", "gmflow"))
     kwargs = dict(prompt=PROMPTS, height=64, width=64, num_frames=5, num_inference_steps=1, output_type="latent")

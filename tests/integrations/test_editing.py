@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from piflow.errors import DataError  # noqa: E402
 from piflow.integrations.diffusers.families import get_family  # noqa: E402
-from piflow.integrations.diffusers.pipelines import PIPELINES  # noqa: E402
+from piflow.integrations.diffusers.pipelines import pipeline_class  # noqa: E402
 from piflow.integrations.diffusers.prompts import collate_text, encode_prompts, read_conditions_file  # noqa: E402
 from piflow.integrations.diffusers.students import DiffusersTeacher, pack_latents, unpack_tokens  # noqa: E402
 from piflow.integrations.diffusers.tiny import small_reference_area, tiny_pipeline  # noqa: E402
@@ -64,7 +64,7 @@ def test_flux2_teacher_with_two_references_is_the_stock_velocity(family):
 
 @pytest.mark.parametrize("family", ["flux2", "qwen-edit", "qwen-edit-plus"])
 def test_pi_pipelines_follow_their_reference_images(family):
-    pipe = tiny_pipeline(family, PIPELINES[family])
+    pipe = tiny_pipeline(family, pipeline_class(family))
     pipe.set_progress_bar_config(disable=True)
     pipe.set_piflow_student(lora_student(pipe, family, "gmflow"))
     count = 1 if family == "qwen-edit" else 2
@@ -81,7 +81,7 @@ def test_pi_pipelines_follow_their_reference_images(family):
 
 
 def test_bad_conditions_name_the_argument(tmp_path):
-    edit = tiny_pipeline("qwen-edit", PIPELINES["qwen-edit"])
+    edit = tiny_pipeline("qwen-edit", pipeline_class("qwen-edit"))
     edit.set_piflow_student(lora_student(edit, "qwen-edit", "gmflow"))
     with pytest.raises(ValueError, match="^image: .* edits a reference image"):
         edit(prompt=PROMPTS, num_inference_steps=1, **size_arguments("qwen-edit"))
@@ -114,7 +114,7 @@ def test_bad_conditions_name_the_argument(tmp_path):
 
 
 def test_video_frame_counts_are_checked():
-    pipe = tiny_pipeline("wan", PIPELINES["wan"])
+    pipe = tiny_pipeline("wan", pipeline_class("wan"))
     pipe.set_piflow_student(lora_student(pipe, "wan", "gmflow"))
     with pytest.raises(ValueError, match="^num_frames must be 1 \\+ a multiple of 4"):
         pipe(prompt=PROMPTS, height=64, width=64, num_frames=6, num_inference_steps=1)

@@ -152,7 +152,7 @@ def fine_tune(family, **config_changes):
 def test_fine_tunes_of_a_family_need_no_code(family, changes, tmp_path):
     """Saved and reloaded, a changed-config checkpoint is recognised as its family, its teacher is the stock
     pipeline's velocity and its student starts at it and trains, through the same architecture."""
-    from piflow.recipes.diffusers_base import pipeline_family
+    from piflow.integrations.diffusers.loading import pipeline_family
 
     fine_tune(family, **changes).save_pretrained(tmp_path / "fine-tune")
     assert pipeline_family(str(tmp_path / "fine-tune")).name == family

@@ -170,7 +170,7 @@ def test_gguf_base_takes_adapters_and_trains_lora(saved_bases, tmp_path):
 def test_pipeline_samples_on_a_quantized_base(storage, tmp_path):
     """PiFluxPipeline with a quantized transformer: the adapter loads and 4-step samples stay close to the float
     pipeline's (same noise, same prompts)."""
-    from piflow.integrations.diffusers.pipelines import PIPELINES
+    from piflow.integrations.diffusers.pipelines import pipeline_class
     from piflow.integrations.diffusers.tiny import tiny_pipeline
 
     tiny_pipeline("flux").save_pretrained(tmp_path / "pipe")
@@ -183,7 +183,7 @@ def test_pipeline_samples_on_a_quantized_base(storage, tmp_path):
                                                  dtype=torch.bfloat16)
     images = []
     for extra in ({"transformer": transformer}, {}):
-        pipe = PIPELINES["flux"].from_pretrained(tmp_path / "pipe", torch_dtype=torch.bfloat16, **extra)
+        pipe = pipeline_class("flux").from_pretrained(tmp_path / "pipe", torch_dtype=torch.bfloat16, **extra)
         pipe.set_progress_bar_config(disable=True)
         pipe.load_piflow_adapter(tmp_path / "a")
         images.append(pipe(["a red cat", "a blue bird"], height=32, width=32, num_inference_steps=4,

@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from piflow.cli import main  # noqa: E402
 from piflow.integrations.diffusers.families import get_family  # noqa: E402
-from piflow.integrations.diffusers.pipelines import PIPELINES  # noqa: E402
+from piflow.integrations.diffusers.pipelines import pipeline_class  # noqa: E402
 from piflow.integrations.diffusers.tiny import small_reference_area, tiny_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -79,7 +79,7 @@ def test_family_distills_exports_loads_and_samples(bases, family, policy, tmp_pa
         assert metrics["architecture"] == family and metrics["iters"] == 2
         assert (run_dir / "samples.png").is_file()
         assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
-        pipe = PIPELINES[family].from_pretrained(bases[family])
+        pipe = pipeline_class(family).from_pretrained(bases[family])
         pipe.set_progress_bar_config(disable=True)
         student = pipe.load_piflow_adapter(tmp_path / "exported")
         assert student.policy_kind == policy

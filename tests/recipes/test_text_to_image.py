@@ -17,7 +17,7 @@ from piflow import PiFlow  # noqa: E402
 from piflow.cli import main  # noqa: E402
 from piflow.config import ConfigError, load_config  # noqa: E402
 from piflow.integrations.diffusers.adapter import WEIGHTS  # noqa: E402
-from piflow.integrations.diffusers.pipelines import PIPELINES  # noqa: E402
+from piflow.integrations.diffusers.pipelines import pipeline_class  # noqa: E402
 from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
 from piflow.integrations.diffusers.students import DiffusersTeacher  # noqa: E402
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
@@ -115,7 +115,7 @@ def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, cap
     assert_same_tensors(load_file(run_dir / "adapter" / WEIGHTS), adapter)
     latents = []
     for folder in ("exported", "theirs"):
-        pipe = PIPELINES[architecture].from_pretrained(bases[architecture])
+        pipe = pipeline_class(architecture).from_pretrained(bases[architecture])
         pipe.set_progress_bar_config(disable=True)
         pipe.load_piflow_adapter(tmp_path / folder)
         latents.append(pipe("a cat", height=32, width=32, num_inference_steps=2, output_type="latent",
@@ -147,7 +147,7 @@ def test_distillation_on_a_quantized_base(bases, tmp_path, capsys):
     assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "2", "--output",
                  str(tmp_path / "images")]) == 0
     assert (tmp_path / "images" / "000_00.png").is_file()
-    pipe = PIPELINES["flux"].from_pretrained(bases["flux"])           # float base
+    pipe = pipeline_class("flux").from_pretrained(bases["flux"])           # float base
     pipe.load_piflow_adapter(run_dir / "adapter")
     pipe.load_piflow_adapter(tmp_path / "theirs")
     capsys.readouterr()
@@ -171,7 +171,7 @@ def test_prompt_cache_feeds_distillation_without_text_encoders(bases, tmp_path, 
     assert metrics["iters"] == 2 and (tmp_path / "run" / "adapter" / "config.json").is_file()
     policy_config = json.loads((tmp_path / "run" / "adapter" / "config.json").read_text())["policy_config"]
     assert policy_config["type"] == "DX" and policy_config["segment_size"] == pytest.approx(1 / 3.5)
-    fresh = PIPELINES["sd3"].from_pretrained(bases["sd3"])
+    fresh = pipeline_class("sd3").from_pretrained(bases["sd3"])
     fresh.load_piflow_adapter(tmp_path / "run" / "adapter")
     assert fresh.piflow_student.policy_kwargs["segment_size"] == pytest.approx(1 / 3.5)
     # a prompt-cache run samples through the whole pipeline (its text encoders encode the new prompts)
@@ -248,7 +248,7 @@ def test_shipped_configs_run(bases, tmp_path, name, architecture):
 def test_distilled_adapter_samples_in_a_fresh_pipeline(bases, tmp_path, architecture, policy):
     distill_text_to_image(config_for(bases, architecture, f"student.policy={policy}", "train.iters=2",
                                      "eval.prompts=[]"), tmp_path / "run")
-    pipe = PIPELINES[architecture].from_pretrained(bases[architecture])
+    pipe = pipeline_class(architecture).from_pretrained(bases[architecture])
     pipe.set_progress_bar_config(disable=True)
     student = pipe.load_piflow_adapter(tmp_path / "run" / "adapter")
     assert student.policy_kind == policy and student.sampling["nfe"] == 4

@@ -97,7 +97,7 @@ def test_pipeline_with_a_custom_code_component_is_refused(tmp_path, tiny_flux):
     index["scheduler"] = ["my_module", "MyScheduler"]
     (pipe / "model_index.json").write_text(json.dumps(index))
     from piflow.config import ConfigError
-    from piflow.recipes.diffusers_base import pipeline_architecture
+    from piflow.integrations.diffusers.loading import pipeline_architecture
 
     with pytest.raises(ConfigError, match="'my_module'"):
         pipeline_architecture(str(pipe))
@@ -113,7 +113,7 @@ def marker(tmp_path) -> Path:
 def test_pipeline_with_a_nested_pipeline_component_is_refused(tmp_path, tiny_flux):
     """A component that is itself a pipeline (whose own weights could be pickles) is refused."""
     from piflow.config import ConfigError
-    from piflow.recipes.diffusers_base import pipeline_architecture
+    from piflow.integrations.diffusers.loading import pipeline_architecture
 
     pipe = tmp_path / "pipe"
     shutil.copytree(tiny_flux, pipe)

@@ -9,13 +9,13 @@ def tiny_flux(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("peft")
     from piflow.integrations.diffusers.adapter import save_piflow_adapter
-    from piflow.integrations.diffusers.pipelines import PIPELINES
+    from piflow.integrations.diffusers.pipelines import pipeline_class
     from piflow.integrations.diffusers.students import ARCHITECTURES, DiffusersPolicyStudent, add_student_lora
     from piflow.integrations.diffusers.tiny import tiny_pipeline
     from piflow.settings import PiIDSettings
 
     root = tmp_path_factory.mktemp("tiny_flux")
-    pipe = tiny_pipeline("flux", PIPELINES["flux"])
+    pipe = tiny_pipeline("flux", pipeline_class("flux"))
     pipe.save_pretrained(root / "base")
     add_student_lora(pipe.transformer, rank=4, target_modules=ARCHITECTURES["flux"].lora_targets(pipe.transformer))
     with torch.no_grad():      # PEFT starts B at 0: give the LoRA a visible effect

@@ -24,11 +24,12 @@ import torch
 
 from piflow.config import ConfigError, Optional_
 from piflow.errors import require
+from piflow.integrations.diffusers.families.base import TEXT_TO_IMAGE_SCHEDULE
+from piflow.integrations.diffusers.loading import (DTYPES, base_dtype, default_device,  # noqa: F401
+                                                   from_pretrained, latent_geometry, load_base, pipeline_family)
 from piflow.model import PiFlow
 from piflow.recipes.common import (as_run, check_settings, distill_defaults, piid_loss_fn, piid_settings,
                                    run_recipe, seed_initialisation, train_defaults, write_json)
-from piflow.recipes.diffusers_base import (DTYPES, base_dtype, default_device, from_pretrained,  # noqa: F401
-                                           latent_geometry, load_base, pipeline_family)
 
 T2I_POLICY_DROPOUT = {"gmflow": 0.1, "dx": 0.0}
 
@@ -50,7 +51,7 @@ T2I_DISTILL_DEFAULTS: dict[str, Any] = {
                 "lora_dropout": 0.05, "gradient_checkpointing": False},
     "guidance": {"scale": Optional_(float), "interval": [0.0, 1.0], "negative_prompt": ""},  # null: FLUX 3.5, else 4
     # §4.7 text-to-image settings; policy_dropout null: 0.1 for GMFlow (the authors' configs), 0 for DX
-    "distill": distill_defaults(data_free=True, final_step_size_scale=0.5, shift=3.2, num_intermediate_states=4,
+    "distill": distill_defaults(data_free=True, **TEXT_TO_IMAGE_SCHEDULE, num_intermediate_states=4,
                                 window_substeps=3, loss_scale=30.0, num_decay_iters=2000, batch_size=2),
     "train": train_defaults(iters=3000, lr=1e-4, checkpoint_every=200, log_every=10),
     "eval": {"prompts": ["a photo of a cat", "a watercolor painting of a lighthouse at dusk"], "nfe": [4],
@@ -77,7 +78,7 @@ def guidance_scale(config: dict, family: str) -> float:
     """``guidance.scale``, or the family's default — 1 (no CFG) for a step-distilled checkpoint whose pipeline
     config says ``is_distilled`` (FLUX.2 [klein]), as its stock pipeline does."""
     from piflow.integrations.diffusers.families import get_family
-    from piflow.recipes.diffusers_base import _model_index
+    from piflow.integrations.diffusers.loading import _model_index
 
     scale = config["guidance"]["scale"]
     if scale is not None:
@@ -273,13 +274,13 @@ def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True
     reference image paths)), from the π-Flow pipeline of the run's family; videos show first/middle/last frames."""
     import numpy as np
 
-    from piflow.integrations.diffusers.pipelines import PIPELINES
+    from piflow.integrations.diffusers.pipelines import pipeline_class
     from piflow.integrations.diffusers.prompts import load_reference_images
 
     from piflow.recipes.plots import pyplot
 
     family = family or student.architecture.name
-    pi_pipe = PIPELINES[family](**pipe.components)
+    pi_pipe = pipeline_class(family)(**pipe.components)
     pi_pipe.set_progress_bar_config(disable=True)
     pi_pipe.set_piflow_student(student)
     height = int(config["resolution"][0])
@@ -398,7 +399,7 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
     π-Flow pipeline of its base model; `images`: reference image paths of editing runs (shared by the prompts)."""
     from piflow.config import load_config
     from piflow.integrations.diffusers.families import get_family
-    from piflow.integrations.diffusers.pipelines import PIPELINES
+    from piflow.integrations.diffusers.pipelines import pipeline_class
     from piflow.integrations.diffusers.prompts import load_reference_images
 
     if video_format not in ("gif", "mp4"):
@@ -415,7 +416,7 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
     references = load_reference_images(images) if images else None
     device = default_device()
     pipe, _ = load_base(config, device, base_dtype(config, device),
-                        pipeline_class=PIPELINES[family])
+                        pipeline_class=pipeline_class(family))
     pipe.load_piflow_adapter(adapter)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

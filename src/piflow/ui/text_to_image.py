@@ -1,10 +1,10 @@
 """The text-to-image / editing tab of `piflow ui`, without Gradio: a `Pi*Pipeline` with a loaded adapter.
 
-The pipeline is loaded the way `piflow sample` loads a run's (`piflow.recipes.diffusers_base`: components only from
-diffusers/transformers, safetensors weights only), in the π-Flow pipeline class of its family, and gets the adapter
-with `load_piflow_adapter`. A request is checked before anything runs (size a multiple of the model's patch, steps
-1–8, temperature, seed, reference images only for editing families); `generate` returns the image and the settings
-that reproduce it.
+The pipeline is loaded the way `piflow sample` loads a run's (`piflow.integrations.diffusers.loading`: components
+only from diffusers/transformers, safetensors weights only), in the π-Flow pipeline class of its family, and gets the
+adapter with `load_piflow_adapter`. A request is checked before anything runs (size a multiple of the model's patch,
+steps 1–8, temperature, seed, reference images only for editing families); `generate` returns the image and the
+settings that reproduce it.
 """
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ def load_pipeline(pipeline: str, adapter: str) -> LoadedPipeline:
         raise ConfigError("adapter: give the folder of a π-Flow adapter (`piflow export` writes <run-dir>/adapter)")
     require("diffusers", "the text-to-image tab")
     from piflow.integrations.diffusers.adapter import resolve_adapter_dir
-    from piflow.integrations.diffusers.pipelines import PIPELINES
-    from piflow.recipes.diffusers_base import default_device, from_pretrained, pipeline_family, size_multiple
+    from piflow.integrations.diffusers.loading import default_device, from_pretrained, pipeline_family, size_multiple
+    from piflow.integrations.diffusers.pipelines import pipeline_class
 
     directory = resolve_adapter_dir(adapter)
     if not (directory / "config.json").is_file():
@@ -75,7 +75,7 @@ def load_pipeline(pipeline: str, adapter: str) -> LoadedPipeline:
     if family.video:
         raise ConfigError(f"pipeline: {family.name} makes videos; `piflow ui` shows images (use `piflow sample`)")
     device = default_device()
-    pipe = from_pretrained(PIPELINES[family.name], pipeline, torch_dtype=torch.bfloat16 if device.type == "cuda"
+    pipe = from_pretrained(pipeline_class(family.name), pipeline, torch_dtype=torch.bfloat16 if device.type == "cuda"
                            else torch.float32)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

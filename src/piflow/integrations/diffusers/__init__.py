@@ -5,12 +5,16 @@
 Importing this package loads nothing heavy; the names in `__all__` and the submodules below import their submodule
 (and diffusers) on first use.
 
-* `students`: GM/DX LoRA students and teachers on FLUX.1, FLUX.2, Qwen-Image, SD3, Z-Image and Wan transformers;
-  `Architecture` / `register_architecture` to bring your own; `set_lora_strength`.
-* `families`: the base-model families (pipelines, condition encoding and batching, guidance); `register_family`.
-* `pipelines`: `PiFluxPipeline`, `PiFlux2Pipeline`, `PiFlux2KleinPipeline`, `PiQwenImagePipeline`,
-  `PiQwenImageEditPipeline`, `PiQwenImageEditPlusPipeline`, `PiSD3Pipeline`, `PiZImagePipeline`, `PiWanPipeline`.
+* `families`: the registry ``FAMILIES`` (name → `Family`) and ``ARCHITECTURES``, one file per base-model family
+  (FLUX.1, FLUX.2, Qwen-Image, Qwen-Image-Edit, SD3, Z-Image, Wan) holding everything that differs for it;
+  `register_family`, `register_architecture`.
+* `students`: GM/DX LoRA students and teachers on those transformers (`DiffusersPolicyStudent`,
+  `DiffusersTeacher`, the aliases ``<Family>Teacher`` / ``<Family>PolicyStudent``); `set_lora_strength`.
+* `pipelines`: one π-Flow pipeline per family (``Pi…Pipeline``, e.g. `PiFluxPipeline`, `PiWanPipeline`;
+  `pipeline_class(family)`), and `PiFlowPipelineMixin.policy_denoise` for pipelines of your own.
 * `adapter`: `save_piflow_adapter` / `load_piflow_adapter` (piflow's layout and the authors', `authors_layout`).
+* `loading`: safe loading of a base pipeline (diffusers/transformers components, safetensors weights) and its
+  latent geometry.
 * `quantization`: frozen bases quantized through diffusers' quantization configs (TorchAO, bitsandbytes, GGUF).
 * `prompts`: prompt files, on-the-fly encoding, sharded prompt-embedding caches.
 * `scheduler`: `FlowMapSDEScheduler` as a diffusers scheduler.
@@ -24,32 +28,42 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "PiFluxPipeline": "pipelines", "PiQwenImagePipeline": "pipelines", "PiSD3Pipeline": "pipelines",
-    "PiFlux2Pipeline": "pipelines", "PiFlux2KleinPipeline": "pipelines", "PiQwenImageEditPipeline": "pipelines",
-    "PiQwenImageEditPlusPipeline": "pipelines", "PiZImagePipeline": "pipelines", "PiWanPipeline": "pipelines",
-    "Family": "families", "register_family": "families", "get_family": "families",
+    "Family": "families", "register_family": "families", "get_family": "families", "FAMILIES": "families",
+    "Architecture": "families", "register_architecture": "families",
+    "PiFlowPipelineMixin": "pipelines", "pipeline_class": "pipelines",
     "FlowMapSDEScheduler": "scheduler",
     "load_piflow_adapter": "adapter", "save_piflow_adapter": "adapter",
-    "DiffusersPolicyStudent": "students", "DiffusersTeacher": "students", "Architecture": "students",
-    "register_architecture": "students", "add_student_lora": "students", "set_lora_strength": "students",
-    "FluxPolicyStudent": "students", "QwenImagePolicyStudent": "students", "SD3PolicyStudent": "students",
-    "FluxTeacher": "students", "QwenImageTeacher": "students", "SD3Teacher": "students",
+    "DiffusersPolicyStudent": "students", "DiffusersTeacher": "students", "add_student_lora": "students",
+    "set_lora_strength": "students",
     "quantization_config": "quantization", "load_quantized_transformer": "quantization",
 }
-_SUBMODULES = ("adapter", "authors_layout", "compat", "families", "pipelines", "prompts", "quantization", "scheduler",
-               "solvers", "students", "tiny")
-__all__ = sorted(_EXPORTS)
+_SUBMODULES = ("adapter", "authors_layout", "compat", "families", "loading", "pipelines", "prompts", "quantization",
+               "scheduler", "solvers", "students", "tiny")
+
+
+def _registry_names() -> dict[str, str]:
+    """Names the family registry defines: each family's ``Pi…Pipeline`` and each architecture's aliases."""
+    from piflow.integrations.diffusers.families import ARCHITECTURES, FAMILIES
+
+    names = {family.pi_pipeline: "pipelines" for family in FAMILIES.values()}
+    names.update({f"{a.alias}{kind}": "students" for a in ARCHITECTURES.values() if a.alias
+                  for kind in ("Teacher", "PolicyStudent")})
+    return names
+
+
+__all__ = sorted({**_EXPORTS, **_registry_names()})
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")       # also sets the attribute on this package
-    if name not in _EXPORTS:
+    module = _EXPORTS.get(name) or _registry_names().get(name)
+    if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value                      # later lookups skip __getattr__
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))

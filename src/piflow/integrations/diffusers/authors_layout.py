@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from piflow.errors import DataError
-from piflow.integrations.diffusers.students import PATCH, POLICY_SETTINGS, DiffusersPolicyStudent
+from piflow.integrations.diffusers.families import ARCHITECTURES
+from piflow.integrations.diffusers.families.base import PATCH, AuthorsClasses
+from piflow.integrations.diffusers.students import POLICY_SETTINGS, DiffusersPolicyStudent
 
 POLICY_TYPE = {"gmflow": "GMFlow", "dx": "DX"}
 POLICY_DEFAULTS = {"mode": "grid"}                            # left out when they hold the authors' default
@@ -46,38 +47,18 @@ KIND_PREFIXES = {"gmflow": ("proj_out_means.", "proj_out_logweights.", "proj_out
 METADATA_KEY = "piflow_config"
 
 
-@dataclass(frozen=True)
-class AuthorsClasses:
-    """The authors' model classes for one base architecture."""
-
-    gm: str                          # their GM class, e.g. GMFluxTransformer2DModel
-    dx: str                          # what their exporter writes for DX (their loader needs the base class name)
-    base: str                        # the diffusers base class, e.g. FluxTransformer2DModel
-    gm_base_fields: tuple[str, ...]  # base-config fields their GM constructor takes
-
-
-AUTHORS_CLASSES = {
-    "flux": AuthorsClasses("GMFluxTransformer2DModel", "DXFluxTransformer2DModel", "FluxTransformer2DModel",
-                           ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
-                            "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")),
-    "qwen": AuthorsClasses("GMQwenImageTransformer2DModel", "DXQwenImageTransformer2DModel",
-                           "QwenImageTransformer2DModel",
-                           ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
-                            "axes_dims_rope")),
-    # their GM-FLUX.2 (dev and klein): 128-channel tokens, 4 per-pixel log-weights; they publish no DX-FLUX.2, and
-    # the base's bias-free proj_out could not hold a DX head's bias
-    "flux2": AuthorsClasses("GMFlux2Transformer2DModel", "", "Flux2Transformer2DModel",
-                            ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
-                             "joint_attention_dim", "timestep_guidance_channels", "mlp_ratio", "axes_dims_rope",
-                             "rope_theta", "eps", "guidance_embeds")),
-}
+def authors_classes() -> dict[str, AuthorsClasses]:
+    """Architecture name → the authors' classes, for the architectures they publish adapters of (each family
+    file's ``Architecture(authors=…)``)."""
+    return {name: arch.authors for name, arch in ARCHITECTURES.items() if arch.authors is not None}
 
 
 def _classes_for(architecture: str) -> AuthorsClasses:
-    if architecture not in AUTHORS_CLASSES:
-        raise ValueError(f"the authors' adapter layout exists for {sorted(AUTHORS_CLASSES)} students, not "
+    known = authors_classes()
+    if architecture not in known:
+        raise ValueError(f"the authors' adapter layout exists for {sorted(known)} students, not "
                          f"{architecture!r}; save it with layout='piflow'")
-    return AUTHORS_CLASSES[architecture]
+    return known[architecture]
 
 
 def _json_value(value: Any) -> Any:
@@ -159,7 +140,7 @@ def is_authors_layout(tensors: dict) -> bool:
 def default_policy_config(config: dict, tensors: dict):
     """What ComfyUI-piFlow assumes when the metadata has no policy_config: GMFlow for the GM classes (a DX policy
     needs its settings, so DX gets no default)."""
-    gm_classes = {classes.gm for classes in AUTHORS_CLASSES.values()}
+    gm_classes = {classes.gm for classes in authors_classes().values()}
     if is_authors_layout(tensors) and config.get("_class_name") in gm_classes:
         return {"type": "GMFlow"}
     return None
@@ -167,12 +148,13 @@ def default_policy_config(config: dict, tensors: dict):
 
 def _class_kind(class_name: Any) -> tuple[str, str]:
     """(architecture, policy kind) named by an authors'-layout ``_class_name``."""
-    for architecture, classes in AUTHORS_CLASSES.items():
+    known = authors_classes()
+    for architecture, classes in known.items():
         if class_name == classes.gm:
             return architecture, "gmflow"
         if classes.dx and class_name in (classes.dx, classes.base):
             return architecture, "dx"
-    names = sorted(n for c in AUTHORS_CLASSES.values() for n in (c.gm, c.dx, c.base) if n)
+    names = sorted(n for c in known.values() for n in (c.gm, c.dx, c.base) if n)
     raise DataError(f"adapter config.json: _class_name must be one of {names} (or a piflow adapter's), got "
                     f"{class_name!r}")
 
@@ -223,7 +205,7 @@ def from_authors_layout(config: dict, tensors: dict, transformer: torch.nn.Modul
         raise DataError("adapter config.json has no _class_name (expected e.g. 'GMFluxTransformer2DModel')")
     class_name = config["_class_name"]
     architecture, kind = _class_kind(class_name)
-    classes = AUTHORS_CLASSES[architecture]
+    classes = _classes_for(architecture)
     if type(transformer).__name__ != classes.base:
         raise DataError(f"a {class_name} adapter is for a {classes.base}, got a {type(transformer).__name__}")
     renamed, lora_modules, rank = {}, set(), None
