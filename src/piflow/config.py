@@ -23,12 +23,41 @@ __all__ = ["ConfigError", "Optional_", "dataclass_defaults", "load_config", "par
            "upgrade_config"]
 
 
-def upgrade_config(raw: Mapping, template: Mapping) -> dict:
+# keys that came with the methods (piflow.methods): a run saved before them never read them
+ADDED_WITH_METHODS = ("dmd2", "meanflow", "distill.x0_bank_size")
+
+
+def _fill_method_keys(config: dict, template: Mapping) -> dict:
+    """A run config saved before methods existed, completed for a `template` (the new config): its method is π-ID
+    (x0-regression for ``student.policy: x0``, the spelling then), and the keys of `ADDED_WITH_METHODS` it lacks
+    read as the template's (that run never read them; a change of method itself is still a change)."""
+    if "method" not in template or "method" in config:
+        return config
+    student = config.get("student")
+    config["method"] = "x0" if isinstance(student, Mapping) and student.get("policy") == "x0" else "piid"
+    for dotted in ADDED_WITH_METHODS:
+        *parents, key = dotted.split(".")
+        source, target = template, config
+        for part in parents:
+            source = source.get(part) if isinstance(source, Mapping) else None
+            if not isinstance(target.get(part), Mapping):
+                break
+            target[part] = target = dict(target[part])
+        else:
+            if isinstance(source, Mapping) and key in source and key not in target:
+                target[key] = copy.deepcopy(source[key])
+    return config
+
+
+def upgrade_config(raw: Mapping, template: Mapping, saved_run: bool = False) -> dict:
     """A config mapping (a YAML file's, a run's saved config.yaml, or parsed overrides) with keys of older piflow
     versions rewritten for a `template` (the defaults, or the new config) that has the new keys, keeping their old
     meaning: ``distill.gm_dropout`` (GM dropout; the recipes used 0 for DX and x0 students whatever it said) becomes
-    ``distill.policy_dropout`` (0 for a dx/x0 ``student.policy``), by `piflow.settings.rename_old_dropout`."""
+    ``distill.policy_dropout`` (0 for a dx/x0 ``student.policy``), by `piflow.settings.rename_old_dropout`. A run's
+    saved config (`saved_run`) from before the methods also gets their keys (`_fill_method_keys`)."""
     config = dict(raw)
+    if saved_run:
+        config = _fill_method_keys(config, template)
     distill, new = config.get("distill"), template.get("distill")
     if isinstance(distill, Mapping) and OLD_DROPOUT_NAME in distill and isinstance(new, Mapping) \
             and "policy_dropout" in new and OLD_DROPOUT_NAME not in new:

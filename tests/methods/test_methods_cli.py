@@ -124,3 +124,20 @@ def test_each_method_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path,
     resumed = run_cli("distill", "--run-dir", str(run), *args)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run, clean)
+
+
+def test_a_run_saved_before_methods_existed_resumes_as_pi_id(tmp_path, capsys):
+    """config.yaml without the method keys (as written before piflow.methods): the same command finds no config
+    change (the run was π-ID and never read the new keys); another method is still a change."""
+    run = tmp_path / "run"
+    config = _config_file(tmp_path, TINY_RING8, "piid")
+    assert main(["distill", "-c", str(config), "--run-dir", str(run)]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    for key in ("method", "dmd2", "meanflow"):
+        del saved[key]
+    del saved["distill"]["x0_bank_size"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    capsys.readouterr()
+    assert main(["distill", "-c", str(config), "--run-dir", str(run)]) == 0
+    assert main(["distill", "-c", str(config), "--run-dir", str(run), "method=meanflow"]) == 2
+    assert "method: 'piid' -> 'meanflow'" in capsys.readouterr().err

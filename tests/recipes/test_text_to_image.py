@@ -195,6 +195,9 @@ def test_text_to_image_config_errors(bases, tmp_path, capsys):
         distill_text_to_image(config_for(bases, "flux", "student.policy=x0"), tmp_path / "c")
     with pytest.raises(ConfigError, match="does not match the pipeline"):
         distill_text_to_image(config_for(bases, "flux", "architecture=qwen"), tmp_path / "d")
+    with pytest.raises(ConfigError, match="method=dmd2 is not available for text-to-image"):
+        distill_text_to_image(config_for(bases, "flux", "method=dmd2"), tmp_path / "f")
+    assert not (tmp_path / "f").exists()
     assert main(["distill", "--run-dir", str(tmp_path / "e"), f"pipeline={bases['flux']}", "student.bogus=1"]) == 2
     assert "unknown config key" in capsys.readouterr().err
     assert main(["export", "--run-dir", str(tmp_path / "nothing")]) == 2

@@ -36,6 +36,7 @@ T2I_POLICY_DROPOUT = {"gmflow": 0.1, "dx": 0.0}
 T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "pipeline": Optional_(str),   # local folder or hub id of the base diffusers pipeline
     "architecture": "auto",       # model family: flux | sd3 | qwen | … (auto: from the pipeline's model_index.json)
+    "method": "piid",             # text-to-image students are π-ID students (LoRA + policy head)
     "dtype": "auto",              # base weights: bf16 on CUDA, fp32 on CPU ("bf16", "fp16", "fp32")
     "quantize": Optional_(str),   # frozen base quantized (QLoRA-style): torchao-int8 | bnb-nf4 | bnb-int8 (CUDA)
     "prompts": Optional_(str),    # prompt file, one per line
@@ -213,6 +214,9 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
     require("peft", "text-to-image distillation")
     if config["parallel"] not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be 'ddp' or 'fsdp', got {config['parallel']!r}")
+    if config["method"] != "piid":
+        raise ConfigError(f"method={config['method']} is not available for text-to-image (diffusers) students: "
+                          f"they are π-ID students (method=piid); the other methods train 2-D and image runs")
     from piflow.train import distributed
 
     device = default_device()

@@ -156,7 +156,7 @@ def config_differences(old: dict, new: dict, neutral: frozenset = RESULT_NEUTRAL
     is no change; older key names are compared under their new names (`piflow.config.upgrade_config`)."""
     from piflow.config import upgrade_config
 
-    flat_old, flat_new = _flatten(upgrade_config(old, new)), _flatten(new)
+    flat_old, flat_new = _flatten(upgrade_config(old, new, saved_run=True)), _flatten(new)
     missing = object()
     changes = {}
     for key in sorted(set(flat_old) | set(flat_new)):
