@@ -18,7 +18,7 @@ from piflow.policies.base import Policy
 from piflow.progress import progress_bar
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
 from piflow.schedule import check_nfe, check_raw_times, resolve_temperature, segment_grid
-from piflow.timewarp import warp
+from piflow.timewarp import NUM_TIMESTEPS, warp
 
 HLike = Union[float, str]
 PolicyFn = Callable[[Tensor, Tensor, Any], Policy]
@@ -38,7 +38,7 @@ class FlowMapSDESchedule:
     """
 
     def __init__(self, shift: float = 1.0, final_step_size_scale: float = 1.0, h: HLike = 0.0,
-                 num_train_timesteps: float = 1000.0, eps: float = 1e-6):
+                 num_train_timesteps: float = NUM_TIMESTEPS, eps: float = 1e-6):
         if isinstance(h, str):
             if h != "inf":
                 raise ValueError(f"h must be a number >= 0 or 'inf', got {h!r}")

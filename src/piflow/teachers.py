@@ -15,6 +15,7 @@ from torch import Tensor
 
 from piflow.checks import SigmaLike, check_finite, check_state
 from piflow.policies.gmflow import GMFlowPolicy
+from piflow.timewarp import NUM_TIMESTEPS
 
 
 class Teacher(Protocol):
@@ -24,7 +25,7 @@ class Teacher(Protocol):
 class NetworkTeacher:
     """Wrap ``model(x_t, t, cond) -> u`` (t = σ·num_timesteps) as a σ-space teacher; frozen, eval mode, no grad."""
 
-    def __init__(self, model: Callable[..., Tensor], num_timesteps: float = 1000.0):
+    def __init__(self, model: Callable[..., Tensor], num_timesteps: float = NUM_TIMESTEPS):
         self.model = model
         self.num_timesteps = float(num_timesteps)
 

@@ -13,6 +13,10 @@ from torch import Tensor
 
 TimeLike = Union[Tensor, float]
 
+# S, the factor between σ and a network's timestep input (t = σ·S): 1000 for every flow-matching model piflow knows
+# (SiT/DiT, FLUX, SD3, Qwen-Image, Wan; diffusers' num_train_timesteps); the one source of that default
+NUM_TIMESTEPS = 1000.0
+
 
 def _check_shift(shift: float) -> float:
     shift = float(shift)

@@ -5,7 +5,6 @@ import dataclasses
 import inspect
 
 import pytest
-import torch
 
 pytest.importorskip("diffusers")
 

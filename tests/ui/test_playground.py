@@ -193,3 +193,18 @@ def test_importing_the_ui_logic_imports_no_gradio():
             "print('gradio' in sys.modules, 'selenium' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_run_of_another_method_is_refused_in_one_line(tmp_path):
+    """The playground's controls are a policy student's: a DMD2 run is named and sent to `piflow sample`."""
+    from piflow.cli import main
+    from piflow.config import ConfigError
+    from piflow.ui.playground import load_run
+
+    run = tmp_path / "dmd2"
+    assert main(["distill", "--run-dir", str(run), "dataset=ring8", "method=dmd2", "train.iters=2",
+                 "train.progress=false", "student.hidden_size=16", "student.num_layers=2", "eval.num_samples=50",
+                 "eval.teacher_steps=[]"]) == 0
+    with pytest.raises(ConfigError, match="method=dmd2 run") as error:
+        load_run(run)
+    assert "\n" not in str(error.value) and "piflow sample" in str(error.value)

@@ -114,7 +114,8 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
 def gm_rollout_cpu(library: ctypes.CDLL, x: Tensor, coefficients: Tensor, means: Tensor, means_sq: Tensor,
                    logits: Tensor, x_src: Tensor) -> Tensor:
     """Run the fused rollout: x (B, C, *S), coefficients (N, B, 6), means (B, K, C, *S), means_sq and logits
-    (B, K, 1, *S), x_src (B, C, *S), all on the CPU (any float dtype is cast to the kernel's float32). Returns the final state (a new tensor, x's shape)."""
+    (B, K, 1, *S), x_src (B, C, *S), all on the CPU (any float dtype is cast to the kernel's float32). Returns the
+    final state (a new tensor, x's shape)."""
     tensors = {"x": x, "coefficients": coefficients, "means": means, "means_sq": means_sq, "logits": logits,
                "x_src": x_src}
     for name, tensor in tensors.items():       # the C kernel reads raw float32 memory: cast or refuse, never guess

@@ -28,6 +28,7 @@ from piflow.checks import draw
 from piflow.methods.base import FewStepSampler, Method
 from piflow.piid import forward_diffuse
 from piflow.policies import DXPolicy
+from piflow.timewarp import NUM_TIMESTEPS
 
 VelocityModel = Callable[[Tensor, Tensor, Any], Tensor]        # u(x_σ (B, …), σ (B,), cond)
 X0Generator = Callable[[Tensor, Tensor, Any], Tensor]          # x0 = G(x_σ (B, …), σ (B,), cond)
@@ -131,7 +132,7 @@ class DMD2Student(nn.Module):
     rule and a checkpoint holds both networks and their optimiser state."""
 
     def __init__(self, generator_model: nn.Module, fake_score_model: Optional[nn.Module] = None,
-                 num_timesteps: float = 1000.0):
+                 num_timesteps: float = NUM_TIMESTEPS):
         super().__init__()
         self.generator = generator_model
         self.fake_score = copy.deepcopy(generator_model) if fake_score_model is None else fake_score_model

@@ -25,6 +25,7 @@ from piflow.methods.base import FewStepSampler, Method
 from piflow.models.embeddings import timestep_embedding
 from piflow.piid import forward_diffuse
 from piflow.policies import Policy
+from piflow.timewarp import NUM_TIMESTEPS
 
 # u_θ(z (B, C, *S), r (B,), t (B,), cond) -> u (B, C, *S)
 AverageVelocityModel = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
@@ -67,7 +68,7 @@ class AverageVelocityNet(nn.Module):
         num_timesteps: S (the backbone's t scale). frequency_dim: sinusoid width of the interval embedding.
     """
 
-    def __init__(self, velocity_model: nn.Module, num_timesteps: float = 1000.0, frequency_dim: int = 256):
+    def __init__(self, velocity_model: nn.Module, num_timesteps: float = NUM_TIMESTEPS, frequency_dim: int = 256):
         super().__init__()
         width = getattr(velocity_model, "extra_condition_dim", None)
         if not isinstance(width, int):

@@ -4,6 +4,7 @@ Same backbone, initialisation, data and step budget as π-ID; only the loss diff
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Optional
 
 import torch
@@ -53,7 +54,7 @@ def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int],
         try:
             save_safetensors(path, {"states": states, "endpoints": endpoints})
         except OSError as error:                          # an unwritable cache only costs time
-            print(f"piflow: warning: could not cache the x0-baseline bank ({error})")
+            print(f"piflow: warning: could not cache the x0-baseline bank ({error})", file=sys.stderr)
     return states, endpoints
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from piflow.checks import as_batch_sigma
 from piflow.heads import make_policy_head
 from piflow.settings import policy_kind
+from piflow.timewarp import NUM_TIMESTEPS
 
 
 class PolicyStudent(nn.Module):
@@ -31,7 +32,7 @@ class PolicyStudent(nn.Module):
     """
 
     def __init__(self, teacher_model: nn.Module, policy: str = "gmflow", num_components: int = 8,
-                 num_nodes: int = 10, dx_mode: str = "grid", num_timesteps: float = 1000.0,
+                 num_nodes: int = 10, dx_mode: str = "grid", num_timesteps: float = NUM_TIMESTEPS,
                  init_from_teacher: bool = True, head_noise_std: float = 0.05, logstd_hidden: int = 1024,
                  generator: Optional[torch.Generator] = None):
         super().__init__()

@@ -143,24 +143,6 @@ def contexts_from_bank(feature_nets: list, bank: dict[str, Tensor], real_test: T
     return contexts
 
 
-STUDENTS = [
-    # (name, overrides, sampling NFEs)
-    ("x0_nfe1", ["student.policy=x0", "distill.nfe=1"], [1]),
-    ("x0_nfe2", ["student.policy=x0", "distill.nfe=2"], [2]),
-    ("x0_nfe4", ["student.policy=x0", "distill.nfe=4"], [4]),
-    ("gm_k8_nfe1", ["student.num_components=8", "distill.nfe=1"], [1]),
-    ("gm_k8_nfe2", ["student.num_components=8", "distill.nfe=2"], [2]),
-    ("gm_k8_nfe4", ["student.num_components=8", "distill.nfe=4"], [4, 2, 8]),
-    ("gm_k32_nfe1", ["student.num_components=32", "distill.nfe=1"], [1]),
-    ("gm_k32_nfe2", ["student.num_components=32", "distill.nfe=2"], [2]),
-    ("gm_k32_nfe4", ["student.num_components=32", "distill.nfe=4"], [4]),
-    ("dx_n10_nfe2", ["student.policy=dx", "distill.nfe=2", "distill.window_substeps=3"], [2]),
-    ("dx_n10_nfe4", ["student.policy=dx", "distill.nfe=4", "distill.window_substeps=3"], [4]),
-    ("ablation_gm_k8_nfe2_no_dropout", ["student.num_components=8", "distill.nfe=2", "distill.policy_dropout=0"], [2]),
-    ("ablation_dx_n10_nfe2_window0", ["student.policy=dx", "distill.nfe=2", "distill.window_substeps=0"], [2]),
-]
-
-
 COLUMNS = [("nfe", "NFE", "{}"), ("fd_teacher", "FD-teacher A ↓", "{:.3f}"),
            ("fd_teacher_b", "FD-teacher B ↓", "{:.3f}"), ("fd_real", "FD-real A ↓", "{:.3f}"),
            ("fd_real_b", "FD-real B ↓", "{:.3f}"), ("kid_x1000", "KID×1e3 ↓", "{:.1f}"),

@@ -23,8 +23,8 @@ from piflow.recipes.common import (check_dataset, check_settings, config_values,
 from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
 from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
+from piflow.timewarp import NUM_TIMESTEPS
 
-NUM_TIMESTEPS = 1000.0
 IMAGE_DATASETS = IMAGE_DATASET_NAMES
 
 IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {

@@ -20,7 +20,7 @@ from piflow.model import PiFlow
 from piflow.rollout import num_substeps, rollout
 from piflow.sampling import FlowMapSDESchedule, euler_sample, euler_trajectory, rk4_sample
 from piflow.teachers import GaussianMixtureTeacher, NetworkTeacher
-from piflow.timewarp import unwarp, warp
+from piflow.timewarp import NUM_TIMESTEPS, unwarp, warp
 from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 from piflow.recipes import plots
 from piflow.data import TOY_DATASET_NAMES
@@ -30,7 +30,6 @@ from piflow.recipes.common import (check_dataset, check_settings, config_values,
                                    finished_distill_run, load_distilled, load_weights, method_defaults, run_recipe,
                                    seed_initialisation, train_defaults)
 
-NUM_TIMESTEPS = 1000.0
 
 TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "checkerboard",

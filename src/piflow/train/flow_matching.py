@@ -9,6 +9,7 @@ from torch import Tensor
 
 from piflow.errors import ConfigError
 from piflow.piid import forward_diffuse
+from piflow.timewarp import NUM_TIMESTEPS
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -29,7 +30,7 @@ def sample_time(batch: int, mode: str, generator: torch.Generator) -> Tensor:
 
 
 def flow_matching_loss(velocity: Callable[[Tensor, Tensor, Any], Tensor], x0: Tensor, cond: Any, time_sampling: str,
-                       generator: torch.Generator, num_timesteps: float = 1000.0) -> Tensor:
+                       generator: torch.Generator, num_timesteps: float = NUM_TIMESTEPS) -> Tensor:
     """MSE between ``velocity(x_σ, σ·num_timesteps, cond)`` and the rectified-flow target u = ε − x0, at
     x_σ = (1 − σ)·x0 + σ·ε with ε ~ N(0, I) and σ ~ `time_sampling` (drawn in that order from `generator`)."""
     noise = torch.randn(x0.shape, generator=generator)

@@ -81,11 +81,17 @@ def load_run(run_dir: Union[str, Path], label: Optional[str] = None, teacher: Op
     written = read_yaml(config_path, "the run's config") if config_path.is_file() else None
     dataset = written.get("dataset") if isinstance(written, dict) else None
     label = label or run_dir.name
-    if images.is_image_dataset(dataset):
-        pf, config = images.load_student(run_dir, overrides)
+    image_run = images.is_image_dataset(dataset)
+    pf, config = (images if image_run else toy2d).load_student(run_dir, overrides)
+    if not isinstance(pf, PiFlow):         # the controls (substeps, h, policy views) are those of policy students
+        from piflow.config import ConfigError
+        from piflow.methods import method_name
+
+        raise ConfigError(f"--run-dir {run_dir}: the playground shows π-ID and x0 students; this is a "
+                          f"method={method_name(config)} run (sample it with `piflow sample --run-dir {run_dir}`)")
+    if image_run:
         shape, num_classes = images.sample_spec(config)
         return PlaygroundModel(label, "image", pf, pf.teacher, shape, max(num_classes, 0))
-    pf, config = toy2d.load_student(run_dir, overrides)
     background = toy2d.load_dataset(config["dataset"]).sample(3000, torch.Generator().manual_seed(3)).numpy()
     return PlaygroundModel(label, "2d", pf, pf.teacher, (2,), 0, background)
 

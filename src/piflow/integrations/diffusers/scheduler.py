@@ -14,7 +14,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
 from piflow.sampling import FlowMapSDESchedule
-from piflow.timewarp import dynamic_shift
+from piflow.timewarp import NUM_TIMESTEPS, dynamic_shift
 
 
 class FlowMapSDEScheduler(SchedulerMixin, ConfigMixin):
@@ -29,9 +29,10 @@ class FlowMapSDEScheduler(SchedulerMixin, ConfigMixin):
     order = 1
 
     @register_to_config
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, use_dynamic_shifting: bool = False,
-                 base_shift: float = 0.5, max_shift: float = 1.15, base_image_seq_len: int = 256,
-                 max_image_seq_len: int = 4096, h: Union[float, str] = 0.0, final_step_size_scale: float = 1.0):
+    def __init__(self, num_train_timesteps: int = int(NUM_TIMESTEPS), shift: float = 1.0,
+                 use_dynamic_shifting: bool = False, base_shift: float = 0.5, max_shift: float = 1.15,
+                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096, h: Union[float, str] = 0.0,
+                 final_step_size_scale: float = 1.0):
         self._core: Optional[FlowMapSDESchedule] = None
         self._step_index = 0
         self.timesteps = None

@@ -9,10 +9,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from piflow.timewarp import NUM_TIMESTEPS
+
 SOLVERS = ("flow-euler", "dpm-solver++", "unipc")
 
 
-def make_flow_scheduler(name: str, shift: float = 1.0, num_train_timesteps: int = 1000):
+def make_flow_scheduler(name: str, shift: float = 1.0, num_train_timesteps: int = int(NUM_TIMESTEPS)):
     """A diffusers scheduler configured for rectified-flow velocity models (σ = t/1000, u = ε − x0)."""
     try:
         import diffusers

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from piflow.integrations.diffusers.families import base, calls
 from piflow.integrations.diffusers.families.base import Architecture, Family
+from piflow.timewarp import NUM_TIMESTEPS
 
 # SD3 LoRA: image and context feed-forwards of every joint block and the timestep MLP, never attention (§6.6).
 SD3_LORA_TARGETS = (r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|"
@@ -16,7 +17,7 @@ SD3_LORA_TARGETS = (r".*(ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff
 def model_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
     """latents (B, C, H, W), σ (B,), cond → `SD3Transformer2DModel` forward kwargs."""
     inputs = base.check_cond(cond, ("encoder_hidden_states", "pooled_projections"), "SD3")
-    inputs.update(hidden_states=latents, timestep=sigma.reshape(-1).to(latents.dtype) * 1000)
+    inputs.update(hidden_states=latents, timestep=sigma.reshape(-1).to(latents.dtype) * NUM_TIMESTEPS)
     return inputs
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from piflow.integrations.diffusers.families import base, calls
 from piflow.integrations.diffusers.families.base import Architecture, Family
+from piflow.timewarp import NUM_TIMESTEPS
 
 # LoRA: the blocks' feed-forward (ffn.net.0.proj, ffn.net.2) and the timestep MLP
 # (condition_embedder.time_embedder.linear_1/2, time_proj), never attention (§6.6).
@@ -33,7 +34,7 @@ def model_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
         raise ValueError(f"latents must be 5-D (B, C, T, H, W) video latents for Wan, got {tuple(latents.shape)}")
     if latents.shape[3] % 2 or latents.shape[4] % 2:
         raise ValueError(f"latent height and width must be divisible by 2 for Wan, got {tuple(latents.shape)}")
-    return {"hidden_states": latents, "timestep": sigma.reshape(-1).to(latents.dtype) * 1000,
+    return {"hidden_states": latents, "timestep": sigma.reshape(-1).to(latents.dtype) * NUM_TIMESTEPS,
             "encoder_hidden_states": cond["encoder_hidden_states"]}
 
 
