@@ -30,8 +30,8 @@ from piflow.integrations.diffusers.loading import (DTYPES, base_dtype, default_d
 from piflow.model import PiFlow
 from piflow.recipes.common import (as_run, check_settings, distill_defaults, piid_loss_fn, piid_settings,
                                    run_recipe, seed_initialisation, train_defaults, write_json)
+from piflow.settings import TEXT_TO_IMAGE_POLICY_DROPOUT
 
-T2I_POLICY_DROPOUT = {"gmflow": 0.1, "dx": 0.0}
 
 T2I_DISTILL_DEFAULTS: dict[str, Any] = {
     "pipeline": Optional_(str),   # local folder or hub id of the base diffusers pipeline
@@ -111,7 +111,7 @@ def t2i_settings(config: dict):
     kind = config["student"]["policy"]
     if kind not in ("gmflow", "dx"):
         raise ConfigError(f"student.policy must be 'gmflow' or 'dx' for text-to-image, got {kind!r}")
-    default = {} if dropout is not None else {"policy_dropout": T2I_POLICY_DROPOUT.get(kind, 0.0)}
+    default = {} if dropout is not None else {"policy_dropout": TEXT_TO_IMAGE_POLICY_DROPOUT.get(kind, 0.0)}
     return piid_settings(config, **default)
 
 

@@ -18,11 +18,12 @@ from piflow.policies import GMFlowPolicy
 from piflow.progress import progress_bar
 from piflow.rollout import rollout
 from piflow.sampling import euler_sample
+from piflow.schedule import DEFAULT_TOTAL_SUBSTEPS
 
 
 def fit_static_policy(teacher, noise: torch.Tensor, cond, num_components: int = 32, iters: int = 2000,
                       lr: float = 5e-3, times_per_iter: int = 2, snapshot_every: int = 250, seed: int = 0,
-                      total_substeps: int = 128, progress: bool = True):
+                      total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, progress: bool = True):
     """Returns (policy_params dict, snapshots [(iteration, x0 image (1, C, *S))], loss history)."""
     gen = torch.Generator().manual_seed(seed)
     batch = noise.shape[0]
