@@ -1,4 +1,6 @@
 """Config loading: YAML + key=value overrides against defaults, with clear errors."""
+from pathlib import Path
+
 import pytest
 
 from piflow.config import ConfigError, load_config, parse_overrides
@@ -148,3 +150,26 @@ def test_old_configs_are_upgraded_with_their_old_meaning():
         load_config(defaults, {"distill": {"gm_dropout": 0.1, "policy_dropout": 0.2}})
     with pytest.raises(ConfigError, match="string or null"):        # data.root=yes is never a path
         load_config(defaults, overrides=["data.root=yes"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")),
+                         ids=lambda path: path.name)
+def test_every_shipped_config_resolves(path):
+    """Each file in configs/ is a valid config of its recipe (unknown keys or bad types would be errors): the
+    text-to-image ones (a ``pipeline`` key) with a pipeline given; the method configs name their method and carry
+    its settings."""
+    from piflow.cli import _resolve_training_config
+    from piflow.cli_parser import build_parser
+    from piflow.files import read_yaml
+
+    written = read_yaml(path)
+    command = "train-teacher" if path.name.startswith("teacher_") else "distill"
+    extra = ["pipeline=org/model"] if "pipeline" in written else []
+    recipe, config = _resolve_training_config(build_parser().parse_args(
+        [command, "-c", str(path), "--run-dir", "unused", *extra]))
+    assert recipe == ("t2i" if extra else "image" if written["dataset"] == "digits" else "2d")
+    if command == "distill":
+        assert config["method"] == written.get("method", "piid")
+        section = written.get(written.get("method"))
+        if section is not None:
+            assert {key: config[written["method"]][key] for key in section} == section
