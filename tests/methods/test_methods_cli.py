@@ -4,6 +4,7 @@ method=NAME -c CONFIG` on ring8 (exact teacher) and on digits (the bundled DiT t
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -83,7 +84,7 @@ TINY_DIGITS = ["dataset=digits", "train.iters=2", "train.warmup_iters=1", "train
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_distils_samples_and_evaluates_on_digits(tmp_path, method, digits_teacher):
+def test_each_method_distils_samples_and_evaluates_on_digits(tmp_path, method, digits_teacher, feature_nets):
     run = tmp_path / "run"
     assert main(["distill", "--run-dir", str(run), f"teacher={digits_teacher}", f"method={method}",
                  *TINY_DIGITS]) == 0
@@ -92,9 +93,24 @@ def test_each_method_distils_samples_and_evaluates_on_digits(tmp_path, method, d
     assert main(["sample", "--run-dir", str(run), "--num-samples", "12", "--label", "3", "--output", str(out)]) == 0
     samples = np.load(out)
     assert samples.shape == (12, 1, 8, 8) and np.isfinite(samples).all()
+    for name in ("feature_net", "feature_net_b"):          # the evaluation's classifiers, trained once per module
+        shutil.copytree(feature_nets / name, run / name)
     assert main(["evaluate", "--run-dir", str(run), "eval.num_samples=60"]) == 0
     name = "gmflow" if method == "piid" else method
     assert f"student {name} 2" in json.loads((run / "metrics.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module")
+def feature_nets(tmp_path_factory, digits_teacher):
+    """A folder with the two digits feature classifiers `piflow evaluate` caches in a run directory."""
+    from piflow.recipes import image_benchmark, images
+
+    folder = tmp_path_factory.mktemp("features")
+    _, config = images.load_teacher(str(digits_teacher))
+    train_x, train_y = images.load_dataset(config, "train").tensors()
+    test_x, test_y = images.load_dataset(config, "test").tensors()
+    image_benchmark.feature_classifiers_for(folder, train_x, train_y, test_x, test_y, 10, epochs=3)
+    return folder
 
 
 @pytest.fixture(scope="module")
