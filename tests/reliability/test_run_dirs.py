@@ -328,7 +328,7 @@ def test_runs_started_before_policy_dropout_resume_unchanged():
     # recipes now record the resolved policy_dropout, so the same command resumes without a config change
     from piflow.config import load_config
     from piflow.recipes import toy2d
-    from piflow.recipes.common import as_run, piid_settings
+    from piflow.methods.piid import as_run, piid_settings
     from piflow.train.run_dir import config_differences
 
     for policy, effective in (("gmflow", 0.05), ("dx", 0.0)):

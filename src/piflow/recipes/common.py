@@ -14,9 +14,8 @@ from piflow.checks import is_int
 from piflow.config import ConfigError, dataclass_defaults, load_config
 from piflow.errors import UserError
 from piflow.files import one_line, write_json
-from piflow.files import save_safetensors as _save_safetensors
-from piflow.methods import DistillSetup, make_method, method_sections
-from piflow.methods.piid import as_run, build_piflow, piid_loss_fn, piid_settings  # noqa: F401 (recipes' imports)
+from piflow.files import save_safetensors
+from piflow.methods import DistillSetup, make_method
 from piflow.settings import PiIDSettings
 from piflow.train import TrainConfig
 from piflow.train.loop import LossFn, TrainResult, train
@@ -49,12 +48,6 @@ def distill_defaults(**overrides) -> dict:
     section.update(data_free=False, batch_size=64, x0_bank_size=4096)
     section.update(overrides)
     return section
-
-
-def method_defaults() -> dict:
-    """The method keys of a distillation recipe's defaults: ``method`` (piid) and the sections of the methods
-    with settings of their own (``dmd2``, ``meanflow``), from `piflow.methods.METHODS`."""
-    return method_sections()
 
 
 def train_config(config: dict) -> TrainConfig:
@@ -173,7 +166,7 @@ def run_recipe(config: dict, run_dir: Path, command: str, allow_config_change: b
 
 
 def distill_run(run_dir: Path, allow_config_change: bool, setup: DistillSetup,
-                evaluate: Callable[[Any], dict], is_main: bool = True) -> dict:
+                evaluate: Callable[[Any], dict]) -> dict:
     """`piflow distill` of any method (``method`` in the config) through the one run skeleton: the method builds
     the student and its loss from `setup`; after training the EMA student's weights go to student.safetensors
     and `evaluate(sampler)` gives the metrics. Every setting is checked before the run directory is touched."""
@@ -183,14 +176,13 @@ def distill_run(run_dir: Path, allow_config_change: bool, setup: DistillSetup,
     loss_fn = method.loss_fn(student)
 
     def finish(result) -> dict:
-        if is_main:
-            _save_safetensors(run_dir / "student.safetensors", result.ema.model.state_dict())
+        save_safetensors(run_dir / "student.safetensors", result.ema.model.state_dict())
         final_loss = result.history[-1]["loss"] if result.history else None
         return {"final_loss": final_loss, **evaluate(method.sampler(result.ema.model.eval()))}
 
     train_section = dict(config["train"], iters=method.loop_iterations(config["train"]["iters"]))
     return run_recipe(config, run_dir, "distill", allow_config_change, student, loss_fn, finish, method.loss_title,
-                      train_section=train_section, is_main=is_main)
+                      train_section=train_section)
 
 
 def load_distilled(setup: DistillSetup, weights: Path):

@@ -16,9 +16,9 @@ from piflow.data.images import IMAGE_DATASET_NAMES
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.config import Optional_
-from piflow.methods import DistillSetup
+from piflow.methods import DistillSetup, method_sections
 from piflow.recipes.common import (check_dataset, check_settings, config_values, distill_defaults, distill_run,
-                                   finished_distill_run, load_distilled, method_defaults, run_recipe,
+                                   finished_distill_run, load_distilled, run_recipe,
                                    seed_initialisation, train_defaults)
 from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
@@ -41,7 +41,7 @@ IMAGE_DISTILL_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
     "data": {"root": Optional_(str), "image_size": Optional_(int)},
     "teacher": "runs/teacher_digits",
-    **method_defaults(),
+    **method_sections(),
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid"},
     "guidance": {"scale": 1.0, "interval": [0.0, 1.0]},
     "distill": distill_defaults(),

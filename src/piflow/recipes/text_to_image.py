@@ -24,12 +24,13 @@ import torch
 
 from piflow.config import ConfigError, Optional_
 from piflow.errors import require
+from piflow.files import write_json
 from piflow.integrations.diffusers.families.base import TEXT_TO_IMAGE_SCHEDULE
 from piflow.integrations.diffusers.loading import (DTYPES, base_dtype, default_device,  # noqa: F401
                                                    from_pretrained, latent_geometry, load_base, pipeline_family)
 from piflow.model import PiFlow
-from piflow.recipes.common import (as_run, check_settings, distill_defaults, piid_loss_fn, piid_settings,
-                                   run_recipe, seed_initialisation, train_defaults, write_json)
+from piflow.methods.piid import as_run, piid_loss_fn, piid_settings
+from piflow.recipes.common import check_settings, distill_defaults, run_recipe, seed_initialisation, train_defaults
 from piflow.settings import TEXT_TO_IMAGE_POLICY_DROPOUT
 
 

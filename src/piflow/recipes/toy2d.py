@@ -25,9 +25,9 @@ from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 from piflow.recipes import plots
 from piflow.data import TOY_DATASET_NAMES
 from piflow.files import save_safetensors
-from piflow.methods import DistillSetup, student_name
+from piflow.methods import DistillSetup, method_sections, student_name
 from piflow.recipes.common import (check_dataset, check_settings, config_values, distill_defaults, distill_run,
-                                   finished_distill_run, load_distilled, load_weights, method_defaults, run_recipe,
+                                   finished_distill_run, load_distilled, load_weights, run_recipe,
                                    seed_initialisation, train_defaults)
 
 
@@ -42,7 +42,7 @@ TEACHER_DEFAULTS: dict[str, Any] = {
 DISTILL_DEFAULTS: dict[str, Any] = {
     "dataset": "ring8",
     "teacher": "exact",
-    **method_defaults(),
+    **method_sections(),
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid", "hidden_size": 256,
                 "num_layers": 4},
     "distill": distill_defaults(nfe=2, batch_size=256),
