@@ -126,3 +126,30 @@ def test_ui_rejects_bad_arguments_in_one_line(capsys):
     assert "--port must lie in [1, 65535], got 0" in capsys.readouterr().err
     assert main(["ui", "--adapter", "somewhere"]) == 2
     assert "--adapter needs --pipeline" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import piflow
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"piflow {piflow.__version__}"
+
+
+def test_overrides_may_stand_anywhere_after_the_command(tmp_path):
+    """`distill dataset=ring8 --run-dir R teacher=exact …`: the overrides before and after the options all apply,
+    in order (the later of two equal keys wins); an unknown option or an override where a command takes none is
+    still an argparse error."""
+    from piflow.cli_parser import parse_args
+
+    args = parse_args(["distill", "dataset=ring8", "--run-dir", str(tmp_path / "r"), "teacher=exact",
+                       "--allow-config-change", "train.iters=3", "train.iters=4"])
+    assert args.run_dir == str(tmp_path / "r") and args.allow_config_change
+    assert args.overrides == ["dataset=ring8", "teacher=exact", "train.iters=3", "train.iters=4"]
+    run = tmp_path / "run"
+    assert main(["distill", TINY_2D[0], "--run-dir", str(run), *TINY_2D[1:]]) == 0
+    assert (run / "student.safetensors").is_file()
+    for argv in (["distill", "--run-dir", str(run), "--bogus"], ["ui", "port=3"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        assert exit_info.value.code == 2

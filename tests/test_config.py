@@ -58,6 +58,23 @@ def test_exponent_numbers_without_a_dot():
             load_config(defaults, None, [bad])
 
 
+def test_a_quoted_number_is_a_string_not_a_number(tmp_path):
+    """In a file and in an override, 1e-3 and 2E5 are numbers; "5" and '1e-3' (quoted) are strings, refused by
+    numeric keys with a one-line error naming the key."""
+    defaults = {"lr": 1.0, "iters": 10, "name": "x"}
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 1e-3\niters: 2E5\nname: '5'\n")
+    assert load_config(defaults, good) == {"lr": 1e-3, "iters": 200000, "name": "5"}
+    for text in ('iters: "5"\n', "lr: '1e-3'\n"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match="must be a number, got the string") as error:
+            load_config(defaults, bad)
+        assert text.split(":")[0] in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="'iters' must be a number, got the string '5'"):
+        load_config(defaults, None, ["iters='5'"])
+
+
 @pytest.mark.parametrize("override,fragment", [
     ("distill.nfe=true", "must be a number"), ("distill.nfe=[1,2]", "single value"),
     ("distill.gm_dropout={a: 1}", "single value"), ("eval.steps=3", "must be a list"),

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from piflow.cli_parser import SAMPLE_VALUES, build_parser  # noqa: F401 (build_parser: tests, docs)
+from piflow.cli_parser import SAMPLE_VALUES, build_parser, parse_args  # noqa: F401 (build_parser: tests, docs)
 from piflow.errors import ConfigError, RunDirError, UserError
 
 def _resolve_training_config(args) -> tuple[str, dict]:
@@ -341,7 +341,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # started by torchrun: join the process group
         from piflow.train.distributed import init_distributed

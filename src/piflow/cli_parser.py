@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Optional, Sequence
 
 SAMPLE_VALUES = ("values are the student's outputs in data units, not clipped: images in about [-1, 1] "
                  "(the training data's scale; latents for `latents` datasets), 2-D points in data coordinates")
@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="piflow", description="π-Flow: few-step policy distillation (π-ID).",
         epilog="Errors in the input are printed as one line (exit status 2; 3 when training diverged); "
                "PIFLOW_TRACEBACK=1 adds the traceback.")
+    from piflow import __version__
+
+    parser.add_argument("--version", action="version", version=f"piflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = sub.add_parser("demo", help="2-D and digits end-to-end demo with exact answers; prints comparison tables")
@@ -135,3 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("path", help="the checkpoint.pt file (or its run directory); only convert files you trust")
     convert.set_defaults(handler="convert_checkpoint")
     return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line as `build_parser` reads it, with ``key=value`` overrides accepted anywhere after the
+    command (before, between or after the options: `piflow distill dataset=ring8 --run-dir r teacher=exact`)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    overrides = [item for item in extras if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extras if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args

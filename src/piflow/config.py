@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping, Union
 import yaml
 
 from piflow.errors import ConfigError
-from piflow.files import read_yaml
+from piflow.files import read_yaml, yaml_loader
 from piflow.schedule import is_auto
 from piflow.settings import OLD_DROPOUT_NAME, rename_old_dropout
 
@@ -126,7 +126,7 @@ def _merge(base: dict, update: Mapping, template: Mapping, prefix: str = "") -> 
 
 
 def _coerce(default: Any, value: Any, path: str) -> Any:
-    """`value` as the type of `default` (numbers from strings like 1e-3, ints from whole floats), or a ConfigError
+    """`value` as the type of `default` (ints from whole floats; a string is never a number), or a ConfigError
     naming the key. A default of None takes any scalar or list (the recipe checks it); an `Optional_(kind)`
     default takes None or a value of that kind."""
     if value is None:
@@ -156,11 +156,8 @@ def _coerce(default: Any, value: Any, path: str) -> Any:
     if isinstance(default, (int, float)):
         if isinstance(value, bool):          # YAML reads yes/no/on/off as booleans: never a number here
             raise ConfigError(f"config key {path!r} must be a number, got {value!r}")
-        if isinstance(value, str):           # YAML 1.1 reads 1e-3 (no dot) as a string: accept Python's numbers
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(f"config key {path!r} must be a number, got {value!r}") from None
+        if isinstance(value, str):           # a quoted "5" (`files.yaml_loader` reads 1e-3 as a number)
+            raise ConfigError(f"config key {path!r} must be a number, got the string {value!r} (write it unquoted)")
         if isinstance(default, float):
             return float(value)
         if isinstance(value, float):
@@ -175,7 +172,7 @@ def _coerce(default: Any, value: Any, path: str) -> Any:
 
 def _load_yaml_scalar(raw: str, item: str) -> Any:
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        return yaml.load(raw, Loader=yaml_loader()) if raw != "" else ""
     except (yaml.YAMLError, RecursionError):
         raise ConfigError(f"override {item!r}: the value is not valid YAML (quote strings that contain ':' "
                           f"or brackets)") from None

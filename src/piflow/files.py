@@ -143,8 +143,13 @@ def read_json(path: PathLike, what: str = "file") -> Any:
         raise DataError(f"{what} {path} is not valid JSON ({error})") from None
 
 
-def _unique_key_loader():
-    """yaml.SafeLoader that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+def yaml_loader():
+    """The YAML loader of every config file and override: yaml.SafeLoader that refuses a key given twice in one
+    mapping (YAML would silently keep the last) and reads exponent numbers without a dot (``1e-3``, ``2E5``) as
+    floats, as YAML 1.2 does (PyYAML's YAML 1.1 reads them as strings), so that a number is never a string and a
+    quoted "5" is never a number."""
+    import re
+
     import yaml
 
     class UniqueKeySafeLoader(yaml.SafeLoader):
@@ -160,6 +165,9 @@ def _unique_key_loader():
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+    UniqueKeySafeLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                              list("-+0123456789"))
     return UniqueKeySafeLoader
 
 
@@ -174,7 +182,7 @@ def read_yaml(path: PathLike, what: str = "config file") -> Any:
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader()) or {}
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=yaml_loader()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise ConfigError(f"{what} {path} is not valid YAML ({one_line(error, 200)})") from None
     except RecursionError:

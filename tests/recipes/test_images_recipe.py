@@ -160,10 +160,11 @@ def test_teacher_data_check_warns_only_for_samples_far_from_the_data(capsys):
 
     assert images.check_samples_near_data(onto_test_images, config, train_data)["data_distance_ratio"] == \
         pytest.approx(1.0, abs=1e-5)
-    assert "warning" not in capsys.readouterr().out
+    assert "warning" not in capsys.readouterr().err
     ratio = images.check_samples_near_data(lambda x, sigma, cond: torch.zeros_like(x), config,
                                            train_data)["data_distance_ratio"]
-    assert ratio > 2.0 and "far from the data" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert ratio > 2.0 and "far from the data" in printed.err and printed.out == ""    # stdout: the JSON only
 
 
 def test_teacher_metrics_record_the_data_check(teacher_run):

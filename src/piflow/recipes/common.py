@@ -13,8 +13,7 @@ import torch
 from piflow.checks import is_int
 from piflow.config import ConfigError, dataclass_defaults, load_config
 from piflow.errors import UserError
-from piflow.files import one_line, write_json
-from piflow.files import save_safetensors
+from piflow.files import one_line, save_safetensors, write_json
 from piflow.methods import DistillSetup, make_method
 from piflow.settings import PiIDSettings
 from piflow.train import TrainConfig

@@ -5,6 +5,7 @@ Same run-directory conventions as the 2-D recipe: ``config.yaml``, ``checkpoint.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -141,12 +142,12 @@ def check_samples_near_data(teacher, config: dict, train_data) -> dict:
     try:
         ratio = data_distance_ratio(samples, held_out, images)
     except ValueError as error:   # held-out images that duplicate training images give no scale
-        print(f"piflow: note: the data check was skipped ({error})")
+        print(f"piflow: note: the data check was skipped ({error})", file=sys.stderr)
         return {}
     if ratio > float(spec["data_distance_warn"]):
         print(f"piflow: warning: the teacher's samples are far from the data (nearest-neighbour distance "
               f"{ratio:.2f}x that of held-out images, above eval.data_distance_warn={spec['data_distance_warn']}); "
-              f"train longer (train.iters) or a larger model before distilling")
+              f"train longer (train.iters) or a larger model before distilling", file=sys.stderr)
     return {"data_distance_ratio": ratio}
 
 
