@@ -153,3 +153,26 @@ def test_overrides_may_stand_anywhere_after_the_command(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(argv)
         assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["evaluate", "eval.student_nfe=[0]"], "eval.student_nfe"),
+    (["evaluate", "eval.num_samples=0"], "eval.num_samples"),
+    (["evaluate", "eval.num_samples=1e10"], "at most 1000000"),
+    (["sample", "--nfe", "1000000"], "--nfe must be at most"),
+    (["sample", "--num-samples", "100000000000"], "--num-samples must be at most")])
+def test_evaluate_and_sample_check_their_settings_in_one_line(run_2d, capsys, args, fragment):
+    """The checks `distill` makes before training, made by `evaluate` too; absurd sizes name their limit."""
+    command, *rest = args
+    before = (run_2d / "metrics.json").read_bytes()
+    assert main([command, "--run-dir", str(run_2d), *rest]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0]
+    assert (run_2d / "metrics.json").read_bytes() == before
+
+
+def test_distill_caps_sizes_before_the_run_directory_exists(tmp_path, capsys):
+    for override, fragment in (("eval.num_samples=1e10", "eval.num_samples must be at most 1000000"),
+                               ("distill.nfe=100000", "distill.nfe must be at most 1000")):
+        assert main(["distill", "--run-dir", str(tmp_path / "r"), *TINY_2D, override]) == 2
+        assert fragment in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -111,11 +111,17 @@ def _temperature(value: str):
 
 
 def _positive(args, *options: str) -> None:
-    """A `ConfigError` for the first of the integer `options` (e.g. "--nfe") that is given and < 1."""
+    """A `ConfigError` for the first of the integer `options` (e.g. "--nfe") that is given and < 1, or above its
+    cap (`recipes.common.MAX_STEPS` for --nfe, `MAX_SAMPLES` for sample counts)."""
+    from piflow.recipes.common import MAX_SAMPLES, MAX_STEPS
+
     for option in options:
         value = getattr(args, option[2:].replace("-", "_"))
+        cap = MAX_STEPS if option == "--nfe" else MAX_SAMPLES if option in ("--num-samples", "--batch-size") else None
         if value is not None and value < 1:
             raise ConfigError(f"{option} must be >= 1, got {value}")
+        if value is not None and cap is not None and value > cap:
+            raise ConfigError(f"{option} must be at most {cap}, got {value}")
 
 
 def _sample_text_to_image(args, run_dir: Path) -> int:
@@ -128,7 +134,8 @@ def _sample_text_to_image(args, run_dir: Path) -> int:
     out = Path(args.output) if args.output else run_dir / "samples"
     paths = sample_run(run_dir, args.prompt, out, nfe=args.nfe, num_images=args.num_samples or 1,
                        generator=torch.Generator().manual_seed(args.seed), temperature=_temperature(args.temperature),
-                       overrides=args.overrides, images=args.image or None, video_format=args.video_format)
+                       overrides=args.overrides, images=args.image or None, video_format=args.video_format,
+                       overwrite=args.overwrite)
     kind = "videos" if paths and paths[0].suffix in (".gif", ".mp4") else "images"
     print(f"{len(paths)} {kind} written to {out}")
     return 0
@@ -201,13 +208,16 @@ def _cmd_evaluate(args) -> int:
     from piflow.files import read_json, write_json
     from piflow.methods import student_name
     from piflow.recipes import images, toy2d
+    from piflow.recipes.common import check_settings
     from piflow.train.run_dir import run_lock
 
     run_dir = Path(args.run_dir)
     image_run = _run_is_image(run_dir)
     figures = run_dir / "evaluation"
     defaults = images.IMAGE_DISTILL_DEFAULTS if image_run else toy2d.DISTILL_DEFAULTS
-    num_samples = load_config(defaults, run_dir / "config.yaml", args.overrides)["eval"]["num_samples"]
+    config = load_config(defaults, run_dir / "config.yaml", args.overrides)
+    check_settings(config)                           # eval.student_nfe=[0], eval.num_samples=0: one line, up front
+    num_samples = config["eval"]["num_samples"]
     with run_lock(run_dir):
         if image_run:
             from piflow.recipes.image_benchmark import evaluate_student_run, format_markdown

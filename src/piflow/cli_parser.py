@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--video-format", default="gif", choices=["gif", "mp4"],
                         help="video runs: file format of each video (mp4 needs the [video] extra; default: "
                              "%(default)s)")
+    sample.add_argument("--overwrite", action="store_true",
+                        help="text-to-image runs: replace the samples of an earlier call in --output (without it, "
+                             "a folder that holds files is refused)")
     sample.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides applied when loading the run, e.g. distill.total_substeps=256")
     sample.set_defaults(handler="sample")

@@ -126,6 +126,18 @@ def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, cap
                  "--num-samples", "1", "--output", str(tmp_path / "images")]) == 0
     assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == ["000_00.png", "001_00.png"]
     capsys.readouterr()
+    # never half-overwritten: the same folder is refused (nothing touched), --overwrite replaces every sample
+    (tmp_path / "images" / "notes.txt").write_text("mine")
+    before = (tmp_path / "images" / "001_00.png").read_bytes()
+    one_prompt = ["sample", "--run-dir", str(run_dir), "--prompt", "a bird", "--nfe", "1", "--output",
+                  str(tmp_path / "images")]
+    assert main(one_prompt) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "images" / "001_00.png").read_bytes() == before
+    assert main([*one_prompt, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000_00.png", "notes.txt", "prompts.json"]
+    assert json.loads((tmp_path / "images" / "prompts.json").read_text())["prompts"] == ["a bird"]
+    capsys.readouterr()
 
 
 @pytest.mark.slow

@@ -66,6 +66,13 @@ POSITIVE_INTEGERS = ("distill.batch_size", "distill.x0_bank_size", "flow_matchin
                      "model.num_layers", "model.depth", "model.num_heads", "model.patch_size")
 STEP_LISTS = ("eval.teacher_steps", "eval.student_nfe", "eval.nfe")
 TEMPERATURES = ("eval.temperature",)
+# sane upper limits of sizes a typo can make absurd (an hours-long silent run or an out-of-memory crash instead of
+# an error); each names its limit in the error
+MAX_STEPS = 1000             # NFE and teacher steps (the paper samples with 1-8 NFE; teachers with up to ~250 steps)
+MAX_SAMPLES = 1_000_000      # samples of one evaluation or `piflow sample` call
+MAX_RESOLUTION = 8192        # pixels per side of a text-to-image run
+CAPS = {"distill.nfe": MAX_STEPS, "eval.teacher_steps": MAX_STEPS, "eval.student_nfe": MAX_STEPS,
+        "eval.nfe": MAX_STEPS, "eval.num_samples": MAX_SAMPLES, "resolution": MAX_RESOLUTION}
 
 
 def _lookup(config: dict, dotted: str):
@@ -110,6 +117,11 @@ def check_settings(config: dict) -> None:
     seed = _lookup(config, "eval.seed")
     if seed is not _MISSING and not (is_int(seed) and seed >= 0):
         raise ConfigError(f"eval.seed must be an integer >= 0, got {seed!r}")
+    for key, cap in CAPS.items():
+        value = _lookup(config, key)
+        values = value if isinstance(value, list) else [value]
+        if value is not _MISSING and any(is_int(v) and v > cap for v in values):
+            raise ConfigError(f"{key} must be at most {cap}, got {value!r}")
 
 
 def check_dataset(name, allowed=None) -> None:

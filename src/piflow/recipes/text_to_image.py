@@ -396,12 +396,33 @@ def _generate(pipe, family: str, prompts: list[str], config: dict, images=None, 
     return out.frames if spec.video else out.images
 
 
+SAMPLE_FILES = ("[0-9][0-9][0-9]_[0-9][0-9].png", "[0-9][0-9][0-9]_[0-9][0-9].gif",
+                "[0-9][0-9][0-9]_[0-9][0-9].mp4", "prompts.json")       # what `sample_run` writes into its folder
+
+
+def prepare_sample_folder(output: Path, overwrite: bool) -> None:
+    """A sample folder is never half-overwritten: one holding any file is refused (a one-line `ConfigError`)
+    unless `overwrite`, which first removes the files of an earlier `sample_run` (and only those)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--output {output} already holds files (an earlier `piflow sample`?): give a new "
+                              f"folder, or --overwrite to replace its samples")
+        for pattern in SAMPLE_FILES:
+            for path in output.glob(pattern):
+                path.unlink()
+
+
 @torch.no_grad()
 def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[int] = None, num_images: int = 1,
                generator: Optional[torch.Generator] = None, temperature: Any = "auto", overrides=(),
-               images: Optional[list] = None, video_format: str = "gif", fps: int = 16) -> list[Path]:
+               images: Optional[list] = None, video_format: str = "gif", fps: int = 16,
+               overwrite: bool = False) -> list[Path]:
     """Write PNGs (video families: one .gif or .mp4 per video) for `prompts` with a finished run's adapter in the
-    π-Flow pipeline of its base model; `images`: reference image paths of editing runs (shared by the prompts)."""
+    π-Flow pipeline of its base model; `images`: reference image paths of editing runs (shared by the prompts).
+    `output` must be empty or new unless `overwrite` (`prepare_sample_folder`)."""
     from piflow.config import load_config
     from piflow.integrations.diffusers.families import get_family
     from piflow.integrations.diffusers.pipelines import pipeline_class
@@ -409,6 +430,7 @@ def sample_run(run_dir: Path, prompts: list[str], output: Path, nfe: Optional[in
 
     if video_format not in ("gif", "mp4"):
         raise ConfigError(f"video format must be 'gif' or 'mp4', got {video_format!r}")
+    prepare_sample_folder(output, overwrite)          # checked before anything is loaded; cleared only if asked
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
     if not (adapter / "config.json").is_file():
