@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from safetensors.torch import load_file
 
@@ -86,7 +87,20 @@ def test_pi_id_steps_lower_the_loss_and_leave_the_teacher_unchanged(bases, archi
 
 
 @pytest.mark.parametrize("architecture", ["flux", "qwen"])
-def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, capsys):
+def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    labels = {}
+    save = matplotlib.figure.Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):       # the sample grid's axis labels, as drawn
+        if str(path).endswith("samples.png"):
+            axes = fig.axes[0]
+            labels["x"] = [t.get_text() for t in axes.get_xticklabels()]
+            labels["y"] = [t.get_text() for t in axes.get_yticklabels()]
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
     run_dir = tmp_path / "run"
     args = ["distill", "--run-dir", str(run_dir), f"pipeline={bases[architecture]}", f"prompts={bases['prompts']}",
             *TINY, "train.iters=4", "train.checkpoint_every=2"]
@@ -94,6 +108,9 @@ def test_cli_distill_export_sample_and_resume(bases, architecture, tmp_path, cap
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["architecture"] == architecture and metrics["iters"] == 4
     assert (run_dir / "samples.png").is_file() and (run_dir / "adapter" / "config.json").is_file()
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert [text.replace("\n", " ") for text in labels["x"]] == config["eval"]["prompts"]   # the prompts, legible
+    assert labels["y"] == [f"{nfe} NFE" for nfe in config["eval"]["nfe"]]
     # the checkpoint holds no frozen base weight
     state = load_checkpoint(run_dir / "checkpoint.safetensors")
     assert all("lora" in k or k.startswith(("head.", "norm_out.")) for k in state["model"])

@@ -307,13 +307,20 @@ def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True
         rows.append(np.concatenate(columns, axis=1))
     if not write:
         return path
+    import textwrap
+
     plt = pyplot()
     grid = np.concatenate(rows, axis=0)
-    fig = plt.figure(figsize=(2 * grid.shape[1] / height, 2 * grid.shape[0] / height))
+    fig = plt.figure(figsize=(2 * grid.shape[1] / height, 2 * grid.shape[0] / height + 0.4))
     plt.imshow(np.clip(grid, 0, 1))
-    plt.axis("off")
-    plt.title(f"NFE {list(config['eval']['nfe'])} (rows) × {'conditions' if conditions else 'prompts'} "
-              "(columns)", fontsize=8)
+    column, row = grid.shape[1] / len(prompts), grid.shape[0] / len(rows)
+    # each column labelled with its prompt, each row with its NFE
+    plt.xticks([(i + 0.5) * column for i in range(len(prompts))],
+               [textwrap.fill(textwrap.shorten(p, 80, placeholder=" …"), 28) for p in prompts], fontsize=6)
+    plt.yticks([(j + 0.5) * row for j in range(len(rows))], [f"{nfe} NFE" for nfe in config["eval"]["nfe"]],
+               fontsize=7)
+    plt.tick_params(length=0)
+    plt.title(f"π-Flow student: NFE (rows) × {'conditions' if conditions else 'prompts'} (columns)", fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
