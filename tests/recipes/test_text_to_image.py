@@ -288,3 +288,52 @@ def test_distilled_adapter_samples_in_a_fresh_pipeline(bases, tmp_path, architec
         images = pipe(["a red cat", "fog"], height=32, width=32, num_inference_steps=steps, output_type="np",
                       generator=torch.Generator().manual_seed(0)).images
         assert images.shape == (2, 32, 32, 3) and bool(torch.isfinite(torch.from_numpy(images)).all())
+
+
+@pytest.mark.parametrize("content,fragment", [(b"", "holds no prompts"), (b"  \n\t\n", "holds no prompts"),
+                                              (b"\xff\xfe\x00\x81binary", "is not UTF-8 text")])
+def test_bad_prompt_files_are_one_line_errors_before_the_pipeline_loads(bases, tmp_path, capsys, monkeypatch,
+                                                                       content, fragment):
+    from piflow.recipes import text_to_image
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the pipeline was loaded before the prompt file was checked")
+
+    monkeypatch.setattr(text_to_image, "load_base", no_loading)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    for argv in (["distill", "--run-dir", str(tmp_path / "r"), f"pipeline={bases['flux']}", f"prompts={prompts}",
+                  *TINY],
+                 ["encode-prompts", "--pipeline", str(bases["flux"]), "--prompts", str(prompts), "--out",
+                  str(tmp_path / "cache")]):
+        assert main(argv) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert fragment in lines[-1] and str(prompts) in lines[-1]
+    assert not (tmp_path / "r").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_prompt_cache_of_another_family_is_a_one_line_error(bases, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["encode-prompts", "--pipeline", str(bases["sd3"]), "--prompts", str(bases["prompts"]), "--out",
+                 str(cache), "--max-sequence-length", "16"]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--run-dir", str(tmp_path / "r"), f"pipeline={bases['flux']}", f"prompt_cache={cache}",
+                 *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was encoded for 'sd3'" in err[0] and not (tmp_path / "r").exists()
+
+
+def test_reference_images_of_different_sizes_are_refused_when_the_file_is_read(tmp_path):
+    from PIL import Image
+
+    from piflow.errors import DataError
+    from piflow.integrations.diffusers.prompts import read_conditions_file
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    Image.new("RGB", (48, 32)).save(tmp_path / "b.png")
+    conditions = tmp_path / "conditions.jsonl"
+    conditions.write_text('{"prompt": "red", "images": ["a.png"]}\n{"prompt": "blue", "images": ["a.png"]}\n')
+    assert read_conditions_file(conditions)[0] == ["red", "blue"]
+    conditions.write_text('{"prompt": "red", "images": ["a.png"]}\n{"prompt": "blue", "images": ["b.png"]}\n')
+    with pytest.raises(DataError, match=r"b.png is 48x32 but .*a.png is 32x32"):
+        read_conditions_file(conditions)

@@ -173,9 +173,10 @@ def test_missing_or_empty_inputs(capsys, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     (tmp_path / "prompts.txt").write_text("# only a comment\n")
+    from piflow.errors import DataError
     from piflow.integrations.diffusers.prompts import read_prompt_file
 
-    with pytest.raises(ValueError, match="holds no prompts"):
+    with pytest.raises(DataError, match="holds no prompts"):
         read_prompt_file(tmp_path / "prompts.txt")
 
 

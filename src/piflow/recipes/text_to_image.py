@@ -64,14 +64,27 @@ def is_text_to_image(config_or_overrides: dict) -> bool:
     return config_or_overrides.get("pipeline") is not None
 
 
-def prompt_source(config: dict, pipe, architecture: str):
-    """The run's conditions: a prompt cache, an editing conditions file or a prompt file (encoded now)."""
-    from piflow.integrations.diffusers.prompts import EncodedPrompts, PromptEmbeddingCache, read_condition_source
+def read_conditions(config: dict) -> tuple[str, Any]:
+    """(family, conditions) of a run, read and checked before anything heavy is loaded: the prompt cache (its
+    index and shard headers, encoded for this family), or the prompts (and reference images) of the prompt or
+    conditions file — an empty, binary or mixed-size input is a one-line error, no run directory made."""
+    from piflow.integrations.diffusers.prompts import PromptEmbeddingCache, read_condition_source
 
+    family = run_family(config)
     if config["prompt_cache"] is not None:
-        return PromptEmbeddingCache(config["prompt_cache"], architecture)
-    prompts, images = read_condition_source(architecture, config["prompts"], config["conditions"],
-                                            alternative=" or prompt_cache=<folder from `piflow encode-prompts`>")
+        return family, PromptEmbeddingCache(config["prompt_cache"], family)
+    return family, read_condition_source(family, config["prompts"], config["conditions"],
+                                         alternative=" or prompt_cache=<folder from `piflow encode-prompts`>")
+
+
+def prompt_source(config: dict, pipe, architecture: str, conditions):
+    """The run's conditions as the training draws them: a prompt cache as it is, or (prompts, images) of
+    `read_conditions` encoded now with the pipeline's text encoders."""
+    from piflow.integrations.diffusers.prompts import EncodedPrompts
+
+    if not isinstance(conditions, tuple):
+        return conditions
+    prompts, images = conditions
     return EncodedPrompts(pipe, architecture, prompts, config["guidance"]["negative_prompt"],
                           config["max_sequence_length"], images=images)
 
@@ -227,10 +240,11 @@ def distill_text_to_image(config: dict, run_dir: Path, allow_config_change: bool
         train_section["mixed_precision"] = "bf16" if dtype == torch.bfloat16 else "fp16"
     check_settings(config)
     config = as_run(config, t2i_settings(config))       # a bad distill value fails before anything is loaded
+    _, conditions = read_conditions(config)             # so does a bad prompt file, conditions file or cache
     pipe, transformer = load_base(config, device, dtype)
     student, architecture, geometry = lora_student(config, transformer)       # geometry: (C, [T,] h, w)
     student = student.to(device)
-    prompts = prompt_source(config, pipe, architecture)
+    prompts = prompt_source(config, pipe, architecture, conditions)
     null_item = prompts.null()      # None: each condition carries its own negative (cond["null"])
     null = (lambda cond: cond["null"]) if null_item is None else _text_condition([null_item], architecture, config,
                                                                                   device, dtype)

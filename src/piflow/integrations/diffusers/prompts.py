@@ -32,15 +32,24 @@ from piflow.integrations.diffusers.families import FAMILIES, NULL_PREFIX, REFERE
 from piflow.files import atomic_write, first_non_finite, read_json, write_json
 
 
-def read_prompt_file(path: Union[str, Path]) -> list[str]:
-    """Prompts of a text file, one per line; blank lines and lines starting with '#' are skipped."""
-    path = Path(path)
+def _text_lines(path: Path, what: str, form: str) -> list[str]:
+    """The lines of a UTF-8 text file; a missing or binary file is a one-line error naming it."""
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        raise FileNotFoundError(f"{what} {path} does not exist ({form})")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{what} {path} is not UTF-8 text ({form})") from None
+
+
+def read_prompt_file(path: Union[str, Path]) -> list[str]:
+    """Prompts of a text file, one per line; blank lines and lines starting with '#' are skipped. An empty,
+    whitespace-only or binary file is a one-line `DataError`."""
+    path = Path(path)
+    prompts = [line.strip() for line in _text_lines(path, "prompt file", "one prompt per line")]
     prompts = [line for line in prompts if line and not line.startswith("#")]
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise DataError(f"prompt file {path} holds no prompts (one prompt per line)")
     return prompts
 
 
@@ -51,11 +60,9 @@ def read_conditions_file(path: Union[str, Path]) -> tuple[list[str], list[list[P
     import json
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"conditions file {path} does not exist (JSON Lines: one "
-                                '{"prompt": …, "images": […]} per line)')
     prompts, images = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    lines = _text_lines(path, "conditions file", 'JSON Lines: one {"prompt": …, "images": […]} per line')
+    for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         where = f"conditions file {path}, line {number}"
@@ -75,8 +82,29 @@ def read_conditions_file(path: Union[str, Path]) -> tuple[list[str], list[list[P
         prompts.append(record["prompt"])
         images.append(resolved)
     if not prompts:
-        raise ValueError(f"conditions file {path} holds no conditions")
+        raise DataError(f"conditions file {path} holds no conditions")
+    _check_reference_sizes(path, [p for paths in images for p in paths])
     return prompts, images
+
+
+def _check_reference_sizes(path: Path, references: list[Path]) -> None:
+    """All reference images of a conditions file have one size (they are batched): a `DataError` naming the
+    first that differs. Only the image headers are read (Pillow opens lazily)."""
+    from PIL import Image, UnidentifiedImageError
+
+    first = None
+    for reference in references:
+        try:
+            with Image.open(reference) as image:
+                size = image.size
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"conditions file {path}: reference image {reference} is not a readable image "
+                            f"({type(error).__name__})") from None
+        if first is None:
+            first = (reference, size)
+        elif size != first[1]:
+            raise DataError(f"conditions file {path}: reference image {reference} is {size[0]}x{size[1]} but "
+                            f"{first[0]} is {first[1][0]}x{first[1][1]}; give all reference images one size")
 
 
 def read_condition_source(architecture: str, prompt_file: Optional[Union[str, Path]],
@@ -301,7 +329,7 @@ class PromptEmbeddingCache:
         self._check_index(index_path)
         self.architecture = self.index["architecture"]
         if architecture is not None and architecture != self.architecture:
-            raise ValueError(f"prompt cache {self.directory} was encoded for {self.architecture!r}, "
+            raise DataError(f"prompt cache {self.directory} was encoded for {self.architecture!r}, "
                              f"not {architecture!r}")
         missing = [name for name in self.index["shards"] if not (self.directory / name).is_file()]
         if missing:
