@@ -110,3 +110,34 @@ def test_paths_resolve_against_the_current_directory_and_hub_ids_stay(tmp_path, 
                               {"teacher": str(tmp_path / "runs" / "t"), "pipeline": str(tmp_path / "base")}) == {}
     assert config_differences({"teacher": "runs/t"}, {"teacher": "runs/u"}) == {
         "teacher": (str(tmp_path / "runs/t"), str(tmp_path / "runs/u"))}
+
+
+def test_a_text_to_image_run_with_a_relative_pipeline_and_prompts_works_from_anywhere(tmp_path, monkeypatch, cli):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from piflow.integrations.diffusers.tiny import tiny_pipeline
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tiny_pipeline("flux").save_pretrained(work / "base")
+    (work / "prompts.txt").write_text("a red cat\na blue bird\n")
+    monkeypatch.chdir(work)
+    args = ["pipeline=base", "prompts=prompts.txt", "resolution=[32,32]", "max_sequence_length=32",
+            "student.lora_rank=2", "student.logstd_hidden=8", "student.num_components=2", "distill.total_substeps=8",
+            "distill.batch_size=1", "train.warmup_iters=0", "train.iters=1", "train.progress=false", "eval.nfe=[1]",
+            "eval.prompts=[]"]
+    assert cli("distill", "--run-dir", "run", *args).returncode == 0
+    run = work / "run"
+    assert (saved(run)["pipeline"], saved(run)["prompts"]) == (str(work / "base"), str(work / "prompts.txt"))
+    assert cli("distill", "--run-dir", "run", *args).returncode == 0        # resumed here: no config change
+    monkeypatch.chdir(elsewhere)
+    sample = ["sample", "--run-dir", str(run), "--prompt", "a cat", "--nfe", "1", "--output", "images"]
+    assert cli(*sample).returncode == 0
+    assert (elsewhere / "images" / "000_00.png").is_file()
+    absolute = [a.replace("=base", f"={work / 'base'}").replace("=prompts.txt", f"={work / 'prompts.txt'}")
+                for a in args]
+    assert cli("distill", "--run-dir", str(run), *absolute).returncode == 0     # resumed from elsewhere
+    shutil.move(str(work / "base"), str(work / "base_moved"))
+    assert_one_line_error(cli(*sample), "sample", f"pipeline folder {work / 'base'} does not exist",
+                          "pipeline=NEW_PATH", only_line=False)
+    assert cli(*sample, f"pipeline={work / 'base_moved'}").returncode == 0
