@@ -47,7 +47,7 @@ def test_a_2d_run_with_a_relative_teacher_works_from_anywhere(tmp_path, monkeypa
     resume = ["distill", "--run-dir", str(student), f"teacher={teacher}", *STUDENT_2D]
     assert cli(*resume).returncode == 0                              # resumed from elsewhere, absolute teacher
     result = cli("distill", "--run-dir", str(student), "teacher=runs/teacher", *STUDENT_2D)
-    assert_one_line_error(result, "distill", f"teacher run {elsewhere / 'runs' / 'teacher'} does not exist")
+    assert_one_line_error(result, "distill", f"teacher run directory {elsewhere / 'runs' / 'teacher'} does not exist")
 
     # an older run directory saved with the relative path keeps working from its original directory
     old = saved(student)
@@ -64,7 +64,7 @@ def test_a_2d_run_with_a_relative_teacher_works_from_anywhere(tmp_path, monkeypa
     monkeypatch.chdir(elsewhere)
     for command in ("sample", "evaluate"):
         result = cli(command, "--run-dir", str(student))
-        assert_one_line_error(result, command, f"teacher run {teacher} does not exist", "teacher=NEW_PATH")
+        assert_one_line_error(result, command, f"teacher run directory {teacher} does not exist", "teacher=NEW_PATH")
     assert cli("sample", "--run-dir", str(student), "--num-samples", "20", f"teacher={moved}").returncode == 0
     assert cli("evaluate", "--run-dir", str(student), "eval.num_samples=50",
                f"teacher={Path('..') / 'work' / 'moved_teacher'}").returncode == 0      # relative to here
@@ -87,7 +87,7 @@ def test_an_image_student_samples_from_anywhere_and_names_a_moved_teacher(tmp_pa
     sample = ["sample", "--run-dir", str(work / "student"), "--nfe", "1", "--num-samples", "4"]
     assert cli(*sample).returncode == 0
     shutil.move(str(work / "teacher"), str(work / "teacher_moved"))
-    assert_one_line_error(cli(*sample), "sample", f"teacher run {work / 'teacher'} does not exist",
+    assert_one_line_error(cli(*sample), "sample", f"teacher run directory {work / 'teacher'} does not exist",
                           "teacher=NEW_PATH")
     assert cli(*sample, f"teacher={work / 'teacher_moved'}").returncode == 0
 

@@ -239,8 +239,8 @@ def from_authors_layout(config: dict, tensors: dict, transformer: torch.nn.Modul
     _check_fields(config, kind, classes, transformer, structure)
     policy = dict(config["policy_config"])
     if policy.get("type") != POLICY_TYPE[kind]:
-        raise DataError(f"{IN_WEIGHTS}policy_config.type is {policy.get('type')!r}, expected {POLICY_TYPE[kind]!r} for a "
-                        f"{class_name}")
+        raise DataError(f"{IN_WEIGHTS}policy_config.type is {policy.get('type')!r}, expected {POLICY_TYPE[kind]!r} "
+                        f"for a {class_name}")
     policy = {**structure, **policy}        # a saved DX mode overrides the default; the loader checks the keys
     result = {"architecture": architecture, "base_class": classes.base, "policy_config": policy,
               **_piflow_extras(metadata)}
