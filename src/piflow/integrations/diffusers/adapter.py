@@ -205,7 +205,8 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[
     if not isinstance(policy, dict):
         raise DataError(f"adapter file {weights_path}: policy_config must be a JSON object")
     saved = config.get("policy_config")          # piflow's layout repeats it in config.json: both must agree
-    if saved is not None:
+    if saved is not None and not authors_layout.is_authors_layout(tensors):
+        _check_policy_config(policy, f"adapter file {weights_path}")       # the metadata's own checks first
         if not isinstance(saved, dict):
             raise DataError(f"adapter file {config_path}: policy_config must be a JSON object, got {saved!r}")
         differing = sorted(k for k in set(saved) | set(policy) if saved.get(k, _ABSENT) != policy.get(k, _ABSENT))
