@@ -170,3 +170,31 @@ def test_unload_gives_back_the_stock_transformer_and_pipeline(tmp_path):
     pipe.unload_lora_weights()
     assert pipe.piflow_student is None and type(pipe.scheduler) is stock_scheduler
     assert torch.equal(stock_latents(pipe), expected)
+
+
+def test_a_refused_adapter_never_leaves_a_student_without_its_lora(tmp_path):
+    save_piflow_adapter(student_on(base_transformer("flux"), "flux", "gmflow"), tmp_path / "good")
+    stock = tiny_pipeline("flux")
+    stock.set_progress_bar_config(disable=True)
+    expected_stock = stock_latents(stock)
+    pipe = tiny_pipeline("flux", pipeline_class("flux"))
+    pipe.set_progress_bar_config(disable=True)
+    student = pipe.load_piflow_adapter(tmp_path / "good")
+    kwargs = dict(prompt="a red cat", height=32, width=32, num_inference_steps=2, output_type="latent")
+    before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    # a bad head is found before anything changes: the loaded student stays as it was
+    tensors, config, metadata = saved_adapter(tmp_path / "bad", "piflow")
+    del tensors[HEAD["piflow"]]
+    rewrite(tmp_path / "bad", tensors, config, metadata)
+    with pytest.raises(DataError, match="missing tensors"):
+        pipe.load_piflow_adapter(tmp_path / "bad")
+    assert pipe.piflow_student is student
+    assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images, before)
+    # a bad LoRA is found once the old LoRA is gone: the pipeline falls back to the stock one
+    tensors, config, metadata = saved_adapter(tmp_path / "bad", "piflow")
+    del tensors[FIRST_LORA["piflow"]]
+    rewrite(tmp_path / "bad", tensors, config, metadata)
+    with pytest.raises(DataError, match="missing tensors"):
+        pipe.load_piflow_adapter(tmp_path / "bad")
+    assert pipe.piflow_student is None
+    assert torch.equal(stock_latents(pipe), expected_stock)

@@ -122,7 +122,7 @@ def _save_authors_layout(student: DiffusersPolicyStudent, directory: Path, tenso
 
 def _check_lora_config(lora_config, directory: Path) -> dict:
     """config.json's lora_config with its types checked (a ValueError names the field)."""
-    where = f"adapter {directory / 'config.json'}: lora_config"
+    where = f"adapter file {directory / 'config.json'}: lora_config"
     if not isinstance(lora_config, dict):
         raise DataError(f"{where} must be a JSON object")
     for key in ("rank", "alpha", "dropout", "target_modules"):
@@ -145,11 +145,11 @@ def _settings(config: dict, kind: str, sampling: dict) -> PiIDSettings:
     with the ``sampling`` schedule (which a user may edit, and older adapters carry alone) taking precedence."""
     saved = config.get("piid_settings")
     if saved is not None and not isinstance(saved, dict):
-        raise DataError(f"adapter config.json: piid_settings must be a JSON object, got {saved!r}")
+        raise DataError(f"piid_settings must be a JSON object, got {saved!r}")
     try:
         return PiIDSettings.from_mapping(saved or {}, **dict(sampling, policy=kind))
     except (TypeError, ValueError) as error:
-        raise DataError(f"adapter config.json: bad piid_settings ({error})") from None
+        raise DataError(f"bad piid_settings ({error})") from None
 
 
 def _check_sampling(sampling: Optional[dict]) -> dict:
@@ -338,25 +338,29 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
         name = authors_layout.authors_name
     policy = config["policy_config"]
     kind = _check_policy_config(policy, f"adapter file {weights_path}")
-    sampling = _check_sampling(config.get("sampling"))
-    architecture = get_architecture(config.get("architecture", "flux"))
+    config_path = directory / "config.json"
+    try:
+        sampling = _check_sampling(config.get("sampling"))
+        architecture = get_architecture(config.get("architecture", "flux"))
+        settings = _settings(config, kind, sampling)
+    except ValueError as error:
+        raise DataError(f"adapter file {config_path}: {error}") from None
     expected_class = config.get("base_class") or architecture.base_class
     if expected_class and type(transformer).__name__ != expected_class:
-        raise DataError(f"adapter {directory} is for a {expected_class}, got a {type(transformer).__name__}")
+        raise DataError(f"adapter file {config_path}: the adapter is for a {expected_class}, got a "
+                        f"{type(transformer).__name__}")
     if name is str:
-        _check_piflow_class_name(config, kind, expected_class or type(transformer).__name__,
-                                 directory / "config.json")
+        _check_piflow_class_name(config, kind, expected_class or type(transformer).__name__, config_path)
     lora = {k: v for k, v in tensors.items() if k.startswith("lora.")}
     lora_config = config.get("lora_config")
     if lora and lora_config is None:
         raise DataError(f"adapter file {weights_path} holds LoRA tensors (first: {name(min(lora))!r}) but "
-                        f"{directory / 'config.json'} has no lora_config")
+                        f"{config_path} has no lora_config")
     if lora_config is not None:
         lora_config = _check_lora_config(lora_config, directory)
         _check_lora_rank(lora, lora_config["rank"], weights_path, name)
     if strength != 1 and lora_config is None:
         raise ValueError(f"strength={strength!r} scales the LoRA, but adapter {directory} has none")
-    settings = _settings(config, kind, sampling)
     try:                                         # builds the head and final norm; the transformer is not touched yet
         student = DiffusersPolicyStudent(
             transformer, kind, architecture=architecture, num_components=policy.get("num_components", 8),
@@ -380,7 +384,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
                              adapter_name=adapter_name)
         except ValueError as error:                               # PEFT: no module matches a target
             unload_piflow_adapter(transformer, adapter_name)
-            raise DataError(f"adapter file {directory / 'config.json'}: lora_config.target_modules "
+            raise DataError(f"adapter file {config_path}: lora_config.target_modules "
                             f"{lora_config['target_modules']} do not fit this {type(transformer).__name__} "
                             f"({str(error).splitlines()[0]})") from None
         try:

@@ -75,14 +75,25 @@ class PiFlowPipelineMixin:
         return student
 
     def load_piflow_adapter(self, path_or_dir: Union[str, Path], subfolder: Optional[str] = None,
-                            adapter_name: Optional[str] = None, strength: float = 1.0) -> DiffusersPolicyStudent:
+                            adapter_name: Optional[str] = None, strength: float = 1.0,
+                            strict: bool = True) -> DiffusersPolicyStudent:
         """Attach a saved π-Flow adapter (head, final norm, LoRA; piflow's or the authors' layout) to
-        `self.transformer` (shared, not copied); `strength` scales the LoRA update (`load_piflow_adapter`).
+        `self.transformer` (shared, not copied); `strength` scales the LoRA update, `strict=False` loads an
+        incomplete adapter with a warning (`adapter.load_piflow_adapter`).
 
-        Loading again replaces the adapter of the same name. The LoRA part is a named PEFT adapter, so
-        ``pipe.set_adapters([name, "style"], adapter_weights=[1.0, 0.8])`` combines it with other LoRAs."""
-        student = load_piflow_adapter(self.transformer, path_or_dir, subfolder=subfolder,
-                                      adapter_name=adapter_name or LORA_ADAPTER, strength=strength)
+        Loading again replaces the adapter of the same name; a load that fails after the previous adapter's LoRA
+        was removed leaves the stock pipeline (`unload_piflow_adapter`), never a student without its LoRA. The LoRA
+        part is a named PEFT adapter, so ``pipe.set_adapters([name, "style"], adapter_weights=[1.0, 0.8])``
+        combines it with other LoRAs."""
+        name = adapter_name or LORA_ADAPTER
+        had_lora = name in (getattr(self.transformer, "peft_config", None) or {})
+        try:
+            student = load_piflow_adapter(self.transformer, path_or_dir, subfolder=subfolder, adapter_name=name,
+                                          strength=strength, strict=strict)
+        except BaseException:
+            if had_lora and name not in (getattr(self.transformer, "peft_config", None) or {}):
+                self.unload_piflow_adapter(name)
+            raise
         return self.set_piflow_student(student)
 
     def unload_piflow_adapter(self, adapter_name: Optional[str] = None) -> None:
