@@ -316,8 +316,9 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
     Loading is strict (both layouts, `check_adapter_tensors`): every tensor the student owns must be in the file
     with its shape, nothing unknown may be, and config.json / the metadata must agree with the tensors (LoRA
     rank, policy type and structure, ``_class_name``); otherwise a one-line `DataError` names the file and the first
-    offending key, and the transformer is left without the adapter. ``strict=False`` loads an incomplete adapter
-    (or one with extra tensors) with a warning. `unload_piflow_adapter` removes it again.
+    offending key. Every check but the LoRA key check runs before the transformer is touched; that one runs once
+    the previous adapter of that name is replaced and then leaves none (never a half-loaded one). ``strict=False``
+    loads an incomplete adapter (or one with extra tensors) with a warning. `unload_piflow_adapter` removes it.
 
     `strength` scales the LoRA update (the policy head and final norm stay as trained), like ComfyUI-piFlow's
     ``adapter_strength``: 1 reproduces training; lower values can help on a fine-tuned/merged base model, with
