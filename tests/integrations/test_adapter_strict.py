@@ -42,6 +42,14 @@ def rewrite(directory, tensors, config, metadata):
     (directory / "config.json").write_text(json.dumps(config))
 
 
+def saved_without(directory, layout, key):
+    """A saved adapter folder with tensor `key` deleted (config.json and metadata kept)."""
+    tensors, config, metadata = saved_adapter(directory, layout)
+    del tensors[key]
+    rewrite(directory, tensors, config, metadata)
+    return directory
+
+
 def set_policy_metadata(metadata, **changes):
     metadata["policy_config"] = json.dumps(dict(json.loads(metadata["policy_config"]), **changes))
 
@@ -61,10 +69,7 @@ def refused(directory, file, match):
 @pytest.mark.parametrize("layout", ["piflow", "authors"])
 def test_a_missing_lora_or_head_tensor_is_refused(layout, tmp_path):
     for key in (FIRST_LORA[layout], HEAD[layout]):
-        tensors, config, metadata = saved_adapter(tmp_path / "a", layout)
-        del tensors[key]
-        rewrite(tmp_path / "a", tensors, config, metadata)
-        refused(tmp_path / "a", WEIGHTS, rf"missing tensors \(first: '{key}'\)")
+        refused(saved_without(tmp_path / "a", layout, key), WEIGHTS, rf"missing tensors \(first: '{key}'\)")
 
 
 @pytest.mark.parametrize("layout", ["piflow", "authors"])
@@ -137,15 +142,20 @@ def stock_latents(pipe):
                                            generator=torch.Generator().manual_seed(0), **stock_arguments("flux")).images
 
 
-def test_unload_gives_back_the_stock_transformer_and_pipeline(tmp_path):
-    save_piflow_adapter(student_on(base_transformer("flux"), "flux", "gmflow"), tmp_path / "a")
+def adapter_and_pipeline(directory):
+    """(a saved FLUX adapter's folder, a tiny PiFluxPipeline, what the stock FluxPipeline computes: `stock_latents`)."""
+    save_piflow_adapter(student_on(base_transformer("flux"), "flux", "gmflow"), directory)
     stock = tiny_pipeline("flux")
     stock.set_progress_bar_config(disable=True)
-    expected = stock_latents(stock)
     pipe = tiny_pipeline("flux", pipeline_class("flux"))
     pipe.set_progress_bar_config(disable=True)
+    return directory, pipe, stock_latents(stock)
+
+
+def test_unload_gives_back_the_stock_transformer_and_pipeline(tmp_path):
+    adapter, pipe, expected = adapter_and_pipeline(tmp_path / "a")
     stock_scheduler = type(pipe.scheduler)
-    pipe.load_piflow_adapter(tmp_path / "a")
+    pipe.load_piflow_adapter(adapter)
     assert type(pipe.scheduler) is not stock_scheduler and pipe.piflow_student is not None
     pipe.unload_piflow_adapter()
     assert pipe.piflow_student is None and type(pipe.scheduler) is stock_scheduler
@@ -162,39 +172,28 @@ def test_unload_gives_back_the_stock_transformer_and_pipeline(tmp_path):
                      return_dict=False)
     with torch.no_grad():
         before = transformer(**arguments)[0]
-        load_piflow_adapter(transformer, tmp_path / "a")
+        load_piflow_adapter(transformer, adapter)
         assert not torch.equal(transformer(**arguments)[0], before)
         piflow_diffusers.unload_piflow_adapter(transformer)
         assert torch.equal(transformer(**arguments)[0], before)
-    pipe.load_piflow_adapter(tmp_path / "a")
+    pipe.load_piflow_adapter(adapter)
     pipe.unload_lora_weights()
     assert pipe.piflow_student is None and type(pipe.scheduler) is stock_scheduler
     assert torch.equal(stock_latents(pipe), expected)
 
 
 def test_a_refused_adapter_never_leaves_a_student_without_its_lora(tmp_path):
-    save_piflow_adapter(student_on(base_transformer("flux"), "flux", "gmflow"), tmp_path / "good")
-    stock = tiny_pipeline("flux")
-    stock.set_progress_bar_config(disable=True)
-    expected_stock = stock_latents(stock)
-    pipe = tiny_pipeline("flux", pipeline_class("flux"))
-    pipe.set_progress_bar_config(disable=True)
-    student = pipe.load_piflow_adapter(tmp_path / "good")
+    adapter, pipe, expected_stock = adapter_and_pipeline(tmp_path / "good")
+    student = pipe.load_piflow_adapter(adapter)
     kwargs = dict(prompt="a red cat", height=32, width=32, num_inference_steps=2, output_type="latent")
     before = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     # a bad head is found before anything changes: the loaded student stays as it was
-    tensors, config, metadata = saved_adapter(tmp_path / "bad", "piflow")
-    del tensors[HEAD["piflow"]]
-    rewrite(tmp_path / "bad", tensors, config, metadata)
     with pytest.raises(DataError, match="missing tensors"):
-        pipe.load_piflow_adapter(tmp_path / "bad")
+        pipe.load_piflow_adapter(saved_without(tmp_path / "bad", "piflow", HEAD["piflow"]))
     assert pipe.piflow_student is student
     assert torch.equal(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images, before)
     # a bad LoRA is found once the old LoRA is gone: the pipeline falls back to the stock one
-    tensors, config, metadata = saved_adapter(tmp_path / "bad", "piflow")
-    del tensors[FIRST_LORA["piflow"]]
-    rewrite(tmp_path / "bad", tensors, config, metadata)
     with pytest.raises(DataError, match="missing tensors"):
-        pipe.load_piflow_adapter(tmp_path / "bad")
+        pipe.load_piflow_adapter(saved_without(tmp_path / "bad", "piflow", FIRST_LORA["piflow"]))
     assert pipe.piflow_student is None
     assert torch.equal(stock_latents(pipe), expected_stock)
