@@ -1,16 +1,18 @@
 """Configs: nested dicts from YAML files plus ``key=value`` overrides (dotted keys), checked against defaults.
 
 Every key must exist in the defaults (an unknown key is an error naming it); override values are parsed as YAML
-scalars (``distill.nfe=4``, ``train.lr=1e-3``, ``eval.teacher_steps=[1,2,4]``).
+scalars (``distill.nfe=4``, ``train.lr=1e-3``, ``eval.teacher_steps=[1,2,4]``). The local paths among the values
+(`PATH_KEYS`) come out absolute (`absolute_paths`), so that a run directory's saved config works from anywhere.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
+import os
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
@@ -19,8 +21,37 @@ from piflow.files import read_yaml, yaml_loader
 from piflow.schedule import is_auto
 from piflow.settings import OLD_DROPOUT_NAME, rename_old_dropout
 
-__all__ = ["ConfigError", "Optional_", "dataclass_defaults", "load_config", "parse_overrides", "save_config",
-           "upgrade_config"]
+__all__ = ["ConfigError", "Optional_", "PATH_KEYS", "absolute_paths", "dataclass_defaults", "load_config",
+           "parse_overrides", "save_config", "upgrade_config"]
+
+# config keys (dotted) whose values name local files or folders, resolved against the current directory when given
+# and stored absolute; ``pipeline`` only when it is an existing local folder (else a Hub repo id, kept as given)
+PATH_KEYS = ("teacher", "pipeline", "prompts", "conditions", "prompt_cache", "latents", "data.root")
+NOT_PATHS = {"teacher": ("exact",)}                 # values of a path key that name no file
+LOCAL_ONLY_IF_PRESENT = ("pipeline",)
+
+
+def absolute_paths(config: Mapping, base: Optional[Union[str, Path]] = None) -> dict:
+    """`config` (a copy) with the relative paths of `PATH_KEYS` made absolute against `base` (default: the current
+    directory) — how every command reads a path it is given, so that an old run's relative paths mean what they
+    meant from the directory it is resumed in, and a saved run works from anywhere."""
+    base = Path.cwd() if base is None else Path(base)
+    config = copy.deepcopy(dict(config))
+    for dotted in PATH_KEYS:
+        *parents, key = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or not isinstance(node.get(key), str):
+            continue
+        value = node[key]
+        if not value or value in NOT_PATHS.get(dotted, ()):
+            continue
+        path = base / os.path.expanduser(value)         # an absolute value stays itself
+        if dotted in LOCAL_ONLY_IF_PRESENT and not path.is_dir():
+            continue                                # a Hub repo id such as black-forest-labs/FLUX.1-dev
+        node[key] = os.path.normpath(path)
+    return config
 
 
 # keys that came with the methods (piflow.methods): a run saved before them never read them
@@ -203,14 +234,15 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
 
 
 def load_config(defaults: dict, path: Union[str, Path, Mapping, None] = None, overrides: Iterable[str] = ()) -> dict:
-    """defaults ← YAML file (a path, or its already-read mapping) ← overrides; returns a new dict."""
+    """defaults ← YAML file (a path, or its already-read mapping) ← overrides; returns a new dict, its local paths
+    absolute (`absolute_paths`, against the current directory)."""
     config = _plain(defaults)
     if path is not None:
         loaded = path if isinstance(path, Mapping) else read_yaml(path)
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         _merge(config, upgrade_config(loaded, defaults), defaults)
-    return _merge(config, upgrade_config(parse_overrides(overrides), defaults), defaults)
+    return absolute_paths(_merge(config, upgrade_config(parse_overrides(overrides), defaults), defaults))
 
 
 def save_config(config: dict, path: Union[str, Path]) -> None:

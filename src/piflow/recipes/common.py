@@ -140,6 +140,17 @@ def seed_initialisation(config: dict) -> None:
     torch.manual_seed(int(config["train"]["seed"]))
 
 
+def missing_teacher_run(run: Path, holds: str, kinds: str = "") -> ConfigError:
+    """The one-line error for a ``teacher`` run directory without `holds`: a moved or deleted one names where it
+    was expected and how to point to its new place (``teacher=NEW_PATH``)."""
+    if not run.exists():
+        return ConfigError(f"teacher run directory {run} does not exist (moved or deleted?); point to its new place "
+                           f"with teacher=NEW_PATH (an override of `piflow sample` / `piflow evaluate`; resuming "
+                           f"`piflow distill` with it also needs --allow-config-change)")
+    return ConfigError(f"teacher must be {kinds}a `piflow train-teacher` run directory holding {holds}; {run} has "
+                       "none")
+
+
 def finished_distill_run(run_dir: Path, defaults: dict, overrides=()) -> tuple[dict, Path]:
     """(resolved config, student weights path) of a finished `piflow distill` run, or a RunDirError."""
     from piflow.errors import RunDirError

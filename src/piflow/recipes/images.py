@@ -19,7 +19,7 @@ from piflow.models.students import PolicyStudent
 from piflow.config import Optional_
 from piflow.methods import DistillSetup, method_sections
 from piflow.recipes.common import (check_dataset, check_settings, config_values, distill_defaults, distill_run,
-                                   finished_distill_run, load_distilled, run_recipe,
+                                   finished_distill_run, load_distilled, missing_teacher_run, run_recipe,
                                    seed_initialisation, train_defaults)
 from piflow.sampling import euler_sample
 from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
@@ -163,8 +163,7 @@ def make_teacher(model: DiT, num_classes: int, guidance_scale: float = 1.0,
 def load_teacher(run: str) -> tuple[DiT, dict]:
     run_dir = Path(run)
     if not (run_dir / "teacher" / "config.json").is_file():
-        raise ConfigError(f"teacher must be a `piflow train-teacher` image run directory holding teacher/; "
-                          f"{run_dir} has none")
+        raise missing_teacher_run(run_dir, "teacher/config.json (an image teacher)")
     config = load_config(IMAGE_TEACHER_DEFAULTS, run_dir / "config.yaml")
     return DiT.from_pretrained(run_dir / "teacher"), config
 
@@ -272,8 +271,11 @@ def load_student(run_dir: Path, overrides=()) -> tuple[Any, dict]:
 
 def sample_spec(config: dict) -> tuple[tuple[int, ...], int]:
     """(one sample's shape (C, H, W), number of classes) of an image run, from its teacher's DiT config."""
+    run = Path(config["teacher"])
+    if not run.exists():
+        raise missing_teacher_run(run, "teacher/")
     try:
-        spec = DiT.read_config(Path(config["teacher"]) / "teacher")
+        spec = DiT.read_config(run / "teacher")
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(f"teacher: {error}") from None
     return (spec.in_channels, *spec.input_size), int(spec.num_classes)

@@ -27,8 +27,8 @@ from piflow.data import TOY_DATASET_NAMES
 from piflow.files import save_safetensors
 from piflow.methods import DistillSetup, method_sections, student_name
 from piflow.recipes.common import (check_dataset, check_settings, config_values, distill_defaults, distill_run,
-                                   finished_distill_run, load_distilled, load_weights, run_recipe,
-                                   seed_initialisation, train_defaults)
+                                   finished_distill_run, load_distilled, load_weights, missing_teacher_run,
+                                   run_recipe, seed_initialisation, train_defaults)
 
 
 TEACHER_DEFAULTS: dict[str, Any] = {
@@ -72,8 +72,7 @@ def load_teacher(spec: str, dataset_name: str):
     run = Path(spec)
     weights, config_path = run / "teacher.safetensors", run / "config.yaml"
     if not weights.is_file() or not config_path.is_file():
-        raise ConfigError(f"teacher must be 'exact' or a teacher run directory holding teacher.safetensors and "
-                          f"config.yaml (from `piflow train-teacher`); {run} has neither")
+        raise missing_teacher_run(run, "teacher.safetensors and config.yaml", kinds="'exact' or ")
     teacher_cfg = load_config(TEACHER_DEFAULTS, config_path)
     if teacher_cfg["dataset"] != dataset_name:
         raise ConfigError(f"teacher in {run} was trained on {teacher_cfg['dataset']!r}, but dataset={dataset_name!r}")

@@ -8,7 +8,8 @@
   holds a run (a checkpoint or results), compares the new config with the saved ``config.yaml``: a difference in
   any setting that changes results is refused with the list of differing keys, unless ``allow_config_change``,
   which records the change in ``run.json``. `RESULT_NEUTRAL_KEYS` (logging, progress, checkpoint cadence) may
-  differ freely. Nothing is written before these checks pass.
+  differ freely. Nothing is written before these checks pass. Local paths (``teacher``, ``prompts``, …) are saved
+  absolute and compared as resolved (`piflow.config.absolute_paths`), so a run works from any directory.
 """
 from __future__ import annotations
 
@@ -153,10 +154,13 @@ def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(old: dict, new: dict, neutral: frozenset = RESULT_NEUTRAL_KEYS) -> dict[str, tuple]:
     """{dotted key: (old value, new value)} for the settings that differ, result-neutral keys left out. A key that
     one side lacks and the other holds as null (a setting added later whose null default keeps the old behaviour)
-    is no change; older key names are compared under their new names (`piflow.config.upgrade_config`)."""
-    from piflow.config import upgrade_config
+    is no change; older key names are compared under their new names (`piflow.config.upgrade_config`), and local
+    paths as resolved from the current directory (`piflow.config.absolute_paths`: an older run's relative
+    ``teacher`` equals the same folder given absolute)."""
+    from piflow.config import absolute_paths, upgrade_config
 
-    flat_old, flat_new = _flatten(upgrade_config(old, new, saved_run=True)), _flatten(new)
+    flat_old = _flatten(absolute_paths(upgrade_config(old, new, saved_run=True)))
+    flat_new = _flatten(absolute_paths(new))
     missing = object()
     changes = {}
     for key in sorted(set(flat_old) | set(flat_new)):
@@ -235,7 +239,9 @@ def _prepare(directory: Path, config: dict, command: str, allow_config_change: b
         record["config_changes"] = list(record.get("config_changes", [])) + [
             {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
              "changes": {key: {"old": old, "new": new} for key, (old, new) in changes.items()}}]
-    return Run(directory, config, record)
+    from piflow.config import absolute_paths
+
+    return Run(directory, absolute_paths(config), record)      # saved with absolute paths: usable from anywhere
 
 
 @contextmanager

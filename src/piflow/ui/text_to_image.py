@@ -84,7 +84,8 @@ def load_pipeline(pipeline: str, adapter: str) -> LoadedPipeline:
     side = getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor      # the stock pipelines' default
     side = max(multiple, side // multiple * multiple)
     steps = int(pipe.piflow_student.sampling.get("nfe", pipe.piflow_student.settings.nfe))
-    negative = "negative_prompt" in inspect.signature(type(pipe).__call__).parameters
+    negative = "negative_prompt" in inspect.signature(type(pipe).__call__).parameters and \
+        "negative_prompt" not in family.pipeline.unused          # accepted and unused: no box for it
     return LoadedPipeline(pipe, family, pipeline, str(directory), multiple, (side, side), min(steps, MAX_NFE),
                           negative)
 

@@ -12,7 +12,8 @@ Importing this package loads nothing heavy; the names in `__all__` and the submo
   `DiffusersTeacher`, the aliases ``<Family>Teacher`` / ``<Family>PolicyStudent``); `set_lora_strength`.
 * `pipelines`: one π-Flow pipeline per family (``Pi…Pipeline``, e.g. `PiFluxPipeline`, `PiWanPipeline`;
   `pipeline_class(family)`), and `PiFlowPipelineMixin.policy_denoise` for pipelines of your own.
-* `adapter`: `save_piflow_adapter` / `load_piflow_adapter` (piflow's layout and the authors', `authors_layout`).
+* `adapter`: `save_piflow_adapter` / `load_piflow_adapter` (strict; piflow's layout and the authors',
+  `authors_layout`) / `unload_piflow_adapter`.
 * `loading`: safe loading of a base pipeline (diffusers/transformers components, safetensors weights) and its
   latent geometry.
 * `quantization`: frozen bases quantized through diffusers' quantization configs (TorchAO, bitsandbytes, GGUF).
@@ -32,7 +33,7 @@ _EXPORTS = {
     "Architecture": "families", "register_architecture": "families",
     "PiFlowPipelineMixin": "pipelines", "pipeline_class": "pipelines",
     "FlowMapSDEScheduler": "scheduler",
-    "load_piflow_adapter": "adapter", "save_piflow_adapter": "adapter",
+    "load_piflow_adapter": "adapter", "save_piflow_adapter": "adapter", "unload_piflow_adapter": "adapter",
     "DiffusersPolicyStudent": "students", "DiffusersTeacher": "students", "add_student_lora": "students",
     "set_lora_strength": "students",
     "quantization_config": "quantization", "load_quantized_transformer": "quantization",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -121,7 +122,7 @@ def _save_authors_layout(student: DiffusersPolicyStudent, directory: Path, tenso
 
 def _check_lora_config(lora_config, directory: Path) -> dict:
     """config.json's lora_config with its types checked (a ValueError names the field)."""
-    where = f"adapter {directory / 'config.json'}: lora_config"
+    where = f"adapter file {directory / 'config.json'}: lora_config"
     if not isinstance(lora_config, dict):
         raise DataError(f"{where} must be a JSON object")
     for key in ("rank", "alpha", "dropout", "target_modules"):
@@ -144,11 +145,11 @@ def _settings(config: dict, kind: str, sampling: dict) -> PiIDSettings:
     with the ``sampling`` schedule (which a user may edit, and older adapters carry alone) taking precedence."""
     saved = config.get("piid_settings")
     if saved is not None and not isinstance(saved, dict):
-        raise DataError(f"adapter config.json: piid_settings must be a JSON object, got {saved!r}")
+        raise DataError(f"piid_settings must be a JSON object, got {saved!r}")
     try:
         return PiIDSettings.from_mapping(saved or {}, **dict(sampling, policy=kind))
     except (TypeError, ValueError) as error:
-        raise DataError(f"adapter config.json: bad piid_settings ({error})") from None
+        raise DataError(f"bad piid_settings ({error})") from None
 
 
 def _check_sampling(sampling: Optional[dict]) -> dict:
@@ -175,7 +176,8 @@ def _weights_file(directory: Path) -> Path:
         f" (and {len(candidates)} other .safetensors files make it ambiguous)" if candidates else ""))
 
 
-def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str], Path]:
+    """config.json, the tensors, the safetensors metadata (with ``policy_config``) and the weights file's path."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"adapter file {config_path} is missing")
@@ -196,13 +198,86 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict[
             raise DataError(f"adapter file {weights_path} has no policy_config metadata")
         metadata = dict(metadata, policy_config=json.dumps(default))
     try:
-        config["policy_config"] = json.loads(metadata["policy_config"])
+        policy = json.loads(metadata["policy_config"])
     except json.JSONDecodeError as error:
         raise DataError(f"adapter file {weights_path}: its policy_config metadata is not valid JSON ({error})") \
             from None
-    if not isinstance(config["policy_config"], dict):
+    if not isinstance(policy, dict):
         raise DataError(f"adapter file {weights_path}: policy_config must be a JSON object")
-    return config, tensors, metadata
+    saved = config.get("policy_config")          # piflow's layout repeats it in config.json: both must agree
+    if saved is not None and not authors_layout.is_authors_layout(tensors):
+        _check_policy_config(policy, f"adapter file {weights_path}")       # the metadata's own checks first
+        if not isinstance(saved, dict):
+            raise DataError(f"adapter file {config_path}: policy_config must be a JSON object, got {saved!r}")
+        differing = sorted(k for k in set(saved) | set(policy) if saved.get(k, _ABSENT) != policy.get(k, _ABSENT))
+        if differing:
+            key = differing[0]
+            raise DataError(f"adapter file {config_path}: policy_config[{key!r}] is {saved.get(key, '<absent>')!r} "
+                            f"but the policy_config metadata of {weights_path.name} says "
+                            f"{policy.get(key, '<absent>')!r}")
+    config["policy_config"] = policy
+    return config, tensors, metadata, weights_path
+
+
+_ABSENT = object()
+
+
+def _check_piflow_class_name(config: dict, kind: str, base: str, config_path: Path) -> None:
+    """config.json's ``_class_name`` in piflow's layout: absent or the class piflow writes (``GM``/``DX`` + base)."""
+    expected = ("GM" if kind == "gmflow" else "DX") + base
+    if "_class_name" in config and config["_class_name"] != expected:
+        raise DataError(f"adapter file {config_path}: _class_name is {config['_class_name']!r}, expected "
+                        f"{expected!r} (or no _class_name) for this {kind} adapter")
+
+
+def _check_policy_config(policy: dict, where: str) -> str:
+    """The policy kind of a ``policy_config``: its type known, its structure keys present, no unknown key."""
+    kind = POLICY_TYPES.get(policy.get("type"))
+    if kind is None:
+        raise DataError(f"{where}: policy_config.type must be one of {sorted(POLICY_TYPES)}, got "
+                        f"{policy.get('type')!r}")
+    missing = [key for key in STRUCTURE_KEYS[kind] if key not in policy]
+    if missing:
+        raise DataError(f"{where}: policy_config is missing {missing} (needed for a {policy['type']} adapter)")
+    unknown = sorted(set(policy) - {"type", *STRUCTURE_KEYS[kind], *POLICY_SETTINGS[kind]})
+    if unknown:
+        raise DataError(f"{where}: policy_config has unknown keys {unknown}; a {policy['type']} policy takes "
+                        f"{['type', *STRUCTURE_KEYS[kind], *POLICY_SETTINGS[kind]]}")
+    return kind
+
+
+def _check_lora_rank(tensors: dict[str, torch.Tensor], rank: int, weights_path: Path, name) -> None:
+    """Every LoRA A (rank, in) / B (out, rank) tensor has config.json's ``lora_config.rank``."""
+    for key in sorted(tensors):
+        axis = 0 if ".lora_A." in key else 1 if ".lora_B." in key else None
+        if key.startswith("lora.") and axis is not None and tensors[key].dim() == 2 \
+                and tensors[key].shape[axis] != rank:
+            raise DataError(f"adapter file {weights_path}: tensor {name(key)!r} has LoRA rank "
+                            f"{tensors[key].shape[axis]}, but config.json says lora_config.rank = {rank}")
+
+
+def check_adapter_tensors(expected: dict[str, torch.Size], tensors: dict[str, torch.Tensor], weights_path: Path,
+                          name=str, strict: bool = True) -> None:
+    """The strict check of an adapter's tensors against what the student owns (`expected`: name → shape): every
+    tensor present with its shape and nothing unknown (`strict=False` lets missing and unknown ones pass with a
+    warning; a wrong shape is always an error). A `DataError` names the file and the first offending key (as the
+    file spells it: `name`)."""
+    for key in sorted(set(expected) & set(tensors)):
+        if tuple(tensors[key].shape) != tuple(expected[key]):
+            raise DataError(f"adapter file {weights_path}: tensor {name(key)!r} has shape "
+                            f"{list(tensors[key].shape)}, expected {list(expected[key])} from the adapter's config "
+                            "and this transformer")
+    missing, unknown = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    problems = [f"{len(missing)} missing tensors (first: {name(missing[0])!r})"] if missing else []
+    problems += [f"{len(unknown)} unknown tensors (first: {name(unknown[0])!r})"] if unknown else []
+    if not problems:
+        return
+    message = f"adapter file {weights_path}: " + " and ".join(problems)
+    if strict:
+        raise DataError(message + " — an incomplete or altered adapter (load_piflow_adapter(..., strict=False) "
+                        "loads it anyway)")
+    warnings.warn(message + " — loaded anyway (strict=False): missing tensors keep their initial values, unknown "
+                  "ones are ignored", UserWarning, stacklevel=3)
 
 
 def resolve_adapter_dir(path_or_repo: Union[str, Path], subfolder: Optional[str] = None) -> Path:
@@ -224,60 +299,115 @@ def resolve_adapter_dir(path_or_repo: Union[str, Path], subfolder: Optional[str]
     return Path(root) / subfolder if subfolder else Path(root)
 
 
+def _student_tensors(student: DiffusersPolicyStudent) -> dict[str, torch.Size]:
+    """Name → shape of the head and final-norm tensors the student owns (LoRA aside), as adapters name them."""
+    shapes = {f"head.{k}": v.shape for k, v in student.head.state_dict().items()}
+    shapes.update({f"norm_out.{k}": v.shape for k, v in student.norm_out.state_dict().items()})
+    return shapes
+
+
 def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], subfolder: Optional[str] = None,
-                        adapter_name: str = LORA_ADAPTER, strength: float = 1.0) -> DiffusersPolicyStudent:
+                        adapter_name: str = LORA_ADAPTER, strength: float = 1.0,
+                        strict: bool = True) -> DiffusersPolicyStudent:
     """Attach a saved adapter (local folder or Hub repo id, optional `subfolder`; piflow's or the authors' layout)
     to a FLUX/SD3/Qwen-Image `transformer` (shared, not copied; it may be quantized) and return the student in eval
     mode (``.train()`` to fine-tune further).
+
+    Loading is strict (both layouts, `check_adapter_tensors`): every tensor the student owns must be in the file
+    with its shape, nothing unknown may be, and config.json / the metadata must agree with the tensors (LoRA
+    rank, policy type and structure, ``_class_name``); otherwise a one-line `DataError` names the file and the first
+    offending key. Every check but the LoRA key check runs before the transformer is touched; that one runs once
+    the previous adapter of that name is replaced and then leaves none (never a half-loaded one). ``strict=False``
+    loads an incomplete adapter (or one with extra tensors) with a warning. `unload_piflow_adapter` removes it.
 
     `strength` scales the LoRA update (the policy head and final norm stay as trained), like ComfyUI-piFlow's
     ``adapter_strength``: 1 reproduces training; lower values can help on a fine-tuned/merged base model, with
     other LoRAs stacked on top, or at an NFE other than the trained one (see docs/adapters.md)."""
     strength = check_number(strength, "strength")
     directory = resolve_adapter_dir(path, subfolder)
-    config, tensors, metadata = _read_adapter(directory)
+    config, tensors, metadata, weights_path = _read_adapter(directory)
+    name = str
     if authors_layout.is_authors_layout(tensors):
-        config, tensors = authors_layout.from_authors_layout(config, tensors, transformer, metadata)
+        try:
+            config, tensors = authors_layout.from_authors_layout(config, tensors, transformer, metadata)
+        except DataError as error:          # the message starts with the file it is about
+            message = str(error)
+            for prefix, file in ((authors_layout.IN_CONFIG, directory / "config.json"),
+                                 (authors_layout.IN_WEIGHTS, weights_path)):
+                message = f"adapter file {file}: {message[len(prefix):]}" if message.startswith(prefix) else message
+            raise DataError(message) from None
+        name = authors_layout.authors_name
     policy = config["policy_config"]
-    kind = POLICY_TYPES.get(policy.get("type"))
-    if kind is None:
-        raise DataError(f"policy_config.type must be one of {sorted(POLICY_TYPES)}, got {policy.get('type')!r}")
-    missing = [key for key in STRUCTURE_KEYS[kind] if key not in policy]
-    if missing:
-        raise DataError(f"policy_config is missing {missing} (needed for a {policy['type']} adapter)")
-    sampling = _check_sampling(config.get("sampling"))
-    architecture = get_architecture(config.get("architecture", "flux"))
+    kind = _check_policy_config(policy, f"adapter file {weights_path}")
+    config_path = directory / "config.json"
+    try:
+        sampling = _check_sampling(config.get("sampling"))
+        architecture = get_architecture(config.get("architecture", "flux"))
+        settings = _settings(config, kind, sampling)
+    except ValueError as error:
+        raise DataError(f"adapter file {config_path}: {error}") from None
     expected_class = config.get("base_class") or architecture.base_class
     if expected_class and type(transformer).__name__ != expected_class:
-        raise DataError(f"adapter {directory} is for a {expected_class}, got a {type(transformer).__name__}")
-    lora = {k[len("lora."):]: v for k, v in tensors.items() if k.startswith("lora.")}
-    if strength != 1 and not lora:
+        raise DataError(f"adapter file {config_path}: the adapter is for a {expected_class}, got a "
+                        f"{type(transformer).__name__}")
+    if name is str:
+        _check_piflow_class_name(config, kind, expected_class or type(transformer).__name__, config_path)
+    lora = {k: v for k, v in tensors.items() if k.startswith("lora.")}
+    lora_config = config.get("lora_config")
+    if lora and lora_config is None:
+        raise DataError(f"adapter file {weights_path} holds LoRA tensors (first: {name(min(lora))!r}) but "
+                        f"{config_path} has no lora_config")
+    if lora_config is not None:
+        lora_config = _check_lora_config(lora_config, directory)
+        _check_lora_rank(lora, lora_config["rank"], weights_path, name)
+    if strength != 1 and lora_config is None:
         raise ValueError(f"strength={strength!r} scales the LoRA, but adapter {directory} has none")
+    try:                                         # builds the head and final norm; the transformer is not touched yet
+        student = DiffusersPolicyStudent(
+            transformer, kind, architecture=architecture, num_components=policy.get("num_components", 8),
+            num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
+            latent_channels=policy["latent_channels"], logstd_hidden=policy.get("logstd_hidden", 1024),
+            share_transformer=True, policy_kwargs={k: policy[k] for k in POLICY_SETTINGS[kind] if k in policy},
+            settings=settings)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"adapter file {weights_path}: its policy_config {policy} does not fit this "
+                        f"{type(transformer).__name__} ({error})") from None
+    own = {k: v for k, v in tensors.items() if not k.startswith("lora.")}
+    check_adapter_tensors(_student_tensors(student), own, weights_path, name, strict)
     if adapter_name in (getattr(transformer, "peft_config", None) or {}):
         transformer.delete_adapters(adapter_name)   # loading again replaces the adapter of that name
-    if lora:
-        if config.get("lora_config") is None:
-            raise DataError("adapter holds LoRA tensors but config.json has no lora_config")
-        lc = _check_lora_config(config["lora_config"], directory)
-        add_student_lora(transformer, rank=lc["rank"], alpha=lc["alpha"], dropout=lc["dropout"],
-                         target_modules=lc["target_modules"], adapter_name=adapter_name)
-        from peft import set_peft_model_state_dict
+    if lora_config is not None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(transformer, lora, adapter_name=adapter_name)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise DataError(f"adapter LoRA tensors do not match this transformer: {unexpected[:4]}")
+        try:
+            add_student_lora(transformer, rank=lora_config["rank"], alpha=lora_config["alpha"],
+                             dropout=lora_config["dropout"], target_modules=lora_config["target_modules"],
+                             adapter_name=adapter_name)
+        except ValueError as error:                               # PEFT: no module matches a target
+            unload_piflow_adapter(transformer, adapter_name)
+            raise DataError(f"adapter file {config_path}: lora_config.target_modules "
+                            f"{lora_config['target_modules']} do not fit this {type(transformer).__name__} "
+                            f"({str(error).splitlines()[0]})") from None
+        try:
+            expected = {f"lora.{k}": v.shape
+                        for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()}
+            check_adapter_tensors(expected, lora, weights_path, name, strict)
+            set_peft_model_state_dict(transformer, {k[len("lora."):]: v for k, v in lora.items() if k in expected},
+                                      adapter_name=adapter_name)
+        except BaseException:
+            unload_piflow_adapter(transformer, adapter_name)      # no half-loaded adapter stays behind
+            raise
         set_lora_strength(transformer, strength, adapter_name)
-    student = DiffusersPolicyStudent(
-        transformer, kind, architecture=architecture, num_components=policy.get("num_components", 8),
-        num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
-        latent_channels=policy["latent_channels"], logstd_hidden=policy.get("logstd_hidden", 1024),
-        share_transformer=True, policy_kwargs={k: policy[k] for k in POLICY_SETTINGS[kind] if k in policy},
-        settings=_settings(config, kind, sampling))
-    try:
-        student.head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
-        student.norm_out.load_state_dict({k[len("norm_out."):]: v for k, v in tensors.items()
-                                          if k.startswith("norm_out.")})
-    except RuntimeError as error:
-        raise DataError(f"adapter tensors do not match its policy_config / this transformer: {error}") from error
+    for module, prefix in ((student.head, "head."), (student.norm_out, "norm_out.")):
+        module.load_state_dict({k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}, strict=False)
     return student.eval()
+
+
+def unload_piflow_adapter(transformer: torch.nn.Module, adapter_name: str = LORA_ADAPTER) -> None:
+    """Remove the π-Flow LoRA `adapter_name` from `transformer` (a no-op when it has none); once no PEFT adapter is
+    left, the LoRA layers are unwrapped too, so the transformer computes exactly what the stock one does. The
+    student's head and final norm live in the student, not the transformer: drop the student."""
+    if adapter_name in (getattr(transformer, "peft_config", None) or {}):
+        transformer.delete_adapters(adapter_name)
+    if getattr(transformer, "_hf_peft_config_loaded", False) and not getattr(transformer, "peft_config", None):
+        transformer.unload_lora()

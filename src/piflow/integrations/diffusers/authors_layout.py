@@ -45,6 +45,7 @@ OUR_PREFIXES = {ours: theirs for theirs, ours in TENSOR_PREFIXES.items()}
 KIND_PREFIXES = {"gmflow": ("proj_out_means.", "proj_out_logweights.", "proj_out_logstds.", "norm_out."),
                  "dx": ("proj_out.", "norm_out.")}
 METADATA_KEY = "piflow_config"
+IN_CONFIG, IN_WEIGHTS = "config.json: ", "weights: "    # message prefixes the loader replaces by the file's path
 
 
 def authors_classes() -> dict[str, AuthorsClasses]:
@@ -133,6 +134,14 @@ def to_authors_tensors(tensors: dict[str, torch.Tensor], lora_scale: float) -> d
     return renamed
 
 
+def authors_name(key: str) -> str:
+    """The authors' name of a (renamed) piflow tensor name, for messages."""
+    if key.startswith("lora."):
+        return key[len("lora."):]
+    ours = next((p for p in OUR_PREFIXES if key.startswith(p)), None)
+    return OUR_PREFIXES[ours] + key[len(ours):] if ours else key
+
+
 def is_authors_layout(tensors: dict) -> bool:
     return not any(key.startswith(("head.", "lora.")) for key in tensors)
 
@@ -155,13 +164,13 @@ def _class_kind(class_name: Any) -> tuple[str, str]:
         if classes.dx and class_name in (classes.dx, classes.base):
             return architecture, "dx"
     names = sorted(n for c in known.values() for n in (c.gm, c.dx, c.base) if n)
-    raise DataError(f"adapter config.json: _class_name must be one of {names} (or a piflow adapter's), got "
+    raise DataError(f"{IN_CONFIG}_class_name must be one of {names} (or a piflow adapter's), got "
                     f"{class_name!r}")
 
 
 def _expect(field: str, value: Any, expected: Any) -> None:
     if value != expected:
-        raise DataError(f"adapter config.json: {field} is {value!r}, expected {expected!r} for this base model "
+        raise DataError(f"{IN_CONFIG}{field} is {value!r}, expected {expected!r} for this base model "
                         "and the adapter's tensors")
 
 
@@ -184,7 +193,7 @@ def _structure(kind: str, tensors: dict, transformer: torch.nn.Module, class_nam
             num_components = int(tensors["head.proj_logweights.weight"].shape[0]) // pixels
             linears = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("head.logstd_mlp.")})
             if linears != [1, 3]:
-                raise DataError(f"adapter: gm_num_logstd_layers must be 2 (tensors proj_out_logstds.1/.3), this "
+                raise DataError(f"{IN_WEIGHTS}gm_num_logstd_layers must be 2 (tensors proj_out_logstds.1/.3), this "
                                 f"{class_name} adapter has proj_out_logstds layers {linears}")
             return {"num_components": num_components,
                     "latent_channels": int(tensors["head.proj_means.weight"].shape[0]) // num_components // pixels,
@@ -193,49 +202,46 @@ def _structure(kind: str, tensors: dict, transformer: torch.nn.Module, class_nam
         return {"num_nodes": int(tensors["head.proj.weight"].shape[0]) // out_dim, "latent_channels": out_dim // pixels,
                 "mode": "grid"}
     except KeyError as error:
-        raise DataError(f"{class_name} adapter misses tensor {error}") from None
+        raise DataError(f"{IN_WEIGHTS}missing tensors (first: {authors_name(error.args[0])!r}), needed by a "
+                        f"{class_name} adapter") from None
 
 
 def from_authors_layout(config: dict, tensors: dict, transformer: torch.nn.Module,
                         metadata: dict) -> tuple[dict, dict]:
     """Rename the authors' tensors to piflow's and build piflow's adapter config (policy structure from the tensor
     shapes, fields checked against the base model; a bad field raises a `DataError` naming it and its expected
-    value)."""
+    value, starting with `IN_CONFIG` or `IN_WEIGHTS`). Tensors of no known name (or LoRA tensors of modules this
+    transformer lacks) are passed through unrenamed: the loader's strict check refuses them by name."""
     if "_class_name" not in config:
-        raise DataError("adapter config.json has no _class_name (expected e.g. 'GMFluxTransformer2DModel')")
+        raise DataError(f"{IN_CONFIG}no _class_name (expected e.g. 'GMFluxTransformer2DModel')")
     class_name = config["_class_name"]
     architecture, kind = _class_kind(class_name)
     classes = _classes_for(architecture)
     if type(transformer).__name__ != classes.base:
-        raise DataError(f"a {class_name} adapter is for a {classes.base}, got a {type(transformer).__name__}")
+        raise DataError(f"{IN_CONFIG}a {class_name} adapter is for a {classes.base}, got a "
+                        f"{type(transformer).__name__}")
     renamed, lora_modules, rank = {}, set(), None
+    modules = dict(transformer.named_modules())
     for key, value in tensors.items():
         key = key.removeprefix("transformer.")                  # their loader strips this prefix too
-        if "lora" in key:                                       # as their loader splits the file
-            if ".lora_A." not in key and ".lora_B." not in key:
-                raise DataError(f"adapter tensor {key!r}: LoRA tensors are named <module>.lora_A/B.weight")
-            renamed[f"lora.{key}"] = value
-            if ".lora_A." in key:
-                lora_modules.add(key.split(".lora_A.")[0])
-                rank = int(value.shape[0])
-            continue
+        module, _, part = key.partition(".lora_A.") if ".lora_A." in key else key.partition(".lora_B.")
         prefix = next((p for p in KIND_PREFIXES[kind] if key.startswith(p)), None)
-        if prefix is None:
-            raise DataError(f"unexpected tensor {key!r} in a {class_name} adapter (a {POLICY_TYPE[kind]} adapter "
-                            f"holds {'proj_out.*' if kind == 'dx' else 'proj_out_means/logweights/logstds.*'}, "
-                            "norm_out.* and LoRA tensors)")
-        renamed[TENSOR_PREFIXES[prefix] + key[len(prefix):]] = value
+        if part and module in modules:                          # as their loader splits the file (LoRA A/B)
+            renamed[f"lora.{key}"] = value
+            lora_modules.add(module)                            # a module with A or B: both are expected
+            if value.dim() == 2:
+                rank = int(value.shape[0 if ".lora_A." in key else 1])
+        elif prefix is not None:
+            renamed[TENSOR_PREFIXES[prefix] + key[len(prefix):]] = value
+        else:
+            renamed[key] = value                                # unknown: the loader's strict check names it
     structure = _structure(kind, renamed, transformer, class_name)
     _check_fields(config, kind, classes, transformer, structure)
     policy = dict(config["policy_config"])
     if policy.get("type") != POLICY_TYPE[kind]:
-        raise DataError(f"adapter policy_config.type is {policy.get('type')!r}, expected {POLICY_TYPE[kind]!r} for a "
-                        f"{class_name}")
-    unknown = sorted(set(policy) - {"type", *POLICY_SETTINGS[kind]})
-    if unknown:
-        raise DataError(f"adapter policy_config has unknown keys {unknown}; a {POLICY_TYPE[kind]} policy takes "
-                        f"{list(POLICY_SETTINGS[kind])}")
-    policy = {**structure, **policy}                            # a saved DX mode overrides the default
+        raise DataError(f"{IN_WEIGHTS}policy_config.type is {policy.get('type')!r}, expected {POLICY_TYPE[kind]!r} "
+                        f"for a {class_name}")
+    policy = {**structure, **policy}        # a saved DX mode overrides the default; the loader checks the keys
     result = {"architecture": architecture, "base_class": classes.base, "policy_config": policy,
               **_piflow_extras(metadata)}
     if lora_modules:
@@ -251,9 +257,9 @@ def _piflow_extras(metadata: dict) -> dict:
     try:
         extras = json.loads(metadata[METADATA_KEY])
     except json.JSONDecodeError as error:
-        raise DataError(f"adapter metadata {METADATA_KEY} is not valid JSON ({error})") from None
+        raise DataError(f"{IN_WEIGHTS}metadata {METADATA_KEY} is not valid JSON ({error})") from None
     if not isinstance(extras, dict) or set(extras) - {"piid_settings", "sampling"}:
-        raise DataError(f"adapter metadata {METADATA_KEY} must be an object with piid_settings and sampling")
+        raise DataError(f"{IN_WEIGHTS}metadata {METADATA_KEY} must be an object with piid_settings and sampling")
     return extras
 
 

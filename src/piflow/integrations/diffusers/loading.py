@@ -37,6 +37,10 @@ def _model_index(path: str) -> dict:
     component must come from diffusers or transformers (diffusers would otherwise import a module that ships with
     the pipeline)."""
     DiffusionPipeline = require("diffusers", "text-to-image pipelines").DiffusionPipeline
+    if Path(path).is_absolute() and not Path(path).exists():        # a saved run's local folder, since moved
+        raise ConfigError(f"pipeline folder {path} does not exist (moved or deleted?); point to its new place with "
+                          "pipeline=NEW_PATH (an override of `piflow sample`; resuming `piflow distill` with it also "
+                          "needs --allow-config-change)")
     try:
         index = DiffusionPipeline.load_config(path)
     except Exception as error:      # not a folder/repo with model_index.json, bad JSON, offline hub

@@ -34,7 +34,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
-from piflow.integrations.diffusers.adapter import load_piflow_adapter
+from piflow.integrations.diffusers.adapter import load_piflow_adapter, unload_piflow_adapter
 from piflow.integrations.diffusers.families import FAMILIES, Family, get_family
 from piflow.integrations.diffusers.quantization import base_parameter
 from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler
@@ -52,7 +52,10 @@ class PiFlowPipelineMixin:
     piflow_student: Optional[DiffusersPolicyStudent] = None
 
     def _use_policy_scheduler(self, student: DiffusersPolicyStudent) -> None:
-        """Swap in a `FlowMapSDEScheduler` from the current scheduler's config and the student's training schedule."""
+        """Swap in a `FlowMapSDEScheduler` from the current scheduler's config and the student's training schedule
+        (the stock scheduler is kept for `unload_piflow_adapter`)."""
+        if not isinstance(self.scheduler, FlowMapSDEScheduler):
+            self._piflow_stock_scheduler = self.scheduler
         scheduler = FlowMapSDEScheduler.from_config(
             self.scheduler.config, shift=student.settings.shift, use_dynamic_shifting=False,
             final_step_size_scale=student.settings.final_step_size_scale)
@@ -72,15 +75,44 @@ class PiFlowPipelineMixin:
         return student
 
     def load_piflow_adapter(self, path_or_dir: Union[str, Path], subfolder: Optional[str] = None,
-                            adapter_name: Optional[str] = None, strength: float = 1.0) -> DiffusersPolicyStudent:
+                            adapter_name: Optional[str] = None, strength: float = 1.0,
+                            strict: bool = True) -> DiffusersPolicyStudent:
         """Attach a saved π-Flow adapter (head, final norm, LoRA; piflow's or the authors' layout) to
-        `self.transformer` (shared, not copied); `strength` scales the LoRA update (`load_piflow_adapter`).
+        `self.transformer` (shared, not copied); `strength` scales the LoRA update, `strict=False` loads an
+        incomplete adapter with a warning (`adapter.load_piflow_adapter`).
 
-        Loading again replaces the adapter of the same name. The LoRA part is a named PEFT adapter, so
-        ``pipe.set_adapters([name, "style"], adapter_weights=[1.0, 0.8])`` combines it with other LoRAs."""
-        student = load_piflow_adapter(self.transformer, path_or_dir, subfolder=subfolder,
-                                      adapter_name=adapter_name or LORA_ADAPTER, strength=strength)
+        Loading again replaces the adapter of the same name; a load that fails after the previous adapter's LoRA
+        was removed leaves the stock pipeline (`unload_piflow_adapter`), never a student without its LoRA. The LoRA
+        part is a named PEFT adapter, so ``pipe.set_adapters([name, "style"], adapter_weights=[1.0, 0.8])``
+        combines it with other LoRAs."""
+        name = adapter_name or LORA_ADAPTER
+        had_lora = name in (getattr(self.transformer, "peft_config", None) or {})
+        try:
+            student = load_piflow_adapter(self.transformer, path_or_dir, subfolder=subfolder, adapter_name=name,
+                                          strength=strength, strict=strict)
+        except BaseException:
+            if had_lora and name not in (getattr(self.transformer, "peft_config", None) or {}):
+                self.unload_piflow_adapter(name)
+            raise
         return self.set_piflow_student(student)
+
+    def unload_piflow_adapter(self, adapter_name: Optional[str] = None) -> None:
+        """Undo `load_piflow_adapter` / `set_piflow_student`: remove the student's LoRA `adapter_name` (default: the
+        student's, "piflow") from `self.transformer` (`adapter.unload_piflow_adapter`), drop the student (its policy
+        head and final norm) and put the stock scheduler back: the stock pipeline's call computes what it did
+        before the adapter was loaded."""
+        unload_piflow_adapter(self.transformer, adapter_name or LORA_ADAPTER)
+        self.piflow_student = None
+        stock = getattr(self, "_piflow_stock_scheduler", None)
+        if stock is not None:
+            self.register_modules(scheduler=stock)
+            self._piflow_stock_scheduler = None
+
+    def unload_lora_weights(self, *args, **kwargs) -> None:
+        """The stock `unload_lora_weights` (every LoRA, the student's included), then the π-Flow student goes too
+        (`unload_piflow_adapter`): a policy head without its LoRA would sample garbage."""
+        super().unload_lora_weights(*args, **kwargs)
+        self.unload_piflow_adapter()
 
     def _require_student(self) -> DiffusersPolicyStudent:
         student = self.piflow_student

@@ -101,8 +101,12 @@ PIPELINE = calls.PipelineHooks(
     output="diffusers.pipelines.flux.pipeline_output.FluxPipelineOutput",
     params={"guidance_scale": 3.5, "num_images_per_prompt": 1, "pooled_prompt_embeds": None,
             "joint_attention_kwargs": None},
+    unused={"negative_prompt": None, "negative_prompt_2": None, "true_cfg_scale": 1.0, "negative_prompt_embeds": None,
+            "negative_pooled_prompt_embeds": None, "negative_ip_adapter_image": None,
+            "negative_ip_adapter_image_embeds": None},
     doc="Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1; the student "
-        "takes the distilled-guidance scalar `guidance_scale` (3.5) as the teacher did.")
+        "takes the distilled-guidance scalar `guidance_scale` (3.5) as the teacher did; true-CFG arguments "
+        "(negative prompts, `true_cfg_scale`) are accepted and unused.")
 
 FAMILIES = (Family("flux", "flux", "FluxTransformer2DModel", "FluxPipeline", "PiFluxPipeline", encode, collate,
                    ("encoder_hidden_states", "pooled_projections"), PIPELINE, tiny, guidance="embedded",

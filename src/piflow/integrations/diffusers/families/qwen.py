@@ -121,8 +121,9 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
 OUTPUT = "diffusers.pipelines.qwenimage.pipeline_output.QwenImagePipelineOutput"
 PIPELINE = calls.PipelineHooks(
     positional=(("prompt", None),), prepare=prepare, decode=decode, output=OUTPUT,
-    params={"num_images_per_prompt": 1, "prompt_embeds_mask": None},
-    unused={"negative_prompt": None, "true_cfg_scale": 1.0},
+    params={"num_images_per_prompt": 1, "prompt_embeds_mask": None, "attention_kwargs": None},
+    unused={"negative_prompt": None, "true_cfg_scale": 1.0, "guidance_scale": None, "negative_prompt_embeds": None,
+            "negative_prompt_embeds_mask": None},
     doc="Generate images; `latents` (optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1; no true CFG at "
         "inference (distilled in).")
 

@@ -80,8 +80,13 @@ PIPELINE = calls.PipelineHooks(
     positional=(("prompt", None), ("prompt_2", None), ("prompt_3", None)), prepare=prepare,
     decode=calls.decode_scaled,
     output="diffusers.pipelines.stable_diffusion_3.pipeline_output.StableDiffusion3PipelineOutput",
-    params={"num_images_per_prompt": 1, "pooled_prompt_embeds": None, "max_sequence_length": 256},
-    doc="Generate images; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1.")
+    params={"num_images_per_prompt": 1, "pooled_prompt_embeds": None, "max_sequence_length": 256,
+            "joint_attention_kwargs": None},
+    unused={"guidance_scale": None, "negative_prompt": None, "negative_prompt_2": None, "negative_prompt_3": None,
+            "negative_prompt_embeds": None, "negative_pooled_prompt_embeds": None, "skip_guidance_layers": None,
+            "skip_layer_guidance_scale": 2.8, "skip_layer_guidance_stop": 0.2, "skip_layer_guidance_start": 0.01},
+    doc="Generate images; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1; CFG arguments (negative "
+        "prompts, `guidance_scale`, skip-layer guidance) are accepted and unused (guidance is distilled in).")
 
 FAMILIES = (Family("sd3", "sd3", "SD3Transformer2DModel", "StableDiffusion3Pipeline", "PiSD3Pipeline", encode,
                    base.collate_pooled, ("encoder_hidden_states", "pooled_projections"), PIPELINE, tiny,
