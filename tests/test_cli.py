@@ -176,3 +176,30 @@ def test_distill_caps_sizes_before_the_run_directory_exists(tmp_path, capsys):
                                ("distill.nfe=100000", "distill.nfe must be at most 1000")):
         assert main(["distill", "--run-dir", str(tmp_path / "r"), *TINY_2D, override]) == 2
         assert fragment in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_misleading_messages_now_say_what_is_wrong(run_2d, tmp_path, capsys):
+    """export of a 2-D run, sample/evaluate of a teacher run, -c given a folder, ui on a busy port: one line each
+    that names the real problem (not "unknown config key" or Gradio's advice)."""
+    import socket
+
+    teacher = tmp_path / "teacher"
+    assert main(["train-teacher", "--run-dir", str(teacher), "dataset=checkerboard", "train.iters=2",
+                 "train.progress=false", "model.hidden_size=16", "model.num_layers=2", "eval.num_samples=50",
+                 "eval.teacher_steps=[1]"]) == 0
+    capsys.readouterr()
+    (tmp_path / "folder").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [(["export", "--run-dir", str(run_2d)], "export writes the adapter of a text-to-image run"),
+                 (["evaluate", "--run-dir", str(teacher)], "is a `piflow train-teacher` run"),
+                 (["sample", "--run-dir", str(teacher)], "is a `piflow train-teacher` run"),
+                 (["distill", "-c", str(tmp_path / "folder"), "--run-dir", str(tmp_path / "r")],
+                  "is a directory, not a YAML file"),
+                 (["ui", "--port", str(port)], f"--port {port} on 127.0.0.1 is not available")]
+        for argv, fragment in cases:
+            assert main(argv) == 2, argv
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and fragment in lines[0], lines

@@ -74,8 +74,8 @@ def _cmd_train(args) -> int:
 
 
 def _run_kind(run_dir: Path) -> str:
-    """"t2i", "image" or "2d" from a run directory's config.yaml."""
-    from piflow.files import read_yaml
+    """"t2i", "image" or "2d" from a distillation run directory's config.yaml (a teacher run is refused)."""
+    from piflow.files import read_json, read_yaml
     from piflow.recipes.images import is_image_dataset
     from piflow.train.run_dir import check_run_dir
 
@@ -86,6 +86,10 @@ def _run_kind(run_dir: Path) -> str:
     config = read_yaml(config_path, "the run's config")
     if not isinstance(config, dict):
         raise ConfigError(f"{config_path} must hold a mapping")
+    record = run_dir / "run.json"
+    if record.is_file() and read_json(record, "run record").get("command") == "train-teacher":
+        raise RunDirError(f"{run_dir} is a `piflow train-teacher` run (its own evaluation is in metrics.json and "
+                          f"samples.png); sample, evaluate and export take `piflow distill` runs")
     if config.get("pipeline") is not None:
         return "t2i"
     return "image" if is_image_dataset(config.get("dataset")) else "2d"
@@ -292,6 +296,10 @@ def _cmd_encode_prompts(args) -> int:
 def _cmd_export(args) -> int:
     from piflow.recipes.text_to_image import export_adapter
 
+    run_dir = Path(args.run_dir)
+    if (run_dir / "config.yaml").is_file() and _run_kind(run_dir) != "t2i":
+        raise ConfigError(f"export writes the adapter of a text-to-image run; {run_dir} is a 2-D or image run, whose "
+                          f"student is {run_dir / 'student.safetensors'} (sample it with `piflow sample`)")
     out = export_adapter(Path(args.run_dir), Path(args.out) if args.out else None, use_ema=not args.raw,
                          layout=args.layout)
     print(f"adapter written to {out}")
@@ -318,6 +326,7 @@ def _cmd_ui(args) -> int:
     if args.adapter and not args.pipeline:
         raise ConfigError("--adapter needs --pipeline (the diffusers pipeline of its base model)")
     require("gradio", "piflow ui")
+    _check_port_free(args.host, args.port)
     pipeline, adapter, student_runs = args.pipeline, args.adapter, []
     for run in map(Path, args.run_dir):
         if _run_kind(run) == "t2i":
@@ -333,6 +342,18 @@ def _cmd_ui(args) -> int:
     print(f"piflow ui: serving on http://{args.host}:{args.port} (Ctrl+C stops)", flush=True)
     run_ui(student_runs, pipeline, adapter, port=args.port, host=args.host)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A `ConfigError` naming --port when something already listens on host:port (before Gradio starts)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(f"--port {port} on {host} is not available ({error.strerror or error}); choose "
+                              f"another --port") from None
 
 
 # the handler each sub-parser of `piflow.cli_parser` names (train-teacher and distill share "train")

@@ -179,6 +179,8 @@ def read_yaml(path: PathLike, what: str = "config file") -> Any:
     from piflow.errors import ConfigError
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory, not a YAML file")
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist")
     try:
