@@ -35,6 +35,10 @@ def test_generation_equals_the_pipeline_call(loaded):
     assert result.settings["seed"] == 3 and result.settings["pipeline_class"] == "PiFluxPipeline"
     command = t2i.reproduce_command(result.settings)
     assert "manual_seed(3)" in command and "height=16, width=24" in command and "load_piflow_adapter" in command
+    # the code box runs as written, in a fresh namespace (imports included), and makes the same image
+    namespace: dict = {}
+    exec(command, namespace)
+    assert np.array_equal(np.asarray(namespace["image"]), np.asarray(result.image))
 
 
 @pytest.mark.parametrize("changes, message", [

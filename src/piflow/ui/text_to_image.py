@@ -170,14 +170,18 @@ def generate(loaded: LoadedPipeline, request: Request,
 
 
 def reproduce_command(settings: dict) -> str:
-    """Python that reproduces the image of `generate`'s `settings` (pipeline, adapter, call arguments)."""
+    """Python that reproduces the image of `generate`'s `settings` (pipeline, adapter, call arguments): a whole
+    script, imports included, that runs as written."""
     arguments = {"prompt": settings["prompt"], "height": settings["height"], "width": settings["width"],
                  "num_inference_steps": settings["steps"], "temperature": settings["temperature"]}
     if settings.get("negative_prompt"):
         arguments["negative_prompt"] = settings["negative_prompt"]
     text = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+    imports = f"import torch\nfrom piflow.integrations.diffusers import {settings['pipeline_class']}\n"
     if settings.get("references"):
         text += f", image=load_reference_images({settings['references']!r})"
-    return (f"pipe = {settings['pipeline_class']}.from_pretrained({settings['pipeline']!r})\n"
+        imports += "from piflow.integrations.diffusers.prompts import load_reference_images\n"
+    return (imports + "\n"
+            f"pipe = {settings['pipeline_class']}.from_pretrained({settings['pipeline']!r})\n"
             f"pipe.load_piflow_adapter({settings['adapter']!r})\n"
             f"image = pipe({text}, generator=torch.Generator().manual_seed({settings['seed']})).images[0]")
