@@ -332,8 +332,9 @@ def test_reference_images_of_different_sizes_are_refused_when_the_file_is_read(t
     Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
     Image.new("RGB", (48, 32)).save(tmp_path / "b.png")
     conditions = tmp_path / "conditions.jsonl"
-    conditions.write_text('{"prompt": "red", "images": ["a.png"]}\n{"prompt": "blue", "images": ["a.png"]}\n')
+    conditions.write_text('{"prompt": "red", "images": ["a.png", "b.png"]}\n{"prompt": "blue", "images": ["a.png", '
+                          '"b.png"]}\n')                  # a condition's own references may differ in size
     assert read_conditions_file(conditions)[0] == ["red", "blue"]
     conditions.write_text('{"prompt": "red", "images": ["a.png"]}\n{"prompt": "blue", "images": ["b.png"]}\n')
-    with pytest.raises(DataError, match=r"b.png is 48x32 but .*a.png is 32x32"):
+    with pytest.raises(DataError, match=r"b.png is 48x32 but .*a.png \(reference 1 of an earlier condition\) is 32x32"):
         read_conditions_file(conditions)

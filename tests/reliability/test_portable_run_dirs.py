@@ -131,7 +131,7 @@ def test_a_text_to_image_run_with_a_relative_pipeline_and_prompts_works_from_any
     assert (saved(run)["pipeline"], saved(run)["prompts"]) == (str(work / "base"), str(work / "prompts.txt"))
     assert cli("distill", "--run-dir", "run", *args).returncode == 0        # resumed here: no config change
     monkeypatch.chdir(elsewhere)
-    sample = ["sample", "--run-dir", str(run), "--prompt", "a cat", "--nfe", "1", "--output", "images"]
+    sample = ["sample", "--run-dir", str(run), "--prompt", "a cat", "--nfe", "1", "--output", "images", "--overwrite"]
     assert cli(*sample).returncode == 0
     assert (elsewhere / "images" / "000_00.png").is_file()
     absolute = [a.replace("=base", f"={work / 'base'}").replace("=prompts.txt", f"={work / 'prompts.txt'}")

@@ -83,28 +83,30 @@ def read_conditions_file(path: Union[str, Path]) -> tuple[list[str], list[list[P
         images.append(resolved)
     if not prompts:
         raise DataError(f"conditions file {path} holds no conditions")
-    _check_reference_sizes(path, [p for paths in images for p in paths])
+    _check_reference_sizes(path, images)
     return prompts, images
 
 
-def _check_reference_sizes(path: Path, references: list[Path]) -> None:
-    """All reference images of a conditions file have one size (they are batched): a `DataError` naming the
-    first that differs. Only the image headers are read (Pillow opens lazily)."""
+def _check_reference_sizes(path: Path, images: list[list[Path]]) -> None:
+    """The k-th reference images of all conditions have one size (they are batched together; a condition's
+    references may differ among themselves): a `DataError` naming the first that differs. Only the image headers
+    are read (Pillow opens lazily)."""
     from PIL import Image, UnidentifiedImageError
 
-    first = None
-    for reference in references:
-        try:
-            with Image.open(reference) as image:
-                size = image.size
-        except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"conditions file {path}: reference image {reference} is not a readable image "
-                            f"({type(error).__name__})") from None
-        if first is None:
-            first = (reference, size)
-        elif size != first[1]:
-            raise DataError(f"conditions file {path}: reference image {reference} is {size[0]}x{size[1]} but "
-                            f"{first[0]} is {first[1][0]}x{first[1][1]}; give all reference images one size")
+    first: dict[int, tuple[Path, tuple[int, int]]] = {}
+    for references in images:
+        for slot, reference in enumerate(references):
+            try:
+                with Image.open(reference) as image:
+                    size = image.size
+            except (UnidentifiedImageError, OSError) as error:
+                raise DataError(f"conditions file {path}: reference image {reference} is not a readable image "
+                                f"({type(error).__name__})") from None
+            seen = first.setdefault(slot, (reference, size))
+            if size != seen[1]:
+                raise DataError(f"conditions file {path}: reference image {reference} is {size[0]}x{size[1]} but "
+                                f"{seen[0]} (reference {slot + 1} of an earlier condition) is {seen[1][0]}x"
+                                f"{seen[1][1]}; the k-th reference images of all conditions need one size")
 
 
 def read_condition_source(architecture: str, prompt_file: Optional[Union[str, Path]],
