@@ -84,7 +84,8 @@ TINY_DIGITS = ["dataset=digits", "train.iters=2", "train.warmup_iters=1", "train
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_distils_samples_and_evaluates_on_digits(tmp_path, method, digits_teacher, feature_nets):
+def test_each_method_distils_samples_and_evaluates_on_digits(tmp_path, method, digits_teacher, feature_nets,
+                                                             capsys):
     run = tmp_path / "run"
     assert main(["distill", "--run-dir", str(run), f"teacher={digits_teacher}", f"method={method}",
                  *TINY_DIGITS]) == 0
@@ -95,7 +96,9 @@ def test_each_method_distils_samples_and_evaluates_on_digits(tmp_path, method, d
     assert samples.shape == (12, 1, 8, 8) and np.isfinite(samples).all()
     for name in ("feature_net", "feature_net_b"):          # the evaluation's classifiers, trained once per module
         shutil.copytree(feature_nets / name, run / name)
+    capsys.readouterr()
     assert main(["evaluate", "--run-dir", str(run), "eval.num_samples=60"]) == 0
+    assert "evaluating: 3/3 (100%)" in capsys.readouterr().err         # progress: teacher 2, 32 steps, the student
     name = "gmflow" if method == "piid" else method
     assert f"student {name} 2" in json.loads((run / "metrics.json").read_text())["rows"]
 

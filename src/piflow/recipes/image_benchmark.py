@@ -26,6 +26,7 @@ from torch import Tensor
 from piflow.eval.image_metrics import (class_histogram, class_histogram_tv, frechet_distance_from_features,
                                        high_frequency_fraction, kernel_inception_distance,
                                        precision_recall_density_coverage)
+from piflow.progress import progress_bar
 from piflow.recipes import images
 from piflow.sampling import euler_sample
 
@@ -219,13 +220,19 @@ def evaluate_student_run(run_dir: Path, overrides=()) -> dict:
                               int(eval_cfg["num_samples"]), int(eval_cfg["seed"]))
     noise, labels = contexts[0].noise_a, contexts[0].labels_a
     rows = {}
-    for steps in sorted({*map(int, eval_cfg["teacher_steps"]), TEACHER_REFERENCE_STEPS}):
+    teacher_steps = sorted({*map(int, eval_cfg["teacher_steps"]), TEACHER_REFERENCE_STEPS})
+    student_nfes = sorted({pf.nfe, *map(int, eval_cfg["student_nfe"])})
+    bar = progress_bar(len(teacher_steps) + len(student_nfes), "evaluating")       # one tick per row
+    for steps in teacher_steps:
         rows[f"teacher Euler {steps}"] = dict(
             metrics_in_both_spaces(contexts, euler_sample(pf.teacher, noise, steps, labels)), nfe=steps,
             family="teacher Euler")
-    for nfe in sorted({pf.nfe, *map(int, eval_cfg["student_nfe"])}):
+        bar.update(1)
+    for nfe in student_nfes:
         samples = pf.sample(noise, nfe=nfe, cond=labels, temperature=eval_cfg["temperature"],
                             generator=torch.Generator().manual_seed(int(eval_cfg["seed"])))
         rows[f"student {student_name(config)} {nfe}" + ("" if nfe == pf.nfe else " (elastic)")] = dict(
             metrics_in_both_spaces(contexts, samples), nfe=nfe, family="student")
+        bar.update(1)
+    bar.close()
     return {"rows": rows, "feature_net": feature_metrics[0], "feature_net_b": feature_metrics[1]}
