@@ -131,7 +131,7 @@ def _positive(args, *options: str) -> None:
 def _sample_text_to_image(args, run_dir: Path) -> int:
     import torch
 
-    from piflow.recipes.text_to_image import sample_run
+    from piflow.recipes.text_to_image_outputs import sample_run
 
     if not args.prompt:
         raise ConfigError("text-to-image runs need --prompt \"...\" (repeatable)")
@@ -294,7 +294,7 @@ def _cmd_encode_prompts(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from piflow.recipes.text_to_image import export_adapter
+    from piflow.recipes.text_to_image_outputs import export_adapter
 
     run_dir = Path(args.run_dir)
     if (run_dir / "config.yaml").is_file() and _run_kind(run_dir) != "t2i":

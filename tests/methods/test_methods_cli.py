@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from piflow.cli import main
+from piflow.config import parse_overrides
 from piflow.methods import METHODS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -87,8 +88,10 @@ TINY_DIGITS = ["dataset=digits", "train.iters=2", "train.warmup_iters=1", "train
 def test_each_method_distils_samples_and_evaluates_on_digits(tmp_path, method, digits_teacher, feature_nets,
                                                              capsys):
     run = tmp_path / "run"
-    assert main(["distill", "--run-dir", str(run), f"teacher={digits_teacher}", f"method={method}",
-                 *TINY_DIGITS]) == 0
+    config = tmp_path / "digits.yaml"                  # the settings as a config file, the teacher as an override
+    config.write_text(yaml.safe_dump(dict(parse_overrides(TINY_DIGITS), method=method)))
+    assert main(["distill", "-c", str(config), "--run-dir", str(run), f"teacher={digits_teacher}"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["method"] == method
     assert (run / "samples.png").is_file() and (run / "student.safetensors").is_file()
     out = tmp_path / "s.npy"
     assert main(["sample", "--run-dir", str(run), "--num-samples", "12", "--label", "3", "--output", str(out)]) == 0
@@ -126,14 +129,17 @@ def digits_teacher():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["ring8", "digits"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_each_method_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path, method):
+def test_each_method_resumes_after_sigkill_to_the_uninterrupted_result(tmp_path, method, dataset, digits_teacher):
     """SIGKILL while the second checkpoint is being written, run the same command again: the student, the
     training log and the metrics equal an uninterrupted run's."""
     from reliability.conftest import TINY_2D, run_cli
     from reliability.test_faults import assert_same_run
 
-    args = [*TINY_2D, f"method={method}", "distill.x0_bank_size=64"]
+    tiny = TINY_2D if dataset == "ring8" else [*TINY_DIGITS, f"teacher={digits_teacher}", "train.iters=6",
+                                               "train.checkpoint_every=2"]
+    args = [*tiny, f"method={method}", "distill.x0_bank_size=64"]
     clean = tmp_path / "clean"
     assert run_cli("distill", "--run-dir", str(clean), *args).returncode == 0
     run = tmp_path / "run"
