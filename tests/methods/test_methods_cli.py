@@ -166,3 +166,20 @@ def test_a_run_saved_before_methods_existed_resumes_as_pi_id(tmp_path, capsys):
     assert main(["distill", "-c", str(config), "--run-dir", str(run)]) == 0
     assert main(["distill", "-c", str(config), "--run-dir", str(run), "method=meanflow"]) == 2
     assert "method: 'piid' -> 'meanflow'" in capsys.readouterr().err
+
+
+def test_the_readme_methods_table_names_every_method_and_its_settings():
+    """The README's methods table is written from `METHODS`: one row per method, naming its settings fields."""
+    import dataclasses
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip().split()[0].strip("`"): line for line in section.splitlines()
+            if line.startswith("| `")}
+    assert set(rows) == set(METHODS)
+    for name, cls in METHODS.items():
+        if cls.settings_class is not None:
+            assert f"`{cls.section}:`" in rows[name]
+            for field in dataclasses.fields(cls.settings_class):
+                assert f"`{field.name}`" in rows[name], (name, field.name)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from piflow.config import ConfigError
 from piflow.policies import Policy
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS
-from piflow.sampling import HLike, sample
+from piflow.sampling import FlowMapSDESchedule, HLike, sample
 
 # (generator, batch size) -> (x0 (B, *shape), cond) of the data / -> cond of a batch (None: unconditional)
 DataDraw = Callable[[torch.Generator, int], tuple[Tensor, Any]]
@@ -94,8 +94,6 @@ class FewStepSampler:
         """Samples from noise (B, *shape) in `nfe` steps (default: the trained NFE) or on raw times `sigmas`.
         A policy function that needs each step's end σ (MeanFlow's average velocity over [r, t]) is called as
         ``policy_fn(x, σ_src, cond, σ_dst)``."""
-        from piflow.sampling import FlowMapSDESchedule
-
         if nfe is None and sigmas is None:
             nfe = self.nfe
         schedule = FlowMapSDESchedule(self.shift, self.final_step_size_scale, self.h)
