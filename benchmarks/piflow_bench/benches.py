@@ -98,6 +98,7 @@ class ImageBench:
         self.teacher, self.noise, self.labels = self.setup.teacher, self.setup.noise, self.setup.labels
         self.base_overrides = [f"dataset={dataset}", f"teacher={self.setup.teacher_run}"]
         self.grid: dict[str, Tensor] = {"teacher Euler, 32 NFE": self.setup.scorer.a.teacher_samples_a[:20]}
+        self.order: dict[str, tuple[int, int]] = {}
         self.log = log
         self.info = {"teacher_run": str(self.setup.teacher_run), "feature_net_a": self.setup.feature_metrics[0],
                      "feature_net_b": self.setup.feature_metrics[1]}
@@ -129,11 +130,14 @@ class ImageBench:
 
     def add_to_figure(self, label: str, nfe: int, samples: Tensor) -> None:
         self.grid[f"{label}, {nfe} NFE"] = samples[:20]
+        self.order[f"{label}, {nfe} NFE"] = ([spec.label for spec in self.students].index(label), nfe)
 
     def save_figure(self, path: Path) -> None:
+        """The teacher's row, then the students by method (the table's order) and NFE."""
         from piflow.recipes.plots import plot_image_rows
 
-        plot_image_rows(list(self.grid.items()), path, ncol=20,
+        rows = sorted(self.grid.items(), key=lambda item: self.order.get(item[0], (-1, 0)))
+        plot_image_rows(rows, path, ncol=20,
                         title="same noise and class in each column (classes 0–9, twice); seed 0 of each student")
 
     goals = staticmethod(check_image_goals)
