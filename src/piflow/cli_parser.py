@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="samples (2-D/image runs, default 5000) or images per prompt (text-to-image, default 1)")
     sample.add_argument("--batch-size", type=int, default=None,
                         help="2-D/image runs: samples generated at once (default: 256 for images, 5000 for 2-D); "
-                             "the samples do not depend on it")
+                             "the samples do not depend on it, except a DMD2 student's, whose fresh noise between "
+                             "steps is drawn per batch")
     sample.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
     sample.add_argument("--temperature", default="1.0",
                         help="GM temperature on non-final steps: a number >= 0, or 'auto' (default: %(default)s)")

@@ -34,8 +34,8 @@ class DistillSetup:
     network of the recipe's kind (``model(x, σ·S, cond, extra_condition=None)``, with ``features``/``proj_out``).
     policy_student(policy, num_nodes): the recipe's `PolicyStudent` for a GM/DX policy. shape: one sample's shape.
     draw_data / draw_cond: training batches of data / of conditions. num_timesteps: S, networks see σ·S.
-    teacher_identity: bytes that identify the teacher's weights (caches of teacher samples are keyed by it;
-    None: nothing is cached).
+    teacher_identity(): bytes that identify the teacher's weights, computed only by a method that caches teacher
+    samples (the key of that cache; None: nothing is cached).
     """
 
     config: dict
@@ -47,7 +47,7 @@ class DistillSetup:
     draw_data: DataDraw
     draw_cond: CondDraw
     num_timesteps: float
-    teacher_identity: Optional[bytes] = None
+    teacher_identity: Optional[Callable[[], bytes]] = None
 
     @property
     def batch_size(self) -> int:

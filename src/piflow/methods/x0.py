@@ -85,7 +85,7 @@ class X0Regression(PiID):
         gen = torch.Generator().manual_seed(setup.seed + 99)
         noise = torch.randn(bank_size, *setup.shape, generator=gen)
         labels = setup.draw_cond(gen, bank_size)
-        key = None if setup.teacher_identity is None else setup.teacher_identity + repr(
+        key = None if setup.teacher_identity is None else setup.teacher_identity() + repr(
             self.config.get("guidance")).encode()
         states, endpoints = teacher_ode_bank(setup.teacher, noise, labels, indices, key)
         sigmas = torch.tensor([g / X0_BANK_STEPS for g in self.grid])

@@ -182,8 +182,6 @@ def build_student(config: dict, teacher_model: DiT, policy: Optional[str] = None
     """A GM or DX policy student on a copy of the teacher's DiT (``student`` section; `policy`/`num_nodes`
     override it)."""
     spec = config["student"]
-    if spec["policy"] not in STUDENT_KINDS:
-        raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {spec['policy']!r}")
     seed_initialisation(config)
     with config_values("student"):
         return PolicyStudent(teacher_model, policy or spec["policy"], num_components=spec["num_components"],
@@ -206,6 +204,8 @@ def teacher_identity(run: str) -> bytes:
 def distill_setup(config: dict) -> DistillSetup:
     """What every method needs of an image run: the (guided) DiT teacher, its network, fresh DiTs of its
     architecture, the training images and labels."""
+    if config["student"]["policy"] not in STUDENT_KINDS:
+        raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {config['student']['policy']!r}")
     teacher_model, teacher_config = load_teacher(config["teacher"])
     if teacher_config["dataset"] != config["dataset"]:
         raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")
@@ -226,15 +226,13 @@ def distill_setup(config: dict) -> DistillSetup:
         policy_student=lambda policy, num_nodes: build_student(config, teacher_model, policy, num_nodes),
         shape=shape, draw_data=draw_data,
         draw_cond=lambda generator, batch: labels[torch.randint(len(labels), (batch,), generator=generator)],
-        num_timesteps=NUM_TIMESTEPS, teacher_identity=teacher_identity(config["teacher"]))
+        num_timesteps=NUM_TIMESTEPS, teacher_identity=lambda: teacher_identity(config["teacher"]))
 
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
     """Distillation of a DiT teacher by the configured method (π-ID on a GM/DX student by default; x0-regression,
     DMD2, MeanFlow); writes student.safetensors, a sample grid against the teacher and metrics."""
     check_settings(config)
-    if config["student"]["policy"] not in STUDENT_KINDS:
-        raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {config['student']['policy']!r}")
     setup = distill_setup(config)
 
     def evaluate(sampler) -> dict:

@@ -128,9 +128,10 @@ def build_student(config: dict, teacher_model: Optional[torch.nn.Module], policy
                              logstd_hidden=256, generator=torch.Generator().manual_seed(config["train"]["seed"]))
 
 
-def distill_setup(config: dict) -> DistillSetup:
-    """What every method needs of a 2-D run: the teacher (exact or a teacher run), MLP backbones, the data."""
-    dataset = load_dataset(config["dataset"])
+def distill_setup(config: dict, dataset=None) -> DistillSetup:
+    """What every method needs of a 2-D run: the teacher (exact or a teacher run), MLP backbones, the data
+    (`dataset`, or the config's)."""
+    dataset = load_dataset(config["dataset"]) if dataset is None else dataset
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
     seed_initialisation(config)
 
@@ -147,8 +148,8 @@ def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> d
     """Distillation of a 2-D teacher by the configured method (π-ID by default) into an MLP student; writes
     student.safetensors and metrics (the 2-D evaluation table and figures)."""
     check_settings(config)
-    setup = distill_setup(config)
     dataset = load_dataset(config["dataset"])
+    setup = distill_setup(config, dataset)
     return distill_run(run_dir, allow_config_change, setup,
                        lambda sampler: evaluate_methods(setup.teacher, sampler, dataset, config["eval"], run_dir,
                                                         student_name(config)))
