@@ -98,20 +98,6 @@ def generator_sigmas(nfe: int, device=None, dtype=None) -> Tensor:
     return 1 - torch.arange(int(nfe), device=device, dtype=dtype) / int(nfe)
 
 
-def _chain(x0_generator: X0Generator, noise: Tensor, sigmas: Tensor, num_steps: int, cond: Any,
-           generator: Optional[torch.Generator]) -> tuple[Tensor, Optional[Tensor]]:
-    """The first `num_steps` steps of the few-step chain without gradients: x0 = G(x_σk, σk), then
-    x_σ(k+1) = (1 − σ)·x0 + σ·ε with fresh noise ε (none after the last σ). Returns (x, the last x0)."""
-    x, x0 = noise, None
-    with torch.no_grad():
-        for k in range(num_steps):
-            x0 = x0_generator(x, sigmas[k].expand(noise.shape[0]), cond)
-            if k + 1 < len(sigmas):
-                fresh = draw("normal", tuple(noise.shape), generator, noise.device, noise.dtype)
-                x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * fresh
-    return x, x0
-
-
 def backward_simulation(x0_generator: X0Generator, noise: Tensor, nfe: int, cond: Any = None,
                         generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """A training input for a multi-step generator: a random step k (one per batch), the generator's own chain
@@ -119,7 +105,13 @@ def backward_simulation(x0_generator: X0Generator, noise: Tensor, nfe: int, cond
     gradients."""
     sigmas = generator_sigmas(nfe, noise.device, noise.dtype)
     step = int(torch.randint(0, len(sigmas), (1,), generator=generator))
-    return _chain(x0_generator, noise, sigmas, step, cond, generator)[0], sigmas[step].expand(noise.shape[0])
+    x = noise
+    with torch.no_grad():                 # x0 = G(x_σk, σk), then x_σ(k+1) = (1 − σ)·x0 + σ·ε with fresh noise ε
+        for k in range(step):
+            x0 = x0_generator(x, sigmas[k].expand(noise.shape[0]), cond)
+            fresh = draw("normal", tuple(noise.shape), generator, noise.device, noise.dtype)
+            x = (1 - sigmas[k + 1]) * x0 + sigmas[k + 1] * fresh
+    return x, sigmas[step].expand(noise.shape[0])
 
 
 class DMD2Student(nn.Module):
