@@ -16,7 +16,9 @@ Layout
   (no affine) + adaLN shift/scale + `proj_out` Linear(hidden, p·p·C_out). Modulation linears and `proj_out`
   start at zero, so an untrained model outputs exactly 0.
 
-The network receives t = σ · num_timesteps and predicts the rectified-flow velocity u = ε - x0.
+The network receives t = σ · num_timesteps and predicts the rectified-flow velocity u = ε - x0. Imported
+checkpoints keep their own time input through `DiTConfig.timestep_scale` / `time_reversed` (e.g. SiT sees
+1 − σ, REPA σ) and their position-feature order through `position_order`; see `piflow.models.imported`.
 
 `DiTConfig` / `DIT_PRESETS` live in `dit_config`, the blocks and position embeddings in `dit_blocks`; both are
 re-exported here.
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from piflow.checks import draw
+from piflow.timewarp import NUM_TIMESTEPS
 
 from .dit_blocks import DiTBlock, FinalModulation, sincos_embedding_1d, sincos_position_embedding
 from .dit_config import DIT_PRESETS, DiTConfig
@@ -91,9 +94,10 @@ class DiT(nn.Module):
         self.t_embedder = nn.Sequential(nn.Linear(config.frequency_embedding_size, hidden), nn.SiLU(),
                                         nn.Linear(hidden, hidden))
         self.y_embedder = nn.Embedding(config.num_classes + 1, hidden) if config.num_classes > 0 else None
-        self.register_buffer("pos_embed", sincos_position_embedding(hidden, self.grid_size)[None],
+        self.register_buffer("pos_embed", sincos_position_embedding(hidden, self.grid_size,
+                                                                       config.position_order)[None],
                              persistent=False)                                       # (1, L, hidden)
-        self.blocks = nn.ModuleList(DiTBlock(hidden, config.num_heads, config.mlp_ratio)
+        self.blocks = nn.ModuleList(DiTBlock(hidden, config.num_heads, config.mlp_ratio, config.mlp_norm_eps)
                                     for _ in range(config.depth))
         self.final_layer = FinalModulation(hidden)
         self.proj_out = nn.Linear(hidden, p * p * self.out_channels)
@@ -214,13 +218,22 @@ class DiT(nn.Module):
     def condition_embedding(self, t: TimestepLike, y: Optional[Tensor], batch: int,
                             device: torch.device) -> Tensor:
         """c = timestep_mlp(sinusoid(t)) + class_emb(y) -> (B, hidden). y=None uses the null class."""
-        t = as_timestep(t, batch, device)
+        t = self.network_time(as_timestep(t, batch, device))
         weight = self.t_embedder[0].weight
         c = self.t_embedder(timestep_embedding(t, self.config.frequency_embedding_size).to(weight.dtype))
         labels = self._labels(y, batch, device)
         if labels is not None:
             c = c + self.y_embedder(labels)
         return c
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """The time the embedding sees, from piflow's t = σ·1000 (B,): t itself for piflow's DiTs, else
+        `timestep_scale`·τ with τ = σ, or 1 − σ for `time_reversed` checkpoints (SiT)."""
+        scale, reversed_ = self.config.timestep_scale, self.config.time_reversed
+        if scale == NUM_TIMESTEPS and not reversed_:
+            return t
+        sigma = t / NUM_TIMESTEPS
+        return scale * ((1.0 - sigma) if reversed_ else sigma)
 
     @property
     def extra_condition_dim(self) -> int:

@@ -24,16 +24,22 @@ def sincos_embedding_1d(dim: int, positions: Tensor) -> Tensor:
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
-def sincos_position_embedding(dim: int, grid_size: Sequence[int]) -> Tensor:
+def sincos_position_embedding(dim: int, grid_size: Sequence[int], order: str = "row_col") -> Tensor:
     """Fixed sin-cos embedding of a (rows, cols) or (frames, rows, cols) token grid -> (L, dim) float32.
 
-    Spatial: half the features encode the row index, half the column index. Video: a 1-D embedding of the
-    frame index (dim features) is added. Token order matches `DiT.patchify` (frame-major, row-major).
+    Spatial: half the features encode the row index, half the column index — the row index first for
+    order="row_col" (piflow's DiTs), the column index first for "col_row" (the MAE/DiT/SiT/REPA function, whose
+    meshgrid puts the width first). Video: a 1-D embedding of the frame index (dim features) is added. Token
+    order matches `DiT.patchify` (frame-major, row-major).
     """
     rows, cols = grid_size[-2], grid_size[-1]
     row_idx, col_idx = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    spatial = torch.cat([sincos_embedding_1d(dim // 2, row_idx.reshape(-1)),
-                         sincos_embedding_1d(dim // 2, col_idx.reshape(-1))], dim=1)        # (rows·cols, dim)
+    halves = [sincos_embedding_1d(dim // 2, row_idx.reshape(-1)), sincos_embedding_1d(dim // 2, col_idx.reshape(-1))]
+    if order == "col_row":
+        halves.reverse()
+    elif order != "row_col":
+        raise ValueError(f"order must be 'row_col' or 'col_row', got {order!r}")
+    spatial = torch.cat(halves, dim=1)                                                     # (rows·cols, dim)
     if len(grid_size) == 3:
         temporal = sincos_embedding_1d(dim, torch.arange(grid_size[0]))                    # (T, dim)
         spatial = (temporal[:, None, :] + spatial[None, :, :]).reshape(-1, dim)
@@ -78,11 +84,11 @@ class _FeedForward(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = 1e-6) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = _Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = _FeedForward(hidden_size, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 

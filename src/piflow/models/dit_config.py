@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Tuple, Union
 
-__all__ = ["DIT_PRESETS", "DiTConfig"]
+__all__ = ["DIT_PRESETS", "DiTConfig", "POSITION_ORDERS"]
+
+POSITION_ORDERS = ("row_col", "col_row")
 
 DIT_PRESETS: Dict[str, Dict[str, int]] = {
     "DiT-T": dict(hidden_size=64, depth=2, num_heads=2),
@@ -36,6 +38,13 @@ class DiTConfig:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = False
     frequency_embedding_size: int = 256
+    # conventions of imported checkpoints (piflow's own DiTs keep the defaults); callers always pass t = σ·1000
+    # and read u = ε − x0 (a checkpoint's velocity sign is folded into `proj_out` when it is imported)
+    timestep_scale: float = 1000.0       # the time embedding sees timestep_scale·τ …
+    time_reversed: bool = False          # … with τ = 1 − σ (SiT: t = 1 is data) instead of τ = σ
+    mlp_norm_eps: float = 1e-6           # eps of the LayerNorm before each MLP (1e-5 in diffusers-layout DiTs)
+    position_order: str = "row_col"      # which index the first half of the 2-D sin-cos features encodes:
+                                         # "row_col" (piflow) or "col_row" (DiT/SiT/REPA/diffusers checkpoints)
 
     def __post_init__(self) -> None:
         size = self.input_size
@@ -67,6 +76,18 @@ class DiTConfig:
         if not 0.0 <= self.class_dropout_prob <= 1.0:
             raise ValueError(f"class_dropout_prob must lie in [0, 1], got {self.class_dropout_prob}")
         self.learn_sigma = bool(self.learn_sigma)
+        if isinstance(self.timestep_scale, bool) or not isinstance(self.timestep_scale, (int, float)) \
+                or not math.isfinite(self.timestep_scale) or self.timestep_scale <= 0:
+            raise ValueError(f"timestep_scale must be a finite number > 0, got {self.timestep_scale!r}")
+        self.timestep_scale = float(self.timestep_scale)
+        if not isinstance(self.time_reversed, bool):
+            raise ValueError(f"time_reversed must be true or false, got {self.time_reversed!r}")
+        if isinstance(self.mlp_norm_eps, bool) or not isinstance(self.mlp_norm_eps, (int, float)) \
+                or not 0 < self.mlp_norm_eps < 1:
+            raise ValueError(f"mlp_norm_eps must be a number in (0, 1), got {self.mlp_norm_eps!r}")
+        self.mlp_norm_eps = float(self.mlp_norm_eps)
+        if self.position_order not in POSITION_ORDERS:
+            raise ValueError(f"position_order must be one of {POSITION_ORDERS}, got {self.position_order!r}")
         self.mlp_ratio = float(self.mlp_ratio)
         self.class_dropout_prob = float(self.class_dropout_prob)
 
