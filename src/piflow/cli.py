@@ -121,7 +121,8 @@ def _positive(args, *options: str) -> None:
 
     for option in options:
         value = getattr(args, option[2:].replace("-", "_"))
-        cap = MAX_STEPS if option == "--nfe" else MAX_SAMPLES if option in ("--num-samples", "--batch-size") else None
+        cap = MAX_STEPS if option in ("--nfe", "--teacher-steps") else \
+            MAX_SAMPLES if option in ("--num-samples", "--batch-size", "--per-class") else None
         if value is not None and value < 1:
             raise ConfigError(f"{option} must be >= 1, got {value}")
         if value is not None and cap is not None and value > cap:
@@ -145,6 +146,28 @@ def _sample_text_to_image(args, run_dir: Path) -> int:
     return 0
 
 
+def _sample_class_balanced(args, run_dir: Path, image_run: bool, temperature) -> int:
+    from piflow.recipes.class_samples import sample_class_balanced
+
+    if not image_run:
+        raise ConfigError(f"--per-class applies to class-conditional image runs; {run_dir} is a 2-D run")
+    if args.per_class is None:
+        raise ConfigError("--teacher-steps and --num-classes go with --per-class N (a class-balanced FID set)")
+    if args.label is not None or args.num_samples is not None:
+        raise ConfigError("--per-class sets the samples itself (N per class); drop --label / --num-samples")
+    _positive(args, "--per-class", "--teacher-steps", "--num-classes", "--batch-size", "--nfe")
+    out = Path(args.output) if args.output else run_dir / "fid_samples"
+    if out.suffix in (".npy", ".npz", ".png") or out.is_file():
+        raise ConfigError(f"--output must name a folder for the PNGs (the .npz is written beside it), got {out}")
+    summary = sample_class_balanced(run_dir, out, args.per_class, nfe=args.nfe, teacher_steps=args.teacher_steps,
+                                    batch_size=args.batch_size or 64, seed=args.seed, temperature=temperature,
+                                    overrides=args.overrides, device=args.device, num_classes=args.num_classes)
+    if summary["rank"] == 0:
+        print(f"{summary['num_samples']} samples ({summary['what']}; {summary['per_class']} per class, "
+              f"{summary['num_classes']} classes) in {summary['folder']}/ and {summary['npz']}")
+    return 0
+
+
 def _cmd_sample(args) -> int:
     import numpy as np
     import torch
@@ -164,6 +187,8 @@ def _cmd_sample(args) -> int:
     if args.label is not None and not image_run:
         raise ConfigError(f"--label applies to class-conditional image runs; {run_dir} is a 2-D run")
     temperature = _temperature(args.temperature)
+    if args.per_class is not None or args.teacher_steps is not None or args.num_classes is not None:
+        return _sample_class_balanced(args, run_dir, image_run, temperature)
     num_samples = args.num_samples or 5000
     out = Path(args.output) if args.output else None
     if out is not None and (out.suffix != ".npy" or out.is_dir() or out.with_suffix(".png").is_dir()):

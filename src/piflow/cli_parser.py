@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="2-D/image runs: .npy output path (default: <run-dir>/samples_nfe<N>.npy); "
                              "text-to-image: output folder (default: <run-dir>/samples)")
     sample.add_argument("--label", type=int, default=None, help="class label for image runs (default: all classes)")
+    sample.add_argument("--per-class", type=int, default=None,
+                        help="image runs: a class-balanced FID set of N samples per class (ADM protocol: 50) as one "
+                             "PNG per sample in the --output folder plus <output>.npz (uint8 arr_0), sharded over "
+                             "torchrun ranks and resumable; latent runs are decoded by their `vae`")
+    sample.add_argument("--teacher-steps", type=int, default=None,
+                        help="with --per-class: sample the run's (guided) teacher with N Euler steps instead of the "
+                             "student, for its own FID on the same protocol")
+    sample.add_argument("--num-classes", type=int, default=None,
+                        help="with --per-class: only the first N classes (default: all of the teacher's)")
+    sample.add_argument("--device", default=None, help="with --per-class: cpu, cuda (default: cuda:LOCAL_RANK if "
+                                                       "available)")
     sample.add_argument("--prompt", action="append", default=[], help="text-to-image runs: a prompt (repeatable)")
     sample.add_argument("--image", action="append", default=[],
                         help="editing runs: a reference image path (repeatable; shared by the prompts)")

@@ -26,7 +26,9 @@ from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
 from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 from piflow.timewarp import NUM_TIMESTEPS
 
-IMAGE_DATASETS = IMAGE_DATASET_NAMES
+LABELS_ONLY = "classes"          # no data: uniform class labels of the teacher (data-free π-ID)
+IMAGE_DATASETS = IMAGE_DATASET_NAMES + (LABELS_ONLY,)
+TEACHER_LAYOUTS = ("auto", "sit", "repa", "authors-repa", "authors-fm")     # `piflow.models.imported.LAYOUTS`
 
 IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
@@ -42,8 +44,11 @@ IMAGE_DISTILL_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
     "data": {"root": Optional_(str), "image_size": Optional_(int)},
     "teacher": "runs/teacher_digits",
+    "teacher_layout": "auto",
+    "vae": Optional_(str),
     **method_sections(),
-    "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid"},
+    "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid", "logstd_hidden": 1024,
+                "gradient_checkpointing": False},
     "guidance": {"scale": 1.0, "interval": [0.0, 1.0]},
     "distill": distill_defaults(),
     "train": train_defaults(lr=2e-4),
@@ -60,6 +65,10 @@ def load_dataset(config: dict, split: str = "train"):
 
     name = config["dataset"]
     check_dataset(name, IMAGE_DATASETS)
+    if name == LABELS_ONLY:
+        raise ConfigError(f"dataset={LABELS_ONLY} holds class labels only (data-free distillation of a teacher); "
+                          f"training a teacher or data-dependent distillation needs images or latents "
+                          f"(dataset=latents, data.root=<a `piflow encode-images` folder>)")
     kwargs = {key: value for key, value in config["data"].items() if value is not None}
     if name in ("image-folder", "latents"):
         if "root" not in kwargs:
@@ -160,12 +169,28 @@ def make_teacher(model: DiT, num_classes: int, guidance_scale: float = 1.0,
     return ClassifierFreeGuidance(teacher, guidance_scale, num_classes, interval)
 
 
-def load_teacher(run: str) -> tuple[DiT, dict]:
-    run_dir = Path(run)
-    if not (run_dir / "teacher" / "config.json").is_file():
-        raise missing_teacher_run(run_dir, "teacher/config.json (an image teacher)")
-    config = load_config(IMAGE_TEACHER_DEFAULTS, run_dir / "config.yaml")
-    return DiT.from_pretrained(run_dir / "teacher"), config
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
+def load_teacher(source: str, layout: str = "auto") -> tuple[DiT, Optional[dict]]:
+    """(DiT, its `train-teacher` config or None) of ``teacher``: a `piflow train-teacher` run, a DiT folder
+    (`DiT.save_pretrained` / `piflow convert-checkpoint --out`) or a published checkpoint file (SiT, REPA, the
+    authors' ImageNet teachers; read safely and converted by `piflow.models.imported` with `layout`)."""
+    path = Path(source)
+    if (path / "teacher" / "config.json").is_file():
+        return DiT.from_pretrained(path / "teacher"), load_config(IMAGE_TEACHER_DEFAULTS, path / "config.yaml")
+    if (path / "config.json").is_file():
+        with config_values("teacher"):
+            return DiT.from_pretrained(path), None
+    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+        from piflow.models.imported import import_teacher
+
+        if layout not in TEACHER_LAYOUTS:
+            raise ConfigError(f"teacher_layout must be one of {TEACHER_LAYOUTS}, got {layout!r}")
+        return import_teacher(path, layout), None
+    raise missing_teacher_run(path, "teacher/config.json (an image teacher)",
+                              kinds=f"a DiT folder (config.json), a checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) "
+                                    f"or ")
 
 
 def _eval_inputs(num: int, shape, num_classes: int, generator: torch.Generator):
@@ -184,20 +209,29 @@ def build_student(config: dict, teacher_model: DiT, policy: Optional[str] = None
     spec = config["student"]
     seed_initialisation(config)
     with config_values("student"):
-        return PolicyStudent(teacher_model, policy or spec["policy"], num_components=spec["num_components"],
-                             num_nodes=spec["num_nodes"] if num_nodes is None else num_nodes,
-                             dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
-                             generator=torch.Generator().manual_seed(config["train"]["seed"]))
+        student = PolicyStudent(teacher_model, policy or spec["policy"], num_components=spec["num_components"],
+                                num_nodes=spec["num_nodes"] if num_nodes is None else num_nodes,
+                                dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
+                                logstd_hidden=spec["logstd_hidden"],
+                                generator=torch.Generator().manual_seed(config["train"]["seed"]))
+    student.backbone.gradient_checkpointing = bool(spec["gradient_checkpointing"])
+    return student
 
 
-def teacher_identity(run: str) -> bytes:
+def teacher_identity(source: str) -> bytes:
     """The SHA-256 of the teacher's weight and config files (caches of its samples are keyed by it)."""
     import hashlib
 
+    path = Path(source)
+    folder = path / "teacher" if (path / "teacher").is_dir() else path
     key = hashlib.sha256()
-    for path in sorted((Path(run) / "teacher").iterdir()):
-        if path.is_file():
-            key.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    for item in (sorted(folder.iterdir()) if folder.is_dir() else [path]):
+        if item.is_file():
+            digest = hashlib.sha256()
+            with open(item, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+            key.update(item.name.encode() + digest.digest())
     return key.digest()
 
 
@@ -206,23 +240,41 @@ def distill_setup(config: dict) -> DistillSetup:
     architecture, the training images and labels."""
     if config["student"]["policy"] not in STUDENT_KINDS:
         raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {config['student']['policy']!r}")
-    teacher_model, teacher_config = load_teacher(config["teacher"])
-    if teacher_config["dataset"] != config["dataset"]:
+    teacher_model, teacher_config = load_teacher(config["teacher"], config["teacher_layout"])
+    if teacher_config is not None and teacher_config["dataset"] != config["dataset"]:
         raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")
-    images, labels = load_dataset(config, "train").tensors()
     num_classes = int(teacher_model.config.num_classes)
+    shape = (teacher_model.config.in_channels, *teacher_model.config.input_size)
+    if config["dataset"] == LABELS_ONLY:
+        if not config["distill"]["data_free"]:
+            raise ConfigError(f"dataset={LABELS_ONLY} has no images: set distill.data_free=true (data-free π-ID "
+                              f"needs only labels), or dataset=latents with data.root=<a `piflow encode-images` "
+                              f"folder> for data-dependent distillation")
+        images = None
+        labels = torch.arange(max(num_classes, 1))        # drawn uniformly: every class equally often
+    else:
+        images, labels = load_dataset(config, "train").tensors()
+        if tuple(images.shape[1:]) != shape:
+            raise ConfigError(f"the dataset's items have shape {tuple(images.shape[1:])}, but the teacher takes "
+                              f"{shape}")
     guidance = config["guidance"]
     teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
-    shape = tuple(images.shape[1:])
     seed_initialisation(config)
 
     def draw_data(generator: torch.Generator, batch: int):
+        if images is None:
+            raise ConfigError(f"this method trains on data, and dataset={LABELS_ONLY} has none: use dataset=latents "
+                              f"with data.root=<a `piflow encode-images` folder>")
         index = torch.randint(len(images), (batch,), generator=generator)
         return images[index], labels[index]
 
+    def new_backbone() -> DiT:
+        if teacher_config is not None:
+            return build_teacher_model(teacher_config, shape, num_classes)
+        return DiT(teacher_model.config)
+
     return DistillSetup(
-        config=config, teacher=teacher, teacher_model=teacher_model,
-        new_backbone=lambda: build_teacher_model(teacher_config, shape, num_classes),
+        config=config, teacher=teacher, teacher_model=teacher_model, new_backbone=new_backbone,
         policy_student=lambda policy, num_nodes: build_student(config, teacher_model, policy, num_nodes),
         shape=shape, draw_data=draw_data,
         draw_cond=lambda generator, batch: labels[torch.randint(len(labels), (batch,), generator=generator)],
@@ -246,7 +298,8 @@ def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> d
                     sampler.sample(noise, cond=y, temperature=config["eval"]["temperature"], generator=gen)]
         labels_text = ["teacher Euler, 32 NFE", f"teacher Euler, {sampler.nfe} NFE",
                        f"{student_label(config)} student, {sampler.nfe} NFE"]
-        plots.plot_image_rows([(text, r[:16]) for text, r in zip(labels_text, rows)], run_dir / "samples.png",
+        decode = latent_decoder(config)
+        plots.plot_image_rows([(text, decode(r[:16])) for text, r in zip(labels_text, rows)], run_dir / "samples.png",
                               title="same noise and class in each column (classes 0, 1, 2, …)")
         return {"coupling_rmse_vs_teacher32": float((rows[2] - rows[0]).square().mean().sqrt())}
 
@@ -268,15 +321,30 @@ def load_student(run_dir: Path, overrides=()) -> tuple[Any, dict]:
 
 
 def sample_spec(config: dict) -> tuple[tuple[int, ...], int]:
-    """(one sample's shape (C, H, W), number of classes) of an image run, from its teacher's DiT config."""
+    """(one sample's shape (C, H, W), number of classes) of an image run, from its teacher's DiT config (a
+    checkpoint-file teacher is converted to read it)."""
     run = Path(config["teacher"])
     if not run.exists():
         raise missing_teacher_run(run, "teacher/")
-    try:
-        spec = DiT.read_config(run / "teacher")
-    except (ValueError, FileNotFoundError) as error:
-        raise ConfigError(f"teacher: {error}") from None
+    if run.is_file():
+        spec = load_teacher(str(run), config["teacher_layout"])[0].config
+    else:
+        try:
+            spec = DiT.read_config(run / "teacher" if (run / "teacher").is_dir() else run)
+        except (ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"teacher: {error}") from None
     return (spec.in_channels, *spec.input_size), int(spec.num_classes)
+
+
+def latent_decoder(config: dict, device=None):
+    """Samples → images in [−1, 1]: the identity for pixel-space runs, the ``vae``'s decoder for latent ones (loaded
+    once per call of this function)."""
+    if config.get("vae") is None:
+        return lambda samples: samples
+    from piflow.integrations.diffusers.vae import load_vae
+
+    codec = load_vae(config["vae"], device)
+    return codec.decode
 
 
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, label: str = "") -> None:

@@ -27,6 +27,19 @@ Backward = Callable[[Tensor], None]
 LossFn = Callable[[int, torch.Generator, Backward], Tensor]
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def make_optimizer(params: list, config: "TrainConfig") -> torch.optim.Optimizer:
+    """AdamW of `config` (lr, betas, weight decay): torch's, or bitsandbytes' 8-bit-state AdamW8bit."""
+    kwargs = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        from piflow.errors import require
+
+        return require("bitsandbytes", "train.optimizer=adamw8bit").optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
 @dataclass
 class TrainConfig:
     iters: int = 1000
@@ -45,6 +58,7 @@ class TrainConfig:
     grad_accum_steps: int = 1        # loss_fn is called this many times per iteration, each loss scaled 1/steps
     mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses a GradScaler)
     max_skipped_steps: int = 5       # stop after this many consecutive non-finite (skipped) steps; 0: never
+    optimizer: str = "adamw"         # "adamw" (torch) | "adamw8bit" (bitsandbytes, CUDA: the paper's ImageNet runs)
 
     def __post_init__(self):
         if self.mixed_precision is False:          # YAML 1.1 reads `mixed_precision: no` as false
@@ -77,6 +91,8 @@ class TrainConfig:
             raise ValueError(f"train.betas must be two numbers in [0, 1), got {betas!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not isinstance(self.progress, bool):
             raise ValueError(f"train.progress must be true/false, got {self.progress!r}")
         self.betas = tuple(self.betas)
@@ -150,8 +166,7 @@ class _Optimisation:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=config.betas,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.params, config)
         warmup = max(int(config.warmup_iters), 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: 1.0 if warmup == 0 else min(1.0, 1e-3 + (1 - 1e-3) * it / warmup))
