@@ -331,11 +331,30 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _convert_teacher(args, path: Path) -> int:
+    from piflow.models.imported import import_teacher
+
+    _positive(args, "--num-heads", "--input-size")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder")
+    model = import_teacher(path, args.layout, args.weights, args.num_heads, args.input_size)
+    model.save_pretrained(out)
+    config = model.config
+    print(f"{path} ({args.layout}, {args.weights} weights) → {out}: DiT {config.depth} blocks × {config.hidden_size}, "
+          f"{config.num_heads} heads, patch {config.patch_size}, {config.in_channels}×{config.input_size[0]}² "
+          f"latents, {config.num_classes} classes (+ null class {config.num_classes}), "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; use it as teacher={out}")
+    return 0
+
+
 def _cmd_convert_checkpoint(args) -> int:
     from piflow.train.checkpoint import LEGACY_CHECKPOINT_NAME, convert_legacy_checkpoint
     from piflow.train.run_dir import run_lock
 
     path = Path(args.path)
+    if args.out is not None:
+        return _convert_teacher(args, path)
     path = path / LEGACY_CHECKPOINT_NAME if path.is_dir() else path
     with run_lock(path.parent):                  # not while a run in that directory is writing its checkpoint
         target = convert_legacy_checkpoint(path)

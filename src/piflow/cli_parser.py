@@ -149,8 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(handler="ui")
 
     convert = sub.add_parser("convert-checkpoint",
-                             help="convert a checkpoint.pt written by piflow <= 0.1 (a pickle) into the safe format")
-    convert.add_argument("path", help="the checkpoint.pt file (or its run directory); only convert files you trust")
+                             help="with --out: a published DiT/SiT/REPA/π-Flow ImageNet teacher (.pt/.pth) into a "
+                                  "piflow DiT folder; without: a piflow <= 0.1 checkpoint.pt into the safe format",
+                             description="With --out: read a teacher checkpoint without running code (tensors, plain "
+                                         "containers and argparse.Namespace only), convert it to piflow's DiT (time "
+                                         "and sign conventions mapped) and write config.json + model.safetensors; "
+                                         "use the folder as `teacher:`. Without --out: convert a piflow <= 0.1 run "
+                                         "checkpoint.pt.")
+    convert.add_argument("path", help="the teacher checkpoint (with --out), or a piflow <= 0.1 checkpoint.pt (or its "
+                                      "run directory; only convert files you trust)")
+    convert.add_argument("--out", default=None, help="teacher conversion: the DiT folder to write")
+    convert.add_argument("--layout", default="auto", choices=("auto", "sit", "repa", "authors-repa", "authors-fm"),
+                         help="teacher layout (default: auto = SiT or REPA by their keys; the π-Flow authors' files "
+                              "need authors-repa (repa_imagenet.pth) or authors-fm (flowdit_imagenet.pth))")
+    convert.add_argument("--weights", default="ema", choices=("ema", "model"),
+                         help="which weights of a training checkpoint (default: %(default)s)")
+    convert.add_argument("--num-heads", type=int, default=None,
+                         help="attention heads, for widths other than the DiT presets' (S/B/L/XL)")
+    convert.add_argument("--input-size", type=int, default=None,
+                         help="latent side (32 for 256² images); needed for the authors' files (no stored table)")
     convert.set_defaults(handler="convert_checkpoint")
     return parser
 

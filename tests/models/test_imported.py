@@ -152,3 +152,24 @@ def test_real_xl_keys_need_no_extra_arguments():
         model = DiT(config)
     assert sum(p.numel() for p in model.parameters()) == sum(v.numel() for v in converted.values())
     assert converted["proj_out.weight"].shape == (16, 1152)                # learn-sigma rows dropped
+
+
+def test_convert_checkpoint_cli_writes_a_teacher_folder(files, tmp_path, capsys, monkeypatch):
+    from piflow.cli import main
+    from piflow.models import imported
+
+    monkeypatch.setitem(imported._HEADS_BY_WIDTH, TINY["hidden"], TINY["heads"])
+    out = tmp_path / "teacher"
+    assert main(["convert-checkpoint", str(files["authors"]), "--out", str(out), "--layout", "authors-fm",
+                 "--input-size", str(TINY["side"])]) == 0
+    assert "use it as teacher=" in capsys.readouterr().out
+    stored = torch.load(files["authors"], weights_only=True)["state_dict"]
+    x, sigma, y = _inputs()
+    from checkpoint_layouts import authors_reference
+
+    assert _max_error(_ours(DiT.from_pretrained(out), x, sigma, y),
+                      authors_reference(stored, x, sigma * 1000.0, y, TINY)) < 1e-5
+    assert main(["convert-checkpoint", str(files["authors"]), "--out", str(out)]) == 2        # not empty
+    assert main(["convert-checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "does not exist" in err

@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 IMAGE_DATASET_NAMES: tuple[str, ...] = ("digits", "fashion-mnist", "mnist", "image-folder", "latents")
+LABELS_ONLY = "classes"      # a distillation "dataset" of class labels only (data-free π-ID of a class-conditional teacher)
 
 
 def make_image_dataset(name: str, split: str = "train", **kwargs: Any) -> ImageDataset:

@@ -128,8 +128,9 @@ def check_dataset(name, allowed=None) -> None:
     """A `ConfigError` naming ``dataset`` and every valid name (2-D and image) unless `name` is one of them (or of
     `allowed`, the names a particular recipe takes)."""
     from piflow.data import IMAGE_DATASET_NAMES, TOY_DATASET_NAMES
+    from piflow.data.images import LABELS_ONLY
 
-    names = tuple(allowed) if allowed is not None else TOY_DATASET_NAMES + IMAGE_DATASET_NAMES
+    names = tuple(allowed) if allowed is not None else TOY_DATASET_NAMES + IMAGE_DATASET_NAMES + (LABELS_ONLY,)
     if name not in names:
         raise ConfigError(f"dataset must be one of {list(names)}, got {name!r}")
 

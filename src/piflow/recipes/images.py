@@ -13,7 +13,7 @@ import torch
 
 from piflow.checks import positive_int
 from piflow.config import ConfigError, load_config
-from piflow.data.images import IMAGE_DATASET_NAMES
+from piflow.data.images import IMAGE_DATASET_NAMES, LABELS_ONLY
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
 from piflow.config import Optional_
@@ -26,7 +26,6 @@ from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
 from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 from piflow.timewarp import NUM_TIMESTEPS
 
-LABELS_ONLY = "classes"          # no data: uniform class labels of the teacher (data-free π-ID)
 IMAGE_DATASETS = IMAGE_DATASET_NAMES + (LABELS_ONLY,)
 TEACHER_LAYOUTS = ("auto", "sit", "repa", "authors-repa", "authors-fm")     # `piflow.models.imported.LAYOUTS`
 

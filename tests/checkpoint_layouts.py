@@ -5,7 +5,7 @@ models/sit.py, the π-Flow authors' `DiTTransformer2DModelMod`); the forward pas
 scratch on those raw keys (conv patch embedding, explicit attention and LayerNorm, einsum unpatchify), so they
 share no code with `piflow.models`. Run as a script to write the files:
 
-    python tests/models/checkpoint_layouts.py OUT_DIR
+    python tests/checkpoint_layouts.py OUT_DIR
 """
 from __future__ import annotations
 
