@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test,ui]"
+	$(PY) -m pip install --quiet --no-deps "torch-fidelity==0.3.0"   # ADM evaluation tests (its torchvision is not needed)
 	touch $@
 
 venv: $(VENV)/.installed

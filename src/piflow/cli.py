@@ -232,6 +232,39 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _evaluate_adm(args) -> int:
+    """--protocol adm: the ADM evaluator's metrics of a sample batch against a reference batch."""
+    from piflow.eval.adm import INCEPTION_WEIGHTS_URL, adm_metrics
+    from piflow.files import read_json, write_json
+    from piflow.train.run_dir import run_lock
+
+    for option in ("samples", "reference", "inception_weights"):
+        if getattr(args, option) is None:
+            hint = f" (download {INCEPTION_WEIGHTS_URL})" if option == "inception_weights" else ""
+            raise ConfigError(f"--protocol adm needs --{option.replace('_', '-')}{hint}")
+    if args.overrides:
+        raise ConfigError(f"--protocol adm takes no key=value overrides, got {' '.join(args.overrides)}")
+    _positive(args, "--batch-size")
+    samples = Path(args.samples)
+    metrics = adm_metrics(samples, Path(args.reference), Path(args.inception_weights), batch_size=args.batch_size,
+                          device=args.device)
+    record = {"samples": str(samples), "reference": str(args.reference), **metrics}
+    out = Path(args.json) if args.json else samples.with_name(samples.name.removesuffix(".npz") + ".adm.json")
+    write_json(out, record)
+    if args.run_dir is not None:
+        run_dir = Path(args.run_dir)
+        _run_is_image(run_dir)
+        with run_lock(run_dir):
+            path = run_dir / "metrics.json"
+            stored = read_json(path, "metrics file") if path.is_file() else {}
+            stored.setdefault("adm", {})[samples.name] = record
+            write_json(path, stored)
+    print(" ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                   for key, value in metrics.items()))
+    print(f"written to {out}" + (f" and {Path(args.run_dir) / 'metrics.json'}" if args.run_dir else ""))
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from piflow.config import load_config
     from piflow.files import read_json, write_json
@@ -240,6 +273,11 @@ def _cmd_evaluate(args) -> int:
     from piflow.recipes.common import check_settings
     from piflow.train.run_dir import run_lock
 
+    if args.protocol == "adm":
+        return _evaluate_adm(args)
+    if args.run_dir is None:
+        raise ConfigError("evaluate needs --run-dir (a finished `piflow distill` run), or --protocol adm with "
+                          "--samples/--reference/--inception-weights")
     run_dir = Path(args.run_dir)
     image_run = _run_is_image(run_dir)
     figures = run_dir / "evaluation"

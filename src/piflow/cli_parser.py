@@ -93,7 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="metrics of a student vs the teacher's Euler sampler (2-D and image "
                                                "runs); rows are added to metrics.json")
-    evaluate.add_argument("--run-dir", required=True, help="a finished `piflow distill` run")
+    evaluate.add_argument("--run-dir", default=None,
+                          help="a finished `piflow distill` run (required by the default protocol; with --protocol "
+                               "adm the metrics are also added to its metrics.json)")
+    evaluate.add_argument("--protocol", default="piflow", choices=("piflow", "adm"),
+                          help="piflow (default): the run's own metrics; adm: FID/sFID/IS/precision/recall of "
+                               "--samples against --reference with the Inception network of --inception-weights "
+                               "(ImageNet, as the ADM evaluator)")
+    evaluate.add_argument("--samples", default=None, help="adm: an .npz (uint8 arr_0, from `piflow sample "
+                                                          "--per-class`) or a PNG folder")
+    evaluate.add_argument("--reference", default=None,
+                          help="adm: the reference batch (VIRTUAL_imagenet256_labeled.npz of OpenAI's guided-diffusion "
+                               "evaluations), or a PNG folder; its features are cached beside it")
+    evaluate.add_argument("--inception-weights", default=None,
+                          help="adm: torch-fidelity's weights-inception-2015-12-05-6726825d.pth (a local file; "
+                               "nothing is downloaded)")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="adm: images per Inception batch "
+                                                                     "(default: %(default)s)")
+    evaluate.add_argument("--device", default=None, help="adm: cpu or cuda (default: cuda if available)")
+    evaluate.add_argument("--json", default=None, help="adm: where to write the metrics (default: "
+                                                       "<samples>.adm.json)")
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.student_nfe=[1,2,4,8]")
     evaluate.set_defaults(handler="evaluate")
 

@@ -46,7 +46,8 @@ class MissingExtraError(UserError, ImportError):
 
 
 EXTRAS = {"diffusers": "diffusers", "peft": "diffusers", "transformers": "diffusers", "sklearn": "images",
-          "PIL": "images", "scipy": "images", "tensorboard": "tensorboard", "gradio": "ui", "selenium": "test"}
+          "PIL": "images", "scipy": "images", "tensorboard": "tensorboard", "gradio": "ui", "selenium": "test",
+          "bitsandbytes": "imagenet", "torch_fidelity": "imagenet"}
 
 
 def require(module: str, purpose: str) -> ModuleType:
