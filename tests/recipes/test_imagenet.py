@@ -28,7 +28,7 @@ def tiny_files(tmp_path_factory):
 
 def _distill(tiny_files, run_dir: Path, *extra: str) -> None:
     assert main(["distill", "-c", str(ROOT / "configs/imagenet/gmrepa_k32_1nfe.yaml"), "--run-dir", str(run_dir),
-                 f"teacher={tiny_files['teacher']}", "teacher_layout=auto", f"vae={tiny_files['vae']}",
+                 f"teacher={tiny_files['teacher']}", "teacher_layout=auto", f"teacher_input_size={TINY['side']}", f"vae={tiny_files['vae']}",
                  "student.num_components=4", *TINY_OVERRIDES, *extra]) == 0
 
 
@@ -66,7 +66,7 @@ def test_data_free_distillation_and_class_balanced_sets(tiny_files, tmp_path, mo
 def test_labels_only_runs_refuse_what_needs_data(tiny_files, tmp_path, monkeypatch, capsys):
     _heads_override(monkeypatch)
     code = main(["distill", "-c", str(ROOT / "configs/imagenet/gmrepa_k32_1nfe.yaml"), "--run-dir",
-                 str(tmp_path / "r"), f"teacher={tiny_files['teacher']}", "teacher_layout=auto",
+                 str(tmp_path / "r"), f"teacher={tiny_files['teacher']}", "teacher_layout=auto", f"teacher_input_size={TINY['side']}",
                  "distill.data_free=false", *TINY_OVERRIDES])
     assert code == 2
     assert "distill.data_free=true" in capsys.readouterr().err

@@ -44,6 +44,7 @@ IMAGE_DISTILL_DEFAULTS: dict[str, Any] = {
     "data": {"root": Optional_(str), "image_size": Optional_(int)},
     "teacher": "runs/teacher_digits",
     "teacher_layout": "auto",
+    "teacher_input_size": Optional_(int),      # latent side of a checkpoint without a stored position table
     "vae": Optional_(str),
     **method_sections(),
     "student": {"policy": "gmflow", "num_components": 8, "num_nodes": 10, "dx_mode": "grid", "logstd_hidden": 1024,
@@ -171,7 +172,8 @@ def make_teacher(model: DiT, num_classes: int, guidance_scale: float = 1.0,
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
-def load_teacher(source: str, layout: str = "auto") -> tuple[DiT, Optional[dict]]:
+def load_teacher(source: str, layout: str = "auto",
+                 input_size: Optional[int] = None) -> tuple[DiT, Optional[dict]]:
     """(DiT, its `train-teacher` config or None) of ``teacher``: a `piflow train-teacher` run, a DiT folder
     (`DiT.save_pretrained` / `piflow convert-checkpoint --out`) or a published checkpoint file (SiT, REPA, the
     authors' ImageNet teachers; read safely and converted by `piflow.models.imported` with `layout`)."""
@@ -186,7 +188,7 @@ def load_teacher(source: str, layout: str = "auto") -> tuple[DiT, Optional[dict]
 
         if layout not in TEACHER_LAYOUTS:
             raise ConfigError(f"teacher_layout must be one of {TEACHER_LAYOUTS}, got {layout!r}")
-        return import_teacher(path, layout), None
+        return import_teacher(path, layout, input_size=input_size), None
     raise missing_teacher_run(path, "teacher/config.json (an image teacher)",
                               kinds=f"a DiT folder (config.json), a checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) "
                                     f"or ")
@@ -239,7 +241,8 @@ def distill_setup(config: dict) -> DistillSetup:
     architecture, the training images and labels."""
     if config["student"]["policy"] not in STUDENT_KINDS:
         raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {config['student']['policy']!r}")
-    teacher_model, teacher_config = load_teacher(config["teacher"], config["teacher_layout"])
+    teacher_model, teacher_config = load_teacher(config["teacher"], config["teacher_layout"],
+                                                 config["teacher_input_size"])
     if teacher_config is not None and teacher_config["dataset"] != config["dataset"]:
         raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")
     num_classes = int(teacher_model.config.num_classes)
@@ -326,7 +329,7 @@ def sample_spec(config: dict) -> tuple[tuple[int, ...], int]:
     if not run.exists():
         raise missing_teacher_run(run, "teacher/")
     if run.is_file():
-        spec = load_teacher(str(run), config["teacher_layout"])[0].config
+        spec = load_teacher(str(run), config["teacher_layout"], config["teacher_input_size"])[0].config
     else:
         try:
             spec = DiT.read_config(run / "teacher" if (run / "teacher").is_dir() else run)
