@@ -1,5 +1,5 @@
-"""The `piflow` command line: demo, train-teacher, distill, sample, evaluate, toy-trajectory, encode-prompts, export,
-convert-checkpoint, ui.
+"""The `piflow` command line: demo, train-teacher, distill, sample, evaluate, toy-trajectory, encode-prompts,
+encode-images, export, convert-checkpoint, ui.
 
 Every training command takes ``--config FILE`` (YAML) and ``key=value`` overrides (dotted keys, e.g.
 ``distill.nfe=4``) and writes its resolved config, metrics JSON and figures into its run directory (``--run-dir``).
@@ -356,6 +356,54 @@ def _cmd_encode_prompts(args) -> int:
     return 0
 
 
+def _cmd_encode_images(args) -> int:
+    import torch
+
+    from piflow.data import encode_images as encoding
+    from piflow.errors import require
+    from piflow.train.distributed import from_environment
+
+    _positive(args, "--resolution", "--batch-size", "--shard-size")
+    if args.resolution % 8:
+        raise ConfigError(f"--resolution must be a multiple of 8, got {args.resolution}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    require("PIL", "piflow encode-images")
+    require("diffusers", "piflow encode-images")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu)")
+    encoding.vae_location(args.vae, "--vae")                     # a local folder that is not there: before the scan
+    class_index = encoding.read_class_index(args.class_index, "--class-index") if args.class_index else None
+    if args.images is not None:
+        source = encoding.scan_image_folder(args.images, class_index, "--images")
+    else:
+        source = encoding.scan_tar_shards(encoding.expand_shard_list(args.shards, "--shards"), class_index,
+                                          "--shards")
+    info = from_environment()
+    use_cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    device = torch.device("cuda", info.local_rank) if use_cuda else torch.device("cpu")
+    vae_name = str(Path(args.vae).expanduser().resolve()) if Path(args.vae).expanduser().exists() else args.vae
+    vae = encoding.load_vae(args.vae, device, "--vae")
+    if source.empty_classes:
+        print(f"piflow encode-images: note: {len(source.empty_classes)} class folders hold no images (their labels "
+              f"are kept): {list(source.empty_classes[:5])}", file=sys.stderr)
+    result = encoding.encode_images(source, out, vae, resolution=args.resolution, vae_name=vae_name,
+                                    batch_size=args.batch_size, shard_size=args.shard_size, flip=args.flip,
+                                    store_std=args.store_std, dtype=args.dtype, workers=args.workers,
+                                    dist_info=info)
+    for note in result.notes:
+        print(f"piflow encode-images: note: {note}", file=sys.stderr)
+    work = f"this call encoded {len(result.written)} shards and kept {len(result.kept)}"
+    if result.index_written:
+        print(f"{encoding.index_summary(out)} written to {out} ({work}; index.json lists them)")
+    else:
+        print(f"rank {result.rank}/{result.world_size}: {work} in {out}; index.json follows once every shard exists")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from piflow.recipes.text_to_image_outputs import export_adapter
 
@@ -440,7 +488,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 # the handler each sub-parser of `piflow.cli_parser` names (train-teacher and distill share "train")
 COMMANDS = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "evaluate": _cmd_evaluate,
-            "toy_trajectory": _cmd_toy_trajectory, "encode_prompts": _cmd_encode_prompts, "export": _cmd_export,
+            "toy_trajectory": _cmd_toy_trajectory, "encode_prompts": _cmd_encode_prompts,
+            "encode_images": _cmd_encode_images, "export": _cmd_export,
             "convert_checkpoint": _cmd_convert_checkpoint, "ui": _cmd_ui}
 
 

@@ -142,6 +142,47 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the text encoders and the cached embeddings (default: %(default)s)")
     encode.set_defaults(handler="encode_prompts")
 
+    images = sub.add_parser("encode-images", help="encode ImageNet-style images into VAE latent shards (the train "
+                                                  "cache of latent datasets; resumable, shards split over torchrun "
+                                                  "ranks)",
+                            description="Encode a class folder or webdataset tar shards into safetensors shards of "
+                                        "VAE latents (ADM center crop; latents = (posterior mean - shift_factor) × "
+                                        "scaling_factor) plus index.json; `dataset=latents data.root=OUT` trains on "
+                                        "them. Run it again to resume; under torchrun shard k goes to rank k mod "
+                                        "WORLD_SIZE.")
+    image_source = images.add_mutually_exclusive_group(required=True)
+    image_source.add_argument("--images", help="class folder ROOT/<class>/*.JPEG|jpg|png|webp (sorted folder names "
+                                               "give labels 0..C-1)")
+    image_source.add_argument("--shards", help="webdataset tar files, comma-separated ('train-{0000..0099}.tar' "
+                                               "ranges and globs allowed); each sample is <key>.jpg|jpeg|png|webp "
+                                               "and <key>.cls (its integer label)")
+    images.add_argument("--out", required=True, help="output folder of shard-*.safetensors and index.json "
+                                                     "(resumable)")
+    images.add_argument("--resolution", type=int, default=256,
+                        help="image side after the center crop, a multiple of 8 (default: %(default)s)")
+    images.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                        help="diffusers AutoencoderKL: local folder (or a pipeline folder with vae/) or Hub id "
+                             "(default: %(default)s)")
+    images.add_argument("--batch-size", type=int, default=32,
+                        help="images per VAE call, flipped copies included (default: %(default)s)")
+    images.add_argument("--shard-size", type=int, default=1000,
+                        help="source images per shard file (default: %(default)s)")
+    images.add_argument("--flip", action="store_true",
+                        help="also encode each image's horizontal flip (stored after it, flipped=1)")
+    images.add_argument("--store-std", action="store_true",
+                        help="also store the posterior std × scaling_factor (latent_stds), to sample the posterior "
+                             "in training")
+    images.add_argument("--dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
+                        help="dtype of the stored latents; the VAE runs in float32 (default: %(default)s)")
+    images.add_argument("--class-index", default=None,
+                        help="JSON mapping class folder name → label (or ImageNet's {\"0\": [\"n01440764\", …]}); "
+                             "with --shards it names the classes")
+    images.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                        help="where the VAE runs (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    images.add_argument("--workers", type=int, default=4,
+                        help="threads decoding and cropping images (0: none; default: %(default)s)")
+    images.set_defaults(handler="encode_images")
+
     export = sub.add_parser("export", help="turn a text-to-image run's checkpoint into a piflow adapter folder")
     export.add_argument("--run-dir", required=True, help="a `piflow distill pipeline=...` run (finished or not)")
     export.add_argument("--out", default=None, help="adapter folder (default: <run-dir>/adapter)")

@@ -1,4 +1,5 @@
-"""`LatentDataset`: pre-computed latents (e.g. VAE encodings) from `.npy` or `.safetensors` files."""
+"""`LatentDataset`: pre-computed latents (e.g. VAE encodings) from `.npy` or `.safetensors` files, or a folder of
+latent shards written by `piflow encode-images`."""
 from __future__ import annotations
 
 import os
@@ -18,30 +19,44 @@ class LatentDataset(ImageDataset):
     """Pre-computed latents (e.g. VAE encodings), returned unscaled as float32 (C, H, W); latents holding NaN/Inf
     are refused with the file and the first bad index.
 
-    Sources: a `.npy` array (N, C, H, W) with optional labels in the sibling `<stem>_labels.npy`, or a
-    `.safetensors` file with key "latents" (N, C, H, W) and optional "labels" (N,). Without labels every item
-    has label 0. `.npy` files are memory-mapped when `mmap=True`.
+    Sources: a `.npy` array (N, C, H, W) with optional labels in the sibling `<stem>_labels.npy`, a
+    `.safetensors` file with key "latents" (N, C, H, W) and optional "labels" (N,), or a folder of such
+    safetensors shards (`piflow encode-images`): the shards its index.json lists, in order, or without an index
+    every `shard-*.safetensors` sorted by name, concatenated (same latent shape and dtype in every shard). Without
+    labels every item has label 0. `.npy` files are memory-mapped when `mmap=True`. A shard folder's index gives
+    `num_classes` (unless given) and `class_names`, and is kept as `index` (its VAE scaling, for decoding).
     """
 
     _items_name = "latents"
 
     def __init__(self, path: str | os.PathLike, num_classes: int | None = None, mmap: bool = True) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"latent file not found: {self.path}")
+        self.index: dict | None = None
+        class_names = None
         suffix = self.path.suffix.lower()
-        if suffix == ".npy":
+        if self.path.is_dir():
+            latents, labels, self.index = self._load_shard_folder(self.path)
+            listed = (self.index or {}).get("num_classes")
+            if num_classes is None and isinstance(listed, int) and not isinstance(listed, bool) and listed > 0:
+                num_classes = listed
+            names = (self.index or {}).get("class_names")
+            if isinstance(names, list) and len(names) == num_classes:
+                class_names = names
+        elif not self.path.is_file():
+            raise FileNotFoundError(f"latent file or shard folder not found: {self.path}")
+        elif suffix == ".npy":
             latents = self._load_npy(self.path, mmap)
             labels_path = self.path.with_name(f"{self.path.stem}_labels.npy")
             labels = self._load_npy(labels_path, False) if labels_path.is_file() else None
         elif suffix == ".safetensors":
             latents, labels = self._load_safetensors(self.path)
         else:
-            raise ValueError(f"path must end with .npy or .safetensors, got {self.path}")
+            raise ValueError(f"path must end with .npy or .safetensors (or be a folder of latent shards), got "
+                             f"{self.path}")
         if not isinstance(latents, np.ndarray) or latents.ndim != 4:
             raise DataError(f"{self.path}: latents must have shape (N, C, H, W), got shape {np.shape(latents)}")
         try:
-            super().__init__(latents, labels, num_classes=num_classes, value_range=None)
+            super().__init__(latents, labels, num_classes=num_classes, class_names=class_names, value_range=None)
         except ValueError as error:
 
             raise DataError(f"{self.path}: {error}") from None
@@ -68,6 +83,88 @@ class LatentDataset(ImageDataset):
 
         labels = tensors.get("labels")
         return to_numpy(tensors["latents"]), None if labels is None else to_numpy(labels)
+
+    @staticmethod
+    def _load_shard_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
+        """(latents, labels or None, index or None) of a folder of safetensors shards; shapes, dtypes and the
+        index's counts are checked from the headers first, then the shards are read into one array (each
+        shard's latents checked for NaN/Inf, naming the shard)."""
+        from safetensors import safe_open
+
+        from piflow.data.image_dataset import _check_finite_items
+        from piflow.files import read_json
+
+        index_path = folder / "index.json"
+        index, counts = None, None
+        if index_path.is_file():
+            index = read_json(index_path, "latent shard index")
+            names = index.get("shards") if isinstance(index, dict) else None
+            if not isinstance(names, list) or not names or not all(
+                    isinstance(n, str) and Path(n).name == n and n.endswith(".safetensors") for n in names):
+                raise DataError(f"latent shard index {index_path} must list its shards as .safetensors file names "
+                                f"inside the folder (key 'shards')")
+            counts = index.get("counts")
+            if counts is not None and (not isinstance(counts, list) or len(counts) != len(names)):
+                raise DataError(f"latent shard index {index_path}: 'counts' must give one count per shard")
+            missing = [n for n in names if not (folder / n).is_file()]
+            if missing:
+                raise FileNotFoundError(f"latent shard folder {folder} misses {len(missing)} shards listed in "
+                                        f"index.json, e.g. {missing[0]}")
+        else:
+            names = sorted(p.name for p in folder.glob("shard-*.safetensors") if p.is_file())
+            if not names:
+                raise FileNotFoundError(f"latent shard folder {folder} holds neither index.json nor "
+                                        f"shard-*.safetensors files")
+        floats = {"F16": np.float16, "BF16": np.float32, "F32": np.float32, "F64": np.float64}
+        headers = []                                    # (path, rows, latent shape, dtype, has labels)
+        for k, name in enumerate(names):
+            path = folder / name
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    keys = set(handle.keys())
+                    if "latents" not in keys:
+                        raise DataError(f"latent shard {path} has no 'latents' (keys: {sorted(keys)})")
+                    latent = handle.get_slice("latents")
+                    shape, dtype = tuple(latent.get_shape()), latent.get_dtype()
+                    label_info = None
+                    if "labels" in keys:
+                        labels = handle.get_slice("labels")
+                        label_info = (tuple(labels.get_shape()), labels.get_dtype())
+            except DataError:
+                raise
+            except Exception as error:      # SafetensorError, OSError: truncated or not safetensors
+                raise DataError(f"latent shard {path} is not a readable safetensors file ({type(error).__name__})") \
+                    from None
+            if len(shape) != 4 or shape[0] < 1:
+                raise DataError(f"latent shard {path}: latents must have shape (N, C, H, W), got {shape}")
+            if dtype not in floats:
+                raise DataError(f"latent shard {path}: latents must be floating point, got {dtype}")
+            if label_info is not None and (label_info[0] != (shape[0],) or label_info[1][0] not in "IU"):
+                raise DataError(f"latent shard {path}: labels must be ({shape[0]},) integers, got shape "
+                                f"{label_info[0]} of {label_info[1]}")
+            if counts is not None and counts[k] != shape[0]:
+                raise DataError(f"latent shard {path} holds {shape[0]} latents, but index.json says {counts[k]}; "
+                                f"rerun `piflow encode-images` on the folder")
+            if headers and (shape[1:], dtype) != (headers[0][2], headers[0][3]):
+                raise DataError(f"latent shard {path} holds {dtype} latents of shape {shape[1:]}, but "
+                                f"{headers[0][0].name} holds {headers[0][3]} latents of shape {headers[0][2]}")
+            if headers and (label_info is None) != (not headers[0][4]):
+                raise DataError(f"latent shards {headers[0][0].name} and {name} disagree on having labels")
+            headers.append((path, shape[0], shape[1:], dtype, label_info is not None))
+        total = sum(h[1] for h in headers)
+        latents = np.empty((total, *headers[0][2]), dtype=floats[headers[0][3]])
+        labels = np.empty(total, dtype=np.int64) if headers[0][4] else None
+        start = 0
+        for path, rows, _, _, has_labels in headers:
+            with safe_open(str(path), framework="pt") as handle:
+                block = handle.get_tensor("latents")
+                block = (block.float() if block.dtype == torch.bfloat16 else block).numpy()
+                _check_finite_items(block, f"latents of shard {path}")
+                latents[start:start + rows] = block
+                if has_labels:
+                    labels[start:start + rows] = handle.get_tensor("labels").numpy()
+            start += rows
+        return latents, labels, index
 
     def __repr__(self) -> str:
         return (f"LatentDataset(path={str(self.path)!r}, len={len(self)}, image_shape={self.image_shape}, "

@@ -60,7 +60,8 @@ def is_image_dataset(name: Any) -> bool:
 
 
 def load_dataset(config: dict, split: str = "train"):
-    """The configured dataset; `data.root` is the folder (IDX, image-folder) or the file (latents)."""
+    """The configured dataset; `data.root` is the folder (IDX, image-folder) or the file or shard folder
+    (latents)."""
     from piflow.data import make_image_dataset
 
     name = config["dataset"]
@@ -72,7 +73,8 @@ def load_dataset(config: dict, split: str = "train"):
     kwargs = {key: value for key, value in config["data"].items() if value is not None}
     if name in ("image-folder", "latents"):
         if "root" not in kwargs:
-            raise ConfigError(f"dataset={name} needs data.root (a {'folder' if name == 'image-folder' else 'file'})")
+            what = "folder" if name == "image-folder" else "file or a folder of latent shards"
+            raise ConfigError(f"dataset={name} needs data.root (a {what})")
         if name == "image-folder" and "image_size" not in kwargs:
             raise ConfigError("dataset=image-folder needs data.image_size (images are resized and centre-cropped)")
         if name == "latents":

@@ -57,6 +57,24 @@ def current() -> DistInfo:
     return DistInfo()
 
 
+def from_environment() -> DistInfo:
+    """Rank and world size for work split by rank without collectives: the process group's when one is
+    initialised, else torchrun's RANK / WORLD_SIZE / LOCAL_RANK environment variables (one process without them)."""
+    if dist.is_available() and dist.is_initialized():
+        return current()
+    from piflow.errors import ConfigError
+
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ConfigError("the environment variables RANK, WORLD_SIZE and LOCAL_RANK must be integers") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} must lie in [0, WORLD_SIZE={world_size})")
+    return DistInfo(rank, world_size, local_rank)
+
+
 @torch.no_grad()
 def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
     """Make every rank start from rank `src`'s parameters and buffers (FSDP-sharded DTensors are skipped: each rank
