@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from piflow.errors import ConfigError, DataError, require
+from piflow.integrations.diffusers.vae import load_vae, vae_factors, vae_location  # noqa: F401 (re-exported)
 
 __all__ = ["FORMAT", "PREPROCESSING", "ImageItem", "ImageSource", "EncodeResult", "adm_center_crop",
            "preprocess_image", "to_model_input", "read_class_index", "scan_image_folder", "expand_shard_list",
@@ -370,60 +371,6 @@ class _Reader:
 # ----------------------------------------------------------------------------------------------------------------
 # the VAE
 # ----------------------------------------------------------------------------------------------------------------
-
-def _looks_local(name: str) -> bool:
-    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
-            or name.endswith("/"))
-
-
-def vae_location(name_or_path: str, option: str = "--vae") -> tuple[str, dict[str, Any]]:
-    """(name for `from_pretrained`, its extra arguments) of a VAE folder (its own, or a pipeline folder's
-    ``vae/``) or Hub id; a local path that does not exist or holds no config is a `ConfigError` (nothing loaded)."""
-    name = str(name_or_path)
-    kwargs: dict[str, Any] = {}
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"{option} {name} is a file; give the VAE's folder (config.json and safetensors "
-                              f"weights) or a Hub id")
-        if not (path / "config.json").is_file():
-            if not (path / "vae" / "config.json").is_file():
-                raise ConfigError(f"{option} folder {name} holds no config.json (nor vae/config.json): not a "
-                                  f"diffusers AutoencoderKL folder")
-            kwargs["subfolder"] = "vae"
-        name = str(path)
-    elif _looks_local(name):
-        raise ConfigError(f"{option} folder {name} does not exist")
-    return name, kwargs
-
-
-def load_vae(name_or_path: str, device: Union[str, torch.device] = "cpu", option: str = "--vae"):
-    """A diffusers `AutoencoderKL` from a local folder (its own, or a pipeline folder's ``vae/``) or a Hub id,
-    weights from safetensors only, in float32 on `device`, frozen."""
-    diffusers = require("diffusers", "piflow encode-images")
-    name, kwargs = vae_location(name_or_path, option)
-    try:
-        vae = diffusers.AutoencoderKL.from_pretrained(name, use_safetensors=True, torch_dtype=torch.float32,
-                                                      **kwargs)
-    except Exception as error:       # OSError (missing/offline/no safetensors), ValueError, config mismatches, …
-        from piflow.files import one_line
-
-        raise ConfigError(f"{option} {name_or_path}: cannot load a diffusers AutoencoderKL with safetensors weights "
-                          f"({type(error).__name__}: {one_line(error, 300)})") from None
-    return vae.to(device).eval().requires_grad_(False)
-
-
-def vae_factors(vae) -> tuple[float, float, int, int]:
-    """(scaling_factor, shift_factor (0 without one), latent channels, spatial down-sampling) of an AutoencoderKL."""
-    config = vae.config
-    scaling = config.get("scaling_factor")
-    shift = config.get("shift_factor")
-    scaling = 1.0 if scaling is None else float(scaling)
-    shift = 0.0 if shift is None else float(shift)
-    channels = int(config.get("latent_channels", 4))
-    factor = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
-    return scaling, shift, channels, factor
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # encoding

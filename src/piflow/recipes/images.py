@@ -345,10 +345,9 @@ def latent_decoder(config: dict, device=None):
     once per call of this function)."""
     if config.get("vae") is None:
         return lambda samples: samples
-    from piflow.integrations.diffusers.vae import load_vae
+    from piflow.integrations.diffusers.vae import LatentCodec, load_vae
 
-    codec = load_vae(config["vae"], device)
-    return codec.decode
+    return LatentCodec(load_vae(config["vae"], device or "cpu", option="vae")).decode
 
 
 def save_image_grid(images: torch.Tensor, path: Path, nrow: int = 8, label: str = "") -> None:

@@ -7,52 +7,82 @@ decoded as D(z / scaling_factor + shift_factor) and quantised to uint8 as the au
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from pathlib import Path
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
-from piflow.errors import ConfigError
+from piflow.errors import ConfigError, require
 
-__all__ = ["LatentCodec", "load_vae", "to_uint8"]
+__all__ = ["LatentCodec", "load_vae", "to_uint8", "vae_factors", "vae_location"]
 
 
-def load_vae(name_or_path: str, device: Optional[torch.device | str] = None,
-             dtype: torch.dtype = torch.float32) -> "LatentCodec":
-    """`LatentCodec` of a diffusers `AutoencoderKL` folder or Hub id (a local folder: nothing is downloaded)."""
-    from piflow.errors import require
+def _looks_local(name: str) -> bool:
+    return (os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or name.count("/") > 1
+            or name.endswith("/"))
 
-    diffusers = require("diffusers", "the latent VAE (`vae:`)")
+
+def vae_location(name_or_path: str, option: str = "--vae") -> tuple[str, dict[str, Any]]:
+    """(name for `from_pretrained`, its extra arguments) of a VAE folder (its own, or a pipeline folder's
+    ``vae/``) or Hub id; a local path that does not exist or holds no config is a `ConfigError` (nothing loaded)."""
+    name = str(name_or_path)
+    kwargs: dict[str, Any] = {}
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{option} {name} is a file; give the VAE's folder (config.json and safetensors "
+                              f"weights) or a Hub id")
+        if not (path / "config.json").is_file():
+            if not (path / "vae" / "config.json").is_file():
+                raise ConfigError(f"{option} folder {name} holds no config.json (nor vae/config.json): not a "
+                                  f"diffusers AutoencoderKL folder")
+            kwargs["subfolder"] = "vae"
+        name = str(path)
+    elif _looks_local(name):
+        raise ConfigError(f"{option} folder {name} does not exist")
+    return name, kwargs
+
+
+def load_vae(name_or_path: str, device: Union[str, torch.device] = "cpu", option: str = "--vae"):
+    """A diffusers `AutoencoderKL` from a local folder (its own, or a pipeline folder's ``vae/``) or a Hub id,
+    weights from safetensors only, in float32 on `device`, frozen."""
+    diffusers = require("diffusers", f"the latent VAE ({option})")
+    name, kwargs = vae_location(name_or_path, option)
     try:
-        vae = diffusers.AutoencoderKL.from_pretrained(name_or_path, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        from piflow.files import first_line
+        vae = diffusers.AutoencoderKL.from_pretrained(name, use_safetensors=True, torch_dtype=torch.float32,
+                                                      **kwargs)
+    except Exception as error:       # OSError (missing/offline/no safetensors), ValueError, config mismatches, …
+        from piflow.files import one_line
 
-        raise ConfigError(f"vae {name_or_path!r} is not a loadable diffusers AutoencoderKL folder or Hub id "
-                          f"({first_line(error)[:200]})") from None
-    return LatentCodec(vae.to(device or "cpu").eval().requires_grad_(False))
+        raise ConfigError(f"{option} {name_or_path}: cannot load a diffusers AutoencoderKL with safetensors weights "
+                          f"({type(error).__name__}: {one_line(error, 300)})") from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_factors(vae) -> tuple[float, float, int, int]:
+    """(scaling_factor, shift_factor (0 without one), latent channels, spatial down-sampling) of an AutoencoderKL."""
+    config = vae.config
+    scaling = config.get("scaling_factor")
+    shift = config.get("shift_factor")
+    scaling = 1.0 if scaling is None else float(scaling)
+    shift = 0.0 if shift is None else float(shift)
+    channels = int(config.get("latent_channels", 4))
+    factor = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
+    return scaling, shift, channels, factor
 
 
 class LatentCodec:
-    """Encode images in [−1, 1] (B, 3, H, W) to scaled latents and decode them back."""
+    """Decode a teacher's scaled latents to images (`piflow.data.encode_images` writes them)."""
 
     def __init__(self, vae) -> None:
         self.vae = vae
-        config = vae.config
-        self.scaling_factor = float(config.scaling_factor)
-        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        self.scaling_factor, self.shift_factor = vae_factors(vae)[:2]
 
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
-
-    @torch.no_grad()
-    def encode(self, images: Tensor, sample_generator: Optional[torch.Generator] = None) -> Tensor:
-        """(B, 3, H, W) in [−1, 1] → scaled latents (B, C, H/8, W/8): the posterior mean, or a posterior sample
-        with `sample_generator`."""
-        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
-        latents = dist.mean if sample_generator is None else dist.sample(sample_generator)
-        return ((latents.float() - self.shift_factor) * self.scaling_factor)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
