@@ -93,3 +93,12 @@ def test_dit_student_trains_with_pi_id():
     loss.backward()
     grads = [p.grad for p in student.head.parameters() if p.grad is not None]
     assert torch.isfinite(loss) and grads and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_student_of_a_frozen_teacher_trains_its_whole_network():
+    """Recipes freeze the teacher before building the student from it: the copy must still be trainable (the paper
+    fine-tunes the full network; a frozen backbone would leave only the head to learn)."""
+    teacher = _random_dit().eval().requires_grad_(False)
+    student = PolicyStudent(teacher, "gmflow", num_components=2)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())

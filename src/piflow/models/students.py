@@ -23,7 +23,8 @@ class PolicyStudent(nn.Module):
     """Student ``(x, sigma (B,), cond) -> dict`` of GMFlow (means/logweights/logstds) or DX (u_grid) parameters.
 
     Args:
-        teacher_model: the velocity network; its weights are copied (the student owns an independent copy).
+        teacher_model: the velocity network; its weights are copied (the student owns an independent, trainable
+            copy, whether or not the teacher's parameters were frozen).
         policy: "gmflow" or "dx". num_components: K (GM). num_nodes: N and dx_mode (DX).
         num_timesteps: S_t; the network sees t = σ·S_t.
         init_from_teacher: replicate the teacher's output projection into the head (else the no-teacher init).
@@ -39,7 +40,9 @@ class PolicyStudent(nn.Module):
         projection = getattr(teacher_model, "proj_out", None)
         if not isinstance(projection, nn.Linear) or not hasattr(teacher_model, "features"):
             raise TypeError("teacher_model must expose features(x, t, cond) and an nn.Linear proj_out")
-        self.backbone = copy.deepcopy(teacher_model)
+        # trainable even when the teacher was frozen first (recipes freeze their teacher): the paper fine-tunes the
+        # whole network, not only the head
+        self.backbone = copy.deepcopy(teacher_model).requires_grad_(True)
         del self.backbone.proj_out            # replaced by the head; keeps DDP free of unused parameters
         self.policy_kind = policy_kind(policy)
         self.num_timesteps = float(num_timesteps)

@@ -130,12 +130,13 @@ def sample_class_balanced(run_dir: Path, out: Path, per_class: int, *, nfe: Opti
     bar.close()
     if info.enabled:
         torch.distributed.barrier()
+    distributed.shutdown(wait_for_others=False)      # every rank's PNGs are written: no collective call follows
     npz = out.with_suffix(".npz")
+    missing = [index for index in range(total) if not _png_path(out, index).is_file()]
+    if missing:
+        raise ConfigError(f"{len(missing)} of {total} samples are missing from {out} (first: {missing[0]}); run "
+                          f"the command again to finish them")
     if info.is_main:
-        missing = [index for index in range(total) if not _png_path(out, index).is_file()]
-        if missing:
-            raise ConfigError(f"{len(missing)} of {total} samples are missing from {out} (first: {missing[0]}); run "
-                              f"the command again to finish them")
         write_adm_npz(out, total, per_class, npz)
     return {"what": what, "num_samples": total, "per_class": per_class, "num_classes": classes,
             "folder": str(out), "npz": str(npz), "sampled_now": len(mine), "rank": info.rank,
