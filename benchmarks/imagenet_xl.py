@@ -356,8 +356,6 @@ def build(config: DiTConfig, quick: bool, device: torch.device, dtype: str, chec
     student = PolicyStudent(teacher_model, "gmflow", num_components=QUICK_K if quick else COMPONENTS,
                             logstd_hidden=QUICK_LOGSTD_HIDDEN if quick else LOGSTD_HIDDEN,
                             generator=torch.Generator().manual_seed(seed)).train()
-    # PolicyStudent deep-copies the teacher, frozen flags included: the paper fine-tunes the whole student
-    student.requires_grad_(True)
     student.backbone.gradient_checkpointing = checkpointing
     if dtype == "bfloat16":                # the paper's teacher runs in pure bf16 (student: fp32 master weights)
         teacher_model.to(torch.bfloat16)
@@ -657,9 +655,8 @@ def markdown(result: dict) -> str:
               "nothing about GPU time (the estimate above is from FLOPs).",
               "* Random weights (the teacher's output layer set to N(0, 0.02²), adaLN-Zero gates zero): the work "
               "per call is the same as trained weights'.",
-              "* Every student parameter is trained: `PolicyStudent` deep-copies the teacher with its frozen "
-              "`requires_grad` flags, so this script calls `student.requires_grad_(True)` (a student built from a "
-              "frozen teacher otherwise trains only its GM head).",
+              "* Every student parameter is trained (`PolicyStudent` makes its copy of the frozen teacher "
+              "trainable), as in the paper's full fine-tune.",
               "* AdamW keeps fp32 moments (the paper uses 8-bit AdamW); the power EMA (another student copy) is not "
               "held or updated.",
               "* The CFG teacher always runs both branches on the doubled batch, inside or outside the interval; "
