@@ -168,6 +168,12 @@ class ImageDataset(Dataset):
         i = self._index(index)
         return self._load_image(i), torch.tensor(int(self._labels[i]), dtype=torch.long)
 
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """(images float32 (B, C, H, W), labels int64 (B,)) of the items at `indices` (B,): a training batch
+        converted on its own, so datasets larger than `tensors()` allows (ImageNet latents) train too."""
+        index = np.asarray(indices.cpu(), dtype=np.int64)
+        return self._scale(self._images[index]), torch.from_numpy(np.asarray(self._labels[index], dtype=np.int64))
+
     def _all_images(self) -> Tensor:
         """All images as a float32 (N, C, H, W) tensor (scaled)."""
         return self._scale(self._images)

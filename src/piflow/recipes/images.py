@@ -257,9 +257,10 @@ def distill_setup(config: dict) -> DistillSetup:
         images = None
         labels = torch.arange(max(num_classes, 1))        # drawn uniformly: every class equally often
     else:
-        images, labels = load_dataset(config, "train").tensors()
-        if tuple(images.shape[1:]) != shape:
-            raise ConfigError(f"the dataset's items have shape {tuple(images.shape[1:])}, but the teacher takes "
+        dataset = load_dataset(config, "train")
+        images, labels = dataset, dataset.labels
+        if tuple(dataset.image_shape) != shape:
+            raise ConfigError(f"the dataset's items have shape {tuple(dataset.image_shape)}, but the teacher takes "
                               f"{shape}")
     guidance = config["guidance"]
     teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
@@ -269,8 +270,7 @@ def distill_setup(config: dict) -> DistillSetup:
         if images is None:
             raise ConfigError(f"this method trains on data, and dataset={LABELS_ONLY} has none: use dataset=latents "
                               f"with data.root=<a `piflow encode-images` folder>")
-        index = torch.randint(len(images), (batch,), generator=generator)
-        return images[index], labels[index]
+        return images.batch(torch.randint(len(images), (batch,), generator=generator))
 
     def new_backbone() -> DiT:
         if teacher_config is not None:
