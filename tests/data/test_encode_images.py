@@ -452,3 +452,21 @@ def test_cli_errors_are_one_line(args, fragment, image_root, vae_dir, tmp_path, 
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("piflow encode-images: "), lines
     assert fragment.format(**fill) in lines[0], lines[0]
+
+
+def test_shards_with_stds_train_on_posterior_samples(encoded):
+    """`--store-std` shards: `batch` without a generator gives the means; with one, mean + std·ε with ε from that
+    generator (checked against the same draw made here), so every epoch sees fresh posterior samples."""
+    dataset = LatentDataset(encoded)
+    shards = _shards(encoded)
+    means = torch.cat([s["latents"] for s in shards.values()])
+    stds = torch.cat([s["latent_stds"] for s in shards.values()])
+    assert dataset.latent_stds is not None and dataset.latent_stds.shape == tuple(means.shape)
+    index = torch.tensor([3, 0, 17, 3])
+    plain, labels = dataset.batch(index)
+    torch.testing.assert_close(plain, means[index])
+    drawn, labels_again = dataset.batch(index, torch.Generator().manual_seed(5))
+    noise = torch.randn(plain.shape, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(drawn, means[index] + stds[index] * noise)
+    assert torch.equal(labels, labels_again)
+    assert not torch.allclose(drawn[0], drawn[3])               # the same item, two posterior draws

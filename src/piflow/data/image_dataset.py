@@ -168,9 +168,10 @@ class ImageDataset(Dataset):
         i = self._index(index)
         return self._load_image(i), torch.tensor(int(self._labels[i]), dtype=torch.long)
 
-    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+    def batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(images float32 (B, C, H, W), labels int64 (B,)) of the items at `indices` (B,): a training batch
-        converted on its own, so datasets larger than `tensors()` allows (ImageNet latents) train too."""
+        converted on its own, so datasets larger than `tensors()` allows (ImageNet latents) train too. `generator`
+        serves datasets whose items are random draws (`LatentDataset` with posterior stds)."""
         index = np.asarray(indices.cpu(), dtype=np.int64)
         return self._scale(self._images[index]), torch.from_numpy(np.asarray(self._labels[index], dtype=np.int64))
 

@@ -24,7 +24,8 @@ class LatentDataset(ImageDataset):
     safetensors shards (`piflow encode-images`): the shards its index.json lists, in order, or without an index
     every `shard-*.safetensors` sorted by name, concatenated (same latent shape and dtype in every shard). Without
     labels every item has label 0. `.npy` files are memory-mapped when `mmap=True`. A shard folder's index gives
-    `num_classes` (unless given) and `class_names`, and is kept as `index` (its VAE scaling, for decoding).
+    `num_classes` (unless given) and `class_names`, and is kept as `index` (its VAE scaling, for decoding); shards
+    written with ``--store-std`` also give `latent_stds`, and `batch` then samples the posterior.
     """
 
     _items_name = "latents"
@@ -32,10 +33,11 @@ class LatentDataset(ImageDataset):
     def __init__(self, path: str | os.PathLike, num_classes: int | None = None, mmap: bool = True) -> None:
         self.path = Path(path)
         self.index: dict | None = None
+        self.latent_stds: np.ndarray | None = None       # posterior stds (`encode-images --store-std`)
         class_names = None
         suffix = self.path.suffix.lower()
         if self.path.is_dir():
-            latents, labels, self.index = self._load_shard_folder(self.path)
+            latents, labels, self.latent_stds, self.index = self._load_shard_folder(self.path)
             listed = (self.index or {}).get("num_classes")
             if num_classes is None and isinstance(listed, int) and not isinstance(listed, bool) and listed > 0:
                 num_classes = listed
@@ -61,6 +63,16 @@ class LatentDataset(ImageDataset):
 
             raise DataError(f"{self.path}: {error}") from None
 
+    def batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """As `ImageDataset.batch`; latents stored with their posterior stds are drawn from the posterior
+        (mean + std·ε, ε from `generator`) when a generator is given, as REPA's training does."""
+        latents, labels = super().batch(indices)
+        if self.latent_stds is not None and generator is not None:
+            stds = torch.from_numpy(np.asarray(self.latent_stds[np.asarray(indices.cpu(), dtype=np.int64)],
+                                               dtype=np.float32))
+            latents = latents + stds * torch.randn(latents.shape, generator=generator)
+        return latents, labels
+
     @staticmethod
     def _load_npy(path: Path, mmap: bool) -> np.ndarray:
         try:
@@ -85,8 +97,8 @@ class LatentDataset(ImageDataset):
         return to_numpy(tensors["latents"]), None if labels is None else to_numpy(labels)
 
     @staticmethod
-    def _load_shard_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None, dict | None]:
-        """(latents, labels or None, index or None) of a folder of safetensors shards; shapes, dtypes and the
+    def _load_shard_folder(folder: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, dict | None]:
+        """(latents, labels or None, posterior stds or None, index or None) of a folder of safetensors shards; shapes, dtypes and the
         index's counts are checked from the headers first, then the shards are read into one array (each
         shard's latents checked for NaN/Inf, naming the shard)."""
         from safetensors import safe_open
@@ -126,6 +138,9 @@ class LatentDataset(ImageDataset):
                         raise DataError(f"latent shard {path} has no 'latents' (keys: {sorted(keys)})")
                     latent = handle.get_slice("latents")
                     shape, dtype = tuple(latent.get_shape()), latent.get_dtype()
+                    has_stds = "latent_stds" in keys
+                    if has_stds and tuple(handle.get_slice("latent_stds").get_shape()) != shape:
+                        raise DataError(f"latent shard {path}: latent_stds must have the latents' shape {shape}")
                     label_info = None
                     if "labels" in keys:
                         labels = handle.get_slice("labels")
@@ -150,21 +165,27 @@ class LatentDataset(ImageDataset):
                                 f"{headers[0][0].name} holds {headers[0][3]} latents of shape {headers[0][2]}")
             if headers and (label_info is None) != (not headers[0][4]):
                 raise DataError(f"latent shards {headers[0][0].name} and {name} disagree on having labels")
-            headers.append((path, shape[0], shape[1:], dtype, label_info is not None))
+            if headers and has_stds != headers[0][5]:
+                raise DataError(f"latent shards {headers[0][0].name} and {name} disagree on having latent_stds")
+            headers.append((path, shape[0], shape[1:], dtype, label_info is not None, has_stds))
         total = sum(h[1] for h in headers)
         latents = np.empty((total, *headers[0][2]), dtype=floats[headers[0][3]])
         labels = np.empty(total, dtype=np.int64) if headers[0][4] else None
+        stds = np.empty_like(latents) if headers[0][5] else None
         start = 0
-        for path, rows, _, _, has_labels in headers:
+        for path, rows, _, _, has_labels, has_stds in headers:
             with safe_open(str(path), framework="pt") as handle:
-                block = handle.get_tensor("latents")
-                block = (block.float() if block.dtype == torch.bfloat16 else block).numpy()
-                _check_finite_items(block, f"latents of shard {path}")
-                latents[start:start + rows] = block
+                for key, target in (("latents", latents), ("latent_stds", stds if has_stds else None)):
+                    if target is None:
+                        continue
+                    block = handle.get_tensor(key)
+                    block = (block.float() if block.dtype == torch.bfloat16 else block).numpy()
+                    _check_finite_items(block, f"{key} of shard {path}")
+                    target[start:start + rows] = block
                 if has_labels:
                     labels[start:start + rows] = handle.get_tensor("labels").numpy()
             start += rows
-        return latents, labels, index
+        return latents, labels, stds, index
 
     def __repr__(self) -> str:
         return (f"LatentDataset(path={str(self.path)!r}, len={len(self)}, image_shape={self.image_shape}, "

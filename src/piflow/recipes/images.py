@@ -270,7 +270,7 @@ def distill_setup(config: dict) -> DistillSetup:
         if images is None:
             raise ConfigError(f"this method trains on data, and dataset={LABELS_ONLY} has none: use dataset=latents "
                               f"with data.root=<a `piflow encode-images` folder>")
-        return images.batch(torch.randint(len(images), (batch,), generator=generator))
+        return images.batch(torch.randint(len(images), (batch,), generator=generator), generator)
 
     def new_backbone() -> DiT:
         if teacher_config is not None:
