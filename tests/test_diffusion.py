@@ -195,6 +195,7 @@ def test_classifier_free_guidance_on_u_equals_guidance_on_eps():
 
 
 def test_discrete_tables_match_diffusers():
+    pytest.importorskip("diffusers")
     from diffusers import DDPMScheduler
 
     for kwargs in (SD, dict(num_train_timesteps=1000, beta_schedule="linear"),
@@ -219,6 +220,7 @@ def test_fractional_timesteps_interpolate_log_snr():
 
 
 def test_zero_terminal_snr_rescale_matches_diffusers():
+    pytest.importorskip("diffusers")
     from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as reference
 
     for schedule in ("scaled_linear", "linear", "squaredcos_cap_v2"):
@@ -232,6 +234,7 @@ def test_zero_terminal_snr_rescale_matches_diffusers():
 
 
 def test_from_diffusers_config_reads_schedulers():
+    pytest.importorskip("diffusers")
     from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 
     sd2v = dict(SD, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
@@ -326,6 +329,7 @@ class _ConfiguredModel(torch.nn.Module):
 
 
 def _tiny_unet():
+    pytest.importorskip("diffusers")
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
@@ -359,6 +363,7 @@ def test_ddim_eta0_is_exactly_flow_euler_on_its_sigma_grid(prediction_type, runs
     One DDIM step x_{t'} = α' x̂0 + s' ε̂ divided by (α' + s') is (1 − σ') x̂0 + σ' ε̂ = x_σ + (σ' − σ)(ε̂ − x̂0):
     exactly one Euler step of dx/dσ = u (x_σ = (1 − σ) x̂0 + σ ε̂ holds by construction of x̂0, ε̂).
     """
+    pytest.importorskip("diffusers")
     from diffusers import DDIMScheduler
 
     unet = _tiny_unet()

@@ -7,8 +7,8 @@ turns its output into (x̂0, ε̂) and returns the flow velocity u = ε̂ − x�
 
 Schedules (`NoiseSchedule`): `DiscreteVPSchedule` (DDPM-style β tables as in the diffusers schedulers, fractional
 timesteps by log-SNR interpolation), `CosineVPSchedule` (continuous, Nichol & Dhariwal) and `EDMSchedule`
-(x_t = x0 + σ_edm·ε). Core module: imports diffusers only inside `DiscreteVPSchedule.from_diffusers_config`, and
-only to read a scheduler object's config.
+(x_t = x0 + σ_edm·ε). Core module: never imports diffusers (`DiscreteVPSchedule.from_diffusers_config` only reads a
+scheduler's `.config` mapping or a plain dict).
 """
 from __future__ import annotations
 
