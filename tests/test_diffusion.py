@@ -387,3 +387,22 @@ def test_ddim_eta0_is_exactly_flow_euler_on_its_sigma_grid(prediction_type, runs
         results[(steps, set_alpha_to_one)] = ddim
     # the samplers at different N really differ (the equality above is not vacuous)
     assert float((results[(10, True)] - results[(50, True)]).abs().max()) > 1e-2
+
+
+def test_dtypes_and_gradients_for_students():
+    schedule = DiscreteVPSchedule.from_betas(**SD)
+    seen = {}
+
+    def model(x_t, t):
+        seen["dtype"], seen["t_dtype"] = x_t.dtype, t.dtype
+        return torch.tanh(x_t)
+
+    teacher = DiffusionTeacher(model, schedule, "epsilon")
+    x = _states(torch.tensor([0.3, 0.7], dtype=torch.float64)).bfloat16()
+    u = teacher(x, torch.tensor([0.3, 0.7]))
+    assert u.dtype == torch.bfloat16 and seen == {"dtype": torch.bfloat16, "t_dtype": torch.float32}
+    # network_inputs / velocity_from_output keep the graph (a student sharing the network trains through them)
+    weight = torch.tensor(0.5, requires_grad=True)
+    x_t, t = teacher.network_inputs(x.float(), 0.5)
+    teacher.velocity_from_output(weight * x_t, x_t, t).sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad)

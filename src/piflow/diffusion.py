@@ -430,8 +430,11 @@ class DiffusionTeacher:
         return t_in / float(self.timestep_input)
 
     def _times(self, x_sigma: Tensor, sigma: SigmaLike) -> Tuple[Tensor, Tensor, Tensor]:
-        """(t (B,), α, s (B, 1, …)) in float64 at the (clamped) noise levels."""
-        sigma = as_batch_sigma(sigma, x_sigma.shape[0], x_sigma.dim(), x_sigma.device, name="sigma",
+        """(t (B,), α, s (B, 1, …)) in float64 on the CPU (schedule tables live there; float64 works on every
+        backend there) at the (clamped) noise levels."""
+        if torch.is_tensor(sigma):
+            sigma = sigma.detach().cpu()
+        sigma = as_batch_sigma(sigma, x_sigma.shape[0], x_sigma.dim(), torch.device("cpu"), name="sigma",
                                dtype=torch.float64)
         sigma = self._clamp(sigma)
         t = self.schedule.timestep_of(sigma.reshape(-1))
@@ -469,29 +472,31 @@ class DiffusionTeacher:
         scale = alpha + s
         if self.prediction_type == "edm":
             scale = scale * self.schedule.preconditioning(s)[2]
-        x_in = (x_sigma.float() * scale.float()).to(x_sigma.dtype)
-        return x_in, self._time_in(t).float()
+        x_in = (x_sigma.float() * scale.float().to(x_sigma.device)).to(x_sigma.dtype)
+        return x_in, self._time_in(t).float().to(x_sigma.device)
 
     def velocity_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """u from the network output `out` at the inputs (x_t, t) = `network_inputs(...)` (float32 result)."""
-        t64 = self._time_from_input(t.reshape(-1))
+        t64 = self._time_from_input(t.detach().reshape(-1).cpu())
         alpha, s = self.schedule.alpha_s(t64)
         shape = (x_t.shape[0], *([1] * (x_t.dim() - 1)))
-        alpha, s = alpha.reshape(shape).to(x_t.device), s.reshape(shape).to(x_t.device)
-        x_state = x_t
+        alpha, s = alpha.reshape(shape), s.reshape(shape)
+        x_state = x_t.float()
         if self.prediction_type == "edm":
-            x_state = x_t.float() / self.schedule.preconditioning(s)[2].float()
+            x_state = x_state / self.schedule.preconditioning(s)[2].float().to(x_t.device)
         return self._velocity(out, x_state, alpha, s)
 
     def _velocity(self, out: Tensor, x_t: Tensor, alpha: Tensor, s: Tensor) -> Tensor:
-        out = self._select_channels(out, x_t)
+        """u = a·x_t + b·out from float64 CPU (α, s); the arithmetic on the tensors is float32 on their device."""
+        out = self._select_channels(out, x_t).float()
         x_t = x_t.float()
-        out = out.float()
+        device = x_t.device
+        a, b = self._coefficients(alpha, s)
         if self.prediction_type == "edm":
             c_skip, c_out, _ = self.schedule.preconditioning(s)
-            out = c_skip.float() * x_t + c_out.float() * out
-        a, b = self._coefficients(alpha, s)
-        return a.float() * x_t + b.float() * out
+            # u = a·x_t + b·(c_skip·x_t + c_out·F)
+            a, b = a + b * c_skip, b * c_out
+        return a.float().to(device) * x_t + b.float().to(device) * out
 
     def _select_channels(self, out: Tensor, x_t: Tensor) -> Tensor:
         channels = x_t.shape[1] if x_t.dim() > 1 else None
@@ -527,8 +532,8 @@ class DiffusionTeacher:
         t, alpha, s = self._times(x_sigma, sigma_t)
         self._coefficients(alpha, s)                                  # refuse undefined conversions before the call
         x_in, t_in = self._inputs(x_sigma, t, alpha, s)
-        out = self._call_model(x_in, t_in.to(x_sigma.device), cond)
-        x_state = (x_sigma.float() * (alpha + s).float())
+        out = self._call_model(x_in, t_in, cond)
+        x_state = x_sigma.float() * (alpha + s).float().to(x_sigma.device)
         return self._velocity(out, x_state, alpha, s).to(x_sigma.dtype)
 
 
