@@ -1,4 +1,5 @@
 """piflow: π-Flow (policy-based few-step generation via imitation distillation) in plain PyTorch."""
+from piflow.diffusion import CosineVPSchedule, DiffusionTeacher, DiscreteVPSchedule, EDMSchedule
 from piflow.heads import DXHead, GMHead
 from piflow.piid import piid_data_free_loss, piid_loss, piid_segment_loss, sample_segments
 from piflow.model import PiFlow
@@ -16,5 +17,5 @@ __all__ = [
     "piid_loss", "piid_segment_loss", "piid_data_free_loss", "sample_segments", "FlowMapSDESchedule", "sample",
     "PiIDSettings",
     "euler_sample", "GaussianMixtureTeacher", "NetworkTeacher", "ClassifierFreeGuidance", "warp", "unwarp",
-    "dynamic_shift", "__version__",
+    "dynamic_shift", "DiffusionTeacher", "DiscreteVPSchedule", "CosineVPSchedule", "EDMSchedule", "__version__",
 ]
