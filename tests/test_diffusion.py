@@ -3,7 +3,6 @@
 Independent truths: the exact posterior predictors of Gaussian-mixture data (derived here in float64) against
 `GaussianMixtureTeacher.velocity`; diffusers' own DDIM sampler and zero-terminal-SNR rescale.
 """
-import math
 import warnings
 
 import pytest
