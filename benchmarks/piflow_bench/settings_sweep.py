@@ -35,6 +35,8 @@ TRAINING_VARIANTS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("policy dropout 0", ("distill.policy_dropout=0.0",), 1),
     ("policy dropout 0.2", ("distill.policy_dropout=0.2",), 1),
     ("final_step_size_scale 0.5", ("distill.final_step_size_scale=0.5",), 1),
+    ("lr 1e-4", ("train.lr=1e-4",), 1),            # the default lr (2e-4) was chosen for head-only students
+    ("lr 5e-5", ("train.lr=5e-5",), 1),            # the paper's ImageNet lr
 )
 # (label, keyword arguments of PiFlow.sample) on the default student
 SAMPLING_VARIANTS: tuple[tuple[str, dict], ...] = (
