@@ -72,7 +72,7 @@ def test_student_starts_at_the_teacher(policy):
                                rtol=1e-5)
 
 
-def test_unknown_prediction_type_is_a_one_line_error(tmp_path):
+def test_unknown_prediction_type_is_a_one_line_error(tmp_path, capsys):
     from piflow.cli import main
 
     pipe = tiny_pipeline("pixart")
@@ -82,8 +82,11 @@ def test_unknown_prediction_type_is_a_one_line_error(tmp_path):
     assert "\n" not in str(error.value)
     pipe.scheduler.register_to_config(prediction_type="flow_prediction")
     pipe.save_pretrained(tmp_path / "bad")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
     assert main(["distill", "--run-dir", str(tmp_path / "run"), f"pipeline={tmp_path / 'bad'}", "train.iters=1",
-                 "resolution=[32,32]", "eval.prompts=[]", "prompts=[a cat]"]) != 0
+                 "resolution=[32,32]", "eval.prompts=[]", f"prompts={tmp_path / 'prompts.txt'}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("piflow distill:")]
+    assert len(errors) == 1 and "prediction_type 'flow_prediction'" in errors[0], errors
 
 
 def test_micro_conditions_reach_the_1024_model():
