@@ -13,7 +13,8 @@ NUM_FRAMES = 5         # video families: 5 frames → 2 latent frames (4× tempo
 STOCK_GUIDANCE_OFF = {"flux": {"guidance_scale": 3.5}, "sd3": {"guidance_scale": 1.0}, "qwen": {"true_cfg_scale": 1.0},
                       "zimage": {"guidance_scale": 0.0}, "flux2": {"guidance_scale": 4.0},
                       "flux2-klein": {"guidance_scale": 1.0}, "wan": {"guidance_scale": 1.0},
-                      "qwen-edit": {"true_cfg_scale": 1.0}, "qwen-edit-plus": {"true_cfg_scale": 1.0}}
+                      "qwen-edit": {"true_cfg_scale": 1.0}, "qwen-edit-plus": {"true_cfg_scale": 1.0},
+                      "pixart": {"guidance_scale": 1.0, "use_resolution_binning": False}}
 
 
 def image_size(family: str) -> int:

@@ -24,6 +24,10 @@ from family_cases import (REFERENCE_AREA, encode_arguments, image_size, latent_s
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ARCHS = sorted(FAMILIES)      # every family
+# flow-matching families: a random tiny ε-prediction model (PixArt) has velocities of ~600 near σ = 1 (1/α ≈ 150), so
+# a 4-step GM rollout amplifies float round-off beyond 1e-5, and PixArt's transformer has no diffusers LoRA loader
+# (set_adapters); its pipeline is tested in test_pixart.py
+FLOW_ARCHS = [name for name in ARCHS if name != "pixart"]
 SIZE = 32            # pixels; latents 16×16
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
@@ -67,7 +71,7 @@ def text_cond(pipe, architecture):
     return cond
 
 
-@pytest.mark.parametrize("architecture", ARCHS)
+@pytest.mark.parametrize("architecture", FLOW_ARCHS)
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy):
     pipe = tiny_pipeline(architecture, pipeline_class(architecture))
@@ -106,7 +110,7 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
         assert images.min() >= 0 and images.max() <= 1
 
 
-@pytest.mark.parametrize("architecture", ARCHS)
+@pytest.mark.parametrize("architecture", FLOW_ARCHS)
 def test_adapter_round_trip_through_from_pretrained_and_lora_combination(architecture, tmp_path):
     from peft import LoraConfig
 

@@ -22,6 +22,9 @@ from family_cases import (REFERENCE_AREA, encode_arguments, latent_shape, stock_
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 NAMES = sorted(FAMILIES)
+# flow-matching families: their stock schedulers step in σ = timestep/1000 and their students' GM bias noise is in
+# velocity units; the diffusion family (PixArt-α) has its own tests (test_pixart.py: DDIM = Euler, exact init)
+FLOW_NAMES = [name for name in NAMES if name != "pixart"]
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
 
@@ -62,7 +65,7 @@ def stock_first_step(pipe, family):
     return seen["first"]
 
 
-@pytest.mark.parametrize("family", NAMES)
+@pytest.mark.parametrize("family", FLOW_NAMES)
 def test_teacher_is_the_velocity_the_stock_pipeline_integrates(family):
     """The stock scheduler's Euler step integrates its `model_output` as dx/dσ: the wrapper must return exactly it
     (Z-Image's pipeline negates the model output before the step; FLUX/Qwen pack 2×2 tokens)."""
@@ -92,7 +95,7 @@ def lora_student(pipe, family, policy):
                                   settings=settings, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family", NAMES)
+@pytest.mark.parametrize("family", FLOW_NAMES)
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_student_starts_at_the_teacher_and_piid_lowers_the_loss(family, policy):
     pipe = tiny_pipeline(family)

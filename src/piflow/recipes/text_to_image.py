@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from piflow.config import ConfigError, Optional_
+from piflow.files import one_line
 from piflow.errors import require
 from piflow.integrations.diffusers.families.base import TEXT_TO_IMAGE_SCHEDULE
 from piflow.integrations.diffusers.loading import (DTYPES, base_dtype, default_device,  # noqa: F401
@@ -111,11 +112,28 @@ def make_text_teacher(transformer, family: str, config: dict, null_cond: dict):
     from piflow.teachers import ClassifierFreeGuidance
 
     spec = get_family(family)
-    base = DiffusersTeacher(transformer, spec.architecture)
+    base = DiffusersTeacher(transformer, spec.architecture, scheduler_config=diffusion_schedule(config, family))
     if spec.guidance != "cfg":
         return base
     return ClassifierFreeGuidance(base, guidance_scale(config, family), null_cond,
                                   tuple(config["guidance"]["interval"]), batched=False)
+
+
+def diffusion_schedule(config: dict, family: str) -> Optional[dict]:
+    """The pipeline's scheduler config for a diffusion family (None for flow families), checked: a prediction type
+    or schedule piflow cannot convert is a one-line ConfigError."""
+    from piflow.integrations.diffusers.families import get_architecture, get_family
+    from piflow.integrations.diffusers.loading import scheduler_config
+
+    scheduler = scheduler_config(config["pipeline"], family)
+    if scheduler is None:
+        return None
+    parametrisation = get_architecture(get_family(family).architecture).parametrisation
+    try:
+        parametrisation.schedule(scheduler)
+    except ValueError as error:
+        raise ConfigError(f"pipeline {config['pipeline']}: {one_line(error, 300)}") from None
+    return scheduler
 
 
 def t2i_settings(config: dict):
@@ -146,7 +164,8 @@ def build_lora_student(config: dict, transformer, family: str, latent_channels: 
         dx_mode=s["dx_mode"], latent_channels=latent_channels, head_noise_std=float(s["head_noise_std"]),
         logstd_hidden=int(s["logstd_hidden"]), share_transformer=True, architecture=architecture,
         generator=torch.Generator().manual_seed(int(config["train"]["seed"])), settings=t2i_settings(config),
-        policy_kwargs={"mode": s["dx_mode"]} if s["policy"] == "dx" else None)
+        policy_kwargs={"mode": s["dx_mode"]} if s["policy"] == "dx" else None,
+        scheduler_config=diffusion_schedule(config, family))
     # trainable modules in float32 (§4.6); the frozen base keeps its dtype
     for module in (student.head, student.norm_out):
         module.float()

@@ -10,7 +10,10 @@ Layout (piflow adapter format v1):
 * ``piid_settings`` in config.json: the student's `PiIDSettings` (all π-ID settings it was trained with);
 * optional ``sampling`` in config.json: the training ``nfe``, ``shift``, ``final_step_size_scale`` and
   ``total_substeps`` that the pipelines sample with (defaults when absent: 4, 3.2, 0.5, 128 — the T2I settings of
-  §4.7).
+  §4.7);
+* ``scheduler_config`` in config.json, diffusion architectures only (PixArt-α): the schedule keys of the scheduler
+  config the student was trained against (`families.base.SCHEDULE_KEYS`), which its conversion of network outputs
+  to velocities uses (absent: the architecture's declared one).
 The authors' layout (`piflow.integrations.diffusers.authors_layout`: what their exporter writes and their
 pipelines and ComfyUI nodes read) is written with ``layout="authors"`` and read automatically. It is checked
 against folders built here as their code builds them, not against a downloaded published adapter (nothing can be
@@ -98,6 +101,8 @@ def save_piflow_adapter(student: DiffusersPolicyStudent, directory: Union[str, P
     config = {"_class_name": ("GM" if policy_config["type"] == "GMFlow" else "DX") + base, "base_class": base,
               "architecture": student.architecture.name, "policy_config": policy_config, "lora_config": lora_config,
               "sampling": sampling, "piid_settings": student.settings.to_dict()}
+    if getattr(student, "scheduler_config", None) is not None:     # diffusion teachers: the schedule converted
+        config["scheduler_config"] = student.scheduler_config
     write_json(directory / "config.json", config)
     return directory
 
@@ -368,7 +373,7 @@ def load_piflow_adapter(transformer: torch.nn.Module, path: Union[str, Path], su
             num_nodes=policy.get("num_nodes", 10), dx_mode=policy.get("mode", "grid"),
             latent_channels=policy["latent_channels"], logstd_hidden=policy.get("logstd_hidden", 1024),
             share_transformer=True, policy_kwargs={k: policy[k] for k in POLICY_SETTINGS[kind] if k in policy},
-            settings=settings)
+            settings=settings, scheduler_config=config.get("scheduler_config"))
     except (TypeError, ValueError) as error:
         raise DataError(f"adapter file {weights_path}: its policy_config {policy} does not fit this "
                         f"{type(transformer).__name__} ({error})") from None

@@ -3,6 +3,7 @@ weights only from safetensors, the architecture and latent geometry read from th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -97,6 +98,26 @@ def _vae_config(path: str) -> dict:
 
     vae_class = _model_index(path).get("vae", [None, "AutoencoderKL"])[1]
     return getattr(diffusers, vae_class).load_config(path, subfolder="vae")
+
+
+def scheduler_config(path: str, family: str) -> Optional[dict]:
+    """The scheduler config of a diffusion family's pipeline folder (its schedule and prediction type convert the
+    network, `families.base.Parametrisation`); None for flow-matching families."""
+    import diffusers
+
+    from piflow.integrations.diffusers.families import get_architecture, get_family
+
+    if get_architecture(get_family(family).architecture).parametrisation is None:
+        return None
+    entry = _model_index(path).get("scheduler")
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and hasattr(diffusers, str(entry[1]))):
+        raise ConfigError(f"pipeline {path}: no diffusers scheduler in model_index.json (a {family} teacher needs "
+                          "its scheduler config: the training schedule and prediction_type)")
+    try:
+        return dict(getattr(diffusers, entry[1]).load_config(path, subfolder="scheduler"))
+    except Exception as error:      # missing or unreadable scheduler_config.json
+        raise ConfigError(f"pipeline {path}: cannot read the scheduler config ({type(error).__name__}: "
+                          f"{one_line(error, 200)})") from None
 
 
 def size_multiple(path: str, family: str, transformer) -> int:

@@ -16,6 +16,11 @@ module with adapters disabled and the original final norm), while the student sw
 Every registered architecture has the documented aliases ``<alias>Teacher`` and ``<alias>PolicyStudent``
 (`FluxTeacher`, `Flux2Teacher`, `QwenImageTeacher`, `SD3Teacher`, `ZImageTeacher`, `WanTeacher`, …).
 
+Diffusion architectures (an `Architecture.parametrisation`, e.g. PixArt-α's ε-prediction): teacher and student
+run the network at (x_t, t) = `network_inputs(x_σ, σ)` of the architecture's `Parametrisation.converter` (a
+`piflow.diffusion.DiffusionTeacher`) and turn outputs into velocities with its `velocity_from_output` — the one
+conversion both share; see `DiffusersPolicyStudent` for what that means for the GM means and DX nodes.
+
 Adapter files: `piflow.integrations.diffusers.adapter`; pipelines: `piflow.integrations.diffusers.pipelines`.
 """
 from __future__ import annotations
@@ -41,6 +46,21 @@ LORA_ADAPTER = "piflow"
 # the settings each policy takes from `policy_kwargs` (saved in adapters' policy_config)
 POLICY_SETTINGS = {"gmflow": ("eps",), "dx": ("mode", "segment_size", "shift", "eps")}
 
+def with_peft_support(transformer: nn.Module) -> nn.Module:
+    """`transformer` with diffusers' PEFT methods (add_adapter, disable_adapters, delete_adapters, …): a model class
+    without `PeftAdapterMixin` (PixArtTransformer2DModel in diffusers 0.42) becomes, in place, an instance of a
+    subclass of the same name that mixes it in — the weights, config and ``type(transformer).__name__`` (adapter
+    checks, ``save_pretrained``) are unchanged."""
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    cls = type(transformer)
+    if not isinstance(transformer, PeftAdapterMixin):
+        transformer.__class__ = type(cls.__name__, (cls, PeftAdapterMixin),
+                                     {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                      "__doc__": cls.__doc__})
+    return transformer
+
+
 def add_student_lora(transformer: nn.Module, rank: int = 256, alpha: Optional[float] = None, dropout: float = 0.05,
                      target_modules: Any = FLUX_LORA_TARGETS, adapter_name: str = LORA_ADAPTER) -> None:
     """Add a PEFT LoRA adapter (Gaussian A, zero B, so the output is unchanged) and freeze all base weights.
@@ -51,6 +71,7 @@ def add_student_lora(transformer: nn.Module, rank: int = 256, alpha: Optional[fl
     except ImportError as error:  # pragma: no cover - optional dependency
         raise ImportError("LoRA students need `pip install peft`") from error
     transformer.requires_grad_(False)
+    with_peft_support(transformer)
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
                                        init_lora_weights="gaussian", target_modules=target_modules), adapter_name)
 
@@ -133,6 +154,37 @@ def output_projection(transformer: nn.Module, architecture: Architecture) -> nn.
     return signed
 
 
+def kept_channels(projection: nn.Linear, layout: str, patch_volume: int, keep: Optional[int]) -> nn.Linear:
+    """The output rows of `projection` that produce the first `keep` channels of every patch position (a new
+    layer; `projection` itself when all are kept): a learned-variance model's projection emits 2C channels of
+    which the first C are the prediction. layout "pc": row = position·c_total + channel; "cp": channel·|patch| +
+    position."""
+    total = projection.out_features // patch_volume
+    if keep is None or keep == total:
+        return projection
+    if keep > total or projection.out_features % patch_volume:
+        raise ValueError(f"cannot keep {keep} of the {projection.out_features} outputs (|patch| = {patch_volume})")
+    index = torch.arange(projection.out_features)
+    index = (index.reshape(patch_volume, total)[:, :keep] if layout == "pc"
+             else index.reshape(total, patch_volume)[:keep]).reshape(-1)
+    kept = nn.Linear(projection.in_features, index.numel(), bias=projection.bias is not None)
+    kept = kept.to(device=projection.weight.device, dtype=projection.weight.dtype)
+    with torch.no_grad():
+        kept.weight.copy_(projection.weight[index])
+        if projection.bias is not None:
+            kept.bias.copy_(projection.bias[index])
+    return kept
+
+
+def diffusion_converter(transformer: nn.Module, architecture: Architecture, scheduler_config: Any = None):
+    """The `DiffusionTeacher` converting the architecture's network inputs and outputs (None for flow models)."""
+    if architecture.parametrisation is None:
+        if scheduler_config is not None:
+            raise ValueError(f"scheduler_config is for diffusion architectures; {architecture.name!r} is a flow model")
+        return None
+    return architecture.parametrisation.converter(transformer, scheduler_config)
+
+
 @contextmanager
 def capture_final_features(transformer: nn.Module, architecture: Union[str, Architecture] = "flux"):
     """Record the tokens entering the architecture's output projection and its conditioning embedding."""
@@ -170,20 +222,28 @@ def adapters_disabled(transformer: nn.Module):
 class DiffusersTeacher:
     """σ-space teacher around a diffusers transformer: ``teacher(latents (B,C,H,W), sigma (B,), cond) -> u``.
 
-    LoRA adapters that a shared student added are disabled for every teacher call."""
+    LoRA adapters that a shared student added are disabled for every teacher call. A diffusion architecture's
+    network runs at (x_t, t) = `network_inputs(latents, σ)` and its output becomes u through
+    `velocity_from_output` of the converter built from `scheduler_config` (a diffusers scheduler or its config;
+    default: the architecture's declared one; `Parametrisation`)."""
 
-    def __init__(self, transformer: nn.Module, architecture: Union[str, Architecture] = "flux"):
+    def __init__(self, transformer: nn.Module, architecture: Union[str, Architecture] = "flux",
+                 scheduler_config: Any = None):
         self.transformer = transformer
         self.architecture = get_architecture(architecture)
+        self.diffusion = diffusion_converter(transformer, self.architecture, scheduler_config)
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         arch = self.architecture
+        x_in, t_in = (latents, sigma) if self.diffusion is None else self.diffusion.network_inputs(latents, sigma)
         with adapters_disabled(self.transformer):
-            out = arch.read_output(self.transformer(**arch.model_inputs(latents, sigma, cond), return_dict=False))
+            out = arch.read_output(self.transformer(**arch.model_inputs(x_in, t_in, cond), return_dict=False))
         if arch.output_is_tokens:
             patch = _patch_size(self.transformer, arch)
             out = arch.tokens_to_latents(out[:, :_num_tokens(latents.shape[2:], patch)], *latents.shape[2:], patch)
+        if self.diffusion is not None:
+            return self.diffusion.velocity_from_output(out, x_in, t_in).to(latents.dtype)
         if arch.output_sign != 1:
             out = out * arch.output_sign
         return out.to(latents.dtype)
@@ -203,13 +263,29 @@ class DiffusersPolicyStudent(nn.Module):
             §4.7 (4 NFE, shift 3.2, f 0.5).
         policy_kwargs: settings of the policy built from the outputs (GM ``eps``; DX ``mode``, ``segment_size``,
             ``shift`` — DX defaults come from `settings`), saved in the adapter's ``policy_config``.
+        scheduler_config: diffusion architectures only: the diffusers scheduler (config) whose schedule and
+            prediction type convert the network (default: the architecture's `Parametrisation`); adapters save it.
+
+    Diffusion architectures (docs/algorithm.md §15): the network sees (x_t, t) = `network_inputs(x_σ, σ)`, and u is
+    affine in its output, u = a(σ)·out + b(σ)·x_t per sample (`velocity_from_output`; for ε-prediction
+    a = (α + s)/α, b = −1/α). The head predicts in the network's output space: component k's output mean out_k
+    (the first `out_channels` of the output projection's rows, replicated per component, so at initialisation
+    out_k is the teacher's output up to the head noise) is mapped by the same affine map, μ_k = a·out_k + b·x_t,
+    which is what ``means`` holds (velocity space, as for flow models). The whole mixture is pushed forward by
+    that map: the weights are unchanged (``logweights`` are the head's) and every std scales by |a|
+    (``logstds`` = the head's + log|a|, so the head's log-std MLP works in the network's output units, e.g. ε's,
+    while the velocity-space stds grow like 1/α near σ = 1 as the means' spread does). The policy is therefore
+    the GM of u at (x_σ, σ) with means μ_k and stds |a|·s, and its posterior at any later (x, σ') is the usual
+    GMFlow posterior of that velocity mixture (`piflow.policies`): nothing downstream knows the teacher was a
+    diffusion model. DX nodes are mapped the same way (node_k = a·out_k + b·x_t, all at the evaluation's (x_t, t)).
     """
 
     def __init__(self, transformer: nn.Module, policy: str = "gmflow", num_components: int = 8,
                  num_nodes: int = 10, dx_mode: str = "grid", latent_channels: int = 16,
                  head_noise_std: float = 0.05, logstd_hidden: int = 1024, share_transformer: bool = False,
                  generator: Optional[torch.Generator] = None, architecture: Union[str, Architecture] = "flux",
-                 settings: Optional[PiIDSettings] = None, policy_kwargs: Optional[dict] = None):
+                 settings: Optional[PiIDSettings] = None, policy_kwargs: Optional[dict] = None,
+                 scheduler_config: Any = None):
         super().__init__()
         self.policy_kind = policy_kind(policy)
         self.settings = settings if settings is not None else PiIDSettings(
@@ -231,8 +307,15 @@ class DiffusersPolicyStudent(nn.Module):
         self.norm_out = final_norm_copy(self.transformer, self.architecture).requires_grad_(True)
         projection = output_projection(self.transformer, self.architecture)   # the head starts from the teacher's
         self.latent_channels = latent_channels
-        in_dim, out_dim = projection.in_features, projection.out_features
         self.patch = _patch_size(self.transformer, self.architecture)
+        # diffusion architectures: the converter of network inputs/outputs (shared with the teacher's code path)
+        self.diffusion = diffusion_converter(self.transformer, self.architecture, scheduler_config)
+        self.scheduler_config = (None if self.diffusion is None
+                                 else self.architecture.parametrisation.resolved_config(scheduler_config))
+        if self.diffusion is not None:
+            projection = kept_channels(projection, self.architecture.layout, _patch_volume(self.patch),
+                                       self.diffusion.out_channels)
+        in_dim, out_dim = projection.in_features, projection.out_features
         if out_dim != latent_channels * _patch_volume(self.patch):
             raise ValueError(f"{self.architecture.projection} has {out_dim} outputs, expected latent_channels·"
                              f"|patch| = {latent_channels * _patch_volume(self.patch)}")
@@ -267,18 +350,35 @@ class DiffusersPolicyStudent(nn.Module):
         spatial = self.architecture.tokens_to_latents(flat, *size, self.patch)
         return spatial.reshape(batch, num, *spatial.shape[1:])
 
+    def _velocities(self, outputs: Tensor, x_in: Tensor, t_in: Tensor) -> Tensor:
+        """(B, N, c, *size) per-component network outputs → velocities a·out_k + b·x_t (diffusion architectures;
+        flow architectures' outputs are velocities already)."""
+        if self.diffusion is None:
+            return outputs
+        batch, num = outputs.shape[:2]
+        flat = outputs.reshape(batch * num, *outputs.shape[2:])
+        u = self.diffusion.velocity_from_output(flat, x_in.repeat_interleave(num, dim=0),
+                                                t_in.reshape(-1).repeat_interleave(num))
+        return u.reshape(outputs.shape)
+
     def forward(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> dict:
         size = tuple(latents.shape[2:])
         arch = self.architecture
+        x_in, t_in = (latents, sigma) if self.diffusion is None else self.diffusion.network_inputs(latents, sigma)
         with final_norm_swapped(self.transformer, arch, self.norm_out), \
                 capture_final_features(self.transformer, arch) as captured:
-            self.transformer(**arch.model_inputs(latents, sigma, cond), return_dict=False)
+            self.transformer(**arch.model_inputs(x_in, t_in, cond), return_dict=False)
         tokens, temb = captured["tokens"][:, :_num_tokens(size, self.patch)], captured["temb"]
         if self.policy_kind == "dx":
-            return {"u_grid": self._unpack(self.head(tokens), size)}
+            return {"u_grid": self._velocities(self._unpack(self.head(tokens), size), x_in, t_in)}
         out = self.head(tokens, temb)
-        return {"means": self._unpack(out.means, size), "logweights": self._unpack(out.logweights, size),
-                "logstds": out.logstds}
+        logstds = out.logstds
+        if self.diffusion is not None:          # std_u = |a|·std_out: the velocity GM is the output GM pushed forward
+            slope = self.diffusion.velocity_from_output(torch.ones_like(x_in), torch.zeros_like(x_in), t_in)
+            logstds = logstds + slope.reshape(slope.shape[0], -1)[:, 0].abs().log().reshape(
+                -1, *([1] * (logstds.dim() - 1))).to(logstds.dtype)
+        return {"means": self._velocities(self._unpack(out.means, size), x_in, t_in),
+                "logweights": self._unpack(out.logweights, size), "logstds": logstds}
 
 
 def _bind_architecture(name: str, cls, architecture: Architecture, doc: str):

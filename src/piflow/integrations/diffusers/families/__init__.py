@@ -21,7 +21,7 @@ import pkgutil
 from typing import Optional, Union
 
 from piflow.integrations.diffusers.families.base import (NULL_PREFIX, REFERENCE_PREFIX, TEXT_TO_IMAGE_SCHEDULE,
-                                                         Architecture, Family, reference_latents)
+                                                         Architecture, Family, Parametrisation, reference_latents)
 
 FAMILIES: dict[str, Family] = {}
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -105,5 +105,5 @@ def _register_family_files() -> None:
 _register_family_files()
 
 __all__ = ["ARCHITECTURES", "FAMILIES", "NULL_PREFIX", "REFERENCE_PREFIX", "TEXT_TO_IMAGE_SCHEDULE", "Architecture",
-           "Family", "family_of_pipeline", "family_of_transformer", "get_architecture", "get_family",
+           "Family", "Parametrisation", "family_of_pipeline", "family_of_transformer", "get_architecture", "get_family",
            "reference_latents", "register_architecture", "register_family"]

@@ -5,8 +5,8 @@ Shapes: latents (B, C, H, W) — (B, C, T, H, W) for video; 2×2-packed tokens (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -131,6 +131,80 @@ class AuthorsClasses:
     gm_base_fields: tuple[str, ...]  # base-config fields their GM constructor takes
 
 
+# the scheduler-config keys that define a diffusion model's training schedule and output (what adapters save)
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                 "rescale_betas_zero_snr", "timestep_spacing")
+DIFFUSION_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+
+
+def schedule_config(config: Any) -> dict:
+    """The `SCHEDULE_KEYS` of a diffusers scheduler (or its config mapping), as plain JSON values."""
+    if not isinstance(config, Mapping):
+        config = getattr(config, "config", None)
+        if not isinstance(config, Mapping):
+            raise ValueError("a scheduler config must be a diffusers scheduler or a mapping")
+    kept = {key: config[key] for key in SCHEDULE_KEYS if key in config}
+    if kept.get("trained_betas") is not None:
+        kept["trained_betas"] = [float(b) for b in kept["trained_betas"]]
+    return kept
+
+
+@dataclass(frozen=True)
+class Parametrisation:
+    """How a diffusion network (ε-, v- or x0-prediction on a discrete VP schedule) becomes a flow teacher — the one
+    declaration the teacher (`DiffusersTeacher`) and the student (`DiffusersPolicyStudent`) of a diffusion
+    architecture share (docs/algorithm.md §15). Flow-matching architectures have none.
+
+    * scheduler_config: the schedule of the published checkpoints (a diffusers scheduler config: num_train_timesteps,
+      beta_start, beta_end, beta_schedule, trained_betas, prediction_type, rescale_betas_zero_snr); a pipeline's own
+      scheduler config replaces it where one is at hand (the recipe reads the pipeline folder's, adapters save theirs);
+    * prediction_type: what the network predicts; None: the scheduler config's (it must be epsilon, v_prediction or
+      sample, else a one-line ValueError);
+    * out_channels(transformer): how many leading output channels are the prediction (learned-variance models
+      output 2C: PixArt, DiT, DeepFloyd IF); None: all of them;
+    * timestep_input: the network's time input ("t": the fractional timestep, see `DiffusionTeacher`).
+
+    `converter(transformer, scheduler_config)` builds the `DiffusionTeacher` whose `network_inputs(x_σ, σ) → (x_t, t)`
+    and `velocity_from_output(out, x_t, t) → u` are the only conversion code both sides run: the architecture's
+    ``model_inputs`` then receives (x_t, t, cond) instead of (x_σ, σ, cond).
+    """
+
+    scheduler_config: Mapping[str, Any]
+    prediction_type: Optional[str] = None
+    out_channels: Optional[Callable[[nn.Module], Optional[int]]] = None
+    timestep_input: Union[str, float] = "t"
+    name: str = field(default="", compare=False)
+
+    def resolved_config(self, scheduler_config: Any = None) -> dict:
+        """The schedule keys of `scheduler_config` (default: the declared one)."""
+        return schedule_config(self.scheduler_config if scheduler_config is None else scheduler_config)
+
+    def schedule(self, scheduler_config: Any = None):
+        """(the `DiscreteVPSchedule`, the prediction type) of `scheduler_config` (default: the declared one); a
+        one-line ValueError for a prediction type or schedule piflow cannot convert."""
+        from piflow.diffusion import DiscreteVPSchedule
+
+        config = self.resolved_config(scheduler_config)
+        kind = self.prediction_type or config.get("prediction_type", "epsilon")
+        what = f"{self.name}: " if self.name else ""
+        if kind not in DIFFUSION_PREDICTIONS:
+            raise ValueError(f"{what}the scheduler's prediction_type {kind!r} is not a diffusion parametrisation "
+                             f"piflow converts; expected one of {', '.join(DIFFUSION_PREDICTIONS)}")
+        try:
+            return DiscreteVPSchedule.from_diffusers_config(dict(config, prediction_type=kind)), kind
+        except ValueError as error:
+            raise ValueError(f"{what}scheduler config: {error}") from None
+
+    def converter(self, transformer: nn.Module, scheduler_config: Any = None):
+        """The `piflow.diffusion.DiffusionTeacher` of `transformer` under `scheduler_config` (default: the declared
+        one; errors as `schedule`)."""
+        from piflow.diffusion import DiffusionTeacher
+
+        schedule, kind = self.schedule(scheduler_config)
+        keep = self.out_channels(transformer) if self.out_channels is not None else None
+        return DiffusionTeacher(transformer, schedule, kind, out_channels=keep, timestep_input=self.timestep_input)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How a transformer family takes latents and lays out its output tokens — the bring-your-own-teacher protocol.
@@ -156,7 +230,12 @@ class Architecture:
     * read_output(forward output with return_dict=False) → the model's prediction; `output_sign` −1 for models
       that predict x0 − ε instead of the velocity ε − x0 (the head's initial projection is negated likewise);
     * alias: names the documented aliases ``<alias>Teacher`` / ``<alias>PolicyStudent`` (e.g. "Flux");
-    * authors: the authors' model classes, for architectures they publish adapters of (`authors_layout`).
+    * authors: the authors' model classes, for architectures they publish adapters of (`authors_layout`);
+    * parametrisation: None for flow-matching models (model_inputs gets (latents, σ) and the output is the velocity
+      times `output_sign`); a `Parametrisation` for diffusion models (PixArt-α): model_inputs then gets the
+      network's inputs (x_t, t) = ``converter.network_inputs(x_σ, σ)`` and the output (after `tokens_to_latents`)
+      goes through ``converter.velocity_from_output`` — for the teacher and, per GM component / DX node, the
+      student (`students`).
     """
 
     name: str
@@ -177,6 +256,7 @@ class Architecture:
     output_sign: float = 1.0
     alias: str = ""
     authors: Optional[AuthorsClasses] = None
+    parametrisation: Optional[Parametrisation] = None
 
 
 @dataclass(frozen=True)

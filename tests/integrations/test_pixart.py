@@ -1,0 +1,136 @@
+"""PixArt-α, the first diffusion family, on a tiny from-scratch PixArtAlphaPipeline: the wrapped ε-prediction teacher
+integrated with Euler on DDIM's σ grid is the stock pipeline with a DDIMScheduler (η = 0) — exactly, with and
+without CFG (docs/algorithm.md §15.5); the student starts at the teacher (every GM component mean, every DX node);
+an unknown prediction_type is a one-line error; the command line distils, exports, reloads and samples."""
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from piflow.integrations.diffusers.families import ARCHITECTURES  # noqa: E402
+from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
+from piflow.integrations.diffusers.students import DiffusersPolicyStudent, DiffusersTeacher  # noqa: E402
+from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
+from piflow.policies import GMFlowPolicy  # noqa: E402
+from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PROMPTS = ["a red cat", "two blue birds on a wire"]
+
+
+def text(pipe, prompts):
+    return collate_text(encode_prompts(pipe, "pixart", prompts, max_sequence_length=64), "pixart")
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance):
+    pipe = tiny_pipeline("pixart")
+    scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    stock = diffusers.PixArtAlphaPipeline(**dict(pipe.components, scheduler=scheduler))
+    stock.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    steps = 20
+    expected = stock(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                     latents=noise, output_type="latent", use_resolution_binning=False, max_sequence_length=64,
+                     clean_caption=False).images
+    base = DiffusersTeacher(pipe.transformer, "pixart", scheduler_config=pipe.scheduler.config)
+    teacher = base if guidance == 1 else ClassifierFreeGuidance(base, guidance, text(pipe, [""]), batched=False)
+    schedule = base.diffusion.schedule
+    scheduler.set_timesteps(steps)
+    grid = [*schedule.sigma_of(scheduler.timesteps.double()), torch.tensor(0.0, dtype=torch.float64)]  # α(−1) = 1
+    alpha, s = schedule.alpha_s(scheduler.timesteps[0].double())
+    x = (noise.double() / (alpha + s)).float()          # the stock start x_t0 = ε as a flow state
+    cond = text(pipe, PROMPTS)
+    for i in range(steps):
+        x = x + float(grid[i + 1] - grid[i]) * teacher(x, grid[i].expand(2), cond)
+    scale = expected.abs().max()
+    assert (x - expected).abs().max() < 2e-6 * scale, float((x - expected).abs().max() / scale)
+
+
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_student_starts_at_the_teacher(policy):
+    pipe = tiny_pipeline("pixart")
+    cond = text(pipe, PROMPTS)
+    teacher = DiffusersTeacher(pipe.transformer, "pixart")
+    student = DiffusersPolicyStudent(pipe.transformer, policy, num_components=3, num_nodes=4, latent_channels=4,
+                                     head_noise_std=0.0, logstd_hidden=16, architecture="pixart").eval()
+    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.3])
+    u = teacher(x, sigma, cond)
+    with torch.no_grad():
+        out = student(x, sigma, cond)
+    if policy == "dx":
+        for k in range(4):
+            torch.testing.assert_close(out["u_grid"][:, k], u, atol=1e-5, rtol=1e-5)
+        return
+    for k in range(3):          # every component mean, in velocity space, is the teacher's u
+        torch.testing.assert_close(out["means"][:, k], u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(GMFlowPolicy(**out, x_src=x, sigma_src=sigma).velocity(x, sigma), u, atol=1e-4,
+                               rtol=1e-5)
+
+
+def test_unknown_prediction_type_is_a_one_line_error(tmp_path, capsys):
+    from piflow.cli import main
+
+    pipe = tiny_pipeline("pixart")
+    with pytest.raises(ValueError, match="prediction_type 'flow_prediction'") as error:
+        DiffusersTeacher(pipe.transformer, "pixart", scheduler_config=dict(pipe.scheduler.config,
+                                                                            prediction_type="flow_prediction"))
+    assert "\n" not in str(error.value)
+    pipe.scheduler.register_to_config(prediction_type="flow_prediction")
+    pipe.save_pretrained(tmp_path / "bad")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    assert main(["distill", "--run-dir", str(tmp_path / "run"), f"pipeline={tmp_path / 'bad'}", "train.iters=1",
+                 "resolution=[32,32]", "eval.prompts=[]", f"prompts={tmp_path / 'prompts.txt'}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("piflow distill:")]
+    assert len(errors) == 1 and "prediction_type 'flow_prediction'" in errors[0], errors
+
+
+def test_micro_conditions_reach_the_1024_model():
+    """sample_size 128 models take resolution/aspect ratio: from the cond when given, else from the latent size."""
+    arch = ARCHITECTURES["pixart"]
+    cond = {"encoder_hidden_states": torch.zeros(2, 3, 16), "encoder_attention_mask": torch.ones(2, 3)}
+    inputs = arch.model_inputs(torch.zeros(2, 4, 16, 12), torch.tensor([10.0, 20.0]), cond)
+    torch.testing.assert_close(inputs["added_cond_kwargs"]["resolution"], torch.tensor([[128.0, 96.0]] * 2))
+    torch.testing.assert_close(inputs["added_cond_kwargs"]["aspect_ratio"], torch.tensor([[128 / 96]] * 2))
+    given = dict(cond, resolution=torch.tensor([[1024.0, 768.0]] * 2), aspect_ratio=torch.tensor([[0.75]] * 2))
+    inputs = arch.model_inputs(torch.zeros(2, 4, 16, 12), torch.tensor([10.0, 20.0]), given)
+    assert inputs["added_cond_kwargs"]["resolution"][0].tolist() == [1024.0, 768.0]
+    assert "resolution" not in inputs and "resolution" in given
+
+
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_pixart_distills_exports_loads_and_samples(policy, tmp_path, capsys):
+    from piflow.cli import main
+    from piflow.integrations.diffusers.pipelines import pipeline_class
+
+    base = tmp_path / "tiny-pixart"
+    tiny_pipeline("pixart").save_pretrained(base)
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue bird on a wire\n")
+    run_dir = tmp_path / "run"
+    assert main(["distill", "--run-dir", str(run_dir), f"pipeline={base}", "resolution=[32,32]",
+                 f"prompts={tmp_path / 'prompts.txt'}", "max_sequence_length=32", "student.lora_rank=4",
+                 "student.logstd_hidden=16", "student.num_components=2", "student.num_nodes=3",
+                 "distill.total_substeps=16", "train.warmup_iters=0", "train.progress=false", "eval.nfe=[1,2]",
+                 "eval.prompts=[a cat]", "train.iters=2", f"student.policy={policy}"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["architecture"] == "pixart" and metrics["iters"] == 2
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
+    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert saved["scheduler_config"]["prediction_type"] == "epsilon"
+    pipe = pipeline_class("pixart").from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    student = pipe.load_piflow_adapter(tmp_path / "exported")
+    assert student.policy_kind == policy and student.scheduler_config == saved["scheduler_config"]
+    for steps in (1, 4):
+        outputs = [pipe(prompt=["a red cat", "fog"], num_inference_steps=steps, output_type="np", height=32,
+                        width=32, generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
+        assert outputs[0].shape == (2, 32, 32, 3)
+        assert (outputs[0] == outputs[1]).all()
+    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "1", "--output",
+                 str(tmp_path / "out")]) == 0
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
+    capsys.readouterr()
