@@ -337,7 +337,7 @@ def _cmd_encode_prompts(args) -> int:
     import torch
 
     from piflow.errors import require
-    from piflow.integrations.diffusers.loading import DTYPES, from_pretrained, pipeline_architecture
+    from piflow.integrations.diffusers.loading import DTYPES, from_pretrained, pipeline_architecture, pipeline_family
     from piflow.integrations.diffusers.prompts import read_condition_source, write_prompt_cache
 
     diffusers = require("diffusers", "piflow encode-prompts")
@@ -346,7 +346,8 @@ def _cmd_encode_prompts(args) -> int:
     prompts, images = read_condition_source(architecture, args.prompts, args.conditions,
                                             options=("--prompts ", "--conditions "))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    parts = {"transformer": None} if images is not None else {"transformer": None, "vae": None}   # VAE: references
+    denoiser = pipeline_family(args.pipeline).denoiser          # not loaded: "transformer" or "unet"
+    parts = {denoiser: None} if images is not None else {denoiser: None, "vae": None}   # VAE: references
     pipe = from_pretrained(diffusers.DiffusionPipeline, args.pipeline, **parts, torch_dtype=DTYPES[args.dtype])
     pipe.to(device)
     out = write_prompt_cache(pipe, architecture, prompts, args.out, args.negative_prompt, args.shard_size,

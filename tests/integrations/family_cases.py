@@ -14,7 +14,8 @@ STOCK_GUIDANCE_OFF = {"flux": {"guidance_scale": 3.5}, "sd3": {"guidance_scale":
                       "zimage": {"guidance_scale": 0.0}, "flux2": {"guidance_scale": 4.0},
                       "flux2-klein": {"guidance_scale": 1.0}, "wan": {"guidance_scale": 1.0},
                       "qwen-edit": {"true_cfg_scale": 1.0}, "qwen-edit-plus": {"true_cfg_scale": 1.0},
-                      "pixart": {"guidance_scale": 1.0, "use_resolution_binning": False}}
+                      "pixart": {"guidance_scale": 1.0, "use_resolution_binning": False},
+                      "sd15": {"guidance_scale": 1.0}, "sdxl": {"guidance_scale": 1.0}}
 
 
 def image_size(family: str) -> int:

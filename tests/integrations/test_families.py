@@ -23,8 +23,10 @@ from family_cases import (REFERENCE_AREA, encode_arguments, latent_shape, stock_
 pytestmark = pytest.mark.usefixtures("single_thread")
 NAMES = sorted(FAMILIES)
 # flow-matching families: their stock schedulers step in σ = timestep/1000 and their students' GM bias noise is in
-# velocity units; the diffusion family (PixArt-α) has its own tests (test_pixart.py: DDIM = Euler, exact init)
-FLOW_NAMES = [name for name in NAMES if name != "pixart"]
+# velocity units; the diffusion families (PixArt-α, SD 1.5, SDXL) have their own tests (test_pixart.py,
+# test_sd15.py, test_sdxl.py: DDIM = Euler, exact init)
+DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl")
+FLOW_NAMES = [name for name in NAMES if name not in DIFFUSION_FAMILIES]
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
 

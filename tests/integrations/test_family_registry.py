@@ -20,9 +20,9 @@ def test_every_family_file_registers_its_families():
     import pkgutil
 
     files = {m.name for m in pkgutil.iter_modules(families.__path__)} - set(families.SHARED_MODULES)
-    assert files == {"flux", "flux2", "pixart", "qwen", "qwen_edit", "sd3", "wan", "zimage"}
+    assert files == {"flux", "flux2", "pixart", "qwen", "qwen_edit", "sd15", "sd3", "sdxl", "wan", "zimage"}
     registered = {name for file in files for name in (f.name for f in getattr(families, file).FAMILIES)}
-    assert registered == set(FAMILIES) and len(FAMILIES) == 10
+    assert registered == set(FAMILIES) and len(FAMILIES) == 12
     modules = [getattr(families, file) for file in files]
     own = {module.ARCHITECTURE.name for module in modules if hasattr(module, "ARCHITECTURE")}
     assert {f.architecture for f in FAMILIES.values()} == own and own <= set(ARCHITECTURES)   # + any registered later
@@ -48,7 +48,7 @@ def test_each_family_has_one_exported_pipeline_class_with_its_signature(name):
 def test_every_architecture_has_teacher_and_student_aliases(name):
     alias = ARCHITECTURES[name].alias
     family = next(f for f in FAMILIES.values() if f.architecture == name)
-    transformer = family.tiny(4, 0)["transformer"]
+    transformer = family.tiny(4, 0)[family.denoiser]          # a transformer, or the UNet of SD 1.5 / SDXL
     teacher = getattr(package, f"{alias}Teacher")(transformer)
     student = getattr(package, f"{alias}PolicyStudent")(transformer, "gmflow", num_components=2, latent_channels=4,
                                                          logstd_hidden=16, share_transformer=True)

@@ -80,7 +80,7 @@ def load_pipeline(pipeline: str, adapter: str) -> LoadedPipeline:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_piflow_adapter(directory)
-    multiple = size_multiple(pipeline, family.name, pipe.transformer)
+    multiple = size_multiple(pipeline, family.name, getattr(pipe, family.denoiser))
     side = getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor      # the stock pipelines' default
     side = max(multiple, side // multiple * multiple)
     steps = int(pipe.piflow_student.sampling.get("nfe", pipe.piflow_student.settings.nfe))

@@ -64,7 +64,7 @@ def pipeline_family(path: str):
     from piflow.integrations.diffusers.families import family_of_pipeline
 
     index = _model_index(path)
-    transformer = index.get("transformer")
+    transformer = index.get("transformer") or index.get("unet")          # the denoiser: a transformer or a UNet
     transformer_class = transformer[1] if isinstance(transformer, (list, tuple)) and len(transformer) == 2 else None
     try:
         return family_of_pipeline(str(index.get("_class_name")), transformer_class)
@@ -183,8 +183,12 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
     import diffusers
 
     path = config["pipeline"]
-    transformer_class = getattr(diffusers, _model_index(path)["transformer"][1])
+    denoiser = pipeline_family(path).denoiser          # "transformer", or "unet" (SD 1.5, SDXL)
+    transformer_class = getattr(diffusers, _model_index(path)[denoiser][1])
     transformer = None
+    if config.get("quantize") and denoiser != "transformer":
+        raise ConfigError(f"quantize={config['quantize']}: quantized bases are supported for transformers only, not "
+                          f"for the {denoiser} of {path}")
     if config.get("quantize"):
         from piflow.integrations.diffusers.quantization import (BACKENDS, CUDA_ONLY_BACKENDS,
                                                                 load_quantized_transformer)
@@ -201,12 +205,12 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
             transformer = transformer.to(device)
     if transformer_only or (config["prompt_cache"] is not None and pipeline_class is None):
         if transformer is None:
-            transformer = from_pretrained(transformer_class, path, subfolder="transformer", torch_dtype=dtype)
+            transformer = from_pretrained(transformer_class, path, subfolder=denoiser, torch_dtype=dtype)
             transformer = transformer.to(device)
         return None, transformer.requires_grad_(False)
-    extra = {} if transformer is None else {"transformer": transformer}
+    extra = {} if transformer is None else {denoiser: transformer}
     pipe = from_pretrained(pipeline_class or diffusers.DiffusionPipeline, path, torch_dtype=dtype, **extra)
     for component in pipe.components.values():      # a quantized transformer was placed above
         if isinstance(component, torch.nn.Module) and component is not transformer:
             component.to(device)
-    return pipe, pipe.transformer.requires_grad_(False)
+    return pipe, getattr(pipe, denoiser).requires_grad_(False)

@@ -51,6 +51,11 @@ class PiFlowPipelineMixin:
     architecture_name: str = "flux"           # the students' architecture (a pipeline of your own sets its own)
     piflow_student: Optional[DiffusersPolicyStudent] = None
 
+    @property
+    def piflow_denoiser(self):
+        """The network the student runs: ``self.transformer``, or ``self.unet`` for the UNet families."""
+        return getattr(self, get_family(self.piflow_family).denoiser)
+
     def _use_policy_scheduler(self, student: DiffusersPolicyStudent) -> None:
         """Swap in a `FlowMapSDEScheduler` from the current scheduler's config and the student's training schedule
         (the stock scheduler is kept for `unload_piflow_adapter`)."""
@@ -62,14 +67,15 @@ class PiFlowPipelineMixin:
         self.register_modules(scheduler=scheduler)
 
     def set_piflow_student(self, student: DiffusersPolicyStudent) -> DiffusersPolicyStudent:
-        """Use `student` (which must run `self.transformer`, e.g. a LoRA student built with share_transformer=True)."""
+        """Use `student` (which must run `self.transformer` — `self.unet` for UNet families —, e.g. a LoRA student
+        built with share_transformer=True)."""
         if not isinstance(student, DiffusersPolicyStudent):
             raise TypeError(f"student must be a DiffusersPolicyStudent, got {type(student).__name__}")
         if student.architecture.name != self.architecture_name:
             raise ValueError(f"a {student.architecture.name!r} student cannot drive a {type(self).__name__} "
                              f"(expects {self.architecture_name!r})")
-        if student.transformer is not self.transformer:
-            self.register_modules(transformer=student.transformer)
+        if student.transformer is not self.piflow_denoiser:
+            self.register_modules(**{get_family(self.piflow_family).denoiser: student.transformer})
         self.piflow_student = student
         self._use_policy_scheduler(student)
         return student
@@ -86,12 +92,12 @@ class PiFlowPipelineMixin:
         part is a named PEFT adapter, so ``pipe.set_adapters([name, "style"], adapter_weights=[1.0, 0.8])``
         combines it with other LoRAs."""
         name = adapter_name or LORA_ADAPTER
-        had_lora = name in (getattr(self.transformer, "peft_config", None) or {})
+        had_lora = name in (getattr(self.piflow_denoiser, "peft_config", None) or {})
         try:
-            student = load_piflow_adapter(self.transformer, path_or_dir, subfolder=subfolder, adapter_name=name,
+            student = load_piflow_adapter(self.piflow_denoiser, path_or_dir, subfolder=subfolder, adapter_name=name,
                                           strength=strength, strict=strict)
         except BaseException:
-            if had_lora and name not in (getattr(self.transformer, "peft_config", None) or {}):
+            if had_lora and name not in (getattr(self.piflow_denoiser, "peft_config", None) or {}):
                 self.unload_piflow_adapter(name)
             raise
         return self.set_piflow_student(student)
@@ -101,7 +107,7 @@ class PiFlowPipelineMixin:
         student's, "piflow") from `self.transformer` (`adapter.unload_piflow_adapter`), drop the student (its policy
         head and final norm) and put the stock scheduler back: the stock pipeline's call computes what it did
         before the adapter was loaded."""
-        unload_piflow_adapter(self.transformer, adapter_name or LORA_ADAPTER)
+        unload_piflow_adapter(self.piflow_denoiser, adapter_name or LORA_ADAPTER)
         self.piflow_student = None
         stock = getattr(self, "_piflow_stock_scheduler", None)
         if stock is not None:
@@ -119,7 +125,7 @@ class PiFlowPipelineMixin:
         if student is None:
             raise RuntimeError(f"{type(self).__name__} has no π-Flow student: call pipe.load_piflow_adapter(path) "
                                "or pipe.set_piflow_student(student) first")
-        parameter = base_parameter(self.transformer)
+        parameter = base_parameter(self.piflow_denoiser)
         # the head and final norm run in the base dtype/device (§5.4); the policy itself is built in float32
         for module in (student.head, student.norm_out):
             module.to(device=parameter.device, dtype=parameter.dtype)

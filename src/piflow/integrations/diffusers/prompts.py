@@ -232,10 +232,16 @@ def collate_text(items: Sequence[dict[str, Tensor]], architecture: str, device=N
 
 
 def _null_of(pipe: Any, family, negative_prompt: str, max_sequence_length: int) -> Optional[dict[str, Tensor]]:
-    """The shared negative-prompt embedding, or None for families whose negative is encoded per item."""
+    """The shared negative-prompt embedding, or None for families whose negative is encoded per item. A pipeline
+    configured with ``force_zeros_for_empty_prompt`` (SDXL) gets all-zero embeddings for the empty negative prompt,
+    as its stock CFG uses."""
     if family.null_per_item:
         return None
-    return encode_prompts(pipe, family.name, [negative_prompt], max_sequence_length)[0]
+    null = encode_prompts(pipe, family.name, [negative_prompt], max_sequence_length)[0]
+    config = getattr(pipe, "config", None) or {}
+    if negative_prompt == "" and config.get("force_zeros_for_empty_prompt", False):
+        null = {name: torch.zeros_like(value) for name, value in null.items()}
+    return null
 
 
 class EncodedPrompts:

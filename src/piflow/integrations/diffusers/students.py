@@ -21,6 +21,11 @@ run the network at (x_t, t) = `network_inputs(x_σ, σ)` of the architecture's `
 `piflow.diffusion.DiffusionTeacher`) and turn outputs into velocities with its `velocity_from_output` — the one
 conversion both share; see `DiffusersPolicyStudent` for what that means for the GM means and DX nodes.
 
+UNets (SD 1.5, SDXL: `families.sd15`): the output layer is ``conv_out``, an `nn.Conv2d`; the one branch on it is in
+`DiffusersPolicyStudent.__init__` (``spatial_features``): the head is then convolutional (`piflow.heads`, K / N
+copies of conv_out), reads the (B, C', H, W) features entering conv_out, and its per-pixel outputs are laid out like
+tokens of patch 1 — everything else (final-norm copy, capture hooks, diffusion conversion, policies) is shared.
+
 Adapter files: `piflow.integrations.diffusers.adapter`; pipelines: `piflow.integrations.diffusers.pipelines`.
 """
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from piflow.heads import make_policy_head
+from piflow.heads import make_policy_head, projection_shape
 from piflow.integrations.diffusers.families import (ARCHITECTURES, TEXT_TO_IMAGE_SCHEDULE,  # noqa: F401
                                                     Architecture, get_architecture, register_architecture)
 from piflow.integrations.diffusers.families.base import (PATCH, pack_latents, unpack_tokens,  # noqa: F401
@@ -141,8 +146,9 @@ def final_norm_swapped(transformer: nn.Module, architecture: Architecture, norm:
         slots[leaf] = original
 
 
-def output_projection(transformer: nn.Module, architecture: Architecture) -> nn.Linear:
-    """The teacher's output layer as a float `nn.Linear`, times `output_sign` (the head starts from it)."""
+def output_projection(transformer: nn.Module, architecture: Architecture) -> nn.Module:
+    """The teacher's output layer as a float `nn.Linear` (token models) or the UNet's `nn.Conv2d` ``conv_out``,
+    times `output_sign` (the head starts from it)."""
     projection = float_linear(transformer.get_submodule(architecture.projection))
     if architecture.output_sign == 1:
         return projection
@@ -154,11 +160,22 @@ def output_projection(transformer: nn.Module, architecture: Architecture) -> nn.
     return signed
 
 
-def kept_channels(projection: nn.Linear, layout: str, patch_volume: int, keep: Optional[int]) -> nn.Linear:
+def kept_channels(projection: nn.Module, layout: str, patch_volume: int, keep: Optional[int]) -> nn.Module:
     """The output rows of `projection` that produce the first `keep` channels of every patch position (a new
     layer; `projection` itself when all are kept): a learned-variance model's projection emits 2C channels of
     which the first C are the prediction. layout "pc": row = position·c_total + channel; "cp": channel·|patch| +
-    position."""
+    position. A UNet's ``conv_out`` (`nn.Conv2d`, one pixel per position) keeps its first `keep` output channels."""
+    if isinstance(projection, nn.Conv2d):
+        if keep is None or keep == projection.out_channels:
+            return projection
+        if keep > projection.out_channels:
+            raise ValueError(f"cannot keep {keep} of the {projection.out_channels} output channels")
+        kept = copy.deepcopy(projection)
+        kept.out_channels = keep
+        kept.weight = nn.Parameter(projection.weight.detach()[:keep].clone())
+        if projection.bias is not None:
+            kept.bias = nn.Parameter(projection.bias.detach()[:keep].clone())
+        return kept
     total = projection.out_features // patch_volume
     if keep is None or keep == total:
         return projection
@@ -315,7 +332,10 @@ class DiffusersPolicyStudent(nn.Module):
         if self.diffusion is not None:
             projection = kept_channels(projection, self.architecture.layout, _patch_volume(self.patch),
                                        self.diffusion.out_channels)
-        in_dim, out_dim = projection.in_features, projection.out_features
+        # the one branch between token models (an nn.Linear proj_out on tokens) and UNets (an nn.Conv2d conv_out on
+        # (B, C', H, W) features, one pixel per position): the head is linear or convolutional like the projection
+        in_dim, out_dim, kernel_size = projection_shape(projection)
+        self.spatial_features = kernel_size is not None
         if out_dim != latent_channels * _patch_volume(self.patch):
             raise ValueError(f"{self.architecture.projection} has {out_dim} outputs, expected latent_channels·"
                              f"|patch| = {latent_channels * _patch_volume(self.patch)}")
@@ -368,10 +388,13 @@ class DiffusersPolicyStudent(nn.Module):
         with final_norm_swapped(self.transformer, arch, self.norm_out), \
                 capture_final_features(self.transformer, arch) as captured:
             self.transformer(**arch.model_inputs(x_in, t_in, cond), return_dict=False)
-        tokens, temb = captured["tokens"][:, :_num_tokens(size, self.patch)], captured["temb"]
-        if self.policy_kind == "dx":
-            return {"u_grid": self._velocities(self._unpack(self.head(tokens), size), x_in, t_in)}
-        out = self.head(tokens, temb)
+        features, temb = captured["tokens"], captured["temb"]
+        if not self.spatial_features:               # tokens (B, L + …, D): the generated ones
+            features = features[:, :_num_tokens(size, self.patch)]
+        if self.policy_kind == "dx":            # (B, *positions, N, F) → per position (B, L, N, F)
+            return {"u_grid": self._velocities(self._unpack(self.head(features).flatten(1, -3), size), x_in, t_in)}
+        out = self.head(features, temb)
+        out = out._replace(means=out.means.flatten(1, -3), logweights=out.logweights.flatten(1, -3))
         logstds = out.logstds
         if self.diffusion is not None:          # std_u = |a|·std_out: the velocity GM is the output GM pushed forward
             slope = self.diffusion.velocity_from_output(torch.ones_like(x_in), torch.zeros_like(x_in), t_in)

@@ -3,7 +3,7 @@
 pipelines and the tests — the one table of what each family is.
 
 Each module of this package but `base` and `calls` is one family file (``flux``, ``flux2``, ``qwen``, ``qwen_edit``,
-``sd3``, ``wan``, ``zimage``) holding everything that differs for it: the student `Architecture` (model inputs,
+``sd3``, ``wan``, ``zimage``, ``pixart``, and the UNet families ``sd15``, ``sdxl``) holding everything that differs for it: the student `Architecture` (model inputs,
 token layout, LoRA targets, final-layer hooks, the authors' class names), prompt encoding and collation, the
 π-Flow pipeline's `PipelineHooks` and the tiny builder for tests; it ends with ``FAMILIES = (Family(...), ...)``.
 Adding a family is adding such a file (and its test cases in ``tests/integrations/family_cases.py``): it is found

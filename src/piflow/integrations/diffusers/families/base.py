@@ -278,7 +278,9 @@ class Family:
     with each condition's reference images (Qwen-Image-Edit's vision-language encoder sees the image), stored as
     ``null.<name>`` beside the condition's own tensors: such a family's `encode` takes the negative prompt as a
     fifth argument. `pipeline`: the `PipelineHooks` of its π-Flow pipeline; `tiny(latent_channels, seed)`: the
-    stock pipeline's components at toy size with random weights (tests, offline smoke runs)."""
+    stock pipeline's components at toy size with random weights (tests, offline smoke runs). `denoiser`: the
+    pipeline component the students and teachers run ("transformer", or "unet" for the UNet families SD 1.5 and
+    SDXL); `transformer_class` is its class either way."""
 
     name: str
     architecture: str
@@ -296,3 +298,4 @@ class Family:
     references: str = "none"
     null_per_item: bool = False
     video: bool = False
+    denoiser: str = "transformer"

@@ -1,0 +1,167 @@
+"""Stable Diffusion 1.5, the first UNet family, on a tiny from-scratch StableDiffusionPipeline: the wrapped
+ε-prediction teacher integrated with Euler on DDIM's σ grid is the stock pipeline with a DDIMScheduler (η = 0) —
+exactly, with and without CFG (docs/algorithm.md §15.5); the convolutional GM / DX student starts at the teacher
+(every component mean, every DX node); bad settings are one-line errors; the command line distils, exports,
+reloads into `PiStableDiffusionPipeline` and samples."""
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from piflow.heads import DXHead, GMHead  # noqa: E402
+from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
+from piflow.integrations.diffusers.students import DiffusersPolicyStudent, DiffusersTeacher  # noqa: E402
+from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
+from piflow.policies import GMFlowPolicy  # noqa: E402
+from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+PROMPTS = ["a red cat", "two blue birds on a wire"]
+
+
+def text(pipe, prompts, family="sd15"):
+    return collate_text(encode_prompts(pipe, family, prompts), family)
+
+
+def euler_on_ddim_grid(teacher, schedule, scheduler, noise, cond, steps):
+    """Euler in x_σ on the σ grid of DDIM's timesteps (then σ = 0), from the stock start x_t0 = noise."""
+    scheduler.set_timesteps(steps)
+    grid = [*schedule.sigma_of(scheduler.timesteps.double()), torch.tensor(0.0, dtype=torch.float64)]
+    alpha, s = schedule.alpha_s(scheduler.timesteps[0].double())
+    x = (noise.double() / (alpha + s)).float()          # the stock start x_t0 = ε as a flow state
+    for i in range(steps):
+        x = x + float(grid[i + 1] - grid[i]) * teacher(x, grid[i].expand(noise.shape[0]), cond)
+    return x
+
+
+def ddim(pipe):
+    """SD's scheduler config as a DDIMScheduler, η = 0, no clipping, ending at α = 1 (σ = 0)."""
+    return diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=True)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance):
+    pipe = tiny_pipeline("sd15")
+    scheduler = ddim(pipe)
+    stock = diffusers.StableDiffusionPipeline(**dict(pipe.components, scheduler=scheduler))
+    stock.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    steps = 20
+    expected = stock(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                     latents=noise, output_type="latent").images
+    base = DiffusersTeacher(pipe.unet, "sd15", scheduler_config=pipe.scheduler.config)
+    teacher = base if guidance == 1 else ClassifierFreeGuidance(base, guidance, text(pipe, [""]), batched=False)
+    x = euler_on_ddim_grid(teacher, base.diffusion.schedule, scheduler, noise, text(pipe, PROMPTS), steps)
+    scale = expected.abs().max()
+    assert (x - expected).abs().max() < 2e-6 * scale, float((x - expected).abs().max() / scale)
+
+
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_student_starts_at_the_teacher(policy):
+    pipe = tiny_pipeline("sd15")
+    cond = text(pipe, PROMPTS)
+    teacher = DiffusersTeacher(pipe.unet, "sd15")
+    student = DiffusersPolicyStudent(pipe.unet, policy, num_components=3, num_nodes=4, latent_channels=4,
+                                     head_noise_std=0.0, logstd_hidden=16, architecture="sd15").eval()
+    head = student.head.proj_means if policy == "gmflow" else student.head.proj
+    assert isinstance(head, torch.nn.Conv2d) and head.kernel_size == (3, 3) and student.spatial_features
+    assert isinstance(student.head, GMHead if policy == "gmflow" else DXHead)
+    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.3])
+    u = teacher(x, sigma, cond)
+    with torch.no_grad():
+        out = student(x, sigma, cond)
+    if policy == "dx":
+        for k in range(4):
+            torch.testing.assert_close(out["u_grid"][:, k], u, atol=1e-5, rtol=1e-5)
+        return
+    assert out["logweights"].shape == (2, 3, 1, 16, 16)
+    torch.testing.assert_close(out["logweights"], torch.full_like(out["logweights"], -torch.log(torch.tensor(3.0))))
+    for k in range(3):          # every component mean, in velocity space, is the teacher's u
+        torch.testing.assert_close(out["means"][:, k], u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(GMFlowPolicy(**out, x_src=x, sigma_src=sigma).velocity(x, sigma), u, atol=1e-4,
+                               rtol=1e-5)
+
+
+def test_head_noise_breaks_symmetry_in_output_units_and_lora_targets():
+    """Component k's output is the teacher's ε plus a per-(component, channel) constant; LoRA wraps the
+    feed-forwards and the time-embedding MLP only."""
+    from piflow.integrations.diffusers.families import ARCHITECTURES
+    from piflow.integrations.diffusers.students import add_student_lora
+
+    pipe = tiny_pipeline("sd15")
+    student = DiffusersPolicyStudent(pipe.unet, "gmflow", num_components=3, latent_channels=4, head_noise_std=0.1,
+                                     logstd_hidden=16, architecture="sd15",
+                                     generator=torch.Generator().manual_seed(0))
+    bias = student.head.proj_means.bias.reshape(3, 4) - pipe.unet.conv_out.bias.reshape(1, 4)
+    assert bias.abs().max() > 0.01 and (bias[0] - bias[1]).abs().max() > 0.01
+    add_student_lora(student.transformer, rank=2, target_modules=ARCHITECTURES["sd15"].lora_targets(pipe.unet))
+    wrapped = sorted({name.rsplit(".", 1)[0] for name, _ in student.transformer.named_parameters() if "lora_A" in name})
+    assert wrapped and all(n.endswith(("ff.net.0.proj", "ff.net.2", "time_embedding.linear_1",
+                                       "time_embedding.linear_2")) for n in (w.rsplit(".lora_A", 1)[0]
+                                                                             for w in wrapped)), wrapped
+    assert not any("attn" in n for n in wrapped)
+
+
+def test_bad_settings_are_one_line_errors(tmp_path, capsys):
+    from piflow.cli import main
+
+    pipe = tiny_pipeline("sd15")
+    with pytest.raises(ValueError, match="prediction_type 'flow_prediction'") as error:
+        DiffusersTeacher(pipe.unet, "sd15", scheduler_config=dict(pipe.scheduler.config,
+                                                                  prediction_type="flow_prediction"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="latent_channels") as error:
+        DiffusersPolicyStudent(pipe.unet, latent_channels=16, architecture="sd15")
+    assert "\n" not in str(error.value)
+    pipe.scheduler.register_to_config(prediction_type="flow_prediction")
+    pipe.save_pretrained(tmp_path / "bad")
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    args = ["distill", "--run-dir", str(tmp_path / "run"), "train.iters=1", "resolution=[32,32]", "eval.prompts=[]",
+            f"prompts={tmp_path / 'prompts.txt'}"]
+    assert main([*args, f"pipeline={tmp_path / 'bad'}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("piflow distill:")]
+    assert len(errors) == 1 and "prediction_type 'flow_prediction'" in errors[0], errors
+    tiny_pipeline("sd15").save_pretrained(tmp_path / "good")
+    assert main([*args, f"pipeline={tmp_path / 'good'}", "quantize=int8"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("piflow distill:")]
+    assert len(errors) == 1 and "transformers only" in errors[0], errors
+
+
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_sd15_distills_exports_loads_and_samples(policy, tmp_path, capsys):
+    from piflow.cli import main
+    from piflow.integrations.diffusers.pipelines import pipeline_class
+
+    base = tmp_path / "tiny-sd15"
+    tiny_pipeline("sd15").save_pretrained(base)
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue bird on a wire\n")
+    run_dir = tmp_path / "run"
+    assert main(["distill", "--run-dir", str(run_dir), f"pipeline={base}", "resolution=[32,32]",
+                 f"prompts={tmp_path / 'prompts.txt'}", "student.lora_rank=4",
+                 "student.logstd_hidden=16", "student.num_components=2", "student.num_nodes=3",
+                 "distill.total_substeps=16", "train.warmup_iters=0", "train.progress=false", "eval.nfe=[1,2]",
+                 "eval.prompts=[a cat]", "train.iters=2", f"student.policy={policy}"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["architecture"] == "sd15" and metrics["iters"] == 2
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
+    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert saved["scheduler_config"]["prediction_type"] == "epsilon"
+    assert saved["scheduler_config"]["beta_schedule"] == "scaled_linear"
+    pipe = pipeline_class("sd15").from_pretrained(base)
+    assert type(pipe).__name__ == "PiStableDiffusionPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    student = pipe.load_piflow_adapter(tmp_path / "exported")
+    assert student.policy_kind == policy and student.transformer is pipe.unet and student.spatial_features
+    for steps in (1, 4):
+        outputs = [pipe(prompt=["a red cat", "fog"], num_inference_steps=steps, output_type="np", height=32,
+                        width=32, generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
+        assert outputs[0].shape == (2, 32, 32, 3)
+        assert (outputs[0] == outputs[1]).all()
+    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "1", "--output",
+                 str(tmp_path / "out")]) == 0
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
+    capsys.readouterr()

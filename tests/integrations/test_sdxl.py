@@ -1,0 +1,124 @@
+"""Stable Diffusion XL on a tiny from-scratch StableDiffusionXLPipeline (two CLIP encoders, pooled text embeddings
+and size micro-conditioning in added_cond_kwargs): the wrapped ε-prediction teacher integrated with Euler on DDIM's
+σ grid is the stock pipeline with a DDIMScheduler (η = 0), with and without CFG (the empty negative prompt is all
+zeros, as force_zeros_for_empty_prompt); the convolutional student starts at the teacher; bad settings are one-line
+errors; the command line distils, exports, reloads into `PiStableDiffusionXLPipeline` and samples."""
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from piflow.integrations.diffusers.families import ARCHITECTURES, get_family  # noqa: E402
+from piflow.integrations.diffusers.prompts import _null_of, collate_text  # noqa: E402
+from piflow.integrations.diffusers.students import DiffusersPolicyStudent, DiffusersTeacher  # noqa: E402
+from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
+from piflow.policies import GMFlowPolicy  # noqa: E402
+from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
+
+from test_sd15 import PROMPTS, ddim, euler_on_ddim_grid, text  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+TIME_IDS = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])       # the stock defaults for 32×32 images
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance):
+    pipe = tiny_pipeline("sdxl")
+    scheduler = ddim(pipe)
+    stock = diffusers.StableDiffusionXLPipeline(**dict(pipe.components, scheduler=scheduler))
+    stock.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    steps = 20
+    expected = stock(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
+                     latents=noise, output_type="latent").images
+    base = DiffusersTeacher(pipe.unet, "sdxl", scheduler_config=pipe.scheduler.config)
+    null = _null_of(pipe, get_family("sdxl"), "", 77)
+    assert all(not value.any() for value in null.values())          # force_zeros_for_empty_prompt
+    teacher = base if guidance == 1 else ClassifierFreeGuidance(base, guidance, collate_text([null], "sdxl"),
+                                                                batched=False)
+    cond = dict(text(pipe, PROMPTS, "sdxl"), time_ids=TIME_IDS.expand(2, 6))
+    x = euler_on_ddim_grid(teacher, base.diffusion.schedule, scheduler, noise, cond, steps)
+    scale = expected.abs().max()
+    assert (x - expected).abs().max() < 2e-6 * scale, float((x - expected).abs().max() / scale)
+
+
+def test_micro_conditions_default_to_the_latent_size():
+    arch = ARCHITECTURES["sdxl"]
+    cond = {"encoder_hidden_states": torch.zeros(2, 77, 64), "text_embeds": torch.zeros(2, 32)}
+    inputs = arch.model_inputs(torch.zeros(2, 4, 16, 12), torch.tensor([10.0, 20.0]), cond)
+    torch.testing.assert_close(inputs["added_cond_kwargs"]["time_ids"],
+                               torch.tensor([[128.0, 96.0, 0.0, 0.0, 128.0, 96.0]] * 2))
+    inputs = arch.model_inputs(torch.zeros(2, 4, 16, 12), torch.tensor([10.0, 20.0]), dict(cond, time_ids=TIME_IDS))
+    assert inputs["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+
+
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_student_starts_at_the_teacher(policy):
+    pipe = tiny_pipeline("sdxl")
+    cond = text(pipe, PROMPTS, "sdxl")
+    teacher = DiffusersTeacher(pipe.unet, "sdxl")
+    student = DiffusersPolicyStudent(pipe.unet, policy, num_components=3, num_nodes=4, latent_channels=4,
+                                     head_noise_std=0.0, logstd_hidden=16, architecture="sdxl").eval()
+    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.3])
+    u = teacher(x, sigma, cond)
+    with torch.no_grad():
+        out = student(x, sigma, cond)
+    if policy == "dx":
+        for k in range(4):
+            torch.testing.assert_close(out["u_grid"][:, k], u, atol=1e-5, rtol=1e-5)
+        return
+    for k in range(3):
+        torch.testing.assert_close(out["means"][:, k], u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(GMFlowPolicy(**out, x_src=x, sigma_src=sigma).velocity(x, sigma), u, atol=1e-4,
+                               rtol=1e-5)
+
+
+def test_bad_settings_are_one_line_errors():
+    pipe = tiny_pipeline("sdxl")
+    with pytest.raises(ValueError, match="prediction_type 'flow_prediction'") as error:
+        DiffusersTeacher(pipe.unet, "sdxl", scheduler_config=dict(pipe.scheduler.config,
+                                                                  prediction_type="flow_prediction"))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="text_embeds") as error:
+        DiffusersTeacher(pipe.unet, "sdxl")(torch.zeros(1, 4, 16, 16), torch.tensor([0.5]),
+                                            {"encoder_hidden_states": torch.zeros(1, 77, 64)})
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+def test_sdxl_distills_exports_loads_and_samples(policy, tmp_path, capsys):
+    from piflow.cli import main
+    from piflow.integrations.diffusers.pipelines import pipeline_class
+
+    base = tmp_path / "tiny-sdxl"
+    tiny_pipeline("sdxl").save_pretrained(base)
+    (tmp_path / "prompts.txt").write_text("a red cat\na blue bird on a wire\n")
+    run_dir = tmp_path / "run"
+    assert main(["distill", "--run-dir", str(run_dir), f"pipeline={base}", "resolution=[32,32]",
+                 f"prompts={tmp_path / 'prompts.txt'}", "student.lora_rank=4",
+                 "student.logstd_hidden=16", "student.num_components=2", "student.num_nodes=3",
+                 "distill.total_substeps=16", "train.warmup_iters=0", "train.progress=false", "eval.nfe=[1,2]",
+                 "eval.prompts=[a cat]", "train.iters=2", f"student.policy={policy}"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["architecture"] == "sdxl" and metrics["iters"] == 2
+    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
+    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert saved["scheduler_config"]["prediction_type"] == "epsilon"
+    pipe = pipeline_class("sdxl").from_pretrained(base)
+    assert type(pipe).__name__ == "PiStableDiffusionXLPipeline"
+    pipe.set_progress_bar_config(disable=True)
+    student = pipe.load_piflow_adapter(tmp_path / "exported")
+    assert student.policy_kind == policy and student.transformer is pipe.unet
+    for steps in (1, 4):
+        outputs = [pipe(prompt=["a red cat", "fog"], num_inference_steps=steps, output_type="np", height=32,
+                        width=32, generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
+        assert outputs[0].shape == (2, 32, 32, 3)
+        assert (outputs[0] == outputs[1]).all()
+    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "1", "--output",
+                 str(tmp_path / "out")]) == 0
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
+    capsys.readouterr()
