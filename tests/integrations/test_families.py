@@ -25,6 +25,8 @@ NAMES = sorted(FAMILIES)
 # flow-matching families: their stock schedulers step in σ = timestep/1000 and their students' GM bias noise is in
 # velocity units; the diffusion family (PixArt-α) has its own tests (test_pixart.py: DDIM = Euler, exact init)
 FLOW_NAMES = [name for name in NAMES if name != "pixart"]
+# DiT (class-conditional ImageNet diffusion: class labels, not text; square latents) likewise: test_dit_family.py
+FLOW_NAMES = [name for name in FLOW_NAMES if name != "dit"]
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
 
