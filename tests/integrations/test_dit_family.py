@@ -193,3 +193,21 @@ def test_class_labels_cache_like_prompt_embeddings(tmp_path):
     cond = collate_text([cache[i] for i in range(len(cache))], "dit", dtype=torch.bfloat16)
     assert cond["class_labels"].tolist() == [207, 980, 360] and cond["class_labels"].dtype == torch.long
     assert collate_text([cache.null()], "dit")["class_labels"].tolist() == [1000]
+
+
+def test_the_published_layout_with_a_transformer2dmodel_loads_as_dit(tmp_path):
+    """facebook/DiT-XL-2-256 names its transformer `Transformer2DModel` (model_index.json and config.json): the family
+    is found from the pipeline class and diffusers loads the transformer as a DiTTransformer2DModel."""
+    from piflow.integrations.diffusers.loading import load_base, pipeline_family
+
+    tiny_pipeline("dit").save_pretrained(tmp_path)
+    for path, key in ((tmp_path / "model_index.json", "transformer"), (tmp_path / "transformer/config.json", None)):
+        config = json.loads(path.read_text())
+        config.update({key: ["diffusers", "Transformer2DModel"]} if key else {"_class_name": "Transformer2DModel"})
+        path.write_text(json.dumps(config))
+    assert pipeline_family(str(tmp_path)).name == "dit"
+    for cache in (None, "cached"):           # whole pipeline / transformer only (a prompt cache)
+        pipe, transformer = load_base({"pipeline": str(tmp_path), "prompt_cache": cache, "quantize": None},
+                                      torch.device("cpu"), torch.float32)
+        assert type(transformer).__name__ == "DiTTransformer2DModel"
+        assert pipe is None or pipe.labels["golden retriever"] == 207
