@@ -24,11 +24,11 @@ from family_cases import (REFERENCE_AREA, encode_arguments, image_size, latent_s
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ARCHS = sorted(FAMILIES)      # every family
-# flow-matching families: a random tiny ε-prediction model (PixArt, SD 1.5, SDXL) has velocities of ~600 near σ = 1
-# (1/α ≈ 150), so a 4-step GM rollout amplifies float round-off beyond 1e-5, PixArt's transformer has no diffusers
-# LoRA loader (set_adapters), and these tests drive `pipe.transformer` (the UNet families' network is `pipe.unet`);
-# their pipelines are tested in test_pixart.py, test_sd15.py and test_sdxl.py
-DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl")
+# flow-matching families: a random tiny ε-prediction model (PixArt, SD 1.5, SDXL, DiT) has velocities of ~600 near
+# σ = 1 (1/α ≈ 150), so a 4-step GM rollout amplifies float round-off beyond 1e-5, PixArt's and DiT's transformers have
+# no diffusers LoRA loader (set_adapters), and these tests drive `pipe.transformer` (the UNet families' network is
+# `pipe.unet`); their pipelines are tested in test_pixart.py, test_sd15.py, test_sdxl.py and test_dit_family.py
+DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl", "dit")
 FLOW_ARCHS = [name for name in ARCHS if name not in DIFFUSION_FAMILIES]
 SIZE = 32            # pixels; latents 16×16
 PROMPTS = ["a red cat", "two blue birds on a wire"]

@@ -23,9 +23,9 @@ from family_cases import (REFERENCE_AREA, encode_arguments, latent_shape, stock_
 pytestmark = pytest.mark.usefixtures("single_thread")
 NAMES = sorted(FAMILIES)
 # flow-matching families: their stock schedulers step in σ = timestep/1000 and their students' GM bias noise is in
-# velocity units; the diffusion families (PixArt-α, SD 1.5, SDXL) have their own tests (test_pixart.py,
-# test_sd15.py, test_sdxl.py: DDIM = Euler, exact init)
-DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl")
+# velocity units; the diffusion families (PixArt-α, SD 1.5, SDXL, DiT-XL/2) have their own tests (test_pixart.py,
+# test_sd15.py, test_sdxl.py, test_dit_family.py: DDIM = Euler, exact init; DiT takes class labels, not text)
+DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl", "dit")
 FLOW_NAMES = [name for name in NAMES if name not in DIFFUSION_FAMILIES]
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 

@@ -27,6 +27,8 @@ def save_sample_grid(pipe, student, config: dict, path: Path, write: bool = True
 
     family = family or student.architecture.name
     pi_pipe = pipeline_class(family)(**pipe.components)
+    if getattr(pipe, "labels", None):    # DiT: the class-name table its __init__ built from id2label (no component)
+        pi_pipe.labels = pipe.labels
     pi_pipe.set_progress_bar_config(disable=True)
     pi_pipe.set_piflow_student(student)
     height = int(config["resolution"][0])

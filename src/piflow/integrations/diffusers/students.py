@@ -248,6 +248,8 @@ class DiffusersTeacher:
                  scheduler_config: Any = None):
         self.transformer = transformer
         self.architecture = get_architecture(architecture)
+        if self.architecture.prepare_network is not None:
+            self.architecture.prepare_network(transformer)
         self.diffusion = diffusion_converter(transformer, self.architecture, scheduler_config)
 
     @torch.no_grad()
@@ -319,6 +321,8 @@ class DiffusersPolicyStudent(nn.Module):
                 raise ValueError(f"policy_kwargs mode={self.policy_kwargs['mode']!r} differs from dx_mode={dx_mode!r}")
         self.architecture = get_architecture(architecture)
         self.transformer = transformer if share_transformer else copy.deepcopy(transformer)
+        if self.architecture.prepare_network is not None:
+            self.architecture.prepare_network(self.transformer)
         # the student's own final norm (trainable, §6.6; a float copy on a quantized base), swapped in only while
         # the student runs
         self.norm_out = final_norm_copy(self.transformer, self.architecture).requires_grad_(True)

@@ -127,7 +127,15 @@ def tiny_pipeline(family: str, pipeline_class: Optional[type] = None, latent_cha
         from piflow.integrations.diffusers.families import get_family
 
         pipeline_class = getattr(diffusers, get_family(family).stock_pipeline)
-    return pipeline_class(**tiny_components(family, latent_channels, seed))
+    components = tiny_components(family, latent_channels, seed)
+    pipe = pipeline_class(**components)
+    # constructor settings that are not modules (DiT's id2label): into the pipeline config, so that save_pretrained
+    # writes them to model_index.json (DiTPipeline does not register its id2label itself)
+    settings = {k: v for k, v in components.items()
+                if isinstance(v, (dict, list, str, int, float, bool)) and k not in pipe.config}
+    if settings:
+        pipe.register_to_config(**settings)
+    return pipe
 
 
 @contextlib.contextmanager

@@ -235,7 +235,9 @@ class Architecture:
       times `output_sign`); a `Parametrisation` for diffusion models (PixArt-α): model_inputs then gets the
       network's inputs (x_t, t) = ``converter.network_inputs(x_σ, σ)`` and the output (after `tokens_to_latents`)
       goes through ``converter.velocity_from_output`` — for the teacher and, per GM component / DX node, the
-      student (`students`).
+      student (`students`);
+    * prepare_network(transformer): called once on the transformer by every teacher and student built on it, before
+      use (DiT: its class-label dropout off, so that train mode never drops a class); None: nothing to do.
     """
 
     name: str
@@ -257,6 +259,7 @@ class Architecture:
     alias: str = ""
     authors: Optional[AuthorsClasses] = None
     parametrisation: Optional[Parametrisation] = None
+    prepare_network: Optional[Callable[[nn.Module], None]] = None
 
 
 @dataclass(frozen=True)
