@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -171,7 +170,7 @@ class StepTimer:
 
 def stages(model: dict, size: int, batch: int, dtype: torch.dtype, seed: int = 0):
     """(name → call returning its time split) for one run."""
-    pf, unet = model["pf"], model["unet"]
+    pf = model["pf"]
     cond = condition(model["text"], batch, size, dtype, seed)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     optimizer: dict[str, Any] = {}

@@ -12,6 +12,7 @@ import sdxl_unet  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.mark.slow          # ~12 s: builds a LoRA UNet student and runs a π-ID step and a sample
 def test_quick_mode_writes_the_report(tmp_path):
     path = tmp_path / "quick.json"
     sdxl_unet.main(["--quick", "--json", str(path)])
