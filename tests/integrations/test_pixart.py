@@ -13,9 +13,10 @@ pytest.importorskip("transformers")
 
 from piflow.integrations.diffusers.families import ARCHITECTURES  # noqa: E402
 from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
-from piflow.integrations.diffusers.students import DiffusersPolicyStudent, DiffusersTeacher  # noqa: E402
+from piflow.integrations.diffusers.students import DiffusersTeacher  # noqa: E402
+
+from diffusion_family_checks import assert_matches_stock, assert_student_starts_at_teacher, euler_on_ddim_grid  # noqa: E402,E501
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
-from piflow.policies import GMFlowPolicy  # noqa: E402
 from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -39,37 +40,14 @@ def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance):
                      clean_caption=False).images
     base = DiffusersTeacher(pipe.transformer, "pixart", scheduler_config=pipe.scheduler.config)
     teacher = base if guidance == 1 else ClassifierFreeGuidance(base, guidance, text(pipe, [""]), batched=False)
-    schedule = base.diffusion.schedule
-    scheduler.set_timesteps(steps)
-    grid = [*schedule.sigma_of(scheduler.timesteps.double()), torch.tensor(0.0, dtype=torch.float64)]  # α(−1) = 1
-    alpha, s = schedule.alpha_s(scheduler.timesteps[0].double())
-    x = (noise.double() / (alpha + s)).float()          # the stock start x_t0 = ε as a flow state
-    cond = text(pipe, PROMPTS)
-    for i in range(steps):
-        x = x + float(grid[i + 1] - grid[i]) * teacher(x, grid[i].expand(2), cond)
-    scale = expected.abs().max()
-    assert (x - expected).abs().max() < 2e-6 * scale, float((x - expected).abs().max() / scale)
+    x = euler_on_ddim_grid(teacher, base.diffusion.schedule, scheduler, noise, text(pipe, PROMPTS), steps)
+    assert_matches_stock(x, expected)
 
 
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_student_starts_at_the_teacher(policy):
     pipe = tiny_pipeline("pixart")
-    cond = text(pipe, PROMPTS)
-    teacher = DiffusersTeacher(pipe.transformer, "pixart")
-    student = DiffusersPolicyStudent(pipe.transformer, policy, num_components=3, num_nodes=4, latent_channels=4,
-                                     head_noise_std=0.0, logstd_hidden=16, architecture="pixart").eval()
-    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.3])
-    u = teacher(x, sigma, cond)
-    with torch.no_grad():
-        out = student(x, sigma, cond)
-    if policy == "dx":
-        for k in range(4):
-            torch.testing.assert_close(out["u_grid"][:, k], u, atol=1e-5, rtol=1e-5)
-        return
-    for k in range(3):          # every component mean, in velocity space, is the teacher's u
-        torch.testing.assert_close(out["means"][:, k], u, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(GMFlowPolicy(**out, x_src=x, sigma_src=sigma).velocity(x, sigma), u, atol=1e-4,
-                               rtol=1e-5)
+    assert_student_starts_at_teacher(pipe.transformer, "pixart", policy, text(pipe, PROMPTS), 16)
 
 
 def test_unknown_prediction_type_is_a_one_line_error(tmp_path, capsys):

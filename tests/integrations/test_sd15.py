@@ -16,8 +16,10 @@ from piflow.heads import DXHead, GMHead  # noqa: E402
 from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
 from piflow.integrations.diffusers.students import DiffusersPolicyStudent, DiffusersTeacher  # noqa: E402
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
-from piflow.policies import GMFlowPolicy  # noqa: E402
 from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
+
+from diffusion_family_checks import (assert_matches_stock, assert_student_starts_at_teacher,  # noqa: E402
+                                     euler_on_ddim_grid, fresh_student)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 PROMPTS = ["a red cat", "two blue birds on a wire"]
@@ -25,17 +27,6 @@ PROMPTS = ["a red cat", "two blue birds on a wire"]
 
 def text(pipe, prompts, family="sd15"):
     return collate_text(encode_prompts(pipe, family, prompts), family)
-
-
-def euler_on_ddim_grid(teacher, schedule, scheduler, noise, cond, steps):
-    """Euler in x_σ on the σ grid of DDIM's timesteps (then σ = 0), from the stock start x_t0 = noise."""
-    scheduler.set_timesteps(steps)
-    grid = [*schedule.sigma_of(scheduler.timesteps.double()), torch.tensor(0.0, dtype=torch.float64)]
-    alpha, s = schedule.alpha_s(scheduler.timesteps[0].double())
-    x = (noise.double() / (alpha + s)).float()          # the stock start x_t0 = ε as a flow state
-    for i in range(steps):
-        x = x + float(grid[i + 1] - grid[i]) * teacher(x, grid[i].expand(noise.shape[0]), cond)
-    return x
 
 
 def ddim(pipe):
@@ -56,34 +47,21 @@ def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance):
     base = DiffusersTeacher(pipe.unet, "sd15", scheduler_config=pipe.scheduler.config)
     teacher = base if guidance == 1 else ClassifierFreeGuidance(base, guidance, text(pipe, [""]), batched=False)
     x = euler_on_ddim_grid(teacher, base.diffusion.schedule, scheduler, noise, text(pipe, PROMPTS), steps)
-    scale = expected.abs().max()
-    assert (x - expected).abs().max() < 2e-6 * scale, float((x - expected).abs().max() / scale)
+    assert_matches_stock(x, expected)
 
 
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_student_starts_at_the_teacher(policy):
     pipe = tiny_pipeline("sd15")
-    cond = text(pipe, PROMPTS)
-    teacher = DiffusersTeacher(pipe.unet, "sd15")
-    student = DiffusersPolicyStudent(pipe.unet, policy, num_components=3, num_nodes=4, latent_channels=4,
-                                     head_noise_std=0.0, logstd_hidden=16, architecture="sd15").eval()
+    student = fresh_student(pipe.unet, "sd15", policy)
     head = student.head.proj_means if policy == "gmflow" else student.head.proj
     assert isinstance(head, torch.nn.Conv2d) and head.kernel_size == (3, 3) and student.spatial_features
     assert isinstance(student.head, GMHead if policy == "gmflow" else DXHead)
-    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.3])
-    u = teacher(x, sigma, cond)
-    with torch.no_grad():
-        out = student(x, sigma, cond)
-    if policy == "dx":
-        for k in range(4):
-            torch.testing.assert_close(out["u_grid"][:, k], u, atol=1e-5, rtol=1e-5)
-        return
-    assert out["logweights"].shape == (2, 3, 1, 16, 16)
-    torch.testing.assert_close(out["logweights"], torch.full_like(out["logweights"], -torch.log(torch.tensor(3.0))))
-    for k in range(3):          # every component mean, in velocity space, is the teacher's u
-        torch.testing.assert_close(out["means"][:, k], u, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(GMFlowPolicy(**out, x_src=x, sigma_src=sigma).velocity(x, sigma), u, atol=1e-4,
-                               rtol=1e-5)
+    out = assert_student_starts_at_teacher(pipe.unet, "sd15", policy, text(pipe, PROMPTS), 16)
+    if policy == "gmflow":
+        assert out["logweights"].shape == (2, 3, 1, 16, 16)
+        torch.testing.assert_close(out["logweights"],
+                                   torch.full_like(out["logweights"], -torch.log(torch.tensor(3.0))))
 
 
 def test_head_noise_breaks_symmetry_in_output_units_and_lora_targets():

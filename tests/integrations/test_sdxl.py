@@ -14,12 +14,12 @@ pytest.importorskip("transformers")
 
 from piflow.integrations.diffusers.families import ARCHITECTURES, get_family  # noqa: E402
 from piflow.integrations.diffusers.prompts import _null_of, collate_text  # noqa: E402
-from piflow.integrations.diffusers.students import DiffusersPolicyStudent, DiffusersTeacher  # noqa: E402
+from piflow.integrations.diffusers.students import DiffusersTeacher  # noqa: E402
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
-from piflow.policies import GMFlowPolicy  # noqa: E402
 from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
 
-from test_sd15 import PROMPTS, ddim, euler_on_ddim_grid, text  # noqa: E402
+from diffusion_family_checks import assert_matches_stock, assert_student_starts_at_teacher, euler_on_ddim_grid  # noqa: E402,E501
+from test_sd15 import PROMPTS, ddim, text  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 TIME_IDS = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])       # the stock defaults for 32×32 images
@@ -42,8 +42,7 @@ def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance):
                                                                 batched=False)
     cond = dict(text(pipe, PROMPTS, "sdxl"), time_ids=TIME_IDS.expand(2, 6))
     x = euler_on_ddim_grid(teacher, base.diffusion.schedule, scheduler, noise, cond, steps)
-    scale = expected.abs().max()
-    assert (x - expected).abs().max() < 2e-6 * scale, float((x - expected).abs().max() / scale)
+    assert_matches_stock(x, expected)
 
 
 def test_micro_conditions_default_to_the_latent_size():
@@ -59,22 +58,7 @@ def test_micro_conditions_default_to_the_latent_size():
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_student_starts_at_the_teacher(policy):
     pipe = tiny_pipeline("sdxl")
-    cond = text(pipe, PROMPTS, "sdxl")
-    teacher = DiffusersTeacher(pipe.unet, "sdxl")
-    student = DiffusersPolicyStudent(pipe.unet, policy, num_components=3, num_nodes=4, latent_channels=4,
-                                     head_noise_std=0.0, logstd_hidden=16, architecture="sdxl").eval()
-    x, sigma = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0.9, 0.3])
-    u = teacher(x, sigma, cond)
-    with torch.no_grad():
-        out = student(x, sigma, cond)
-    if policy == "dx":
-        for k in range(4):
-            torch.testing.assert_close(out["u_grid"][:, k], u, atol=1e-5, rtol=1e-5)
-        return
-    for k in range(3):
-        torch.testing.assert_close(out["means"][:, k], u, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(GMFlowPolicy(**out, x_src=x, sigma_src=sigma).velocity(x, sigma), u, atol=1e-4,
-                               rtol=1e-5)
+    assert_student_starts_at_teacher(pipe.unet, "sdxl", policy, text(pipe, PROMPTS, "sdxl"), 16)
 
 
 def test_bad_settings_are_one_line_errors():
