@@ -114,11 +114,11 @@ def embedded_guidance(pipe, cond: dict, batch: int, scale: float, device) -> dic
 
 
 def decode_scaled(pipe, x: Tensor, output_type: str, cast_first: bool = False):
-    """AutoencoderKL latents (B, C, H, W) → images: x / scaling_factor + shift_factor, decoded and post-processed
-    (`cast_first`: to the VAE dtype before scaling, as the Z-Image pipeline)."""
+    """AutoencoderKL latents (B, C, H, W) → images: x / scaling_factor + shift_factor (none for SD's VAE), decoded and
+    post-processed (`cast_first`: to the VAE dtype before scaling, as the Z-Image pipeline)."""
     if cast_first:
         x = x.to(pipe.vae.dtype)
-    x = x / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    x = x / pipe.vae.config.scaling_factor + (getattr(pipe.vae.config, "shift_factor", None) or 0.0)
     image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type=output_type)
 

@@ -123,14 +123,8 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
     return noise, cond, (latent_h // patch) * (latent_w // patch)
 
 
-def decode(pipe, x: Tensor, output_type: str):
-    """Latents → images: x / scaling_factor, decoded and post-processed (the stock pipeline, no shift factor)."""
-    image = pipe.vae.decode((x / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type=output_type)
-
-
 PIPELINE = calls.PipelineHooks(
-    positional=(("prompt", None),), prepare=prepare, decode=decode,
+    positional=(("prompt", None),), prepare=prepare, decode=calls.decode_scaled,
     output="diffusers.pipelines.pipeline_utils.ImagePipelineOutput",
     params={"num_images_per_prompt": 1, "prompt_attention_mask": None, "clean_caption": True,
             "use_resolution_binning": False, "max_sequence_length": 120},

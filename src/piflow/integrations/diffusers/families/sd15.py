@@ -123,14 +123,8 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
     return noise, {"encoder_hidden_states": prompt_embeds}, noise.shape[2] * noise.shape[3]
 
 
-def decode(pipe, x: Tensor, output_type: str):
-    """Latents → images: x / scaling_factor, decoded and post-processed (the stock pipelines; no safety checker)."""
-    image = pipe.vae.decode((x / pipe.vae.config.scaling_factor).to(pipe.vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type=output_type)
-
-
 PIPELINE = calls.PipelineHooks(
-    positional=(("prompt", None),), prepare=prepare, decode=decode,
+    positional=(("prompt", None),), prepare=prepare, decode=calls.decode_scaled,
     output="diffusers.pipelines.pipeline_utils.ImagePipelineOutput",
     params={"num_images_per_prompt": 1, "clip_skip": None, "cross_attention_kwargs": None},
     unused={"guidance_scale": None, "negative_prompt": None, "negative_prompt_embeds": None,
