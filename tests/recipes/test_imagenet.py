@@ -135,6 +135,11 @@ def test_end_to_end_encode_distil_sample_evaluate(teacher_file, tmp_path, capsys
                     f"data.root={tmp_path / 'latents'}", "distill.data_free=false") == 0
     for run in (free, dependent):
         assert (run / "student.safetensors").is_file() and (run / "samples.png").is_file()
+    # sampling a finished data-dependent run does not read its training latents
+    (tmp_path / "latents").rename(tmp_path / "latents_moved")
+    assert main(["sample", "--run-dir", str(dependent), "--per-class", "1", "--num-classes", "2", "--output",
+                 str(tmp_path / "gm2_fid")]) == 0
+    (tmp_path / "latents_moved").rename(tmp_path / "latents")
     # 3. 50 samples per class of the student, and of the guided teacher (fewer: the same command)
     assert main(["sample", "--run-dir", str(free), "--per-class", "50", "--output", str(tmp_path / "gm1_fid"),
                  "--batch-size", "100"]) == 0

@@ -89,7 +89,7 @@ def sample_class_balanced(run_dir: Path, out: Path, per_class: int, *, nfe: Opti
     config, weights = finished_distill_run(run_dir, IMAGE_DISTILL_DEFAULTS, overrides)
     info = distributed.init_distributed()
     device = torch.device(device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"))
-    setup = distill_setup(config)
+    setup = distill_setup(config, load_data=False)
     classes = int(setup.teacher_model.config.num_classes)
     if num_classes is not None:
         if not 1 <= num_classes <= classes:

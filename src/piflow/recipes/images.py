@@ -27,7 +27,6 @@ from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
 from piflow.timewarp import NUM_TIMESTEPS
 
 IMAGE_DATASETS = IMAGE_DATASET_NAMES + (LABELS_ONLY,)
-TEACHER_LAYOUTS = ("auto", "sit", "repa", "authors-repa", "authors-fm")     # `piflow.models.imported.LAYOUTS`
 
 IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
@@ -186,10 +185,10 @@ def load_teacher(source: str, layout: str = "auto",
         with config_values("teacher"):
             return DiT.from_pretrained(path), None
     if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
-        from piflow.models.imported import import_teacher
+        from piflow.models.imported import LAYOUTS, import_teacher
 
-        if layout not in TEACHER_LAYOUTS:
-            raise ConfigError(f"teacher_layout must be one of {TEACHER_LAYOUTS}, got {layout!r}")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"teacher_layout must be one of {LAYOUTS}, got {layout!r}")
         return import_teacher(path, layout, input_size=input_size), None
     raise missing_teacher_run(path, "teacher/config.json (an image teacher)",
                               kinds=f"a DiT folder (config.json), a checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}) "
@@ -238,9 +237,10 @@ def teacher_identity(source: str) -> bytes:
     return key.digest()
 
 
-def distill_setup(config: dict) -> DistillSetup:
+def distill_setup(config: dict, load_data: bool = True) -> DistillSetup:
     """What every method needs of an image run: the (guided) DiT teacher, its network, fresh DiTs of its
-    architecture, the training images and labels."""
+    architecture, the training images and labels. With `load_data` False (sampling a finished run) the training
+    set is read only if a training draw asks for it — a finished ImageNet run samples without loading its latents."""
     if config["student"]["policy"] not in STUDENT_KINDS:
         raise ConfigError(f"student.policy must be one of {STUDENT_KINDS}, got {config['student']['policy']!r}")
     teacher_model, teacher_config = load_teacher(config["teacher"], config["teacher_layout"],
@@ -249,40 +249,47 @@ def distill_setup(config: dict) -> DistillSetup:
         raise ConfigError(f"teacher was trained on {teacher_config['dataset']!r}, but dataset={config['dataset']!r}")
     num_classes = int(teacher_model.config.num_classes)
     shape = (teacher_model.config.in_channels, *teacher_model.config.input_size)
-    if config["dataset"] == LABELS_ONLY:
-        if not config["distill"]["data_free"]:
-            raise ConfigError(f"dataset={LABELS_ONLY} has no images: set distill.data_free=true (data-free π-ID "
-                              f"needs only labels), or dataset=latents with data.root=<a `piflow encode-images` "
-                              f"folder> for data-dependent distillation")
-        images = None
-        labels = torch.arange(max(num_classes, 1))        # drawn uniformly: every class equally often
-    else:
-        dataset = load_dataset(config, "train")
-        images, labels = dataset, dataset.labels
-        if tuple(dataset.image_shape) != shape:
-            raise ConfigError(f"the dataset's items have shape {tuple(dataset.image_shape)}, but the teacher takes "
-                              f"{shape}")
+    loaded: dict = {}
+
+    def training_data():
+        """(the dataset or None for labels only, its labels (N,)), read and checked once."""
+        if not loaded:
+            if config["dataset"] == LABELS_ONLY:
+                loaded["data"] = (None, torch.arange(max(num_classes, 1)))    # uniform: every class equally often
+            else:
+                dataset = load_dataset(config, "train")
+                if tuple(dataset.image_shape) != shape:
+                    raise ConfigError(f"the dataset's items have shape {tuple(dataset.image_shape)}, but the teacher "
+                                      f"takes {shape}")
+                loaded["data"] = (dataset, dataset.labels)
+        return loaded["data"]
+
+    if config["dataset"] == LABELS_ONLY and not config["distill"]["data_free"]:
+        raise ConfigError(f"dataset={LABELS_ONLY} has no images: set distill.data_free=true (data-free π-ID "
+                          f"needs only labels), or dataset=latents with data.root=<a `piflow encode-images` "
+                          f"folder> for data-dependent distillation")
+    if load_data:
+        training_data()                                 # errors up front, before a run directory is touched
     guidance = config["guidance"]
     teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
     seed_initialisation(config)
 
     def draw_data(generator: torch.Generator, batch: int):
+        images = training_data()[0]
         if images is None:
             raise ConfigError(f"this method trains on data, and dataset={LABELS_ONLY} has none: use dataset=latents "
                               f"with data.root=<a `piflow encode-images` folder>")
         return images.batch(torch.randint(len(images), (batch,), generator=generator), generator)
 
-    def new_backbone() -> DiT:
-        if teacher_config is not None:
-            return build_teacher_model(teacher_config, shape, num_classes)
-        return DiT(teacher_model.config)
+    def draw_cond(generator: torch.Generator, batch: int):
+        labels = training_data()[1]
+        return labels[torch.randint(len(labels), (batch,), generator=generator)]
 
     return DistillSetup(
-        config=config, teacher=teacher, teacher_model=teacher_model, new_backbone=new_backbone,
+        config=config, teacher=teacher, teacher_model=teacher_model,
+        new_backbone=lambda: DiT(teacher_model.config),          # a fresh network of the teacher's architecture
         policy_student=lambda policy, num_nodes: build_student(config, teacher_model, policy, num_nodes),
-        shape=shape, draw_data=draw_data,
-        draw_cond=lambda generator, batch: labels[torch.randint(len(labels), (batch,), generator=generator)],
-        num_timesteps=NUM_TIMESTEPS, teacher_identity=lambda: teacher_identity(config["teacher"]))
+        shape=shape, draw_data=draw_data, draw_cond=draw_cond, num_timesteps=NUM_TIMESTEPS, teacher_identity=lambda: teacher_identity(config["teacher"]))
 
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
@@ -321,7 +328,7 @@ def student_label(config: dict) -> str:
 def load_student(run_dir: Path, overrides=()) -> tuple[Any, dict]:
     """(sampler, config) of a finished image distillation run of any method (`PiFlow` for π-ID and x0)."""
     config, weights = finished_distill_run(run_dir, IMAGE_DISTILL_DEFAULTS, overrides)
-    return load_distilled(distill_setup(config), weights), config
+    return load_distilled(distill_setup(config, load_data=False), weights), config
 
 
 def sample_spec(config: dict) -> tuple[tuple[int, ...], int]:
