@@ -486,16 +486,28 @@ class DiffusionTeacher:
             x_state = x_state / self.schedule.preconditioning(s)[2].float().to(x_t.device)
         return self._velocity(out, x_state, alpha, s)
 
-    def _velocity(self, out: Tensor, x_t: Tensor, alpha: Tensor, s: Tensor) -> Tensor:
-        """u = a·x_t + b·out from float64 CPU (α, s); the arithmetic on the tensors is float32 on their device."""
-        out = self._select_channels(out, x_t).float()
-        x_t = x_t.float()
-        device = x_t.device
+    def _affine(self, alpha: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+        """(a, b) with u = a·x_t + b·(the network's raw output), float64: `_coefficients` with EDM's output scaling
+        folded in."""
         a, b = self._coefficients(alpha, s)
         if self.prediction_type == "edm":
             c_skip, c_out, _ = self.schedule.preconditioning(s)
             # u = a·x_t + b·(c_skip·x_t + c_out·F)
             a, b = a + b * c_skip, b * c_out
+        return a, b
+
+    def output_scale(self, t: Tensor) -> Tensor:
+        """(B,) float32 on the CPU: b of u = a·x_t + b·out at the network time inputs `t` — how the network's
+        output units scale into velocity units (a student's output-space stds times |b| are velocity stds)."""
+        alpha, s = self.schedule.alpha_s(self._time_from_input(t.detach().reshape(-1).cpu()))
+        return self._affine(alpha, s)[1].float()
+
+    def _velocity(self, out: Tensor, x_t: Tensor, alpha: Tensor, s: Tensor) -> Tensor:
+        """u = a·x_t + b·out from float64 CPU (α, s); the arithmetic on the tensors is float32 on their device."""
+        out = self._select_channels(out, x_t).float()
+        x_t = x_t.float()
+        device = x_t.device
+        a, b = self._affine(alpha, s)
         return a.float().to(device) * x_t + b.float().to(device) * out
 
     def _select_channels(self, out: Tensor, x_t: Tensor) -> Tensor:

@@ -401,9 +401,8 @@ class DiffusersPolicyStudent(nn.Module):
         out = out._replace(means=out.means.flatten(1, -3), logweights=out.logweights.flatten(1, -3))
         logstds = out.logstds
         if self.diffusion is not None:          # std_u = |a|·std_out: the velocity GM is the output GM pushed forward
-            slope = self.diffusion.velocity_from_output(torch.ones_like(x_in), torch.zeros_like(x_in), t_in)
-            logstds = logstds + slope.reshape(slope.shape[0], -1)[:, 0].abs().log().reshape(
-                -1, *([1] * (logstds.dim() - 1))).to(logstds.dtype)
+            scale = self.diffusion.output_scale(t_in).abs().log().to(logstds.device, logstds.dtype)
+            logstds = logstds + scale.reshape(-1, *([1] * (logstds.dim() - 1)))
         return {"means": self._velocities(self._unpack(out.means, size), x_in, t_in),
                 "logweights": self._unpack(out.logweights, size), "logstds": logstds}
 
