@@ -56,6 +56,11 @@ def absolute_paths(config: Mapping, base: Optional[Union[str, Path]] = None) -> 
 
 # keys that came with the methods (piflow.methods): a run saved before them never read them
 ADDED_WITH_METHODS = ("dmd2", "meanflow", "distill.x0_bank_size")
+# the ``objective`` section of teacher configs (`piflow.train.flow_matching`): flow matching, or a VP diffusion
+# model on this schedule (improved DDPM's cosine β table by default: the schedule small-image diffusion models use).
+# A teacher run saved before the section existed was a flow-matching run.
+OBJECTIVE_DEFAULTS = {"prediction_type": "flow", "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
+                      "beta_start": 0.0001, "beta_end": 0.02, "rescale_betas_zero_snr": False}
 
 
 def _fill_method_keys(config: dict, template: Mapping) -> dict:
@@ -85,10 +90,13 @@ def upgrade_config(raw: Mapping, template: Mapping, saved_run: bool = False) -> 
     versions rewritten for a `template` (the defaults, or the new config) that has the new keys, keeping their old
     meaning: ``distill.gm_dropout`` (GM dropout; the recipes used 0 for DX and x0 students whatever it said) becomes
     ``distill.policy_dropout`` (0 for a dx/x0 ``student.policy``), by `piflow.settings.rename_old_dropout`. A run's
-    saved config (`saved_run`) from before the methods also gets their keys (`_fill_method_keys`)."""
+    saved config (`saved_run`) from before the methods also gets their keys (`_fill_method_keys`), and a teacher run
+    from before the ``objective`` section the flow-matching objective it was trained with."""
     config = dict(raw)
     if saved_run:
         config = _fill_method_keys(config, template)
+        if "objective" in template and "objective" not in config:
+            config["objective"] = dict(OBJECTIVE_DEFAULTS)
     distill, new = config.get("distill"), template.get("distill")
     if isinstance(distill, Mapping) and OLD_DROPOUT_NAME in distill and isinstance(new, Mapping) \
             and "policy_dropout" in new and OLD_DROPOUT_NAME not in new:

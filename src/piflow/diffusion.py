@@ -522,6 +522,38 @@ class DiffusionTeacher:
             raise ValueError(f"the model output has shape {tuple(out.shape)}, expected {tuple(x_t.shape)}{hint}")
         return out
 
+    # -- training and sharing -------------------------------------------------------------------------------------
+
+    def without_model(self) -> "DiffusionTeacher":
+        """The same conversion with no network attached: what a student that runs its own copy of the network keeps
+        (`network_inputs`, `velocity_from_output`, `output_scale`), so that copying the student (EMA) never copies
+        the teacher's weights."""
+        return self.with_model(None)
+
+    def with_model(self, model: Optional[Callable[..., Any]]) -> "DiffusionTeacher":
+        """This conversion (schedule, prediction type, kept channels, time input) around `model`."""
+        return DiffusionTeacher(model, self.schedule, self.prediction_type, out_channels=self.out_channels,
+                                timestep_input=self.timestep_input)
+
+    def training_example(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(x_in, t_in, target) of the denoising objective at model times `t` (B,) of the schedule: the network
+        input x_t = α_t·x0 + s_t·ε, its time input and what it should output (ε, v = α·ε − s·x0 or x0), so that a
+        network trained on ‖model(x_in, t_in) − target‖² is the network this teacher converts. Float32, on the
+        device of x0; "edm" (raw F of a preconditioned network) is not offered."""
+        if self.prediction_type == "edm":
+            raise ValueError("training_example: prediction_type 'edm' is not a training target piflow offers; use "
+                             "epsilon, v_prediction or sample")
+        if x0.shape != noise.shape:
+            raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        alpha, s = self.schedule.alpha_s(t.detach().reshape(-1).cpu().to(torch.float64))
+        shape = (x0.shape[0], *([1] * (x0.dim() - 1)))
+        alpha = alpha.reshape(shape).float().to(x0.device)
+        s = s.reshape(shape).float().to(x0.device)
+        x0, noise = x0.float(), noise.float()
+        x_t = alpha * x0 + s * noise
+        target = {"epsilon": noise, "v_prediction": alpha * noise - s * x0, "sample": x0}[self.prediction_type]
+        return x_t, self._time_in(t.reshape(-1).to(torch.float64)).float().to(x0.device), target
+
     # -- the teacher -----------------------------------------------------------------------------------------------
 
     def _call_model(self, x_in: Tensor, t_in: Tensor, cond: Any) -> Tensor:

@@ -102,3 +102,48 @@ def test_student_of_a_frozen_teacher_trains_its_whole_network():
     student = PolicyStudent(teacher, "gmflow", num_components=2)
     assert all(p.requires_grad for p in student.parameters())
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+# ------------------------------------------------------------------ students of diffusion-trained networks (§15)
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("backbone", ["mlp", "dit"])
+def test_students_of_diffusion_networks_start_at_the_converted_teacher(kind, backbone):
+    """A network trained as an ε/v/x0 diffusion model, wrapped by `DiffusionTeacher`, and the policy student built
+    on a copy of it with the same conversion: at initialisation (no head noise) every GM component and every DX
+    node equals the wrapped teacher's velocity at (x_σ, σ), and the GM stds are the head's times |∂u/∂out|
+    (for ε-prediction (α + s)/α, computed here from the β table)."""
+    from piflow.diffusion import DiffusionTeacher, DiscreteVPSchedule
+
+    schedule = DiscreteVPSchedule.from_betas(1000, beta_schedule="squaredcos_cap_v2")
+    if backbone == "mlp":
+        torch.manual_seed(0)
+        net, x, cond = MLPVelocityModel2D(hidden_size=32, num_layers=2).eval(), torch.randn(3, 2), None
+    else:
+        net, x, cond = _random_dit(), torch.randn(3, 3, 8, 8), torch.tensor([0, 2, 4])
+    teacher = DiffusionTeacher(net, schedule, kind)
+    sigma = torch.tensor([0.95, 0.5, 0.1])
+    u_teacher = teacher(x, sigma, cond)
+    student = PolicyStudent(net, "gmflow", num_components=3, head_noise_std=0.0, diffusion=teacher).eval()
+    assert student.diffusion.model is None            # the student keeps no reference to the teacher's network
+    with torch.no_grad():
+        out = student(x, sigma, cond)
+    for k in range(3):
+        torch.testing.assert_close(out["means"][:, k], u_teacher, atol=2e-5, rtol=2e-5)
+    policy = GMFlowPolicy(**out, x_src=x, sigma_src=sigma)
+    torch.testing.assert_close(policy.velocity(x, sigma), u_teacher, atol=2e-5, rtol=2e-5)
+    if kind == "epsilon":
+        alphas_cumprod = torch.cumprod(1 - schedule.betas, 0)
+        lower = schedule.timestep_of(sigma.double()).floor().long()     # bracket σ's timestep on the integer grid
+
+        def b_at(step):
+            return (alphas_cumprod[step].sqrt() + (1 - alphas_cumprod[step]).sqrt()) / alphas_cumprod[step].sqrt()
+
+        b_lo, b_hi = b_at(lower), b_at(lower + 1)                       # b = (α + s)/α grows with t
+        b = (out["logstds"] - torch.log(torch.tensor(0.05))).exp().double()
+        assert bool(((b >= b_lo - 1e-5) & (b <= b_hi + 1e-5)).all()), (b, b_lo, b_hi)
+    dx = PolicyStudent(net, "dx", num_nodes=4, diffusion=teacher).eval()
+    with torch.no_grad():
+        nodes = dx(x, sigma, cond)["u_grid"]
+    torch.testing.assert_close(nodes[:, 0], u_teacher, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(nodes[:, -1], u_teacher, atol=2e-5, rtol=2e-5)

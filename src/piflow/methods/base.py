@@ -35,7 +35,9 @@ class DistillSetup:
     policy_student(policy, num_nodes): the recipe's `PolicyStudent` for a GM/DX policy. shape: one sample's shape.
     draw_data / draw_cond: training batches of data / of conditions. num_timesteps: S, networks see σ·S.
     teacher_identity(): bytes that identify the teacher's weights, computed only by a method that caches teacher
-    samples (the key of that cache; None: nothing is cached).
+    samples (the key of that cache; None: nothing is cached). teacher_conversion: the network-free
+    `piflow.diffusion.DiffusionTeacher` of a teacher network trained as a diffusion model (its policy students
+    convert the network's outputs with it), or None for a velocity network.
     """
 
     config: dict
@@ -48,6 +50,7 @@ class DistillSetup:
     draw_cond: CondDraw
     num_timesteps: float
     teacher_identity: Optional[Callable[[], bytes]] = None
+    teacher_conversion: Optional[Any] = None
 
     @property
     def batch_size(self) -> int:
@@ -61,10 +64,16 @@ class DistillSetup:
     def seed(self) -> int:
         return int(self.config["train"]["seed"])
 
-    def base_network(self) -> nn.Module:
-        """A trainable copy of the teacher's network, or a fresh backbone when the teacher has none."""
+    def base_network(self, method: str = "this method") -> nn.Module:
+        """A trainable copy of the teacher's network, or a fresh backbone when the teacher has none. A diffusion
+        teacher's network is not a velocity network: a one-line `ConfigError` naming `method`."""
         import copy
 
+        if self.teacher_conversion is not None:
+            raise ConfigError(f"{method} starts from a copy of the teacher's network as a velocity network, and this "
+                              f"teacher was trained as a diffusion model (prediction_type "
+                              f"{self.teacher_conversion.prediction_type!r}); use method=piid or method=x0 (their "
+                              f"policy students convert its outputs) or a flow-matching teacher")
         if self.teacher_model is None:
             return self.new_backbone()
         return copy.deepcopy(self.teacher_model).requires_grad_(True)

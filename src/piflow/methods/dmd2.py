@@ -188,7 +188,8 @@ class DMD2(Method):
 
     def student(self) -> DMD2Student:
         setup = self.setup
-        return DMD2Student(setup.base_network(), setup.base_network() if setup.teacher_model is None else None,
+        generator = setup.base_network("method=dmd2")
+        return DMD2Student(generator, setup.base_network() if setup.teacher_model is None else None,
                            num_timesteps=setup.num_timesteps)
 
     def loss_fn(self, student: DMD2Student):

@@ -36,7 +36,8 @@ MEANFLOW_INITS = ("auto", "teacher", "scratch")
 class MeanFlowSettings:
     """The MeanFlow paper's ImageNet defaults: 25 % of pairs with r ≠ t, logit-normal(−0.4, 1) times, p = 1.
     init: the network's start, "teacher" (a copy of the teacher's network), "scratch" (a fresh backbone) or
-    "auto" (the teacher's network when the teacher has one)."""
+    "auto" (the teacher's network when the teacher has a velocity network; a fresh one for the exact teacher and
+    for diffusion-trained teachers, whose network predicts ε, v or x0)."""
 
     ratio_r_not_t: float = 0.25
     time_mu: float = -0.4
@@ -191,7 +192,9 @@ class MeanFlow(Method):
 
             raise ConfigError("meanflow.init=teacher needs a teacher with a network (a teacher run); this teacher "
                               "has none: use meanflow.init=scratch or auto")
-        base = setup.new_backbone() if self.settings.init == "scratch" else setup.base_network()
+        scratch = self.settings.init == "scratch" or (self.settings.init == "auto"
+                                                        and setup.teacher_conversion is not None)
+        base = setup.new_backbone() if scratch else setup.base_network("meanflow.init=teacher")
         return AverageVelocityNet(base.requires_grad_(True), setup.num_timesteps)
 
     def loss_fn(self, student: AverageVelocityNet):

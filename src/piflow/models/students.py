@@ -4,6 +4,12 @@ Works with any velocity network that exposes
 * ``features(x, t, cond) -> (h, cond_emb)``: h (B, D) for vector data or (B, L, D) tokens, cond_emb (B, E);
 * ``proj_out``: the nn.Linear output projection (D → out_dim) that the head replicates;
 * for token models, ``unpatchify(tokens (B, L, p²·c), channels=c) -> (B, c, *spatial)``.
+
+A network trained as a diffusion model (ε-, v- or x0-prediction, `piflow.train.flow_matching.denoising_loss`) works
+too, with its `DiffusionTeacher` conversion (``diffusion=``): the backbone then sees (x_t, t) =
+``network_inputs(x_σ, σ)`` and the head's per-component outputs (in the network's output units, replicated from
+its projection) are mapped to velocities by the same affine map as the teacher's, u = a·out + b·x_t, with every
+GM std scaled by |a| (docs/algorithm.md §15, as `DiffusersPolicyStudent` does).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from piflow.checks import as_batch_sigma
+from piflow.diffusion import DiffusionTeacher
 from piflow.heads import make_policy_head
 from piflow.settings import policy_kind
 from piflow.timewarp import NUM_TIMESTEPS
@@ -30,13 +37,16 @@ class PolicyStudent(nn.Module):
         init_from_teacher: replicate the teacher's output projection into the head (else the no-teacher init).
         head_noise_std: symmetry-breaking bias noise of the GM means (std in u units).
         logstd_hidden: width of the GM log-std MLP.
+        diffusion: the `DiffusionTeacher` of a diffusion-trained network (its network-free `without_model()` copy
+            is kept), or None for a velocity network.
     """
 
     def __init__(self, teacher_model: nn.Module, policy: str = "gmflow", num_components: int = 8,
                  num_nodes: int = 10, dx_mode: str = "grid", num_timesteps: float = NUM_TIMESTEPS,
                  init_from_teacher: bool = True, head_noise_std: float = 0.05, logstd_hidden: int = 1024,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, diffusion: Optional[DiffusionTeacher] = None):
         super().__init__()
+        self.diffusion = None if diffusion is None else diffusion.without_model()
         projection = getattr(teacher_model, "proj_out", None)
         if not isinstance(projection, nn.Linear) or not hasattr(teacher_model, "features"):
             raise TypeError("teacher_model must expose features(x, t, cond) and an nn.Linear proj_out")
@@ -64,14 +74,31 @@ class PolicyStudent(nn.Module):
         spatial = self.backbone.unpatchify(tokens, channels)
         return spatial.reshape(batch, num, *spatial.shape[1:])
 
+    def _velocities(self, outputs: Tensor, x_in: Tensor, t_in: Tensor) -> Tensor:
+        """(B, K, c, *spatial) per-component network outputs → velocities a·out_k + b·x_t (diffusion networks;
+        a velocity network's outputs are velocities already)."""
+        if self.diffusion is None:
+            return outputs
+        batch, num = outputs.shape[:2]
+        flat = outputs.reshape(batch * num, *outputs.shape[2:])
+        u = self.diffusion.velocity_from_output(flat, x_in.repeat_interleave(num, dim=0), t_in.repeat_interleave(num))
+        return u.reshape(outputs.shape).to(outputs.dtype)
+
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> dict:
         sigma = as_batch_sigma(sigma, x.shape[0], 1, x.device, check=False)
-        features, cond_emb = self.backbone.features(x, sigma * self.num_timesteps, cond)
+        if self.diffusion is None:
+            x_in, t_in = x, sigma * self.num_timesteps
+        else:
+            x_in, t_in = self.diffusion.network_inputs(x, sigma)
+        features, cond_emb = self.backbone.features(x_in, t_in, cond)
         if self.policy_kind == "dx":
-            return {"u_grid": self._to_spatial(self.head(features), self.channels)}
+            return {"u_grid": self._velocities(self._to_spatial(self.head(features), self.channels), x_in, t_in)}
         out = self.head(features, cond_emb)
-        logweights = out.logweights
+        logweights, logstds = out.logweights, out.logstds
+        if self.diffusion is not None:       # std_u = |a|·std_out: the velocity GM is the output GM pushed forward
+            scale = self.diffusion.output_scale(t_in).abs().log().to(logstds.device, logstds.dtype)
+            logstds = logstds + scale.reshape(-1, *([1] * (logstds.dim() - 1)))
         if logweights.dim() == 3:                          # vector data: (B, K, 1) already
-            return {"means": out.means, "logweights": logweights, "logstds": out.logstds}
-        return {"means": self._to_spatial(out.means, self.channels),
-                "logweights": self._to_spatial(logweights, 1), "logstds": out.logstds}
+            return {"means": self._velocities(out.means, x_in, t_in), "logweights": logweights, "logstds": logstds}
+        return {"means": self._velocities(self._to_spatial(out.means, self.channels), x_in, t_in),
+                "logweights": self._to_spatial(logweights, 1), "logstds": logstds}

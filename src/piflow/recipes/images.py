@@ -1,4 +1,5 @@
-"""Image-scale π-Flow: class-conditional DiT teacher → GM/DX policy students (or an x0-regression baseline).
+"""Image-scale π-Flow: class-conditional DiT teacher (flow matching, or a diffusion model: ``objective``) → GM/DX
+policy students (or an x0-regression, DMD2 or MeanFlow baseline).
 
 Same run-directory conventions as the 2-D recipe: ``config.yaml``, ``checkpoint.pt`` (resumable), ``teacher/`` or
 ``student.safetensors``, ``metrics.json`` and PNG sample grids.
@@ -12,7 +13,7 @@ from typing import Any, Optional
 import torch
 
 from piflow.checks import positive_int
-from piflow.config import ConfigError, load_config
+from piflow.config import OBJECTIVE_DEFAULTS, ConfigError, load_config
 from piflow.data.images import IMAGE_DATASET_NAMES, LABELS_ONLY
 from piflow.models import DiT
 from piflow.models.students import PolicyStudent
@@ -22,8 +23,8 @@ from piflow.recipes.common import (check_dataset, check_settings, config_values,
                                    finished_distill_run, load_distilled, missing_teacher_run, run_recipe,
                                    seed_initialisation, train_defaults)
 from piflow.sampling import euler_sample
-from piflow.teachers import ClassifierFreeGuidance, NetworkTeacher
-from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
+from piflow.teachers import ClassifierFreeGuidance
+from piflow.train.flow_matching import check_time_sampling, diffusion_conversion, network_teacher, teacher_loss
 from piflow.timewarp import NUM_TIMESTEPS
 
 IMAGE_DATASETS = IMAGE_DATASET_NAMES + (LABELS_ONLY,)
@@ -33,6 +34,7 @@ IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {
     "data": {"root": Optional_(str), "image_size": Optional_(int)},
     "model": {"preset": "DiT-T", "patch_size": 2, "hidden_size": 96, "depth": 3, "num_heads": 4},
     "flow_matching": {"batch_size": 64, "time_sampling": "logit_normal", "class_dropout": 0.1},
+    "objective": dict(OBJECTIVE_DEFAULTS),
     "train": train_defaults(iters=2000, ema_start=200),
     "eval": {"num_samples": 1000, "teacher_steps": [1, 2, 4, 8, 32], "guidance_scale": 1.0, "seed": 1234,
              "data_check_samples": 256, "data_distance_warn": 1.2},
@@ -94,10 +96,12 @@ def build_teacher_model(config: dict, image_shape: tuple[int, ...], num_classes:
 
 
 def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
-    """Rectified-flow matching of a class-conditional DiT with label dropout (for CFG)."""
+    """Rectified-flow matching (or the ``objective``'s diffusion training) of a class-conditional DiT with label
+    dropout (for CFG)."""
     check_settings(config)
     fm = config["flow_matching"]
     check_time_sampling(fm["time_sampling"])
+    conversion = diffusion_conversion(config["objective"])
     if not 0.0 <= fm["class_dropout"] < 1.0:
         raise ConfigError(f"flow_matching.class_dropout must lie in [0, 1), got {fm['class_dropout']}")
     dataset = load_dataset(config, "train")
@@ -111,11 +115,12 @@ def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False
         y = labels[index]
         drop = torch.rand(batch, generator=generator) < fm["class_dropout"]
         y = torch.where(drop, torch.full_like(y, dataset.num_classes), y)
-        return flow_matching_loss(model, images[index], y, fm["time_sampling"], generator, NUM_TIMESTEPS)
+        return teacher_loss(model, images[index], y, fm["time_sampling"], generator, conversion)
 
     def finish(result) -> dict:
         result.ema.model.save_pretrained(run_dir / "teacher")
-        teacher = make_teacher(result.ema.model, dataset.num_classes, config["eval"]["guidance_scale"])
+        teacher = make_teacher(result.ema.model, dataset.num_classes, config["eval"]["guidance_scale"],
+                               conversion=conversion)
         gen = torch.Generator().manual_seed(config["eval"]["seed"])
         noise, y = _eval_inputs(16, images.shape[1:], dataset.num_classes, gen)
         grid = euler_sample(teacher, noise, 32, y)
@@ -123,7 +128,8 @@ def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False
         return {"final_loss": result.history[-1]["loss"], **check_samples_near_data(teacher, config, dataset)}
 
     return run_recipe(config, run_dir, "train-teacher", allow_config_change, model, loss_fn, finish,
-                      "teacher flow-matching loss")
+                      "teacher flow-matching loss" if conversion is None
+                      else f"teacher denoising loss ({conversion.prediction_type})")
 
 
 def check_samples_near_data(teacher, config: dict, train_data) -> dict:
@@ -162,9 +168,11 @@ def check_samples_near_data(teacher, config: dict, train_data) -> dict:
 
 
 def make_teacher(model: DiT, num_classes: int, guidance_scale: float = 1.0,
-                 interval: tuple[float, float] = (0.0, 1.0)):
+                 interval: tuple[float, float] = (0.0, 1.0), conversion=None):
+    """The (guided) teacher of a DiT: its velocity, or for a diffusion-trained DiT its `conversion`
+    (`teacher_conversion`) around it; CFG with the null class `num_classes` unless `guidance_scale` is 1."""
     model.eval().requires_grad_(False)
-    teacher = NetworkTeacher(model, NUM_TIMESTEPS)
+    teacher = network_teacher(model, conversion)
     if guidance_scale == 1.0:
         return teacher
     return ClassifierFreeGuidance(teacher, guidance_scale, num_classes, interval)
@@ -195,6 +203,12 @@ def load_teacher(source: str, layout: str = "auto",
                                     f"or ")
 
 
+def teacher_conversion(teacher_config: Optional[dict]):
+    """The `DiffusionTeacher` conversion of a teacher run trained with a diffusion ``objective`` (None for flow
+    teachers, DiT folders and checkpoint files, which are velocity networks)."""
+    return None if teacher_config is None else diffusion_conversion(teacher_config["objective"])
+
+
 def _eval_inputs(num: int, shape, num_classes: int, generator: torch.Generator):
     noise = torch.randn(num, *shape, generator=generator)
     labels = torch.arange(num) % num_classes
@@ -205,9 +219,9 @@ STUDENT_KINDS = ("gmflow", "dx", "x0")        # x0: the spelling of ``method: x0
 
 
 def build_student(config: dict, teacher_model: DiT, policy: Optional[str] = None,
-                  num_nodes: Optional[int] = None) -> PolicyStudent:
+                  num_nodes: Optional[int] = None, conversion=None) -> PolicyStudent:
     """A GM or DX policy student on a copy of the teacher's DiT (``student`` section; `policy`/`num_nodes`
-    override it)."""
+    override it; `conversion`: the teacher's `teacher_conversion`)."""
     spec = config["student"]
     seed_initialisation(config)
     with config_values("student"):
@@ -215,7 +229,7 @@ def build_student(config: dict, teacher_model: DiT, policy: Optional[str] = None
                                 num_nodes=spec["num_nodes"] if num_nodes is None else num_nodes,
                                 dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS,
                                 logstd_hidden=spec["logstd_hidden"],
-                                generator=torch.Generator().manual_seed(config["train"]["seed"]))
+                                generator=torch.Generator().manual_seed(config["train"]["seed"]), diffusion=conversion)
     student.backbone.gradient_checkpointing = bool(spec["gradient_checkpointing"])
     return student
 
@@ -271,7 +285,8 @@ def distill_setup(config: dict, load_data: bool = True) -> DistillSetup:
     if load_data:
         training_data()                                 # errors up front, before a run directory is touched
     guidance = config["guidance"]
-    teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]))
+    conversion = teacher_conversion(teacher_config)
+    teacher = make_teacher(teacher_model, num_classes, guidance["scale"], tuple(guidance["interval"]), conversion)
     seed_initialisation(config)
 
     def draw_data(generator: torch.Generator, batch: int):
@@ -288,8 +303,9 @@ def distill_setup(config: dict, load_data: bool = True) -> DistillSetup:
     return DistillSetup(
         config=config, teacher=teacher, teacher_model=teacher_model,
         new_backbone=lambda: DiT(teacher_model.config),          # a fresh network of the teacher's architecture
-        policy_student=lambda policy, num_nodes: build_student(config, teacher_model, policy, num_nodes),
-        shape=shape, draw_data=draw_data, draw_cond=draw_cond, num_timesteps=NUM_TIMESTEPS, teacher_identity=lambda: teacher_identity(config["teacher"]))
+        policy_student=lambda policy, num_nodes: build_student(config, teacher_model, policy, num_nodes, conversion),
+        shape=shape, draw_data=draw_data, draw_cond=draw_cond, num_timesteps=NUM_TIMESTEPS,
+        teacher_identity=lambda: teacher_identity(config["teacher"]), teacher_conversion=conversion)
 
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:

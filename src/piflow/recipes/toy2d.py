@@ -1,4 +1,5 @@
-"""2-D end to end: train a flow-matching teacher, distil it with π-ID, sample, evaluate against exact references.
+"""2-D end to end: train a teacher (flow matching, or a diffusion model: ``objective``), distil it with π-ID, sample,
+evaluate against exact references.
 
 Run directories hold ``config.yaml`` (resolved), ``checkpoint.pt`` (resumable training state),
 ``teacher.safetensors`` or ``student.safetensors`` (EMA weights), ``metrics.json`` and PNG figures.
@@ -11,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from piflow.config import ConfigError, load_config
+from piflow.config import OBJECTIVE_DEFAULTS, ConfigError, load_config
 from piflow.data import make_toy_dataset
 from piflow.eval import coupling_error, energy_distance, mode_statistics, sliced_wasserstein2
 from piflow.models import MLPVelocityModel2D
@@ -19,9 +20,10 @@ from piflow.models.students import PolicyStudent
 from piflow.model import PiFlow
 from piflow.rollout import num_substeps, rollout
 from piflow.sampling import FlowMapSDESchedule, euler_sample, euler_trajectory, rk4_sample
-from piflow.teachers import GaussianMixtureTeacher, NetworkTeacher
+from piflow.teachers import GaussianMixtureTeacher
 from piflow.timewarp import NUM_TIMESTEPS, unwarp, warp
-from piflow.train.flow_matching import check_time_sampling, flow_matching_loss
+from piflow.diffusion import DiffusionTeacher
+from piflow.train.flow_matching import check_time_sampling, diffusion_conversion, network_teacher, teacher_loss
 from piflow.recipes import plots
 from piflow.data import TOY_DATASET_NAMES
 from piflow.files import save_safetensors
@@ -35,6 +37,7 @@ TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "checkerboard",
     "model": {"hidden_size": 256, "num_layers": 4},
     "flow_matching": {"batch_size": 1024, "time_sampling": "uniform"},
+    "objective": dict(OBJECTIVE_DEFAULTS),
     "train": train_defaults(iters=3000, lr=2e-3, ema_start=200),
     "eval": {"num_samples": 5000, "teacher_steps": [1, 2, 4, 8, 128], "seed": 1234},
 }
@@ -62,7 +65,8 @@ def load_dataset(name: str):
 
 
 def load_teacher(spec: str, dataset_name: str):
-    """'exact' → GaussianMixtureTeacher of a mixture dataset; otherwise a teacher run directory."""
+    """(teacher, its network or None): 'exact' → GaussianMixtureTeacher of a mixture dataset; otherwise a teacher
+    run directory (a `NetworkTeacher`, or a `DiffusionTeacher` for a run trained with a diffusion objective)."""
     dataset = load_dataset(dataset_name)
     if spec == "exact":
         if dataset.mixture is None:
@@ -80,30 +84,33 @@ def load_teacher(spec: str, dataset_name: str):
                                num_layers=teacher_cfg["model"]["num_layers"])
     load_weights(model, weights, "teacher weights")
     model.eval().requires_grad_(False)
-    return NetworkTeacher(model, NUM_TIMESTEPS), model
+    return network_teacher(model, diffusion_conversion(teacher_cfg["objective"])), model
 
 
 def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
-    """Rectified-flow matching of an MLP on a 2-D dataset; writes teacher.safetensors and metrics."""
+    """Rectified-flow matching (or the ``objective``'s diffusion training) of an MLP on a 2-D dataset; writes
+    teacher.safetensors and metrics."""
     check_settings(config)
     dataset = load_dataset(config["dataset"])
     fm = config["flow_matching"]
     check_time_sampling(fm["time_sampling"])
+    conversion = diffusion_conversion(config["objective"])
     seed_initialisation(config)
     model = MLPVelocityModel2D(hidden_size=config["model"]["hidden_size"], num_layers=config["model"]["num_layers"])
     batch = int(fm["batch_size"])
 
     def loss_fn(iteration: int, generator: torch.Generator, backward) -> torch.Tensor:
-        return flow_matching_loss(lambda x, t, cond: model(x, t), dataset.sample(batch, generator), None,
-                                  fm["time_sampling"], generator, NUM_TIMESTEPS)
+        return teacher_loss(lambda x, t, cond: model(x, t), dataset.sample(batch, generator), None,
+                            fm["time_sampling"], generator, conversion)
 
     def finish(result) -> dict:
         save_safetensors(run_dir / "teacher.safetensors", result.ema.model.state_dict())
-        return evaluate_methods(NetworkTeacher(result.ema.model, NUM_TIMESTEPS), None, dataset, config["eval"],
+        return evaluate_methods(network_teacher(result.ema.model, conversion), None, dataset, config["eval"],
                                 run_dir)
 
     return run_recipe(config, run_dir, "train-teacher", allow_config_change, model, loss_fn, finish,
-                      "teacher flow-matching loss")
+                      "teacher flow-matching loss" if conversion is None
+                      else f"teacher denoising loss ({conversion.prediction_type})")
 
 
 # --------------------------------------------------------------------------------------------- students
@@ -112,9 +119,10 @@ def _backbone(config: dict) -> MLPVelocityModel2D:
 
 
 def build_student(config: dict, teacher_model: Optional[torch.nn.Module], policy: Optional[str] = None,
-                  num_nodes: Optional[int] = None) -> PolicyStudent:
+                  num_nodes: Optional[int] = None, conversion: Optional[DiffusionTeacher] = None) -> PolicyStudent:
     """The MLP policy student (``student`` section; `policy`/`num_nodes` override it): a copy of the teacher's
-    network, or a fresh MLP with the no-teacher head initialisation for the exact teacher."""
+    network (converted by `conversion` for a diffusion-trained teacher), or a fresh MLP with the no-teacher head
+    initialisation for the exact teacher."""
     spec = config["student"]
     seed_initialisation(config)
     if teacher_model is not None:
@@ -125,7 +133,8 @@ def build_student(config: dict, teacher_model: Optional[torch.nn.Module], policy
         return PolicyStudent(base, policy or spec["policy"], num_components=spec["num_components"],
                              num_nodes=spec["num_nodes"] if num_nodes is None else num_nodes,
                              dx_mode=spec["dx_mode"], num_timesteps=NUM_TIMESTEPS, init_from_teacher=init,
-                             logstd_hidden=256, generator=torch.Generator().manual_seed(config["train"]["seed"]))
+                             logstd_hidden=256, generator=torch.Generator().manual_seed(config["train"]["seed"]),
+                             diffusion=conversion)
 
 
 def distill_setup(config: dict, dataset=None) -> DistillSetup:
@@ -133,15 +142,17 @@ def distill_setup(config: dict, dataset=None) -> DistillSetup:
     (`dataset`, or the config's)."""
     dataset = load_dataset(config["dataset"]) if dataset is None else dataset
     teacher, teacher_model = load_teacher(config["teacher"], config["dataset"])
+    conversion = teacher.without_model() if isinstance(teacher, DiffusionTeacher) else None
     seed_initialisation(config)
 
     def policy_student(policy: str, num_nodes: int) -> PolicyStudent:
-        return build_student(config, teacher_model, policy, num_nodes)
+        return build_student(config, teacher_model, policy, num_nodes, conversion)
 
     return DistillSetup(config=config, teacher=teacher, teacher_model=teacher_model,
                         new_backbone=lambda: _backbone(config), policy_student=policy_student, shape=(2,),
                         draw_data=lambda generator, batch: (dataset.sample(batch, generator), None),
-                        draw_cond=lambda generator, batch: None, num_timesteps=NUM_TIMESTEPS)
+                        draw_cond=lambda generator, batch: None, num_timesteps=NUM_TIMESTEPS,
+                        teacher_conversion=conversion)
 
 
 def distill(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:

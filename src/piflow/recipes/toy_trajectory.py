@@ -68,11 +68,12 @@ def run_toy_trajectory(teacher_run: Path, run_dir: Path, label: int = 3, iters: 
                        num_components: int = 32, seed: int = 0, snapshot_every: int = 250) -> dict:
     from piflow.recipes import images, plots
 
-    teacher_model, _ = images.load_teacher(str(teacher_run))
+    teacher_model, teacher_config = images.load_teacher(str(teacher_run))
     num_classes = teacher_model.config.num_classes
     if not 0 <= label < max(num_classes, 1):
         raise ConfigError(f"--label must lie in [0, {num_classes}), got {label}")
-    teacher = images.make_teacher(teacher_model, num_classes)
+    teacher = images.make_teacher(teacher_model, num_classes,
+                                  conversion=images.teacher_conversion(teacher_config))
     shape = (teacher_model.config.in_channels, *teacher_model.config.input_size)
     noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(seed))
     cond = torch.tensor([label])
