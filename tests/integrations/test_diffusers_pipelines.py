@@ -23,13 +23,12 @@ from family_cases import (REFERENCE_AREA, encode_arguments, image_size, latent_s
                           size_arguments)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-ARCHS = sorted(FAMILIES)      # every family
-# flow-matching families: a random tiny ε-prediction model (PixArt, SD 1.5, SDXL, DiT) has velocities of ~600 near
-# σ = 1 (1/α ≈ 150), so a 4-step GM rollout amplifies float round-off beyond 1e-5, PixArt's and DiT's transformers have
-# no diffusers LoRA loader (set_adapters), and these tests drive `pipe.transformer` (the UNet families' network is
-# `pipe.unet`); their pipelines are tested in test_pixart.py, test_sd15.py, test_sdxl.py and test_dit_family.py
-DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl", "dit")
-FLOW_ARCHS = [name for name in ARCHS if name not in DIFFUSION_FAMILIES]
+ARCHS = sorted(name for name in FAMILIES if name != "dit")   # DiT-XL/2 takes class labels: test_dit_family.py
+# the diffusion families (ε-prediction): a random tiny ε model has velocities of ~600 near σ = 1 (1/α ≈ 150), so
+# their samples are compared relative to their largest value; PixArt's transformer has no diffusers LoRA loader
+# (set_adapters), so the LoRA-combination test runs on the others
+DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl")
+SET_ADAPTER_ARCHS = [name for name in ARCHS if name != "pixart"]
 SIZE = 32            # pixels; latents 16×16
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
@@ -40,20 +39,32 @@ def small_references():
         yield
 
 
+def denoiser(pipe, family):
+    """The pipeline's network: ``pipe.unet`` (SD 1.5, SDXL) or ``pipe.transformer``."""
+    return getattr(pipe, get_family(family).denoiser)
+
+
+def assert_close_to_scale(actual, expected, rel=1e-5):
+    """|actual − expected| ≤ rel·max|expected| everywhere (float round-off relative to the largest value)."""
+    assert float((actual - expected).abs().max()) <= rel * float(expected.abs().max())
+
+
 def lora_student(pipe, family, policy, seed=0):
     architecture = get_family(family).architecture
-    targets = ARCHITECTURES[architecture].lora_targets(pipe.transformer)
-    add_student_lora(pipe.transformer, rank=4, target_modules=targets)
+    network = denoiser(pipe, family)
+    targets = ARCHITECTURES[architecture].lora_targets(network)
+    add_student_lora(network, rank=4, target_modules=targets)
     with torch.no_grad():   # PEFT starts B at 0: give the LoRA a visible effect
-        for name, param in pipe.transformer.named_parameters():
+        for name, param in network.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
     settings = PiIDSettings(policy=policy, nfe=4, shift=3.2, final_step_size_scale=0.5)
     kwargs = {"mode": "grid", "segment_size": 1 / 3.5, "shift": 3.2} if policy == "dx" else {}
-    return DiffusersPolicyStudent(pipe.transformer, policy, num_components=2, num_nodes=3, latent_channels=4,
+    return DiffusersPolicyStudent(network, policy, num_components=2, num_nodes=3, latent_channels=4,
                                   logstd_hidden=16, share_transformer=True, architecture=architecture,
-                                  policy_kwargs=kwargs, settings=settings,
-                                  generator=torch.Generator().manual_seed(seed)).eval()
+                                  policy_kwargs=kwargs, settings=settings, generator=torch.Generator().manual_seed(seed),
+                                  scheduler_config=pipe.scheduler.config if family in DIFFUSION_FAMILIES else None
+                                  ).eval()
 
 
 def run(pipe, steps, seed=0, family="flux", **kwargs):
@@ -70,10 +81,13 @@ def text_cond(pipe, architecture):
                                        **encode_arguments(architecture, len(PROMPTS))), architecture)
     if get_family(architecture).guidance == "embedded":
         cond["guidance"] = torch.full((len(PROMPTS),), get_family(architecture).guidance_scale)
+    if architecture == "sdxl":                             # the stock size micro-conditions of the test images
+        size = float(image_size(architecture))
+        cond["time_ids"] = torch.tensor([[size, size, 0.0, 0.0, size, size]]).expand(len(PROMPTS), 6)
     return cond
 
 
-@pytest.mark.parametrize("architecture", FLOW_ARCHS)
+@pytest.mark.parametrize("architecture", ARCHS)
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy):
     pipe = tiny_pipeline(architecture, pipeline_class(architecture))
@@ -90,7 +104,10 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
                 policy_kwargs=student.policy_kwargs)
     cond = text_cond(pipe, architecture)
     expected = pf.sample(noise, nfe=4, cond=cond, temperature="auto")
-    torch.testing.assert_close(latents, expected, atol=1e-5, rtol=1e-5)
+    # diffusion families: the rollouts carry the ε model's 1/α-amplified round-off (measured up to 8e-5 of the
+    # largest value for PixArt's GM student, whose linear β table reaches α ≈ 0.006)
+    rel = 2e-4 if architecture in DIFFUSION_FAMILIES else 1e-5
+    assert_close_to_scale(latents, expected, rel)
     # an explicit step list (raw times, warped by the shift) runs through the same loop
     sigmas = [1.0, 0.6, 0.25]
     seen = []
@@ -103,7 +120,7 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
                  callback_on_step_end=callback)
     assert pipe.scheduler.num_inference_steps == 3 and seen == [(0, 1), (1, 2), (2, 3)]
     expected = pf.sample(noise, sigmas=sigmas, cond=cond, temperature="auto")
-    torch.testing.assert_close(listed, expected, atol=1e-5, rtol=1e-5)
+    assert_close_to_scale(listed, expected, rel)
     size = image_size(architecture)
     frames = size_arguments(architecture).get("num_frames")
     for steps in (1, 4):
@@ -112,14 +129,16 @@ def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy)
         assert images.min() >= 0 and images.max() <= 1
 
 
-@pytest.mark.parametrize("architecture", FLOW_ARCHS)
+@pytest.mark.parametrize("architecture", SET_ADAPTER_ARCHS)
 def test_adapter_round_trip_through_from_pretrained_and_lora_combination(architecture, tmp_path):
     from peft import LoraConfig
 
     pipe = tiny_pipeline(architecture, pipeline_class(architecture))
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(tmp_path / "base")          # a local checkpoint of the base model (before LoRA)
-    base_u = DiffusersTeacher(pipe.transformer, get_family(architecture).architecture)
+    scheduler_config = pipe.scheduler.config if architecture in DIFFUSION_FAMILIES else None
+    base_u = DiffusersTeacher(denoiser(pipe, architecture), get_family(architecture).architecture,
+                              scheduler_config=scheduler_config)
     x = torch.randn(latent_shape(architecture, 2), generator=torch.Generator().manual_seed(5))
     sigma = torch.tensor([0.9, 0.3])
     cond = text_cond(pipe, architecture)
@@ -134,13 +153,14 @@ def test_adapter_round_trip_through_from_pretrained_and_lora_combination(archite
     fresh.load_piflow_adapter(tmp_path / "adapter")
     assert torch.equal(run(fresh, 2, family=architecture, output_type="latent"), expected)            # bit-for-bit
     # the teacher (adapters disabled) is the untouched base
-    torch.testing.assert_close(DiffusersTeacher(fresh.transformer, get_family(architecture).architecture)(
-        x, sigma, cond), teacher_before, atol=0, rtol=0)
+    torch.testing.assert_close(DiffusersTeacher(denoiser(fresh, architecture), get_family(architecture).architecture,
+                                                scheduler_config=scheduler_config)(x, sigma, cond),
+                               teacher_before, atol=0, rtol=0)
     # a second LoRA through the pipeline's set_adapters, with per-adapter strengths
-    fresh.transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
+    denoiser(fresh, architecture).add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian",
                                              target_modules=["to_q", "to_v"]), "style")   # attention, like styles
     with torch.no_grad():
-        for name, param in fresh.transformer.named_parameters():
+        for name, param in denoiser(fresh, architecture).named_parameters():
             if "lora_B.style" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(9))
     fresh.set_adapters(["piflow", "style"], adapter_weights=[1.0, 0.0])

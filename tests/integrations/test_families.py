@@ -17,25 +17,34 @@ from piflow.integrations.diffusers.students import (ARCHITECTURES, DiffusersPoli
                                                     DiffusersTeacher, add_student_lora, pack_latents, unpack_tokens)
 from piflow.integrations.diffusers.tiny import small_reference_area, tiny_pipeline  # noqa: E402
 
-from family_cases import (REFERENCE_AREA, encode_arguments, latent_shape, stock_arguments,  # noqa: E402
-                          stock_pipe_arguments, stock_prompts)
+from family_cases import (REFERENCE_AREA, encode_arguments, image_size, latent_shape,  # noqa: E402
+                          stock_arguments, stock_pipe_arguments, stock_prompts)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-NAMES = sorted(FAMILIES)
-# flow-matching families: their stock schedulers step in σ = timestep/1000 and their students' GM bias noise is in
-# velocity units; the diffusion families (PixArt-α, SD 1.5, SDXL, DiT-XL/2) have their own tests (test_pixart.py,
-# test_sd15.py, test_sdxl.py, test_dit_family.py: DDIM = Euler, exact init; DiT takes class labels, not text)
-DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl", "dit")
-FLOW_NAMES = [name for name in NAMES if name not in DIFFUSION_FAMILIES]
+# every text-conditioned family; DiT-XL/2 (class labels, not prompts: its stock pipeline has no `prompt`) has the same
+# checks in test_dit_family.py. The diffusion families (PixArt-α, SD 1.5, SDXL) step their stock schedulers in
+# their own x_t and timestep units, converted here (docs/algorithm.md §15); their own files add the many-step
+# DDIM = Euler identity and the exact initialisation without head noise.
+NAMES = sorted(name for name in FAMILIES if name != "dit")
+DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl")
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
 
+def denoiser(pipe, family):
+    """The pipeline's network: ``pipe.unet`` (SD 1.5, SDXL) or ``pipe.transformer``."""
+    return getattr(pipe, get_family(family).denoiser)
+
+
 def condition(pipe, family, prompts=PROMPTS):
-    """The model `cond` of the tiny pipeline of `family` for `prompts`."""
+    """The model `cond` of the tiny pipeline of `family` for `prompts` (SDXL: with the stock size micro-conditions
+    of the tests' images)."""
     items = encode_prompts(pipe, family, prompts, max_sequence_length=64, **encode_arguments(family, len(prompts)))
     cond = collate_text(items, family)
     if get_family(family).guidance == "embedded":
         cond["guidance"] = torch.full((len(prompts),), get_family(family).guidance_scale)
+    if family == "sdxl":
+        size = float(image_size(family))
+        cond["time_ids"] = torch.tensor([[size, size, 0.0, 0.0, size, size]]).expand(len(prompts), 6)
     return cond
 
 
@@ -46,14 +55,17 @@ def small_references():
 
 
 def stock_first_step(pipe, family):
-    """(sample, σ, model_output) of the stock pipeline's first scheduler step, guidance off."""
+    """(sample, timestep, model_output) of the stock pipeline's first scheduler step, guidance off; the sample is
+    the network's input (the scheduler's `scale_model_input` of its state: Euler-discrete schedulers keep
+    x_t·√(1 + σ_k²))."""
     seen = {}
     step = pipe.scheduler.step
 
     def recording_step(model_output, timestep, sample, *args, **kwargs):
-        # the σ the model saw: timestep / 1000 (FLUX-style schedulers: = sigmas[i]; UniPC rounds t to an integer)
-        sigma = torch.as_tensor(timestep, dtype=torch.float64) / pipe.scheduler.config.num_train_timesteps
-        seen.setdefault("first", (sample.clone(), sigma.float(), model_output.clone()))
+        if "first" not in seen:
+            scale_input = getattr(pipe.scheduler, "scale_model_input", None)     # flow schedulers have none
+            network_input = sample.clone() if scale_input is None else scale_input(sample.clone(), timestep)
+            seen["first"] = (network_input, torch.as_tensor(timestep, dtype=torch.float64), model_output.clone())
         return step(model_output, timestep, sample, *args, **kwargs)
 
     pipe.scheduler.step = recording_step
@@ -67,56 +79,79 @@ def stock_first_step(pipe, family):
     return seen["first"]
 
 
-@pytest.mark.parametrize("family", FLOW_NAMES)
+@pytest.mark.parametrize("family", NAMES)
 def test_teacher_is_the_velocity_the_stock_pipeline_integrates(family):
-    """The stock scheduler's Euler step integrates its `model_output` as dx/dσ: the wrapper must return exactly it
-    (Z-Image's pipeline negates the model output before the step; FLUX/Qwen pack 2×2 tokens)."""
+    """The wrapper sees what the stock pipeline's network sees and returns the velocity of its output.
+    Flow families: the scheduler's Euler step integrates `model_output` as dx/dσ at σ = timestep/1000, so the
+    wrapper must return exactly it (Z-Image's pipeline negates the model output before the step; FLUX/Qwen pack
+    2×2 tokens). Diffusion families: at the flow state x_σ = x_t/(α + s) of the stock input x_t, σ = σ(timestep),
+    the wrapper's u is the velocity of the stock (learned-variance-stripped) ε output at x_t."""
     pipe = tiny_pipeline(family)
     pipe.set_progress_bar_config(disable=True)
-    sample, sigma, model_output = stock_first_step(pipe, family)
+    sample, timestep, model_output = stock_first_step(pipe, family)
     prompts = stock_prompts(family, PROMPTS)
     packed = ARCHITECTURES[get_family(family).architecture].packs_outside
     shape = latent_shape(family, len(prompts))
     x = (unpack_tokens(sample, *shape[-2:]) if packed and sample.dim() == 3 else sample).float()
     assert x.shape == shape
-    u = DiffusersTeacher(pipe.transformer, get_family(family).architecture)(x, sigma.expand(len(prompts)).float(),
-                                                                            condition(pipe, family, prompts))
+    batch = len(prompts)
+    teacher = DiffusersTeacher(denoiser(pipe, family), get_family(family).architecture,
+                               scheduler_config=pipe.scheduler.config if family in DIFFUSION_FAMILIES else None)
+    if family in DIFFUSION_FAMILIES:
+        schedule = teacher.diffusion.schedule
+        sigma = schedule.sigma_of(timestep)
+        alpha, s = schedule.alpha_s(timestep)
+        u = teacher((x.double() / (alpha + s)).float(), sigma.float().expand(batch), condition(pipe, family, prompts))
+        expected = teacher.diffusion.velocity_from_output(model_output.float(), x, timestep.float().expand(batch))
+        # u = (ε̂·(α + s) − x_t)/α: float32 round-off of the network grows by 1/α (≈ 15 at SD's first step)
+        assert float((u - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+        return
+    sigma = (timestep / pipe.scheduler.config.num_train_timesteps).float()
+    u = teacher(x, sigma.expand(batch).float(), condition(pipe, family, prompts))
     torch.testing.assert_close(pack_latents(u) if packed else u, model_output.float(), atol=2e-5, rtol=2e-5)
 
 
 def lora_student(pipe, family, policy):
     architecture = get_family(family).architecture
-    targets = ARCHITECTURES[architecture].lora_targets(pipe.transformer)
-    add_student_lora(pipe.transformer, rank=4, target_modules=targets)
+    network = denoiser(pipe, family)
+    targets = ARCHITECTURES[architecture].lora_targets(network)
+    add_student_lora(network, rank=4, target_modules=targets)
     settings = PiIDSettings(policy=policy, nfe=2, shift=3.2, final_step_size_scale=0.5, total_substeps=32,
                             num_intermediate_states=2, window_substeps=2, policy_dropout=0.0)
     kwargs = {"mode": "grid"} if policy == "dx" else {}
-    return DiffusersPolicyStudent(pipe.transformer, policy, num_components=2, num_nodes=3,
+    return DiffusersPolicyStudent(network, policy, num_components=2, num_nodes=3,
                                   latent_channels=latent_shape(family, 1)[1], logstd_hidden=16,
                                   share_transformer=True, architecture=architecture, policy_kwargs=kwargs,
-                                  settings=settings, generator=torch.Generator().manual_seed(0))
+                                  settings=settings, generator=torch.Generator().manual_seed(0),
+                                  scheduler_config=pipe.scheduler.config if family in DIFFUSION_FAMILIES else None)
 
 
-@pytest.mark.parametrize("family", FLOW_NAMES)
+@pytest.mark.parametrize("family", NAMES)
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_student_starts_at_the_teacher_and_piid_lowers_the_loss(family, policy):
     pipe = tiny_pipeline(family)
+    network = denoiser(pipe, family)
     cond = condition(pipe, family)
     shape = latent_shape(family, len(PROMPTS))
-    teacher = DiffusersTeacher(pipe.transformer, get_family(family).architecture)
+    teacher = DiffusersTeacher(network, get_family(family).architecture,
+                               scheduler_config=pipe.scheduler.config if family in DIFFUSION_FAMILIES else None)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.8, 0.4])
     teacher_before = teacher(x, sigma, cond)
-    frozen = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}      # before LoRA wraps layers
+    frozen = {k: v.clone() for k, v in network.state_dict().items()}      # before LoRA wraps layers
     student = lora_student(pipe, family, policy)
     # at initialisation the policy's velocity at its own (x, σ) is the teacher's (GM: up to the bias noise)
     with torch.no_grad():
         student.eval()
         u0 = student.policy(x, sigma, cond).velocity(x, sigma)
-    # GM: the K copies differ by bias noise of std 0.05 per (component, channel), DX nodes are exact copies
-    assert (u0 - teacher_before).abs().mean() < (0.06 if policy == "gmflow" else 1e-5)
+    # GM: the K copies differ by bias noise of std 0.05 per (component, channel) in the network's output units
+    # (velocity units times |∂u/∂out| for diffusion networks), DX nodes are exact copies
+    scale = 1.0
+    if teacher.diffusion is not None:
+        scale = float(teacher.diffusion.output_scale(teacher.diffusion.network_inputs(x, sigma)[1]).abs().max())
+    assert (u0 - teacher_before).abs().mean() < (0.06 * scale if policy == "gmflow" else 1e-5)
     with torch.no_grad():   # start away from the teacher (PEFT's B = 0 would leave almost nothing to learn)
-        for name, param in pipe.transformer.named_parameters():
+        for name, param in network.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(4))
     student.train()
@@ -130,10 +165,17 @@ def test_student_starts_at_the_teacher_and_piid_lowers_the_loss(family, policy):
         loss = pf.data_free_loss(noise, cond, generator=torch.Generator().manual_seed(3))
         optimizer.step()
         losses.append(float(loss))
-    assert losses[-1] < 0.9 * losses[0], losses
+    if teacher.diffusion is None:
+        assert losses[-1] < 0.9 * losses[0], losses
+    else:
+        # diffusion networks: every step lowers the loss, but by only 1-4 % in 8 steps (measured 2026-12-05:
+        # 68.0 → 67.2 SDXL, 5038 → 4828 PixArt), as the velocity-unit loss is much larger (outputs times 1/α near
+        # σ = 1, and above the schedule's last level, σ ≈ 0.94, the teacher is clamped); the 10 % criterion of the
+        # flow families would need a rate at which these tiny random networks oscillate
+        assert all(b < a for a, b in zip(losses, losses[1:])), losses
     # the teacher (adapters disabled, its own final norm) is bit-for-bit the base it was
     assert torch.equal(teacher(x, sigma, cond), teacher_before)
-    after = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items()}
+    after = {k.replace(".base_layer", ""): v for k, v in network.state_dict().items()}
     assert all(torch.equal(after[k], v) for k, v in frozen.items())
 
 
@@ -165,7 +207,8 @@ def test_fine_tunes_of_a_family_need_no_code(family, changes, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert all(tuple(getattr(pipe.transformer.config, k)) == v if isinstance(v, tuple)
                else getattr(pipe.transformer.config, k) == v for k, v in changes.items())
-    sample, sigma, model_output = stock_first_step(pipe, family)
+    sample, timestep, model_output = stock_first_step(pipe, family)
+    sigma = (timestep / pipe.scheduler.config.num_train_timesteps).float()
     prompts = stock_prompts(family, PROMPTS)
     x = unpack_tokens(sample, *latent_shape(family, 1)[-2:]).float()
     cond = condition(pipe, family, prompts)
