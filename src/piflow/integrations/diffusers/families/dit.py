@@ -30,8 +30,10 @@ from piflow.integrations.diffusers.families.base import Architecture, Family, Pa
 # (norm1.emb.timestep_embedder.linear_1/2), never attention (§6.6). The class embedder is a lookup table (no MLP):
 # not adapted.
 DIT_LORA_TARGETS = (r".*(ff\.net\.0\.proj|ff\.net\.2|timestep_embedder\.linear_1|timestep_embedder\.linear_2)$")
-# the scheduler config of facebook/DiT-XL-2-256 (as published, recalled — not read from the Hub here): DDIM on the
-# DDPM linear schedule, ε-prediction; only the schedule keys and prediction_type matter for the teacher
+# the scheduler config of facebook/DiT-XL-2-256: DDIM on the DDPM linear schedule, ε-prediction; only the schedule
+# keys and prediction_type matter for the teacher. diffusers' scripts/convert_dit_to_diffusers.py builds the
+# published pipeline's scheduler with num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon"
+# and the default β range 0.0001–0.02, which are these keys
 DIT_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "prediction_type": "epsilon", "clip_sample": False, "set_alpha_to_one": True,

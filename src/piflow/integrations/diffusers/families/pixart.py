@@ -26,7 +26,8 @@ from piflow.integrations.diffusers.families.base import Architecture, Family, Pa
 PIXART_LORA_TARGETS = (r".*(ff\.net\.0\.proj|ff\.net\.2|adaln_single\.emb\.timestep_embedder\.linear_1|"
                        r"adaln_single\.emb\.timestep_embedder\.linear_2)$")
 # the scheduler config of the published PixArt-α checkpoints (PixArt-XL-2-1024-MS / -512x512): DPM-Solver++ on the
-# DDPM linear schedule, ε-prediction; only the schedule keys and prediction_type matter for the teacher
+# DDPM linear schedule, ε-prediction; only the schedule keys and prediction_type matter for the teacher. diffusers'
+# PixArt conversion scripts build `DPMSolverMultistepScheduler()` with its defaults, which are these schedule keys
 PIXART_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "prediction_type": "epsilon", "algorithm_type": "dpmsolver++", "solver_order": 2,

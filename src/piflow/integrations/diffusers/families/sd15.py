@@ -25,7 +25,9 @@ from piflow.integrations.diffusers.families.base import Architecture, Family, Pa
 
 UNET_LORA_TARGETS = r".*(ff\.net\.0\.proj|ff\.net\.2|time_embedding\.linear_1|time_embedding\.linear_2)$"
 # the scheduler config of the published SD 1.5 checkpoint (PNDM on the scaled-linear schedule, ε-prediction); only
-# the schedule keys and prediction_type matter for the teacher
+# the schedule keys and prediction_type matter for the teacher. Schedule keys checked against diffusers' own default
+# for Stable Diffusion single-file checkpoints (`SCHEDULER_DEFAULT_CONFIG` in diffusers/loaders/single_file_utils.py:
+# scaled_linear 0.00085–0.012, 1000 steps, epsilon); a real pipeline's scheduler config replaces this one
 SD15_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "trained_betas": None, "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,

@@ -19,7 +19,9 @@ from torch import Tensor
 from piflow.integrations.diffusers.families import base, calls, sd15
 from piflow.integrations.diffusers.families.base import Family, Parametrisation
 
-# the scheduler config of the published SDXL base checkpoint (Euler on the scaled-linear schedule, ε-prediction)
+# the scheduler config of the published SDXL base checkpoint (Euler on the scaled-linear schedule, ε-prediction);
+# schedule keys as diffusers' single-file default for SD/SDXL checkpoints (see sd15.py); a real pipeline's scheduler
+# config replaces this one
 SDXL_SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "trained_betas": None, "prediction_type": "epsilon", "interpolation_type": "linear", "sample_max_value": 1.0,
