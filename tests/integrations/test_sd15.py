@@ -34,9 +34,16 @@ def ddim(pipe):
     return diffusers.DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=True)
 
 
-@pytest.mark.parametrize("guidance", [1.0, 7.5])
-def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance):
+# a v-prediction fine-tune on the zero-terminal-SNR schedule with trailing timesteps (the convention of SD 2.x-v
+# style fine-tunes that reach pure noise): its first DDIM timestep is 999, where α = 0 and σ = 1 exactly
+V_ZTSNR = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+
+@pytest.mark.parametrize("guidance, fine_tune", [(1.0, None), (7.5, None), (1.0, V_ZTSNR), (7.5, V_ZTSNR)])
+def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance, fine_tune):
     pipe = tiny_pipeline("sd15")
+    if fine_tune is not None:             # the checkpoint's own scheduler config says what its UNet predicts
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, **fine_tune)
     scheduler = ddim(pipe)
     stock = diffusers.StableDiffusionPipeline(**dict(pipe.components, scheduler=scheduler))
     stock.set_progress_bar_config(disable=True)
@@ -45,6 +52,9 @@ def test_teacher_euler_on_ddim_grid_is_the_stock_ddim_pipeline(guidance):
     expected = stock(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
                      latents=noise, output_type="latent").images
     base = DiffusersTeacher(pipe.unet, "sd15", scheduler_config=pipe.scheduler.config)
+    if fine_tune is not None:
+        assert base.diffusion.prediction_type == "v_prediction" and base.diffusion.schedule.sigma_max == 1.0
+        assert int(scheduler.timesteps[0]) == 999
     teacher = base if guidance == 1 else ClassifierFreeGuidance(base, guidance, text(pipe, [""]), batched=False)
     x = euler_on_ddim_grid(teacher, base.diffusion.schedule, scheduler, noise, text(pipe, PROMPTS), steps)
     assert_matches_stock(x, expected)
@@ -109,13 +119,16 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
     assert len(errors) == 1 and "transformers only" in errors[0], errors
 
 
-@pytest.mark.parametrize("policy", ["gmflow", "dx"])
-def test_sd15_distills_exports_loads_and_samples(policy, tmp_path, capsys):
+@pytest.mark.parametrize("policy, fine_tune", [("gmflow", None), ("dx", None), ("gmflow", V_ZTSNR)])
+def test_sd15_distills_exports_loads_and_samples(policy, fine_tune, tmp_path, capsys):
     from piflow.cli import main
     from piflow.integrations.diffusers.pipelines import pipeline_class
 
     base = tmp_path / "tiny-sd15"
-    tiny_pipeline("sd15").save_pretrained(base)
+    tiny = tiny_pipeline("sd15")
+    if fine_tune is not None:      # a v-prediction zero-terminal-SNR fine-tune: read from its scheduler config
+        tiny.scheduler = diffusers.DDIMScheduler.from_config(tiny.scheduler.config, **fine_tune)
+    tiny.save_pretrained(base)
     (tmp_path / "prompts.txt").write_text("a red cat\na blue bird on a wire\n")
     run_dir = tmp_path / "run"
     assert main(["distill", "--run-dir", str(run_dir), f"pipeline={base}", "resolution=[32,32]",
@@ -127,13 +140,16 @@ def test_sd15_distills_exports_loads_and_samples(policy, tmp_path, capsys):
     assert metrics["architecture"] == "sd15" and metrics["iters"] == 2
     assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
     saved = json.loads((tmp_path / "exported" / "config.json").read_text())
-    assert saved["scheduler_config"]["prediction_type"] == "epsilon"
+    expected = fine_tune or {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+    assert saved["scheduler_config"]["prediction_type"] == expected["prediction_type"]
+    assert bool(saved["scheduler_config"].get("rescale_betas_zero_snr", False)) == expected["rescale_betas_zero_snr"]
     assert saved["scheduler_config"]["beta_schedule"] == "scaled_linear"
     pipe = pipeline_class("sd15").from_pretrained(base)
     assert type(pipe).__name__ == "PiStableDiffusionPipeline"
     pipe.set_progress_bar_config(disable=True)
     student = pipe.load_piflow_adapter(tmp_path / "exported")
     assert student.policy_kind == policy and student.transformer is pipe.unet and student.spatial_features
+    assert student.diffusion.prediction_type == expected["prediction_type"]
     for steps in (1, 4):
         outputs = [pipe(prompt=["a red cat", "fog"], num_inference_steps=steps, output_type="np", height=32,
                         width=32, generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
