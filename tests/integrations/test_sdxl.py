@@ -106,3 +106,23 @@ def test_sdxl_distills_exports_loads_and_samples(policy, tmp_path, capsys):
                  str(tmp_path / "out")]) == 0
     assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
     capsys.readouterr()
+
+
+def test_float16_vae_with_force_upcast_decodes_in_float32():
+    """SDXL base's VAE overflows in float16 and says so (force_upcast): a float16 VAE decodes in float32 — exactly
+    what a float32 copy of the same (float16-rounded) weights decodes — and stays float16 afterwards."""
+    import copy
+
+    from piflow.integrations.diffusers.families.sdxl import decode
+
+    pipe = tiny_pipeline("sdxl")
+    pipe.vae.register_to_config(force_upcast=True)
+    pipe.vae.to(torch.float16)
+    reference = copy.deepcopy(pipe)
+    reference.vae.to(torch.float32)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images = decode(pipe, latents, "pt")
+        expected = decode(reference, latents, "pt")
+    assert pipe.vae.dtype == torch.float16 and images.dtype == torch.float32
+    torch.testing.assert_close(images, expected, atol=0, rtol=0)

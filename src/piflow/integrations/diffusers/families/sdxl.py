@@ -111,7 +111,8 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
 
 def decode(pipe, x: Tensor, output_type: str):
     """Latents → images as the stock pipeline: x·latents_std / scaling_factor + latents_mean when the VAE config has
-    them, else x / scaling_factor; decoded and post-processed (no watermark)."""
+    them, else x / scaling_factor; decoded and post-processed (no watermark). A float16 VAE whose config says
+    ``force_upcast`` (SDXL base's VAE overflows in float16) decodes in float32 and is put back to float16 after."""
     config = pipe.vae.config
     mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if mean is not None and std is not None:
@@ -119,7 +120,14 @@ def decode(pipe, x: Tensor, output_type: str):
         x = x * torch.tensor(std).view(shape).to(x) / config.scaling_factor + torch.tensor(mean).view(shape).to(x)
     else:
         x = x / config.scaling_factor
-    image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+    upcast = pipe.vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
+    if upcast:
+        pipe.vae.to(torch.float32)
+    try:
+        image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            pipe.vae.to(torch.float16)
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
