@@ -412,9 +412,22 @@ def _cmd_export(args) -> int:
     if (run_dir / "config.yaml").is_file() and _run_kind(run_dir) != "t2i":
         raise ConfigError(f"export writes the adapter of a text-to-image run; {run_dir} is a 2-D or image run, whose "
                           f"student is {run_dir / 'student.safetensors'} (sample it with `piflow sample`)")
+    if args.push_to_hub and args.no_card:
+        raise ConfigError("--push-to-hub uploads the adapter with its model card; drop --no-card")
+    if args.push_to_hub and args.layout != "piflow":
+        raise ConfigError("--push-to-hub uploads piflow-layout adapters (their model card's usage snippet loads "
+                          "them); export --layout authors separately")
     out = export_adapter(Path(args.run_dir), Path(args.out) if args.out else None, use_ema=not args.raw,
                          layout=args.layout)
     print(f"adapter written to {out}")
+    if not args.no_card and args.layout == "piflow":
+        from piflow.integrations.diffusers.hub import push_to_hub, write_model_card
+
+        card = write_model_card(out, Path(args.run_dir), repo_id=args.push_to_hub, base_model=args.base_model)
+        print(f"model card written to {card}")
+        if args.push_to_hub:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+            print(f"uploaded to {args.push_to_hub}: {url}")
     return 0
 
 

@@ -190,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--layout", choices=("piflow", "authors"), default="piflow",
                         help="piflow (default: float32, all settings) or authors (the folder the authors' exporter "
                              "writes, for their diffusers pipelines and ComfyUI-piFlow; FLUX.1 and Qwen-Image)")
+    export.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="upload the adapter folder (with its model card) to this Hugging Face model repository "
+                             "in one commit; needs HF_TOKEN or `hf auth login`")
+    export.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    export.add_argument("--base-model", default=None, metavar="HUB_ID",
+                        help="the base model's Hub id for the card's base_model (default: from pipeline= when it is "
+                             "a Hub id or a Hub-cache snapshot)")
+    export.add_argument("--no-card", action="store_true", help="do not write README.md (the model card)")
     export.set_defaults(handler="export")
 
     ui = sub.add_parser("ui", help="browser demo (needs the [ui] extra): the bundled teachers beside their π-Flow "
