@@ -47,7 +47,7 @@ class MissingExtraError(UserError, ImportError):
 
 EXTRAS = {"diffusers": "diffusers", "peft": "diffusers", "transformers": "diffusers", "sklearn": "images",
           "PIL": "images", "scipy": "images", "tensorboard": "tensorboard", "gradio": "ui", "selenium": "test",
-          "bitsandbytes": "imagenet", "torch_fidelity": "imagenet"}
+          "bitsandbytes": "imagenet", "torch_fidelity": "imagenet", "wandb": "wandb"}
 
 
 def require(module: str, purpose: str) -> ModuleType:

@@ -17,6 +17,7 @@ from piflow.files import one_line, save_safetensors, write_json
 from piflow.methods import DistillSetup, make_method
 from piflow.settings import PiIDSettings
 from piflow.train import TrainConfig
+from piflow.train.loggers import log_run_outputs
 from piflow.train.loop import LossFn, TrainResult, train
 from piflow.train.run_dir import start_run
 
@@ -185,6 +186,7 @@ def run_recipe(config: dict, run_dir: Path, command: str, allow_config_change: b
 
             plots.plot_loss_curve(result.history, run_dir / "loss.png", loss_title)
             write_json(run_dir / "metrics.json", metrics)
+            log_run_outputs(settings.logger, run_dir, metrics, settings.iters, project=settings.wandb_project)
         return metrics
 
 

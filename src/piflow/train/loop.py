@@ -20,6 +20,7 @@ from piflow.progress import progress_bar
 from piflow.train import distributed
 from piflow.train.checkpoint import (CHECKPOINT_NAME, LEGACY_CHECKPOINT_NAME, CheckpointError, load_checkpoint,
                                      save_checkpoint)
+from piflow.train.loggers import TRAIN_SCALARS, check_logger, open_logger
 from piflow.train.run_dir import run_lock
 from piflow.train.ema import PowerEMA, frozen_parameter_names, load_partial_state, trainable_state_dict
 
@@ -59,6 +60,8 @@ class TrainConfig:
     mixed_precision: str = "no"      # "no" | "bf16" | "fp16" (fp16 uses a GradScaler)
     max_skipped_steps: int = 5       # stop after this many consecutive non-finite (skipped) steps; 0: never
     optimizer: str = "adamw"         # "adamw" (torch) | "adamw8bit" (bitsandbytes, CUDA: the paper's ImageNet runs)
+    logger: str = "tensorboard"      # experiment tracker: "tensorboard" (when installed) | "wandb" | "none"
+    wandb_project: Optional[str] = None      # W&B project of train.logger=wandb (default: "piflow")
 
     def __post_init__(self):
         if self.mixed_precision is False:          # YAML 1.1 reads `mixed_precision: no` as false
@@ -93,6 +96,9 @@ class TrainConfig:
             raise ValueError(f"train.mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        check_logger(self.logger)
+        if self.wandb_project is not None and not isinstance(self.wandb_project, str):
+            raise ValueError(f"train.wandb_project must be a string or null, got {self.wandb_project!r}")
         if not isinstance(self.progress, bool):
             raise ValueError(f"train.progress must be true/false, got {self.progress!r}")
         self.betas = tuple(self.betas)
@@ -113,14 +119,6 @@ class TrainResult:
     resumed_from: Optional[int] = None
 
 
-def _tensorboard_writer(run_dir: Optional[Path]):
-    if run_dir is None:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is an optional extra
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optional[Union[str, Path]] = None,
@@ -281,7 +279,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     if on_start is not None:
         on_start()
     main_dir = run_dir if dist_info.is_main else None
-    writer = _tensorboard_writer(main_dir)
+    writer = open_logger(config.logger, main_dir, config.wandb_project)
     log_file = _open_log(main_dir / "train_log.jsonl", start) if main_dir is not None else None
     model.train()
     bar = progress_bar(config.iters, desc, initial=start, enabled=config.progress and dist_info.is_main)
@@ -293,9 +291,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             history.append(record)
             if log_file is not None:
                 log_file.write(json_line(record))
-            if writer is not None:
-                for key in ("loss", "lr", "grad_norm"):
-                    writer.add_scalar(f"train/{key}", record[key], iteration)
+            writer.scalars({f"train/{key}": record[key] for key in TRAIN_SCALARS}, iteration)
             # a gradient overflow under fp16 is the GradScaler's business; a non-finite loss is never normal
             bad = not math.isfinite(record["loss"]) or (record["skipped"] and run.scaler is None)
             skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
@@ -320,8 +316,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
         bar.close()
         if log_file is not None:
             log_file.close()
-        if writer is not None:
-            writer.close()
+        writer.close()
     return TrainResult(model, run.ema, history, resumed_from)
 
 

@@ -33,7 +33,7 @@ RUN_RECORD = "run.json"
 CONFIG_NAME = "config.yaml"
 # settings that cannot change what a run computes: they may differ between a run and its resumption
 RESULT_NEUTRAL_KEYS = frozenset({"train.progress", "train.log_every", "train.checkpoint_every",
-                                 "train.max_skipped_steps"})
+                                 "train.max_skipped_steps", "train.logger", "train.wandb_project"})
 
 _HELD: dict[str, int] = {}         # resolved lock path → file descriptor of the lock this process holds
 
