@@ -239,3 +239,34 @@ def test_sample_takes_either_steps_or_a_prepared_schedule():
         sample(teacher_policy, noise, 2, schedule=schedule)
     out, trajectory = sample(teacher_policy, noise, schedule=schedule, return_trajectory=True)
     assert len(trajectory) == 5 and out.dtype == noise.dtype
+
+
+def test_image_to_image_grid_and_start_state():
+    """strength_raw_times keeps the last ⌊nfe·strength⌋ raw starts of the nfe-step grid; sample(init=x0) starts the
+    first policy at (1 − σ_0)·x0 + σ_0·ε."""
+    from piflow.schedule import segment_grid, strength_raw_times
+
+    assert strength_raw_times(4, 1.0, 0.5) == segment_grid(4, 0.5)
+    assert strength_raw_times(4, 0.5, 0.5) == segment_grid(4, 0.5)[2:]
+    assert strength_raw_times(4, 0.25, 0.5) == segment_grid(4, 0.5)[3:]
+    assert strength_raw_times(4, 0.2, 0.5) == []
+    assert strength_raw_times(3, 2 / 3, 1.0) == pytest.approx([2 / 3, 1 / 3])      # ⌊3·(2/3)⌋ = 2 despite round-off
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="strength must be a number in"):
+            strength_raw_times(4, bad)
+    from piflow.teachers import GaussianMixtureTeacher
+
+    teacher = GaussianMixtureTeacher(torch.tensor([[1.0, 0.0], [-1.0, 0.5]]), 0.2)
+    gen = torch.Generator().manual_seed(0)
+    noise, x0 = torch.randn(5, 2, generator=gen), torch.randn(5, 2, generator=gen)
+    seen = []
+
+    def policy_fn(x, sigma, cond):
+        seen.append((x.clone(), float(sigma[0])))
+        return teacher.policy(x, sigma)
+
+    sample(policy_fn, noise, sigmas=[0.6, 0.3], shift=1.0, init=x0)
+    assert [s for _, s in seen] == pytest.approx([0.6, 0.3])
+    torch.testing.assert_close(seen[0][0], 0.4 * x0 + 0.6 * noise)
+    with pytest.raises(ValueError, match="init must have the shape of noise"):
+        sample(policy_fn, noise, sigmas=[0.6], init=x0[:2])

@@ -112,13 +112,14 @@ def sample(policy_fn: PolicyFn, noise: Tensor, nfe: Optional[int] = None, cond: 
            h: HLike = 0.0, schedule: Optional[FlowMapSDESchedule] = None, temperature: Union[float, str] = 1.0,
            total_substeps: int = DEFAULT_TOTAL_SUBSTEPS, generator: Optional[torch.Generator] = None,
            on_step: Optional[Callable[[int, Tensor], Optional[Tensor]]] = None, return_trajectory: bool = False,
-           progress: bool = False):
+           progress: bool = False, init: Optional[Tensor] = None):
     """Sample with a policy student in `nfe` network evaluations (the only few-step loop in piflow).
 
     Args:
         policy_fn: ``policy_fn(x, sigma (B,), cond) -> Policy``: one student evaluation turned into its policy
             (e.g. `PiFlow.policy`, or a pipeline's student + `policy_from_outputs`).
-        noise: (B, C, *spatial) Gaussian noise ε. The start state is σ_0·ε (ε itself for the default σ_0 = 1).
+        noise: (B, C, *spatial) Gaussian noise ε. The start state is σ_0·ε (ε itself for the default σ_0 = 1), or
+            with `init` (clean data x0 of the same shape: image-to-image) the forward-diffused (1 − σ_0)·x0 + σ_0·ε.
         nfe / sigmas: the number of steps of the default grid, or an explicit list of raw times (see
             `FlowMapSDESchedule.set_timesteps`). `shift`, `final_step_size_scale`, `h` build the schedule, unless
             `schedule` (a `FlowMapSDESchedule` after `set_timesteps`, e.g. a pipeline's with dynamic shift) is given.
@@ -140,6 +141,11 @@ def sample(policy_fn: PolicyFn, noise: Tensor, nfe: Optional[int] = None, cond: 
     batch = noise.shape[0]
     start = float(schedule.sigmas[0])
     x = noise if start == 1.0 else noise * start
+    if init is not None:
+        if init.shape != noise.shape:
+            raise ValueError(f"init must have the shape of noise {tuple(noise.shape)}, got {tuple(init.shape)}")
+        check_finite(init, "init")
+        x = x + (1.0 - start) * init.to(noise.dtype)
     trajectory = [x]
     bar = progress_bar(steps, "sampling", enabled=progress)
     for i in range(steps):

@@ -36,6 +36,18 @@ def segment_grid(nfe: int, final_step_size_scale: float = 1.0) -> list[float]:
     return [max(1.0 - i * base, 0.0) for i in range(nfe)]
 
 
+def strength_raw_times(nfe: int, strength: float, final_step_size_scale: float = 1.0) -> list[float]:
+    """Raw times of image-to-image at `strength` ∈ [0, 1] (diffusers' img2img convention): the last
+    ⌊nfe·strength⌋ segment starts of the `nfe`-step grid, so strength 1 is the whole grid from σ = 1 and the steps
+    that remain are exactly those of text-to-image from that point on; [] when no step remains (strength < 1/nfe)."""
+    nfe = check_nfe(nfe)
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    grid = segment_grid(nfe, final_step_size_scale)
+    steps = min(int(math.floor(nfe * float(strength) + 1e-9)), nfe)
+    return grid[nfe - steps:]
+
+
 def check_raw_times(times: Sequence[float], name: str = "sigmas") -> list[float]:
     """An explicit step list (raw times, before the shift): strictly decreasing values in (0, 1]."""
     values = [float(t) for t in times] if isinstance(times, (list, tuple)) else None

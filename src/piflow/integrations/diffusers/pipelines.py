@@ -40,6 +40,7 @@ from piflow.integrations.diffusers.quantization import base_parameter
 from piflow.integrations.diffusers.scheduler import FlowMapSDEScheduler
 from piflow.integrations.diffusers.students import LORA_ADAPTER, DiffusersPolicyStudent
 from piflow.sampling import sample
+from piflow.schedule import strength_raw_times
 
 
 class PiFlowPipelineMixin:
@@ -134,7 +135,8 @@ class PiFlowPipelineMixin:
     def policy_denoise(self, noise: Tensor, cond: dict, num_inference_steps: Optional[int] = None,
                        temperature: Union[float, str] = "auto", generator: Optional[torch.Generator] = None,
                        image_seq_len: Optional[int] = None, total_substeps: Optional[int] = None,
-                       callback_on_step_end: Optional[Callable] = None, sigmas: Optional[list] = None) -> Tensor:
+                       callback_on_step_end: Optional[Callable] = None, sigmas: Optional[list] = None,
+                       init: Optional[Tensor] = None, strength: float = 1.0) -> Tensor:
         """Run the π-Flow student from noise to clean latents with `piflow.sampling.sample` on this pipeline's
         `FlowMapSDEScheduler` — the loop of every π-Flow pipeline, public for pipelines of your own.
 
@@ -148,6 +150,10 @@ class PiFlowPipelineMixin:
             image_seq_len: token count (only for schedulers with dynamic shifting; the π-Flow one has it off).
             total_substeps: Euler substeps of the policy rollout per unit of raw time (default: the student's).
             callback_on_step_end: ``callback(pipe, i, timestep, {"latents": x}) -> {"latents": x'} or None``.
+            init: image-to-image: the clean latents (shaped like `noise`) to start from; the steps are the last
+                ⌊nfe·strength⌋ of the grid (`piflow.schedule.strength_raw_times`), the start state
+                (1 − σ_0)·init + σ_0·noise; with no step left, `init` itself is returned.
+            strength: in [0, 1]; 1 (the default) is text-to-image on the same noise, whatever `init` holds.
 
         Returns:
             the latents at σ = 0, float32, shaped like `noise`.
@@ -158,6 +164,15 @@ class PiFlowPipelineMixin:
         scheduler = self.scheduler
         if num_inference_steps is None and sigmas is None:
             num_inference_steps = student.settings.nfe      # the student's training NFE
+        if strength != 1.0:
+            if init is None:
+                raise ValueError("strength < 1 needs an init image (image-to-image) to start from")
+            if sigmas is not None:
+                raise ValueError("give sigmas or strength (image-to-image on the default grid), not both")
+            sigmas = strength_raw_times(num_inference_steps, strength, scheduler.config.final_step_size_scale)
+            if not sigmas:                       # no step left: the input image, as it was encoded
+                return init.float()
+            num_inference_steps = None
         scheduler.set_timesteps(num_inference_steps, device=noise.device, image_seq_len=image_seq_len, sigmas=sigmas)
         nfe = scheduler.num_inference_steps
         self._num_timesteps = nfe
@@ -176,7 +191,7 @@ class PiFlowPipelineMixin:
                 return sample(student.policy, noise.float(), cond=cond, schedule=scheduler.schedule,
                               temperature=temperature, generator=generator, on_step=on_step,
                               total_substeps=student.settings.total_substeps if total_substeps is None
-                              else total_substeps)
+                              else total_substeps, init=None if init is None else init.float())
         finally:
             student.train(was_training)
 
@@ -199,6 +214,26 @@ class PiFlowPipelineMixin:
             warnings.warn(f"{', '.join(given)} unused: the π-Flow student has classifier-free guidance distilled in",
                           UserWarning, stacklevel=5)          # the caller of pipe(...)
 
+    def _init_latents(self, hooks, call: dict, noise: Tensor) -> Optional[Tensor]:
+        """Image-to-image: the init image of the call (PIL image(s), arrays or (B, 3, H, W) tensors in [−1, 1], one
+        or one per sample), resized to the output size and encoded by the family's `encode` hook; None without
+        one."""
+        if hooks.encode is None:
+            return None
+        image = call.get(hooks.init_image_argument)
+        if image is None:
+            return None
+        height, width = (int(size) * self.vae_scale_factor for size in noise.shape[-2:])
+        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        latents = hooks.encode(self, pixels.to(self._execution_device)).float()
+        if latents.shape[0] == 1 and noise.shape[0] > 1:
+            latents = latents.expand(noise.shape[0], *latents.shape[1:])
+        if latents.shape != noise.shape:
+            raise ValueError(f"{hooks.init_image_argument}: give one image or one per generated image ("
+                             f"{noise.shape[0]}); it encoded to {tuple(latents.shape)}, the noise is "
+                             f"{tuple(noise.shape)}")
+        return latents
+
     @torch.no_grad()
     def _piflow_call(self, args: tuple, kwargs: dict):
         """The one π-Flow pipeline call: bind the arguments to the family's signature, check them, prepare noise
@@ -210,9 +245,10 @@ class PiFlowPipelineMixin:
         del call["self"]
         self._check_stock_arguments(call)
         noise, cond, image_seq_len = hooks.prepare(self, call)
+        init = self._init_latents(hooks, call, noise)
         x = self.policy_denoise(noise, cond, call["num_inference_steps"], call["temperature"], call["generator"],
                                 image_seq_len, call["total_substeps"], call["callback_on_step_end"],
-                                sigmas=call["sigmas"])
+                                sigmas=call["sigmas"], init=init, strength=call.get("strength", 1.0))
         output = x if call["output_type"] == "latent" else hooks.decode(self, x, call["output_type"])
         self.maybe_free_model_hooks()
         return hooks.output_class()(**{hooks.output_field: output}) if call["return_dict"] else (output,)

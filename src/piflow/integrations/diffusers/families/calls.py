@@ -30,7 +30,11 @@ class PipelineHooks:
     pipeline's first ones); params: the family's other parameters (and changed defaults of `COMMON_PARAMETERS`);
     unused: stock CFG arguments the call accepts and ignores (the student has guidance distilled in), each with
     the value at which no warning is given; prepare / decode: see the module docstring; output: the stock output
-    class (dotted path) and `output_field` its field ("images" or "frames"); doc: the call's docstring."""
+    class (dotted path) and `output_field` its field ("images" or "frames"); doc: the call's docstring.
+    encode(pipe, pixels (B, 3, H, W) in [−1, 1]) → latents (B, C, h, w) as the student sees them (the inverse of
+    `decode`; the VAE posterior's mode): families that have it take image-to-image calls, an init image through
+    the argument `init_image_argument` ("image", or "init_image" where ``image`` holds reference images) and
+    ``strength`` (`piflow.schedule.strength_raw_times`)."""
 
     positional: tuple[tuple[str, Any], ...]
     prepare: Callable[[Any, dict], tuple[Tensor, dict, int]]
@@ -40,13 +44,16 @@ class PipelineHooks:
     params: dict = field(default_factory=dict)
     unused: dict = field(default_factory=dict)
     output_field: str = "images"
+    encode: Optional[Callable[[Any, Tensor], Tensor]] = None
+    init_image_argument: str = "image"
 
     def signature(self) -> inspect.Signature:
         """``(self, <positional>, *, <the rest>)`` with the defaults above."""
         kind = inspect.Parameter
         parameters = [kind("self", kind.POSITIONAL_OR_KEYWORD)]
         parameters += [kind(name, kind.POSITIONAL_OR_KEYWORD, default=value) for name, value in self.positional]
-        rest = {**COMMON_PARAMETERS, **self.params, **self.unused}
+        img2img = {self.init_image_argument: None, "strength": 1.0} if self.encode is not None else {}
+        rest = {**COMMON_PARAMETERS, **img2img, **self.params, **self.unused}
         parameters += [kind(name, kind.KEYWORD_ONLY, default=value) for name, value in rest.items()
                        if name not in dict(self.positional)]
         return inspect.Signature(parameters)
@@ -121,6 +128,31 @@ def decode_scaled(pipe, x: Tensor, output_type: str, cast_first: bool = False):
     x = x / pipe.vae.config.scaling_factor + (getattr(pipe.vae.config, "shift_factor", None) or 0.0)
     image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def posterior_mode(pipe, pixels: Tensor) -> Tensor:
+    """The VAE posterior's mode of pixels (B, 3, H, W) in [−1, 1] (a 5-D video VAE gets one-frame clips)."""
+    pixels = pixels.to(pipe.vae.dtype)
+    video = pipe.vae.__class__.__name__ in ("AutoencoderKLQwenImage", "AutoencoderKLWan")
+    posterior = pipe.vae.encode(pixels[:, :, None] if video else pixels).latent_dist
+    latents = posterior.mode()
+    return latents[:, :, 0] if video else latents
+
+
+def encode_scaled(pipe, pixels: Tensor) -> Tensor:
+    """Pixels → AutoencoderKL latents as the transformer sees them: (mode − shift_factor)·scaling_factor (the
+    inverse of `decode_scaled`)."""
+    latents = posterior_mode(pipe, pixels).float()
+    return (latents - (getattr(pipe.vae.config, "shift_factor", None) or 0.0)) * pipe.vae.config.scaling_factor
+
+
+def encode_normalised(pipe, pixels: Tensor) -> Tensor:
+    """Pixels → normalised latents (B, C, h, w) of the Qwen / Wan VAEs: (mode − latents_mean)/latents_std (the
+    inverse of `denormalised`)."""
+    latents = posterior_mode(pipe, pixels).float()
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1).to(latents)
+    return (latents - mean) / std
 
 
 def denormalised(pipe, x: Tensor) -> Tensor:

@@ -98,7 +98,7 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
 
 PIPELINE = calls.PipelineHooks(
     positional=(("prompt", None), ("prompt_2", None)), prepare=prepare, decode=calls.decode_scaled,
-    output="diffusers.pipelines.flux.pipeline_output.FluxPipelineOutput",
+    encode=calls.encode_scaled, output="diffusers.pipelines.flux.pipeline_output.FluxPipelineOutput",
     params={"guidance_scale": 3.5, "num_images_per_prompt": 1, "pooled_prompt_embeds": None,
             "joint_attention_kwargs": None},
     unused={"negative_prompt": None, "negative_prompt_2": None, "true_cfg_scale": 1.0, "negative_prompt_embeds": None,

@@ -216,6 +216,12 @@ def _preparer(dev: bool):
     return prepare
 
 
+def encode_init(pipe, pixels: Tensor) -> Tensor:
+    """Pixels (B, 3, H, W) in [−1, 1] → normalised latents (B, C, H/8, W/8), as the pipelines encode reference
+    images (VAE mode, patchified, batch-norm normalised, unpatchified): the inverse of `decode`."""
+    return pipe._unpatchify_latents(pipe._encode_vae_image(image=pixels.to(pipe.vae.dtype), generator=None)).float()
+
+
 def decode(pipe, x: Tensor, output_type: str):
     """Normalised (B, C, H/8, W/8) → images: patchified, batch-norm statistics undone, unpatchified, decoded."""
     packed = pipe._patchify_latents(x.to(pipe.vae.dtype))
@@ -226,17 +232,20 @@ def decode(pipe, x: Tensor, output_type: str):
 
 
 OUTPUT = "diffusers.pipelines.flux2.pipeline_output.Flux2PipelineOutput"
-DOC = ("Generate, or edit with ``image=[…]``; `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1 (or "
+DOC = ("Generate, or edit with ``image=[…]`` (reference images; image-to-image takes ``init_image=`` and "
+       "``strength=``); `latents` (optional) is the noise (B·n, C, H/8, W/8) at σ = 1 (or "
        "the stock pipeline's patchified (B·n, 4C, H/16, W/16)); output_type \"latent\" returns the normalised "
        "(B, C, H/8, W/8). ")
 DEV = calls.PipelineHooks(
     positional=(("image", None), ("prompt", None)), prepare=_preparer(True), decode=decode, output=OUTPUT,
+    encode=encode_init, init_image_argument="init_image",
     params={"guidance_scale": 4.0, "num_images_per_prompt": 1, "text_encoder_out_layers": (10, 20, 30),
             "caption_upsample_temperature": None, "attention_kwargs": None},
     doc=DOC + "The distilled-guidance scalar `guidance_scale` (4.0) is the student's input as the teacher's; "
               "`caption_upsample_temperature` rewrites the prompts with the text encoder first, as the stock one.")
 KLEIN = calls.PipelineHooks(
     positional=(("image", None), ("prompt", None)), prepare=_preparer(False), decode=decode, output=OUTPUT,
+    encode=encode_init, init_image_argument="init_image",
     params={"num_images_per_prompt": 1, "text_encoder_out_layers": (9, 18, 27), "attention_kwargs": None},
     unused={"guidance_scale": None, "negative_prompt_embeds": None},
     doc=DOC + "CFG arguments are accepted and unused (guidance is distilled in).")

@@ -120,7 +120,7 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
 
 OUTPUT = "diffusers.pipelines.qwenimage.pipeline_output.QwenImagePipelineOutput"
 PIPELINE = calls.PipelineHooks(
-    positional=(("prompt", None),), prepare=prepare, decode=decode, output=OUTPUT,
+    positional=(("prompt", None),), prepare=prepare, decode=decode, encode=calls.encode_normalised, output=OUTPUT,
     params={"num_images_per_prompt": 1, "prompt_embeds_mask": None, "attention_kwargs": None},
     unused={"negative_prompt": None, "true_cfg_scale": 1.0, "guidance_scale": None, "negative_prompt_embeds": None,
             "negative_prompt_embeds_mask": None},
