@@ -15,7 +15,8 @@ STOCK_GUIDANCE_OFF = {"flux": {"guidance_scale": 3.5}, "sd3": {"guidance_scale":
                       "flux2-klein": {"guidance_scale": 1.0}, "wan": {"guidance_scale": 1.0},
                       "qwen-edit": {"true_cfg_scale": 1.0}, "qwen-edit-plus": {"true_cfg_scale": 1.0},
                       "pixart": {"guidance_scale": 1.0, "use_resolution_binning": False},
-                      "sd15": {"guidance_scale": 1.0}, "sdxl": {"guidance_scale": 1.0}}
+                      "sd15": {"guidance_scale": 1.0}, "sdxl": {"guidance_scale": 1.0},
+                      "flux-kontext": {"guidance_scale": 3.5, "max_area": 32 * 32}}
 
 
 def image_size(family: str) -> int:

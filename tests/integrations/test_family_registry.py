@@ -20,9 +20,10 @@ def test_every_family_file_registers_its_families():
     import pkgutil
 
     files = {m.name for m in pkgutil.iter_modules(families.__path__)} - set(families.SHARED_MODULES)
-    assert files == {"dit", "flux", "flux2", "pixart", "qwen", "qwen_edit", "sd15", "sd3", "sdxl", "wan", "zimage"}
+    assert files == {"dit", "flux", "flux2", "flux_kontext", "pixart", "qwen", "qwen_edit", "sd15", "sd3", "sdxl",
+                     "wan", "zimage"}
     registered = {name for file in files for name in (f.name for f in getattr(families, file).FAMILIES)}
-    assert registered == set(FAMILIES) and len(FAMILIES) == 13
+    assert registered == set(FAMILIES) and len(FAMILIES) == 14
     modules = [getattr(families, file) for file in files]
     own = {module.ARCHITECTURE.name for module in modules if hasattr(module, "ARCHITECTURE")}
     assert {f.architecture for f in FAMILIES.values()} == own and own <= set(ARCHITECTURES)   # + any registered later

@@ -143,16 +143,20 @@ def small_reference_area(area: int = 32 * 32):
     """Inside the block, the Qwen-Image-Edit pipelines (stock and π-Flow, and piflow's condition encoding) resize
     reference images to ~`area` pixels instead of ~1 MP — for tiny offline pipelines, where a 1 MP reference would
     be thousands of tokens. Edit's area is a literal inside ``calculate_dimensions``' caller, so that function is
-    wrapped; Edit-Plus reads the module constants VAE_IMAGE_SIZE / CONDITION_IMAGE_SIZE, which are set."""
+    wrapped; Edit-Plus reads the module constants VAE_IMAGE_SIZE / CONDITION_IMAGE_SIZE, which are set. FLUX.1
+    Kontext references keep their own size (piflow's default for ``_auto_resize`` is off inside the block)."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as edit
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as edit_plus
 
+    from piflow.integrations.diffusers.families import flux_kontext
+
     original = edit.calculate_dimensions
-    saved = (edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE)
+    saved = (edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE, flux_kontext.AUTO_RESIZE)
     edit.calculate_dimensions = lambda target_area, ratio: original(area, ratio)
     edit_plus.VAE_IMAGE_SIZE = edit_plus.CONDITION_IMAGE_SIZE = area
+    flux_kontext.AUTO_RESIZE = False
     try:
         yield
     finally:
         edit.calculate_dimensions = original
-        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE = saved
+        edit_plus.VAE_IMAGE_SIZE, edit_plus.CONDITION_IMAGE_SIZE, flux_kontext.AUTO_RESIZE = saved

@@ -29,10 +29,17 @@ def image_ids(height: int, width: int, device=None, patch: int = base.PATCH) -> 
 
 
 def model_inputs(latents: Tensor, sigma: Tensor, cond: dict) -> dict:
-    """latents (B, C, H, W), σ (B,), cond → `FluxTransformer2DModel` forward kwargs."""
-    inputs = base.check_cond(cond, ("encoder_hidden_states", "pooled_projections", "txt_ids"), "FLUX")
-    inputs.update(hidden_states=base.pack_latents(latents), timestep=sigma.reshape(-1).to(latents.dtype),
-                  img_ids=image_ids(latents.shape[2], latents.shape[3], latents.device))
+    """latents (B, C, H, W), σ (B,), cond → `FluxTransformer2DModel` forward kwargs. FLUX.1 Kontext conditions
+    (``reference_latents.j``) add each reference image's clean tokens after the generated ones, with RoPE ids
+    (1, row, col), as `FluxKontextPipeline` does."""
+    inputs = {key: value for key, value in base.check_cond(
+        cond, ("encoder_hidden_states", "pooled_projections", "txt_ids"), "FLUX").items()
+        if not key.startswith(base.REFERENCE_PREFIX)}
+    tokens, grids = base.packed_with_references(latents, cond)
+    ids = [image_ids(rows * base.PATCH, cols * base.PATCH, latents.device) for rows, cols in grids]
+    for reference in ids[1:]:
+        reference[:, 0] = 1
+    inputs.update(hidden_states=tokens, timestep=sigma.reshape(-1).to(latents.dtype), img_ids=torch.cat(ids))
     return inputs
 
 
