@@ -16,7 +16,9 @@ STOCK_GUIDANCE_OFF = {"flux": {"guidance_scale": 3.5}, "sd3": {"guidance_scale":
                       "qwen-edit": {"true_cfg_scale": 1.0}, "qwen-edit-plus": {"true_cfg_scale": 1.0},
                       "pixart": {"guidance_scale": 1.0, "use_resolution_binning": False},
                       "sd15": {"guidance_scale": 1.0}, "sdxl": {"guidance_scale": 1.0},
-                      "flux-kontext": {"guidance_scale": 3.5, "max_area": 32 * 32}}
+                      "flux-kontext": {"guidance_scale": 3.5, "max_area": 32 * 32},
+                      "longcat": {"guidance_scale": 1.0, "enable_prompt_rewrite": False}}
+LATENT_CHANNELS = {"longcat": 16}      # the stock LongCat pipeline always draws 16 channels; else the tiny 4
 
 
 def image_size(family: str) -> int:
@@ -24,11 +26,12 @@ def image_size(family: str) -> int:
 
 
 def latent_shape(family: str, batch: int) -> tuple:
-    """(B, C, H, W) — (B, C, T, H, W) for video — of the tiny pipelines' latents (4 latent channels)."""
+    """(B, C, H, W) — (B, C, T, H, W) for video — of the tiny pipelines' latents (4 latent channels; LongCat 16)."""
     side = image_size(family) // VAE_FACTOR.get(family, 2)
+    channels = LATENT_CHANNELS.get(family, 4)
     if get_family(family).video:
-        return (batch, 4, (NUM_FRAMES - 1) // 4 + 1, side, side)
-    return (batch, 4, side, side)
+        return (batch, channels, (NUM_FRAMES - 1) // 4 + 1, side, side)
+    return (batch, channels, side, side)
 
 
 def size_arguments(family: str) -> dict:

@@ -25,10 +25,10 @@ from family_cases import (REFERENCE_AREA, encode_arguments, image_size, latent_s
 pytestmark = pytest.mark.usefixtures("single_thread")
 ARCHS = sorted(name for name in FAMILIES if name != "dit")   # DiT-XL/2 takes class labels: test_dit_family.py
 # the diffusion families (ε-prediction): a random tiny ε model has velocities of ~600 near σ = 1 (1/α ≈ 150), so
-# their samples are compared relative to their largest value; PixArt's transformer has no diffusers LoRA loader
-# (set_adapters), so the LoRA-combination test runs on the others
+# their samples are compared relative to their largest value; PixArt's transformer and LongCat-Image's pipeline have
+# no diffusers LoRA loader (set_adapters), so the LoRA-combination test runs on the others
 DIFFUSION_FAMILIES = ("pixart", "sd15", "sdxl")
-SET_ADAPTER_ARCHS = [name for name in ARCHS if name != "pixart"]
+SET_ADAPTER_ARCHS = [name for name in ARCHS if name not in ("pixart", "longcat")]
 SIZE = 32            # pixels; latents 16×16
 PROMPTS = ["a red cat", "two blue birds on a wire"]
 
@@ -60,7 +60,8 @@ def lora_student(pipe, family, policy, seed=0):
                 param.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
     settings = PiIDSettings(policy=policy, nfe=4, shift=3.2, final_step_size_scale=0.5)
     kwargs = {"mode": "grid", "segment_size": 1 / 3.5, "shift": 3.2} if policy == "dx" else {}
-    return DiffusersPolicyStudent(network, policy, num_components=2, num_nodes=3, latent_channels=4,
+    return DiffusersPolicyStudent(network, policy, num_components=2, num_nodes=3,
+                                  latent_channels=latent_shape(family, 1)[1],
                                   logstd_hidden=16, share_transformer=True, architecture=architecture,
                                   policy_kwargs=kwargs, settings=settings, generator=torch.Generator().manual_seed(seed),
                                   scheduler_config=pipe.scheduler.config if family in DIFFUSION_FAMILIES else None

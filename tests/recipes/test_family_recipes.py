@@ -17,8 +17,8 @@ from piflow.integrations.diffusers.pipelines import pipeline_class  # noqa: E402
 from piflow.integrations.diffusers.tiny import small_reference_area, tiny_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-FAMILIES = ["zimage", "flux2", "flux2-klein", "wan", "qwen-edit", "qwen-edit-plus"]
-SIZE = {"zimage": 32}            # pixels; 64 for the 8× VAEs
+FAMILIES = ["zimage", "flux2", "flux2-klein", "wan", "qwen-edit", "qwen-edit-plus", "longcat"]
+SIZE = {"zimage": 32, "longcat": 32}            # pixels; 64 for the 8× VAEs
 TINY = ["max_sequence_length=32", "student.lora_rank=4", "student.logstd_hidden=16", "student.num_components=2",
         "student.num_nodes=3", "distill.total_substeps=16", "train.warmup_iters=0", "train.progress=false",
         "eval.nfe=[1,2]", "eval.prompts=[a cat]", "train.iters=2"]

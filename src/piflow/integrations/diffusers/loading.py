@@ -209,6 +209,10 @@ def load_base(config: dict, device: torch.device, dtype: torch.dtype, transforme
             transformer = transformer.to(device)
         return None, transformer.requires_grad_(False)
     extra = {} if transformer is None else {denoiser: transformer}
+    # components saved as absent ([null, null] in model_index.json: LongCat's tiny text_processor) are passed as
+    # None, which diffusers accepts where it would otherwise refuse a pipeline whose __init__ requires them
+    extra.update({name: None for name, entry in _model_index(path).items()
+                  if isinstance(entry, list) and entry and entry[0] is None})
     pipe = from_pretrained(pipeline_class or diffusers.DiffusionPipeline, path, torch_dtype=dtype, **extra)
     for component in pipe.components.values():      # a quantized transformer was placed above
         if isinstance(component, torch.nn.Module) and component is not transformer:

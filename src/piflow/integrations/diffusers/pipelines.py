@@ -270,9 +270,10 @@ def _build(family: Family) -> type:
     __call__.__qualname__ = f"{family.pi_pipeline}.__call__"
     doc = (f"`{family.stock_pipeline}` with a GM / DX π-Flow student (family {family.name!r}): "
            f"`num_inference_steps` student evaluations (4 as trained) instead of the teacher's dozens.")
+    optional = list(dict.fromkeys([*getattr(stock, "_optional_components", []), *hooks.optional_components]))
     return type(family.pi_pipeline, (PiFlowPipelineMixin, stock),
                 {"__call__": __call__, "__doc__": doc, "__module__": __name__, "piflow_family": family.name,
-                 "architecture_name": family.architecture})
+                 "architecture_name": family.architecture, "_optional_components": optional})
 
 
 def pipeline_class(family: str) -> type:

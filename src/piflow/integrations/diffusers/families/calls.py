@@ -34,7 +34,8 @@ class PipelineHooks:
     encode(pipe, pixels (B, 3, H, W) in [−1, 1]) → latents (B, C, h, w) as the student sees them (the inverse of
     `decode`; the VAE posterior's mode): families that have it take image-to-image calls, an init image through
     the argument `init_image_argument` ("image", or "init_image" where ``image`` holds reference images) and
-    ``strength`` (`piflow.schedule.strength_raw_times`)."""
+    ``strength`` (`piflow.schedule.strength_raw_times`). optional_components: stock components the π-Flow
+    pipeline can do without (LongCat's text_processor, used only to rewrite prompts)."""
 
     positional: tuple[tuple[str, Any], ...]
     prepare: Callable[[Any, dict], tuple[Tensor, dict, int]]
@@ -46,6 +47,7 @@ class PipelineHooks:
     output_field: str = "images"
     encode: Optional[Callable[[Any, Tensor], Tensor]] = None
     init_image_argument: str = "image"
+    optional_components: tuple[str, ...] = ()
 
     def signature(self) -> inspect.Signature:
         """``(self, <positional>, *, <the rest>)`` with the defaults above."""
