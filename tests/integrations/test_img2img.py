@@ -1,5 +1,5 @@
-"""Image-to-image (``image=`` / ``init_image=`` and ``strength=``) on the π-Flow pipelines of FLUX.1, Qwen-Image and
-FLUX.2 (tiny random pipelines): strength 1 is text-to-image on the same noise; a strength that leaves no step returns
+"""Image-to-image (``image=`` / ``init_image=`` and ``strength=``) on the π-Flow pipelines of FLUX.1, Qwen-Image,
+FLUX.2, SD3, Z-Image, SD 1.5 and SDXL (tiny random pipelines): strength 1 is text-to-image on the same noise; a strength that leaves no step returns
 the input image's latents, computed here with the stock VAE calls; an intermediate strength runs exactly the last
 ⌊nfe·strength⌋ points of the text-to-image grid (computed here from the schedule's formula); bad arguments are
 errors naming them."""
@@ -19,8 +19,9 @@ from piflow.integrations.diffusers.students import ARCHITECTURES, DiffusersPolic
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-FAMILIES = ["flux", "qwen", "flux2"]
-SIZE = {"flux": 32, "qwen": 64, "flux2": 64}           # pixels (the tiny FLUX.2 / Qwen VAEs compress 8×)
+FAMILIES = ["flux", "qwen", "flux2", "sd3", "zimage", "sd15", "sdxl"]
+SIZE = {"flux": 32, "qwen": 64, "flux2": 64, "sd3": 32, "zimage": 32, "sd15": 32, "sdxl": 32}   # pixels (8× VAEs: 64)
+DIFFUSION = ("sd15", "sdxl")
 SHIFT, FINAL = 3.2, 0.5
 
 
@@ -28,15 +29,17 @@ def pipe_with_student(family):
     pipe = tiny_pipeline(family, pipeline_class(family))
     pipe.set_progress_bar_config(disable=True)
     architecture = get_family(family).architecture
-    add_student_lora(pipe.transformer, rank=4, target_modules=ARCHITECTURES[architecture].lora_targets(pipe.transformer))
+    network = getattr(pipe, get_family(family).denoiser)
+    add_student_lora(network, rank=4, target_modules=ARCHITECTURES[architecture].lora_targets(network))
     with torch.no_grad():
-        for name, param in pipe.transformer.named_parameters():
+        for name, param in network.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     settings = PiIDSettings(policy="gmflow", nfe=4, shift=SHIFT, final_step_size_scale=FINAL)
-    student = DiffusersPolicyStudent(pipe.transformer, "gmflow", num_components=2, latent_channels=4,
+    student = DiffusersPolicyStudent(network, "gmflow", num_components=2, latent_channels=4,
                                      logstd_hidden=16, share_transformer=True, architecture=architecture,
-                                     settings=settings, generator=torch.Generator().manual_seed(0)).eval()
+                                     settings=settings, generator=torch.Generator().manual_seed(0),
+                                     scheduler_config=pipe.scheduler.config if family in DIFFUSION else None).eval()
     pipe.set_piflow_student(student)
     return pipe
 
@@ -60,9 +63,11 @@ def stock_latents(pipe, family, image):
     """The init image's latents through the stock VAE calls (posterior mean; piflow's layout)."""
     pixels = pipe.image_processor.preprocess(image, height=SIZE[family], width=SIZE[family])
     with torch.no_grad():
-        if family == "flux":
+        if family == "sdxl":                  # the SDXL pipelines scale only (they ignore a VAE's shift_factor)
+            return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        if family in ("flux", "sd3", "zimage", "sd15"):        # AutoencoderKL: (mean − shift)·scale
             mean = pipe.vae.encode(pixels).latent_dist.mean
-            return (mean - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+            return (mean - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
         if family == "qwen":
             mean = pipe.vae.encode(pixels[:, :, None]).latent_dist.mean[:, :, 0]
             mu = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1)
@@ -91,8 +96,7 @@ def test_strength_one_is_text_to_image_and_no_step_returns_the_image(family):
     torch.testing.assert_close(untouched, expected.expand_as(untouched), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("strength", [0.5, 0.75])
+@pytest.mark.parametrize("family, strength", [(family, 0.5) for family in FAMILIES] + [("flux", 0.75)])
 def test_intermediate_strength_runs_the_tail_of_the_grid_from_the_noised_image(family, strength):
     pipe = pipe_with_student(family)
     seen = []

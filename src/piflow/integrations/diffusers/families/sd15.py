@@ -126,7 +126,7 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
 
 
 PIPELINE = calls.PipelineHooks(
-    positional=(("prompt", None),), prepare=prepare, decode=calls.decode_scaled,
+    positional=(("prompt", None),), prepare=prepare, decode=calls.decode_scaled, encode=calls.encode_scaled,
     output="diffusers.pipelines.pipeline_utils.ImagePipelineOutput",
     params={"num_images_per_prompt": 1, "clip_skip": None, "cross_attention_kwargs": None},
     unused={"guidance_scale": None, "negative_prompt": None, "negative_prompt_embeds": None,

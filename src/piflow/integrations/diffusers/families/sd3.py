@@ -78,7 +78,7 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
 
 PIPELINE = calls.PipelineHooks(
     positional=(("prompt", None), ("prompt_2", None), ("prompt_3", None)), prepare=prepare,
-    decode=calls.decode_scaled,
+    decode=calls.decode_scaled, encode=calls.encode_scaled,
     output="diffusers.pipelines.stable_diffusion_3.pipeline_output.StableDiffusion3PipelineOutput",
     params={"num_images_per_prompt": 1, "pooled_prompt_embeds": None, "max_sequence_length": 256,
             "joint_attention_kwargs": None},

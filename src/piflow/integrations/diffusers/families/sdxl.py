@@ -13,6 +13,8 @@ the text/size embedding (`sd15.read_resnet_temb`).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -109,30 +111,53 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
     return noise, cond, noise.shape[2] * noise.shape[3]
 
 
-def decode(pipe, x: Tensor, output_type: str):
-    """Latents → images as the stock pipeline: x·latents_std / scaling_factor + latents_mean when the VAE config has
-    them, else x / scaling_factor; decoded and post-processed (no watermark). A float16 VAE whose config says
-    ``force_upcast`` (SDXL base's VAE overflows in float16) decodes in float32 and is put back to float16 after."""
-    config = pipe.vae.config
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        x = x * torch.tensor(std).view(shape).to(x) / config.scaling_factor + torch.tensor(mean).view(shape).to(x)
-    else:
-        x = x / config.scaling_factor
-    upcast = pipe.vae.dtype == torch.float16 and bool(getattr(config, "force_upcast", False))
+@contextlib.contextmanager
+def _vae_in_float32_if_needed(pipe):
+    """Inside: a float16 VAE whose config says ``force_upcast`` (SDXL base's VAE overflows in float16) is float32,
+    and float16 again after (as the stock pipelines do around their VAE calls)."""
+    upcast = pipe.vae.dtype == torch.float16 and bool(getattr(pipe.vae.config, "force_upcast", False))
     if upcast:
         pipe.vae.to(torch.float32)
     try:
-        image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
+        yield
     finally:
         if upcast:
             pipe.vae.to(torch.float16)
+
+
+def _latent_statistics(pipe, like: Tensor):
+    """(mean, std) (1, C, 1, 1) of a VAE config with latents_mean/latents_std, else (None, None)."""
+    config = pipe.vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None or std is None:
+        return None, None
+    shape = (1, len(mean), 1, 1)
+    return torch.tensor(mean).view(shape).to(like), torch.tensor(std).view(shape).to(like)
+
+
+def decode(pipe, x: Tensor, output_type: str):
+    """Latents → images as the stock pipeline: x·latents_std / scaling_factor + latents_mean when the VAE config has
+    them, else x / scaling_factor; decoded and post-processed (no watermark), in float32 for a float16 VAE with
+    ``force_upcast``."""
+    mean, std = _latent_statistics(pipe, x)
+    scale = pipe.vae.config.scaling_factor
+    x = x / scale if mean is None else x * std / scale + mean
+    with _vae_in_float32_if_needed(pipe):
+        image = pipe.vae.decode(x.to(pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
+def encode_image(pipe, pixels: Tensor) -> Tensor:
+    """Pixels (B, 3, H, W) in [−1, 1] → latents as the UNet sees them: the inverse of `decode` (VAE mode)."""
+    with _vae_in_float32_if_needed(pipe):
+        latents = calls.posterior_mode(pipe, pixels).float()
+    mean, std = _latent_statistics(pipe, latents)
+    scale = pipe.vae.config.scaling_factor
+    return latents * scale if mean is None else (latents - mean) * scale / std
+
+
 PIPELINE = calls.PipelineHooks(
-    positional=(("prompt", None), ("prompt_2", None)), prepare=prepare, decode=decode,
+    positional=(("prompt", None), ("prompt_2", None)), prepare=prepare, decode=decode, encode=encode_image,
     output="diffusers.pipelines.stable_diffusion_xl.pipeline_output.StableDiffusionXLPipelineOutput",
     params={"num_images_per_prompt": 1, "pooled_prompt_embeds": None, "clip_skip": None,
             "cross_attention_kwargs": None, "original_size": None, "crops_coords_top_left": (0, 0),

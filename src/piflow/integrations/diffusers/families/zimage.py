@@ -104,6 +104,7 @@ def prepare(pipe, call: dict) -> tuple[Tensor, dict, int]:
 PIPELINE = calls.PipelineHooks(
     positional=(("prompt", None),), prepare=prepare,
     decode=lambda pipe, x, output_type: calls.decode_scaled(pipe, x, output_type, cast_first=True),
+    encode=calls.encode_scaled,
     output="diffusers.pipelines.z_image.pipeline_output.ZImagePipelineOutput",
     params={"num_images_per_prompt": 1, "joint_attention_kwargs": None},
     unused={"guidance_scale": None, "negative_prompt": None, "negative_prompt_embeds": None,
