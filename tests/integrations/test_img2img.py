@@ -1,5 +1,5 @@
 """Image-to-image (``image=`` / ``init_image=`` and ``strength=``) on the π-Flow pipelines of FLUX.1, Qwen-Image,
-FLUX.2, SD3, Z-Image, SD 1.5 and SDXL (tiny random pipelines): strength 1 is text-to-image on the same noise; a strength that leaves no step returns
+FLUX.2, SD3, Z-Image, SD 1.5, SDXL and LongCat-Image (tiny random pipelines): strength 1 is text-to-image on the same noise; a strength that leaves no step returns
 the input image's latents, computed here with the stock VAE calls; an intermediate strength runs exactly the last
 ⌊nfe·strength⌋ points of the text-to-image grid (computed here from the schedule's formula); bad arguments are
 errors naming them."""
@@ -19,8 +19,9 @@ from piflow.integrations.diffusers.students import ARCHITECTURES, DiffusersPolic
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-FAMILIES = ["flux", "qwen", "flux2", "sd3", "zimage", "sd15", "sdxl"]
-SIZE = {"flux": 32, "qwen": 64, "flux2": 64, "sd3": 32, "zimage": 32, "sd15": 32, "sdxl": 32}   # pixels (8× VAEs: 64)
+FAMILIES = ["flux", "qwen", "flux2", "sd3", "zimage", "sd15", "sdxl", "longcat"]
+SIZE = {"flux": 32, "qwen": 64, "flux2": 64, "sd3": 32, "zimage": 32, "sd15": 32, "sdxl": 32,
+        "longcat": 32}                                    # pixels (8× VAEs: 64)
 DIFFUSION = ("sd15", "sdxl")
 SHIFT, FINAL = 3.2, 0.5
 
@@ -36,7 +37,8 @@ def pipe_with_student(family):
             if "lora_B" in name:
                 param.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     settings = PiIDSettings(policy="gmflow", nfe=4, shift=SHIFT, final_step_size_scale=FINAL)
-    student = DiffusersPolicyStudent(network, "gmflow", num_components=2, latent_channels=4,
+    student = DiffusersPolicyStudent(network, "gmflow", num_components=2,
+                                     latent_channels=16 if family == "longcat" else 4,    # LongCat's tiny: 16
                                      logstd_hidden=16, share_transformer=True, architecture=architecture,
                                      settings=settings, generator=torch.Generator().manual_seed(0),
                                      scheduler_config=pipe.scheduler.config if family in DIFFUSION else None).eval()
@@ -65,7 +67,7 @@ def stock_latents(pipe, family, image):
     with torch.no_grad():
         if family == "sdxl":                  # the SDXL pipelines scale only (they ignore a VAE's shift_factor)
             return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        if family in ("flux", "sd3", "zimage", "sd15"):        # AutoencoderKL: (mean − shift)·scale
+        if family in ("flux", "sd3", "zimage", "sd15", "longcat"):        # AutoencoderKL: (mean − shift)·scale
             mean = pipe.vae.encode(pixels).latent_dist.mean
             return (mean - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
         if family == "qwen":
