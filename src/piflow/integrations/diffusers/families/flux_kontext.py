@@ -84,11 +84,8 @@ PIPELINE = calls.PipelineHooks(
     positional=(("image", None), ("prompt", None), ("prompt_2", None)), prepare=prepare,
     decode=calls.decode_scaled, encode=calls.encode_scaled, init_image_argument="init_image",
     output="diffusers.pipelines.flux.pipeline_output.FluxPipelineOutput",
-    params={"guidance_scale": 3.5, "num_images_per_prompt": 1, "pooled_prompt_embeds": None,
-            "joint_attention_kwargs": None, "max_area": None, "_auto_resize": None},
-    unused={"negative_prompt": None, "negative_prompt_2": None, "true_cfg_scale": 1.0, "negative_prompt_embeds": None,
-            "negative_pooled_prompt_embeds": None, "ip_adapter_image": None, "ip_adapter_image_embeds": None,
-            "negative_ip_adapter_image": None, "negative_ip_adapter_image_embeds": None},
+    params={**flux.PIPELINE.params, "max_area": None, "_auto_resize": None},
+    unused={**flux.PIPELINE.unused, "ip_adapter_image": None, "ip_adapter_image_embeds": None},
     doc="Edit ``image`` (one reference image) following the prompt, or generate without one; the output size is "
         "height × width (with `max_area`: rescaled to that area, as the stock pipeline always does); `latents` "
         "(optional) is the unpacked noise (B·n, C, H/8, W/8) at σ = 1; the student takes the distilled-guidance "
