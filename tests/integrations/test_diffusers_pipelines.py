@@ -63,7 +63,8 @@ def lora_student(pipe, family, policy, seed=0):
     return DiffusersPolicyStudent(network, policy, num_components=2, num_nodes=3,
                                   latent_channels=latent_shape(family, 1)[1],
                                   logstd_hidden=16, share_transformer=True, architecture=architecture,
-                                  policy_kwargs=kwargs, settings=settings, generator=torch.Generator().manual_seed(seed),
+                                  policy_kwargs=kwargs, settings=settings,
+                                  generator=torch.Generator().manual_seed(seed),
                                   scheduler_config=pipe.scheduler.config if family in DIFFUSION_FAMILIES else None
                                   ).eval()
 
@@ -88,8 +89,9 @@ def text_cond(pipe, architecture):
     return cond
 
 
-@pytest.mark.parametrize("architecture", ARCHS)
-@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+# DX: one family in the fast tier (make test), every family in make test-slow
+@pytest.mark.parametrize("architecture, policy", [(x, "gmflow") for x in ARCHS] + [
+    pytest.param(x, "dx", marks=() if x == "flux" else pytest.mark.slow) for x in ARCHS])
 def test_pipeline_equals_the_core_sampler_and_gives_images(architecture, policy):
     pipe = tiny_pipeline(architecture, pipeline_class(architecture))
     pipe.set_progress_bar_config(disable=True)

@@ -129,8 +129,9 @@ def lora_student(pipe, family, policy):
                                   scheduler_config=pipe.scheduler.config if family in DIFFUSION_FAMILIES else None)
 
 
-@pytest.mark.parametrize("family", NAMES)
-@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+# DX: one family in the fast tier (make test), every family in make test-slow
+@pytest.mark.parametrize("family, policy", [(x, "gmflow") for x in NAMES] + [
+    pytest.param(x, "dx", marks=() if x == "flux" else pytest.mark.slow) for x in NAMES])
 def test_student_starts_at_the_teacher_and_piid_lowers_the_loss(family, policy):
     pipe = tiny_pipeline(family)
     network = denoiser(pipe, family)

@@ -119,7 +119,8 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
     assert len(errors) == 1 and "transformers only" in errors[0], errors
 
 
-@pytest.mark.parametrize("policy, fine_tune", [("gmflow", None), ("dx", None), ("gmflow", V_ZTSNR)])
+@pytest.mark.parametrize("policy, fine_tune", [("gmflow", None), pytest.param("dx", None, marks=pytest.mark.slow),
+                                               ("gmflow", V_ZTSNR)])                  # DX CLI: make test-slow
 def test_sd15_distills_exports_loads_and_samples(policy, fine_tune, tmp_path, capsys):
     from piflow.cli import main
     from piflow.integrations.diffusers.pipelines import pipeline_class

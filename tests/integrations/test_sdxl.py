@@ -73,7 +73,7 @@ def test_bad_settings_are_one_line_errors():
     assert "\n" not in str(error.value)
 
 
-@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+@pytest.mark.parametrize("policy", ["gmflow", pytest.param("dx", marks=pytest.mark.slow)])   # DX CLI: make test-slow
 def test_sdxl_distills_exports_loads_and_samples(policy, tmp_path, capsys):
     from piflow.cli import main
     from piflow.integrations.diffusers.pipelines import pipeline_class

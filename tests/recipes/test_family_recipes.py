@@ -65,8 +65,9 @@ def family_arguments(bases, family):
     return arguments
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+# DX: one family in the fast tier (make test), every family in make test-slow
+@pytest.mark.parametrize("family, policy", [(x, "gmflow") for x in FAMILIES] + [
+    pytest.param(x, "dx", marks=() if x == "flux2" else pytest.mark.slow) for x in FAMILIES])
 def test_family_distills_exports_loads_and_samples(bases, family, policy, tmp_path, capsys):
     from PIL import Image
 

@@ -55,8 +55,8 @@ def config_for(bases, architecture, *extra):
                                                    *TINY, *extra])
 
 
-@pytest.mark.parametrize("architecture", ["flux", "sd3", "qwen"])
-@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+@pytest.mark.parametrize("architecture, policy", [(x, "gmflow") for x in ("flux", "sd3", "qwen")] + [
+    pytest.param(x, "dx", marks=() if x == "flux" else pytest.mark.slow) for x in ("flux", "sd3", "qwen")])
 def test_pi_id_steps_lower_the_loss_and_leave_the_teacher_unchanged(bases, architecture, policy):
     config = config_for(bases, architecture, f"student.policy={policy}")
     pipe = diffusers.DiffusionPipeline.from_pretrained(bases[architecture])
@@ -275,8 +275,8 @@ def test_shipped_configs_run(bases, tmp_path, name, architecture):
     assert metrics["iters"] == 1 and torch.isfinite(torch.tensor(metrics["final_loss"]))
 
 
-@pytest.mark.parametrize("architecture", ["flux", "sd3", "qwen"])
-@pytest.mark.parametrize("policy", ["gmflow", "dx"])
+@pytest.mark.parametrize("architecture, policy", [(x, "gmflow") for x in ("flux", "sd3", "qwen")] + [
+    pytest.param(x, "dx", marks=() if x == "flux" else pytest.mark.slow) for x in ("flux", "sd3", "qwen")])
 def test_distilled_adapter_samples_in_a_fresh_pipeline(bases, tmp_path, architecture, policy):
     distill_text_to_image(config_for(bases, architecture, f"student.policy={policy}", "train.iters=2",
                                      "eval.prompts=[]"), tmp_path / "run")
