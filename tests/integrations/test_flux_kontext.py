@@ -137,3 +137,31 @@ def test_kontext_distills_exports_loads_and_edits_from_the_cli(tmp_path, capsys)
                  "--nfe", "1", "--output", str(tmp_path / "out")]) == 0
     assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
     capsys.readouterr()
+
+
+def test_kontext_image_to_image_from_init_image():
+    """``image`` stays the reference; ``init_image`` + ``strength`` start from another picture: strength 1 is the
+    edit from noise, a strength that leaves no step returns init_image's latents (the stock VAE calls)."""
+    from piflow.settings import PiIDSettings
+
+    pipe = tiny_pipeline("flux-kontext", pipeline_class("flux-kontext"))
+    pipe.set_progress_bar_config(disable=True)
+    add_student_lora(pipe.transformer, rank=4, target_modules=ARCHITECTURES["flux"].lora_targets(pipe.transformer))
+    student = DiffusersPolicyStudent(pipe.transformer, "gmflow", num_components=2, latent_channels=4,
+                                     logstd_hidden=16, share_transformer=True, architecture="flux",
+                                     settings=PiIDSettings(policy="gmflow", nfe=4, shift=3.2, final_step_size_scale=0.5),
+                                     generator=torch.Generator().manual_seed(0)).eval()
+    pipe.set_piflow_student(student)
+
+    def edit(**kwargs):
+        return pipe(image=picture(0), prompt=PROMPTS, height=SIZE, width=SIZE, num_inference_steps=4,
+                    output_type="latent", generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    start = picture(7, (SIZE, SIZE))
+    torch.testing.assert_close(edit(init_image=start, strength=1.0), edit(), atol=0, rtol=0)
+    pixels = pipe.image_processor.preprocess(start, height=SIZE, width=SIZE)
+    with torch.no_grad():
+        expected = (pipe.vae.encode(pixels).latent_dist.mean - pipe.vae.config.shift_factor) * \
+            pipe.vae.config.scaling_factor
+    torch.testing.assert_close(edit(init_image=start, strength=0.2), expected.expand(2, -1, -1, -1), atol=1e-5,
+                               rtol=1e-5)
