@@ -147,9 +147,9 @@ def test_kontext_image_to_image_from_init_image():
     pipe = tiny_pipeline("flux-kontext", pipeline_class("flux-kontext"))
     pipe.set_progress_bar_config(disable=True)
     add_student_lora(pipe.transformer, rank=4, target_modules=ARCHITECTURES["flux"].lora_targets(pipe.transformer))
+    settings = PiIDSettings(policy="gmflow", nfe=4, shift=3.2, final_step_size_scale=0.5)
     student = DiffusersPolicyStudent(pipe.transformer, "gmflow", num_components=2, latent_channels=4,
-                                     logstd_hidden=16, share_transformer=True, architecture="flux",
-                                     settings=PiIDSettings(policy="gmflow", nfe=4, shift=3.2, final_step_size_scale=0.5),
+                                     logstd_hidden=16, share_transformer=True, architecture="flux", settings=settings,
                                      generator=torch.Generator().manual_seed(0)).eval()
     pipe.set_piflow_student(student)
 
