@@ -18,7 +18,8 @@ from piflow.integrations.diffusers.students import DiffusersTeacher  # noqa: E40
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
 from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
 
-from diffusion_family_checks import assert_matches_stock, assert_student_starts_at_teacher, euler_on_ddim_grid  # noqa: E402,E501
+from diffusion_family_checks import (assert_matches_stock, assert_student_starts_at_teacher,  # noqa: E402
+                                     cli_distil_export_reload, euler_on_ddim_grid)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 PROMPTS = ["golden retriever", "88"]          # a class name and a class id (macaw)
@@ -100,38 +101,15 @@ def test_lora_targets_feed_forwards_and_timestep_mlps_never_attention():
 
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_dit_distills_exports_loads_and_samples(policy, tmp_path, capsys):
-    from piflow.cli import main
-    from piflow.integrations.diffusers.pipelines import pipeline_class
-
-    base = tmp_path / "tiny-dit"
-    tiny_pipeline("dit").save_pretrained(base)
-    (tmp_path / "classes.txt").write_text("golden retriever\nmacaw\n360\n")
-    run_dir = tmp_path / "run"
-    assert main(["distill", "--run-dir", str(run_dir), f"pipeline={base}", "resolution=[16,16]",
-                 f"prompts={tmp_path / 'classes.txt'}", "student.lora_rank=4", "student.logstd_hidden=16",
-                 "student.num_components=2", "student.num_nodes=3", "distill.total_substeps=16",
-                 "train.warmup_iters=0", "train.progress=false", "eval.nfe=[1,2]", "eval.prompts=[otter]",
-                 "train.iters=2", f"student.policy={policy}"]) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["architecture"] == "dit" and metrics["iters"] == 2
-    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
-    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    pipe, student, saved, outputs = cli_distil_export_reload(
+        "dit", policy, tmp_path, "golden retriever\nmacaw\n360\n", size=16, eval_prompt="otter",
+        call_prompts=("golden retriever", "207"), call_kwargs={}, sample_prompt="volcano")
     assert saved["scheduler_config"]["prediction_type"] == "epsilon" and saved["base_class"] == "DiTTransformer2DModel"
-    pipe = pipeline_class("dit").from_pretrained(base)
-    pipe.set_progress_bar_config(disable=True)
-    student = pipe.load_piflow_adapter(tmp_path / "exported")
-    assert student.policy_kind == policy and student.scheduler_config == saved["scheduler_config"]
-    for steps in (1, 4):
-        outputs = [pipe(prompt=["golden retriever", "207"], num_inference_steps=steps, output_type="np",
-                        generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
-        assert outputs[0].shape == (2, 16, 16, 3)
-        assert (outputs[0] == outputs[1]).all()
+    assert student.scheduler_config == saved["scheduler_config"]
+    for steps, images in outputs.items():      # name, id string and stock-style class_labels agree
         by_id = pipe(class_labels=[207, 207], num_inference_steps=steps, output_type="np",
                      generator=torch.Generator().manual_seed(0)).images
-        assert (by_id == outputs[0]).all()          # name, id string and stock-style class_labels agree
-    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "volcano", "--nfe", "1", "--output",
-                 str(tmp_path / "out")]) == 0
-    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
+        assert (by_id == images).all()
     capsys.readouterr()
 
 

@@ -2,7 +2,6 @@
 integrated with Euler on DDIM's σ grid is the stock pipeline with a DDIMScheduler (η = 0) — exactly, with and
 without CFG (docs/algorithm.md §15.5); the student starts at the teacher (every GM component mean, every DX node);
 an unknown prediction_type is a one-line error; the command line distils, exports, reloads and samples."""
-import json
 
 import pytest
 import torch
@@ -15,7 +14,8 @@ from piflow.integrations.diffusers.families import ARCHITECTURES  # noqa: E402
 from piflow.integrations.diffusers.prompts import collate_text, encode_prompts  # noqa: E402
 from piflow.integrations.diffusers.students import DiffusersTeacher  # noqa: E402
 
-from diffusion_family_checks import assert_matches_stock, assert_student_starts_at_teacher, euler_on_ddim_grid  # noqa: E402,E501
+from diffusion_family_checks import (assert_matches_stock, assert_student_starts_at_teacher,  # noqa: E402
+                                     cli_distil_export_reload, euler_on_ddim_grid)
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
 from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
 
@@ -82,33 +82,8 @@ def test_micro_conditions_reach_the_1024_model():
 
 @pytest.mark.parametrize("policy", ["gmflow", "dx"])
 def test_pixart_distills_exports_loads_and_samples(policy, tmp_path, capsys):
-    from piflow.cli import main
-    from piflow.integrations.diffusers.pipelines import pipeline_class
-
-    base = tmp_path / "tiny-pixart"
-    tiny_pipeline("pixart").save_pretrained(base)
-    (tmp_path / "prompts.txt").write_text("a red cat\na blue bird on a wire\n")
-    run_dir = tmp_path / "run"
-    assert main(["distill", "--run-dir", str(run_dir), f"pipeline={base}", "resolution=[32,32]",
-                 f"prompts={tmp_path / 'prompts.txt'}", "max_sequence_length=32", "student.lora_rank=4",
-                 "student.logstd_hidden=16", "student.num_components=2", "student.num_nodes=3",
-                 "distill.total_substeps=16", "train.warmup_iters=0", "train.progress=false", "eval.nfe=[1,2]",
-                 "eval.prompts=[a cat]", "train.iters=2", f"student.policy={policy}"]) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["architecture"] == "pixart" and metrics["iters"] == 2
-    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
-    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    _, student, saved, _ = cli_distil_export_reload("pixart", policy, tmp_path, "a red cat\na blue bird on a wire\n",
+                                                    extra=["max_sequence_length=32"])
     assert saved["scheduler_config"]["prediction_type"] == "epsilon"
-    pipe = pipeline_class("pixart").from_pretrained(base)
-    pipe.set_progress_bar_config(disable=True)
-    student = pipe.load_piflow_adapter(tmp_path / "exported")
-    assert student.policy_kind == policy and student.scheduler_config == saved["scheduler_config"]
-    for steps in (1, 4):
-        outputs = [pipe(prompt=["a red cat", "fog"], num_inference_steps=steps, output_type="np", height=32,
-                        width=32, generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
-        assert outputs[0].shape == (2, 32, 32, 3)
-        assert (outputs[0] == outputs[1]).all()
-    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "1", "--output",
-                 str(tmp_path / "out")]) == 0
-    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
+    assert student.scheduler_config == saved["scheduler_config"]
     capsys.readouterr()

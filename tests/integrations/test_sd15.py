@@ -3,7 +3,6 @@
 exactly, with and without CFG (docs/algorithm.md §15.5); the convolutional GM / DX student starts at the teacher
 (every component mean, every DX node); bad settings are one-line errors; the command line distils, exports,
 reloads into `PiStableDiffusionPipeline` and samples."""
-import json
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
 from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
 
 from diffusion_family_checks import (assert_matches_stock, assert_student_starts_at_teacher,  # noqa: E402
-                                     euler_on_ddim_grid, fresh_student)
+                                     cli_distil_export_reload, euler_on_ddim_grid, fresh_student)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 PROMPTS = ["a red cat", "two blue birds on a wire"]
@@ -122,41 +121,15 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys):
 @pytest.mark.parametrize("policy, fine_tune", [("gmflow", None), pytest.param("dx", None, marks=pytest.mark.slow),
                                                ("gmflow", V_ZTSNR)])                  # DX CLI: make test-slow
 def test_sd15_distills_exports_loads_and_samples(policy, fine_tune, tmp_path, capsys):
-    from piflow.cli import main
-    from piflow.integrations.diffusers.pipelines import pipeline_class
-
-    base = tmp_path / "tiny-sd15"
     tiny = tiny_pipeline("sd15")
     if fine_tune is not None:      # a v-prediction zero-terminal-SNR fine-tune: read from its scheduler config
         tiny.scheduler = diffusers.DDIMScheduler.from_config(tiny.scheduler.config, **fine_tune)
-    tiny.save_pretrained(base)
-    (tmp_path / "prompts.txt").write_text("a red cat\na blue bird on a wire\n")
-    run_dir = tmp_path / "run"
-    assert main(["distill", "--run-dir", str(run_dir), f"pipeline={base}", "resolution=[32,32]",
-                 f"prompts={tmp_path / 'prompts.txt'}", "student.lora_rank=4",
-                 "student.logstd_hidden=16", "student.num_components=2", "student.num_nodes=3",
-                 "distill.total_substeps=16", "train.warmup_iters=0", "train.progress=false", "eval.nfe=[1,2]",
-                 "eval.prompts=[a cat]", "train.iters=2", f"student.policy={policy}"]) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["architecture"] == "sd15" and metrics["iters"] == 2
-    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
-    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    pipe, student, saved, _ = cli_distil_export_reload("sd15", policy, tmp_path, "a red cat\na blue bird on a wire\n", base_pipeline=tiny)
     expected = fine_tune or {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
     assert saved["scheduler_config"]["prediction_type"] == expected["prediction_type"]
     assert bool(saved["scheduler_config"].get("rescale_betas_zero_snr", False)) == expected["rescale_betas_zero_snr"]
     assert saved["scheduler_config"]["beta_schedule"] == "scaled_linear"
-    pipe = pipeline_class("sd15").from_pretrained(base)
     assert type(pipe).__name__ == "PiStableDiffusionPipeline"
-    pipe.set_progress_bar_config(disable=True)
-    student = pipe.load_piflow_adapter(tmp_path / "exported")
-    assert student.policy_kind == policy and student.transformer is pipe.unet and student.spatial_features
+    assert student.transformer is pipe.unet and student.spatial_features
     assert student.diffusion.prediction_type == expected["prediction_type"]
-    for steps in (1, 4):
-        outputs = [pipe(prompt=["a red cat", "fog"], num_inference_steps=steps, output_type="np", height=32,
-                        width=32, generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
-        assert outputs[0].shape == (2, 32, 32, 3)
-        assert (outputs[0] == outputs[1]).all()
-    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "1", "--output",
-                 str(tmp_path / "out")]) == 0
-    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
     capsys.readouterr()

@@ -3,7 +3,6 @@ and size micro-conditioning in added_cond_kwargs): the wrapped ε-prediction tea
 σ grid is the stock pipeline with a DDIMScheduler (η = 0), with and without CFG (the empty negative prompt is all
 zeros, as force_zeros_for_empty_prompt); the convolutional student starts at the teacher; bad settings are one-line
 errors; the command line distils, exports, reloads into `PiStableDiffusionXLPipeline` and samples."""
-import json
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from piflow.integrations.diffusers.students import DiffusersTeacher  # noqa: E40
 from piflow.integrations.diffusers.tiny import tiny_pipeline  # noqa: E402
 from piflow.teachers import ClassifierFreeGuidance  # noqa: E402
 
-from diffusion_family_checks import assert_matches_stock, assert_student_starts_at_teacher, euler_on_ddim_grid  # noqa: E402,E501
+from diffusion_family_checks import (assert_matches_stock, assert_student_starts_at_teacher,  # noqa: E402
+                                     cli_distil_export_reload, euler_on_ddim_grid)
 from test_sd15 import PROMPTS, ddim, text  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -75,36 +75,9 @@ def test_bad_settings_are_one_line_errors():
 
 @pytest.mark.parametrize("policy", ["gmflow", pytest.param("dx", marks=pytest.mark.slow)])   # DX CLI: make test-slow
 def test_sdxl_distills_exports_loads_and_samples(policy, tmp_path, capsys):
-    from piflow.cli import main
-    from piflow.integrations.diffusers.pipelines import pipeline_class
-
-    base = tmp_path / "tiny-sdxl"
-    tiny_pipeline("sdxl").save_pretrained(base)
-    (tmp_path / "prompts.txt").write_text("a red cat\na blue bird on a wire\n")
-    run_dir = tmp_path / "run"
-    assert main(["distill", "--run-dir", str(run_dir), f"pipeline={base}", "resolution=[32,32]",
-                 f"prompts={tmp_path / 'prompts.txt'}", "student.lora_rank=4",
-                 "student.logstd_hidden=16", "student.num_components=2", "student.num_nodes=3",
-                 "distill.total_substeps=16", "train.warmup_iters=0", "train.progress=false", "eval.nfe=[1,2]",
-                 "eval.prompts=[a cat]", "train.iters=2", f"student.policy={policy}"]) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["architecture"] == "sdxl" and metrics["iters"] == 2
-    assert main(["export", "--run-dir", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
-    saved = json.loads((tmp_path / "exported" / "config.json").read_text())
+    pipe, student, saved, _ = cli_distil_export_reload("sdxl", policy, tmp_path, "a red cat\na blue bird on a wire\n")
     assert saved["scheduler_config"]["prediction_type"] == "epsilon"
-    pipe = pipeline_class("sdxl").from_pretrained(base)
-    assert type(pipe).__name__ == "PiStableDiffusionXLPipeline"
-    pipe.set_progress_bar_config(disable=True)
-    student = pipe.load_piflow_adapter(tmp_path / "exported")
-    assert student.policy_kind == policy and student.transformer is pipe.unet
-    for steps in (1, 4):
-        outputs = [pipe(prompt=["a red cat", "fog"], num_inference_steps=steps, output_type="np", height=32,
-                        width=32, generator=torch.Generator().manual_seed(0)).images for _ in range(2)]
-        assert outputs[0].shape == (2, 32, 32, 3)
-        assert (outputs[0] == outputs[1]).all()
-    assert main(["sample", "--run-dir", str(run_dir), "--prompt", "a cat", "--nfe", "1", "--output",
-                 str(tmp_path / "out")]) == 0
-    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000_00.png"]
+    assert type(pipe).__name__ == "PiStableDiffusionXLPipeline" and student.transformer is pipe.unet
     capsys.readouterr()
 
 
