@@ -502,6 +502,21 @@ class DiffusionTeacher:
         alpha, s = self.schedule.alpha_s(self._time_from_input(t.detach().reshape(-1).cpu()))
         return self._affine(alpha, s)[1].float()
 
+    def component_velocities(self, outputs: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """(B, N, C, …) outputs of a policy head — N GM component means or DX nodes, each in the network's output
+        units, all at the inputs (x_t (B, C, …), t (B,)) = `network_inputs(...)` — → their velocities
+        a·out_k + b·x_t, float32, shaped like `outputs`: how a diffusion network's policy students map their heads."""
+        batch, num = outputs.shape[:2]
+        flat = outputs.reshape(batch * num, *outputs.shape[2:])
+        u = self.velocity_from_output(flat, x_t.repeat_interleave(num, dim=0), t.reshape(-1).repeat_interleave(num))
+        return u.reshape(outputs.shape)
+
+    def velocity_logstds(self, logstds: Tensor, t: Tensor) -> Tensor:
+        """Per-sample GM log-stds (B, …) in the network's output units → velocity units at network time inputs `t`
+        (B,): + log|b| (u = a·x_t + b·out pushes the output-space mixture forward, every std times |b|)."""
+        scale = self.output_scale(t).abs().log().to(logstds.device, logstds.dtype)
+        return logstds + scale.reshape(-1, *([1] * (logstds.dim() - 1)))
+
     def _velocity(self, out: Tensor, x_t: Tensor, alpha: Tensor, s: Tensor) -> Tensor:
         """u = a·x_t + b·out from float64 CPU (α, s); the arithmetic on the tensors is float32 on their device."""
         out = self._select_channels(out, x_t).float()

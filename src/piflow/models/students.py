@@ -79,10 +79,7 @@ class PolicyStudent(nn.Module):
         a velocity network's outputs are velocities already)."""
         if self.diffusion is None:
             return outputs
-        batch, num = outputs.shape[:2]
-        flat = outputs.reshape(batch * num, *outputs.shape[2:])
-        u = self.diffusion.velocity_from_output(flat, x_in.repeat_interleave(num, dim=0), t_in.repeat_interleave(num))
-        return u.reshape(outputs.shape).to(outputs.dtype)
+        return self.diffusion.component_velocities(outputs, x_in, t_in).to(outputs.dtype)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> dict:
         sigma = as_batch_sigma(sigma, x.shape[0], 1, x.device, check=False)
@@ -95,9 +92,8 @@ class PolicyStudent(nn.Module):
             return {"u_grid": self._velocities(self._to_spatial(self.head(features), self.channels), x_in, t_in)}
         out = self.head(features, cond_emb)
         logweights, logstds = out.logweights, out.logstds
-        if self.diffusion is not None:       # std_u = |a|·std_out: the velocity GM is the output GM pushed forward
-            scale = self.diffusion.output_scale(t_in).abs().log().to(logstds.device, logstds.dtype)
-            logstds = logstds + scale.reshape(-1, *([1] * (logstds.dim() - 1)))
+        if self.diffusion is not None:       # the velocity GM is the output GM pushed forward
+            logstds = self.diffusion.velocity_logstds(logstds, t_in)
         if logweights.dim() == 3:                          # vector data: (B, K, 1) already
             return {"means": self._velocities(out.means, x_in, t_in), "logweights": logweights, "logstds": logstds}
         return {"means": self._velocities(self._to_spatial(out.means, self.channels), x_in, t_in),

@@ -379,11 +379,7 @@ class DiffusersPolicyStudent(nn.Module):
         flow architectures' outputs are velocities already)."""
         if self.diffusion is None:
             return outputs
-        batch, num = outputs.shape[:2]
-        flat = outputs.reshape(batch * num, *outputs.shape[2:])
-        u = self.diffusion.velocity_from_output(flat, x_in.repeat_interleave(num, dim=0),
-                                                t_in.reshape(-1).repeat_interleave(num))
-        return u.reshape(outputs.shape)
+        return self.diffusion.component_velocities(outputs, x_in, t_in)
 
     def forward(self, latents: Tensor, sigma: Tensor, cond: Any = None) -> dict:
         size = tuple(latents.shape[2:])
@@ -400,9 +396,8 @@ class DiffusersPolicyStudent(nn.Module):
         out = self.head(features, temb)
         out = out._replace(means=out.means.flatten(1, -3), logweights=out.logweights.flatten(1, -3))
         logstds = out.logstds
-        if self.diffusion is not None:          # std_u = |a|·std_out: the velocity GM is the output GM pushed forward
-            scale = self.diffusion.output_scale(t_in).abs().log().to(logstds.device, logstds.dtype)
-            logstds = logstds + scale.reshape(-1, *([1] * (logstds.dim() - 1)))
+        if self.diffusion is not None:          # the velocity GM is the output GM pushed forward
+            logstds = self.diffusion.velocity_logstds(logstds, t_in)
         return {"means": self._velocities(self._unpack(out.means, size), x_in, t_in),
                 "logweights": self._unpack(out.logweights, size), "logstds": logstds}
 
