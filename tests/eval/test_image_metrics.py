@@ -332,3 +332,16 @@ def test_data_distance_ratio_known_cases():
     assert data_distance_ratio(2 * held_out, held_out, origin) == pytest.approx(2.0, rel=1e-12)
     with pytest.raises(ValueError, match="held_out"):
         data_distance_ratio(fresh, train[:5], train)
+
+
+def test_isolated_bright_pixels_counts_lone_dots_only():
+    from piflow.eval import isolated_bright_pixels
+
+    images = -torch.ones(3, 1, 6, 6)
+    images[0, 0, 0, 0] = 1.0            # a lone dot in the corner (outside counts as dark)
+    images[0, 0, 3, 3] = 0.5            # another lone dot
+    images[1, 0, 1:5, 2] = 1.0          # a stroke: no pixel is alone
+    images[2, 0, 2, 2] = images[2, 0, 3, 3] = 1.0      # diagonal neighbours: not isolated
+    assert isolated_bright_pixels(images) == pytest.approx(2 / 3)
+    assert isolated_bright_pixels(images, threshold=0.7) == pytest.approx((1 + 0 + 0) / 3)
+    assert isolated_bright_pixels(torch.rand(4, 1, 6, 6) * 0 - 1) == 0.0

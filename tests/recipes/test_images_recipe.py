@@ -170,3 +170,33 @@ def test_teacher_data_check_warns_only_for_samples_far_from_the_data(capsys):
 def test_teacher_metrics_record_the_data_check(teacher_run):
     metrics = json.loads((teacher_run / "metrics.json").read_text())
     assert metrics["data_distance_ratio"] > 0.0
+
+
+UNET = ["model.type=unet", "model.channels=8", "model.channel_mults=[1,2]", "model.num_res_blocks=1",
+        "model.attention_levels=[1]", "model.num_heads=2", "model.groups=4", "train.progress=false",
+        "train.checkpoint_every=0"]
+
+
+def test_unet_teacher_trains_and_every_method_distils_it(tmp_path):
+    """`model.type=unet`: the teacher is a U-Net, π-ID's student, DMD2's and MeanFlow's networks are copies of it."""
+    from piflow.models import UNet
+
+    teacher = tmp_path / "teacher"
+    assert main(["train-teacher", "--run-dir", str(teacher), "dataset=digits", "train.iters=4",
+                 "flow_matching.batch_size=8", "eval.data_check_samples=16", *UNET]) == 0
+    model, _ = images.load_teacher(str(teacher))
+    assert isinstance(model, UNet) and model.config.channel_mults == (1, 2)
+    for method in ("piid", "dmd2", "meanflow"):
+        run = tmp_path / method
+        assert main(["distill", "--run-dir", str(run), "dataset=digits", f"teacher={teacher}", f"method={method}",
+                     "train.iters=2", "distill.batch_size=4", "distill.total_substeps=16", "distill.nfe=2",
+                     "train.progress=false", "train.checkpoint_every=0"]) == 0
+        sampler, _ = images.load_student(run)
+        x = sampler.sample(torch.randn(2, 1, 8, 8), cond=torch.tensor([3, 4]))
+        assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_unknown_model_type_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "t"), "dataset=digits", "model.type=mlp",
+                 "train.iters=1"]) == 2
+    assert "model.type must be one of ('dit', 'unet'), got 'mlp'" in capsys.readouterr().err

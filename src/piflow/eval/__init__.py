@@ -25,7 +25,7 @@ from piflow.eval.features import (  # noqa: E402
 )
 from piflow.eval.image_metrics import (  # noqa: E402
     class_histogram, class_histogram_tv, data_distance_ratio, feature_statistics, frechet_distance,
-    frechet_distance_from_features, high_frequency_fraction, kernel_inception_distance,
+    frechet_distance_from_features, high_frequency_fraction, isolated_bright_pixels, kernel_inception_distance,
     nearest_neighbour_distances, precision_recall_density_coverage,
 )
 
@@ -33,7 +33,7 @@ __all__ += [
     "FeatureClassifier", "extract_features", "load_feature_classifier", "save_feature_classifier",
     "train_feature_classifier", "class_histogram", "class_histogram_tv", "feature_statistics", "frechet_distance",
     "frechet_distance_from_features", "kernel_inception_distance", "precision_recall_density_coverage",
-    "high_frequency_fraction", "nearest_neighbour_distances", "data_distance_ratio",
+    "high_frequency_fraction", "isolated_bright_pixels", "nearest_neighbour_distances", "data_distance_ratio",
 ]
 
 # Diversity of a sample set in a feature space (overall and within each class).

@@ -342,6 +342,21 @@ def high_frequency_fraction(images, cutoff: float = 0.5) -> float:
     return float(share.mean())
 
 
+def isolated_bright_pixels(images, threshold: float = 0.0) -> float:
+    """Mean number per image of isolated bright pixels ("salt" speckle): pixels of images (N, C, H, W) in [-1, 1]
+    above `threshold` in a channel whose 8 neighbours in that channel all lie at or below it (pixels outside the
+    image count as dark). A stroke or a filled region has none; one stray white dot on black counts 1."""
+    x = _as_tensor(images, "images").double()
+    if x.dim() != 4:
+        raise ValueError(f"images must have shape (N, C, H, W), got {tuple(x.shape)}")
+    bright = (x > float(threshold)).double()
+    kernel = torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    flat = bright.reshape(-1, 1, *x.shape[2:])
+    neighbours = torch.nn.functional.conv2d(flat, kernel, padding=1) - flat          # bright neighbours
+    isolated = (flat > 0) & (neighbours == 0)
+    return float(isolated.reshape(x.shape[0], -1).sum(dim=1).double().mean()) if x.shape[0] else 0.0
+
+
 def nearest_neighbour_distances(queries, reference, chunk_size: int = _DISTANCE_CHUNK) -> Tensor:
     """Euclidean distance (N,) from each row of `queries` (N, ...) to its nearest row of `reference` (M, ...),
     float64; both are flattened per row (images (N, C, H, W) compare pixel by pixel)."""

@@ -26,20 +26,18 @@ re-exported here.
 from __future__ import annotations
 
 import dataclasses
-import os
-from pathlib import Path
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from piflow.checks import draw
 from piflow.timewarp import NUM_TIMESTEPS
 
 from .dit_blocks import DiTBlock, FinalModulation, sincos_embedding_1d, sincos_position_embedding
 from .dit_config import DIT_PRESETS, DiTConfig
 from .embeddings import TimestepLike, as_timestep, timestep_embedding
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME, ClassLabels, PretrainedModel
 
 __all__ = [
     "CONFIG_NAME",
@@ -53,17 +51,17 @@ __all__ = [
     "sincos_position_embedding",
 ]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
-
-class DiT(nn.Module):
+class DiT(ClassLabels, PretrainedModel, nn.Module):
     """Class-conditional DiT velocity network.
 
     Build with `DiT(DiTConfig(...))`, `DiT(in_channels=..., input_size=..., ...)` (keyword args override the
     given config's fields) or `DiT.from_preset("DiT-B/2", ...)`. `gradient_checkpointing` recomputes each
     block in the backward pass (training only); it can also be toggled later via the attribute.
     """
+
+    config_class = DiTConfig
+    model_type = "DiT"
 
     def __init__(self, config: Optional[DiTConfig] = None, *, gradient_checkpointing: bool = False,
                  **config_kwargs: Any) -> None:
@@ -129,46 +127,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
-
-    # -- labels ---------------------------------------------------------------------------------------------
-
-    @property
-    def null_class_index(self) -> int:
-        """Index of the null (unconditional) class row; equals num_classes."""
-        return self.num_classes
-
-    def drop_labels(self, y: Tensor, drop_prob: Optional[float] = None,
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-        """Training-time classifier-free-guidance dropout: replace each label of y (B,) by the null class
-        with probability `drop_prob` (default `config.class_dropout_prob`). Returns a new (B,) tensor."""
-        if self.y_embedder is None:
-            raise ValueError("drop_labels needs a class-conditional model (num_classes > 0)")
-        if not torch.is_tensor(y) or y.dim() != 1:
-            raise ValueError(f"y must be an integer tensor of shape (B,), got "
-                             f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
-        prob = self.config.class_dropout_prob if drop_prob is None else float(drop_prob)
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"drop_prob must lie in [0, 1], got {prob}")
-        if prob == 0.0:
-            return y.clone()
-        drop = draw("uniform", y.shape, generator, y.device) < prob
-        return torch.where(drop, torch.full_like(y, self.null_class_index), y)
-
-    def _labels(self, y: Optional[Tensor], batch: int, device: torch.device) -> Optional[Tensor]:
-        if self.y_embedder is None:
-            if y is not None:
-                raise ValueError("y must be None for an unconditional DiT (num_classes=0)")
-            return None
-        if y is None:
-            return torch.full((batch,), self.null_class_index, dtype=torch.long, device=device)
-        if not torch.is_tensor(y) or y.dtype.is_floating_point or y.dtype.is_complex or y.dim() != 1 \
-                or y.shape[0] != batch:
-            desc = f"{tuple(y.shape)} {y.dtype}" if torch.is_tensor(y) else type(y).__name__
-            raise ValueError(f"y must be an integer tensor of shape (B,) with B={batch}, got {desc}")
-        if batch > 0 and bool(((y < 0) | (y > self.num_classes)).any()):
-            raise ValueError(f"y must lie in [0, {self.num_classes}] (index {self.num_classes} = null class), "
-                             f"got min {int(y.min())}, max {int(y.max())}")
-        return y.to(device=device, dtype=torch.long)
 
     # -- patches --------------------------------------------------------------------------------------------
 
@@ -268,73 +226,3 @@ class DiT(nn.Module):
         """Velocity u = ε - x0 with the shape of x (2·C channels with learn_sigma)."""
         tokens, _ = self.features(x, t, y, extra_condition)
         return self.unpatchify(self.proj_out(tokens), self.out_channels)
-
-    # -- persistence ----------------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
-        """Write config.json and model.safetensors into `save_directory` (created if needed), atomically."""
-        from piflow.files import save_safetensors, write_json
-
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_safetensors(directory / WEIGHTS_NAME, state, metadata={"format": "pt"})
-        write_json(directory / CONFIG_NAME, {"model_type": "DiT", **self.config.to_dict()}, sort_keys=True)
-
-    @staticmethod
-    def read_config(load_directory: Union[str, os.PathLike]) -> DiTConfig:
-        """The `DiTConfig` in config.json of a `save_pretrained` directory (a ValueError if it is not a valid DiT
-        config), without loading the weights."""
-        from piflow.files import read_json
-
-        path = Path(load_directory) / CONFIG_NAME
-        data = read_json(path, "DiT config")
-        if not isinstance(data, dict) or data.pop("model_type", "DiT") != "DiT":
-            raise ValueError(f"{path} does not describe a DiT")
-        try:
-            return DiTConfig.from_dict(data)
-        except (TypeError, ValueError) as error:   # wrong value types or ranges in the file
-            raise ValueError(f"{path} does not describe a valid DiT ({error})") from None
-
-    @classmethod
-    def from_pretrained(cls, load_directory: Union[str, os.PathLike], *,
-                        map_location: Union[str, torch.device] = "cpu", dtype: Optional[torch.dtype] = None,
-                        gradient_checkpointing: bool = False) -> "DiT":
-        """Load a model written by `save_pretrained`.
-
-        Raises FileNotFoundError if the directory or one of its files is missing, ValueError if the config is
-        invalid or the weights do not match it (missing/unexpected keys, wrong shapes). Parameters keep the
-        stored dtype unless `dtype` is given.
-        """
-        from piflow.files import first_non_finite, load_safetensors
-
-        directory = Path(load_directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"load_directory {str(directory)!r} does not exist or is not a directory")
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{name} not found in {str(directory)!r} (expected files written by "
-                                        f"DiT.save_pretrained: {CONFIG_NAME}, {WEIGHTS_NAME})")
-        model = cls(cls.read_config(directory), gradient_checkpointing=gradient_checkpointing)
-
-        state = load_safetensors(directory / WEIGHTS_NAME, "DiT weights", device=str(map_location))
-        bad = first_non_finite(state)
-        if bad is not None:
-            raise ValueError(f"weights in {directory / WEIGHTS_NAME}: tensor {bad!r} holds NaN or Inf values")
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [f"{k}: stored {tuple(state[k].shape)} vs config {tuple(v.shape)}"
-                      for k, v in expected.items() if k in state and state[k].shape != v.shape]
-        if missing or unexpected or mismatched:
-            raise ValueError(f"weights in {directory / WEIGHTS_NAME} do not match {CONFIG_NAME}: "
-                             f"missing={missing[:5]}, unexpected={unexpected[:5]}, "
-                             f"shape mismatches={mismatched[:5]}")
-        stored_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-        if dtype is None and len(stored_dtypes) == 1:
-            model.to(stored_dtypes.pop())
-        model.to(torch.device(map_location))
-        model.load_state_dict(state, strict=True)
-        if dtype is not None:
-            model.to(dtype)
-        return model

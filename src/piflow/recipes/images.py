@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from piflow.checks import positive_int
 from piflow.config import OBJECTIVE_DEFAULTS, ConfigError, load_config
 from piflow.data.images import IMAGE_DATASET_NAMES, LABELS_ONLY
-from piflow.models import DiT
+from piflow.models import DiT, UNet, load_image_network, read_image_network_config
 from piflow.models.students import PolicyStudent
 from piflow.config import Optional_
 from piflow.methods import DistillSetup, method_sections
@@ -32,7 +32,11 @@ IMAGE_DATASETS = IMAGE_DATASET_NAMES + (LABELS_ONLY,)
 IMAGE_TEACHER_DEFAULTS: dict[str, Any] = {
     "dataset": "digits",
     "data": {"root": Optional_(str), "image_size": Optional_(int)},
-    "model": {"preset": "DiT-T", "patch_size": 2, "hidden_size": 96, "depth": 3, "num_heads": 4},
+    # type: dit (preset, patch_size, hidden_size, depth, num_heads) or unet (channels, channel_mults,
+    # num_res_blocks, attention_levels, num_heads, groups, dropout); the keys of the other type are unused
+    "model": {"type": "dit", "preset": "DiT-T", "patch_size": 2, "hidden_size": 96, "depth": 3, "num_heads": 4,
+              "channels": 32, "channel_mults": [1, 2, 4], "num_res_blocks": 2, "attention_levels": [2], "groups": 8,
+              "dropout": 0.0},
     "flow_matching": {"batch_size": 64, "time_sampling": "logit_normal", "class_dropout": 0.1},
     "objective": dict(OBJECTIVE_DEFAULTS),
     "train": train_defaults(iters=2000, ema_start=200),
@@ -87,17 +91,28 @@ def load_dataset(config: dict, split: str = "train"):
         return make_image_dataset(name, split=split, **kwargs)
 
 
-def build_teacher_model(config: dict, image_shape: tuple[int, ...], num_classes: int) -> DiT:
+MODEL_TYPES = ("dit", "unet")
+
+
+def build_teacher_model(config: dict, image_shape: tuple[int, ...], num_classes: int) -> Union[DiT, UNet]:
+    """A fresh class-conditional network of the ``model`` section (a DiT or a U-Net) for images of `image_shape`."""
     spec = config["model"]
+    if spec["type"] not in MODEL_TYPES:
+        raise ConfigError(f"model.type must be one of {MODEL_TYPES}, got {spec['type']!r}")
     with config_values("model"):
+        if spec["type"] == "unet":
+            return UNet(in_channels=image_shape[0], input_size=tuple(image_shape[1:]), channels=spec["channels"],
+                        channel_mults=tuple(spec["channel_mults"]), num_res_blocks=spec["num_res_blocks"],
+                        attention_levels=tuple(spec["attention_levels"]), num_heads=spec["num_heads"],
+                        groups=spec["groups"], dropout=spec["dropout"], num_classes=num_classes)
         return DiT.from_preset(spec["preset"], in_channels=image_shape[0], input_size=tuple(image_shape[1:]),
                                patch_size=spec["patch_size"], hidden_size=spec["hidden_size"], depth=spec["depth"],
                                num_heads=spec["num_heads"], num_classes=num_classes)
 
 
 def train_teacher(config: dict, run_dir: Path, allow_config_change: bool = False) -> dict:
-    """Rectified-flow matching (or the ``objective``'s diffusion training) of a class-conditional DiT with label
-    dropout (for CFG)."""
+    """Rectified-flow matching (or the ``objective``'s diffusion training) of a class-conditional DiT or U-Net with
+    label dropout (for CFG)."""
     check_settings(config)
     fm = config["flow_matching"]
     check_time_sampling(fm["time_sampling"])
@@ -152,9 +167,7 @@ def check_samples_near_data(teacher, config: dict, train_data) -> dict:
         held_out, images = images[:min(num, len(images) // 2)], images[min(num, len(images) // 2):]
     else:
         held_out = load_dataset(config, "test").tensors()[0][:num]
-    noise, y = _eval_inputs(num, images.shape[1:], train_data.num_classes,
-                            torch.Generator().manual_seed(spec["seed"] + 1))
-    samples = euler_sample(teacher, noise, 32, y).clamp(-1.0, 1.0)
+    samples, _ = data_check_samples(teacher, config, num, images.shape[1:], train_data.num_classes)
     try:
         ratio = data_distance_ratio(samples, held_out, images)
     except ValueError as error:   # held-out images that duplicate training images give no scale
@@ -165,6 +178,14 @@ def check_samples_near_data(teacher, config: dict, train_data) -> dict:
               f"{ratio:.2f}x that of held-out images, above eval.data_distance_warn={spec['data_distance_warn']}); "
               f"train longer (train.iters) or a larger model before distilling", file=sys.stderr)
     return {"data_distance_ratio": ratio}
+
+
+def data_check_samples(teacher, config: dict, num: int, shape, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(samples (num, *shape) in [-1, 1], labels (num,)) of the teacher's data check: 32 Euler steps from the noise
+    of seed ``eval.seed`` + 1, classes in turn (0, 1, 2, …)."""
+    noise, y = _eval_inputs(num, shape, num_classes, torch.Generator().manual_seed(config["eval"]["seed"] + 1))
+    with torch.no_grad():
+        return euler_sample(teacher, noise, 32, y).clamp(-1.0, 1.0), y
 
 
 def make_teacher(model: DiT, num_classes: int, guidance_scale: float = 1.0,
@@ -188,10 +209,10 @@ def load_teacher(source: str, layout: str = "auto",
     authors' ImageNet teachers; read safely and converted by `piflow.models.imported` with `layout`)."""
     path = Path(source)
     if (path / "teacher" / "config.json").is_file():
-        return DiT.from_pretrained(path / "teacher"), load_config(IMAGE_TEACHER_DEFAULTS, path / "config.yaml")
+        return load_image_network(path / "teacher"), load_config(IMAGE_TEACHER_DEFAULTS, path / "config.yaml")
     if (path / "config.json").is_file():
         with config_values("teacher"):
-            return DiT.from_pretrained(path), None
+            return load_image_network(path), None
     if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
         from piflow.models.imported import LAYOUTS, import_teacher
 
@@ -302,7 +323,7 @@ def distill_setup(config: dict, load_data: bool = True) -> DistillSetup:
 
     return DistillSetup(
         config=config, teacher=teacher, teacher_model=teacher_model,
-        new_backbone=lambda: DiT(teacher_model.config),          # a fresh network of the teacher's architecture
+        new_backbone=lambda: type(teacher_model)(teacher_model.config),   # a fresh network of the teacher's kind
         policy_student=lambda policy, num_nodes: build_student(config, teacher_model, policy, num_nodes, conversion),
         shape=shape, draw_data=draw_data, draw_cond=draw_cond, num_timesteps=NUM_TIMESTEPS,
         teacher_identity=lambda: teacher_identity(config["teacher"]), teacher_conversion=conversion)
@@ -357,7 +378,7 @@ def sample_spec(config: dict) -> tuple[tuple[int, ...], int]:
         spec = load_teacher(str(run), config["teacher_layout"], config["teacher_input_size"])[0].config
     else:
         try:
-            spec = DiT.read_config(run / "teacher" if (run / "teacher").is_dir() else run)
+            spec = read_image_network_config(run / "teacher" if (run / "teacher").is_dir() else run)
         except (ValueError, FileNotFoundError) as error:
             raise ConfigError(f"teacher: {error}") from None
     return (spec.in_channels, *spec.input_size), int(spec.num_classes)
