@@ -8,12 +8,15 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
+from piflow import bundled
+from piflow.bundled import teacher_source
 from piflow.config import load_config
 from piflow.eval.diversity import per_class_diversity
 from piflow.files import load_safetensors, save_safetensors
 from piflow.recipes import image_benchmark, images
 
-BUNDLED_TEACHERS = {"digits": Path(images.__file__).resolve().parent.parent / "assets" / "teachers" / "digits_dit"}
+# dataset → its bundled teacher (piflow.bundled), the claims benchmark's default teacher for that dataset
+BUNDLED_TEACHERS = {name.removesuffix("-bundled"): Path(teacher_source(name)) for name in bundled.BUNDLED_TEACHERS}
 
 
 class ImageScorer:

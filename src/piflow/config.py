@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import yaml
 
+from piflow.bundled import BUNDLED_TEACHERS
 from piflow.errors import ConfigError
 from piflow.files import read_yaml, yaml_loader
 from piflow.schedule import is_auto
@@ -27,7 +28,8 @@ __all__ = ["ConfigError", "Optional_", "PATH_KEYS", "absolute_paths", "dataclass
 # config keys (dotted) whose values name local files or folders, resolved against the current directory when given
 # and stored absolute; ``pipeline`` only when it is an existing local folder (else a Hub repo id, kept as given)
 PATH_KEYS = ("teacher", "pipeline", "prompts", "conditions", "prompt_cache", "latents", "data.root")
-NOT_PATHS = {"teacher": ("exact",)}                 # values of a path key that name no file
+NOT_PATHS = {"teacher": ("exact", *BUNDLED_TEACHERS)}   # values of a path key that name no file (bundled teachers
+                                                      # are resolved where they are read: piflow.bundled)
 LOCAL_ONLY_IF_PRESENT = ("pipeline",)
 
 

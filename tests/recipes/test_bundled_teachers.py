@@ -27,3 +27,21 @@ def test_digits_teacher_loads_and_samples():
     x = euler_sample(teacher, torch.randn(10, 1, 8, 8), 8, torch.arange(10))
     assert x.shape == (10, 1, 8, 8) and torch.isfinite(x).all()
     assert float(x.std()) > 0.3          # not collapsed onto a constant image
+
+
+def test_a_bundled_teacher_is_selected_by_name(tmp_path):
+    """``teacher=digits-bundled`` reads the bundled folder from any directory and is stored as the name."""
+    pytest.importorskip("sklearn")
+    import yaml
+
+    from piflow.cli import main
+    from piflow.recipes import images
+
+    run = tmp_path / "student"
+    assert main(["distill", "--run-dir", str(run), "dataset=digits", "teacher=digits-bundled", "train.iters=1",
+                 "distill.batch_size=2", "distill.total_substeps=8", "train.progress=false",
+                 "train.checkpoint_every=0"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["teacher"] == "digits-bundled"
+    assert images.teacher_identity("digits-bundled") == images.teacher_identity(str(ASSETS / "digits_dit"))
+    sampler, _ = images.load_student(run)
+    assert sampler.sample(torch.randn(2, 1, 8, 8), cond=torch.tensor([0, 1])).shape == (2, 1, 8, 8)

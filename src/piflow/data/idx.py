@@ -131,7 +131,8 @@ def _missing_idx_message(kind: str, root: Path, missing: list[str]) -> str:
         how = ("install the Debian package with `apt-get install dataset-fashion-mnist` (files go to "
                f"{DEFAULT_FASHION_MNIST_ROOT}) or pass root=<folder with the IDX files>")
     else:
-        how = f"put the standard MNIST IDX files in {root} (or pass root=<folder with the IDX files>)"
+        how = (f"run scripts/install_mnist.sh (files go to {DEFAULT_MNIST_ROOT}), put the standard MNIST IDX files in "
+               f"{root} or pass root=<folder with the IDX files>")
     return f"{kind} files not found in {root}: missing {', '.join(missing)} (optionally .gz); {how}"
 
 

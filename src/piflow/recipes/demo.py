@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from piflow.bundled import TEACHER_ASSETS
 from piflow.config import load_config
 from piflow.data import make_toy_dataset
 from piflow.files import atomic_write, write_json
@@ -35,7 +36,7 @@ def _student_rows(metrics: dict) -> dict:
     return {name: row for name, row in metrics["rows"].items() if name.startswith("student")}
 
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "teachers"
+ASSETS = TEACHER_ASSETS
 
 
 def _digits_part(run_dir: Path, quick: bool, train_teachers: bool, verbose: bool) -> tuple[dict, str]:

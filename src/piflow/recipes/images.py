@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from piflow.bundled import teacher_source
 from piflow.checks import positive_int
 from piflow.config import OBJECTIVE_DEFAULTS, ConfigError, load_config
 from piflow.data.images import IMAGE_DATASET_NAMES, LABELS_ONLY
@@ -203,13 +204,15 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def load_teacher(source: str, layout: str = "auto",
-                 input_size: Optional[int] = None) -> tuple[DiT, Optional[dict]]:
-    """(DiT, its `train-teacher` config or None) of ``teacher``: a `piflow train-teacher` run, a DiT folder
+                 input_size: Optional[int] = None) -> tuple[Union[DiT, UNet], Optional[dict]]:
+    """(network, its `train-teacher` config or None) of ``teacher``: a `piflow train-teacher` run (a DiT or a U-Net;
+    a bundled teacher's name, `piflow.bundled`), a DiT folder
     (`DiT.save_pretrained` / `piflow convert-checkpoint --out`) or a published checkpoint file (SiT, REPA, the
     authors' ImageNet teachers; read safely and converted by `piflow.models.imported` with `layout`)."""
-    path = Path(source)
-    if (path / "teacher" / "config.json").is_file():
-        return load_image_network(path / "teacher"), load_config(IMAGE_TEACHER_DEFAULTS, path / "config.yaml")
+    path = Path(teacher_source(source))
+    if (path / "teacher" / "config.json").is_file():   # float32, as trained (a bundled teacher is stored in float16)
+        return (load_image_network(path / "teacher", dtype=torch.float32),
+                load_config(IMAGE_TEACHER_DEFAULTS, path / "config.yaml"))
     if (path / "config.json").is_file():
         with config_values("teacher"):
             return load_image_network(path), None
@@ -259,7 +262,7 @@ def teacher_identity(source: str) -> bytes:
     """The SHA-256 of the teacher's weight and config files (caches of its samples are keyed by it)."""
     import hashlib
 
-    path = Path(source)
+    path = Path(teacher_source(source))
     folder = path / "teacher" if (path / "teacher").is_dir() else path
     key = hashlib.sha256()
     for item in (sorted(folder.iterdir()) if folder.is_dir() else [path]):
@@ -371,7 +374,7 @@ def load_student(run_dir: Path, overrides=()) -> tuple[Any, dict]:
 def sample_spec(config: dict) -> tuple[tuple[int, ...], int]:
     """(one sample's shape (C, H, W), number of classes) of an image run, from its teacher's DiT config (a
     checkpoint-file teacher is converted to read it)."""
-    run = Path(config["teacher"])
+    run = Path(teacher_source(config["teacher"]))
     if not run.exists():
         raise missing_teacher_run(run, "teacher/")
     if run.is_file():

@@ -1,0 +1,40 @@
+"""Copies a finished `piflow train-teacher` run into a bundled-teacher folder: its config.yaml, metrics.json and
+teacher/ with the weights stored in float16 (half the size; `piflow.recipes.images.load_teacher` reads them back as
+float32). Check the sampling quality of the copy with benchmarks/teacher_quality.py before shipping it.
+
+    python scripts/bundle_teacher.py runs/teacher_mnist src/piflow/assets/teachers/mnist_unet
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import torch
+
+from piflow.models import load_image_network
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a finished train-teacher run directory")
+    parser.add_argument("dest", help="the bundled folder to write (must not exist)")
+    args = parser.parse_args()
+    run, dest = Path(args.run), Path(args.dest)
+    if not (run / "teacher" / "config.json").is_file():
+        parser.error(f"{run} holds no finished teacher (teacher/config.json)")
+    if dest.exists():
+        parser.error(f"{dest} exists; remove it first")
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in ("config.yaml", "metrics.json"):
+        shutil.copy2(run / name, partial / name)
+    load_image_network(run / "teacher", dtype=torch.float16).save_pretrained(partial / "teacher")
+    partial.rename(dest)
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(f"bundled {run} into {dest} ({size / 1e6:.2f} MB)")
+
+
+if __name__ == "__main__":
+    main()
