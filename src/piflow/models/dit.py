@@ -25,7 +25,6 @@ re-exported here.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional, Tuple
 
 import torch
@@ -36,7 +35,7 @@ from piflow.timewarp import NUM_TIMESTEPS
 
 from .dit_blocks import DiTBlock, FinalModulation, sincos_embedding_1d, sincos_position_embedding
 from .dit_config import DIT_PRESETS, DiTConfig
-from .embeddings import TimestepLike, as_timestep, timestep_embedding
+from .embeddings import TimestepLike
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME, ClassLabels, PretrainedModel
 
 __all__ = [
@@ -66,13 +65,7 @@ class DiT(ClassLabels, PretrainedModel, nn.Module):
     def __init__(self, config: Optional[DiTConfig] = None, *, gradient_checkpointing: bool = False,
                  **config_kwargs: Any) -> None:
         super().__init__()
-        if config is None:
-            config = DiTConfig.from_dict(config_kwargs)
-        elif not isinstance(config, DiTConfig):
-            raise ValueError(f"config must be a DiTConfig or None, got {type(config).__name__}")
-        elif config_kwargs:
-            config = DiTConfig.from_dict({**dataclasses.asdict(config), **config_kwargs})
-        self.config = config
+        self.config = config = self.build_config(config, config_kwargs)
         self.gradient_checkpointing = bool(gradient_checkpointing)
 
         hidden, p = config.hidden_size, config.patch_size
@@ -173,17 +166,6 @@ class DiT(ClassLabels, PretrainedModel, nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------
 
-    def condition_embedding(self, t: TimestepLike, y: Optional[Tensor], batch: int,
-                            device: torch.device) -> Tensor:
-        """c = timestep_mlp(sinusoid(t)) + class_emb(y) -> (B, hidden). y=None uses the null class."""
-        t = self.network_time(as_timestep(t, batch, device))
-        weight = self.t_embedder[0].weight
-        c = self.t_embedder(timestep_embedding(t, self.config.frequency_embedding_size).to(weight.dtype))
-        labels = self._labels(y, batch, device)
-        if labels is not None:
-            c = c + self.y_embedder(labels)
-        return c
-
     def network_time(self, t: Tensor) -> Tensor:
         """The time the embedding sees, from piflow's t = σ·1000 (B,): t itself for piflow's DiTs, else
         `timestep_scale`·τ with τ = σ, or 1 − σ for `time_reversed` checkpoints (SiT)."""
@@ -209,12 +191,7 @@ class DiT(ClassLabels, PretrainedModel, nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"x must have {self.in_channels} channels, got shape {tuple(x.shape)}")
         batch = x.shape[0]
-        c = self.condition_embedding(t, y, batch, x.device)
-        if extra_condition is not None:
-            if extra_condition.shape != c.shape:
-                raise ValueError(f"extra_condition must have shape {tuple(c.shape)}, "
-                                 f"got {tuple(extra_condition.shape)}")
-            c = c + extra_condition.to(c.dtype)
+        c = self.condition_embedding(t, y, batch, x.device, extra_condition)
         h = self.x_embedder(self.patchify(x).to(self.x_embedder.weight.dtype)) + self.pos_embed.to(c.dtype)
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:

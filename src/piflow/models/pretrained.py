@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -13,6 +14,8 @@ from torch import Tensor, nn
 
 from piflow.checks import draw
 
+from .embeddings import TimestepLike, as_timestep, timestep_embedding
+
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ClassLabels", "PretrainedModel", "load_image_network",
            "read_image_network_config"]
 
@@ -21,12 +24,35 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class ClassLabels:
-    """Labels y (B,) of a class-conditional network with `num_classes` classes and the null class `num_classes`
-    (classifier-free guidance; used whenever y is None). Needs ``self.num_classes``, ``self.y_embedder`` (None for
-    an unconditional network) and ``self.config.class_dropout_prob``."""
+    """The conditioning of a class-conditional network: labels y (B,) with `num_classes` classes and the null class
+    `num_classes` (classifier-free guidance; used whenever y is None), and c = timestep_mlp(sinusoid(t)) +
+    class_emb(y) (+ an extra condition). Needs ``self.num_classes``, ``self.y_embedder`` (None for an unconditional
+    network), ``self.t_embedder`` (Linear, SiLU, Linear), ``self.config.class_dropout_prob`` and
+    ``self.config.frequency_embedding_size``."""
 
     num_classes: int
     y_embedder: Optional[nn.Module]
+
+    def network_time(self, t: Tensor) -> Tensor:
+        """The time the embedding sees, from piflow's t = σ·1000 (B,): t itself unless a network overrides it."""
+        return t
+
+    def condition_embedding(self, t: TimestepLike, y: Optional[Tensor], batch: int, device: torch.device,
+                            extra_condition: Optional[Tensor] = None) -> Tensor:
+        """c = timestep_mlp(sinusoid(t)) + class_emb(y) (+ extra_condition, (B, width of c)) -> (B, width of c).
+        y=None uses the null class."""
+        t = self.network_time(as_timestep(t, batch, device))
+        weight = self.t_embedder[0].weight
+        c = self.t_embedder(timestep_embedding(t, self.config.frequency_embedding_size).to(weight.dtype))
+        labels = self._labels(y, batch, device)
+        if labels is not None:
+            c = c + self.y_embedder(labels)
+        if extra_condition is not None:
+            if extra_condition.shape != c.shape:
+                raise ValueError(f"extra_condition must have shape {tuple(c.shape)}, "
+                                 f"got {tuple(extra_condition.shape)}")
+            c = c + extra_condition.to(c.dtype)
+        return c
 
     @property
     def null_class_index(self) -> int:
@@ -74,6 +100,18 @@ class PretrainedModel:
 
     config_class: Any
     model_type: str
+
+    @classmethod
+    def build_config(cls, config: Any, config_kwargs: dict):
+        """The config of ``cls(config, **config_kwargs)``: `config` (a `config_class` or None) with the keyword
+        arguments overriding its fields."""
+        if config is None:
+            return cls.config_class.from_dict(config_kwargs)
+        if not isinstance(config, cls.config_class):
+            raise ValueError(f"config must be a {cls.config_class.__name__} or None, got {type(config).__name__}")
+        if config_kwargs:
+            return cls.config_class.from_dict({**dataclasses.asdict(config), **config_kwargs})
+        return config
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> None:
         """Write config.json and model.safetensors into `save_directory` (created if needed), atomically."""

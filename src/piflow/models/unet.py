@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .embeddings import TimestepLike, as_timestep, timestep_embedding
+from .embeddings import TimestepLike
 from .pretrained import ClassLabels, PretrainedModel
 
 __all__ = ["UNet", "UNetConfig"]
@@ -177,13 +177,7 @@ class UNet(ClassLabels, PretrainedModel, nn.Module):
     def __init__(self, config: Optional[UNetConfig] = None, *, gradient_checkpointing: bool = False,
                  **config_kwargs: Any) -> None:
         super().__init__()
-        if config is None:
-            config = UNetConfig.from_dict(config_kwargs)
-        elif not isinstance(config, UNetConfig):
-            raise ValueError(f"config must be a UNetConfig or None, got {type(config).__name__}")
-        elif config_kwargs:
-            config = UNetConfig.from_dict({**dataclasses.asdict(config), **config_kwargs})
-        self.config = config
+        self.config = config = self.build_config(config, config_kwargs)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.in_channels = self.out_channels = config.in_channels
         self.input_size = config.input_size
@@ -241,16 +235,6 @@ class UNet(ClassLabels, PretrainedModel, nn.Module):
         """Width of the `extra_condition` embedding that `features`/`forward` add to c (= cond_dim)."""
         return self.cond_dim
 
-    def condition_embedding(self, t: TimestepLike, y: Optional[Tensor], batch: int, device: torch.device) -> Tensor:
-        """c = timestep_mlp(sinusoid(t)) + class_emb(y) -> (B, cond_dim). y=None uses the null class."""
-        t = as_timestep(t, batch, device)
-        weight = self.t_embedder[0].weight
-        c = self.t_embedder(timestep_embedding(t, self.config.frequency_embedding_size).to(weight.dtype))
-        labels = self._labels(y, batch, device)
-        if labels is not None:
-            c = c + self.y_embedder(labels)
-        return c
-
     def _run(self, layers: nn.ModuleList, h: Tensor, c: Tensor) -> Tensor:
         for layer in layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -268,12 +252,7 @@ class UNet(ClassLabels, PretrainedModel, nn.Module):
             raise ValueError(f"x must have shape (B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}), "
                              f"got {shape}")
         batch = x.shape[0]
-        c = self.condition_embedding(t, y, batch, x.device)
-        if extra_condition is not None:
-            if extra_condition.shape != c.shape:
-                raise ValueError(f"extra_condition must have shape {tuple(c.shape)}, "
-                                 f"got {tuple(extra_condition.shape)}")
-            c = c + extra_condition.to(c.dtype)
+        c = self.condition_embedding(t, y, batch, x.device, extra_condition)
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
         skips = [h]
         for layer in self.down:
