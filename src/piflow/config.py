@@ -92,13 +92,18 @@ def upgrade_config(raw: Mapping, template: Mapping, saved_run: bool = False) -> 
     versions rewritten for a `template` (the defaults, or the new config) that has the new keys, keeping their old
     meaning: ``distill.gm_dropout`` (GM dropout; the recipes used 0 for DX and x0 students whatever it said) becomes
     ``distill.policy_dropout`` (0 for a dx/x0 ``student.policy``), by `piflow.settings.rename_old_dropout`. A run's
-    saved config (`saved_run`) from before the methods also gets their keys (`_fill_method_keys`), and a teacher run
-    from before the ``objective`` section the flow-matching objective it was trained with."""
+    saved config (`saved_run`) from before the methods also gets their keys (`_fill_method_keys`), a teacher run
+    from before the ``objective`` section the flow-matching objective it was trained with, and an image teacher run
+    from before ``model.type`` the type ``dit`` (the U-Net keys, which a DiT never reads, as the template's)."""
     config = dict(raw)
     if saved_run:
         config = _fill_method_keys(config, template)
         if "objective" in template and "objective" not in config:
             config["objective"] = dict(OBJECTIVE_DEFAULTS)
+        model, new_model = config.get("model"), template.get("model")
+        if isinstance(model, Mapping) and isinstance(new_model, Mapping) and "type" in new_model \
+                and "type" not in model:          # an image teacher from before model.type: a DiT
+            config["model"] = {**copy.deepcopy(dict(new_model)), **model, "type": "dit"}
     distill, new = config.get("distill"), template.get("distill")
     if isinstance(distill, Mapping) and OLD_DROPOUT_NAME in distill and isinstance(new, Mapping) \
             and "policy_dropout" in new and OLD_DROPOUT_NAME not in new:

@@ -200,3 +200,18 @@ def test_unknown_model_type_is_a_one_line_error(tmp_path, capsys):
     assert main(["train-teacher", "--run-dir", str(tmp_path / "t"), "dataset=digits", "model.type=mlp",
                  "train.iters=1"]) == 2
     assert "model.type must be one of ('dit', 'unet'), got 'mlp'" in capsys.readouterr().err
+
+
+def test_image_teacher_runs_from_before_model_type_resume_as_dits():
+    """A teacher run saved before ``model.type`` (and the U-Net keys) was a DiT run: equal to the same config with the
+    default type, unequal to a U-Net one."""
+    from piflow.config import load_config
+    from piflow.train.run_dir import config_differences
+
+    saved = load_config(images.IMAGE_TEACHER_DEFAULTS, None, ["dataset=digits", "model.hidden_size=64"])
+    saved["model"] = {key: saved["model"][key] for key in ("preset", "patch_size", "hidden_size", "depth", "num_heads")}
+    assert config_differences(saved, load_config(images.IMAGE_TEACHER_DEFAULTS, None,
+                                                 ["dataset=digits", "model.hidden_size=64"])) == {}
+    changed = config_differences(saved, load_config(images.IMAGE_TEACHER_DEFAULTS, None,
+                                                    ["dataset=digits", "model.hidden_size=64", "model.type=unet"]))
+    assert changed == {"model.type": ("dit", "unet")}
