@@ -24,6 +24,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -51,7 +52,8 @@ def load_scored_teacher(run: Path, from_checkpoint: bool) -> tuple[torch.nn.Modu
 
 
 def score_teacher(run: Path, feature_dir: Path, num_samples: int = 2000, feature_epochs: int = 5,
-                  from_checkpoint: bool = False, log=print) -> dict:
+                  from_checkpoint: bool = False, grid: Optional[Path] = None, log=print) -> dict:
+    """The JSON of this benchmark for one teacher run (`grid`: also a PNG of 10 samples per class there)."""
     start = time.perf_counter()
     model, config, iteration = load_scored_teacher(run, from_checkpoint)
     train_x, train_y = images.load_dataset(config, "train").tensors()
@@ -80,6 +82,15 @@ def score_teacher(run: Path, feature_dir: Path, num_samples: int = 2000, feature
     result["real_isolated_bright_pixels"] = isolated_bright_pixels(real)
     result["targets_met"] = bool(min(result["accuracy_ratio_a"], result["accuracy_ratio_b"]) >= TARGET_ACCURACY_RATIO
                                  and result["data_distance_ratio"] <= TARGET_DATA_DISTANCE_RATIO)
+    if grid is not None:     # 10 samples per class, one labelled row per class, above 10 real images per class
+        from piflow.recipes.plots import plot_image_rows
+
+        names = getattr(images.load_dataset(config, "test"), "class_names", None) or [str(c) for c in range(num_classes)]
+        rows = [(f"teacher, class {c} ({names[c]})", samples[labels == c][:10]) for c in range(num_classes)]
+        rows.append(("real test images, classes 0, 1, 2, …", torch.cat([real[real_labels == c][:1]
+                                                                        for c in range(num_classes)])))
+        plot_image_rows(rows, Path(grid), ncol=10, title=f"{config['dataset']} teacher, iteration {iteration}: "
+                                                          f"32 Euler steps, the first samples of each class")
     result["feature_nets"] = {"a": net_metrics[0], "b": net_metrics[1]}
     result["seconds"] = time.perf_counter() - start
     return result
@@ -95,6 +106,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="store_true", help="score the EMA of checkpoint.safetensors")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--grid", default=None, help="also draw 10 samples per class into this PNG")
     args = parser.parse_args()
     if args.num_samples < 10:
         parser.error(f"--num-samples must be >= 10, got {args.num_samples}")
@@ -103,7 +115,7 @@ def main() -> None:
     run = Path(args.teacher_run)
     dataset = load_config(images.IMAGE_TEACHER_DEFAULTS, run / "config.yaml")["dataset"]
     feature_dir = Path(args.feature_dir or f"runs/claims_{dataset}")
-    result = score_teacher(run, feature_dir, args.num_samples, args.feature_epochs, args.checkpoint)
+    result = score_teacher(run, feature_dir, args.num_samples, args.feature_epochs, args.checkpoint, args.grid)
     assert all(math.isfinite(v) for v in result.values() if isinstance(v, float))
     print(json.dumps(result, indent=1))
     if args.out:

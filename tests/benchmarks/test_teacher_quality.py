@@ -26,7 +26,7 @@ def test_scores_match_the_data_check_and_the_checkpoint_ema_equals_the_teacher(t
     for name in ("feature_net", "feature_net_b"):
         save_feature_classifier(FeatureClassifier(1, 10, feature_dim=16, widths=(8, 16), groups=4),
                                 tmp_path / "features" / name, {"val_accuracy": None})
-    finished = teacher_quality.score_teacher(run, tmp_path / "features", num_samples=40)
+    finished = teacher_quality.score_teacher(run, tmp_path / "features", num_samples=40, grid=tmp_path / "grid.png")
     from_checkpoint = teacher_quality.score_teacher(run, tmp_path / "features", num_samples=40,
                                                     from_checkpoint=True)
     metrics = images.load_teacher(str(run))[1]
@@ -46,3 +46,4 @@ def test_scores_match_the_data_check_and_the_checkpoint_ema_equals_the_teacher(t
     train_x = images.load_dataset(config, "train").tensors()[0]
     assert finished["data_distance_ratio"] == pytest.approx(data_distance_ratio(samples, test_x, train_x), rel=1e-6)
     assert finished["targets_met"] is False          # six iterations are far from the data
+    assert (tmp_path / "grid.png").stat().st_size > 0
