@@ -45,3 +45,39 @@ def test_a_bundled_teacher_is_selected_by_name(tmp_path):
     assert images.teacher_identity("digits-bundled") == images.teacher_identity(str(ASSETS / "digits_dit"))
     sampler, _ = images.load_student(run)
     assert sampler.sample(torch.randn(2, 1, 8, 8), cond=torch.tensor([0, 1])).shape == (2, 1, 8, 8)
+
+
+def test_bundle_teacher_script_stores_float16_that_loads_as_float32(tmp_path):
+    """scripts/bundle_teacher.py: half the bytes, read back as float32, the same velocities up to float16 rounding."""
+    pytest.importorskip("sklearn")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from piflow.cli import main
+    from piflow.files import load_safetensors
+    from piflow.recipes import images
+
+    run, dest = tmp_path / "teacher", tmp_path / "bundled"
+    assert main(["train-teacher", "--run-dir", str(run), "dataset=digits", "model.hidden_size=32", "model.depth=1",
+                 "model.num_heads=2", "train.iters=3", "flow_matching.batch_size=8", "eval.data_check_samples=16",
+                 "train.progress=false"]) == 0
+    model = images.load_teacher(str(run))[0]
+    torch.manual_seed(0)
+    with torch.no_grad():                  # three steps leave the zero-initialised layers near 0: make outputs O(1)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(run / "teacher")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bundle_teacher.py"
+    subprocess.run([sys.executable, str(script), str(run), str(dest)], check=True, capture_output=True)
+    assert {t.dtype for t in load_safetensors(dest / "teacher" / "model.safetensors", "w").values()} == {torch.float16}
+    assert (dest / "config.yaml").is_file() and (dest / "metrics.json").is_file()
+    original, bundled = images.load_teacher(str(run))[0], images.load_teacher(str(dest))[0]
+    assert next(bundled.parameters()).dtype == torch.float32
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([100.0, 300.0, 600.0, 900.0]), torch.tensor([0, 3, 5, 9])
+    with torch.no_grad():
+        reference, half = original(x, t, y), bundled(x, t, y)
+    assert float(reference.abs().max()) > 0.5
+    assert float((half - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+    result = subprocess.run([sys.executable, str(script), str(run), str(dest)], capture_output=True, text=True)
+    assert result.returncode == 2 and "exists" in result.stderr          # never overwrites a bundled folder
