@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler="demo")
 
     teacher = sub.add_parser("train-teacher", help="train a flow-matching teacher: 2-D MLP or class-conditional "
-                                                   "image DiT (by `dataset`)")
+                                                   "image DiT or U-Net (by `dataset` and `model.type`)")
     _add_config_args(teacher, "runs/teacher")
     teacher.set_defaults(handler="train")
 
