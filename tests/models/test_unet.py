@@ -46,6 +46,8 @@ def test_features_are_per_pixel_and_proj_out_is_a_one_by_one_conv():
     torch.testing.assert_close(out, conv, atol=1e-6, rtol=1e-6)
     # pixel (row r, col c) is token r·W + c
     torch.testing.assert_close(model.unpatchify(tokens, 8)[:, :, 2, 5], tokens[:, 2 * 8 + 5], atol=0, rtol=0)
+    wide = UNet(**{**TINY, "channel_mults": (2, 2)})       # the full-resolution width is channels·channel_mults[0]
+    assert wide.features(x, t, y)[0].shape[-1] == wide.feature_dim == wide.proj_out.in_features == 16
 
 
 def test_every_output_pixel_sees_the_whole_image():

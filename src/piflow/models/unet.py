@@ -9,10 +9,10 @@ Layout
   `attention_levels`, a stride-2 conv between levels → middle (res, attention, res) → the mirrored up path, whose
   blocks take the matching down-path activations concatenated (num_res_blocks + 1 per level), nearest-neighbour ×2
   upsampling and a 3×3 conv between levels.
-* Output: GroupNorm + SiLU gives per-pixel features (B, H·W, channels) — `features` returns them as tokens — and
-  `proj_out`, a Linear(channels, out_channels) applied per pixel (a 1×1 conv), gives the velocity. So the U-Net has
-  the interface `PolicyStudent` needs (``features``, ``proj_out``, ``unpatchify``; tokens are pixels, patch 1) and
-  MeanFlow's ``extra_condition``.
+* Output: GroupNorm + SiLU gives per-pixel features (B, H·W, feature_dim = channels·channel_mults[0]) — `features`
+  returns them as tokens — and `proj_out`, a Linear(feature_dim, out_channels) applied per pixel (a 1×1 conv),
+  gives the velocity. So the U-Net has the interface `PolicyStudent` needs (``features``, ``proj_out``,
+  ``unpatchify``; tokens are pixels, patch 1) and MeanFlow's ``extra_condition``.
 * The last conv of every residual block and attention, and `proj_out`, start at zero: an untrained U-Net outputs 0.
 
 The network receives t = σ · 1000 and predicts the rectified-flow velocity u = ε − x0 (or, trained with a diffusion
@@ -171,8 +171,6 @@ class UNet(ClassLabels, PretrainedModel, nn.Module):
 
     config_class = UNetConfig
     model_type = "UNet"
-    patch_size = 1
-    is_video = False
 
     def __init__(self, config: Optional[UNetConfig] = None, *, gradient_checkpointing: bool = False,
                  **config_kwargs: Any) -> None:
@@ -184,7 +182,7 @@ class UNet(ClassLabels, PretrainedModel, nn.Module):
         self.num_classes = config.num_classes
         self.num_tokens = math.prod(config.input_size)
         base, groups = config.channels, config.groups
-        self.feature_dim = base
+        self.feature_dim = config.widths[0]          # per-pixel features before proj_out: the full-resolution width
         self.cond_dim = 4 * base
 
         self.t_embedder = nn.Sequential(nn.Linear(config.frequency_embedding_size, self.cond_dim), nn.SiLU(),
@@ -246,7 +244,7 @@ class UNet(ClassLabels, PretrainedModel, nn.Module):
     def features(self, x: Tensor, t: TimestepLike, y: Optional[Tensor] = None,
                  extra_condition: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """x (B, C, H, W), t (B,) or float (σ · 1000), y (B,) int or None, extra_condition (B, cond_dim) or None
-        → (per-pixel features (B, H·W, channels) right before `proj_out`, c (B, cond_dim))."""
+        → (per-pixel features (B, H·W, feature_dim) right before `proj_out`, c (B, cond_dim))."""
         if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != (self.in_channels, *self.input_size):
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"x must have shape (B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}), "
