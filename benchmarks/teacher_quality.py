@@ -38,27 +38,27 @@ TARGET_ACCURACY_RATIO = 0.95
 TARGET_DATA_DISTANCE_RATIO = 1.1
 
 
-def load_scored_teacher(run: Path, from_checkpoint: bool) -> tuple[torch.nn.Module, dict, int]:
-    """(network, run config, iteration) of a teacher run: its teacher/ folder, or the EMA of its checkpoint."""
+def load_scored_teacher(run: Path, config: dict, from_checkpoint: bool, image_shape: tuple[int, ...],
+                        num_classes: int) -> tuple[torch.nn.Module, int]:
+    """(network, iteration) of a teacher run with its `config`: its teacher/ folder, or the EMA of its checkpoint."""
     if not from_checkpoint:
-        model, config = images.load_teacher(str(run))
-        return model, config, int(config["train"]["iters"])
-    config = load_config(images.IMAGE_TEACHER_DEFAULTS, run / "config.yaml")
+        return images.load_teacher(str(run))[0], int(config["train"]["iters"])
     state = load_checkpoint(run / "checkpoint.safetensors")
-    dataset = images.load_dataset(config, "test")
-    model = images.build_teacher_model(config, tuple(dataset.image_shape), dataset.num_classes)
+    model = images.build_teacher_model(config, image_shape, num_classes)
     model.load_state_dict(state["ema"]["model"])
-    return model, config, int(state["step"])
+    return model, int(state["step"])
 
 
 def score_teacher(run: Path, feature_dir: Path, num_samples: int = 2000, feature_epochs: int = 5,
                   from_checkpoint: bool = False, grid: Optional[Path] = None, log=print) -> dict:
     """The JSON of this benchmark for one teacher run (`grid`: also a PNG of 10 samples per class there)."""
     start = time.perf_counter()
-    model, config, iteration = load_scored_teacher(run, from_checkpoint)
-    train_x, train_y = images.load_dataset(config, "train").tensors()
-    test_x, test_y = images.load_dataset(config, "test").tensors()
-    num_classes = int(model.config.num_classes)
+    config = load_config(images.IMAGE_TEACHER_DEFAULTS, run / "config.yaml")
+    train_set, test_set = images.load_dataset(config, "train"), images.load_dataset(config, "test")
+    train_x, train_y = train_set.tensors()
+    test_x, test_y = test_set.tensors()
+    num_classes = train_set.num_classes
+    model, iteration = load_scored_teacher(run, config, from_checkpoint, tuple(train_x.shape[1:]), num_classes)
     nets, net_metrics = image_benchmark.feature_classifiers_for(feature_dir, train_x, train_y, test_x, test_y,
                                                                 num_classes, feature_epochs, log=log)
     teacher = images.make_teacher(model, num_classes, config["eval"]["guidance_scale"],
@@ -82,10 +82,10 @@ def score_teacher(run: Path, feature_dir: Path, num_samples: int = 2000, feature
     result["real_isolated_bright_pixels"] = isolated_bright_pixels(real)
     result["targets_met"] = bool(min(result["accuracy_ratio_a"], result["accuracy_ratio_b"]) >= TARGET_ACCURACY_RATIO
                                  and result["data_distance_ratio"] <= TARGET_DATA_DISTANCE_RATIO)
-    if grid is not None:     # 10 samples per class, one labelled row per class, above 10 real images per class
+    if grid is not None:     # 10 samples per class, one labelled row per class, above one real image per class
         from piflow.recipes.plots import plot_image_rows
 
-        names = getattr(images.load_dataset(config, "test"), "class_names", None) or [str(c) for c in range(num_classes)]
+        names = getattr(test_set, "class_names", None) or [str(c) for c in range(num_classes)]
         rows = [(f"teacher, class {c} ({names[c]})", samples[labels == c][:10]) for c in range(num_classes)]
         rows.append(("real test images, classes 0, 1, 2, …", torch.cat([real[real_labels == c][:1]
                                                                         for c in range(num_classes)])))
