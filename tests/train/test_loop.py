@@ -53,6 +53,25 @@ def test_training_reduces_loss_and_warms_up(tmp_path):
     assert (tmp_path / "checkpoint.safetensors").is_file() and (tmp_path / "train_log.jsonl").is_file()
 
 
+def test_decay_given_later_equals_a_run_planned_with_it(tmp_path):
+    """Warm-up, stable, decay: the last decay_iters steps use lr·d/(d+1) … lr·1/(d+1); a constant-rate run resumed
+    with a larger `iters` and its decay takes exactly the steps of a run planned with the decay from the start."""
+    planned_config = dict(lr=0.05, warmup_iters=2, ema_start=2, progress=False, checkpoint_every=0)
+    model, loss_fn = _regression_problem()
+    planned = train(model, loss_fn, TrainConfig(iters=12, decay_iters=4, **planned_config))
+    # history[i]["lr"] is the rate after step i, i.e. that of step i + 1
+    step_factors = [1e-3, 0.5005] + [1.0] * 6 + [4 / 5, 3 / 5, 2 / 5, 1 / 5]
+    assert [h["lr"] for h in planned.history] == pytest.approx([0.05 * f for f in step_factors[1:] + [0.0]])
+    model, loss_fn = _regression_problem()
+    train(model, loss_fn, TrainConfig(iters=8, **planned_config), tmp_path)
+    resumed = train(model, loss_fn, TrainConfig(iters=12, decay_iters=4, **planned_config), tmp_path)
+    assert resumed.resumed_from == 8
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in planned.history]
+    assert torch.equal(resumed.model.weight, planned.model.weight)
+    with pytest.raises(ValueError, match="decay_iters"):
+        TrainConfig(decay_iters=-1)
+
+
 def test_nonfinite_steps_are_skipped():
     model, loss_fn = _regression_problem()
     before = model.weight.detach().clone()

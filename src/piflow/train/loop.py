@@ -48,6 +48,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_iters: int = 100          # linear warm-up from lr·1e-3
+    decay_iters: int = 0             # linear decay to 0 over the last decay_iters iterations (0: constant lr)
     grad_clip: float = 50.0          # global norm; 0 disables
     grad_clip_from: int = 100        # clipping starts at this iteration
     ema_gamma: float = 7.0
@@ -66,8 +67,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.mixed_precision is False:          # YAML 1.1 reads `mixed_precision: no` as false
             self.mixed_precision = "no"
-        for name in ("iters", "warmup_iters", "grad_clip_from", "ema_start", "log_every", "seed", "grad_accum_steps",
-                     "max_skipped_steps"):
+        for name in ("iters", "warmup_iters", "decay_iters", "grad_clip_from", "ema_start", "log_every", "seed",
+                     "grad_accum_steps", "max_skipped_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"train.{name} must be an integer, got {value!r}")
@@ -76,7 +77,7 @@ class TrainConfig:
                                                   or self.checkpoint_every < 0):
             raise ValueError(f"train.checkpoint_every must be an integer >= 0 or null (auto), got "
                              f"{self.checkpoint_every!r}")
-        for name in ("warmup_iters", "grad_clip_from", "ema_start", "seed", "max_skipped_steps"):
+        for name in ("warmup_iters", "decay_iters", "grad_clip_from", "ema_start", "seed", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("iters", "log_every", "grad_accum_steps"):
@@ -102,6 +103,17 @@ class TrainConfig:
         if not isinstance(self.progress, bool):
             raise ValueError(f"train.progress must be true/false, got {self.progress!r}")
         self.betas = tuple(self.betas)
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based) over `lr`: a linear warm-up from 1e-3 over
+        `warmup_iters`, constant, then a linear decay over the last `decay_iters` steps of `iters`
+        (d/(d+1), …, 1/(d+1) for d = decay_iters: warm-up, stable, decay). The decay depends only on `iters`, so a
+        run trained at a constant rate is given its decay later by resuming it with a larger `iters` and
+        `decay_iters`, and then takes the steps a run planned that way takes."""
+        factor = 1.0 if self.warmup_iters == 0 else min(1.0, 1e-3 + (1 - 1e-3) * step / self.warmup_iters)
+        if self.decay_iters > 0:
+            factor *= min(1.0, max(self.iters - step, 0) / (self.decay_iters + 1))
+        return factor
 
     @property
     def checkpoint_interval(self) -> int:
@@ -165,9 +177,7 @@ class _Optimisation:
         if not self.params:
             raise ValueError("model has no trainable parameters")
         self.optimizer = make_optimizer(self.params, config)
-        warmup = max(int(config.warmup_iters), 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: 1.0 if warmup == 0 else min(1.0, 1e-3 + (1 - 1e-3) * it / warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: config.lr_factor(step))
         self.ema = PowerEMA(model, config.ema_gamma, config.ema_start, copy_model=not is_fsdp_module(model))
         self.generator = torch.Generator().manual_seed(config.seed + dist_info.rank)
         self.device_type = self.params[0].device.type
@@ -195,6 +205,10 @@ class _Optimisation:
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            # the rate of the next step follows this config (train.lr, iters, decay_iters may differ on resume)
+            self.scheduler.base_lrs = [self.config.lr] * len(self.optimizer.param_groups)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr * self.config.lr_factor(self.scheduler.last_epoch)
             if self.scaler is not None and state.get("grad_scaler"):
                 self.scaler.load_state_dict(state["grad_scaler"])
             self.generator.set_state(state["generator"])
