@@ -2,7 +2,7 @@
 
 Every `UserError` is about the user's input or environment — a config, a data file, a checkpoint, a run directory, a
 missing optional extra — and carries a message that names the argument or file and what was expected. The `piflow`
-command prints such errors as one line and exits with `exit_code` (2; 3 when training diverged); anything else is a
+command prints such errors as one line and exits with `exit_code` (2; 3 when training diverged; 143 when terminated); anything else is a
 bug and keeps its traceback. Each class also derives from the built-in exception that code written before these
 classes existed expects (``ValueError`` for bad values, ``ImportError`` for missing extras, …).
 """
@@ -39,6 +39,13 @@ class TrainingDivergedError(UserError, RuntimeError):
     """Training stopped after too many consecutive non-finite (skipped) steps; the last checkpoint is kept."""
 
     exit_code = 3
+
+
+class TrainingTerminated(UserError):
+    """Training was asked to stop (SIGTERM: a job scheduler's preemption, `kill`) and stopped after writing a
+    checkpoint of the step it had finished; the same command resumes it."""
+
+    exit_code = 143                                 # 128 + SIGTERM, as a shell reports a terminated job
 
 
 class MissingExtraError(UserError, ImportError):

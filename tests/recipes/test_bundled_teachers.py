@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from piflow.bundled import BUNDLED_TEACHERS, TEACHER_ASSETS
 from piflow.data import checkerboard_white_mask
 from piflow.recipes import toy2d
 from piflow.recipes.demo import ASSETS
@@ -81,3 +82,51 @@ def test_bundle_teacher_script_stores_float16_that_loads_as_float32(tmp_path):
     assert float((half - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
     result = subprocess.run([sys.executable, str(script), str(run), str(dest)], capture_output=True, text=True)
     assert result.returncode == 2 and "exists" in result.stderr          # never overwrites a bundled folder
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_TEACHERS))
+def test_every_bundled_teacher_is_a_small_half_precision_run_of_its_dataset(name):
+    """Each name of `piflow.bundled.BUNDLED_TEACHERS` is a train-teacher run folder of the dataset it is named
+    after, its weights stored in float16 within the ~10 MB budget, read back as float32."""
+    from piflow.files import load_safetensors
+    from piflow.recipes import images
+
+    folder = TEACHER_ASSETS / BUNDLED_TEACHERS[name]
+    weights = folder / "teacher" / "model.safetensors"
+    assert weights.stat().st_size <= 10.5e6
+    assert {t.dtype for t in load_safetensors(weights, "w").values()} <= {torch.float16, torch.float32}
+    model, config = images.load_teacher(name)
+    assert config["dataset"] == name.removesuffix("-bundled")
+    assert next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mnist-bundled", "fashion-mnist-bundled"])
+def test_bundled_28x28_teachers_draw_their_classes(name):
+    """100 samples (10 per class, 16 Euler steps) of a bundled 28×28 teacher are labelled with their class by an
+    independent nearest-class-mean classifier about as often as real test images are (an untrained or broken
+    teacher: ~10 %)."""
+    from piflow.data import load_idx_dataset
+    from piflow.recipes import images
+
+    if name not in BUNDLED_TEACHERS:
+        pytest.skip(f"{name} is not bundled")
+    kind = name.removesuffix("-bundled")
+    try:
+        train_set, test_set = (load_idx_dataset(split=split, kind=kind) for split in ("train", "test"))
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    train_x, train_y = train_set.tensors()
+    test_x, test_y = test_set.tensors()
+    means = torch.stack([train_x[train_y == c].flatten(1).mean(0) for c in range(10)])
+
+    def accuracy(x, y):
+        return float((torch.cdist(x.flatten(1), means).argmin(1) == y).float().mean())
+
+    model, _ = images.load_teacher(name)
+    labels = torch.arange(10).repeat(10)
+    samples = euler_sample(images.make_teacher(model, 10), torch.randn(100, 1, 28, 28,
+                           generator=torch.Generator().manual_seed(0)), 16, labels)
+    real = accuracy(test_x[:2000], test_y[:2000])
+    assert real > 0.6                                # the classifier: MNIST 0.78, Fashion-MNIST 0.67
+    assert accuracy(samples.clamp(-1, 1), labels) >= 0.85 * real

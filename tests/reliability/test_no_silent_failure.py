@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from piflow.errors import TrainingDivergedError
 from piflow.files import json_line, write_json
 from piflow.train import TrainConfig, load_checkpoint, train
 
-from .conftest import TINY_2D, assert_one_line_error, run_cli, strict_json_load
+from .conftest import TINY_2D, assert_one_line_error, cli_env, run_cli, strict_json_load
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
@@ -91,6 +93,34 @@ def test_diverging_cli_run_exits_3_with_one_line(tmp_path):
                      "train.warmup_iters=0", "train.grad_clip=0", "train.progress=false", "train.checkpoint_every=0")
     assert_one_line_error(result, "train-teacher", "consecutive steps", "NaN/Inf", code=3)
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "teacher.safetensors").exists()
+
+
+@pytest.mark.slow                 # ~10 s: two piflow processes
+def test_sigterm_stops_a_cli_run_with_a_checkpoint_and_exit_143(tmp_path):
+    """`kill` (SIGTERM, as a job scheduler preempts) during `piflow distill`: one line, exit 143, a checkpoint of
+    the step it was in, no results; the same command then finishes the run from there."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = ["distill", "--run-dir", str(run_dir), *TINY_2D, "train.iters=100000", "train.checkpoint_every=0"]
+    process = subprocess.Popen([sys.executable, "-m", "piflow.cli", *args], env=cli_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "train_log.jsonl").is_file() or (run_dir / "train_log.jsonl").stat().st_size == 0:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    result = subprocess.CompletedProcess(args, process.returncode, "", stderr)
+    line = assert_one_line_error(result, "distill", "terminated by SIGTERM", "run the same command", code=143)
+    step = load_checkpoint(run_dir / "checkpoint.safetensors")["step"]
+    assert 0 < step < 100000 and f"after step {step} (checkpoint at step {step})" in line
+    assert not (run_dir / "metrics.json").exists()
+    finished = run_cli("distill", "--run-dir", str(run_dir), "--allow-config-change", *TINY_2D,
+                       f"train.iters={step + 2}", "train.checkpoint_every=0")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert (run_dir / "metrics.json").is_file()
 
 
 def test_every_json_a_run_writes_is_strict(finished_run):

@@ -97,6 +97,36 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
 
+def test_sigterm_checkpoints_the_finished_step_and_resumes_exactly(tmp_path):
+    """SIGTERM in the middle of step 17 lets that step finish, writes checkpoint 18 (periodic ones: every 5), stops
+    with `TrainingTerminated`, restores the previous handler and releases the run directory; resuming gives the
+    losses of an uninterrupted run."""
+    import os
+
+    from piflow.errors import TrainingTerminated
+
+    def regression(term_at=None):
+        model, loss_fn = _regression_problem()
+
+        def terminating(iteration, generator, backward):
+            if iteration == term_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return loss_fn(iteration, generator, backward)
+
+        return model, terminating
+
+    config = TrainConfig(iters=30, lr=0.01, warmup_iters=3, progress=False, checkpoint_every=5)
+    clean = train(*regression(), config)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingTerminated, match="after step 18 \\(checkpoint at step 18\\)"):
+        train(*regression(term_at=17), config, tmp_path)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert load_checkpoint(tmp_path / "checkpoint.safetensors")["step"] == 18
+    resumed = train(*regression(), config, tmp_path)
+    assert resumed.resumed_from == 18
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in clean.history]
+
+
 @pytest.mark.slow                 # ~15 s: three training processes, each importing torch
 def test_sigkill_mid_training_resumes_exactly(tmp_path):
     """A run killed with SIGKILL resumes from its last checkpoint with the losses of an uninterrupted run."""

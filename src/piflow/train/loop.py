@@ -1,10 +1,12 @@
 """One training loop for teachers and students: AdamW, linear warm-up, clipping with NaN/Inf skipping (and a stop
-after too many in a row), power EMA, safe atomic checkpoints with automatic resume, a run-directory lock, progress
-that reads well without a terminal, strict-JSON-lines and (optional) TensorBoard logs."""
+after too many in a row), power EMA, safe atomic checkpoints with automatic resume, a checkpoint and a clean stop on
+SIGTERM, a run-directory lock, progress that reads well without a terminal, strict-JSON-lines and (optional) TensorBoard logs."""
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from contextlib import ExitStack
@@ -13,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from piflow.errors import TrainingDivergedError
+from piflow.errors import TrainingDivergedError, TrainingTerminated
 from piflow.files import atomic_write, json_line, one_line, remove_stale_temporary_files
 from piflow.checks import NonFiniteError
 from piflow.progress import progress_bar
@@ -149,7 +151,8 @@ def train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Optio
     RNG states — never frozen (base) weights. A step whose loss or gradient norm is NaN/Inf (or whose loss function
     raised `NonFiniteError`: NaN policy parameters from diverged weights) is skipped without advancing the
     learning-rate schedule; after `max_skipped_steps` in a row a `TrainingDivergedError` stops training and the
-    last checkpoint is kept.
+    last checkpoint is kept. SIGTERM (a scheduler's preemption, `kill`) lets the step in progress finish, writes its
+    checkpoint and raises `TrainingTerminated` (single-process runs on the main thread).
     `on_start` is called once the checkpoint (if any) has been loaded into the model, before the first iteration
     (the recipes write the run's config there: see `piflow.train.run_dir.Run.commit`).
     Under torchrun (see `piflow.train.distributed`) every rank starts from rank 0's weights, draws its own data
@@ -299,6 +302,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
     bar = progress_bar(config.iters, desc, initial=start, enabled=config.progress and dist_info.is_main)
     recent: list[float] = []
     skipped_in_a_row, non_finite_reason = 0, ""
+    termination = _catch_sigterm() if not dist_info.enabled else None
     try:
         for iteration in range(start, config.iters):
             record, reason = run.step(loss_fn, iteration)
@@ -323,15 +327,52 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
                 if log_file is not None:
                     log_file.flush()
                 checkpoint(iteration + 1)
+            if termination is not None and termination.requested and iteration + 1 < config.iters:
+                if log_file is not None:
+                    log_file.flush()
+                if skipped_in_a_row == 0 and last_checkpoint != iteration + 1:
+                    checkpoint(iteration + 1)
+                raise _terminated(desc, iteration + 1, last_checkpoint)
         if log_file is not None:
             log_file.flush()
         checkpoint(config.iters)
     finally:
+        if termination is not None:
+            termination.restore()
         bar.close()
         if log_file is not None:
             log_file.close()
         writer.close()
     return TrainResult(model, run.ema, history, resumed_from)
+
+
+class _Termination:
+    """SIGTERM while training: noted, so that the loop stops after the step it is in, with a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _catch_sigterm() -> Optional[_Termination]:
+    """A `_Termination` handling SIGTERM for the duration of a single-process training loop (None off the main
+    thread, where Python cannot install signal handlers; under torchrun, ranks keep the default so that none
+    waits in a collective for a rank that stopped)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return _Termination()
+
+
+def _terminated(desc: str, step: int, last_checkpoint: Optional[int]) -> TrainingTerminated:
+    kept = f"checkpoint at step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint written"
+    return TrainingTerminated(f"{desc}: terminated by SIGTERM after step {step} ({kept}); run the same command "
+                              f"again to resume")
 
 
 def _diverged(desc: str, count: int, iteration: int, reason: str, last_checkpoint: Optional[int]) -> Exception:
