@@ -72,6 +72,31 @@ def test_decay_given_later_equals_a_run_planned_with_it(tmp_path):
         TrainConfig(decay_iters=-1)
 
 
+def test_train_seconds_add_up_over_resumes(tmp_path):
+    """`TrainResult.train_seconds` (metrics.json's train_seconds) is the loop's wall time over every invocation:
+    each step sleeps 10 ms, so 20 + 20 resumed steps take at least 0.4 s; a checkpoint written before piflow
+    recorded the time resumes with an unknown (None) total."""
+    import time
+
+    model, loss_fn = _regression_problem()
+
+    def slow(iteration, generator, backward):
+        time.sleep(0.01)
+        return loss_fn(iteration, generator, backward)
+
+    config = dict(lr=0.01, warmup_iters=2, progress=False, checkpoint_every=10)
+    first = train(model, slow, TrainConfig(iters=20, **config), tmp_path / "a")
+    assert first.train_seconds >= 0.2
+    stored = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")["train_seconds"]
+    assert 0.2 <= stored <= first.train_seconds
+    resumed = train(model, slow, TrainConfig(iters=40, **config), tmp_path / "a")
+    assert resumed.train_seconds >= stored + 0.2
+    old = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors")
+    del old["train_seconds"]
+    save_checkpoint(tmp_path / "b" / "checkpoint.safetensors", old)
+    assert train(model, slow, TrainConfig(iters=42, **config), tmp_path / "b").train_seconds is None
+
+
 def test_nonfinite_steps_are_skipped():
     model, loss_fn = _regression_problem()
     before = model.weight.detach().clone()

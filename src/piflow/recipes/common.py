@@ -3,7 +3,6 @@ metrics) and the pieces they share: config sections built from the typed default
 `PiFlow` from a config, the π-ID loss function of the training loop, up-front settings checks."""
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -172,15 +171,15 @@ def run_recipe(config: dict, run_dir: Path, command: str, allow_config_change: b
     Starts (or resumes) the run directory `run_dir` (config.yaml written once training starts; a different config
     is refused unless `allow_config_change`), trains `model` with `loss_fn` (``train`` section, or
     `train_section`), then `finish(result)` saves the weights and evaluates (returns the metrics); the loss curve
-    goes to loss.png and the metrics, with ``train_seconds``, to metrics.json (by the main rank)."""
+    goes to loss.png and the metrics, with ``train_seconds`` (the loop's wall time over every invocation,
+    `TrainResult.train_seconds`; null for a run resumed from a checkpoint that predates it), to metrics.json (by the
+    main rank)."""
     settings = train_config({"train": train_section if train_section is not None else config["train"]})
     with start_run(run_dir, config, command, allow_config_change) as run:
-        start = time.perf_counter()
         result = train(model, loss_fn, settings, run_dir, desc="teacher" if command == "train-teacher"
                        else "distill", on_start=run.commit)
-        seconds = time.perf_counter() - start
         metrics = dict(finish(result))
-        metrics.setdefault("train_seconds", seconds)
+        metrics.setdefault("train_seconds", result.train_seconds)
         if is_main:
             from piflow.recipes import plots
 

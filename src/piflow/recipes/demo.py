@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -31,6 +32,11 @@ LEARNED_STUDENTS = [
     ("gm_k8_nfe2", ["distill.nfe=2"]),
 ]
 
+
+def _rounded_seconds(metrics: dict) -> Optional[float]:
+    """A run's training seconds to 0.1 s (None when a resumed old run did not record them)."""
+    seconds = metrics.get("train_seconds")
+    return None if seconds is None else round(seconds, 1)
 
 def _student_rows(metrics: dict) -> dict:
     return {name: row for name, row in metrics["rows"].items() if name.startswith("student")}
@@ -76,7 +82,7 @@ def _digits_part(run_dir: Path, quick: bool, train_teachers: bool, verbose: bool
         pf, _ = images.load_student(run_dir / f"gm_k8_nfe{nfe}")
         samples = pf.sample(context.noise_a, nfe=nfe, cond=context.labels_a)
         rows[f"student gmflow {nfe} [gm_k8_nfe{nfe}]"] = dict(context.metrics(samples), nfe=nfe,
-                                                              train_seconds=round(metrics["train_seconds"], 1))
+                                                              train_seconds=_rounded_seconds(metrics))
         grid.append(samples[:20])
     from piflow.recipes.plots import plot_image_rows
 
@@ -135,7 +141,7 @@ def run_demo(run_dir: Path, quick: bool = False, verbose: bool = True, train_tea
                               [f"dataset={dataset}", f"teacher={teacher_spec}", *common, *overrides])
             metrics = toy2d.distill(cfg, part_dir / name)
             for label, row in _student_rows(metrics).items():
-                rows[f"{label} [{name}]"] = dict(row, train_seconds=round(metrics["train_seconds"], 1))
+                rows[f"{label} [{name}]"] = dict(row, train_seconds=_rounded_seconds(metrics))
         summary["parts"][part] = rows
         table = toy2d.format_table(rows)
         tables.append(f"### {part}\n\n{table}\n")

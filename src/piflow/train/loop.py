@@ -7,6 +7,7 @@ import json
 import math
 import signal
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from contextlib import ExitStack
@@ -131,6 +132,10 @@ class TrainResult:
     ema: PowerEMA
     history: list = field(default_factory=list)     # dicts: iter, loss, lr, grad_norm, skipped
     resumed_from: Optional[int] = None
+    # wall seconds of the training loop up to its last step, summed over every invocation that reached a
+    # checkpoint (work lost to a kill after the last checkpoint is not counted); None when resumed from a
+    # checkpoint written before piflow recorded it
+    train_seconds: Optional[float] = None
 
 
 
@@ -283,7 +288,14 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
         run.load(state, checkpoint_path)
         history = state.get("history", [])
         start = resumed_from = int(state["step"])
+        seconds_before = state.get("train_seconds")
+    else:
+        seconds_before = 0.0
     last_checkpoint = start if resumed_from is not None else None
+    loop_start = time.perf_counter()
+
+    def seconds() -> Optional[float]:
+        return None if seconds_before is None else float(seconds_before) + time.perf_counter() - loop_start
 
     def checkpoint(step: int) -> None:
         nonlocal last_checkpoint
@@ -291,7 +303,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             return
         last_checkpoint = step                        # rank 0 writes it for every rank
         if dist_info.is_main:
-            save_checkpoint(checkpoint_path, run.state(step, history))
+            save_checkpoint(checkpoint_path, dict(run.state(step, history), train_seconds=seconds()))
 
     if on_start is not None:
         on_start()
@@ -343,7 +355,7 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
         if log_file is not None:
             log_file.close()
         writer.close()
-    return TrainResult(model, run.ema, history, resumed_from)
+    return TrainResult(model, run.ema, history, resumed_from, seconds())
 
 
 class _Termination:
