@@ -2,9 +2,9 @@
 
 Every `UserError` is about the user's input or environment — a config, a data file, a checkpoint, a run directory, a
 missing optional extra — and carries a message that names the argument or file and what was expected. The `piflow`
-command prints such errors as one line and exits with `exit_code` (2; 3 when training diverged; 143 when terminated); anything else is a
-bug and keeps its traceback. Each class also derives from the built-in exception that code written before these
-classes existed expects (``ValueError`` for bad values, ``ImportError`` for missing extras, …).
+command prints such errors as one line and exits with `exit_code` (2; 3 when training diverged; 143 when terminated);
+anything else is a bug and keeps its traceback. Each class also derives from the built-in exception that code written
+before these classes existed expects (``ValueError`` for bad values, ``ImportError`` for missing extras, …).
 """
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ def _rounded_seconds(metrics: dict) -> Optional[float]:
     seconds = metrics.get("train_seconds")
     return None if seconds is None else round(seconds, 1)
 
+
 def _student_rows(metrics: dict) -> dict:
     return {name: row for name, row in metrics["rows"].items() if name.startswith("student")}
 

@@ -1,6 +1,7 @@
 """One training loop for teachers and students: AdamW, linear warm-up, clipping with NaN/Inf skipping (and a stop
 after too many in a row), power EMA, safe atomic checkpoints with automatic resume, a checkpoint and a clean stop on
-SIGTERM, a run-directory lock, progress that reads well without a terminal, strict-JSON-lines and (optional) TensorBoard logs."""
+SIGTERM, a run-directory lock, progress that reads well without a terminal, strict-JSON-lines and (optional)
+TensorBoard logs."""
 from __future__ import annotations
 
 import json
@@ -51,7 +52,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_iters: int = 100          # linear warm-up from lr·1e-3
-    decay_iters: int = 0             # linear decay to 0 over the last decay_iters iterations (0: constant lr)
+    decay_iters: int = 0             # linear decay towards 0 over the last decay_iters iterations (0: constant)
     grad_clip: float = 50.0          # global norm; 0 disables
     grad_clip_from: int = 100        # clipping starts at this iteration
     ema_gamma: float = 7.0
@@ -298,7 +299,10 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
         return None if seconds_before is None else float(seconds_before) + time.perf_counter() - loop_start
 
     def checkpoint(step: int) -> None:
+        """Flush the loss log (it then holds every step the checkpoint does) and write the checkpoint of `step`."""
         nonlocal last_checkpoint
+        if log_file is not None:
+            log_file.flush()
         if checkpoint_path is None:
             return
         last_checkpoint = step                        # rank 0 writes it for every rank
@@ -336,17 +340,11 @@ def _train(model: nn.Module, loss_fn: LossFn, config: TrainConfig, run_dir: Opti
             interval = config.checkpoint_interval
             if interval > 0 and (iteration + 1) % interval == 0 and iteration + 1 < config.iters \
                     and skipped_in_a_row == 0:        # never checkpoint in the middle of a run of skipped steps
-                if log_file is not None:
-                    log_file.flush()
                 checkpoint(iteration + 1)
             if termination is not None and termination.requested and iteration + 1 < config.iters:
-                if log_file is not None:
-                    log_file.flush()
                 if skipped_in_a_row == 0 and last_checkpoint != iteration + 1:
                     checkpoint(iteration + 1)
                 raise _terminated(desc, iteration + 1, last_checkpoint)
-        if log_file is not None:
-            log_file.flush()
         checkpoint(config.iters)
     finally:
         if termination is not None:
