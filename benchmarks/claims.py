@@ -52,6 +52,9 @@ def main() -> None:
                              "(another process can work on other rows of the same run directory)")
     parser.add_argument("--settings-sweep", action="store_true",
                         help="the π-ID settings sweep at 4 NFE instead of the claims table (image datasets)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="SETTING",
+                        help="with --settings-sweep: train only these settings besides the default, e.g. "
+                             "3x_training_steps k_2 (the sampling settings always run on the default)")
     parser.add_argument("--no-equal-compute", action="store_true",
                         help="skip the equal-compute rows (π-ID at DMD2's training time and DMD2 at π-ID's)")
     parser.add_argument("--threads", type=int, default=None)
@@ -64,10 +67,16 @@ def main() -> None:
     image = args.dataset in IMAGE_DATASET_NAMES
     if args.settings_sweep and not image:
         parser.error(f"--settings-sweep needs an image dataset ({', '.join(IMAGE_DATASET_NAMES)})")
+    if args.variants and not args.settings_sweep:
+        parser.error("--variants needs --settings-sweep")
     try:
         only = parse_row_keys(args.only) if args.only else None
     except ValueError as error:
         parser.error(f"--only: {error}")
+    try:
+        settings_sweep.training_variants(args.variants)
+    except ValueError as error:
+        parser.error(f"--variants: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir or f"runs/claims_{args.dataset}")
@@ -84,7 +93,7 @@ def main() -> None:
     if args.settings_sweep:
         results = settings_sweep.run_settings_sweep(run_dir, args.dataset, 4, args.iters or 300, args.seeds,
                                                     args.teacher_run, args.num_samples or 1000, args.feature_epochs,
-                                                    args.progress)
+                                                    args.progress, variants=args.variants)
         columns = settings_sweep.COLUMNS
     else:
         options = dict(teacher_run=args.teacher_run, feature_epochs=args.feature_epochs) if image else {}

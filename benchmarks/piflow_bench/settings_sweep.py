@@ -13,7 +13,7 @@ claims benchmark's own π-ID rows (same directories), so a run directory serves 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -80,16 +80,32 @@ def ordered_summary(rows: list[dict]) -> list[dict]:
                   else len(order))
 
 
+def training_variants(names: Optional[Sequence[str]] = None) -> tuple[tuple[str, tuple[str, ...], int], ...]:
+    """The `TRAINING_VARIANTS` named by `names` (slugs of their labels, e.g. ``3x_training_steps``), always with the
+    default first (the sampling variants run on it); None: all. An unknown name is a one-line ValueError listing
+    the known ones."""
+    if names is None:
+        return TRAINING_VARIANTS
+    known = {slug(label): (label, overrides, budget) for label, overrides, budget in TRAINING_VARIANTS}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; known: {', '.join(known)}")
+    return tuple(variant for variant in TRAINING_VARIANTS
+                 if variant[0] == DEFAULT_LABEL or slug(variant[0]) in names)
+
+
 def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int = 4, iters: int = 300,
                        seeds: int = 2, teacher_run: Optional[Path] = None, num_samples: int = 1000,
                        feature_epochs: int = 30, progress: bool = False,
-                       log: Callable[[str], None] = print) -> dict:
-    """Train every `TRAINING_VARIANTS` student (the default with `seeds` seeds, the others with seed 0), then
-    score all rows; writes sweep/results.json, sweep/results.md and sweep/samples.png. Resumable like the claims
-    benchmark (finished students and scored rows are kept)."""
+                       log: Callable[[str], None] = print, variants: Optional[Sequence[str]] = None) -> dict:
+    """Train every `TRAINING_VARIANTS` student (`variants`: only these, see `training_variants`; the default with
+    `seeds` seeds, the others with seed 0), then score all rows; writes sweep/results.json, sweep/results.md and
+    sweep/samples.png (rows scored by earlier invocations stay in the tables). Resumable like the claims benchmark
+    (finished students and scored rows are kept)."""
+    chosen = training_variants(variants)
     teacher_run = resolve_teacher(run_dir, dataset, teacher_run, progress, log)
     students = {}
-    for label, overrides, budget in TRAINING_VARIANTS:
+    for label, overrides, budget in chosen:
         for seed in range(seeds if label == DEFAULT_LABEL else 1):
             # the default's overrides are the claims benchmark's π-ID student's: one run directory serves both
             students[label, seed] = distill_student(images, images.IMAGE_DISTILL_DEFAULTS,

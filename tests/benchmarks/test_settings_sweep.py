@@ -38,3 +38,15 @@ def test_one_step_x0_is_the_policy_mean_at_the_noise():
         got = last_step_x0(pf, noise, 1, None)
         assert torch.allclose(got, expected, atol=1e-6)
         assert not torch.allclose(got, pf.sample(noise, nfe=1), atol=1e-3)   # a GM rollout does differ
+
+
+def test_training_variants_keep_the_default_first_and_reject_unknown_names():
+    from piflow_bench.settings_sweep import DEFAULT_LABEL, TRAINING_VARIANTS, training_variants
+
+    assert training_variants(None) == TRAINING_VARIANTS
+    chosen = training_variants(["k_32", "3x_training_steps"])
+    assert [label for label, _, _ in chosen] == [DEFAULT_LABEL, "3x training steps", "K=32"]   # table order
+    assert chosen[1][2] == 3 and chosen[2][1] == ("student.num_components=32",)
+    assert [label for label, _, _ in training_variants([])] == [DEFAULT_LABEL]
+    with pytest.raises(ValueError, match=r"unknown settings \['k_3'\]; known: .*k_32"):
+        training_variants(["k_3"])
