@@ -3,7 +3,7 @@ the x0-regression student) on quality and diversity, several seeds per student.
 
     python benchmarks/claims.py --dataset ring8                      # exact Gaussian-mixture teacher, MLP students
     python benchmarks/claims.py --dataset digits                     # the bundled digits DiT teacher
-    python benchmarks/claims.py --dataset fashion-mnist --feature-epochs 5   # trains its teacher first (hours on CPU)
+    python benchmarks/claims.py --dataset fashion-mnist --feature-epochs 5   # the bundled U-Net teacher (hours on CPU)
     python benchmarks/claims.py --dataset digits --settings-sweep    # which π-ID setting changes fine detail
 
 Writes results.json (strict JSON), results.md (mean ± std over seeds), quality_vs_diversity.png and samples.png

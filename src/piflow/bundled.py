@@ -1,6 +1,6 @@
 """The teachers that ship inside piflow (`src/piflow/assets/teachers/`), by the names a config gives them:
-``teacher=digits-bundled`` in `piflow distill` reads the bundled digits DiT, ``teacher=mnist-bundled`` the MNIST
-U-Net, wherever piflow is installed."""
+``teacher=digits-bundled`` in `piflow distill` reads the bundled digits DiT, ``teacher=mnist-bundled`` and
+``teacher=fashion-mnist-bundled`` the MNIST and Fashion-MNIST U-Nets, wherever piflow is installed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +10,8 @@ __all__ = ["BUNDLED_TEACHERS", "TEACHER_ASSETS", "teacher_source"]
 TEACHER_ASSETS = Path(__file__).resolve().parent / "assets" / "teachers"
 
 # name → folder under TEACHER_ASSETS (an ordinary `piflow train-teacher` run directory)
-BUNDLED_TEACHERS = {"digits-bundled": "digits_dit", "mnist-bundled": "mnist_unet"}
+BUNDLED_TEACHERS = {"digits-bundled": "digits_dit", "mnist-bundled": "mnist_unet",
+                    "fashion-mnist-bundled": "fashion_mnist_unet"}
 
 
 def teacher_source(source: str) -> str:
