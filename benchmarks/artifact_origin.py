@@ -1,7 +1,7 @@
 """At which step of a few-step π-ID image student a sample's defects form: for each intermediate state of the
 student's own trajectory, the student's x̂0 there, the teacher's x̂0 (x − σ·u) at the same state, and the
-teacher's own 32-step ODE from that state. A defect that the teacher's ODE from step k's state still draws is committed by
-then; one that only the student's x̂0 draws is the student's error at that step.
+teacher's own 32-step ODE from that state. A defect that the teacher's ODE from step k's state still draws is
+committed by then; one that only the student's x̂0 draws is the student's error at that step.
 
     python benchmarks/artifact_origin.py --claims-run runs/claims_mnist \
         --student runs/claims_mnist/students/piid_nfe4_seed0 --out origin.png
