@@ -24,14 +24,6 @@ from piflow.sampling import FlowMapSDESchedule, euler_sample
 TEACHER_STEPS = 32
 
 
-def teacher_ode(teacher, x: torch.Tensor, sigma: float, labels: torch.Tensor, steps: int = TEACHER_STEPS):
-    """The teacher's Euler ODE from x (B, …) at σ = `sigma` down to σ = 0 in `steps` uniform steps."""
-    sigmas = torch.linspace(sigma, 0.0, steps + 1)
-    for high, low in zip(sigmas[:-1], sigmas[1:]):
-        x = x + (low - high) * teacher(x, high.expand(x.shape[0]), labels)
-    return x
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--claims-run", required=True, help="a claims run directory (its eval_bank.safetensors)")
@@ -61,7 +53,7 @@ def main() -> None:
                          pf.policy(x, sigmas, labels).x0(x, sigmas)))
             rows.append(("teacher x̂0 = x − σ·u at the same state", x - sigma * pf.teacher(x, sigmas, labels)))
             rows.append((f"teacher {TEACHER_STEPS}-step ODE from that state",
-                         teacher_ode(pf.teacher, x, sigma, labels)))
+                         euler_sample(pf.teacher, x, TEACHER_STEPS, labels, sigma_start=sigma)))
         rows.append((f"student, {args.nfe} NFE", final))
         rows.append((f"teacher {TEACHER_STEPS} steps from the same noise",
                      euler_sample(pf.teacher, noise, TEACHER_STEPS, labels)))

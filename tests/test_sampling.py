@@ -227,6 +227,36 @@ def test_euler_sample_one_step():
     torch.testing.assert_close(euler_sample(teacher, x, 2, shift=3.0), x2, rtol=0, atol=1e-12)
 
 
+def test_euler_sample_from_a_mid_state_continues_the_full_run():
+    """Started at state k of an n-step run (σ = warp(1 − k/n)) with n − k steps, the raw-time grid is the rest of
+    the full run's grid, so the result is the full run's end, with or without a shift."""
+    from piflow.sampling import euler_trajectory
+    from piflow.timewarp import warp
+    teacher = make_teacher()
+    x = torch.randn(12, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    for shift in (1.0, 3.0):
+        states = euler_trajectory(teacher, x, 8, shift=shift)
+        sigma_k = float(warp(torch.tensor(1 - 3 / 8, dtype=torch.float64), shift))
+        rest = euler_sample(teacher, states[3], 5, shift=shift, sigma_start=sigma_k)
+        torch.testing.assert_close(rest, states[-1], rtol=0, atol=1e-10)
+
+
+def test_euler_sample_from_a_mid_state_lands_on_a_point_mass():
+    """A one-point teacher (std → 0) flows straight, x_σ = (1 − σ)·μ + σ·ε, so Euler is exact from any state on the
+    way, on any grid."""
+    mu = torch.tensor([[1.5, -0.5]])
+    teacher = GaussianMixtureTeacher(mu, 1e-4)
+    eps = torch.randn(8, 2, generator=torch.Generator().manual_seed(1))
+    sigma = 0.6
+    x = (1 - sigma) * mu + sigma * eps
+    for shift in (1.0, 3.0):
+        out = euler_sample(teacher, x, 4, shift=shift, sigma_start=sigma)
+        torch.testing.assert_close(out, mu.expand(8, 2), rtol=0, atol=1e-3)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="sigma_start"):
+            euler_sample(teacher, x, 4, sigma_start=bad)
+
+
 def test_sample_takes_either_steps_or_a_prepared_schedule():
     teacher_policy = lambda x, s, c: GMFlowPolicy(torch.zeros(x.shape[0], 1, 2), torch.zeros(x.shape[0]),  # noqa: E731
                                                    torch.zeros(x.shape[0], 1, 1), x, s)

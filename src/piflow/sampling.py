@@ -18,7 +18,7 @@ from piflow.policies.base import Policy
 from piflow.progress import progress_bar
 from piflow.rollout import DEFAULT_TOTAL_SUBSTEPS, rollout
 from piflow.schedule import check_nfe, check_raw_times, resolve_temperature, segment_grid
-from piflow.timewarp import NUM_TIMESTEPS, warp
+from piflow.timewarp import NUM_TIMESTEPS, unwarp, warp
 
 HLike = Union[float, str]
 PolicyFn = Callable[[Tensor, Tensor, Any], Policy]
@@ -164,15 +164,19 @@ def sample(policy_fn: PolicyFn, noise: Tensor, nfe: Optional[int] = None, cond: 
     return (x, trajectory) if return_trajectory else x
 
 
-def _sigma_grid(num_steps: int, shift: float, device) -> Tensor:
+def _sigma_grid(num_steps: int, shift: float, device, sigma_start: float = 1.0) -> Tensor:
+    """σ from `sigma_start` to 0 in `num_steps` steps uniform in raw time: (num_steps + 1,) float64."""
     check_nfe(num_steps)
-    return warp(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), shift).to(device)
+    if not 0.0 < sigma_start <= 1.0:
+        raise ValueError(f"sigma_start must be in (0, 1], got {sigma_start}")
+    return warp(torch.linspace(float(unwarp(float(sigma_start), shift)), 0.0, num_steps + 1, dtype=torch.float64), shift).to(device)
 
 
 def _euler_states(teacher: Callable[[Tensor, Tensor, Any], Tensor], noise: Tensor, num_steps: int, cond: Any,
-                  shift: float):
-    """The teacher's Euler ODE states at σ_0 = 1, σ_1, …, σ_n = 0 (uniform in raw time), one at a time."""
-    sigmas = _sigma_grid(num_steps, shift, noise.device)
+                  shift: float, sigma_start: float = 1.0):
+    """The teacher's Euler ODE states at σ_0 = `sigma_start`, σ_1, …, σ_n = 0 (uniform in raw time), one at a time;
+    `noise` is the state at σ_0."""
+    sigmas = _sigma_grid(num_steps, shift, noise.device, sigma_start)
     x = noise
     batch = noise.shape[0]
     yield x
@@ -184,9 +188,10 @@ def _euler_states(teacher: Callable[[Tensor, Tensor, Any], Tensor], noise: Tenso
 
 @torch.no_grad()
 def euler_sample(teacher: Callable[[Tensor, Tensor, Any], Tensor], noise: Tensor, num_steps: int, cond: Any = None,
-                 shift: float = 1.0) -> Tensor:
-    """The teacher's own Euler ODE sampler: `num_steps` evaluations, uniform in raw time."""
-    for x in _euler_states(teacher, noise, num_steps, cond, shift):
+                 shift: float = 1.0, sigma_start: float = 1.0) -> Tensor:
+    """The teacher's own Euler ODE sampler: `num_steps` evaluations, uniform in raw time. With `sigma_start` < 1,
+    `noise` is a state at that σ (B, …) and the ODE runs from there to σ = 0."""
+    for x in _euler_states(teacher, noise, num_steps, cond, shift, sigma_start):
         pass
     return x
 

@@ -119,8 +119,10 @@ def plot_image_rows(rows: Sequence[tuple[str, "object"]], path: Path, ncol: int 
     width = max(c.shape[1] for c in canvases)
     scale = min(max(6.0 / width, 0.02), 0.25)                   # inches per pixel: readable, not huge
     heights = [c.shape[0] for c in canvases]
+    title_inches = 0.35 if title else 0.0
+    fig_height = sum(heights) * scale + 0.35 * len(rows) + 0.4 + title_inches
     fig, axes = plt.subplots(len(rows), 1, squeeze=False, gridspec_kw={"height_ratios": heights},
-                             figsize=(width * scale + 1.6, sum(heights) * scale + 0.35 * len(rows) + 0.4))
+                             figsize=(width * scale + 1.6, fig_height))
     for ax, (label, _), canvas in zip(axes[:, 0], rows, canvases):
         gray = canvas.shape[2] == 1
         ax.imshow(canvas[..., 0] if gray else canvas, cmap="gray" if gray else None, vmin=0, vmax=1,
@@ -130,6 +132,6 @@ def plot_image_rows(rows: Sequence[tuple[str, "object"]], path: Path, ncol: int 
         ax.set_title(label, fontsize=9, loc="left")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - title_inches / fig_height))   # the title keeps its own band
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
