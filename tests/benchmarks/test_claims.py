@@ -155,6 +155,11 @@ def test_tiny_image_claims_and_settings_sweep_share_a_run(tmp_path, monkeypatch)
     assert summary["teacher Euler", 32]["hf_ratio"] == pytest.approx(1.0, abs=1e-12)
     assert 0.0 <= summary["real test images", 0]["label_accuracy_b"] <= 1.0
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "quality_vs_diversity.png").is_file()
+    from score_students import score_students      # a student scored on the run's bank scores as its row
+    rescored = score_students(tmp_path, "digits", [students.PIID.directory(tmp_path / "students", 4, 0)],
+                              log=messages.append)
+    assert list(rescored.values())[0]["fd_teacher"] == pytest.approx(summary[students.PIID.label, 4]["fd_teacher"],
+                                                                      rel=1e-6)
     messages.clear()
     assert run_claims(tmp_path, "digits", log=messages.append, **kwargs)["summary"] == results["summary"]
     assert not any("training" in m or "distilling" in m for m in messages)

@@ -48,8 +48,8 @@ def test_a_bundled_teacher_is_selected_by_name(tmp_path):
     assert sampler.sample(torch.randn(2, 1, 8, 8), cond=torch.tensor([0, 1])).shape == (2, 1, 8, 8)
 
 
-def test_bundle_teacher_script_stores_float16_that_loads_as_float32(tmp_path):
-    """scripts/bundle_teacher.py: half the bytes, read back as float32, the same velocities up to float16 rounding."""
+def test_bundle_run_script_stores_a_float16_teacher_that_loads_as_float32(tmp_path):
+    """scripts/bundle_run.py: half the bytes, read back as float32, the same velocities up to float16 rounding."""
     pytest.importorskip("sklearn")
     import subprocess
     import sys
@@ -69,7 +69,7 @@ def test_bundle_teacher_script_stores_float16_that_loads_as_float32(tmp_path):
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(run / "teacher")
-    script = Path(__file__).resolve().parents[2] / "scripts" / "bundle_teacher.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bundle_run.py"
     subprocess.run([sys.executable, str(script), str(run), str(dest)], check=True, capture_output=True)
     assert {t.dtype for t in load_safetensors(dest / "teacher" / "model.safetensors", "w").values()} == {torch.float16}
     assert (dest / "config.yaml").is_file() and (dest / "metrics.json").is_file()
@@ -82,6 +82,39 @@ def test_bundle_teacher_script_stores_float16_that_loads_as_float32(tmp_path):
     assert float((half - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
     result = subprocess.run([sys.executable, str(script), str(run), str(dest)], capture_output=True, text=True)
     assert result.returncode == 2 and "exists" in result.stderr          # never overwrites a bundled folder
+
+
+def test_bundle_run_script_stores_a_float16_student_that_names_its_bundled_teacher(tmp_path):
+    """scripts/bundle_run.py on a distill run: float16 student weights that sample like the float32 ones, and a
+    teacher given as the bundled folder's path is stored by its name (the copy samples from any directory)."""
+    pytest.importorskip("sklearn")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from piflow.cli import main
+    from piflow.files import load_safetensors
+    from piflow.recipes import images
+
+    run, dest = tmp_path / "student", tmp_path / "bundled"
+    assert main(["distill", "--run-dir", str(run), "dataset=digits", f"teacher={TEACHER_ASSETS / 'digits_dit'}",
+                 "train.iters=2", "distill.batch_size=2", "distill.total_substeps=8", "train.progress=false",
+                 "train.checkpoint_every=0"]) == 0
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bundle_run.py"
+    subprocess.run([sys.executable, str(script), str(run), str(dest)], check=True, capture_output=True)
+    weights = load_safetensors(dest / "student.safetensors", "w")
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    assert 0.45 < (dest / "student.safetensors").stat().st_size / (run / "student.safetensors").stat().st_size < 0.55
+    assert yaml.safe_load((run / "config.yaml").read_text())["teacher"] == str(TEACHER_ASSETS / "digits_dit")
+    assert yaml.safe_load((dest / "config.yaml").read_text())["teacher"] == "digits-bundled"
+    original, bundled = images.load_student(run)[0], images.load_student(dest)[0]
+    assert next(bundled.student.parameters()).dtype == torch.float32
+    noise, labels = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(8)
+    reference, copy = original.sample(noise, cond=labels), bundled.sample(noise, cond=labels)
+    assert float(reference.std()) > 0.1
+    assert float((copy - reference).abs().max()) <= 2e-2 * float(reference.abs().max())
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED_TEACHERS))

@@ -35,6 +35,9 @@ BUNDLED = {
     "digits: DiT teacher → GM-DiT student (trained at 4 NFE)": ("digits_gm_nfe4", "digits_dit"),
     "ring8: exact GM teacher → GM student (trained at 2 NFE)": ("ring8_gm_nfe2", "exact"),
     "checkerboard: MLP teacher → GM student (trained at 2 NFE)": ("checkerboard_gm_nfe2", "checkerboard_mlp"),
+    "MNIST: U-Net teacher → GM U-Net student (trained at 4 NFE)": ("mnist_gm_nfe4", "mnist_unet"),
+    "Fashion-MNIST: U-Net teacher → GM U-Net student (trained at 4 NFE)": ("fashion_mnist_gm_nfe4",
+                                                                          "fashion_mnist_unet"),
 }
 
 MAX_NFE = 8
