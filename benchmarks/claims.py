@@ -16,7 +16,8 @@ time and DMD2 for π-ID's, at 4 NFE.
 --settings-sweep (image datasets) instead trains one 4-NFE GM student per π-ID setting changed from the default
 (training length, K, policy dropout, final_step_size_scale; GM temperature, substeps and the last step at
 sampling; piflow_bench/settings_sweep.py) and writes sweep/results.md, sweep/results.json and sweep/samples.png; its
-default student is the claims run's π-ID 4-NFE student, with --seeds seeds.
+default student is the claims run's π-ID 4-NFE student, with --seeds seeds. With --sweep-nfe N the students are
+N-NFE ones and everything goes to sweep_nfe<N>/ (the default student is the claims run's N-NFE π-ID student).
 """
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def main() -> None:
                              "(another process can work on other rows of the same run directory)")
     parser.add_argument("--settings-sweep", action="store_true",
                         help="the π-ID settings sweep at 4 NFE instead of the claims table (image datasets)")
+    parser.add_argument("--sweep-nfe", type=int, default=4,
+                        help="with --settings-sweep: the students' NFE (default 4; another NFE keeps its own "
+                             "run_dir/sweep_nfe<N>)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="SETTING",
                         help="with --settings-sweep: train only these settings besides the default, e.g. "
                              "3x_training_steps k_2 (the sampling settings always run on the default)")
@@ -69,6 +73,10 @@ def main() -> None:
         parser.error(f"--settings-sweep needs an image dataset ({', '.join(IMAGE_DATASET_NAMES)})")
     if args.variants and not args.settings_sweep:
         parser.error("--variants needs --settings-sweep")
+    if args.sweep_nfe != 4 and not args.settings_sweep:
+        parser.error("--sweep-nfe needs --settings-sweep")
+    if not 1 <= args.sweep_nfe <= 8:
+        parser.error(f"--sweep-nfe must be in [1, 8], got {args.sweep_nfe}")
     try:
         only = parse_row_keys(args.only) if args.only else None
     except ValueError as error:
@@ -83,7 +91,8 @@ def main() -> None:
     start = time.perf_counter()
     if args.report:
         if args.settings_sweep:
-            summary = settings_sweep.ordered_summary(RowStore(run_dir / "sweep", print).all())
+            summary = settings_sweep.ordered_summary(RowStore(settings_sweep.sweep_dir(run_dir, args.sweep_nfe),
+                                                                    print).all())
             columns = settings_sweep.COLUMNS
         else:
             summary = ordered_summary(RowStore(run_dir, print).all())
@@ -91,8 +100,8 @@ def main() -> None:
         print(format_markdown(summary, columns))
         return
     if args.settings_sweep:
-        results = settings_sweep.run_settings_sweep(run_dir, args.dataset, 4, args.iters or 300, args.seeds,
-                                                    args.teacher_run, args.num_samples or 1000, args.feature_epochs,
+        results = settings_sweep.run_settings_sweep(run_dir, args.dataset, args.sweep_nfe, args.iters or 300,
+                                                    args.seeds, args.teacher_run, args.num_samples or 1000, args.feature_epochs,
                                                     args.progress, variants=args.variants)
         columns = settings_sweep.COLUMNS
     else:

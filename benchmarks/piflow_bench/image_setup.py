@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from piflow import bundled
 from piflow.bundled import teacher_source
 from piflow.config import load_config
+from piflow.eval import isolated_bright_pixels
 from piflow.eval.diversity import per_class_diversity
 from piflow.files import load_safetensors, save_safetensors
 from piflow.recipes import image_benchmark, images
@@ -21,7 +22,8 @@ BUNDLED_TEACHERS = {name.removesuffix("-bundled"): Path(teacher_source(name)) fo
 
 class ImageScorer:
     """Scores a sample set (N, C, H, W) generated from the bank's noise and labels in both feature spaces
-    (`image_benchmark.metrics_in_both_spaces`), with the within-class diversity in each."""
+    (`image_benchmark.metrics_in_both_spaces`), with the within-class diversity in each and the isolated bright
+    pixels per image (``speckle``, `piflow.eval.isolated_bright_pixels`)."""
 
     def __init__(self, contexts: list):
         self.a, self.b = contexts
@@ -30,6 +32,7 @@ class ImageScorer:
         samples = samples.float().clamp(-1, 1)
         labels = self.a.labels_a if labels is None else labels
         row = image_benchmark.metrics_in_both_spaces([self.a, self.b], samples, paired)
+        row["speckle"] = isolated_bright_pixels(samples)      # stray bright pixels per image (pixel space)
         for suffix, context in (("", self.a), ("_b", self.b)):
             features, logits = context.features_and_logits(samples)
             diversity = per_class_diversity(features, labels)

@@ -50,13 +50,24 @@ LAST_STEP_X0_LABEL = "end on x̂0 at the last step's start"
 COLUMNS = [("fd_teacher", "FD-teacher A ↓", "{:.3f}"), ("fd_teacher_b", "FD-teacher B ↓", "{:.3f}"),
            ("label_accuracy", "label acc. A", "{:.3f}"), ("label_accuracy_b", "label acc. B", "{:.3f}"),
            ("class_vendi", "class Vendi A", "{:.2f}"), ("hf_ratio", "HF power / teacher", "{:.3f}"),
-           ("train_seconds", "train s", "{:.0f}")]
+           ("speckle", "speckle / image", "{:.3f}"), ("train_seconds", "train s", "{:.0f}")]
+
+
+def sweep_dir(run_dir: Path, nfe: int = 4) -> Path:
+    """Where the sweep at `nfe` keeps its students, rows and tables: run_dir/sweep at 4 NFE, else sweep_nfe<N>."""
+    return run_dir / ("sweep" if nfe == 4 else f"sweep_nfe{nfe}")
 
 
 def _directory(run_dir: Path, label: str, nfe: int, seed: int) -> Path:
     if label == DEFAULT_LABEL:   # the claims benchmark's π-ID row
         return run_dir / "students" / f"piid_nfe{nfe}_seed{seed}"
-    return run_dir / "sweep" / "students" / f"{slug(label)}_nfe{nfe}_seed{seed}"
+    return sweep_dir(run_dir, nfe) / "students" / f"{slug(label)}_nfe{nfe}_seed{seed}"
+
+
+def sampling_variants(nfe: int) -> tuple[tuple[str, dict], ...]:
+    """The `SAMPLING_VARIANTS` that change anything at `nfe`: the GM temperature acts on every step but the last,
+    so at 1 NFE it does not."""
+    return tuple((label, kwargs) for label, kwargs in SAMPLING_VARIANTS if nfe > 1 or "temperature" not in kwargs)
 
 
 def last_step_x0(pf, noise: Tensor, nfe: int, labels: Tensor) -> Tensor:
@@ -98,9 +109,9 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
                        seeds: int = 2, teacher_run: Optional[Path] = None, num_samples: int = 1000,
                        feature_epochs: int = 30, progress: bool = False,
                        log: Callable[[str], None] = print, variants: Optional[Sequence[str]] = None) -> dict:
-    """Train every `TRAINING_VARIANTS` student (`variants`: only these, see `training_variants`; the default with
-    `seeds` seeds, the others with seed 0), then score all rows; writes sweep/results.json, sweep/results.md and
-    sweep/samples.png (rows scored by earlier invocations stay in the tables). Resumable like the claims benchmark
+    """Train every `TRAINING_VARIANTS` student at `nfe` (`variants`: only these, see `training_variants`; the default
+    with `seeds` seeds, the others with seed 0), then score all rows; writes results.json, results.md and samples.png
+    into `sweep_dir(run_dir, nfe)` (rows scored by earlier invocations stay in the tables). Resumable like the claims benchmark
     (finished students and scored rows are kept)."""
     chosen = training_variants(variants)
     teacher_run = resolve_teacher(run_dir, dataset, teacher_run, progress, log)
@@ -115,7 +126,8 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
                 *PIID.overrides, *overrides], log)
     setup = prepare_images(run_dir, dataset, teacher_run, num_samples, feature_epochs, progress, log)
     noise, labels, scorer = setup.noise, setup.labels, setup.scorer
-    store = RowStore(run_dir / "sweep", log)
+    out = sweep_dir(run_dir, nfe)
+    store = RowStore(out, log)
     grid: dict[str, Tensor] = {"teacher Euler 32": scorer.a.teacher_samples_a[:20]}
 
     def row(label: str, seed: Optional[int], make: Callable[[], Tensor], family: str, **info) -> None:
@@ -142,7 +154,7 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
             row(label, seed, lambda pf=pf: pf.sample(noise, nfe=nfe, cond=labels), "student",
                 train_seconds=train_seconds(_directory(run_dir, label, nfe, seed)))
         default = students[DEFAULT_LABEL, 0]
-        for label, kwargs in SAMPLING_VARIANTS:
+        for label, kwargs in sampling_variants(nfe):
             row(f"default, {label}", 0, lambda kwargs=kwargs: default.sample(noise, nfe=nfe, cond=labels, **kwargs),
                 "sampling")
         row(f"default, {LAST_STEP_X0_LABEL}", 0, lambda: last_step_x0(default, noise, nfe, labels), "sampling")
@@ -150,10 +162,10 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
     summary = ordered_summary(store.all())
     results = {"dataset": dataset, "nfe": nfe, "iters": iters, "seeds": seeds, "num_samples": num_samples,
                "teacher_run": str(teacher_run), "summary": summary}
-    write_json(run_dir / "sweep" / "results.json", results)
-    (run_dir / "sweep" / "results.md").write_text(format_markdown(summary, COLUMNS))
+    write_json(out / "results.json", results)
+    (out / "results.md").write_text(format_markdown(summary, COLUMNS))
     from piflow.recipes.plots import plot_image_rows
 
-    plot_image_rows(list(grid.items()), run_dir / "sweep" / "samples.png", ncol=20,
+    plot_image_rows(list(grid.items()), out / "samples.png", ncol=20,
                     title=f"{nfe} NFE; same noise and class in each column; one setting changed per row")
     return results

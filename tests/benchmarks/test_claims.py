@@ -170,3 +170,25 @@ def test_tiny_image_claims_and_settings_sweep_share_a_run(tmp_path, monkeypatch)
     assert len(table) == 2 + len(settings_sweep.TRAINING_VARIANTS) + len(settings_sweep.SAMPLING_VARIANTS) + 1
     assert table[settings_sweep.DEFAULT_LABEL]["fd_teacher"] == summary[students.PIID.label, 4]["fd_teacher"]
     assert (tmp_path / "sweep" / "samples.png").is_file() and (tmp_path / "sweep" / "results.md").is_file()
+
+    # at 1 NFE: its own directory, its own default student, no temperature rows (the last step has none)
+    one = settings_sweep.run_settings_sweep(tmp_path, "digits", nfe=1, iters=2, seeds=1, num_samples=60,
+                                            variants=[], log=messages.append)
+    methods = [e["method"] for e in one["summary"]]
+    assert {e["nfe"] for e in one["summary"]} == {1} and not any("temperature" in m for m in methods)
+    assert len(methods) == 2 + 1 + len(settings_sweep.sampling_variants(1)) + 1
+    assert (tmp_path / "sweep_nfe1" / "results.md").is_file() and (tmp_path / "students" / "piid_nfe1_seed0").is_dir()
+    assert [e["nfe"] for e in settings_sweep.ordered_summary(rows.RowStore(tmp_path / "sweep", print).all())
+            ] == [4] * len(table)                                # the 4-NFE sweep's rows are untouched
+
+    # the scorer's speckle is piflow.eval.isolated_bright_pixels of the (clamped) samples
+    from piflow.eval import isolated_bright_pixels
+    from piflow_bench.image_setup import prepare_images
+
+    setup = prepare_images(tmp_path, "digits", num_samples=60, feature_epochs=1, log=messages.append)
+    speckled = setup.real.clone()
+    speckled[:, :, 0, 0], speckled[:, :, 0, 1:3], speckled[:, :, 1, 0:3] = 1.0, -1.0, -1.0   # a stray corner pixel
+    for images_ in (setup.real, speckled):
+        assert setup.scorer(images_, setup.real_labels, paired=False)["speckle"] == pytest.approx(
+            isolated_bright_pixels(images_.clamp(-1, 1)), abs=1e-12)
+    assert isolated_bright_pixels(speckled) >= isolated_bright_pixels(setup.real) + 1 - 1e-9

@@ -50,3 +50,13 @@ def test_training_variants_keep_the_default_first_and_reject_unknown_names():
     assert [label for label, _, _ in training_variants([])] == [DEFAULT_LABEL]
     with pytest.raises(ValueError, match=r"unknown settings \['k_3'\]; known: .*k_32"):
         training_variants(["k_3"])
+
+
+def test_sampling_variants_at_one_nfe_drop_the_temperature_and_each_nfe_has_its_directory(tmp_path):
+    from piflow_bench.settings_sweep import SAMPLING_VARIANTS, sampling_variants, sweep_dir
+
+    assert sampling_variants(4) == sampling_variants(2) == SAMPLING_VARIANTS
+    kept = sampling_variants(1)
+    assert kept and all("temperature" not in kwargs for _, kwargs in kept)
+    assert len(kept) == len([v for v in SAMPLING_VARIANTS if "temperature" not in v[1]])
+    assert sweep_dir(tmp_path) == tmp_path / "sweep" and sweep_dir(tmp_path, 1) == tmp_path / "sweep_nfe1"
