@@ -37,6 +37,8 @@ TRAINING_VARIANTS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     ("final_step_size_scale 0.5", ("distill.final_step_size_scale=0.5",), 1),
     ("lr 1e-4", ("train.lr=1e-4",), 1),            # the default lr (2e-4) was chosen for head-only students
     ("lr 5e-5", ("train.lr=5e-5",), 1),            # the paper's ImageNet lr
+    # scheduled trajectory mixing: teacher-trajectory states decaying to none over the first 2/3 of 300 steps
+    ("trajectory mixing over 200 steps", ("distill.num_decay_iters=200",), 1),
 )
 # (label, keyword arguments of PiFlow.sample) on the default student
 SAMPLING_VARIANTS: tuple[tuple[str, dict], ...] = (
