@@ -101,8 +101,8 @@ def main() -> None:
         return
     if args.settings_sweep:
         results = settings_sweep.run_settings_sweep(run_dir, args.dataset, args.sweep_nfe, args.iters or 300,
-                                                    args.seeds, args.teacher_run, args.num_samples or 1000, args.feature_epochs,
-                                                    args.progress, variants=args.variants)
+                                                    args.seeds, args.teacher_run, args.num_samples or 1000,
+                                                    args.feature_epochs, args.progress, variants=args.variants)
         columns = settings_sweep.COLUMNS
     else:
         options = dict(teacher_run=args.teacher_run, feature_epochs=args.feature_epochs) if image else {}

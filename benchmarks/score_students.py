@@ -21,7 +21,7 @@ from piflow.files import load_safetensors, write_json
 from piflow.recipes import images
 from piflow_bench.benches import ImageBench
 
-SHOWN = ("fd_teacher", "fd_teacher_b", "fd_real", "fd_real_b", "class_vendi", "hf_ratio")
+SHOWN = ("fd_teacher", "fd_teacher_b", "fd_real", "fd_real_b", "class_vendi", "hf_ratio", "speckle")
 
 
 def score_students(claims_run: Path, dataset: str, students: list, nfe: Optional[int] = None, seed: int = 0,

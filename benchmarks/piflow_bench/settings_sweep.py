@@ -113,8 +113,8 @@ def run_settings_sweep(run_dir: Path, dataset: str = "fashion-mnist", nfe: int =
                        log: Callable[[str], None] = print, variants: Optional[Sequence[str]] = None) -> dict:
     """Train every `TRAINING_VARIANTS` student at `nfe` (`variants`: only these, see `training_variants`; the default
     with `seeds` seeds, the others with seed 0), then score all rows; writes results.json, results.md and samples.png
-    into `sweep_dir(run_dir, nfe)` (rows scored by earlier invocations stay in the tables). Resumable like the claims benchmark
-    (finished students and scored rows are kept)."""
+    into `sweep_dir(run_dir, nfe)` (rows scored by earlier invocations stay in the tables). Resumable like the claims
+    benchmark (finished students and scored rows are kept)."""
     chosen = training_variants(variants)
     teacher_run = resolve_teacher(run_dir, dataset, teacher_run, progress, log)
     students = {}

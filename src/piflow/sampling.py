@@ -169,7 +169,8 @@ def _sigma_grid(num_steps: int, shift: float, device, sigma_start: float = 1.0) 
     check_nfe(num_steps)
     if not 0.0 < sigma_start <= 1.0:
         raise ValueError(f"sigma_start must be in (0, 1], got {sigma_start}")
-    return warp(torch.linspace(float(unwarp(float(sigma_start), shift)), 0.0, num_steps + 1, dtype=torch.float64), shift).to(device)
+    raw_start = float(unwarp(float(sigma_start), shift))
+    return warp(torch.linspace(raw_start, 0.0, num_steps + 1, dtype=torch.float64), shift).to(device)
 
 
 def _euler_states(teacher: Callable[[Tensor, Tensor, Any], Tensor], noise: Tensor, num_steps: int, cond: Any,
