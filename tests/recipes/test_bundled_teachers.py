@@ -48,6 +48,7 @@ def test_a_bundled_teacher_is_selected_by_name(tmp_path):
     assert sampler.sample(torch.randn(2, 1, 8, 8), cond=torch.tensor([0, 1])).shape == (2, 1, 8, 8)
 
 
+@pytest.mark.slow        # a maintainer script, run as a subprocess: seconds
 def test_bundle_run_script_stores_a_float16_teacher_that_loads_as_float32(tmp_path):
     """scripts/bundle_run.py: half the bytes, read back as float32, the same velocities up to float16 rounding."""
     pytest.importorskip("sklearn")
@@ -84,6 +85,7 @@ def test_bundle_run_script_stores_a_float16_teacher_that_loads_as_float32(tmp_pa
     assert result.returncode == 2 and "exists" in result.stderr          # never overwrites a bundled folder
 
 
+@pytest.mark.slow        # a maintainer script, run as a subprocess: seconds
 def test_bundle_run_script_stores_a_float16_student_that_names_its_bundled_teacher(tmp_path):
     """scripts/bundle_run.py on a distill run: float16 student weights that sample like the float32 ones, and a
     teacher given as the bundled folder's path is stored by its name (the copy samples from any directory)."""
