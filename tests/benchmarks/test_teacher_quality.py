@@ -16,6 +16,7 @@ from piflow.recipes import images  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+@pytest.mark.slow        # trains a tiny teacher and two feature classifiers: seconds
 def test_scores_match_the_data_check_and_the_checkpoint_ema_equals_the_teacher(tmp_path):
     run = tmp_path / "teacher"
     assert main(["train-teacher", "--run-dir", str(run), "dataset=digits", "model.type=unet", "model.channels=8",
