@@ -17,15 +17,14 @@ benchmarks/score_students.py for a student) before shipping it.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 import torch
-import yaml
 
 from piflow.bundled import BUNDLED_TEACHERS, TEACHER_ASSETS
-from piflow.files import atomic_write, load_safetensors, read_yaml, save_safetensors, write_json
+from piflow.config import save_config
+from piflow.files import load_safetensors, read_json, read_yaml, save_safetensors, write_json
 from piflow.models import load_image_network
 from piflow.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -61,8 +60,8 @@ def main() -> None:
     config = read_yaml(run / "config.yaml", "the run's config")
     if not is_teacher and isinstance(config.get("teacher"), str):
         config["teacher"] = bundled_teacher_name(config["teacher"])
-    atomic_write(partial / "config.yaml", yaml.safe_dump(config, sort_keys=False).encode("utf-8"))
-    metrics = json.loads((run / "metrics.json").read_text())
+    save_config(config, partial / "config.yaml")
+    metrics = read_json(run / "metrics.json", "the run's metrics")
     if (run / CHECKPOINT_NAME).is_file() and load_checkpoint(run / CHECKPOINT_NAME).get("train_seconds") is None:
         # trained (resumed) before piflow summed the loop time over invocations: the figure covers the last only
         metrics["train_seconds"] = None

@@ -30,7 +30,7 @@ DEFAULT_LABEL = "default (K=8, dropout 0.05, f=1)"
 TRAINING_VARIANTS: tuple[tuple[str, tuple[str, ...], int], ...] = (
     (DEFAULT_LABEL, (), 1),
     ("3x training steps", (), 3),
-    ("10x training steps", (), 10),                # hours on a CPU core: pick it with --variants
+    ("10x training steps", (), 10),                # hours on a CPU core; --variants runs a subset without it
     ("K=2", ("student.num_components=2",), 1),
     ("K=32", ("student.num_components=32",), 1),
     ("policy dropout 0", ("distill.policy_dropout=0.0",), 1),
