@@ -8,7 +8,9 @@ the x0-regression student) on quality and diversity, several seeds per student.
 
 Writes results.json (strict JSON), results.md (mean ± std over seeds), quality_vs_diversity.png and samples.png
 into the run directory (default runs/claims_<dataset>). Everything finished is kept there: run the command again
-after an interruption and it continues where it stopped. The students are rows as data
+after an interruption and it continues where it stopped. The scored rows (rows/*.json, with the figure's samples
+beside them) are portable: --rows-from DIR continues from another run's rows, e.g. published ones, once this
+run's reference rows agree with theirs. The students are rows as data
 (benchmarks/piflow_bench/students.py), each trained by `piflow distill method=…` into runs/…/students/<row>; the
 driver (piflow_bench/driver.py) also measures the equal-compute rows: π-ID trained for DMD2's measured training
 time and DMD2 for π-ID's, at 4 NFE.
@@ -51,6 +53,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, metavar="KIND[:NFE]",
                         help="image students to train and score in this invocation, e.g. dmd2:1 meanflow_init "
                              "(another process can work on other rows of the same run directory)")
+    parser.add_argument("--rows-from", default=None, metavar="DIR",
+                        help="continue from another run's scored rows (its rows/ directory, e.g. "
+                             "benchmarks/results/claims_mnist_rows): after this run's reference rows agree with "
+                             "those there, their student rows are taken instead of trained")
     parser.add_argument("--settings-sweep", action="store_true",
                         help="the π-ID settings sweep at 4 NFE instead of the claims table (image datasets)")
     parser.add_argument("--sweep-nfe", type=int, default=4,
@@ -71,6 +77,10 @@ def main() -> None:
     image = args.dataset in IMAGE_DATASET_NAMES
     if args.settings_sweep and not image:
         parser.error(f"--settings-sweep needs an image dataset ({', '.join(IMAGE_DATASET_NAMES)})")
+    if args.rows_from and (args.settings_sweep or args.report):
+        parser.error("--rows-from goes with a claims run (not --settings-sweep or --report)")
+    if args.rows_from and not Path(args.rows_from).is_dir():
+        parser.error(f"--rows-from: {args.rows_from} is not a directory")
     if args.variants and not args.settings_sweep:
         parser.error("--variants needs --settings-sweep")
     if args.sweep_nfe != 4 and not args.settings_sweep:
@@ -108,7 +118,8 @@ def main() -> None:
         options = dict(teacher_run=args.teacher_run, feature_epochs=args.feature_epochs) if image else {}
         results = run_claims(run_dir, args.dataset, args.seeds, args.iters, args.num_samples, only=only,
                              meanflow_scratch_seeds=args.meanflow_scratch_seeds,
-                             equal_compute=not args.no_equal_compute, progress=args.progress, **options)
+                             equal_compute=not args.no_equal_compute, progress=args.progress,
+                             rows_from=args.rows_from, **options)
         columns = IMAGE_COLUMNS if image else TOY_COLUMNS
     print(format_markdown(results["summary"], columns))
     if "goals" in results:

@@ -65,6 +65,10 @@ class ToyBench:
     def scratch_overrides(self, iters: int) -> tuple[int, list[str]]:
         return iters, []
 
+    def figure_samples(self, samples: Tensor) -> Tensor:
+        """What the figure draws of a row's samples: all its points."""
+        return samples
+
     def add_to_figure(self, label: str, nfe: int, samples: Tensor) -> None:
         if not any(title.startswith(label) for title, _ in self.panels):
             self.panels.append((f"{label}, {nfe} NFE", samples))
@@ -128,8 +132,12 @@ class ImageBench:
         kept = {k: v for k, v in teacher_train.items() if k not in ("iters", "seed", "progress")}
         return int(teacher_train["iters"]) + iters, [override(f"train.{k}", v) for k, v in kept.items()]
 
+    def figure_samples(self, samples: Tensor) -> Tensor:
+        """What the figure draws of a row's samples: its first 20 images (classes 0–9, twice)."""
+        return samples[:20]
+
     def add_to_figure(self, label: str, nfe: int, samples: Tensor) -> None:
-        self.grid[f"{label}, {nfe} NFE"] = samples[:20]
+        self.grid[f"{label}, {nfe} NFE"] = self.figure_samples(samples)
         self.order[f"{label}, {nfe} NFE"] = ([spec.label for spec in self.students].index(label), nfe)
 
     def save_figure(self, path: Path) -> None:

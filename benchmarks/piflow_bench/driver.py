@@ -66,16 +66,22 @@ class Claims:
             rows.append(self.store.get(label or spec.label, nfe, seed, lambda: dict(
                 self.bench.score(samples()), train_seconds=train_seconds(directory), iters=iters), family=family))
             if seed == 0 and family == "student":
-                self.bench.add_to_figure(spec.label, nfe, samples())
+                # a row imported without its student keeps its figure samples, or is left out of the figure
+                trained = samples.done or (directory / "student.safetensors").is_file()
+                figure = self.store.figure(label or spec.label, nfe, seed,
+                                           (lambda: self.bench.figure_samples(samples())) if trained else None)
+                if figure is None:
+                    self.log(f"[claims] {spec.label} @ {nfe} NFE: no student or figure samples here, not drawn")
+                else:
+                    self.bench.add_to_figure(spec.label, nfe, figure)
         return rows
 
     def equal_compute_rows(self, seeds: int) -> None:
         """Each `EQUAL_COMPUTE` student again with the step count that takes the other student's training time
-        (the ratio of the two seed-0 runs' measured train seconds)."""
+        (the ratio of the train seconds recorded in the two seed-0 rows)."""
         for key, nfe, other_key in EQUAL_COMPUTE:
             spec, other = STUDENTS_BY_KEY[key], STUDENTS_BY_KEY[other_key]
-            mine = train_seconds(spec.directory(self.run_dir / "students", nfe, 0))
-            theirs = train_seconds(other.directory(self.run_dir / "students", nfe, 0))
+            mine, theirs = ((self.store.read(s.label, nfe, 0) or {}).get("train_seconds") for s in (spec, other))
             if mine is None or theirs is None or spec not in self.bench.students:
                 continue
             iters = max(1, int(round(self.iters * theirs / mine)))
@@ -87,9 +93,10 @@ class Claims:
 def run_claims(run_dir: Path, dataset: str = "ring8", seeds: int = 3, iters: Optional[int] = None,
                num_samples: Optional[int] = None, only: Optional[list] = None,
                meanflow_scratch_seeds: Optional[int] = None, equal_compute: bool = True, progress: bool = False,
-               log: Callable[[str], None] = print, **bench_options) -> dict:
-    """The claims benchmark on `dataset`: the bench's reference rows, every student of every seed (`only`: just
-    these (key, NFE) jobs), the equal-compute rows; writes results.json, results.md, samples.png and
+               rows_from: Optional[Path] = None, log: Callable[[str], None] = print, **bench_options) -> dict:
+    """The claims benchmark on `dataset`: the bench's reference rows, the student rows of `rows_from` (another
+    run's rows directory, checked by `RowStore.import_rows`), every student of every seed (`only`: just these
+    (key, NFE) jobs), the equal-compute rows; writes results.json, results.md, samples.png and
     quality_vs_diversity.png into `run_dir` and returns the results."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +104,8 @@ def run_claims(run_dir: Path, dataset: str = "ring8", seeds: int = 3, iters: Opt
     iters = int(iters or bench.default_iters)
     claims = Claims(bench, run_dir, iters, progress, log)
     bench.reference_rows(claims.store)
+    if rows_from is not None:
+        claims.store.import_rows(Path(rows_from))
     scratch_seeds = seeds if meanflow_scratch_seeds is None else meanflow_scratch_seeds
     for seed in range(seeds):
         for spec, train_nfe in jobs(bench.students):

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from piflow.files import read_json, write_json
+from torch import Tensor
+
+from piflow.files import load_safetensors, read_json, save_safetensors, write_json
 
 SHOWN_IN_LOG = ("fd_teacher", "fd_teacher_b", "class_vendi", "recall", "hf_ratio", "mode_mass_error",
                 "energy_distance")
@@ -39,8 +41,70 @@ class RowStore:
         self.log(f"[claims] {method} @ {nfe} NFE" + ("" if seed is None else f" seed {seed}") + f": {shown}")
         return row
 
+    def read(self, method: str, nfe: int, seed: Optional[int]) -> Optional[dict]:
+        """The stored row, or None."""
+        path = self.path(method, nfe, seed)
+        return read_json(path) if path.is_file() else None
+
+    def figure_path(self, method: str, nfe: int, seed: Optional[int]) -> Path:
+        return self.path(method, nfe, seed).with_suffix(".figure.safetensors")
+
+    def figure(self, method: str, nfe: int, seed: Optional[int],
+               compute: Optional[Callable[[], Tensor]]) -> Optional[Tensor]:
+        """The row's samples kept for the sample figure (stored beside the row, so a run whose students are gone,
+        e.g. one continued from published rows, still draws them); computed when missing and `compute` is given,
+        else None."""
+        path = self.figure_path(method, nfe, seed)
+        if path.is_file():
+            return load_safetensors(path, "figure samples")["samples"]
+        if compute is None:
+            return None
+        samples = compute()
+        save_safetensors(path, {"samples": samples})
+        return samples
+
     def all(self) -> list[dict]:
         return [read_json(path) for path in sorted(self.directory.glob("*.json"))]
+
+    def import_rows(self, source: Path, rtol: float = 1e-3, atol: float = 1e-5) -> int:
+        """Adds the student rows (and their figure samples) of another run's ``rows`` directory that this store
+        lacks, after checking that the two runs score alike: every reference / teacher row of `source` that this
+        store holds must agree in every number within `rtol`/`atol` (same noise, teacher samples and feature
+        classifiers, up to round-off); a disagreement, or no common reference row, is a one-line ValueError.
+        Returns how many rows were added."""
+        source = Path(source)
+        theirs = [(path, read_json(path)) for path in sorted(source.glob("*.json"))]
+        if not theirs:
+            raise ValueError(f"rows_from: {source} holds no row files (*.json)")
+        compared = 0
+        for path, row in theirs:
+            if row.get("family") not in ("reference", "teacher"):
+                continue
+            mine = self.read(row["method"], row["nfe"], row.get("seed"))
+            if mine is None:
+                continue
+            for key, value in row.items():
+                other = mine.get(key)
+                if (isinstance(value, float) and isinstance(other, (int, float))
+                        and not math.isclose(value, other, rel_tol=rtol, abs_tol=atol)
+                        and not (math.isnan(value) and math.isnan(other))):
+                    raise ValueError(f"rows_from: {path.name} scores {key}={value:.6g} there and {other:.6g} here: "
+                                     "the runs differ in noise, teacher or feature classifiers")
+            compared += 1
+        if compared == 0:
+            raise ValueError(f"rows_from: {source} shares no reference or teacher row with this run, so its rows "
+                             "cannot be checked against it")
+        added = 0
+        for path, row in theirs:
+            if row.get("family") in ("reference", "teacher") or (self.directory / path.name).is_file():
+                continue
+            write_json(self.directory / path.name, row)
+            figure = path.with_suffix(".figure.safetensors")
+            if figure.is_file():
+                save_safetensors(self.directory / figure.name, load_safetensors(figure, "figure samples"))
+            added += 1
+        self.log(f"[claims] {added} rows from {source} (its {compared} reference rows agree with this run's)")
+        return added
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -6,7 +6,6 @@ import pytest
 
 from piflow_bench import goals, rows, students
 from piflow_bench.driver import Claims, run_claims
-from piflow.files import write_json
 
 
 def test_summarise_gives_mean_and_sample_std_over_seeds():
@@ -37,6 +36,41 @@ def test_row_store_never_recomputes_a_stored_row(tmp_path):
     again = rows.RowStore(tmp_path, lambda message: None).get("π-ID GM K=8", 4, 0, compute, family="student")
     assert calls == [1] and first == again and again["fd"] == 0.5
     assert [row["seed"] for row in store.all()] == [0]
+
+
+def _stored(directory, rows_data):
+    store = rows.RowStore(directory, lambda message: None)
+    for method, nfe, seed, family, values in rows_data:
+        store.get(method, nfe, seed, lambda: dict(values), family=family)
+    return store
+
+
+def test_rows_are_imported_only_where_the_reference_rows_agree(tmp_path):
+    """`import_rows` copies the other run's student rows and figure samples it lacks, keeps its own, and refuses
+    a run whose reference rows score differently (beyond round-off) or that shares none."""
+    import torch
+
+    reference = [("teacher Euler", 4, None, "teacher", {"fd": 0.25, "recall": 0.9})]
+    theirs = _stored(tmp_path / "theirs", reference + [("π-ID GM K=8", 4, 0, "student", {"fd": 0.3}),
+                                                       ("π-ID GM K=8", 4, 1, "student", {"fd": 0.4}),
+                                                       ("DMD2", 4, 0, "student", {"fd": 0.9})])
+    theirs.figure("π-ID GM K=8", 4, 0, lambda: torch.arange(6.0).reshape(3, 2))
+    mine = _stored(tmp_path / "mine", [("teacher Euler", 4, None, "teacher", {"fd": 0.25 * (1 + 1e-6),
+                                                                              "recall": 0.9}),
+                                       ("DMD2", 4, 0, "student", {"fd": 0.8})])
+    assert mine.import_rows(theirs.directory) == 2
+    assert mine.read("π-ID GM K=8", 4, 1)["fd"] == 0.4 and mine.read("DMD2", 4, 0)["fd"] == 0.8   # own row kept
+    assert torch.equal(mine.figure("π-ID GM K=8", 4, 0, None), torch.arange(6.0).reshape(3, 2))
+    assert mine.figure("π-ID GM K=8", 4, 1, None) is None
+    other = _stored(tmp_path / "other", [("teacher Euler", 4, None, "teacher", {"fd": 0.26, "recall": 0.9})])
+    with pytest.raises(ValueError, match="fd=0.25 there and 0.26 here"):
+        other.import_rows(theirs.directory)
+    assert other.read("π-ID GM K=8", 4, 0) is None
+    unrelated = _stored(tmp_path / "unrelated", [("teacher Euler", 8, None, "teacher", {"fd": 0.25})])
+    with pytest.raises(ValueError, match="shares no reference or teacher row"):
+        unrelated.import_rows(theirs.directory)
+    with pytest.raises(ValueError, match="holds no row files"):
+        unrelated.import_rows(tmp_path / "empty")
 
 
 def _image_summary(piid: float, other: float) -> list[dict]:
@@ -93,11 +127,11 @@ def test_the_plan_trains_what_the_goals_compare_first_and_parses_row_keys():
 
 
 def test_equal_compute_budget_is_the_ratio_of_measured_train_times(tmp_path):
-    """π-ID gets DMD2's seed-0 training time in steps (and DMD2 π-ID's): iters × T_other / T_own."""
+    """π-ID gets DMD2's seed-0 training time in steps (and DMD2 π-ID's): iters × T_other / T_own, the times read
+    from the scored seed-0 rows (so rows imported without their students still set the budget)."""
+    store = rows.RowStore(tmp_path, lambda message: None)
     for key, seconds in (("piid", 20.0), ("dmd2", 200.0)):
-        directory = students.STUDENTS_BY_KEY[key].directory(tmp_path / "students", 4, 0)
-        directory.mkdir(parents=True)
-        write_json(directory / "metrics.json", {"train_seconds": seconds})
+        store.get(students.STUDENTS_BY_KEY[key].label, 4, 0, lambda: {"train_seconds": seconds}, family="student")
     calls = []
 
     class Recorder(Claims):
@@ -130,6 +164,13 @@ def test_tiny_toy_claims_run_finishes_and_resumes(tmp_path):
     again = run_claims(tmp_path, "ring8", seeds=1, iters=4, num_samples=300, log=messages.append)
     assert not any("training" in m or "distilling" in m for m in messages)      # everything came from the run dir
     assert again["summary"] == results["summary"]
+    # a new run directory continued from the rows alone (no students): nothing trained, the same table and a figure
+    messages.clear()
+    moved = run_claims(tmp_path / "moved", "ring8", seeds=1, iters=4, num_samples=300, rows_from=tmp_path / "rows",
+                       log=messages.append)
+    assert not any("distilling" in m for m in messages) and not (tmp_path / "moved" / "students").exists()
+    assert moved["summary"] == results["summary"] and (tmp_path / "moved" / "samples.png").is_file()
+    assert not any("not drawn" in m for m in messages)       # seed-0 figure samples travelled with the rows
 
 
 @pytest.mark.slow
