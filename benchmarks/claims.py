@@ -9,8 +9,8 @@ the x0-regression student) on quality and diversity, several seeds per student.
 Writes results.json (strict JSON), results.md (mean ± std over seeds), quality_vs_diversity.png and samples.png
 into the run directory (default runs/claims_<dataset>). Everything finished is kept there: run the command again
 after an interruption and it continues where it stopped. The scored rows (rows/*.json, with the figure's samples
-beside them) are portable: --rows-from DIR continues from another run's rows, e.g. published ones, once this
-run's reference rows agree with theirs. The students are rows as data
+beside them) are portable: --publish DIR copies them with the feature classifiers, and --rows-from DIR continues
+from such a copy (or another run directory) once this run's reference rows agree with its. The students are rows as data
 (benchmarks/piflow_bench/students.py), each trained by `piflow distill method=…` into runs/…/students/<row>; the
 driver (piflow_bench/driver.py) also measures the equal-compute rows: π-ID trained for DMD2's measured training
 time and DMD2 for π-ID's, at 4 NFE.
@@ -32,7 +32,7 @@ import torch
 from piflow.data import IMAGE_DATASET_NAMES
 from piflow_bench import settings_sweep
 from piflow_bench.benches import IMAGE_COLUMNS, TOY_COLUMNS
-from piflow_bench.driver import run_claims
+from piflow_bench.driver import publish, run_claims
 from piflow_bench.rows import RowStore, format_markdown, ordered_summary
 from piflow_bench.students import parse_row_keys
 
@@ -54,9 +54,13 @@ def main() -> None:
                         help="image students to train and score in this invocation, e.g. dmd2:1 meanflow_init "
                              "(another process can work on other rows of the same run directory)")
     parser.add_argument("--rows-from", default=None, metavar="DIR",
-                        help="continue from another run's scored rows (its rows/ directory, e.g. "
-                             "benchmarks/results/claims_mnist_rows): after this run's reference rows agree with "
-                             "those there, their student rows are taken instead of trained")
+                        help="continue from another run's scored rows: DIR is its run directory or a --publish "
+                             "copy (e.g. benchmarks/results/claims_mnist_unet); its feature classifiers are used "
+                             "if this run has none, and once this run's reference rows agree with its, its student "
+                             "rows are taken instead of trained")
+    parser.add_argument("--publish", default=None, metavar="DIR",
+                        help="afterwards copy the rows (with figure samples), the feature classifiers and the "
+                             "tables and figures into DIR, for --rows-from elsewhere")
     parser.add_argument("--settings-sweep", action="store_true",
                         help="the π-ID settings sweep at 4 NFE instead of the claims table (image datasets)")
     parser.add_argument("--sweep-nfe", type=int, default=4,
@@ -79,8 +83,10 @@ def main() -> None:
         parser.error(f"--settings-sweep needs an image dataset ({', '.join(IMAGE_DATASET_NAMES)})")
     if args.rows_from and (args.settings_sweep or args.report):
         parser.error("--rows-from goes with a claims run (not --settings-sweep or --report)")
-    if args.rows_from and not Path(args.rows_from).is_dir():
-        parser.error(f"--rows-from: {args.rows_from} is not a directory")
+    if args.rows_from and not (Path(args.rows_from) / "rows").is_dir():
+        parser.error(f"--rows-from: {args.rows_from} holds no rows/ directory (a claims run or a --publish copy)")
+    if args.publish and (args.settings_sweep or args.report):
+        parser.error("--publish goes with a claims run (not --settings-sweep or --report)")
     if args.variants and not args.settings_sweep:
         parser.error("--variants needs --settings-sweep")
     if args.sweep_nfe != 4 and not args.settings_sweep:
@@ -121,6 +127,8 @@ def main() -> None:
                              equal_compute=not args.no_equal_compute, progress=args.progress,
                              rows_from=args.rows_from, **options)
         columns = IMAGE_COLUMNS if image else TOY_COLUMNS
+    if args.publish:
+        publish(run_dir, Path(args.publish))
     print(format_markdown(results["summary"], columns))
     if "goals" in results:
         print("goals:", results["goals"])

@@ -5,6 +5,7 @@ rows are never recomputed), so a killed run continues where it stopped."""
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -90,22 +91,58 @@ class Claims:
                                   label=f"{spec.label} at {other.label}'s train time", family="equal-compute")
 
 
+RESULT_FILES = ("results.json", "results.md", "samples.png", "quality_vs_diversity.png")
+
+
+def publish(run_dir: Path, destination: Path) -> None:
+    """Copies into `destination` what continues this run elsewhere with ``rows_from`` (its rows with their figure
+    samples, and an image run's two feature classifiers, which another machine would train to slightly different
+    weights) and the run's tables and figures."""
+    from piflow.recipes.image_benchmark import FEATURE_NET_NAMES
+
+    destination.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(run_dir / "rows", destination / "rows", dirs_exist_ok=True)
+    for name in FEATURE_NET_NAMES:
+        if (run_dir / name).is_dir():
+            shutil.copytree(run_dir / name, destination / name, dirs_exist_ok=True)
+    for name in RESULT_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, destination / name)
+
+
+def adopt_feature_nets(source: Path, run_dir: Path, log: Callable[[str], None]) -> None:
+    """The feature classifiers of `source` (a run or a `publish`ed copy) for a run directory that has none yet, so
+    both score with the same classifiers (copied to a temporary name, then renamed: never half there)."""
+    from piflow.recipes.image_benchmark import FEATURE_NET_NAMES
+
+    for name in FEATURE_NET_NAMES:
+        if (source / name / "config.json").is_file() and not (run_dir / name).exists():
+            partial = run_dir / f"{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source / name, partial)
+            partial.rename(run_dir / name)
+            log(f"[claims] feature classifier {name} from {source}")
+
+
 def run_claims(run_dir: Path, dataset: str = "ring8", seeds: int = 3, iters: Optional[int] = None,
                num_samples: Optional[int] = None, only: Optional[list] = None,
                meanflow_scratch_seeds: Optional[int] = None, equal_compute: bool = True, progress: bool = False,
                rows_from: Optional[Path] = None, log: Callable[[str], None] = print, **bench_options) -> dict:
     """The claims benchmark on `dataset`: the bench's reference rows, the student rows of `rows_from` (another
-    run's rows directory, checked by `RowStore.import_rows`), every student of every seed (`only`: just these
+    run directory or a `publish`ed copy: its feature classifiers if `run_dir` has none, then its rows, checked by
+    `RowStore.import_rows`), every student of every seed (`only`: just these
     (key, NFE) jobs), the equal-compute rows; writes results.json, results.md, samples.png and
     quality_vs_diversity.png into `run_dir` and returns the results."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rows_from is not None:
+        adopt_feature_nets(Path(rows_from), run_dir, log)
     bench = make_bench(run_dir, dataset, num_samples, progress=progress, log=log, **bench_options)
     iters = int(iters or bench.default_iters)
     claims = Claims(bench, run_dir, iters, progress, log)
     bench.reference_rows(claims.store)
     if rows_from is not None:
-        claims.store.import_rows(Path(rows_from))
+        claims.store.import_rows(Path(rows_from) / "rows")
     scratch_seeds = seeds if meanflow_scratch_seeds is None else meanflow_scratch_seeds
     for seed in range(seeds):
         for spec, train_nfe in jobs(bench.students):

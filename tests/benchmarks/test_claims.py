@@ -3,9 +3,10 @@ rows-as-data plan, the equal-compute budget, and tiny end-to-end runs (slow)."""
 import math
 
 import pytest
+import torch
 
 from piflow_bench import goals, rows, students
-from piflow_bench.driver import Claims, run_claims
+from piflow_bench.driver import Claims, adopt_feature_nets, publish, run_claims
 
 
 def test_summarise_gives_mean_and_sample_std_over_seeds():
@@ -48,8 +49,6 @@ def _stored(directory, rows_data):
 def test_rows_are_imported_only_where_the_reference_rows_agree(tmp_path):
     """`import_rows` copies the other run's student rows and figure samples it lacks, keeps its own, and refuses
     a run whose reference rows score differently (beyond round-off) or that shares none."""
-    import torch
-
     reference = [("teacher Euler", 4, None, "teacher", {"fd": 0.25, "recall": 0.9})]
     theirs = _stored(tmp_path / "theirs", reference + [("π-ID GM K=8", 4, 0, "student", {"fd": 0.3}),
                                                        ("π-ID GM K=8", 4, 1, "student", {"fd": 0.4}),
@@ -71,6 +70,30 @@ def test_rows_are_imported_only_where_the_reference_rows_agree(tmp_path):
         unrelated.import_rows(theirs.directory)
     with pytest.raises(ValueError, match="holds no row files"):
         unrelated.import_rows(tmp_path / "empty")
+
+
+def test_publish_copies_rows_classifiers_and_results_and_adopting_never_overwrites(tmp_path):
+    run = tmp_path / "run"
+    _stored(run, [("teacher Euler", 4, None, "teacher", {"fd": 0.25})]).figure("teacher Euler", 4, None,
+                                                                               lambda: torch.ones(2))
+    for name, text in (("feature_net", "a"), ("feature_net_b", "b")):
+        (run / name).mkdir()
+        (run / name / "config.json").write_text(text)
+    (run / "results.md").write_text("table")
+    publish(run, tmp_path / "published")
+    published = tmp_path / "published"
+    assert sorted(p.name for p in (published / "rows").iterdir()) == ["teacher_euler_nfe4.figure.safetensors",
+                                                                       "teacher_euler_nfe4.json"]
+    assert (published / "results.md").read_text() == "table" and not (published / "samples.png").exists()
+    fresh, own = tmp_path / "fresh", tmp_path / "own"
+    fresh.mkdir()
+    (own / "feature_net").mkdir(parents=True)
+    (own / "feature_net" / "config.json").write_text("mine")
+    adopt_feature_nets(published, fresh, lambda message: None)
+    adopt_feature_nets(published, own, lambda message: None)
+    assert (fresh / "feature_net_b" / "config.json").read_text() == "b" and not list(fresh.glob("*.partial"))
+    assert (own / "feature_net" / "config.json").read_text() == "mine"        # a run's own classifier is kept
+    assert (own / "feature_net_b" / "config.json").read_text() == "b"
 
 
 def _image_summary(piid: float, other: float) -> list[dict]:
@@ -166,8 +189,9 @@ def test_tiny_toy_claims_run_finishes_and_resumes(tmp_path):
     assert again["summary"] == results["summary"]
     # a new run directory continued from the rows alone (no students): nothing trained, the same table and a figure
     messages.clear()
-    moved = run_claims(tmp_path / "moved", "ring8", seeds=1, iters=4, num_samples=300, rows_from=tmp_path / "rows",
-                       log=messages.append)
+    publish(tmp_path, tmp_path / "published")
+    moved = run_claims(tmp_path / "moved", "ring8", seeds=1, iters=4, num_samples=300,
+                       rows_from=tmp_path / "published", log=messages.append)
     assert not any("distilling" in m for m in messages) and not (tmp_path / "moved" / "students").exists()
     assert moved["summary"] == results["summary"] and (tmp_path / "moved" / "samples.png").is_file()
     assert not any("not drawn" in m for m in messages)       # seed-0 figure samples travelled with the rows

@@ -191,13 +191,16 @@ def feature_classifier_for(run_dir: Path, train_x: Tensor, train_y: Tensor, test
     return net, metrics
 
 
+FEATURE_NET_NAMES = ("feature_net", "feature_net_b")     # the two classifiers' directories in a run directory
+
+
 def feature_classifiers_for(run_dir: Path, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
                             num_classes: int, epochs: int = 30, train_size: Optional[int] = None,
                             log: Callable[[str], None] = lambda message: None) -> tuple[list, list[dict]]:
     """The two independently trained feature classifiers (A: ``feature_net``, B: ``feature_net_b`` with
     `SECOND_FEATURE_NET`), cached in `run_dir`: ([net_a, net_b], [metrics_a, metrics_b])."""
     nets, metrics = [], []
-    for name, architecture in (("feature_net", {}), ("feature_net_b", SECOND_FEATURE_NET)):
+    for name, architecture in zip(FEATURE_NET_NAMES, ({}, SECOND_FEATURE_NET)):
         net, net_metrics = feature_classifier_for(run_dir, train_x, train_y, test_x, test_y, num_classes, epochs,
                                                   train_size, log, name=name, **architecture)
         nets.append(net)
