@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from piflow.recipes import images, toy2d
+from piflow.recipes.image_benchmark import TEACHER_REFERENCE_STEPS
 from piflow.sampling import euler_sample
 from piflow_bench.goals import check_image_goals, check_toy_goals
 from piflow_bench.rows import RowStore
@@ -115,8 +116,7 @@ class ImageBench:
         store.get("real test images", 0, None, lambda: setup.scorer(setup.real, setup.real_labels, paired=False),
                   family="reference")
         for steps in TEACHER_EULER_STEPS:
-            store.get("teacher Euler", steps, None,
-                      lambda: self.score(euler_sample(self.teacher, self.noise, steps, self.labels)), family="teacher")
+            store.get("teacher Euler", steps, None, lambda: self.score(self.teacher_euler(steps)), family="teacher")
         try:
             from piflow.integrations.diffusers.solvers import diffusers_sample
         except ImportError:
@@ -125,6 +125,13 @@ class ImageBench:
         for steps in TEACHER_DPM_STEPS:
             store.get("teacher DPM-Solver++", steps, None, lambda: self.score(diffusers_sample(
                 self.teacher, self.noise, steps, self.labels, solver="dpm-solver++")), family="teacher")
+
+    def teacher_euler(self, steps: int) -> Tensor:
+        """The teacher's Euler samples of the bench's noise and labels; at the bank's reference step count they are
+        the bank's own samples (the same computation), not computed again."""
+        if steps == TEACHER_REFERENCE_STEPS:
+            return self.setup.scorer.a.teacher_samples_a
+        return euler_sample(self.teacher, self.noise, steps, self.labels)
 
     def scratch_overrides(self, iters: int) -> tuple[int, list[str]]:
         """A from-scratch student gets the teacher's own training budget on top, with its training settings."""
