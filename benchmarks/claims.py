@@ -58,6 +58,9 @@ def main() -> None:
                              "copy (e.g. benchmarks/results/claims_mnist_unet); its feature classifiers are used "
                              "if this run has none, and once this run's reference rows agree with its, its student "
                              "rows are taken instead of trained")
+    parser.add_argument("--no-train", action="store_true",
+                        help="tables, figures (and --publish) of the rows scored so far, training nothing (e.g. "
+                             "while another process is still training students of the same run)")
     parser.add_argument("--publish", default=None, metavar="DIR",
                         help="afterwards copy the rows (with figure samples), the feature classifiers and the "
                              "tables and figures into DIR, for --rows-from elsewhere")
@@ -85,6 +88,8 @@ def main() -> None:
         parser.error("--rows-from goes with a claims run (not --settings-sweep or --report)")
     if args.rows_from and not (Path(args.rows_from) / "rows").is_dir():
         parser.error(f"--rows-from: {args.rows_from} holds no rows/ directory (a claims run or a --publish copy)")
+    if args.no_train and (args.settings_sweep or args.report):
+        parser.error("--no-train goes with a claims run (not --settings-sweep or --report)")
     if args.publish and (args.settings_sweep or args.report):
         parser.error("--publish goes with a claims run (not --settings-sweep or --report)")
     if args.variants and not args.settings_sweep:
@@ -125,7 +130,7 @@ def main() -> None:
         results = run_claims(run_dir, args.dataset, args.seeds, args.iters, args.num_samples, only=only,
                              meanflow_scratch_seeds=args.meanflow_scratch_seeds,
                              equal_compute=not args.no_equal_compute, progress=args.progress,
-                             rows_from=args.rows_from, **options)
+                             rows_from=args.rows_from, train=not args.no_train, **options)
         columns = IMAGE_COLUMNS if image else TOY_COLUMNS
     if args.publish:
         publish(run_dir, Path(args.publish))

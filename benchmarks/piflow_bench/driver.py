@@ -41,8 +41,10 @@ def make_bench(run_dir: Path, dataset: str, num_samples: Optional[int] = None, *
 class Claims:
     """One claims run of a bench in `run_dir`: `student_row` trains (or loads) one student and scores it."""
 
-    def __init__(self, bench, run_dir: Path, iters: int, progress: bool, log: Callable[[str], None]):
+    def __init__(self, bench, run_dir: Path, iters: int, progress: bool, log: Callable[[str], None],
+                 train: bool = True):
         self.bench, self.run_dir, self.iters, self.progress, self.log = bench, run_dir, iters, progress, log
+        self.train = train       # False: only the rows already stored (nothing trained or scored)
         self.store = RowStore(run_dir, log)
 
     def overrides(self, spec: StudentSpec, nfe: int, seed: int, iters: int) -> list[str]:
@@ -62,6 +64,8 @@ class Claims:
                                                         self.log))
         rows = []
         for nfe in (train_nfe,) if spec.per_nfe else spec.nfes:
+            if not self.train and self.store.read(label or spec.label, nfe, seed) is None:
+                continue
             samples = _Once(lambda nfe=nfe: sampler().sample(self.bench.noise, nfe=nfe, cond=self.bench.labels,
                                                              generator=torch.Generator().manual_seed(seed)))
             rows.append(self.store.get(label or spec.label, nfe, seed, lambda: dict(
@@ -127,11 +131,12 @@ def adopt_feature_nets(source: Path, run_dir: Path, log: Callable[[str], None]) 
 def run_claims(run_dir: Path, dataset: str = "ring8", seeds: int = 3, iters: Optional[int] = None,
                num_samples: Optional[int] = None, only: Optional[list] = None,
                meanflow_scratch_seeds: Optional[int] = None, equal_compute: bool = True, progress: bool = False,
-               rows_from: Optional[Path] = None, log: Callable[[str], None] = print, **bench_options) -> dict:
+               rows_from: Optional[Path] = None, train: bool = True, log: Callable[[str], None] = print,
+               **bench_options) -> dict:
     """The claims benchmark on `dataset`: the bench's reference rows, the student rows of `rows_from` (another
     run directory or a `publish`ed copy: its feature classifiers if `run_dir` has none, then its rows, checked by
     `RowStore.import_rows`), every student of every seed (`only`: just these
-    (key, NFE) jobs), the equal-compute rows; writes results.json, results.md, samples.png and
+    (key, NFE) jobs; `train` False: only those already scored), the equal-compute rows; writes results.json, results.md, samples.png and
     quality_vs_diversity.png into `run_dir` and returns the results."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +144,7 @@ def run_claims(run_dir: Path, dataset: str = "ring8", seeds: int = 3, iters: Opt
         adopt_feature_nets(Path(rows_from), run_dir, log)
     bench = make_bench(run_dir, dataset, num_samples, progress=progress, log=log, **bench_options)
     iters = int(iters or bench.default_iters)
-    claims = Claims(bench, run_dir, iters, progress, log)
+    claims = Claims(bench, run_dir, iters, progress, log, train)
     bench.reference_rows(claims.store)
     if rows_from is not None:
         claims.store.import_rows(Path(rows_from) / "rows")

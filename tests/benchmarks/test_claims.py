@@ -195,6 +195,14 @@ def test_tiny_toy_claims_run_finishes_and_resumes(tmp_path):
     assert not any("distilling" in m for m in messages) and not (tmp_path / "moved" / "students").exists()
     assert moved["summary"] == results["summary"] and (tmp_path / "moved" / "samples.png").is_file()
     assert not any("not drawn" in m for m in messages)       # seed-0 figure samples travelled with the rows
+    # train=False tabulates only the stored rows: with DMD2's 4-NFE row gone, nothing is trained to replace it
+    rows.RowStore(tmp_path / "moved", print).path(students.DMD2.label, 4, 0).unlink()
+    messages.clear()
+    partial = run_claims(tmp_path / "moved", "ring8", seeds=1, iters=4, num_samples=300, train=False,
+                         log=messages.append)
+    assert rows.find(partial["summary"], students.DMD2.label, 4) is None
+    assert rows.find(partial["summary"], students.PIID.label, 4) == rows.find(results["summary"], students.PIID.label, 4)
+    assert not any("distilling" in m for m in messages) and not (tmp_path / "moved" / "students").exists()
 
 
 @pytest.mark.slow
