@@ -135,8 +135,8 @@ def run_claims(run_dir: Path, dataset: str = "ring8", seeds: int = 3, iters: Opt
                **bench_options) -> dict:
     """The claims benchmark on `dataset`: the bench's reference rows, the student rows of `rows_from` (another
     run directory or a `publish`ed copy: its feature classifiers if `run_dir` has none, then its rows, checked by
-    `RowStore.import_rows`), every student of every seed (`only`: just these
-    (key, NFE) jobs; `train` False: only those already scored), the equal-compute rows; writes results.json, results.md, samples.png and
+    `RowStore.import_rows`), every student of every seed (`only`: just these (key, NFE) jobs; `train` False: only
+    those already scored), the equal-compute rows; writes results.json, results.md, samples.png and
     quality_vs_diversity.png into `run_dir` and returns the results."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)

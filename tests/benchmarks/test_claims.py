@@ -201,7 +201,8 @@ def test_tiny_toy_claims_run_finishes_and_resumes(tmp_path):
     partial = run_claims(tmp_path / "moved", "ring8", seeds=1, iters=4, num_samples=300, train=False,
                          log=messages.append)
     assert rows.find(partial["summary"], students.DMD2.label, 4) is None
-    assert rows.find(partial["summary"], students.PIID.label, 4) == rows.find(results["summary"], students.PIID.label, 4)
+    piid = students.PIID.label
+    assert rows.find(partial["summary"], piid, 4) == rows.find(results["summary"], piid, 4)
     assert not any("distilling" in m for m in messages) and not (tmp_path / "moved" / "students").exists()
 
 
