@@ -57,7 +57,8 @@ class ToyBench:
     def score(self, samples: Tensor) -> dict:
         return toy2d.sample_metrics(samples, self.reference, self.ode, self.dataset)
 
-    def reference_rows(self, store: RowStore) -> None:
+    def reference_rows(self, store: RowStore, cheap_only: bool = False) -> None:
+        """The teacher rows (all cheap here: `cheap_only` changes nothing)."""
         store.get("teacher ODE (RK4)", 256, None, lambda: self.score(self.ode), family="teacher")
         for steps in (1, 2, 4, 8):
             store.get("teacher Euler", steps, None,
@@ -111,12 +112,16 @@ class ImageBench:
     def score(self, samples: Tensor) -> dict:
         return self.setup.scorer(samples)
 
-    def reference_rows(self, store: RowStore) -> None:
+    def reference_rows(self, store: RowStore, cheap_only: bool = False) -> None:
+        """The real images' row and the teacher's Euler and DPM-Solver++ rows; `cheap_only`: only the real images and
+        the teacher's 1-step Euler (enough to check rows imported from another run against)."""
         setup = self.setup
         store.get("real test images", 0, None, lambda: setup.scorer(setup.real, setup.real_labels, paired=False),
                   family="reference")
-        for steps in TEACHER_EULER_STEPS:
+        for steps in TEACHER_EULER_STEPS[:1] if cheap_only else TEACHER_EULER_STEPS:
             store.get("teacher Euler", steps, None, lambda: self.score(self.teacher_euler(steps)), family="teacher")
+        if cheap_only:
+            return
         try:
             from piflow.integrations.diffusers.solvers import diffusers_sample
         except ImportError:

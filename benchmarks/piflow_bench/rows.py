@@ -67,21 +67,18 @@ class RowStore:
         return [read_json(path) for path in sorted(self.directory.glob("*.json"))]
 
     def import_rows(self, source: Path, rtol: float = 1e-3, atol: float = 1e-5) -> int:
-        """Adds the student rows (and their figure samples) of another run's ``rows`` directory that this store
-        lacks, after checking that the two runs score alike: every reference / teacher row of `source` that this
-        store holds must agree in every number within `rtol`/`atol` (same noise, teacher samples and feature
-        classifiers, up to round-off); a disagreement, or no common reference row, is a one-line ValueError.
-        Returns how many rows were added."""
+        """Adds the rows of another run's ``rows`` directory that this store lacks (with their figure samples),
+        after checking that the two runs score alike: every reference / teacher row both hold must agree in every
+        number within `rtol`/`atol` (same noise, teacher samples and feature classifiers, up to round-off); a
+        disagreement, or no common reference row, is a one-line ValueError. Returns how many rows were added."""
         source = Path(source)
         theirs = [(path, read_json(path)) for path in sorted(source.glob("*.json"))]
         if not theirs:
             raise ValueError(f"rows_from: {source} holds no row files (*.json)")
         compared = 0
         for path, row in theirs:
-            if row.get("family") not in ("reference", "teacher"):
-                continue
             mine = self.read(row["method"], row["nfe"], row.get("seed"))
-            if mine is None:
+            if row.get("family") not in ("reference", "teacher") or mine is None:
                 continue
             for key, value in row.items():
                 other = mine.get(key)
@@ -96,14 +93,14 @@ class RowStore:
                              "cannot be checked against it")
         added = 0
         for path, row in theirs:
-            if row.get("family") in ("reference", "teacher") or (self.directory / path.name).is_file():
+            if (self.directory / path.name).is_file():
                 continue
             write_json(self.directory / path.name, row)
             figure = path.with_suffix(".figure.safetensors")
             if figure.is_file():
                 save_safetensors(self.directory / figure.name, load_safetensors(figure, "figure samples"))
             added += 1
-        self.log(f"[claims] {added} rows from {source} (its {compared} reference rows agree with this run's)")
+        self.log(f"[claims] {added} rows from {source} (the {compared} reference rows both hold agree)")
         return added
 
 

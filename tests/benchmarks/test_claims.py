@@ -47,17 +47,19 @@ def _stored(directory, rows_data):
 
 
 def test_rows_are_imported_only_where_the_reference_rows_agree(tmp_path):
-    """`import_rows` copies the other run's student rows and figure samples it lacks, keeps its own, and refuses
+    """`import_rows` copies the other run's rows and figure samples it lacks, keeps its own, and refuses
     a run whose reference rows score differently (beyond round-off) or that shares none."""
     reference = [("teacher Euler", 4, None, "teacher", {"fd": 0.25, "recall": 0.9})]
-    theirs = _stored(tmp_path / "theirs", reference + [("π-ID GM K=8", 4, 0, "student", {"fd": 0.3}),
+    theirs = _stored(tmp_path / "theirs", reference + [("teacher Euler", 8, None, "teacher", {"fd": 0.2}),
+                                                       ("π-ID GM K=8", 4, 0, "student", {"fd": 0.3}),
                                                        ("π-ID GM K=8", 4, 1, "student", {"fd": 0.4}),
                                                        ("DMD2", 4, 0, "student", {"fd": 0.9})])
     theirs.figure("π-ID GM K=8", 4, 0, lambda: torch.arange(6.0).reshape(3, 2))
     mine = _stored(tmp_path / "mine", [("teacher Euler", 4, None, "teacher", {"fd": 0.25 * (1 + 1e-6),
                                                                               "recall": 0.9}),
                                        ("DMD2", 4, 0, "student", {"fd": 0.8})])
-    assert mine.import_rows(theirs.directory) == 2
+    assert mine.import_rows(theirs.directory) == 3       # a teacher row only they hold comes too, not recomputed
+    assert mine.read("teacher Euler", 8, None)["fd"] == 0.2
     assert mine.read("π-ID GM K=8", 4, 1)["fd"] == 0.4 and mine.read("DMD2", 4, 0)["fd"] == 0.8   # own row kept
     assert torch.equal(mine.figure("π-ID GM K=8", 4, 0, None), torch.arange(6.0).reshape(3, 2))
     assert mine.figure("π-ID GM K=8", 4, 1, None) is None
@@ -65,7 +67,7 @@ def test_rows_are_imported_only_where_the_reference_rows_agree(tmp_path):
     with pytest.raises(ValueError, match="fd=0.25 there and 0.26 here"):
         other.import_rows(theirs.directory)
     assert other.read("π-ID GM K=8", 4, 0) is None
-    unrelated = _stored(tmp_path / "unrelated", [("teacher Euler", 8, None, "teacher", {"fd": 0.25})])
+    unrelated = _stored(tmp_path / "unrelated", [("teacher Euler", 16, None, "teacher", {"fd": 0.25})])
     with pytest.raises(ValueError, match="shares no reference or teacher row"):
         unrelated.import_rows(theirs.directory)
     with pytest.raises(ValueError, match="holds no row files"):
@@ -237,6 +239,14 @@ def test_tiny_image_claims_and_settings_sweep_share_a_run(tmp_path, monkeypatch)
     messages.clear()
     assert run_claims(tmp_path, "digits", log=messages.append, **kwargs)["summary"] == results["summary"]
     assert not any("training" in m or "distilling" in m for m in messages)
+    # continued elsewhere from the published rows: the classifiers come along (none trained), only the cheap
+    # reference rows are computed (to check), the teacher's other rows and the students' are taken
+    publish(tmp_path, tmp_path / "published")
+    messages.clear()
+    moved = run_claims(tmp_path / "moved", "digits", rows_from=tmp_path / "published", log=messages.append, **kwargs)
+    assert not any("training" in m or "distilling" in m or "DPM" in m for m in messages)
+    assert [(e["method"], e["nfe"]) for e in moved["summary"]] == [(e["method"], e["nfe"]) for e in results["summary"]]
+    assert [e["fd_teacher"] for e in moved["summary"]] == pytest.approx([e["fd_teacher"] for e in results["summary"]])
 
     sweep = settings_sweep.run_settings_sweep(tmp_path, "digits", nfe=4, iters=2, seeds=1, num_samples=60,
                                               log=messages.append)
