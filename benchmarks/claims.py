@@ -10,10 +10,10 @@ Writes results.json (strict JSON), results.md (mean ± std over seeds), quality_
 into the run directory (default runs/claims_<dataset>). Everything finished is kept there: run the command again
 after an interruption and it continues where it stopped. The scored rows (rows/*.json, with the figure's samples
 beside them) are portable: --publish DIR copies them with the feature classifiers, and --rows-from DIR continues
-from such a copy (or another run directory) once this run's reference rows agree with its. The students are rows as data
-(benchmarks/piflow_bench/students.py), each trained by `piflow distill method=…` into runs/…/students/<row>; the
-driver (piflow_bench/driver.py) also measures the equal-compute rows: π-ID trained for DMD2's measured training
-time and DMD2 for π-ID's, at 4 NFE.
+from such a copy (or another run directory) once this run's reference rows agree with its. The students are rows
+as data (benchmarks/piflow_bench/students.py), each trained by `piflow distill method=…` into
+runs/…/students/<row>; the driver (piflow_bench/driver.py) also measures the equal-compute rows: π-ID trained for
+DMD2's measured training time and DMD2 for π-ID's, at 4 NFE.
 
 --settings-sweep (image datasets) instead trains one 4-NFE GM student per π-ID setting changed from the default
 (training length, K, policy dropout, final_step_size_scale; GM temperature, substeps and the last step at
@@ -84,14 +84,11 @@ def main() -> None:
     image = args.dataset in IMAGE_DATASET_NAMES
     if args.settings_sweep and not image:
         parser.error(f"--settings-sweep needs an image dataset ({', '.join(IMAGE_DATASET_NAMES)})")
-    if args.rows_from and (args.settings_sweep or args.report):
-        parser.error("--rows-from goes with a claims run (not --settings-sweep or --report)")
+    for flag, value in (("--rows-from", args.rows_from), ("--no-train", args.no_train), ("--publish", args.publish)):
+        if value and (args.settings_sweep or args.report):
+            parser.error(f"{flag} goes with a claims run (not --settings-sweep or --report)")
     if args.rows_from and not (Path(args.rows_from) / "rows").is_dir():
         parser.error(f"--rows-from: {args.rows_from} holds no rows/ directory (a claims run or a --publish copy)")
-    if args.no_train and (args.settings_sweep or args.report):
-        parser.error("--no-train goes with a claims run (not --settings-sweep or --report)")
-    if args.publish and (args.settings_sweep or args.report):
-        parser.error("--publish goes with a claims run (not --settings-sweep or --report)")
     if args.variants and not args.settings_sweep:
         parser.error("--variants needs --settings-sweep")
     if args.sweep_nfe != 4 and not args.settings_sweep:
