@@ -116,12 +116,14 @@ def test_image_folder_and_latents_train(tmp_path):
 
 def test_x0_baseline_bank_is_cached_per_teacher(tmp_path, teacher_run, monkeypatch):
     """The x0-regression baseline's teacher trajectories are computed once per teacher and settings: a second run
-    reads them from the cache (it never calls the teacher sampler) and trains identically."""
+    reads them from the cache (it never calls the teacher sampler) and trains identically, and so does a student
+    whose grid is a subset of the first one's."""
     monkeypatch.setenv("PIFLOW_CACHE_DIR", str(tmp_path / "cache"))
     from piflow.methods import x0
 
-    args = ["dataset=digits", f"teacher={teacher_run}", "method=x0", "train.iters=3", "distill.batch_size=4",
-            "distill.x0_bank_size=16", "distill.total_substeps=16", "train.progress=false", "train.checkpoint_every=0"]
+    args = ["dataset=digits", f"teacher={teacher_run}", "method=x0", "distill.nfe=4", "train.iters=3",
+            "distill.batch_size=4", "distill.x0_bank_size=16", "distill.total_substeps=16", "train.progress=false",
+            "train.checkpoint_every=0"]
     assert main(["distill", "--run-dir", str(tmp_path / "a"), *args]) == 0
     cached = list((tmp_path / "cache" / "x0_bank").glob("*.safetensors"))
     assert len(cached) == 1
@@ -134,6 +136,9 @@ def test_x0_baseline_bank_is_cached_per_teacher(tmp_path, teacher_run, monkeypat
     first = [json.loads(line)["loss"] for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     second = [json.loads(line)["loss"] for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     assert first == second
+    # a student of fewer steps on the same trajectories (its grid a subset) reads the same entry
+    one = main(["distill", "--run-dir", str(tmp_path / "b1"), *args, "distill.nfe=1"])
+    assert one == 0 and len(list((tmp_path / "cache" / "x0_bank").glob("*.safetensors"))) == 1
     # other settings (bank size) make another cache entry
     monkeypatch.undo()
     monkeypatch.setenv("PIFLOW_CACHE_DIR", str(tmp_path / "cache"))

@@ -31,13 +31,14 @@ def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int],
                      cache_key: Optional[bytes] = None) -> tuple[Tensor, Tensor]:
     """(states at the grid indices (G, N, *shape), ODE endpoints (N, *shape)) of the teacher's 32-step Euler
     trajectories from `noise` (N, *shape); with a `cache_key` (the teacher's identity and every input), read from
-    and written to ``cache_dir()/x0_bank`` (safetensors; a damaged entry is recomputed)."""
+    and written to ``cache_dir()/x0_bank`` (safetensors; a damaged entry is recomputed). One entry serves every
+    grid of the same trajectories (the 1- and 4-NFE students): it keeps the states at every index asked for so far."""
     from piflow.files import cache_dir, load_safetensors, save_safetensors
 
-    path = None
+    path, kept = None, {}
     if cache_key is not None:
         digest = hashlib.sha256(cache_key)
-        digest.update(repr((X0_BANK_STEPS, indices, tuple(noise.shape))).encode())
+        digest.update(repr((X0_BANK_STEPS, tuple(noise.shape))).encode())
         digest.update(noise.numpy().tobytes())
         if torch.is_tensor(cond):
             digest.update(cond.numpy().tobytes())
@@ -45,14 +46,18 @@ def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int],
         if path.is_file():
             try:
                 bank = load_safetensors(path, "x0-baseline cache")
-                return bank["states"], bank["endpoints"]
-            except (ValueError, KeyError):
-                pass
+                kept = dict(zip(bank["indices"].tolist(), bank["states"].unbind(0)))
+                if set(indices) <= set(kept):
+                    return torch.stack([kept[i] for i in indices]), bank["endpoints"]
+            except (ValueError, KeyError, RuntimeError):
+                kept = {}
     trajectories = euler_trajectory(teacher, noise, X0_BANK_STEPS, cond, batch_size=512)
     states, endpoints = trajectories[torch.tensor(indices)].contiguous(), trajectories[-1].contiguous()
     if path is not None:
+        union = sorted(set(kept) | set(indices))
         try:
-            save_safetensors(path, {"states": states, "endpoints": endpoints})
+            save_safetensors(path, {"states": trajectories[torch.tensor(union)].contiguous(),
+                                    "indices": torch.tensor(union), "endpoints": endpoints})
         except OSError as error:                          # an unwritable cache only costs time
             print(f"piflow: warning: could not cache the x0-baseline bank ({error})", file=sys.stderr)
     return states, endpoints
