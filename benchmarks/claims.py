@@ -51,8 +51,9 @@ def main() -> None:
     parser.add_argument("--feature-epochs", type=int, default=30,
                         help="epochs of the two feature classifiers (cached in the run directory)")
     parser.add_argument("--only", nargs="+", default=None, metavar="KIND[:NFE]",
-                        help="image students to train and score in this invocation, e.g. dmd2:1 meanflow_init "
-                             "(another process can work on other rows of the same run directory)")
+                        help="image students to train and score in this invocation, e.g. dmd2:1 meanflow_init, "
+                             "or equal-compute rows, e.g. dmd2:4@piid (DMD2 given π-ID's train time); another "
+                             "process can work on other rows of the same run directory")
     parser.add_argument("--rows-from", default=None, metavar="DIR",
                         help="continue from another run's scored rows: DIR is its run directory or a --publish "
                              "copy (e.g. benchmarks/results/claims_mnist_unet); its feature classifiers are used "

@@ -17,7 +17,8 @@ from piflow.files import write_json
 from piflow_bench.benches import ImageBench, ToyBench
 from piflow_bench.goals import goals_text
 from piflow_bench.rows import RowStore, format_markdown, ordered_summary, train_seconds
-from piflow_bench.students import EQUAL_COMPUTE, STUDENTS_BY_KEY, StudentSpec, distill_student, jobs
+from piflow_bench.students import (EQUAL_COMPUTE, STUDENTS_BY_KEY, StudentSpec, distill_student, equal_compute_key,
+                                   jobs)
 
 
 class _Once:
@@ -81,10 +82,13 @@ class Claims:
                     self.bench.add_to_figure(spec.label, nfe, figure)
         return rows
 
-    def equal_compute_rows(self, seeds: int) -> None:
-        """Each `EQUAL_COMPUTE` student again with the step count that takes the other student's training time
-        (the ratio of the train seconds recorded in the two seed-0 rows)."""
+    def equal_compute_rows(self, seeds: int, only: Optional[list] = None) -> None:
+        """Each `EQUAL_COMPUTE` student (`only`: those whose `equal_compute_key` it holds) again with the step count
+        that takes the other student's training time (the ratio of the train seconds recorded in the two seed-0
+        rows)."""
         for key, nfe, other_key in EQUAL_COMPUTE:
+            if only is not None and equal_compute_key(key, nfe, other_key) not in only:
+                continue
             spec, other = STUDENTS_BY_KEY[key], STUDENTS_BY_KEY[other_key]
             mine, theirs = ((self.store.read(s.label, nfe, 0) or {}).get("train_seconds") for s in (spec, other))
             if mine is None or theirs is None or spec not in self.bench.students:
@@ -135,9 +139,9 @@ def run_claims(run_dir: Path, dataset: str = "ring8", seeds: int = 3, iters: Opt
                **bench_options) -> dict:
     """The claims benchmark on `dataset`: the bench's reference rows, the student rows of `rows_from` (another
     run directory or a `publish`ed copy: its feature classifiers if `run_dir` has none, then its rows, checked by
-    `RowStore.import_rows`), every student of every seed (`only`: just these (key, NFE) jobs; `train` False: only
-    those already scored), the equal-compute rows; writes results.json, results.md, samples.png and
-    quality_vs_diversity.png into `run_dir` and returns the results."""
+    `RowStore.import_rows`), every student of every seed, the equal-compute rows (`only`: just these (key, NFE) jobs
+    and `equal_compute_key`s; `train` False: only those already scored); writes results.json, results.md,
+    samples.png and quality_vs_diversity.png into `run_dir` and returns the results."""
     start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     if rows_from is not None:
@@ -156,8 +160,8 @@ def run_claims(run_dir: Path, dataset: str = "ring8", seeds: int = 3, iters: Opt
                                                                            and seed >= scratch_seeds):
                 continue
             claims.student_rows(spec, train_nfe, seed)
-    if equal_compute and only is None:
-        claims.equal_compute_rows(seeds)
+    if equal_compute:
+        claims.equal_compute_rows(seeds, only)
     rows = claims.store.all()
     summary = ordered_summary(rows)
     results = {"dataset": dataset, "seeds": seeds, "iters": iters, "num_samples": len(bench.noise), **bench.info,

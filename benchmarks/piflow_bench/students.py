@@ -58,10 +58,16 @@ def jobs(specs) -> list[tuple[StudentSpec, Optional[int]]]:
                   else len(PRIORITY))
 
 
+def equal_compute_key(key: str, nfe: int, other_key: str) -> tuple[str, int]:
+    """The `parse_row_keys` key of an `EQUAL_COMPUTE` row (``piid:4@dmd2``: π-ID given DMD2's train time)."""
+    return f"{key}@{other_key}", nfe
+
+
 def parse_row_keys(texts: list[str]) -> list[tuple[str, Optional[int]]]:
-    """``key:nfe`` (or ``key`` for MeanFlow) strings as `PRIORITY` keys; an unknown one is a one-line ValueError
-    listing the known keys."""
+    """``key:nfe`` (or ``key`` for MeanFlow) strings as `PRIORITY` keys, ``key:nfe@other`` as `equal_compute_key`s;
+    an unknown one is a one-line ValueError listing the known keys."""
     known = {f"{key}:{nfe}" if nfe is not None else key: (key, nfe) for key, nfe in PRIORITY}
+    known.update({f"{key}:{nfe}@{other}": equal_compute_key(key, nfe, other) for key, nfe, other in EQUAL_COMPUTE})
     unknown = [text for text in texts if text not in known]
     if unknown:
         raise ValueError(f"unknown rows {unknown}; known: {', '.join(known)}")

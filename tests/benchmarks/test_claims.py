@@ -147,6 +147,9 @@ def test_the_plan_trains_what_the_goals_compare_first_and_parses_row_keys():
                                                                              ("piid", 4)]
     with pytest.raises(ValueError, match="known: piid:4"):
         students.parse_row_keys(["dmd2:3"])
+    assert students.parse_row_keys(["piid:4@dmd2"]) == [students.equal_compute_key("piid", 4, "dmd2")]
+    with pytest.raises(ValueError, match="dmd2:4@piid"):
+        students.parse_row_keys(["dmd2:1@piid"])
     assert students.override("train.betas", [0.9, 0.95]) == "train.betas=[0.9, 0.95]"
     assert students.override("x", None) == "x=null" and students.override("y", True) == "y=true"
 
@@ -170,6 +173,11 @@ def test_equal_compute_budget_is_the_ratio_of_measured_train_times(tmp_path):
                      ("piid", 4, 1, 3000, "_time_of_dmd2", "equal-compute"),
                      ("dmd2", 4, 0, 30, "_time_of_piid", "equal-compute"),
                      ("dmd2", 4, 1, 30, "_time_of_piid", "equal-compute")]
+    # --only selects one direction (DMD2 given π-ID's time); plain rows in `only` select none
+    calls.clear()
+    Recorder(bench, tmp_path, 300, False, lambda message: None).equal_compute_rows(
+        seeds=1, only=students.parse_row_keys(["dmd2:4@piid", "piid:4"]))
+    assert calls == [("dmd2", 4, 0, 30, "_time_of_piid", "equal-compute")]
 
 
 @pytest.mark.slow
