@@ -4,7 +4,9 @@ Same backbone, initialisation, data and step budget as π-ID; only the loss diff
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -16,6 +18,7 @@ from piflow.sampling import euler_trajectory
 from piflow.schedule import segment_grid
 
 X0_BANK_STEPS = 32          # the teacher's Euler steps from noise to its ODE endpoint
+BANK_CHUNK = 512            # trajectories run (and kept, while the bank is computed) at a time
 
 
 def x0_grid(nfe: int, final_step_size_scale: float, shift: float) -> list[int]:
@@ -27,13 +30,17 @@ def x0_grid(nfe: int, final_step_size_scale: float, shift: float) -> list[int]:
     return [round(t * X0_BANK_STEPS) for t in raw]
 
 
-def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int],
-                     cache_key: Optional[bytes] = None) -> tuple[Tensor, Tensor]:
+def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int], cache_key: Optional[bytes] = None,
+                     progress: bool = False) -> tuple[Tensor, Tensor]:
     """(states at the grid indices (G, N, *shape), ODE endpoints (N, *shape)) of the teacher's 32-step Euler
-    trajectories from `noise` (N, *shape); with a `cache_key` (the teacher's identity and every input), read from
-    and written to ``cache_dir()/x0_bank`` (safetensors; a damaged entry is recomputed). One entry serves every
-    grid of the same trajectories (the 1- and 4-NFE students): it keeps the states at every index asked for so far."""
-    from piflow.files import cache_dir, load_safetensors, save_safetensors
+    trajectories from `noise` (N, *shape), run `BANK_CHUNK` trajectories at a time.
+
+    With a `cache_key` (the teacher's identity and every input) the bank is read from and written to
+    ``cache_dir()/x0_bank`` (safetensors; a damaged entry is recomputed). One entry serves every grid of the same
+    trajectories (the 1- and 4-NFE students): it keeps the states at every index asked for so far. While the bank is
+    computed, each finished chunk is kept in ``<entry>.parts/``, so a run killed part-way (the bank is computed
+    before the training loop and its SIGTERM checkpointing) loses at most one chunk: the same command resumes."""
+    from piflow.files import cache_dir, load_safetensors
 
     path, kept = None, {}
     if cache_key is not None:
@@ -51,16 +58,56 @@ def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int],
                     return torch.stack([kept[i] for i in indices]), bank["endpoints"]
             except (ValueError, KeyError, RuntimeError):
                 kept = {}
-    trajectories = euler_trajectory(teacher, noise, X0_BANK_STEPS, cond, batch_size=512)
-    states, endpoints = trajectories[torch.tensor(indices)].contiguous(), trajectories[-1].contiguous()
+    union = sorted(set(kept) | set(indices))       # a recomputed entry keeps the grids of the old one too
+    parts = None if path is None else path.with_suffix(".parts")
+    states, endpoints = _bank_chunks(teacher, noise, cond, union, parts, progress)
     if path is not None:
-        union = sorted(set(kept) | set(indices))
-        try:
-            save_safetensors(path, {"states": trajectories[torch.tensor(union)].contiguous(),
-                                    "indices": torch.tensor(union), "endpoints": endpoints})
-        except OSError as error:                          # an unwritable cache only costs time
-            print(f"piflow: warning: could not cache the x0-baseline bank ({error})", file=sys.stderr)
-    return states, endpoints
+        _try_save(path, {"states": states, "indices": torch.tensor(union), "endpoints": endpoints})
+        shutil.rmtree(parts, ignore_errors=True)
+    return states[torch.tensor([union.index(i) for i in indices])], endpoints
+
+
+def _bank_chunks(teacher, noise: Tensor, cond, union: list[int], parts: Optional[Path],
+                 progress: bool) -> tuple[Tensor, Tensor]:
+    """Every chunk of the bank: (states at the `union` indices (G, N, *shape), endpoints (N, *shape)), each chunk
+    read from `parts` when an earlier run finished it (with every index of `union`), else computed and kept there."""
+    from piflow.files import load_safetensors
+    from piflow.progress import progress_bar
+
+    states, endpoints = [], []
+    bar = progress_bar(len(noise), "x0 teacher bank (trajectories)", enabled=progress)
+    for start in range(0, len(noise), BANK_CHUNK):
+        stop = min(start + BANK_CHUNK, len(noise))
+        part = None if parts is None else parts / f"{start}-{stop}.safetensors"
+        chunk = None
+        if part is not None and part.is_file():
+            try:
+                stored = load_safetensors(part, "x0-baseline cache part")
+                rows = {index: row for row, index in enumerate(stored["indices"].tolist())}
+                chunk = stored["states"][[rows[i] for i in union]], stored["endpoints"]
+            except (ValueError, KeyError, RuntimeError):
+                chunk = None
+        if chunk is None:
+            part_cond = cond[start:stop] if torch.is_tensor(cond) else cond
+            trajectories = euler_trajectory(teacher, noise[start:stop], X0_BANK_STEPS, part_cond)
+            chunk = trajectories[torch.tensor(union)].contiguous(), trajectories[-1].contiguous()
+            if part is not None:
+                _try_save(part, {"states": chunk[0], "indices": torch.tensor(union), "endpoints": chunk[1]})
+        states.append(chunk[0])
+        endpoints.append(chunk[1])
+        bar.update(stop - start)
+    bar.close()
+    return torch.cat(states, dim=1), torch.cat(endpoints)
+
+
+def _try_save(path: Path, tensors: dict) -> None:
+    """Write a cache file atomically; an unwritable cache only costs time (a warning)."""
+    from piflow.files import save_safetensors
+
+    try:
+        save_safetensors(path, tensors)
+    except OSError as error:
+        print(f"piflow: warning: could not cache the x0-baseline bank ({error})", file=sys.stderr)
 
 
 class X0Regression(PiID):
@@ -92,7 +139,9 @@ class X0Regression(PiID):
         labels = setup.draw_cond(gen, bank_size)
         key = None if setup.teacher_identity is None else setup.teacher_identity() + repr(
             self.config.get("guidance")).encode()
-        states, endpoints = teacher_ode_bank(setup.teacher, noise, labels, indices, key)
+        main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        states, endpoints = teacher_ode_bank(setup.teacher, noise, labels, indices, key,
+                                             progress=self.config["train"].get("progress") is True and main_rank)
         sigmas = torch.tensor([g / X0_BANK_STEPS for g in self.grid])
         batch = setup.batch_size
 

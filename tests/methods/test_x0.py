@@ -1,0 +1,91 @@
+"""The x0-regression teacher bank: chunked, cached, resumable after a kill part-way."""
+import pytest
+import torch
+
+from piflow.methods import x0
+from piflow.sampling import euler_trajectory
+
+INDICES = [0, 8, 16, 24]
+
+
+def velocity(x, sigma, cond):
+    """A smooth nonlinear teacher, so that every state of the ODE differs from its neighbours."""
+    return torch.tanh(x) * sigma.reshape(-1, *[1] * (x.dim() - 1)) - 0.3 * x
+
+
+@pytest.fixture
+def bank_setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(x0, "BANK_CHUNK", 4)
+    noise = torch.randn(14, 2, 3, generator=torch.Generator().manual_seed(0))
+    return noise, tmp_path / "cache" / "x0_bank"
+
+
+def counting(limit=None):
+    """euler_trajectory that counts its calls and raises (a kill) once `limit` chunks are done."""
+    calls = []
+
+    def run(*args, **kwargs):
+        if limit is not None and len(calls) == limit:
+            raise KeyboardInterrupt("killed")
+        calls.append(args[1].shape[0])
+        return euler_trajectory(*args, **kwargs)
+    return run, calls
+
+
+def test_bank_is_the_teachers_euler_trajectories_at_the_grid_indices(bank_setup):
+    noise, _ = bank_setup
+    states, endpoints = x0.teacher_ode_bank(velocity, noise, None, INDICES)
+    full = euler_trajectory(velocity, noise, x0.X0_BANK_STEPS)          # one batch, no chunks
+    torch.testing.assert_close(states, full[INDICES], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(endpoints, full[-1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(states[0], noise)                         # index 0 is σ = 1: the noise itself
+
+
+def test_a_bank_killed_part_way_resumes_from_its_finished_chunks(bank_setup, monkeypatch):
+    noise, folder = bank_setup
+    reference = x0.teacher_ode_bank(velocity, noise, None, INDICES)
+    killed, calls = counting(limit=2)
+    monkeypatch.setattr(x0, "euler_trajectory", killed)
+    with pytest.raises(KeyboardInterrupt):
+        x0.teacher_ode_bank(velocity, noise, None, INDICES, cache_key=b"teacher")
+    assert calls == [4, 4] and not list(folder.glob("*.safetensors"))             # no entry, two parts
+    assert sorted(p.name for p in folder.glob("*.parts/*")) == ["0-4.safetensors", "4-8.safetensors"]
+
+    resumed, calls = counting()
+    monkeypatch.setattr(x0, "euler_trajectory", resumed)
+    states, endpoints = x0.teacher_ode_bank(velocity, noise, None, INDICES, cache_key=b"teacher")
+    assert calls == [4, 2]                                      # only the chunks 8-12 and 12-14 were run
+    torch.testing.assert_close(states, reference[0], rtol=0, atol=0)
+    torch.testing.assert_close(endpoints, reference[1], rtol=0, atol=0)
+    assert len(list(folder.glob("*.safetensors"))) == 1 and not list(folder.glob("*.parts"))   # parts cleared
+
+    # the finished entry now serves the same trajectories without running the teacher
+    never, calls = counting(limit=0)
+    monkeypatch.setattr(x0, "euler_trajectory", never)
+    again = x0.teacher_ode_bank(velocity, noise, None, INDICES[:1], cache_key=b"teacher")
+    torch.testing.assert_close(again[0], reference[0][:1], rtol=0, atol=0)
+
+
+def test_a_damaged_or_narrower_part_is_recomputed(bank_setup, monkeypatch):
+    noise, folder = bank_setup
+    reference = x0.teacher_ode_bank(velocity, noise, None, INDICES)
+    killed, _ = counting(limit=3)
+    monkeypatch.setattr(x0, "euler_trajectory", killed)
+    with pytest.raises(KeyboardInterrupt):
+        x0.teacher_ode_bank(velocity, noise, None, INDICES[:2], cache_key=b"teacher")   # parts hold 2 indices
+    (part,) = folder.glob("*.parts/0-4.safetensors")
+    part.write_bytes(b"not safetensors")
+
+    resumed, calls = counting()
+    monkeypatch.setattr(x0, "euler_trajectory", resumed)
+    states, _ = x0.teacher_ode_bank(velocity, noise, None, INDICES[:2], cache_key=b"teacher")
+    assert calls == [4, 2]                                      # the damaged chunk 0-4 and the unfinished 12-14
+    torch.testing.assert_close(states, reference[0][:2], rtol=0, atol=0)
+
+    # a wider grid than the parts and the entry hold: every chunk runs again, the entry keeps both grids
+    resumed, calls = counting()
+    monkeypatch.setattr(x0, "euler_trajectory", resumed)
+    states, _ = x0.teacher_ode_bank(velocity, noise, None, INDICES, cache_key=b"teacher")
+    assert calls == [4, 4, 4, 2]
+    torch.testing.assert_close(states, reference[0], rtol=0, atol=0)
