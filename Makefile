@@ -23,8 +23,10 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/piflow demo
 
+# the fast tier runs its test files in TEST_WORKERS processes (pytest-xdist); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

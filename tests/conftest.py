@@ -9,6 +9,14 @@ import torch
 # piflow's caches (the x0-baseline trajectory bank) go to a throw-away folder, not the user's ~/.cache
 os.environ.setdefault("PIFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="piflow-test-cache-"))
 
+# `make test` runs the test files in several pytest-xdist worker processes: each gets an equal share of the cores
+# (its subprocesses too, through OMP_NUM_THREADS), instead of every worker starting one thread per core
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(min(_THREADS, torch.get_num_threads()))
+
 
 @pytest.fixture(scope="module")
 def single_thread():
