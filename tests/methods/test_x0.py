@@ -21,8 +21,9 @@ def bank_setup(tmp_path, monkeypatch):
     return noise, tmp_path / "cache" / "x0_bank"
 
 
-def counting(limit=None):
-    """euler_trajectory that counts its calls and raises (a kill) once `limit` chunks are done."""
+def cached_bank(monkeypatch, noise, indices, limit=None):
+    """`teacher_ode_bank` with the cache, its teacher trajectories counted and killed once `limit` chunks are done:
+    (the bank, or None when killed; the size of each chunk run)."""
     calls = []
 
     def run(*args, **kwargs):
@@ -30,7 +31,12 @@ def counting(limit=None):
             raise KeyboardInterrupt("killed")
         calls.append(args[1].shape[0])
         return euler_trajectory(*args, **kwargs)
-    return run, calls
+
+    monkeypatch.setattr(x0, "euler_trajectory", run)
+    try:
+        return x0.teacher_ode_bank(velocity, noise, None, indices, cache_key=b"teacher"), calls
+    except KeyboardInterrupt:
+        return None, calls
 
 
 def test_bank_is_the_teachers_euler_trajectories_at_the_grid_indices(bank_setup):
@@ -45,47 +51,33 @@ def test_bank_is_the_teachers_euler_trajectories_at_the_grid_indices(bank_setup)
 def test_a_bank_killed_part_way_resumes_from_its_finished_chunks(bank_setup, monkeypatch):
     noise, folder = bank_setup
     reference = x0.teacher_ode_bank(velocity, noise, None, INDICES)
-    killed, calls = counting(limit=2)
-    monkeypatch.setattr(x0, "euler_trajectory", killed)
-    with pytest.raises(KeyboardInterrupt):
-        x0.teacher_ode_bank(velocity, noise, None, INDICES, cache_key=b"teacher")
-    assert calls == [4, 4] and not list(folder.glob("*.safetensors"))             # no entry, two parts
+    bank, calls = cached_bank(monkeypatch, noise, INDICES, limit=2)
+    assert bank is None and calls == [4, 4] and not list(folder.glob("*.safetensors"))   # no entry, two parts
     assert sorted(p.name for p in folder.glob("*.parts/*")) == ["0-4.safetensors", "4-8.safetensors"]
 
-    resumed, calls = counting()
-    monkeypatch.setattr(x0, "euler_trajectory", resumed)
-    states, endpoints = x0.teacher_ode_bank(velocity, noise, None, INDICES, cache_key=b"teacher")
+    (states, endpoints), calls = cached_bank(monkeypatch, noise, INDICES)
     assert calls == [4, 2]                                      # only the chunks 8-12 and 12-14 were run
     torch.testing.assert_close(states, reference[0], rtol=0, atol=0)
     torch.testing.assert_close(endpoints, reference[1], rtol=0, atol=0)
     assert len(list(folder.glob("*.safetensors"))) == 1 and not list(folder.glob("*.parts"))   # parts cleared
 
     # the finished entry now serves the same trajectories without running the teacher
-    never, calls = counting(limit=0)
-    monkeypatch.setattr(x0, "euler_trajectory", never)
-    again = x0.teacher_ode_bank(velocity, noise, None, INDICES[:1], cache_key=b"teacher")
-    torch.testing.assert_close(again[0], reference[0][:1], rtol=0, atol=0)
+    (states, _), calls = cached_bank(monkeypatch, noise, INDICES[:1], limit=0)
+    torch.testing.assert_close(states, reference[0][:1], rtol=0, atol=0)
 
 
 def test_a_damaged_or_narrower_part_is_recomputed(bank_setup, monkeypatch):
     noise, folder = bank_setup
     reference = x0.teacher_ode_bank(velocity, noise, None, INDICES)
-    killed, _ = counting(limit=3)
-    monkeypatch.setattr(x0, "euler_trajectory", killed)
-    with pytest.raises(KeyboardInterrupt):
-        x0.teacher_ode_bank(velocity, noise, None, INDICES[:2], cache_key=b"teacher")   # parts hold 2 indices
+    bank, _ = cached_bank(monkeypatch, noise, INDICES[:2], limit=3)          # parts hold two of the indices
     (part,) = folder.glob("*.parts/0-4.safetensors")
     part.write_bytes(b"not safetensors")
 
-    resumed, calls = counting()
-    monkeypatch.setattr(x0, "euler_trajectory", resumed)
-    states, _ = x0.teacher_ode_bank(velocity, noise, None, INDICES[:2], cache_key=b"teacher")
-    assert calls == [4, 2]                                      # the damaged chunk 0-4 and the unfinished 12-14
+    (states, _), calls = cached_bank(monkeypatch, noise, INDICES[:2])
+    assert bank is None and calls == [4, 2]                     # the damaged chunk 0-4 and the unfinished 12-14
     torch.testing.assert_close(states, reference[0][:2], rtol=0, atol=0)
 
     # a wider grid than the parts and the entry hold: every chunk runs again, the entry keeps both grids
-    resumed, calls = counting()
-    monkeypatch.setattr(x0, "euler_trajectory", resumed)
-    states, _ = x0.teacher_ode_bank(velocity, noise, None, INDICES, cache_key=b"teacher")
+    (states, _), calls = cached_bank(monkeypatch, noise, INDICES)
     assert calls == [4, 4, 4, 2]
     torch.testing.assert_close(states, reference[0], rtol=0, atol=0)
