@@ -82,14 +82,15 @@ def _bank_chunks(teacher, noise: Tensor, cond, union: list[int], parts: Optional
         chunk = None
         if part is not None and part.is_file():
             try:
-                stored = load_safetensors(part, "x0-baseline cache part")
+                stored = load_safetensors(part, "x0-baseline cache part", device=str(noise.device))
                 rows = {index: row for row, index in enumerate(stored["indices"].tolist())}
                 chunk = stored["states"][[rows[i] for i in union]], stored["endpoints"]
-            except (ValueError, KeyError, RuntimeError):
+            except (ValueError, KeyError, RuntimeError, OSError):     # damaged, or removed by another rank
                 chunk = None
         if chunk is None:
             part_cond = cond[start:stop] if torch.is_tensor(cond) else cond
             trajectories = euler_trajectory(teacher, noise[start:stop], X0_BANK_STEPS, part_cond)
+            trajectories = trajectories.to(noise.device)      # every chunk where the noise is (read ones too)
             chunk = trajectories[torch.tensor(union)].contiguous(), trajectories[-1].contiguous()
             if part is not None:
                 _try_save(part, {"states": chunk[0], "indices": torch.tensor(union), "endpoints": chunk[1]})
