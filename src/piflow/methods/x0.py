@@ -90,8 +90,8 @@ def _bank_chunks(teacher, noise: Tensor, cond, union: list[int], parts: Optional
         if chunk is None:
             part_cond = cond[start:stop] if torch.is_tensor(cond) else cond
             trajectories = euler_trajectory(teacher, noise[start:stop], X0_BANK_STEPS, part_cond)
-            trajectories = trajectories.to(noise.device)      # every chunk where the noise is (read ones too)
-            chunk = trajectories[torch.tensor(union)].contiguous(), trajectories[-1].contiguous()
+            chunk = (trajectories[torch.tensor(union)].to(noise.device).contiguous(),    # where the noise is,
+                     trajectories[-1].to(noise.device).contiguous())                    # as are read chunks
             if part is not None:
                 _try_save(part, {"states": chunk[0], "indices": torch.tensor(union), "endpoints": chunk[1]})
         states.append(chunk[0])
