@@ -1,6 +1,6 @@
 # Two commands that work on a fresh machine with Python 3 and make:
 #   make demo   -- 2-D end-to-end pi-Flow demo (exact teacher + learned teacher), prints a table
-#   make test   -- the test suite without the tests marked slow (~3-4 min on 2 cores); make test-slow runs those
+#   make test   -- the test suite without the tests marked slow (~2-3 min on 2 cores); make test-slow runs those
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
