@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from piflow.config import ConfigError
 from piflow.methods.piid import PiID
 from piflow.sampling import euler_trajectory
+from piflow.train import distributed
 from piflow.schedule import segment_grid
 
 X0_BANK_STEPS = 32          # the teacher's Euler steps from noise to its ODE endpoint
@@ -40,9 +41,9 @@ def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int], cache_key
     trajectories (the 1- and 4-NFE students): it keeps the states at every index asked for so far. While the bank is
     computed, each finished chunk is kept in ``<entry>.parts/``, so a run killed part-way (the bank is computed
     before the training loop and its SIGTERM checkpointing) loses at most one chunk: the same command resumes."""
-    from piflow.files import cache_dir, load_safetensors
+    from piflow.files import cache_dir
 
-    path, kept = None, {}
+    path, held = None, []
     if cache_key is not None:
         digest = hashlib.sha256(cache_key)
         digest.update(repr((X0_BANK_STEPS, tuple(noise.shape))).encode())
@@ -50,19 +51,14 @@ def teacher_ode_bank(teacher, noise: Tensor, cond, indices: list[int], cache_key
         if torch.is_tensor(cond):
             digest.update(cond.numpy().tobytes())
         path = cache_dir() / "x0_bank" / f"{digest.hexdigest()[:32]}.safetensors"
-        if path.is_file():
-            try:
-                bank = load_safetensors(path, "x0-baseline cache")
-                kept = dict(zip(bank["indices"].tolist(), bank["states"].unbind(0)))
-                if set(indices) <= set(kept):
-                    return torch.stack([kept[i] for i in indices]), bank["endpoints"]
-            except (ValueError, KeyError, RuntimeError):
-                kept = {}
-    union = sorted(set(kept) | set(indices))       # a recomputed entry keeps the grids of the old one too
+        found, held = _read_bank(path, indices, noise.device)
+        if found is not None:
+            return found
+    union = sorted(set(held) | set(indices))       # a recomputed entry keeps the grids of the old one too
     parts = None if path is None else path.with_suffix(".parts")
     states, endpoints = _bank_chunks(teacher, noise, cond, union, parts, progress)
     if path is not None:
-        _try_save(path, {"states": states, "indices": torch.tensor(union), "endpoints": endpoints})
+        _try_save(path, states, union, endpoints)
         shutil.rmtree(parts, ignore_errors=True)
     return states[torch.tensor([union.index(i) for i in indices])], endpoints
 
@@ -71,7 +67,6 @@ def _bank_chunks(teacher, noise: Tensor, cond, union: list[int], parts: Optional
                  progress: bool) -> tuple[Tensor, Tensor]:
     """Every chunk of the bank: (states at the `union` indices (G, N, *shape), endpoints (N, *shape)), each chunk
     read from `parts` when an earlier run finished it (with every index of `union`), else computed and kept there."""
-    from piflow.files import load_safetensors
     from piflow.progress import progress_bar
 
     states, endpoints = [], []
@@ -79,21 +74,14 @@ def _bank_chunks(teacher, noise: Tensor, cond, union: list[int], parts: Optional
     for start in range(0, len(noise), BANK_CHUNK):
         stop = min(start + BANK_CHUNK, len(noise))
         part = None if parts is None else parts / f"{start}-{stop}.safetensors"
-        chunk = None
-        if part is not None and part.is_file():
-            try:
-                stored = load_safetensors(part, "x0-baseline cache part", device=str(noise.device))
-                rows = {index: row for row, index in enumerate(stored["indices"].tolist())}
-                chunk = stored["states"][[rows[i] for i in union]], stored["endpoints"]
-            except (ValueError, KeyError, RuntimeError, OSError):     # damaged, or removed by another rank
-                chunk = None
+        chunk = None if part is None else _read_bank(part, union, noise.device)[0]
         if chunk is None:
             part_cond = cond[start:stop] if torch.is_tensor(cond) else cond
             trajectories = euler_trajectory(teacher, noise[start:stop], X0_BANK_STEPS, part_cond)
             chunk = (trajectories[torch.tensor(union)].to(noise.device).contiguous(),    # where the noise is,
                      trajectories[-1].to(noise.device).contiguous())                    # as are read chunks
             if part is not None:
-                _try_save(part, {"states": chunk[0], "indices": torch.tensor(union), "endpoints": chunk[1]})
+                _try_save(part, chunk[0], union, chunk[1])
         states.append(chunk[0])
         endpoints.append(chunk[1])
         bar.update(stop - start)
@@ -101,12 +89,29 @@ def _bank_chunks(teacher, noise: Tensor, cond, union: list[int], parts: Optional
     return torch.cat(states, dim=1), torch.cat(endpoints)
 
 
-def _try_save(path: Path, tensors: dict) -> None:
-    """Write a cache file atomically; an unwritable cache only costs time (a warning)."""
+def _read_bank(path: Path, indices: list[int], device) -> tuple[Optional[tuple[Tensor, Tensor]], list[int]]:
+    """A bank file (the whole entry or one chunk of it): ((states at `indices`, endpoints), or None when the file
+    lacks one of them, is missing or damaged (or removed by another rank meanwhile); the indices it holds)."""
+    from piflow.files import load_safetensors
+
+    if not path.is_file():
+        return None, []
+    try:
+        stored = load_safetensors(path, "x0-baseline cache", device=str(device))
+        held = stored["indices"].tolist()
+    except (ValueError, KeyError, RuntimeError, OSError):
+        return None, []
+    if not set(indices) <= set(held):
+        return None, held
+    return (stored["states"][[held.index(i) for i in indices]], stored["endpoints"]), held
+
+
+def _try_save(path: Path, states: Tensor, indices: list[int], endpoints: Tensor) -> None:
+    """Write a bank file (states at `indices`, endpoints) atomically; an unwritable cache only costs time."""
     from piflow.files import save_safetensors
 
     try:
-        save_safetensors(path, tensors)
+        save_safetensors(path, {"states": states, "indices": torch.tensor(indices), "endpoints": endpoints})
     except OSError as error:
         print(f"piflow: warning: could not cache the x0-baseline bank ({error})", file=sys.stderr)
 
@@ -140,9 +145,8 @@ class X0Regression(PiID):
         labels = setup.draw_cond(gen, bank_size)
         key = None if setup.teacher_identity is None else setup.teacher_identity() + repr(
             self.config.get("guidance")).encode()
-        main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        states, endpoints = teacher_ode_bank(setup.teacher, noise, labels, indices, key,
-                                             progress=self.config["train"].get("progress") is True and main_rank)
+        states, endpoints = teacher_ode_bank(setup.teacher, noise, labels, indices, key, progress=self.config[
+            "train"].get("progress") is True and distributed.current().is_main)
         sigmas = torch.tensor([g / X0_BANK_STEPS for g in self.grid])
         batch = setup.batch_size
 
