@@ -82,3 +82,20 @@ def test_a_damaged_or_narrower_part_is_recomputed(bank_setup, monkeypatch):
     (states, _), calls = cached_bank(monkeypatch, noise, INDICES)
     assert calls == [4, 4, 4, 2]
     torch.testing.assert_close(states, reference[0], rtol=0, atol=0)
+
+
+def test_a_part_without_its_states_is_recomputed(bank_setup, monkeypatch):
+    """A readable part that lacks a tensor (or holds too few rows) counts as damaged, not as an error."""
+    from piflow.files import save_safetensors
+
+    noise, folder = bank_setup
+    reference = x0.teacher_ode_bank(velocity, noise, None, INDICES[:2])
+    cached_bank(monkeypatch, noise, INDICES[:2], limit=2)                     # parts 0-4 and 4-8 kept
+    part_a, part_b = sorted(folder.glob("*.parts/[04]-*.safetensors"))
+    save_safetensors(part_a, {"indices": torch.tensor(INDICES[:2])})                      # no states, no endpoints
+    save_safetensors(part_b, {"indices": torch.tensor(INDICES[:2]), "states": torch.zeros(1, 4, 2, 3),
+                              "endpoints": torch.zeros(4, 2, 3)})                         # one row for two indices
+
+    (states, _), calls = cached_bank(monkeypatch, noise, INDICES[:2])
+    assert calls == [4, 4, 4, 2]
+    torch.testing.assert_close(states, reference[0], rtol=0, atol=0)

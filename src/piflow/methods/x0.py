@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from piflow.config import ConfigError
 from piflow.methods.piid import PiID
 from piflow.sampling import euler_trajectory
-from piflow.train import distributed
 from piflow.schedule import segment_grid
+from piflow.train import distributed
 
 X0_BANK_STEPS = 32          # the teacher's Euler steps from noise to its ODE endpoint
 BANK_CHUNK = 512            # trajectories run (and kept, while the bank is computed) at a time
@@ -99,11 +99,11 @@ def _read_bank(path: Path, indices: list[int], device) -> tuple[Optional[tuple[T
     try:
         stored = load_safetensors(path, "x0-baseline cache", device=str(device))
         held = stored["indices"].tolist()
-    except (ValueError, KeyError, RuntimeError, OSError):
+        if not set(indices) <= set(held):
+            return None, held
+        return (stored["states"][[held.index(i) for i in indices]], stored["endpoints"]), held
+    except (ValueError, KeyError, IndexError, RuntimeError, OSError):      # a file without its states/endpoints too
         return None, []
-    if not set(indices) <= set(held):
-        return None, held
-    return (stored["states"][[held.index(i) for i in indices]], stored["endpoints"]), held
 
 
 def _try_save(path: Path, states: Tensor, indices: list[int], endpoints: Tensor) -> None:
