@@ -7,7 +7,7 @@ import hashlib
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -135,9 +135,12 @@ class X0Regression(PiID):
     def student(self) -> nn.Module:
         return self.setup.policy_student("dx", 1)
 
-    def loss_fn(self, student: nn.Module):
+    def bank(self) -> tuple[Tensor, Any, Tensor, Tensor]:
+        """The run's teacher bank: (noise (N, *shape), conditions of the N trajectories, states at the student's
+        grid points (G, N, *shape), in the order of `grid`, ODE endpoints (N, *shape)); N =
+        ``distill.x0_bank_size``, the noise and conditions drawn with seed ``train.seed`` + 99, the bank read from
+        the cache when an earlier run of the same teacher and settings computed it."""
         setup = self.setup
-        pf = self.piflow(student)
         indices = [X0_BANK_STEPS - g for g in self.grid]                # state index of each grid point σ = g/32
         bank_size = int(self.config["distill"]["x0_bank_size"])
         gen = torch.Generator().manual_seed(setup.seed + 99)
@@ -147,12 +150,18 @@ class X0Regression(PiID):
             self.config.get("guidance")).encode()
         states, endpoints = teacher_ode_bank(setup.teacher, noise, labels, indices, key, progress=self.config[
             "train"].get("progress") is True and distributed.current().is_main)
+        return noise, labels, states, endpoints
+
+    def loss_fn(self, student: nn.Module):
+        setup = self.setup
+        pf = self.piflow(student)
+        _, labels, states, endpoints = self.bank()
         sigmas = torch.tensor([g / X0_BANK_STEPS for g in self.grid])
         batch = setup.batch_size
 
         def loss_fn(iteration: int, generator: torch.Generator, backward) -> Tensor:
             rows = torch.randint(len(endpoints), (batch,), generator=generator)
-            point = torch.randint(len(indices), (batch,), generator=generator)
+            point = torch.randint(len(sigmas), (batch,), generator=generator)
             x, sigma = states[point, rows], sigmas[point]
             cond = labels[rows] if torch.is_tensor(labels) else labels
             x0_pred = pf.policy(x, sigma, cond).x0(x, sigma)
