@@ -9,20 +9,19 @@ import x0_state_mismatch  # noqa: E402
 from piflow.cli import main  # noqa: E402
 from piflow.recipes import images  # noqa: E402
 from piflow.sampling import euler_trajectory  # noqa: E402
+from tiny_runs import TINY_DIT_RUN  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.progress=false",
-        "train.checkpoint_every=0"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("x0_mismatch")
     assert main(["train-teacher", "--run-dir", str(root / "teacher"), "dataset=digits", "train.iters=10",
-                 "flow_matching.batch_size=16", *TINY]) == 0
+                 "flow_matching.batch_size=16", *TINY_DIT_RUN]) == 0
     common = ["dataset=digits", f"teacher={root / 'teacher'}", "train.iters=2", "distill.batch_size=4",
-              "distill.total_substeps=16", *TINY[3:]]
+              "distill.total_substeps=16", *TINY_DIT_RUN[3:]]
     assert main(["distill", "--run-dir", str(root / "x0"), *common, "method=x0", "distill.nfe=4",
                  "distill.x0_bank_size=12"]) == 0
     assert main(["distill", "--run-dir", str(root / "piid"), *common, "distill.nfe=2"]) == 0

@@ -9,6 +9,7 @@ from piflow.config import OBJECTIVE_DEFAULTS, load_config
 from piflow.diffusion import DiffusionTeacher
 from piflow.recipes import toy2d
 from piflow.train.run_dir import config_differences
+from tiny_runs import TINY_DIT_RUN
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -70,12 +71,10 @@ def test_image_diffusion_teacher_distils_and_samples(tmp_path):
     from piflow.recipes import images
 
     teacher_run, run = tmp_path / "teacher", tmp_path / "student"
-    tiny = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.progress=false",
-            "train.checkpoint_every=0"]
     assert main(["train-teacher", "--run-dir", str(teacher_run), "dataset=digits", "train.iters=10",
                  "flow_matching.batch_size=16", "objective.prediction_type=v_prediction",
                  "objective.beta_schedule=scaled_linear", "objective.beta_start=0.00085", "objective.beta_end=0.012",
-                 "eval.data_check_samples=16", *tiny]) == 0
+                 "eval.data_check_samples=16", *TINY_DIT_RUN]) == 0
     model, config = images.load_teacher(str(teacher_run))
     conversion = images.teacher_conversion(config)
     assert conversion.prediction_type == "v_prediction" and conversion.schedule.sigma_max < 0.94

@@ -8,6 +8,7 @@ pytest.importorskip("sklearn")
 
 from piflow.cli import main  # noqa: E402
 from piflow_bench import image_table  # noqa: E402
+from tiny_runs import TINY_DIT_RUN  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -16,8 +17,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def tiny_teacher(tmp_path_factory):
     run = tmp_path_factory.mktemp("teacher")
     assert main(["train-teacher", "--run-dir", str(run), "dataset=digits", "train.iters=15",
-                 "flow_matching.batch_size=32", "model.hidden_size=32", "model.depth=1", "model.num_heads=2",
-                 "train.progress=false", "train.checkpoint_every=0"]) == 0
+                 "flow_matching.batch_size=32", *TINY_DIT_RUN]) == 0
     return run
 
 

@@ -8,18 +8,17 @@ pytest.importorskip("sklearn")
 
 from piflow.cli import main  # noqa: E402
 from piflow.recipes import images  # noqa: E402
+from tiny_runs import TINY_DIT_RUN  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-TINY = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.progress=false",
-        "train.checkpoint_every=0"]
 
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("teacher")
     assert main(["train-teacher", "--run-dir", str(run), "dataset=digits", "train.iters=20",
-                 "flow_matching.batch_size=32", *TINY]) == 0
+                 "flow_matching.batch_size=32", *TINY_DIT_RUN]) == 0
     return run
 
 
@@ -72,17 +71,19 @@ def test_image_config_errors(tmp_path, teacher_run, capsys):
 
 def test_bad_image_inputs_give_clear_errors(tmp_path, capsys):
     # 7×7 images cannot be cut into 2×2 patches
-    assert main(["train-teacher", "--run-dir", str(tmp_path / "a"), "dataset=digits", "data.image_size=7", *TINY]) == 2
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "a"), "dataset=digits", "data.image_size=7",
+                 *TINY_DIT_RUN]) == 2
     assert "divisible by patch_size" in capsys.readouterr().err
     assert main(["train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=image-folder",
-                 f"data.root={tmp_path / 'nothing'}", "data.image_size=8", *TINY]) == 2
+                 f"data.root={tmp_path / 'nothing'}", "data.image_size=8", *TINY_DIT_RUN]) == 2
     assert "nothing" in capsys.readouterr().err            # the missing folder is named
-    assert main(["train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=image-folder", *TINY]) == 2
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=image-folder", *TINY_DIT_RUN]) == 2
     assert "data.root" in capsys.readouterr().err
     assert main(["train-teacher", "--run-dir", str(tmp_path / "b"), "dataset=mnist", f"data.root={tmp_path}",
-                 *TINY]) == 2
+                 *TINY_DIT_RUN]) == 2
     assert "MNIST" in capsys.readouterr().err
-    assert main(["train-teacher", "--run-dir", str(tmp_path / "c"), "dataset=digits", "model.preset=DiT-Q", *TINY]) == 2
+    assert main(["train-teacher", "--run-dir", str(tmp_path / "c"), "dataset=digits", "model.preset=DiT-Q",
+                 *TINY_DIT_RUN]) == 2
     assert "DiT-Q" in capsys.readouterr().err
 
 
@@ -97,7 +98,7 @@ def test_image_folder_and_latents_train(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "folder" / label / f"{i}.png")
     assert main(["train-teacher", "--run-dir", str(tmp_path / "t_folder"), "dataset=image-folder",
                  f"data.root={tmp_path / 'folder'}", "data.image_size=8", "train.iters=3",
-                 "flow_matching.batch_size=4", *TINY]) == 0
+                 "flow_matching.batch_size=4", *TINY_DIT_RUN]) == 0
     model, _ = images.load_teacher(str(tmp_path / "t_folder"))
     assert model.config.in_channels == 3 and model.config.num_classes == 2
 
@@ -106,7 +107,7 @@ def test_image_folder_and_latents_train(tmp_path):
     np.save(tmp_path / "lat_labels.npy", np.arange(12) % 3)
     common = ["dataset=latents", f"data.root={tmp_path / 'lat.npy'}"]
     assert main(["train-teacher", "--run-dir", str(tmp_path / "t_lat"), *common, "train.iters=3",
-                 "flow_matching.batch_size=4", *TINY]) == 0
+                 "flow_matching.batch_size=4", *TINY_DIT_RUN]) == 0
     assert main(["distill", "--run-dir", str(tmp_path / "s_lat"), *common, f"teacher={tmp_path / 't_lat'}",
                  "train.iters=2", "distill.batch_size=2", "distill.total_substeps=16", "train.progress=false",
                  "train.checkpoint_every=0"]) == 0

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from piflow.train.run_dir import config_differences
+from tiny_runs import TINY_DIT_RUN
 
 from .conftest import TINY_2D, assert_one_line_error
 
@@ -72,14 +73,12 @@ def test_a_2d_run_with_a_relative_teacher_works_from_anywhere(tmp_path, monkeypa
 
 def test_an_image_student_samples_from_anywhere_and_names_a_moved_teacher(tmp_path, monkeypatch, cli):
     pytest.importorskip("sklearn")
-    tiny = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "train.progress=false",
-            "train.checkpoint_every=0"]
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
     elsewhere.mkdir()
     monkeypatch.chdir(work)
     assert cli("train-teacher", "--run-dir", "teacher", "dataset=digits", "train.iters=2",
-               "flow_matching.batch_size=8", "eval.data_check_samples=8", *tiny).returncode == 0
+               "flow_matching.batch_size=8", "eval.data_check_samples=8", *TINY_DIT_RUN).returncode == 0
     assert cli("distill", "--run-dir", "student", "dataset=digits", "teacher=teacher", "train.iters=1",
                "distill.batch_size=2", "distill.total_substeps=8", "student.num_components=2",
                "train.progress=false", "train.checkpoint_every=0").returncode == 0
